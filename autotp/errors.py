@@ -1,0 +1,55 @@
+"""The one exception type autotp raises, and the helpers that make its messages actionable.
+
+Every refusal names what a user needs to find and fix the problem: the fx node, the module
+path, the line of the user's source that produced the node, the rule involved, and a hint.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+__all__ = ["AutoTPError", "describe_node", "node_error"]
+
+
+class AutoTPError(Exception):
+    """Raised when autotp cannot prove a rewrite correct, or is used incorrectly."""
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the innermost user module that produced `node`, or '<root>'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<root>"
+    path, _type = list(stack.values())[-1]
+    return str(path) or "<root>"
+
+
+def source_line(node: fx.Node) -> str:
+    """The user's source line that produced `node` ('file:line: code'), or '<unknown>'."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return "<unknown>"
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    # fx records 'File "x.py", line N, in fn' followed by the code; the last pair is the
+    # innermost frame, which is the user's statement.
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            where = lines[i][len("File ") :].replace('"', "")
+            return f"{where}: {code}"
+    return lines[-1]
+
+
+def describe_node(node: fx.Node) -> str:
+    """Multi-line description of where `node` comes from."""
+    return (
+        f"  node:   {node.format_node()}\n"
+        f"  module: {module_path(node)}\n"
+        f"  source: {source_line(node)}"
+    )
+
+
+def node_error(node: fx.Node, what: str, hint: str, rule: str | None = None) -> AutoTPError:
+    """An AutoTPError whose message names `node`, its module and source line, and a hint."""
+    rule_line = f"\n  rule:   {rule}" if rule else ""
+    return AutoTPError(f"{what}\n{describe_node(node)}{rule_line}\n  hint:   {hint}")

@@ -1,0 +1,214 @@
+"""Stage 2, match: find the structures the rules describe, in any spelling.
+
+1. `find_linears` recognises every linear with a weight parameter, whatever computes it.
+2. `host_graph` builds a networkx view of the activation flow in the normalised
+   vocabulary (ops.py), contracting connected elementwise/layout/softmax ops into one
+   "glue" node, so that `view -> transpose` or `gelu` vs the tanh formula do not matter.
+   Edges carry the argument positions they feed.
+3. `match` runs subgraph monomorphism of each rule's patterns against it, in rule order,
+   and keeps matches whose linears are not yet claimed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from networkx.algorithms import isomorphism
+
+from . import ops
+from .rule import Rule, Split
+
+__all__ = ["LinearInfo", "Match", "find_linears", "host_graph", "match", "activations"]
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """A linear layer found in the graph: `y = x W^T + b` (out_in) or `y = x W + b` (in_out)."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: str  # qualified parameter name
+    bias: str | None
+    layout: str  # "out_in" (nn.Linear) or "in_out" (x @ W, Conv1D)
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class Match:
+    rule: Rule
+    nodes: dict[str, fx.Node]  # pattern node -> fx node (a glue region's first node)
+    linears: dict[str, LinearInfo]  # split pattern nodes -> their linear
+
+    def splits(self) -> dict[fx.Node, tuple[Split, LinearInfo]]:
+        return {li.node: (self.rule.split[k], li) for k, li in self.linears.items()}
+
+
+def _param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        try:
+            t = gm.get_parameter(str(node.target))
+        except AttributeError:
+            return None
+        return t
+    return None
+
+
+def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
+    """Every node computing a linear map with a parameter weight."""
+    found: dict[fx.Node, LinearInfo] = {}
+    for n in gm.graph.nodes:
+        name = ops.op_name(n, gm) if n.op.startswith("call") else ""
+        if name == "linear" and n.op == "call_module":
+            mod = gm.get_submodule(str(n.target))
+            assert isinstance(mod, nn.Linear)
+            bias = f"{n.target}.bias" if mod.bias is not None else None
+            found[n] = LinearInfo(
+                n, n.args[0], f"{n.target}.weight", bias, "out_in",
+                mod.in_features, mod.out_features,
+            )  # fmt: skip
+        elif name == "linear":  # F.linear(x, w, b)
+            w = _param(gm, n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
+            b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+            if w is not None and w.dim() == 2 and (b is None or _param(gm, b) is not None):
+                found[n] = LinearInfo(
+                    n, n.args[0], str(n.args[1].target), b and str(b.target), "out_in",
+                    w.shape[1], w.shape[0],
+                )  # fmt: skip
+        elif name == "matmul" and len(n.args) == 2:  # x @ W
+            w = _param(gm, n.args[1])
+            if w is not None and w.dim() == 2:
+                found[n] = LinearInfo(
+                    n, n.args[0], str(n.args[1].target), None, "in_out", w.shape[0], w.shape[1]
+                )
+        elif name == "addmm" and len(n.args) == 3:  # b + x @ W (GPT-2's Conv1D)
+            b, w = _param(gm, n.args[0]), _param(gm, n.args[2])
+            if w is not None and b is not None and w.dim() == 2:
+                found[n] = LinearInfo(
+                    n, n.args[1], str(n.args[2].target), str(n.args[0].target), "in_out",
+                    w.shape[0], w.shape[1],
+                )  # fmt: skip
+    return found
+
+
+def activations(gm: fx.GraphModule) -> set[fx.Node]:
+    """Tensor-valued nodes that depend on a model input (not only on weights/constants)."""
+    act: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        is_tensors = isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor)
+        if not (isinstance(v, torch.Tensor) or is_tensors):
+            continue
+        if n.op == "placeholder" or any(a in act for a in n.all_input_nodes):
+            act.add(n)
+    return act
+
+
+def _arg_positions(n: fx.Node) -> list[tuple[fx.Node, int | str]]:
+    out: list[tuple[fx.Node, int | str]] = []
+    positions = [*enumerate(n.args), *n.kwargs.items()]
+    for pos, a in positions:
+        fx.node.map_arg(a, lambda x, pos=pos: out.append((x, pos)))
+    return out
+
+
+def host_graph(gm: fx.GraphModule, linears: dict[fx.Node, LinearInfo]) -> nx.DiGraph:
+    """The activation-flow graph in the matcher's vocabulary, glue regions contracted."""
+    act = activations(gm)
+
+    def kind(n: fx.Node) -> str:
+        if n in linears:
+            return "linear"
+        name = ops.op_name(n, gm)
+        if name in ops.GLUE:
+            return "glue"
+        if name in ops.NORM:
+            return "norm"
+        return name if name in ("matmul", "sdpa", "embedding") else "other"
+
+    kinds = {n: kind(n) for n in act}
+    edges: list[tuple[fx.Node, fx.Node, int | str]] = []
+    for n in act:
+        if n in linears:
+            edges.append((linears[n].input, n, 0))
+            continue
+        edges.extend((a, n, pos) for a, pos in _arg_positions(n) if a in act)
+    # Contract glue: union-find over glue-glue edges.
+    parent = {n: n for n in act}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for a, b, _ in edges:
+        if kinds[a] == kinds[b] == "glue":
+            ra, rb = find(a), find(b)
+            if ra is not rb:
+                first, second = (ra, rb) if order[ra] < order[rb] else (rb, ra)
+                parent[second] = first
+    g = nx.DiGraph()
+    for n in act:
+        r = find(n)
+        if r not in g:
+            g.add_node(r, op=kinds[r], members=[], inputs=set())
+        g.nodes[r]["members"].append(n)
+    for a, b, pos in edges:
+        ra, rb = find(a), find(b)
+        if ra is rb:
+            continue
+        g.nodes[rb]["inputs"].add(ra)
+        if not g.has_edge(ra, rb):
+            g.add_edge(ra, rb, args=set())
+        if kinds[b] != "glue":
+            g.edges[ra, rb]["args"].add(pos)
+    return g
+
+
+def _node_match(host: dict, pat: dict) -> bool:
+    if host["op"] != pat["op"]:
+        return False
+    return pat["inputs"] is None or len(host["inputs"]) <= pat["inputs"]
+
+
+def _edge_match(host: dict, pat: dict) -> bool:
+    return pat["args"] <= host["args"]
+
+
+def match(
+    gm: fx.GraphModule,
+    rules: Sequence[Rule],
+    linears: dict[fx.Node, LinearInfo] | None = None,
+) -> list[Match]:
+    """Matches of `rules` in `gm`, earlier rules first; each linear is claimed at most once."""
+    linears = find_linears(gm) if linears is None else linears
+    host = host_graph(gm, linears)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    claimed: set[fx.Node] = set()
+    found: list[Match] = []
+    for rule in rules:
+        candidates: list[Match] = []
+        for pat in rule.patterns:
+            gmatcher = isomorphism.DiGraphMatcher(
+                host, pat, node_match=_node_match, edge_match=_edge_match
+            )
+            for mapping in gmatcher.subgraph_monomorphisms_iter():
+                nodes = {p: h for h, p in mapping.items()}
+                lin = {k: linears[nodes[k]] for k in rule.split}
+                candidates.append(Match(rule, nodes, lin))
+        candidates.sort(key=lambda m: min(order[li.node] for li in m.linears.values()))
+        for m in candidates:
+            mine = {li.node for li in m.linears.values()}
+            if mine & claimed:
+                continue
+            claimed |= mine
+            found.append(m)
+    found.sort(key=lambda m: min(order[li.node] for li in m.linears.values()))
+    return found

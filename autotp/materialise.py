@@ -1,0 +1,139 @@
+"""Stage 5, materialise: build one rank's module from the per-rank graph and the serial weights.
+
+Each parameter is cut from the serial tensor by its split (shapes.Shard) and copied into a
+new Parameter; replicated ones are copied whole. Tied weights stay tied: one new tensor per
+serial tensor, installed under every name that shared it. The user's model is only read.
+A model on the meta device gives meta shards (nothing allocated), which is how plans for
+large configurations are sized without weights.
+
+`gather` is the inverse of `cut`: from the tp shards it rebuilds the serial tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .collectives import Comm, CopyToTP, ReduceFromTP
+from .rewrite import F_MODULE, G_MODULE
+from .shapes import Shard
+
+__all__ = ["RankInfo", "cut", "gather", "build_rank_module"]
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Attached to every per-rank module as `module.autotp`."""
+
+    rank: int
+    tp: int
+    comm: Comm
+    splits: dict[str, Shard]  # state_dict key -> its split; absent keys are replicated
+    plan: object  # the Plan this module was built from
+
+
+def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s shard of the serial tensor `t` (a view where possible)."""
+    if spec is None:
+        return t
+    size = t.shape[spec.dim]
+    block = size // spec.blocks
+    piece = block // tp
+    parts = [t.narrow(spec.dim, b * block + rank * piece, piece) for b in range(spec.blocks)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
+
+
+def gather(shards: list[torch.Tensor], spec: Shard | None) -> torch.Tensor:
+    """The serial tensor from every rank's shard (inverse of `cut`)."""
+    if spec is None:
+        return shards[0]
+    per_rank = [s.chunk(spec.blocks, dim=spec.dim) for s in shards]
+    blocks = [torch.cat([p[b] for p in per_rank], dim=spec.dim) for b in range(spec.blocks)]
+    return torch.cat(blocks, dim=spec.dim)
+
+
+def _fresh_module(mod: nn.Module, new_tensor) -> nn.Module:
+    """A shallow copy of a leaf module with its own parameters and buffers."""
+    m = copy.copy(mod)
+    m._parameters = {k: None if p is None else new_tensor(p) for k, p in mod._parameters.items()}
+    m._buffers = {k: None if b is None else new_tensor(b) for k, b in mod._buffers.items()}
+    m._modules = {k: _fresh_module(s, new_tensor) for k, s in mod._modules.items()}
+    return m
+
+
+def _install(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    mod = root
+    for p in path:
+        if not hasattr(mod, p):
+            mod.add_module(p, nn.Module())
+        mod = getattr(mod, p)
+    if isinstance(value, nn.Parameter):
+        mod.register_parameter(leaf, value)
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def build_rank_module(
+    model: nn.Module,
+    graph: fx.Graph,
+    splits: dict[str, Shard],
+    rank: int,
+    tp: int,
+    comm: Comm,
+    plan: object,
+    class_name: str,
+) -> fx.GraphModule:
+    """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors."""
+    serial = dict(model.named_parameters(remove_duplicate=False))
+    serial_buffers = dict(model.named_buffers(remove_duplicate=False))
+    names_of: dict[int, list[str]] = {}
+    for name, t in [*serial.items(), *serial_buffers.items()]:
+        names_of.setdefault(id(t), []).append(name)
+    made: dict[int, torch.Tensor] = {}
+
+    def new_tensor(t: torch.Tensor) -> torch.Tensor:
+        key = id(t)
+        if key not in made:
+            specs = {splits.get(n) for n in names_of.get(key, [])}
+            if len(specs) > 1:
+                raise AssertionError(f"tensor {names_of[key]} split two ways: {specs}")
+            local = cut(t.detach(), specs.pop() if specs else None, rank, tp).clone()
+            made[key] = (
+                nn.Parameter(local, requires_grad=t.requires_grad)
+                if isinstance(t, nn.Parameter)
+                else local
+            )
+        return made[key]
+
+    root: dict[str, object] = {F_MODULE: CopyToTP(comm), G_MODULE: ReduceFromTP(comm)}
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target not in root:
+            root[n.target] = _fresh_module(model.get_submodule(n.target), new_tensor)
+        elif n.op == "get_attr":
+            t = _lookup(model, n.target)
+            root[n.target] = new_tensor(t) if isinstance(t, torch.Tensor) else t
+    gm = fx.GraphModule(root, graph, class_name)
+    # Everything else the serial state_dict holds, so full_state_dict has every key, and
+    # nothing it does not hold (fx registers every get_attr tensor as a persistent buffer).
+    serial_state = model.state_dict(keep_vars=True)
+    have = set(gm.state_dict(keep_vars=True))
+    for name, t in serial_state.items():
+        if name not in have:
+            _install(gm, name, new_tensor(t))
+    for name, _ in gm.named_buffers(remove_duplicate=False):
+        if name not in serial_state:
+            owner, _, leaf = name.rpartition(".")
+            gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
+    gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan)
+    return gm
+
+
+def _lookup(model: nn.Module, target: str) -> object:
+    *path, leaf = target.split(".")
+    mod = model.get_submodule(".".join(path)) if path else model
+    return getattr(mod, leaf)

@@ -1,0 +1,87 @@
+"""The normalised op vocabulary: every spelling of an operation maps to one name.
+
+`op_name(node, gm)` turns `F.gelu`, `nn.GELU`, `x.gelu()`... into "gelu", `x.view` and
+`torch.reshape` into "view", and so on. Matching (match.py) and sharding propagation
+(shapes.py) both speak this vocabulary, so a rule or a propagation entry written once covers
+every spelling. Linear layers are recognised separately (match.find_linears), because a
+linear is an op *with a weight parameter*, whatever function computes it.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["op_name", "POINTWISE", "IDENTITY", "LAYOUT", "GLUE", "NORM"]
+
+_FUNCTIONS: dict[object, str] = {
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+    operator.floordiv: "floordiv", operator.neg: "neg", torch.neg: "neg",
+    operator.pow: "pow", torch.pow: "pow", torch.tanh: "tanh", torch.exp: "exp",
+    torch.sqrt: "sqrt", torch.rsqrt: "rsqrt", torch.sigmoid: "sigmoid", torch.erf: "erf",
+    F.gelu: "gelu", F.relu: "relu", F.silu: "silu", F.sigmoid: "sigmoid", F.tanh: "tanh",
+    F.dropout: "dropout", torch.dropout: "dropout", torch.where: "where",
+    torch.masked_fill: "masked_fill", operator.eq: "eq", operator.ne: "ne",
+    operator.lt: "lt", operator.gt: "gt", operator.le: "le", operator.ge: "ge",
+    torch.eq: "eq", torch.abs: "abs",
+    torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
+    F.linear: "linear", torch.addmm: "addmm",
+    F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax",
+    F.layer_norm: "layer_norm", F.embedding: "embedding",
+    F.scaled_dot_product_attention: "sdpa",
+    torch.transpose: "transpose", torch.permute: "permute", torch.reshape: "view",
+    torch.flatten: "flatten", torch.split: "split", torch.chunk: "chunk",
+    torch.unsqueeze: "unsqueeze",
+    operator.getitem: "getitem", getattr: "getattr",
+    F.cross_entropy: "cross_entropy",
+}  # fmt: skip
+
+_METHODS: dict[str, str] = {
+    "view": "view", "reshape": "view", "transpose": "transpose", "permute": "permute",
+    "split": "split", "chunk": "chunk", "flatten": "flatten", "unsqueeze": "unsqueeze",
+    "size": "size", "dim": "dim",
+    "contiguous": "identity", "clone": "identity", "detach": "identity", "to": "identity",
+    "type_as": "identity", "float": "identity", "double": "identity", "half": "identity",
+    "bfloat16": "identity",
+    "add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow", "neg": "neg",
+    "tanh": "tanh", "exp": "exp", "sqrt": "sqrt", "rsqrt": "rsqrt", "sigmoid": "sigmoid",
+    "relu": "relu", "abs": "abs", "masked_fill": "masked_fill", "eq": "eq",
+    "softmax": "softmax", "log_softmax": "log_softmax", "matmul": "matmul",
+}  # fmt: skip
+
+_MODULES: dict[type, str] = {
+    nn.Linear: "linear", nn.LayerNorm: "layer_norm", nn.Embedding: "embedding",
+    nn.Dropout: "dropout", nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu",
+    nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Softmax: "softmax", nn.Identity: "identity",
+}  # fmt: skip
+
+# Elementwise ops (with broadcasting): a split operand keeps its split.
+POINTWISE = frozenset(
+    "add sub mul div neg pow tanh exp sqrt rsqrt sigmoid erf gelu relu silu abs dropout "
+    "where masked_fill eq ne lt gt le ge".split()
+)
+# Ops that return their first argument's values unchanged (copies, casts, contiguity).
+IDENTITY = frozenset({"identity"})
+# Ops that move elements between dimensions without computing.
+LAYOUT = frozenset("view transpose permute split chunk getitem flatten unsqueeze".split())
+# What the matcher contracts into one "glue" region between the structural ops.
+GLUE = POINTWISE | IDENTITY | LAYOUT | {"softmax", "log_softmax"}
+NORM = frozenset({"layer_norm"})
+
+
+def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The normalised name of what `node` computes (its fx op for non-calls)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return _MODULES.get(type(mod), f"module:{type(mod).__name__}")
+    if node.op == "call_function":
+        name = _FUNCTIONS.get(node.target)
+        return name or getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return _METHODS.get(str(node.target), str(node.target))
+    return node.op

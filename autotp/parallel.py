@@ -1,0 +1,124 @@
+"""The public entry points that produce modules: `parallelize` (one rank of a process
+group), `simulate` (all ranks in one process), and the serial views of their state:
+`full_state_dict` and `full_grads`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+
+from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
+from .errors import AutoTPError
+from .materialise import RankInfo, build_rank_module, gather
+from .plan import Plan, plan
+from .simulate import SimulatedTP
+
+__all__ = ["parallelize", "simulate", "full_state_dict", "full_grads"]
+
+
+def _check_plan_model(p: Plan, tp: int) -> None:
+    if p.tp != tp:
+        raise AutoTPError(f"the plan was made for tp={p.tp}, not tp={tp}")
+
+
+def parallelize(
+    model: nn.Module,
+    tp: int,
+    example_inputs: Any = None,
+    group: dist.ProcessGroup | None = None,
+) -> fx.GraphModule:
+    """This rank's module: the per-rank graph over new tensors holding this rank's shards,
+    cut from `model`'s weights, so that it computes what `model` computes.
+
+    Call it on every rank of `group` (default: the default process group), which must have
+    exactly `tp` ranks. `model` is not modified. With tp=1 no process group is needed.
+    """
+    p = plan(model, tp, example_inputs)
+    if tp == 1 and (not dist.is_available() or not dist.is_initialized()):
+        comm, rank = LocalComm(), 0
+    else:
+        if not dist.is_available() or not dist.is_initialized():
+            raise AutoTPError(
+                "autotp.parallelize needs an initialised process group: call "
+                "torch.distributed.init_process_group (torchrun sets its environment), "
+                "or use autotp.simulate(model, tp) to run every rank in this process"
+            )
+        size = dist.get_world_size(group)
+        if size != tp:
+            raise AutoTPError(
+                f"the process group has {size} ranks but tp={tp}: pass a group of exactly "
+                f"tp ranks (e.g. torch.distributed.new_group(ranks)) or tp={size}"
+            )
+        comm, rank = ProcessGroupComm(group), dist.get_rank(group)
+    return build_rank_module(model, p.graph, p.splits, rank, tp, comm, p, p.model_name)
+
+
+def simulate(model: nn.Module, tp: int, example_inputs: Any = None) -> SimulatedTP:
+    """All `tp` ranks in one process, collectives computed in-process and autograd-exact.
+    `model` is not modified."""
+    p = plan(model, tp, example_inputs)
+    comm = SimulatedComm(tp)
+    ranks = [
+        build_rank_module(model, p.graph, p.splits, r, tp, comm, p, p.model_name) for r in range(tp)
+    ]
+    return SimulatedTP(ranks)
+
+
+def _rank_modules(module: nn.Module) -> tuple[list[nn.Module], RankInfo]:
+    if isinstance(module, SimulatedTP):
+        return list(module.ranks), module.ranks[0].autotp
+    info = getattr(module, "autotp", None)
+    if isinstance(info, RankInfo):
+        return [module], info
+    raise AutoTPError(
+        f"expected a module from autotp.parallelize or autotp.simulate, got {type(module).__name__}"
+    )
+
+
+def _assemble(
+    module: nn.Module, tensors_of: Any, keys: list[str]
+) -> dict[str, torch.Tensor | None]:
+    ranks, info = _rank_modules(module)
+    per_rank = [tensors_of(r) for r in ranks]
+    out: dict[str, torch.Tensor | None] = {}
+    for key in keys:
+        spec = info.splits.get(key)
+        local = [t[key] for t in per_rank]
+        if local[0] is None:
+            out[key] = None
+        elif spec is None:
+            out[key] = local[0].detach()
+        elif len(ranks) > 1:
+            out[key] = gather([t.detach() for t in local], spec)
+        elif isinstance(info.comm, ProcessGroupComm):
+            t = local[0].detach().contiguous()
+            parts = [torch.empty_like(t) for _ in range(info.tp)]
+            dist.all_gather(parts, t, group=info.comm.group)
+            out[key] = gather(parts, spec)
+        else:
+            out[key] = local[0].detach()
+    return out
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The serial model's state_dict (keys and shapes) from a parallel module. For a module
+    from `parallelize` this is a collective: call it on every rank."""
+    ranks, _ = _rank_modules(module)
+    keys = list(ranks[0].state_dict(keep_vars=True))
+    return _assemble(module, lambda r: r.state_dict(keep_vars=True), keys)  # type: ignore[return-value]
+
+
+def full_grads(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Every parameter's gradient in the serial model's form (None where none was
+    computed), keyed by every name the parameter has. A collective for `parallelize`."""
+    ranks, _ = _rank_modules(module)
+    keys = [n for n, _ in ranks[0].named_parameters(remove_duplicate=False)]
+
+    def grads(r: nn.Module) -> dict[str, torch.Tensor | None]:
+        return {n: p.grad for n, p in r.named_parameters(remove_duplicate=False)}
+
+    return _assemble(module, grads, keys)

@@ -1,0 +1,106 @@
+"""`plan`: the whole pipeline short of weights: trace, match, propagate, rewrite.
+
+A Plan is pure data about the model; it holds no process group and copies no weight
+(the traced graph module shares the model's tensors, read only). It prints as a summary
+(render.py) in plain `print` and in rich.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import AutoTPError
+from .match import LinearInfo, Match, find_linears, match
+from .rewrite import rewrite
+from .rule import Rule
+from .shapes import Propagation, Shard, propagate
+from .trace import Traced, trace
+
+__all__ = ["Plan", "plan"]
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """How one model splits over `tp` ranks. Build it with `autotp.plan`."""
+
+    model_name: str
+    tp: int
+    traced: Traced
+    matches: list[Match]
+    linears: dict[fx.Node, LinearInfo]
+    propagation: Propagation
+    graph: fx.Graph  # the per-rank graph (identical on every rank)
+    rules: tuple[Rule, ...] = field(default=())
+
+    @property
+    def splits(self) -> dict[str, Shard]:
+        """Parameter name -> split, for every split parameter (tied names included)."""
+        out = dict(self.propagation.params)
+        by_id = {}
+        for name, p in self.traced.gm.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(name)
+        for name, spec in list(out.items()):
+            p = self.traced.gm.get_parameter(name)
+            for alias in by_id.get(id(p), []):
+                out[alias] = spec
+        return out
+
+    @property
+    def unmatched(self) -> list[LinearInfo]:
+        """Linear layers no rule matched: they stay replicated."""
+        split = {li.node for m in self.matches for li in m.linears.values()}
+        return [li for n, li in self.linears.items() if n not in split]
+
+    def collectives(self) -> dict[str, int]:
+        """Collective call sites in the per-rank graph: f (backward) and g (forward)."""
+        kinds = [n.meta.get("autotp", {}).get("collective") for n in self.graph.nodes]
+        return {"f": kinds.count("f"), "g": kinds.count("g")}
+
+    def __rich__(self) -> Any:
+        from .render import plan_summary
+
+        return plan_summary(self)
+
+    def __str__(self) -> str:
+        from .render import to_text
+
+        return to_text(self.__rich__())
+
+    __repr__ = __str__
+
+
+def plan(
+    model: nn.Module,
+    tp: int,
+    example_inputs: Any = None,
+    *,
+    rules: Sequence[Rule] | None = None,
+) -> Plan:
+    """Plan the tensor-parallel split of `model` over `tp` ranks. Pure: nothing is copied,
+    the model is not modified, no process group is needed.
+
+    `example_inputs` is a tuple of positional arguments or a dict of keyword arguments for
+    `model.forward` (default: `model.example_inputs()` if the model has one). They fix
+    which optional arguments the parallel module takes (e.g. targets for a loss).
+    """
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise AutoTPError(f"tp must be an integer >= 1, got {tp!r}")
+    if rules is None:
+        from autotp.rules import DEFAULT_RULES
+
+        rules = DEFAULT_RULES
+    with torch.no_grad():
+        traced = trace(model, example_inputs)
+    gm = traced.gm
+    linears = find_linears(gm)
+    matches = match(gm, rules, linears)
+    splits = {n: s for m in matches for n, s in m.splits().items()}
+    prop = propagate(gm, tp, linears, splits)
+    graph = rewrite(gm, prop, matches, tp)
+    return Plan(type(model).__name__, tp, traced, matches, linears, prop, graph, tuple(rules))

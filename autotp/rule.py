@@ -1,0 +1,84 @@
+"""What a rule is: a pattern over the normalised op vocabulary plus a declarative split.
+
+A rule never carries graph surgery. It says *what* it matches (one or more small graphs,
+one per spelling of the same structure) and *how each matched linear splits*; the shared
+propagation (shapes.py) proves the split correct and the shared rewriter (rewrite.py)
+applies it.
+
+Pattern nodes are ops of the matcher's vocabulary:
+  "linear"  a weight-parameter linear in any spelling (nn.Linear, F.linear, x @ W, addmm)
+  "matmul"  a product of two activations (q @ k^T)
+  "sdpa"    F.scaled_dot_product_attention
+  "glue"    a maximal connected region of elementwise, softmax and layout ops
+  "norm"    a layer norm
+An edge (a, b, i) says that a's value reaches b's argument i (None: any argument). A glue
+node may be limited to `inputs` external tensor inputs, e.g. an activation function
+between two linears has exactly one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+__all__ = ["Column", "Row", "Rule", "Split", "column", "row", "pattern"]
+
+
+@dataclass(frozen=True)
+class Column:
+    """Split the output features: rank r keeps rows r/tp of the weight (of each of
+    `blocks` equal blocks, for fused projections such as Q|K|V)."""
+
+    blocks: int = 1
+
+    def __str__(self) -> str:
+        return "column" if self.blocks == 1 else f"column x{self.blocks} blocks"
+
+
+@dataclass(frozen=True)
+class Row:
+    """Split the input features: each rank computes a partial sum; an all-reduce follows,
+    then the bias."""
+
+    def __str__(self) -> str:
+        return "row"
+
+
+Split = Column | Row
+column = Column()
+row = Row()
+
+
+def pattern(
+    nodes: Mapping[str, str | tuple[str, int]],
+    edges: list[tuple[str, str, int | None]],
+) -> nx.DiGraph:
+    """Build a pattern graph. `nodes` maps a name to an op, or to (op, max inputs)."""
+    g = nx.DiGraph()
+    for name, spec in nodes.items():
+        op, inputs = (spec, None) if isinstance(spec, str) else spec
+        g.add_node(name, op=op, inputs=inputs)
+    for a, b, pos in edges:
+        if a not in g or b not in g:
+            raise ValueError(f"pattern edge {a}->{b} names an unknown node")
+        g.add_edge(a, b, args=set() if pos is None else {pos})
+    return g
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    """A named structure: alternative patterns (spellings) and the split of its linears."""
+
+    name: str
+    patterns: tuple[nx.DiGraph, ...]
+    split: Mapping[str, Split]
+    motivation: str = ""
+    anchors: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for p in self.patterns:
+            for name in self.split:
+                if name not in p or p.nodes[name]["op"] != "linear":
+                    raise ValueError(f"rule {self.name}: split names {name!r}, not a linear")

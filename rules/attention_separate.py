@@ -1,0 +1,49 @@
+"""Self-attention with separate Q, K and V projections, split by heads.
+
+    x -> [query] -> heads -> q  \\
+    x -> [key]   -> heads -> k   > softmax(q k^T + mask) v -> merge -> [dense]
+    x -> [value] -> heads -> v  /
+
+Q, K and V are column-split (rank r owns heads r*h/tp ... (r+1)*h/tp - 1); the three read
+the same input through one shared f. The output projection is row-split, followed by one
+all-reduce. The score region may take further inputs (an attention mask).
+Two spellings: explicit matmul-softmax-matmul, and F.scaled_dot_product_attention.
+Motivated by BERT's `attention.self.query/key/value` and `attention.output.dense`.
+"""
+
+from autotp.rule import Rule, column, pattern, row
+
+EXPLICIT = pattern(
+    {
+        "q": "linear", "k": "linear", "v": "linear",
+        "q_heads": "glue", "k_heads": "glue", "v_heads": "glue",
+        "scores": "matmul", "probs": "glue", "context": "matmul", "merge": "glue",
+        "out": "linear",
+    },
+    [
+        ("q", "q_heads", None), ("k", "k_heads", None), ("v", "v_heads", None),
+        ("q_heads", "scores", 0), ("k_heads", "scores", 1), ("scores", "probs", None),
+        ("probs", "context", 0), ("v_heads", "context", 1), ("context", "merge", None),
+        ("merge", "out", 0),
+    ],
+)  # fmt: skip
+
+SDPA = pattern(
+    {
+        "q": "linear", "k": "linear", "v": "linear",
+        "q_heads": "glue", "k_heads": "glue", "v_heads": "glue",
+        "attn": "sdpa", "merge": "glue", "out": "linear",
+    },
+    [
+        ("q", "q_heads", None), ("k", "k_heads", None), ("v", "v_heads", None),
+        ("q_heads", "attn", 0), ("k_heads", "attn", 1), ("v_heads", "attn", 2),
+        ("attn", "merge", None), ("merge", "out", 0),
+    ],
+)  # fmt: skip
+
+RULE = Rule(
+    name="attention_separate_qkv",
+    patterns=(EXPLICIT, SDPA),
+    split={"q": column, "k": column, "v": column, "out": row},
+    motivation="BERT attention.self.query/key/value -> attention -> attention.output.dense",
+)
