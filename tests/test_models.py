@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.fx
+
 from autotp.models import (
     CONFIGS,
     GPT2,
