@@ -6,7 +6,8 @@
 `assert_equivalent` compares the parallel module with the serial model on outputs, the
 loss, every gradient, and every weight after one SGD step (momentum, weight decay), and
 raises an AssertionError listing the largest differences when any exceeds the tolerance.
-Pass `parallel=` to check a module built another way, e.g. `autotp.parallelize` on real processes (call it on every rank).
+Pass `parallel=` to check a module built another way, e.g. `autotp.parallelize` on real
+processes (call it on every rank; `run_on_gloo` starts them).
 
 `tp_cases()` is a hypothesis strategy over the reference models' small configurations.
 """
