@@ -6,9 +6,14 @@ path, the line of the user's source that produced the node, the rule involved, a
 
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.fx as fx
 
 __all__ = ["AutoTPError", "describe_node", "node_error"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 class AutoTPError(Exception):
@@ -30,14 +35,18 @@ def source_line(node: fx.Node) -> str:
     if not trace:
         return "<unknown>"
     lines = [ln.strip() for ln in trace.strip().splitlines()]
-    # fx records 'File "x.py", line N, in fn' followed by the code; the last pair is the
-    # innermost frame, which is the user's statement.
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            where = lines[i][len("File ") :].replace('"', "")
-            return f"{where}: {code}"
-    return lines[-1]
+    # fx records 'File "x.py", line N, in fn' followed by the code. The innermost frame
+    # outside torch itself is the user's statement (torch-function calls add fx frames).
+    frames = [
+        (lines[i][len("File ") :].replace('"', ""), lines[i + 1] if i + 1 < len(lines) else "")
+        for i in range(len(lines))
+        if lines[i].startswith("File ")
+    ]
+    user = [f for f in frames if _TORCH_DIR not in f[0]] or frames
+    if not user:
+        return lines[-1]
+    where, code = user[-1]
+    return f"{where}: {code}"
 
 
 def describe_node(node: fx.Node) -> str:

@@ -110,7 +110,8 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
                 if bias_inside is not None:
                     y = graph.call_function(operator.add, (y, bias_inside))
             _copy_meta(node, y)
-            _tag(y, rule=rule, split=place, weight=li.weight)
+            local = str(prop.placements[old]) if isinstance(kind, Column) else "partial"
+            _tag(y, rule=rule, split=place, weight=li.weight, placement=local)
             if not isinstance(kind, Column):
                 g = graph.create_node("call_module", G_MODULE, (y,), {}, name=f"g_{node.name}")
                 _copy_meta(node, g)

@@ -63,7 +63,10 @@ def pattern(
     for a, b, pos in edges:
         if a not in g or b not in g:
             raise ValueError(f"pattern edge {a}->{b} names an unknown node")
-        g.add_edge(a, b, args=set() if pos is None else {pos})
+        if not g.has_edge(a, b):
+            g.add_edge(a, b, args=set())
+        if pos is not None:  # several positions between one pair: all must be fed
+            g.edges[a, b]["args"].add(pos)
     return g
 
 

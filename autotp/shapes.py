@@ -106,6 +106,7 @@ class _Ctx:
         self.f_inputs: dict[fx.Node, list[fx.Node]] = {}
         self.edits: list[ArgEdit] = []
         self.grad: dict[fx.Node, bool] = {}
+        self.split_uses: set[tuple[str, fx.Node]] = set()  # (param, node using its shard)
 
     # -- helpers -------------------------------------------------------------------------
     def p(self, a: Any) -> Placement:
@@ -127,6 +128,7 @@ class _Ctx:
 
     def shard_param(self, node: fx.Node, name: str, spec: Shard) -> None:
         prev = self.params.get(name)
+        self.split_uses.add((name, node))
         if name in self.param_users and prev != spec:
             raise node_error(
                 node,
@@ -740,9 +742,6 @@ def propagate(
             continue
         if n.op == "get_attr":
             c.pl[n] = R
-            name = str(n.target)
-            if name in _param_names(gm):
-                c.param_users.setdefault(name, n)
             continue
         name = "linear" if n in linears else ops.op_name(n, gm)
         args_split = any(_is_split(c.p(a)) for _, a in _all_args(n))
@@ -758,7 +757,39 @@ def propagate(
                 "keep this op outside split blocks (before the column-split linear or after "
                 "the row-split one), or file an issue to add a rule for it",
             )
+    _check_split_params_used_only_split(c)
     return Propagation(c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users)
+
+
+def _check_split_params_used_only_split(c: _Ctx) -> None:
+    """A split parameter must reach nothing but the ops that use its shard: any other use,
+    under any of its names (tied weights), would read a shard as if it were whole."""
+    aliases: dict[int, list[str]] = {}
+    for name, p in c.gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    for name in list(c.params):
+        names = set(aliases[id(c.gm.get_parameter(name))])
+        for n in c.gm.graph.nodes:
+            if n.op == "get_attr" and n.target in names:
+                for user in n.users:
+                    if not any((a, user) in c.split_uses for a in names):
+                        raise _conflict(c, user, name)
+            elif n.op == "call_module" and n not in c.splits:
+                owned = {
+                    f"{n.target}.{k}" for k, _ in c.gm.get_submodule(n.target).named_parameters()
+                }
+                if owned & names and not any((a, n) in c.split_uses for a in names):
+                    raise _conflict(c, n, name)
+
+
+def _conflict(c: _Ctx, user: fx.Node, name: str) -> Exception:
+    return node_error(
+        user,
+        f"parameter {name} is split ({c.params[name]}) for {c.param_users[name].name} but "
+        "this node uses it whole",
+        "a weight shared between a split layer and another use (e.g. tied embeddings) "
+        "cannot be split; untie it, or leave one of the layers unmatched",
+    )
 
 
 def _carries_grad(gm: fx.GraphModule, n: fx.Node, grad: dict[fx.Node, bool]) -> bool:

@@ -1,0 +1,91 @@
+"""Plans: shape constants rewritten by provenance, provenance recorded on every changed
+node, planning on the meta device, and a readable summary."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+import autotp
+from autotp.models import build
+
+
+def _by_target(plan, name):
+    return [n for n in plan.graph.nodes if n.op == "call_method" and n.target == name]
+
+
+def test_shape_constants_rewritten_by_provenance_not_value() -> None:
+    """REFERENCE.md trap 3 on nanoGPT's attention: in view(B, T, n_head, C // n_head)
+    the literal head count is divided while `C // n_head` (the same literal, the head
+    width) is not; the merge view(B, T, C) gets C // tp although it has no literal."""
+    model = build("gpt2-tiny", n_layer=1, n_head=4, n_embd=32)
+    plan = autotp.plan(model, 2)
+    (split,) = _by_target(plan, "split")
+    assert split.args[1] == 16  # 32 -> 32 / 2
+    views = _by_target(plan, "view")
+    heads = [v for v in views if len(v.args) == 5]
+    assert len(heads) == 3
+    for v in heads:
+        assert v.args[3] == 2  # 4 heads -> 2 per rank
+        hd = v.args[4]
+        assert hd.target is operator.floordiv and hd.args[1] == 4  # C // 4: head width
+        assert "autotp" not in hd.meta or "edits" not in hd.meta["autotp"]
+    (merge,) = [v for v in views if len(v.args) == 4 and v.meta["autotp"].get("edits")]
+    c = merge.args[3]
+    assert c.target is operator.floordiv and c.args[1] == 2  # C -> C // tp
+    assert merge.meta["autotp"]["edits"] == [f"{c.args[0].name} -> {c.args[0].name} // 2"]
+
+
+def test_literal_head_count_and_width() -> None:
+    """BERT spells view(B, T, n_heads, head_dim) with ints: only the head count changes."""
+    model = build("bert-tiny", num_hidden_layers=1)  # 4 heads of 8
+    plan = autotp.plan(model, 4)
+    heads = [v for v in _by_target(plan, "view") if len(v.args) == 5]
+    assert [v.args[3:] for v in heads] == [(1, 8)] * 3
+
+
+def test_every_changed_node_records_its_rule() -> None:
+    model = build("gpt2-tiny", n_layer=2)
+    plan = autotp.plan(model, 2)
+    made = [n for n in plan.graph.nodes if n.meta.get("autotp", {}).get("rule")]
+    assert {n.meta["autotp"]["rule"] for n in made} == {"attention_fused_qkv", "mlp"}
+    colls = [n for n in made if "collective" in n.meta["autotp"]]
+    assert sorted(n.meta["autotp"]["collective"] for n in colls) == ["f"] * 4 + ["g"] * 4
+    for n in plan.graph.nodes:  # every node knows its placement
+        if n.op not in ("output", "get_attr"):
+            assert "placement" in n.meta.get("autotp", {}), n
+
+
+def test_plan_is_pure_and_copies_no_weights() -> None:
+    model = build("gpt2-tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = autotp.plan(model, 4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    assert {p.data_ptr() for p in plan.traced.gm.parameters()} <= ptrs
+
+
+def test_megatron_8_3b_plans_on_meta_without_weights() -> None:
+    with torch.device("meta"):
+        model = build("megatron-8.3b")
+    plan = autotp.plan(model, 8, model.example_inputs(batch=1, seq=1024))
+    assert plan.collectives() == {"f": 2 * 72, "g": 2 * 72}
+    assert [li.weight for li in plan.unmatched] == ["lm_head.weight"]
+    sim = autotp.simulate(model, 8, model.example_inputs(batch=1, seq=1024))
+    rank = sim.ranks[3]
+    assert all(p.is_meta for p in rank.parameters())
+    w = rank.get_parameter("transformer.h.0.mlp.c_fc.weight")
+    assert tuple(w.shape) == (4 * 3072 // 8, 3072)
+    full = autotp.full_state_dict(sim)
+    assert tuple(full["transformer.h.71.attn.c_attn.weight"].shape) == (3 * 3072, 3072)
+
+
+def test_summary_prints_rules_collectives_and_unmatched() -> None:
+    text = str(autotp.plan(build("bert-tiny"), 2))
+    assert "attention_separate_qkv" in text and "mlp" in text
+    assert "2 layers" not in text  # no invented prose; numbers below are counted
+    assert "4 all-reduce forward (g), 4 all-reduce backward (f)" in text
+    assert "cls.predictions.transform.dense.weight" in text
+    assert "cls.predictions.decoder.weight" in text

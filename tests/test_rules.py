@@ -1,0 +1,153 @@
+"""Each rule, in each spelling: what matched, the exact collectives that ran, a graph that
+lints, and equality with serial in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autotp
+from autotp.models import build
+from autotp.testing import assert_equivalent
+
+B, T, C, H = 2, 5, 16, 4
+
+
+class LinearGeluMLP(nn.Module):
+    """nn.Linear + nn.GELU (GPT-2's spelling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc, self.act, self.c_proj = nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        return x + self.c_proj(self.act(self.c_fc(x)))
+
+
+class FunctionalMLP(nn.Module):
+    """F.linear, the tanh formula of GELU, and x @ W + b with a [in, out] weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4 * C, C) / 4)
+        self.b1 = nn.Parameter(torch.randn(4 * C))
+        self.w2 = nn.Parameter(torch.randn(4 * C, C) / 8)  # [in, out]
+        self.b2 = nn.Parameter(torch.randn(C))
+
+    def forward(self, x):
+        h = F.linear(x, self.w1, self.b1)
+        h = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+        return x + (h @ self.w2 + self.b2)
+
+
+class Conv1DMLP(nn.Module):
+    """Hugging Face GPT-2's Conv1D: addmm(b, x2d, W[in, out]) with a view around it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_fc = nn.Parameter(torch.randn(C, 4 * C) / 4)
+        self.b_fc = nn.Parameter(torch.randn(4 * C))
+        self.w_proj = nn.Parameter(torch.randn(4 * C, C) / 8)
+        self.b_proj = nn.Parameter(torch.randn(C))
+
+    def forward(self, x):
+        b, t, c = x.size()
+        h = torch.addmm(self.b_fc, x.view(-1, c), self.w_fc).view(b, t, -1)
+        h = F.relu(h)
+        y = torch.addmm(self.b_proj, h.view(-1, h.size(-1)), self.w_proj)
+        return x + y.view(b, t, c)
+
+
+class SeparateSdpaAttention(nn.Module):
+    """Separate q/k/v, reshape with -1, permute, and F.scaled_dot_product_attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.o = nn.Linear(C, C)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, H, -1).permute(0, 2, 1, 3)
+        k = self.k(x).reshape(b, t, H, -1).permute(0, 2, 1, 3)
+        v = self.v(x).reshape(b, t, H, -1).permute(0, 2, 1, 3)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(y.permute(0, 2, 1, 3).reshape(b, t, -1))
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(B, T, C, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _own(m: nn.Module) -> object:
+    return m.example_inputs()
+
+
+def _plain(m: nn.Module) -> object:
+    return (_x().requires_grad_(),)  # as inside a network: the block input has a gradient
+
+
+FUSED, SEPARATE = ["attention_fused_qkv", "mlp"], ["attention_separate_qkv", "mlp"]
+CASES = [
+    # (model factory, inputs, expected rule names in order)
+    (LinearGeluMLP, _plain, ["mlp"]),
+    (FunctionalMLP, _plain, ["mlp"]),
+    (Conv1DMLP, _plain, ["mlp"]),
+    (SeparateSdpaAttention, _plain, ["attention_separate_qkv"]),
+    (lambda: build("gpt2-tiny", n_layer=1), _own, FUSED),
+    (lambda: build("gpt2-tiny-flash", n_layer=1), _own, FUSED),
+    (lambda: build("bert-tiny", num_hidden_layers=1), _own, SEPARATE),
+]
+IDS = ["linear-gelu", "functional", "conv1d", "sdpa-separate", "gpt2", "gpt2-sdpa", "bert"]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize(("factory", "inputs", "rules"), CASES, ids=IDS)
+def test_rule(factory, inputs, rules, tp: int) -> None:
+    torch.manual_seed(0)
+    model = factory().double()
+    x = inputs(model)
+    plan = autotp.plan(model, tp, x)
+    assert [m.rule.name for m in plan.matches] == rules
+    plan.graph.lint()
+    # One g after each row-split linear, one f per distinct block input: per block, one
+    # all-reduce forward and one backward, counted as they run.
+    sim = autotp.simulate(model, tp, x)
+    with autotp.count_collectives() as log:
+        out = sim(**x) if isinstance(x, dict) else sim(*x)
+        loss = out[1] if isinstance(out, tuple) else out.square().sum()
+        loss.backward()
+    assert (log.count("forward"), log.count("backward")) == (len(rules), len(rules))
+    assert assert_equivalent(model, x, tp).largest() <= 1e-10
+
+
+def test_shared_input_gets_one_f() -> None:
+    """Q, K and V read the same input: one f, not three."""
+    plan = autotp.plan(SeparateSdpaAttention(), 2, (_x(),))
+    fs = [n for n in plan.graph.nodes if n.meta.get("autotp", {}).get("collective") == "f"]
+    assert len(fs) == 1
+    assert len(fs[0].users) == 3
+
+
+def test_row_bias_added_after_all_reduce() -> None:
+    """REFERENCE.md trap 6: the row-split layer's bias follows g, or it counts tp times."""
+    plan = autotp.plan(LinearGeluMLP(), 2, (_x(),))
+    (g,) = [n for n in plan.graph.nodes if n.meta.get("autotp", {}).get("collective") == "g"]
+    (add,) = g.users
+    assert add.target.__name__ == "add"
+    assert add.args[1].op == "get_attr" and add.args[1].target == "c_proj.bias"
+
+
+def test_fused_qkv_is_split_by_heads_per_block() -> None:
+    """REFERENCE.md trap 2: rank r holds [Q_r | K_r | V_r], not a contiguous third."""
+    model = build("gpt2-tiny", n_layer=1)
+    sim = autotp.simulate(model, 2)
+    w = model.transformer.h[0].attn.c_attn.weight
+    c = model.config.n_embd
+    r1 = sim.ranks[1].get_parameter("transformer.h.0.attn.c_attn.weight")
+    want = torch.cat([w[c // 2 : c], w[c + c // 2 : 2 * c], w[2 * c + c // 2 :]])
+    assert torch.equal(r1, want)
