@@ -12,6 +12,7 @@ from .collectives import count_collectives
 from .errors import AutoTPError
 from .parallel import full_grads, full_state_dict, parallelize, simulate
 from .plan import Plan, plan
+from .shapes import VocabOptions
 
 __all__ = [
     "AutoTPError",
@@ -22,5 +23,6 @@ __all__ = [
     "parallelize",
     "plan",
     "simulate",
+    "VocabOptions",
 ]
 __version__ = "0.1.0"

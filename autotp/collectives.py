@@ -23,22 +23,31 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = [
-    "Comm", "ProcessGroupComm", "LocalComm", "CopyToTP", "ReduceFromTP",
-    "CollectiveLog", "count_collectives", "simulated_f", "simulated_g",
+    "Comm", "ProcessGroupComm", "LocalComm", "CopyToTP", "ReduceFromTP", "ReduceMaxTP",
+    "GatherFromTP", "CollectiveLog", "count_collectives", "simulated_f", "simulated_g",
+    "simulated_max", "simulated_gather",
 ]  # fmt: skip
 
 
 @dataclass
 class CollectiveLog:
-    """All-reduces that ran: (direction, number of elements) per call."""
+    """Collectives that ran: (kind, direction, elements sent per rank) per call, where kind
+    is "all_reduce" (sum), "all_reduce_max" or "all_gather"."""
 
-    events: list[tuple[str, int]] = field(default_factory=list)
+    events: list[tuple[str, str, int]] = field(default_factory=list)
 
-    def count(self, direction: str | None = None) -> int:
-        return sum(1 for d, _ in self.events if direction is None or d == direction)
+    def _select(self, direction: str | None, kind: str | None) -> list[tuple[str, str, int]]:
+        return [
+            e
+            for e in self.events
+            if (direction is None or e[1] == direction) and (kind is None or e[0] == kind)
+        ]
 
-    def elements(self, direction: str | None = None) -> int:
-        return sum(n for d, n in self.events if direction is None or d == direction)
+    def count(self, direction: str | None = None, kind: str | None = None) -> int:
+        return len(self._select(direction, kind))
+
+    def elements(self, direction: str | None = None, kind: str | None = None) -> int:
+        return sum(e[2] for e in self._select(direction, kind))
 
 
 _LOGS: list[CollectiveLog] = []
@@ -55,25 +64,32 @@ def count_collectives() -> Iterator[CollectiveLog]:
         _LOGS.remove(log)
 
 
-def _record(direction: str, t: torch.Tensor) -> None:
+def _record(direction: str, t: torch.Tensor, kind: str = "all_reduce") -> None:
     for log in _LOGS:
-        log.events.append((direction, t.numel()))
+        log.events.append((kind, direction, t.numel()))
 
 
 class Comm:
     """What the rewritten graph needs from a process group."""
 
     size: int = 1
+    rank: int = 0
 
-    def all_reduce(self, t: torch.Tensor, direction: str) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, direction: str, op: str = "sum") -> torch.Tensor:
+        raise NotImplementedError
+
+    def all_gather(self, t: torch.Tensor, direction: str) -> list[torch.Tensor]:
         raise NotImplementedError
 
 
 class LocalComm(Comm):
     """tp = 1: nothing to communicate."""
 
-    def all_reduce(self, t: torch.Tensor, direction: str) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, direction: str, op: str = "sum") -> torch.Tensor:
         return t
+
+    def all_gather(self, t: torch.Tensor, direction: str) -> list[torch.Tensor]:
+        return [t]
 
 
 class ProcessGroupComm(Comm):
@@ -82,22 +98,33 @@ class ProcessGroupComm(Comm):
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
 
-    def all_reduce(self, t: torch.Tensor, direction: str) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, direction: str, op: str = "sum") -> torch.Tensor:
         out = t.contiguous().clone()
-        _record(direction, out)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        _record(direction, out, "all_reduce" if op == "sum" else "all_reduce_max")
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        dist.all_reduce(out, op=reduce_op, group=self.group)
         return out
+
+    def all_gather(self, t: torch.Tensor, direction: str) -> list[torch.Tensor]:
+        t = t.contiguous()
+        _record(direction, t, "all_gather")
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t, group=self.group)
+        return parts
 
 
 class SimulatedComm(Comm):
-    """Placeholder inside `simulate`: its f and g nodes are run by the simulator."""
+    """Placeholder inside `simulate`: its collective nodes are run by the simulator."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, rank: int) -> None:
+        self.size, self.rank = size, rank
 
-    def all_reduce(self, t: torch.Tensor, direction: str) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, direction: str, op: str = "sum") -> torch.Tensor:
         raise RuntimeError("a simulated rank module cannot run alone; call the simulate module")
+
+    all_gather = all_reduce  # type: ignore[assignment]
 
 
 class _F(torch.autograd.Function):
@@ -119,6 +146,29 @@ class _G(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return grad, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm, dim: int, size: int):  # type: ignore[override]
+        ctx.comm, ctx.dim, ctx.local = comm, dim, x.shape[dim]
+        return torch.cat(comm.all_gather(x, "forward"), dim=dim).narrow(dim, 0, size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _own_slice(grad, ctx.dim, ctx.local, ctx.comm.rank), None, None, None
+
+
+def _own_slice(grad: torch.Tensor, dim: int, local: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s part of a gathered (and unpadded) gradient, zero-padded back."""
+    start = min(rank * local, grad.shape[dim])  # a rank may hold only padding
+    stop = min(rank * local + local, grad.shape[dim])
+    part = grad.narrow(dim, start, stop - start)
+    if part.shape[dim] == local:
+        return part.contiguous()
+    pad = list(grad.shape)
+    pad[dim] = local - part.shape[dim]
+    return torch.cat([part, grad.new_zeros(pad)], dim=dim)
 
 
 class CopyToTP(nn.Module):
@@ -147,6 +197,31 @@ class ReduceFromTP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"
+
+
+class ReduceMaxTP(nn.Module):
+    """All-reduce max (forward only; for the row max of the vocab-parallel loss)."""
+
+    def __init__(self, comm: Comm) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.comm.size == 1 else self.comm.all_reduce(x.detach(), "forward", "max")
+
+
+class GatherFromTP(nn.Module):
+    """All-gather along `dim`, trimmed to the serial `size` (vocabulary padding);
+    backward keeps this rank's slice of the gradient."""
+
+    def __init__(self, comm: Comm) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        if self.comm.size == 1:
+            return x.narrow(dim, 0, size)
+        return _Gather.apply(x, self.comm, dim, size)
 
 
 # -- in-process versions over all ranks at once (for simulate) ------------------------------
@@ -181,6 +256,36 @@ class _SimG(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
         return grads
+
+
+class _SimGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dim: int, size: int, *xs: torch.Tensor):  # type: ignore[override]
+        _record("forward", xs[0], "all_gather")
+        ctx.dim, ctx.local = dim, xs[0].shape[dim]
+        full = torch.cat(xs, dim=dim).narrow(dim, 0, size)
+        return tuple(full.clone() for _ in xs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        own = [_own_slice(g, ctx.dim, ctx.local, r) for r, g in enumerate(grads)]
+        return (None, None, *own)
+
+
+def simulated_max(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All-reduce max over all ranks (no gradient)."""
+    if len(xs) == 1:
+        return xs
+    _record("forward", xs[0], "all_reduce_max")
+    top = torch.stack([x.detach() for x in xs]).amax(dim=0)
+    return [top.clone() for _ in xs]
+
+
+def simulated_gather(xs: list[torch.Tensor], dim: int, size: int) -> list[torch.Tensor]:
+    """All-gather along `dim` over all ranks, trimmed to `size`."""
+    if len(xs) == 1:
+        return [xs[0].narrow(dim, 0, size)]
+    return list(_SimGather.apply(dim, size, *xs))
 
 
 def simulated_f(xs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -23,7 +23,10 @@ from networkx.algorithms import isomorphism
 from . import ops
 from .rule import Rule, Split
 
-__all__ = ["LinearInfo", "Match", "find_linears", "host_graph", "match", "activations"]
+__all__ = [
+    "LinearInfo", "EmbeddingInfo", "Match", "find_linears", "find_embeddings", "host_graph",
+    "match", "activations", "Context",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,38 @@ class LinearInfo:
 
 
 @dataclass(frozen=True)
+class EmbeddingInfo:
+    """A lookup `weight[ids]` (nn.Embedding or F.embedding with a parameter weight)."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: str
+    num_embeddings: int
+    embedding_dim: int
+    bias = None
+    layout = "rows"
+
+
+Layer = LinearInfo | EmbeddingInfo
+
+
+@dataclass
+class Context:
+    """What a rule's `accept` condition may consult."""
+
+    gm: fx.GraphModule
+    embeddings: dict[fx.Node, EmbeddingInfo]
+    accepted: list[Match]
+
+
+@dataclass(frozen=True)
 class Match:
     rule: Rule
     nodes: dict[str, fx.Node]  # pattern node -> fx node (a glue region's first node)
-    linears: dict[str, LinearInfo]  # split pattern nodes -> their linear
+    layers: dict[str, Layer]  # split pattern nodes -> their layer
 
-    def splits(self) -> dict[fx.Node, tuple[Split, LinearInfo]]:
-        return {li.node: (self.rule.split[k], li) for k, li in self.linears.items()}
+    def splits(self) -> dict[fx.Node, tuple[Split, Layer]]:
+        return {li.node: (self.rule.split[k], li) for k, li in self.layers.items()}
 
 
 def _param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
@@ -96,6 +124,22 @@ def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
     return found
 
 
+def find_embeddings(gm: fx.GraphModule) -> dict[fx.Node, EmbeddingInfo]:
+    """Every lookup in a parameter table."""
+    found: dict[fx.Node, EmbeddingInfo] = {}
+    for n in gm.graph.nodes:
+        if not n.op.startswith("call") or ops.op_name(n, gm) != "embedding":
+            continue
+        if n.op == "call_module":
+            w, name = gm.get_submodule(str(n.target)).weight, f"{n.target}.weight"
+        else:
+            w = _param(gm, n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
+            name = str(n.args[1].target) if w is not None else ""
+        if w is not None:
+            found[n] = EmbeddingInfo(n, n.args[0], name, w.shape[0], w.shape[1])
+    return found
+
+
 def activations(gm: fx.GraphModule) -> set[fx.Node]:
     """Tensor-valued nodes that depend on a model input (not only on weights/constants)."""
     act: set[fx.Node] = set()
@@ -118,8 +162,9 @@ def _arg_positions(n: fx.Node) -> list[tuple[fx.Node, int | str]]:
 
 
 def host_graph(gm: fx.GraphModule, linears: dict[fx.Node, LinearInfo]) -> nx.DiGraph:
-    """The activation-flow graph in the matcher's vocabulary, glue regions contracted."""
-    act = activations(gm)
+    """The activation-flow graph in the matcher's vocabulary, glue regions contracted.
+    The graph's output node is included (op "output") so rules can anchor on it."""
+    act = activations(gm) | {n for n in gm.graph.nodes if n.op == "output"}
 
     def kind(n: fx.Node) -> str:
         if n in linears:
@@ -129,7 +174,8 @@ def host_graph(gm: fx.GraphModule, linears: dict[fx.Node, LinearInfo]) -> nx.DiG
             return "glue"
         if name in ops.NORM:
             return "norm"
-        return name if name in ("matmul", "sdpa", "embedding") else "other"
+        known = ("matmul", "sdpa", "embedding", "cross_entropy", "output")
+        return name if name in known else "other"
 
     kinds = {n: kind(n) for n in act}
     edges: list[tuple[fx.Node, fx.Node, int | str]] = []
@@ -138,7 +184,15 @@ def host_graph(gm: fx.GraphModule, linears: dict[fx.Node, LinearInfo]) -> nx.DiG
             edges.append((linears[n].input, n, 0))
             continue
         edges.extend((a, n, pos) for a, pos in _arg_positions(n) if a in act)
-    # Contract glue: union-find over glue-glue edges.
+    # Contract glue: union-find over glue-glue edges a -> b where a feeds only b, or b reads
+    # only a. A value that several regions read (BERT's extended attention mask, shared
+    # by every layer; the residual stream) stays a border, so one layer's region never
+    # reaches into another's.
+    readers: dict[fx.Node, set[fx.Node]] = {n: set() for n in act}
+    inputs: dict[fx.Node, set[fx.Node]] = {n: set() for n in act}
+    for a, b, _ in edges:
+        readers[a].add(b)
+        inputs[b].add(a)
     parent = {n: n for n in act}
 
     def find(n: fx.Node) -> fx.Node:
@@ -149,7 +203,7 @@ def host_graph(gm: fx.GraphModule, linears: dict[fx.Node, LinearInfo]) -> nx.DiG
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for a, b, _ in edges:
-        if kinds[a] == kinds[b] == "glue":
+        if kinds[a] == kinds[b] == "glue" and (len(readers[a]) == 1 or len(inputs[b]) == 1):
             ra, rb = find(a), find(b)
             if ra is not rb:
                 first, second = (ra, rb) if order[ra] < order[rb] else (rb, ra)
@@ -187,12 +241,15 @@ def match(
     rules: Sequence[Rule],
     linears: dict[fx.Node, LinearInfo] | None = None,
 ) -> list[Match]:
-    """Matches of `rules` in `gm`, earlier rules first; each linear is claimed at most once."""
+    """Matches of `rules` in `gm`, earlier rules first; each layer is claimed at most once."""
     linears = find_linears(gm) if linears is None else linears
+    embeddings = find_embeddings(gm)
+    layers: dict[fx.Node, Layer] = {**embeddings, **linears}
     host = host_graph(gm, linears)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     claimed: set[fx.Node] = set()
     found: list[Match] = []
+    ctx = Context(gm, embeddings, found)
     for rule in rules:
         candidates: list[Match] = []
         for pat in rule.patterns:
@@ -201,14 +258,15 @@ def match(
             )
             for mapping in gmatcher.subgraph_monomorphisms_iter():
                 nodes = {p: h for h, p in mapping.items()}
-                lin = {k: linears[nodes[k]] for k in rule.split}
-                candidates.append(Match(rule, nodes, lin))
-        candidates.sort(key=lambda m: min(order[li.node] for li in m.linears.values()))
+                if any(nodes[k] not in layers for k in rule.split):
+                    continue
+                candidates.append(Match(rule, nodes, {k: layers[nodes[k]] for k in rule.split}))
+        candidates.sort(key=lambda m: min(order[li.node] for li in m.layers.values()))
         for m in candidates:
-            mine = {li.node for li in m.linears.values()}
-            if mine & claimed:
+            mine = {li.node for li in m.layers.values()}
+            if mine & claimed or (rule.accept is not None and not rule.accept(m, ctx)):
                 continue
             claimed |= mine
             found.append(m)
-    found.sort(key=lambda m: min(order[li.node] for li in m.linears.values()))
+    found.sort(key=lambda m: min(order[li.node] for li in m.layers.values()))
     return found

@@ -18,8 +18,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .collectives import Comm, CopyToTP, ReduceFromTP
-from .rewrite import F_MODULE, G_MODULE
+from .collectives import Comm, CopyToTP, GatherFromTP, ReduceFromTP, ReduceMaxTP
+from .random import RankRandom, StreamDropout
+from .rewrite import (
+    DROPOUT_MODULES,
+    F_MODULE,
+    G_MODULE,
+    GATHER_MODULE,
+    MAX_MODULE,
+    RANK_BUFFER,
+)
 from .shapes import Shard
 
 __all__ = ["RankInfo", "cut", "gather", "build_rank_module"]
@@ -34,12 +42,18 @@ class RankInfo:
     comm: Comm
     splits: dict[str, Shard]  # state_dict key -> its split; absent keys are replicated
     plan: object  # the Plan this module was built from
+    random: RankRandom  # the dropout streams of this rank
 
 
 def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor:
-    """Rank `rank`'s shard of the serial tensor `t` (a view where possible)."""
+    """Rank `rank`'s shard of the serial tensor `t` (a view where possible); a padded
+    dimension is first extended with zeros to `spec.padded`."""
     if spec is None:
         return t
+    if spec.padded is not None and spec.padded != t.shape[spec.dim]:
+        shape = list(t.shape)
+        shape[spec.dim] = spec.padded - t.shape[spec.dim]
+        t = torch.cat([t, t.new_zeros(shape)], dim=spec.dim)
     size = t.shape[spec.dim]
     block = size // spec.blocks
     piece = block // tp
@@ -47,13 +61,16 @@ def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 
-def gather(shards: list[torch.Tensor], spec: Shard | None) -> torch.Tensor:
-    """The serial tensor from every rank's shard (inverse of `cut`)."""
+def gather(
+    shards: list[torch.Tensor], spec: Shard | None, serial_size: int | None = None
+) -> torch.Tensor:
+    """The serial tensor from every rank's shard (inverse of `cut`, padding removed)."""
     if spec is None:
         return shards[0]
     per_rank = [s.chunk(spec.blocks, dim=spec.dim) for s in shards]
     blocks = [torch.cat([p[b] for p in per_rank], dim=spec.dim) for b in range(spec.blocks)]
-    return torch.cat(blocks, dim=spec.dim)
+    full = torch.cat(blocks, dim=spec.dim)
+    return full if serial_size is None else full.narrow(spec.dim, 0, serial_size)
 
 
 def _fresh_module(mod: nn.Module, new_tensor) -> nn.Module:
@@ -87,6 +104,7 @@ def build_rank_module(
     comm: Comm,
     plan: object,
     class_name: str,
+    seed: int = 0,
 ) -> fx.GraphModule:
     """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors."""
     serial = dict(model.named_parameters(remove_duplicate=False))
@@ -110,11 +128,19 @@ def build_rank_module(
             )
         return made[key]
 
-    root: dict[str, object] = {F_MODULE: CopyToTP(comm), G_MODULE: ReduceFromTP(comm)}
+    random = RankRandom(seed, rank)
+    root: dict[str, object] = {
+        F_MODULE: CopyToTP(comm),
+        G_MODULE: ReduceFromTP(comm),
+        MAX_MODULE: ReduceMaxTP(comm),
+        GATHER_MODULE: GatherFromTP(comm),
+        RANK_BUFFER: torch.tensor(rank, device=_device_of(model)),
+        **{name: StreamDropout(random, stream) for stream, name in DROPOUT_MODULES.items()},
+    }
     for n in graph.nodes:
         if n.op == "call_module" and n.target not in root:
             root[n.target] = _fresh_module(model.get_submodule(n.target), new_tensor)
-        elif n.op == "get_attr":
+        elif n.op == "get_attr" and n.target not in root:
             t = _lookup(model, n.target)
             root[n.target] = new_tensor(t) if isinstance(t, torch.Tensor) else t
     gm = fx.GraphModule(root, graph, class_name)
@@ -129,8 +155,15 @@ def build_rank_module(
         if name not in serial_state:
             owner, _, leaf = name.rpartition(".")
             gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
-    gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan)
+    gm.get_submodule("")._non_persistent_buffers_set.add(RANK_BUFFER)
+    gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan, random)
     return gm
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
 
 
 def _lookup(model: nn.Module, target: str) -> object:

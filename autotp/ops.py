@@ -58,6 +58,7 @@ _MODULES: dict[type, str] = {
     nn.Linear: "linear", nn.LayerNorm: "layer_norm", nn.Embedding: "embedding",
     nn.Dropout: "dropout", nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu",
     nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Softmax: "softmax", nn.Identity: "identity",
+    nn.CrossEntropyLoss: "cross_entropy",
 }  # fmt: skip
 
 # Elementwise ops (with broadcasting): a split operand keeps its split.

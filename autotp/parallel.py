@@ -15,6 +15,7 @@ from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .materialise import RankInfo, build_rank_module, gather
 from .plan import Plan, plan
+from .shapes import VocabOptions
 from .simulate import SimulatedTP
 
 __all__ = ["parallelize", "simulate", "full_state_dict", "full_grads"]
@@ -30,14 +31,17 @@ def parallelize(
     tp: int,
     example_inputs: Any = None,
     group: dist.ProcessGroup | None = None,
+    *,
+    vocab: VocabOptions | None = None,
 ) -> fx.GraphModule:
     """This rank's module: the per-rank graph over new tensors holding this rank's shards,
     cut from `model`'s weights, so that it computes what `model` computes.
 
     Call it on every rank of `group` (default: the default process group), which must have
     exactly `tp` ranks. `model` is not modified. With tp=1 no process group is needed.
+    Dropout streams are seeded from rank 0's `torch.initial_seed()`.
     """
-    p = plan(model, tp, example_inputs)
+    p = plan(model, tp, example_inputs, vocab=vocab)
     if tp == 1 and (not dist.is_available() or not dist.is_initialized()):
         comm, rank = LocalComm(), 0
     else:
@@ -54,16 +58,28 @@ def parallelize(
                 f"tp ranks (e.g. torch.distributed.new_group(ranks)) or tp={size}"
             )
         comm, rank = ProcessGroupComm(group), dist.get_rank(group)
-    return build_rank_module(model, p.graph, p.splits, rank, tp, comm, p, p.model_name)
+    seed = torch.initial_seed() % 2**62
+    if isinstance(comm, ProcessGroupComm):  # one seed for the group: shared streams agree
+        box = [seed]
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=group)
+        seed = box[0]
+    return build_rank_module(model, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed)
 
 
-def simulate(model: nn.Module, tp: int, example_inputs: Any = None) -> SimulatedTP:
+def simulate(
+    model: nn.Module, tp: int, example_inputs: Any = None, *, vocab: VocabOptions | None = None
+) -> SimulatedTP:
     """All `tp` ranks in one process, collectives computed in-process and autograd-exact.
-    `model` is not modified."""
-    p = plan(model, tp, example_inputs)
-    comm = SimulatedComm(tp)
+    `model` is not modified. Split outputs kept local (`VocabOptions(gather_outputs=False)`)
+    are shown whole: the ranks' slices concatenated and trimmed."""
+    p = plan(model, tp, example_inputs, vocab=vocab)
+    seed = torch.initial_seed() % 2**62
     ranks = [
-        build_rank_module(model, p.graph, p.splits, r, tp, comm, p, p.model_name) for r in range(tp)
+        build_rank_module(
+            model, p.graph, p.splits, r, tp, SimulatedComm(tp, r), p, p.model_name, seed
+        )
+        for r in range(tp)
     ]
     return SimulatedTP(ranks)
 
@@ -84,6 +100,7 @@ def _assemble(
 ) -> dict[str, torch.Tensor | None]:
     ranks, info = _rank_modules(module)
     per_rank = [tensors_of(r) for r in ranks]
+    sizes = info.plan.serial_sizes  # the unpadded size of each padded split dimension
     out: dict[str, torch.Tensor | None] = {}
     for key in keys:
         spec = info.splits.get(key)
@@ -92,15 +109,13 @@ def _assemble(
             out[key] = None
         elif spec is None:
             out[key] = local[0].detach()
-        elif len(ranks) > 1:
-            out[key] = gather([t.detach() for t in local], spec)
-        elif isinstance(info.comm, ProcessGroupComm):
+        elif len(ranks) == 1 and isinstance(info.comm, ProcessGroupComm):
             t = local[0].detach().contiguous()
             parts = [torch.empty_like(t) for _ in range(info.tp)]
             dist.all_gather(parts, t, group=info.comm.group)
-            out[key] = gather(parts, spec)
+            out[key] = gather(parts, spec, sizes.get(key))
         else:
-            out[key] = local[0].detach()
+            out[key] = gather([t.detach() for t in local], spec, sizes.get(key))
     return out
 
 

@@ -19,7 +19,7 @@ from .errors import AutoTPError
 from .match import LinearInfo, Match, find_linears, match
 from .rewrite import rewrite
 from .rule import Rule
-from .shapes import Propagation, Shard, propagate
+from .shapes import Propagation, Shard, VocabOptions, propagate
 from .trace import Traced, trace
 
 __all__ = ["Plan", "plan"]
@@ -37,6 +37,7 @@ class Plan:
     propagation: Propagation
     graph: fx.Graph  # the per-rank graph (identical on every rank)
     rules: tuple[Rule, ...] = field(default=())
+    vocab: VocabOptions = field(default_factory=VocabOptions)
 
     @property
     def splits(self) -> dict[str, Shard]:
@@ -52,15 +53,26 @@ class Plan:
         return out
 
     @property
+    def serial_sizes(self) -> dict[str, int]:
+        """For parameters split along a padded dimension: that dimension's serial size."""
+        gm = self.traced.gm
+        return {
+            name: gm.get_parameter(name).shape[spec.dim]
+            for name, spec in self.splits.items()
+            if spec.padded is not None
+        }
+
+    @property
     def unmatched(self) -> list[LinearInfo]:
         """Linear layers no rule matched: they stay replicated."""
-        split = {li.node for m in self.matches for li in m.linears.values()}
+        split = {li.node for m in self.matches for li in m.layers.values()}
         return [li for n, li in self.linears.items() if n not in split]
 
     def collectives(self) -> dict[str, int]:
-        """Collective call sites in the per-rank graph: f (backward) and g (forward)."""
+        """Collective call sites in the per-rank graph: f (all-reduce backward), g (all-reduce
+        forward), max (all-reduce max forward), gather (all-gather forward)."""
         kinds = [n.meta.get("autotp", {}).get("collective") for n in self.graph.nodes]
-        return {"f": kinds.count("f"), "g": kinds.count("g")}
+        return {k: kinds.count(k) for k in ("f", "g", "max", "gather")}
 
     def __rich__(self) -> Any:
         from .render import plan_summary
@@ -81,6 +93,7 @@ def plan(
     example_inputs: Any = None,
     *,
     rules: Sequence[Rule] | None = None,
+    vocab: VocabOptions | None = None,
 ) -> Plan:
     """Plan the tensor-parallel split of `model` over `tp` ranks. Pure: nothing is copied,
     the model is not modified, no process group is needed.
@@ -88,6 +101,7 @@ def plan(
     `example_inputs` is a tuple of positional arguments or a dict of keyword arguments for
     `model.forward` (default: `model.example_inputs()` if the model has one). They fix
     which optional arguments the parallel module takes (e.g. targets for a loss).
+    `vocab` sets the vocabulary padding and whether split outputs (logits) are gathered.
     """
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise AutoTPError(f"tp must be an integer >= 1, got {tp!r}")
@@ -101,6 +115,9 @@ def plan(
     linears = find_linears(gm)
     matches = match(gm, rules, linears)
     splits = {n: s for m in matches for n, s in m.splits().items()}
-    prop = propagate(gm, tp, linears, splits)
+    vocab = vocab or VocabOptions()
+    prop = propagate(gm, tp, linears, splits, vocab)
     graph = rewrite(gm, prop, matches, tp)
-    return Plan(type(model).__name__, tp, traced, matches, linears, prop, graph, tuple(rules))
+    return Plan(
+        type(model).__name__, tp, traced, matches, linears, prop, graph, tuple(rules), vocab
+    )

@@ -29,14 +29,17 @@ def plan_summary(plan: Any) -> Group:
     for m in plan.matches:
         parts = ", ".join(
             f"{li.weight.rsplit('.', 1)[0].rsplit('.', 1)[-1]}: {m.rule.split[k]}"
-            for k, li in m.linears.items()
+            for k, li in m.layers.items()
         )
-        first = min(m.linears.values(), key=lambda li: li.weight).weight
+        first = min(m.layers.values(), key=lambda li: li.weight).weight
         rules.add_row(m.rule.name, first.rsplit(".", 2)[0], parts)
     coll = plan.collectives()
+    extra = ""
+    if coll["max"] or coll["gather"]:
+        extra = f", {coll['max']} all-reduce max (loss), {coll['gather']} all-gather (outputs)"
     comm = Text(
         f"collectives per step: {coll['g']} all-reduce forward (g), "
-        f"{coll['f']} all-reduce backward (f)"
+        f"{coll['f']} all-reduce backward (f){extra}"
     )
     splits = plan.splits
     n_split = sum(1 for _ in splits)

@@ -27,14 +27,21 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .match import LinearInfo, Match
-from .rule import Column
-from .shapes import ArgEdit, DivideByTP, Propagation
+from . import ops
+from .match import EmbeddingInfo, LinearInfo, Match
+from .rule import Row
+from .shapes import ArgEdit, DivideByTP, LossInfo, Propagation, Shard
+from .vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
 
-__all__ = ["rewrite", "F_MODULE", "G_MODULE"]
+__all__ = ["rewrite", "F_MODULE", "G_MODULE", "MAX_MODULE", "GATHER_MODULE", "RANK_BUFFER"]
 
-F_MODULE = "tp_f"
-G_MODULE = "tp_g"
+F_MODULE = "tp_f"  # identity forward, all-reduce backward
+G_MODULE = "tp_g"  # all-reduce forward, identity backward
+MAX_MODULE = "tp_max"  # all-reduce max (the vocab-parallel loss's row max)
+GATHER_MODULE = "tp_gather"  # all-gather of a split output
+DROPOUT_MODULES = {"shared": "tp_dropout_shared", "rank": "tp_dropout_rank"}
+RANK_BUFFER = "tp_rank"  # a 0-dim tensor holding the rank: the only per-rank constant
+COLLECTIVE_MODULES = (F_MODULE, G_MODULE, MAX_MODULE, GATHER_MODULE)
 
 
 def _tag(node: fx.Node, **info: Any) -> None:
@@ -70,7 +77,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
-    rule_of = {li.node: m.rule.name for m in matches for li in m.linears.values()}
+    rule_of = {li.node: m.rule.name for m in matches for li in m.layers.values()}
 
     for old, placement in prop.placements.items():
         if old in env:
@@ -90,19 +97,23 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         for c in consumers:
             env[c].replace_input_with(src, f)
 
-    # 2. split linears -> functional form on local shards.
+    # 2. split layers -> functional form on local shards.
     for old, (kind, li) in prop.splits.items():
         node = env[old]
-        x = node.args[_linear_input_index(li)]
         rule = rule_of[old]
+        if isinstance(li, EmbeddingInfo):
+            env[old] = _split_embedding(graph, node, li, rule)
+            continue
+        x = node.args[_linear_input_index(li)]
         place = str(kind)
         with graph.inserting_before(node):
             w = graph.get_attr(li.weight)
             b = graph.get_attr(li.bias) if li.bias else None
+            row = isinstance(kind, Row)
             _tag(w, rule=rule, placement=f"{place} shard of {li.weight}")
             if b is not None:
-                _tag(b, rule=rule, placement=f"{place} shard" if isinstance(kind, Column) else "R")
-            bias_inside = b if isinstance(kind, Column) else None
+                _tag(b, rule=rule, placement="R" if row else f"{place} shard")
+            bias_inside = None if row else b
             if li.layout == "out_in":
                 y = graph.call_function(F.linear, (x, w, bias_inside))
             else:
@@ -110,9 +121,9 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
                 if bias_inside is not None:
                     y = graph.call_function(operator.add, (y, bias_inside))
             _copy_meta(node, y)
-            local = str(prop.placements[old]) if isinstance(kind, Column) else "partial"
+            local = "partial" if row else str(prop.placements[old])
             _tag(y, rule=rule, split=place, weight=li.weight, placement=local)
-            if not isinstance(kind, Column):
+            if row:
                 g = graph.create_node("call_module", G_MODULE, (y,), {}, name=f"g_{node.name}")
                 _copy_meta(node, g)
                 why = "forward all-reduce: the row-split linear produces partial sums"
@@ -124,13 +135,102 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
                     _tag(y, rule=rule, placement="R", why="bias after the all-reduce")
         node.replace_all_uses_with(y)
         graph.erase_node(node)
+        env[old] = y
 
     # 3. shape arguments.
     for e in prop.edits:
         _apply_edit(graph, env, e, tp)
 
+    # 4. the vocab-parallel loss, split outputs gathered, dropout on the right stream.
+    for old, info in prop.losses.items():
+        env[old] = _vocab_parallel_loss(graph, env[old], info)
+    out_node = graph.output_node()
+    for old, (shard, size) in prop.gathers.items():
+        if not prop.gather_outputs:
+            _tag(env[old], split_output=(shard, size))
+            continue
+        with graph.inserting_before(out_node):
+            gather = graph.create_node(
+                "call_module", GATHER_MODULE, (env[old], shard.dim, size), {},
+                name=f"gather_{env[old].name}",
+            )  # fmt: skip
+        _copy_meta(env[old], gather)
+        _tag(gather, collective="gather", placement="R",
+             why=f"the model returns this value; all-gather along dim {shard.dim}")  # fmt: skip
+        out_node.replace_input_with(env[old], gather)
+    for old in gm.graph.nodes:
+        if old.op.startswith("call") and ops.op_name(old, gm) == "dropout":
+            _stream_dropout(graph, gm, old, env[old], prop.placements[old])
+
     graph.lint()
     return graph
+
+
+def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: str) -> fx.Node:
+    with graph.inserting_before(node):
+        w = graph.get_attr(li.weight)
+        rank = graph.get_attr(RANK_BUFFER)
+        part = graph.call_function(vocab_embedding, (node.args[0], w, rank))
+        g = graph.create_node("call_module", G_MODULE, (part,), {}, name=f"g_{node.name}")
+    _tag(w, rule=rule, placement=f"vocab shard of {li.weight}")
+    for new in (part, g):
+        _copy_meta(node, new)
+    _tag(part, rule=rule, split="vocab", weight=li.weight, placement="partial",
+         why="rows of this rank's vocabulary slice, zeros for other ids")  # fmt: skip
+    _tag(g, collective="g", rule=rule, placement="R",
+         why="forward all-reduce: sums the ranks' partial lookups")  # fmt: skip
+    node.replace_all_uses_with(g)
+    graph.erase_node(node)
+    return g
+
+
+def _vocab_parallel_loss(graph: fx.Graph, node: fx.Node, info: LossInfo) -> fx.Node:
+    """cross_entropy(logits, target) -> max, terms, two sums, reduce (vocab.py)."""
+    logits = node.args[0] if node.args else node.kwargs["input"]
+    target = node.args[1] if len(node.args) > 1 else node.kwargs["target"]
+    made = []
+    with graph.inserting_before(node):
+        rank = graph.get_attr(RANK_BUFFER)
+        local_max = graph.call_function(vocab_row_max, (logits, rank, info.vocab))
+        row_max = graph.create_node("call_module", MAX_MODULE, (local_max,), {}, name="row_max")
+        terms = graph.call_function(vocab_ce_terms, (logits, row_max, target, rank, info.vocab))
+        t_local = graph.call_function(operator.getitem, (terms, 0))
+        s_local = graph.call_function(operator.getitem, (terms, 1))
+        t = graph.create_node("call_module", G_MODULE, (t_local,), {}, name="target_logit")
+        s = graph.create_node("call_module", G_MODULE, (s_local,), {}, name="sum_exp")
+        loss = graph.call_function(
+            vocab_ce_reduce, (s, t, target, info.ignore_index, info.reduction)
+        )
+        made = [local_max, row_max, terms, t_local, s_local, t, s, loss]
+    for new in made:
+        _copy_meta(node, new)
+        _tag(new, rule="vocab-parallel cross-entropy", placement="R")
+    for new, what in ((row_max, "max"), (t, "g"), (s, "g")):
+        _tag(new, collective=what, why=f"all-reduce of batch x seq numbers ({new.name})")
+    node.replace_all_uses_with(loss)
+    graph.erase_node(node)
+    return loss
+
+
+def _stream_dropout(
+    graph: fx.Graph, gm: fx.GraphModule, old: fx.Node, node: fx.Node, placement: object
+) -> None:
+    """Dropout on a split value uses the rank's own stream, on a replicated value the
+    stream shared by all ranks (random.py); the module's train()/eval() decides."""
+    if old.op == "call_module":
+        p = gm.get_submodule(str(old.target)).p
+    else:
+        p = old.args[1] if len(old.args) > 1 else old.kwargs.get("p", 0.5)
+    stream = "rank" if isinstance(placement, Shard) else "shared"
+    with graph.inserting_before(node):
+        new = graph.create_node(
+            "call_module", DROPOUT_MODULES[stream], (node.args[0], p), {}, name=node.name + "_"
+        )
+    _copy_meta(node, new)
+    _tag(new, placement=str(placement), dropout=stream,
+         why=f"dropout on a {'split' if stream == 'rank' else 'replicated'} value")  # fmt: skip
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
 
 
 def _copy_meta(src: fx.Node, dst: fx.Node) -> None:

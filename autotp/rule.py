@@ -11,6 +11,9 @@ Pattern nodes are ops of the matcher's vocabulary:
   "sdpa"    F.scaled_dot_product_attention
   "glue"    a maximal connected region of elementwise, softmax and layout ops
   "norm"    a layer norm
+  "embedding"      a lookup in a weight table (nn.Embedding, F.embedding)
+  "cross_entropy"  F.cross_entropy / nn.CrossEntropyLoss
+  "output"         the graph's output
 An edge (a, b, i) says that a's value reaches b's argument i (None: any argument). A glue
 node may be limited to `inputs` external tensor inputs, e.g. an activation function
 between two linears has exactly one.
@@ -18,12 +21,13 @@ between two linears has exactly one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 
-__all__ = ["Column", "Row", "Rule", "Split", "column", "row", "pattern"]
+__all__ = ["Column", "Row", "Rule", "Split", "Vocab", "column", "row", "vocab", "pattern"]
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,20 @@ class Row:
         return "row"
 
 
-Split = Column | Row
+@dataclass(frozen=True)
+class Vocab:
+    """Split along the vocabulary: an embedding's rows, or an output layer's output
+    features (logits per vocabulary slice). The vocabulary is padded to a multiple of
+    `VocabOptions.multiple x tp`; padded rows never affect the result."""
+
+    def __str__(self) -> str:
+        return "vocab"
+
+
+Split = Column | Row | Vocab
 column = Column()
 row = Row()
+vocab = Vocab()
 
 
 def pattern(
@@ -78,10 +93,14 @@ class Rule:
     patterns: tuple[nx.DiGraph, ...]
     split: Mapping[str, Split]
     motivation: str = ""
-    anchors: tuple[str, ...] = field(default=())
+    # Optional condition on a candidate match (match.Match), given the match.Context: the
+    # graph's layers and the matches accepted so far (e.g. the input embedding is split
+    # only if an output layer over the same vocabulary was).
+    accept: Callable[[Any, Any], bool] | None = field(default=None)
 
     def __post_init__(self) -> None:
         for p in self.patterns:
-            for name in self.split:
-                if name not in p or p.nodes[name]["op"] != "linear":
-                    raise ValueError(f"rule {self.name}: split names {name!r}, not a linear")
+            for name, how in self.split.items():
+                ops = ("linear", "embedding") if isinstance(how, Vocab) else ("linear",)
+                if name not in p or p.nodes[name]["op"] not in ops:
+                    raise ValueError(f"rule {self.name}: cannot split {name!r} as {how}")

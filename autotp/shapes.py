@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,12 +32,12 @@ import torch.fx as fx
 
 from . import ops
 from .errors import node_error
-from .match import LinearInfo
-from .rule import Column, Row, Split
+from .match import EmbeddingInfo, LinearInfo
+from .rule import Column, Row, Split, Vocab
 
 __all__ = [
     "R", "Replicate", "Shard", "LocalInt", "Placement", "DivideByTP", "ArgEdit",
-    "Propagation", "propagate",
+    "Propagation", "propagate", "VocabOptions", "LossInfo",
 ]  # fmt: skip
 
 
@@ -51,15 +51,52 @@ class Replicate:
 class Shard:
     dim: int
     blocks: int = 1
+    padded: int | None = None  # the dimension is padded to this serial size first (vocab)
 
     def __str__(self) -> str:
-        return f"S({self.dim})" if self.blocks == 1 else f"S({self.dim}x{self.blocks})"
+        s = f"S({self.dim})" if self.blocks == 1 else f"S({self.dim}x{self.blocks})"
+        return s if self.padded is None else f"{s[:-1]}, pad {self.padded})"
 
 
 @dataclass(frozen=True)
 class LocalInt:
+    padded: bool = False  # the size of a padded split dimension: padded / tp
+
     def __str__(self) -> str:
         return "local"
+
+
+@dataclass(frozen=True)
+class VocabOptions:
+    """How the vocabulary is split.
+
+    multiple: the vocabulary is padded to a multiple of `multiple * tp` (128 as in
+        Megatron-LM: GPT-2's 50,257 becomes 51,200 at tp=8); padded rows never affect
+        the loss, the softmax or any gradient.
+    gather_outputs: split values the model returns (logits) are gathered, so the parallel
+        module returns what the serial one does. False keeps each rank's slice of the
+        padded vocabulary, [..., padded_vocab / tp], for users who compute their own
+        parallel loss.
+    """
+
+    multiple: int = 128
+    gather_outputs: bool = True
+
+    def padded(self, size: int, tp: int) -> int:
+        if tp == 1:  # nothing is divided: no padding, the module keeps the serial shapes
+            return size
+        step = self.multiple * tp
+        return -(-size // step) * step
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """A cross-entropy over split logits, to become the vocab-parallel cross-entropy."""
+
+    vocab: int
+    padded: int
+    ignore_index: int
+    reduction: str
 
 
 R = Replicate()
@@ -95,11 +132,18 @@ class Propagation:
     edits: list[ArgEdit]
     splits: dict[fx.Node, tuple[Split, LinearInfo]]
     param_users: dict[str, fx.Node] = field(default_factory=dict)
+    losses: dict[fx.Node, LossInfo] = field(default_factory=dict)  # -> vocab-parallel CE
+    # split values the model returns: (split, serial size); gathered unless kept local
+    gathers: dict[fx.Node, tuple[Shard, int]] = field(default_factory=dict)
+    gather_outputs: bool = True
 
 
 class _Ctx:
-    def __init__(self, gm: fx.GraphModule, tp: int, splits, linears) -> None:
+    def __init__(self, gm: fx.GraphModule, tp: int, splits, linears, options) -> None:
         self.gm, self.tp, self.splits, self.linears = gm, tp, splits, linears
+        self.options: VocabOptions = options
+        self.losses: dict[fx.Node, LossInfo] = {}
+        self.gathers: dict[fx.Node, tuple[Shard, int]] = {}
         self.pl: dict[fx.Node, Placement] = {}
         self.params: dict[str, Shard] = {}
         self.param_users: dict[str, fx.Node] = {}
@@ -228,7 +272,7 @@ def _pointwise(c: _Ctx, n: fx.Node) -> Placement:
         if isinstance(pa, LocalInt):
             raise c.refuse(n, "a local size is used as a value", "compute it from R values")
         if isinstance(pa, Shard):
-            s = Shard(pa.dim + nd - _ndim(a), pa.blocks)
+            s = replace(pa, dim=pa.dim + nd - _ndim(a))
             if split is not None and s != split:
                 raise c.refuse(
                     n, f"operands are split differently ({split} and {s})",
@@ -246,8 +290,8 @@ def _pointwise(c: _Ctx, n: fx.Node) -> Placement:
         shape = tuple(_val(a).shape)
         if i >= 0 and shape[i] != 1:
             if a.op == "get_attr" and str(a.target) in _param_names(c.gm):
-                c.shard_param(n, str(a.target), Shard(i, split.blocks))
-                c.pl[a] = Shard(i, split.blocks)
+                c.shard_param(n, str(a.target), replace(split, dim=i))
+                c.pl[a] = replace(split, dim=i)
                 continue
             raise c.refuse(
                 n,
@@ -277,6 +321,11 @@ def _int_arith(c: _Ctx, n: fx.Node) -> Placement:
     a = [c.p(x) for x in n.args]
     if not any(isinstance(x, LocalInt) for x in a):
         return R
+    if any(isinstance(x, LocalInt) and x.padded for x in a):
+        raise c.refuse(
+            n, "arithmetic on the local size of a padded vocabulary",
+            "use the vocabulary size from the config, or keep the output layer replicated",
+        )  # fmt: skip
     if name in ("add", "sub") and all(isinstance(x, LocalInt) for x in a):
         return LOCAL
     if name == "mul" and sum(isinstance(x, LocalInt) for x in a) == 1:
@@ -293,9 +342,8 @@ def _int_arith(c: _Ctx, n: fx.Node) -> Placement:
 
 def _size(c: _Ctx, n: fx.Node) -> Placement:
     x = n.args[0]
-    px = c.p(x)
     nd = _ndim(x)
-    dims = tuple(LOCAL if isinstance(px, Shard) and px.dim == i else R for i in range(nd))
+    dims = _shape_of(c, x)
     d = _arg(n, 1, "dim")
     if d is None:
         return dims
@@ -308,7 +356,8 @@ def _getattr(c: _Ctx, n: fx.Node) -> Placement:
 
 def _shape_of(c: _Ctx, x: fx.Node) -> Placement:
     px = c.p(x)
-    return tuple(LOCAL if isinstance(px, Shard) and px.dim == i else R for i in range(_ndim(x)))
+    local = LocalInt(padded=isinstance(px, Shard) and px.padded is not None)
+    return tuple(local if isinstance(px, Shard) and px.dim == i else R for i in range(_ndim(x)))
 
 
 def _getitem(c: _Ctx, n: fx.Node) -> Placement:
@@ -340,7 +389,7 @@ def _getitem(c: _Ctx, n: fx.Node) -> Placement:
         if it is Ellipsis:
             skip = nd - n_explicit
             if in_dim <= pb.dim < in_dim + skip:
-                return Shard(out_dim + pb.dim - in_dim, pb.blocks)
+                return replace(pb, dim=out_dim + pb.dim - in_dim)
             in_dim += skip
             out_dim += skip
             continue
@@ -349,7 +398,7 @@ def _getitem(c: _Ctx, n: fx.Node) -> Placement:
             continue
         if in_dim == pb.dim:
             if isinstance(it, slice) and it == slice(None):
-                return Shard(out_dim, pb.blocks)
+                return replace(pb, dim=out_dim)
             raise c.refuse(
                 n, f"indexing {it!r} along the split dimension {pb.dim}",
                 "index only replicated dimensions of a split tensor",
@@ -359,7 +408,7 @@ def _getitem(c: _Ctx, n: fx.Node) -> Placement:
         elif isinstance(it, fx.Node) and isinstance(_val(it), torch.Tensor):
             raise c.refuse(n, "advanced indexing of a split tensor", "index replicated values")
         in_dim += 1
-    return Shard(out_dim + pb.dim - in_dim, pb.blocks)
+    return replace(pb, dim=out_dim + pb.dim - in_dim)
 
 
 def _transpose(c: _Ctx, n: fx.Node) -> Placement:
@@ -370,7 +419,7 @@ def _transpose(c: _Ctx, n: fx.Node) -> Placement:
     d0 = _norm_dim(_arg(n, 1, "dim0"), nd)
     d1 = _norm_dim(_arg(n, 2, "dim1"), nd)
     d = {d0: d1, d1: d0}.get(px.dim, px.dim)
-    return Shard(d, px.blocks)
+    return replace(px, dim=d)
 
 
 def _permute(c: _Ctx, n: fx.Node) -> Placement:
@@ -381,7 +430,7 @@ def _permute(c: _Ctx, n: fx.Node) -> Placement:
     if not dims:
         dims = n.kwargs["dims"]
     nd = _ndim(n.args[0])
-    return Shard([_norm_dim(d, nd) for d in dims].index(px.dim), px.blocks)
+    return replace(px, dim=[_norm_dim(d, nd) for d in dims].index(px.dim))
 
 
 def _unsqueeze(c: _Ctx, n: fx.Node) -> Placement:
@@ -389,7 +438,7 @@ def _unsqueeze(c: _Ctx, n: fx.Node) -> Placement:
     if not isinstance(px, Shard):
         return R
     d = _norm_dim(_arg(n, 1, "dim"), _ndim(n))
-    return Shard(px.dim + 1 if d <= px.dim else px.dim, px.blocks)
+    return replace(px, dim=px.dim + 1 if d <= px.dim else px.dim)
 
 
 def _groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
@@ -422,6 +471,16 @@ def _reshape_split(c: _Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int
     for gi, gj in _groups(src, dst):
         if px.dim not in gi:
             continue
+        if px.padded is not None:  # a padded dimension may only be carried over whole
+            outer = [o for o in gj if dst[o] != 1]
+            alone = [d for d in gi if src[d] != 1] == [px.dim]
+            if alone and len(outer) == 1 and dst[outer[0]] == src[px.dim]:
+                return replace(px, dim=outer[0])
+            raise c.refuse(
+                n, f"reshape from {src} to {dst} mixes the padded vocabulary dimension "
+                f"{px.dim} with other dimensions",
+                "keep the vocabulary dimension whole in reshapes (e.g. view(-1, vocab))",
+            )  # fmt: skip
         k = gi.index(px.dim)
         blocks = px.blocks * math.prod(src[d] for d in gi[:k])  # outer dims become blocks
         for o in gj:
@@ -457,7 +516,8 @@ def _view(c: _Ctx, n: fx.Node) -> Placement:
     else:
         sizes, base = list(n.args[1:]), ()
     out = _reshape_split(c, n, px, src, dst) if isinstance(px, Shard) else R
-    want = [LOCAL if isinstance(out, Shard) and out.dim == i else R for i in range(len(dst))]
+    local = LocalInt(padded=isinstance(out, Shard) and out.padded is not None)
+    want = [local if isinstance(out, Shard) and out.dim == i else R for i in range(len(dst))]
     if isinstance(sizes, fx.Node):  # a whole shape computed elsewhere, e.g. y.size()
         got = c.p(sizes)
         if isinstance(got, tuple) and list(got) == want:
@@ -476,11 +536,12 @@ def _view(c: _Ctx, n: fx.Node) -> Placement:
                     "compute it from replicated values",
                 )  # fmt: skip
             continue
-        if isinstance(a, int):
-            if a != -1:
-                c.edits.append(ArgEdit(n, path, a, a // c.tp))
-        elif isinstance(pa, LocalInt):
+        if isinstance(pa, LocalInt) or a == -1:
             continue
+        if out.padded is not None:  # the vocabulary is static: the local size is a constant
+            c.edits.append(ArgEdit(n, path, a, out.padded // c.tp))
+        elif isinstance(a, int):
+            c.edits.append(ArgEdit(n, path, a, a // c.tp))
         else:
             c.edits.append(ArgEdit(n, path, a, DivideByTP(a)))
     return out
@@ -594,11 +655,11 @@ def _matmul(c: _Ctx, n: fx.Node) -> Placement:
         if not isinstance(px, Shard):
             continue
         if px.dim == nx_ - 2 and x is a:
-            s = Shard(no - 2, px.blocks)
+            s = replace(px, dim=no - 2)
         elif px.dim == nx_ - 1 and x is b:
-            s = Shard(no - 1, px.blocks)
+            s = replace(px, dim=no - 1)
         else:
-            s = Shard(px.dim + no - nx_, px.blocks)
+            s = replace(px, dim=px.dim + no - nx_)
         if out is not None and out != s:
             raise c.refuse(n, f"operands split differently ({out}, {s})", "split both by heads")
         out = s
@@ -654,6 +715,18 @@ def _linear(c: _Ctx, n: fx.Node) -> Placement:
         return R
     kind = split[0]
     out_dim = 0 if li.layout == "out_in" else 1
+    if isinstance(kind, Vocab):
+        if px != R:
+            raise c.refuse(
+                n, f"an output layer split by vocabulary needs a replicated input; "
+                f"{li.input.name} is {px}", "report the model",
+            )  # fmt: skip
+        padded = _padding(c, li.out_features)
+        c.shard_param(n, li.weight, Shard(out_dim, 1, padded))
+        if li.bias:
+            c.shard_param(n, li.bias, Shard(0, 1, padded))
+        c.needs_f(li.input, n)
+        return Shard(nd - 1, 1, padded)
     if isinstance(kind, Column):
         if px != R:
             raise c.refuse(
@@ -689,14 +762,83 @@ def _linear(c: _Ctx, n: fx.Node) -> Placement:
     return R
 
 
+def _padding(c: _Ctx, vocab: int) -> int | None:
+    padded = c.options.padded(vocab, c.tp)
+    return None if padded == vocab else padded
+
+
+def _embedding(c: _Ctx, n: fx.Node) -> Placement:
+    split = c.splits.get(n)
+    info: EmbeddingInfo | None = split[1] if split else None  # type: ignore[assignment]
+    ids = n.args[0]
+    if _is_split(c.p(ids)):
+        raise c.refuse(n, "embedding lookup with split ids", "look up replicated ids")
+    if info is None:
+        if n.op == "get_attr" or n.op == "call_function":
+            weight = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            if isinstance(weight, fx.Node) and _is_split(c.p(weight)):
+                raise c.refuse(n, "lookup in a split table", "report the model")
+        return R
+    if n.op == "call_module":
+        mod = c.gm.get_submodule(str(n.target))
+        extras = {"padding_idx": mod.padding_idx, "max_norm": mod.max_norm}
+    else:
+        extras = {k: _arg(n, i, k) for i, k in ((2, "padding_idx"), (3, "max_norm"))}
+    if any(v is not None for v in extras.values()):
+        raise c.refuse(
+            n, f"a vocabulary-split embedding with {extras}",
+            "padding_idx and max_norm are not supported on a split embedding; drop them "
+            "or keep the embedding replicated",
+        )  # fmt: skip
+    c.shard_param(n, info.weight, Shard(0, 1, _padding(c, info.num_embeddings)))
+    return R  # partial lookups, completed by g (rewrite.py)
+
+
+def _cross_entropy(c: _Ctx, n: fx.Node) -> Placement:
+    logits = n.args[0] if n.args else n.kwargs["input"]
+    target = n.args[1] if len(n.args) > 1 else n.kwargs["target"]
+    px = c.p(logits)
+    if not isinstance(px, Shard):
+        return _check_replicated_rest(c, n, 1)
+    if c.tp == 1:  # one rank holds the whole vocabulary: keep the serial loss, bit for bit
+        return R
+    if n.op == "call_module":
+        mod = c.gm.get_submodule(str(n.target))
+        opts = {"weight": mod.weight, "ignore_index": mod.ignore_index,
+                "reduction": mod.reduction, "label_smoothing": mod.label_smoothing}  # fmt: skip
+    else:
+        opts = {"weight": _arg(n, 2, "weight"), "ignore_index": _arg(n, 4, "ignore_index", -100),
+                "reduction": _arg(n, 6, "reduction", "mean"),
+                "label_smoothing": _arg(n, 7, "label_smoothing", 0.0)}  # fmt: skip
+    nd = _ndim(logits)
+    ok = (
+        nd == 2 and px.dim == 1 and px.blocks == 1 and _ndim(target) == 1
+        and opts["weight"] is None and not opts["label_smoothing"]
+        and opts["reduction"] in ("mean", "sum", "none") and c.p(target) == R
+    )  # fmt: skip
+    if not ok:
+        raise c.refuse(
+            n, f"cross-entropy over logits split as {px} with {opts}",
+            "the vocab-parallel cross-entropy takes [N, vocab] logits and [N] targets, "
+            "mean/sum/none reduction, ignore_index, no class weights or label smoothing",
+        )  # fmt: skip
+    vocab = _val(logits).shape[1]
+    padded = px.padded if px.padded is not None else vocab
+    c.losses[n] = LossInfo(vocab, padded, opts["ignore_index"], opts["reduction"])
+    return R
+
+
 def _output(c: _Ctx, n: fx.Node) -> Placement:
     for _, a in _all_args(n):
-        if isinstance(a, fx.Node) and _is_split(c.p(a)):
+        if not isinstance(a, fx.Node) or not _is_split(c.p(a)):
+            continue
+        pa = c.p(a)
+        if not isinstance(pa, Shard) or pa.blocks != 1:
             raise c.refuse(
-                n, f"the model returns {a.name}, which is split ({c.p(a)})",
-                "every output must be replicated; a split output needs a gather (not "
-                "supported for this value)",
+                n, f"the model returns {a.name}, split as {pa}",
+                "only values split along one dimension can be gathered for the output",
             )  # fmt: skip
+        c.gathers[a] = (pa, _val(a).shape[pa.dim])
     return R
 
 
@@ -719,7 +861,9 @@ _TABLE: dict[str, Callable[[_Ctx, fx.Node], Placement]] = {
     "layer_norm": _layer_norm,  # fine unless over the split dim
     "matmul": _matmul,  # batch dims split alike (heads); never over the contraction dim
     "sdpa": _sdpa,  # q, k, v split by heads alike
-    "linear": _linear,  # column: R -> S(-1); row: S(-1) -> R (+ g)
+    "linear": _linear,  # column: R -> S(-1); row: S(-1) -> R (+ g); vocab: R -> S(-1, pad)
+    "embedding": _embedding,  # vocab-split table: partial rows (+ g); others replicated
+    "cross_entropy": _cross_entropy,  # over vocab-split logits: the vocab-parallel loss
     "addmm": _linear,  # Conv1D spelling of a linear
     "output": _output,  # everything returned must be replicated
 }
@@ -729,11 +873,12 @@ def propagate(
     gm: fx.GraphModule,
     tp: int,
     linears: dict[fx.Node, LinearInfo],
-    splits: dict[fx.Node, tuple[Split, LinearInfo]],
+    splits: dict[fx.Node, tuple[Split, LinearInfo | EmbeddingInfo]],
+    options: VocabOptions | None = None,
 ) -> Propagation:
-    """Placements for every node of `gm` given the linear splits; refuses what it cannot
+    """Placements for every node of `gm` given the layer splits; refuses what it cannot
     prove. Pure: `gm` is not modified."""
-    c = _Ctx(gm, tp, splits, linears)
+    c = _Ctx(gm, tp, splits, linears, options or VocabOptions())
     for n in gm.graph.nodes:
         val = _val(n)
         c.grad[n] = _carries_grad(gm, n, c.grad)
@@ -746,7 +891,11 @@ def propagate(
         name = "linear" if n in linears else ops.op_name(n, gm)
         args_split = any(_is_split(c.p(a)) for _, a in _all_args(n))
         rule = _TABLE.get(name)
-        if n in linears or (rule is not None and (args_split or name in ("view", "split"))):
+        if (
+            n in linears
+            or n in splits
+            or (rule is not None and (args_split or name in ("view", "split")))
+        ):
             c.pl[n] = rule(c, n) if rule else R
         elif not args_split:
             c.pl[n] = _replicated_like(val)  # replicated compute is always correct
@@ -758,7 +907,10 @@ def propagate(
                 "the row-split one), or file an issue to add a rule for it",
             )
     _check_split_params_used_only_split(c)
-    return Propagation(c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users)
+    return Propagation(
+        c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users, c.losses, c.gathers,
+        c.options.gather_outputs,
+    )  # fmt: skip
 
 
 def _check_split_params_used_only_split(c: _Ctx) -> None:

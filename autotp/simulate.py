@@ -19,8 +19,16 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .collectives import simulated_f, simulated_g
-from .rewrite import F_MODULE, G_MODULE
+from .collectives import simulated_f, simulated_g, simulated_gather, simulated_max
+from .rewrite import F_MODULE, G_MODULE, GATHER_MODULE, MAX_MODULE
+from .shapes import Shard
+
+_SIMULATED = {
+    F_MODULE: simulated_f,
+    G_MODULE: simulated_g,
+    MAX_MODULE: simulated_max,
+    GATHER_MODULE: simulated_gather,
+}
 
 __all__ = ["SimulatedTP"]
 
@@ -68,27 +76,42 @@ class SimulatedTP(nn.Module):
                 value = next(inputs)
                 for env in envs:
                     env[node] = value
-            elif node.op == "call_module" and node.target in (F_MODULE, G_MODULE):
+            elif node.op == "call_module" and node.target in _SIMULATED:
                 xs = [env[node.args[0]] for env in envs]
-                ys = (simulated_f if node.target == F_MODULE else simulated_g)(xs)
+                ys = _SIMULATED[node.target](xs, *node.args[1:])
                 for env, y in zip(envs, ys, strict=True):
                     env[node] = y
             elif node.op == "output":
                 outs = [it.fetch_args_kwargs_from_env(node)[0][0] for it in interps]
-                return _combine(outs)
+                return _combine(outs, _split_outputs(node))
             else:
                 for it, env in zip(interps, envs, strict=True):
                     env[node] = it.run_node(node)
         raise AssertionError("graph has no output node")
 
 
-def _combine(outs: list[Any]) -> Any:
+def _split_outputs(node: fx.Node) -> list[tuple[Shard, int] | None]:
+    """For each output leaf: (split, serial size) if it is returned split, else None."""
+    leaves = tree_flatten(node.args[0])[0]
+    out: list[tuple[Shard, int] | None] = []
+    for leaf in leaves:
+        info = leaf.meta.get("autotp", {}) if isinstance(leaf, fx.Node) else {}
+        split = info.get("split_output")
+        out.append(split)
+    return out
+
+
+def _combine(outs: list[Any], splits: list[tuple[Shard, int] | None]) -> Any:
     flat = [tree_flatten(o) for o in outs]
     leaves0, spec = flat[0]
     merged = []
     for i, leaf in enumerate(leaves0):
-        if isinstance(leaf, torch.Tensor):
-            merged.append(_Replicated.apply(*[f[0][i] for f in flat]))
-        else:
+        if not isinstance(leaf, torch.Tensor):
             merged.append(leaf)
+        elif i < len(splits) and splits[i] is not None:  # kept split: show it whole
+            shard, size = splits[i]
+            parts = [f[0][i] for f in flat]
+            merged.append(torch.cat(parts, dim=shard.dim).narrow(shard.dim, 0, size))
+        else:
+            merged.append(_Replicated.apply(*[f[0][i] for f in flat]))
     return tree_unflatten(merged, spec)

@@ -43,6 +43,7 @@ class BertConfig:
     type_vocab_size: int = 2
     dropout: float = 0.0
     layer_norm_eps: float = 1e-12
+    tie_word_embeddings: bool = True  # the MLM decoder shares the word embeddings
     pre_ln: bool = False  # layer norm at each sub-block's input (Megatron-LM) instead of output
 
     def __post_init__(self) -> None:
@@ -228,7 +229,8 @@ class BertForMaskedLM(nn.Module):
         self.bert = BertModel(config)
         self.cls = BertOnlyMLMHead(config)
         # weight tying: the MLM decoder shares the word-embedding Parameter
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        if config.tie_word_embeddings:
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
         self.apply(self._init_weights)
 

@@ -36,6 +36,7 @@ class GPT2Config:
     dropout: float = 0.0
     bias: bool = True  # bias in Linear and LayerNorm layers, as in GPT-2
     flash: bool = False  # F.scaled_dot_product_attention instead of the explicit softmax
+    tie_word_embeddings: bool = True  # lm_head shares wte's weight, as in GPT-2
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -136,7 +137,8 @@ class GPT2(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the input embedding and the output layer share one Parameter
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_word_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
         # scaled init of the residual projections, per the GPT-2 paper

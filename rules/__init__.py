@@ -1,17 +1,20 @@
 """The rules autotp applies, one structure per file. `DEFAULT_RULES` is the one list.
 
-Order matters: a linear is claimed by the first rule that matches it, so the larger
-attention structures come before the MLP.
+Order matters: a layer is claimed by the first rule that matches it, so the larger
+attention structures come before the MLP, and the output layer before the input embedding
+(which is split only when an output layer over its vocabulary was).
 """
 
 from autotp.rule import Rule
 
-from . import attention_fused, attention_separate, mlp
+from . import attention_fused, attention_separate, lm_head, mlp, vocab_embedding
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     attention_fused.RULE,
     attention_separate.RULE,
     mlp.RULE,
+    lm_head.RULE,
+    vocab_embedding.RULE,
 )
 
 __all__ = ["DEFAULT_RULES"]

@@ -1,6 +1,9 @@
 """Megatron's communication, not more: per transformer layer and training step, exactly two
-all-reduces forward and two backward, each of batch x seq x hidden elements, counted as
-they run (not read from the plan)."""
+all-reduces forward and two backward, each of batch x seq x hidden elements; plus one
+forward all-reduce for the vocabulary-split embedding (batch x seq x hidden), the
+vocab-parallel loss's three all-reduces of batch x seq numbers (max, target logit, sum of
+exponentials) and the output layer's f in backward. Counted as they run, not read from
+the plan."""
 
 import pytest
 import torch
@@ -28,10 +31,17 @@ def test_two_all_reduces_each_way_per_layer(family: str, tp: int, layers: int) -
         hidden = model.config.hidden_size
     batch, seq = 3, 7
     x = model.example_inputs(batch=batch, seq=seq)
-    log = _step(autotp.simulate(model, tp, x), x)
-    assert log.count("forward") == 2 * layers
-    assert log.count("backward") == 2 * layers
-    assert {n for _, n in log.events} == {batch * seq * hidden}
+    sim = autotp.simulate(model, tp, x, vocab=autotp.VocabOptions(gather_outputs=False))
+    log = _step(sim, x)
+    bsh, bs = batch * seq * hidden, batch * seq
+    forward = [(k, n) for k, d, n in log.events if d == "forward"]
+    backward = [(k, n) for k, d, n in log.events if d == "backward"]
+    assert sorted(forward) == sorted(
+        [("all_reduce", bsh)] * (2 * layers + 1)  # blocks, embedding
+        + [("all_reduce", bs)] * 2  # target logit, sum of exponentials
+        + [("all_reduce_max", bs)]  # row max
+    )
+    assert backward == [("all_reduce", bsh)] * (2 * layers + 1)  # blocks, output layer
 
 
 def test_no_collectives_at_tp1() -> None:
@@ -46,10 +56,10 @@ def test_forward_only_has_no_backward_collectives() -> None:
     sim = autotp.simulate(model, 2, x)
     with torch.no_grad(), autotp.count_collectives() as log:
         sim(**x)
-    assert (log.count("forward"), log.count("backward")) == (4, 0)
+    assert (log.count("forward", "all_reduce"), log.count("backward")) == (4 + 1 + 2, 0)
 
 
 def test_plan_counts_agree_with_what_ran() -> None:
     model = build("gpt2-tiny", n_layer=3).double()
     plan = autotp.plan(model, 2)
-    assert plan.collectives() == {"f": 6, "g": 6}
+    assert plan.collectives() == {"f": 6 + 1, "g": 6 + 1 + 2, "max": 1, "gather": 1}

@@ -91,7 +91,8 @@ def _plain(m: nn.Module) -> object:
     return (_x().requires_grad_(),)  # as inside a network: the block input has a gradient
 
 
-FUSED, SEPARATE = ["attention_fused_qkv", "mlp"], ["attention_separate_qkv", "mlp"]
+FUSED = ["vocab_embedding", "attention_fused_qkv", "mlp", "lm_head"]
+SEPARATE = ["vocab_embedding", "attention_separate_qkv", "mlp", "lm_head"]
 CASES = [
     # (model factory, inputs, expected rule names in order)
     (LinearGeluMLP, _plain, ["mlp"]),
@@ -115,13 +116,20 @@ def test_rule(factory, inputs, rules, tp: int) -> None:
     assert [m.rule.name for m in plan.matches] == rules
     plan.graph.lint()
     # One g after each row-split linear, one f per distinct block input: per block, one
-    # all-reduce forward and one backward, counted as they run.
+    # all-reduce forward and one backward, counted as they run. The vocabulary adds one
+    # forward all-reduce for the embedding, the loss's max and two sums, the gather of the
+    # returned logits, and the output layer's f in backward.
     sim = autotp.simulate(model, tp, x)
     with autotp.count_collectives() as log:
         out = sim(**x) if isinstance(x, dict) else sim(*x)
         loss = out[1] if isinstance(out, tuple) else out.square().sum()
         loss.backward()
-    assert (log.count("forward"), log.count("backward")) == (len(rules), len(rules))
+    blocks = sum(r in ("mlp", "attention_fused_qkv", "attention_separate_qkv") for r in rules)
+    vocab = "lm_head" in rules
+    assert log.count("forward", "all_reduce") == blocks + 3 * vocab
+    assert log.count("forward", "all_reduce_max") == vocab
+    assert log.count("forward", "all_gather") == vocab
+    assert log.count("backward", "all_reduce") == blocks + vocab
     assert assert_equivalent(model, x, tp).largest() <= 1e-10
 
 

@@ -1,0 +1,86 @@
+"""The vocabulary-parallel pieces the rewrite inserts: the split embedding lookup and the
+vocab-parallel cross-entropy, as plain functions of one rank's values.
+
+Each rank holds a slice of the (padded) vocabulary: rows [rank*n, (rank+1)*n) where n is
+the local size. `rank` is a 0-dim tensor buffer (`tp_rank`), so the graph is the same on
+every rank. Between these functions the graph holds the collectives (REFERENCE.md sec. 1):
+
+    m  = tp_max(vocab_row_max(logits, rank, V))         # all-reduce max, [N]
+    t, s = vocab_ce_terms(logits, m, target, rank, V)   # target logit, sum of exp, [N] each
+    t, s = tp_g(t), tp_g(s)                             # all-reduce sum, identity backward
+    loss = vocab_ce_reduce(s, t, target, ...)           # log(s) - t, then the reduction
+
+so only batch x seq numbers cross the wire and the logits are never gathered. Columns past
+the real vocabulary (padding) are -inf: they never win the max or add to the sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["vocab_embedding", "vocab_row_max", "vocab_ce_terms", "vocab_ce_reduce"]
+
+
+def _local_range(n: int, rank: torch.Tensor) -> torch.Tensor:
+    return rank * n
+
+
+def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """This rank's partial lookup: rows for the ids in its slice, zeros for the others.
+    The sum over ranks (g) is the serial lookup."""
+    n = weight.shape[0]
+    local = ids - _local_range(n, rank)
+    outside = (local < 0) | (local >= n)
+    rows = F.embedding(local.masked_fill(outside, 0), weight)
+    return rows.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+def _real_columns(logits: torch.Tensor, rank: torch.Tensor, vocab: int) -> torch.Tensor:
+    n = logits.shape[-1]
+    cols = torch.arange(n, device=logits.device) + _local_range(n, rank)
+    return cols < vocab
+
+
+def vocab_row_max(logits: torch.Tensor, rank: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The largest real logit of each row in this rank's slice (no gradient: the loss does
+    not depend on the shift)."""
+    real = _real_columns(logits, rank, vocab)
+    return logits.detach().masked_fill(~real, float("-inf")).amax(dim=-1)
+
+
+def vocab_ce_terms(
+    logits: torch.Tensor,
+    row_max: torch.Tensor,
+    target: torch.Tensor,
+    rank: torch.Tensor,
+    vocab: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the target logit (0 unless the target is in its slice) and of
+    the sum of exponentials, both shifted by the global row max."""
+    n = logits.shape[-1]
+    z = logits - row_max.unsqueeze(-1)
+    z = z.masked_fill(~_real_columns(logits, rank, vocab), float("-inf"))
+    local = target - _local_range(n, rank)
+    inside = (local >= 0) & (local < n)
+    picked = z.gather(-1, local.clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
+    target_logit = torch.where(inside, picked, torch.zeros_like(picked))
+    return target_logit, z.exp().sum(dim=-1)
+
+
+def vocab_ce_reduce(
+    sum_exp: torch.Tensor,
+    target_logit: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+) -> torch.Tensor:
+    """-log softmax at the target from the reduced terms, then F.cross_entropy's reduction
+    (ignored targets count zero and are left out of the mean)."""
+    keep = target != ignore_index
+    loss = torch.where(keep, sum_exp.log() - target_logit, torch.zeros_like(target_logit))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / keep.sum()

@@ -1,0 +1,32 @@
+"""The input embedding split along the vocabulary.
+
+    ids -> wte[ids]                                              serial
+    ids -> (ids in my range ? wte_r[ids - start] : 0) -> g       rank r
+
+Rank r holds rows [r*V/tp, (r+1)*V/tp) of the (padded) table, looks up the ids in its
+range, writes zeros for the others, and one all-reduce sums the rows. Only the token
+embedding is split: an embedding is taken when an output layer over the same vocabulary
+was (tied or untied); position and token-type tables stay replicated.
+Motivated by GPT-2's `transformer.wte` and BERT's `word_embeddings`.
+"""
+
+from autotp.match import Context, Match
+from autotp.rule import Rule, pattern, vocab
+
+
+def _same_vocabulary_as_a_head(m: Match, ctx: Context) -> bool:
+    emb = m.layers["table"]
+    heads = [mm.layers["head"] for mm in ctx.accepted if mm.rule.name == "lm_head"]
+    tied = {id(ctx.gm.get_parameter(h.weight)) for h in heads}
+    return any(h.out_features == emb.num_embeddings for h in heads) or (
+        id(ctx.gm.get_parameter(emb.weight)) in tied
+    )
+
+
+RULE = Rule(
+    name="vocab_embedding",
+    patterns=(pattern({"table": "embedding"}, []),),
+    split={"table": vocab},
+    motivation="GPT-2 transformer.wte, BERT bert.embeddings.word_embeddings",
+    accept=_same_vocabulary_as_a_head,
+)
