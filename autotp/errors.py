@@ -7,6 +7,7 @@ path, the line of the user's source that produced the node, the rule involved, a
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.fx as fx
@@ -46,7 +47,8 @@ def source_line(node: fx.Node) -> str:
     if not user:
         return lines[-1]
     where, code = user[-1]
-    return f"{where}: {code}"
+    m = re.match(r"(.*), line (\d+), in (.*)$", where)
+    return f"{m.group(1)}:{m.group(2)}: {code}" if m else f"{where}: {code}"
 
 
 def describe_node(node: fx.Node) -> str:

@@ -116,7 +116,8 @@ def plan(
     matches = match(gm, rules, linears)
     splits = {n: s for m in matches for n, s in m.splits().items()}
     vocab = vocab or VocabOptions()
-    prop = propagate(gm, tp, linears, splits, vocab)
+    names = {n: m.rule.name for m in matches for n in m.splits()}
+    prop = propagate(gm, tp, linears, splits, vocab, names)
     graph = rewrite(gm, prop, matches, tp)
     return Plan(
         type(model).__name__, tp, traced, matches, linears, prop, graph, tuple(rules), vocab

@@ -142,6 +142,7 @@ class _Ctx:
     def __init__(self, gm: fx.GraphModule, tp: int, splits, linears, options) -> None:
         self.gm, self.tp, self.splits, self.linears = gm, tp, splits, linears
         self.options: VocabOptions = options
+        self.rule_names: dict[fx.Node, str] = {}
         self.losses: dict[fx.Node, LossInfo] = {}
         self.gathers: dict[fx.Node, tuple[Shard, int]] = {}
         self.pl: dict[fx.Node, Placement] = {}
@@ -162,12 +163,11 @@ class _Ctx:
         return R
 
     def refuse(self, node: fx.Node, what: str, hint: str) -> Exception:
-        split = self._rule_of(node)
-        return node_error(node, what, hint, rule=split)
+        return node_error(node, what, hint, rule=self._rule_of(node))
 
     def _rule_of(self, node: fx.Node) -> str | None:
         if node in self.splits:
-            return str(self.splits[node][0])
+            return f"{self.rule_names.get(node, '?')} ({self.splits[node][0]})"
         return None
 
     def shard_param(self, node: fx.Node, name: str, spec: Shard) -> None:
@@ -875,10 +875,13 @@ def propagate(
     linears: dict[fx.Node, LinearInfo],
     splits: dict[fx.Node, tuple[Split, LinearInfo | EmbeddingInfo]],
     options: VocabOptions | None = None,
+    rule_names: dict[fx.Node, str] | None = None,
 ) -> Propagation:
     """Placements for every node of `gm` given the layer splits; refuses what it cannot
-    prove. Pure: `gm` is not modified."""
+    prove. Pure: `gm` is not modified. `rule_names` names the rule behind each split
+    layer, for error messages."""
     c = _Ctx(gm, tp, splits, linears, options or VocabOptions())
+    c.rule_names = rule_names or {}
     for n in gm.graph.nodes:
         val = _val(n)
         c.grad[n] = _carries_grad(gm, n, c.grad)

@@ -215,7 +215,9 @@ def _gloo_worker(fn: Callable[..., Any], rank: int, world: int, port: int, q: An
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
-        q.put((rank, True, fn(rank, world, *args)))
+        result = fn(rank, world, *args)
+        dist.barrier()  # every rank done before any tears the group down
+        q.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         q.put((rank, False, traceback.format_exc()))
     finally:
