@@ -40,6 +40,7 @@ class LinearInfo:
     layout: str  # "out_in" (nn.Linear) or "in_out" (x @ W, Conv1D)
     in_features: int
     out_features: int
+    input_index: int = 0  # argument position of the input (addmm takes the bias first)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class EmbeddingInfo:
     weight: str
     num_embeddings: int
     embedding_dim: int
+    ids_index: int = 0  # argument position of the ids (aten.embedding takes the weight first)
+    padding_idx: int | None = None  # a row that receives no gradient
     bias = None
     layout = "rows"
 
@@ -119,7 +122,7 @@ def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
             if w is not None and b is not None and w.dim() == 2:
                 found[n] = LinearInfo(
                     n, n.args[1], str(n.args[2].target), str(n.args[0].target), "in_out",
-                    w.shape[0], w.shape[1],
+                    w.shape[0], w.shape[1], input_index=1,
                 )  # fmt: skip
     return found
 
@@ -130,13 +133,16 @@ def find_embeddings(gm: fx.GraphModule) -> dict[fx.Node, EmbeddingInfo]:
     for n in gm.graph.nodes:
         if not n.op.startswith("call") or ops.op_name(n, gm) != "embedding":
             continue
+        ids_index = 0
         if n.op == "call_module":
             w, name = gm.get_submodule(str(n.target)).weight, f"{n.target}.weight"
         else:
-            w = _param(gm, n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
-            name = str(n.args[1].target) if w is not None else ""
+            ids_index = 1 if isinstance(n.target, torch._ops.OpOverload) else 0  # aten: w first
+            wnode = n.args[1 - ids_index] if len(n.args) > 1 else n.kwargs.get("weight")
+            w = _param(gm, wnode)
+            name = str(wnode.target) if w is not None else ""
         if w is not None:
-            found[n] = EmbeddingInfo(n, n.args[0], name, w.shape[0], w.shape[1])
+            found[n] = EmbeddingInfo(n, n.args[ids_index], name, w.shape[0], w.shape[1], ids_index)
     return found
 
 

@@ -97,6 +97,7 @@ def _install(root: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def build_rank_module(
     model: nn.Module,
+    source: nn.Module,
     graph: fx.Graph,
     splits: dict[str, Shard],
     rank: int,
@@ -106,9 +107,13 @@ def build_rank_module(
     class_name: str,
     seed: int = 0,
 ) -> fx.GraphModule:
-    """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors."""
+    """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors.
+    `source` is the traced graph module (sharing `model`'s tensors): the graph's module and
+    attribute targets are looked up there."""
     serial = dict(model.named_parameters(remove_duplicate=False))
+    serial.update(source.named_parameters(remove_duplicate=False))
     serial_buffers = dict(model.named_buffers(remove_duplicate=False))
+    serial_buffers.update(source.named_buffers(remove_duplicate=False))
     names_of: dict[int, list[str]] = {}
     for name, t in [*serial.items(), *serial_buffers.items()]:
         names_of.setdefault(id(t), []).append(name)
@@ -139,9 +144,9 @@ def build_rank_module(
     }
     for n in graph.nodes:
         if n.op == "call_module" and n.target not in root:
-            root[n.target] = _fresh_module(model.get_submodule(n.target), new_tensor)
+            root[n.target] = _fresh_module(source.get_submodule(n.target), new_tensor)
         elif n.op == "get_attr" and n.target not in root:
-            t = _lookup(model, n.target)
+            t = _lookup(source, n.target)
             root[n.target] = new_tensor(t) if isinstance(t, torch.Tensor) else t
     gm = fx.GraphModule(root, graph, class_name)
     # Everything else the serial state_dict holds, so full_state_dict has every key, and
@@ -157,6 +162,7 @@ def build_rank_module(
             gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
     gm.get_submodule("")._non_persistent_buffers_set.add(RANK_BUFFER)
     gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan, random)
+    gm.train(model.training)  # dropout follows the mode the model was in, as serial would
     return gm
 
 

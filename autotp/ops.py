@@ -36,7 +36,7 @@ _FUNCTIONS: dict[object, str] = {
     F.scaled_dot_product_attention: "sdpa",
     torch.transpose: "transpose", torch.permute: "permute", torch.reshape: "view",
     torch.flatten: "flatten", torch.split: "split", torch.chunk: "chunk",
-    torch.unsqueeze: "unsqueeze",
+    torch.unsqueeze: "unsqueeze", torch.cat: "cat",
     operator.getitem: "getitem", getattr: "getattr",
     F.cross_entropy: "cross_entropy",
 }  # fmt: skip
@@ -52,6 +52,28 @@ _METHODS: dict[str, str] = {
     "tanh": "tanh", "exp": "exp", "sqrt": "sqrt", "rsqrt": "rsqrt", "sigmoid": "sigmoid",
     "relu": "relu", "abs": "abs", "masked_fill": "masked_fill", "eq": "eq",
     "softmax": "softmax", "log_softmax": "log_softmax", "matmul": "matmul",
+    "expand": "expand", "mean": "mean", "sum": "sum",
+}  # fmt: skip
+
+# torch.export graphs hold aten ops; they map by overload packet name.
+_ATEN: dict[str, str] = {
+    "add": "add", "sub": "sub", "rsub": "sub", "mul": "mul", "div": "div", "neg": "neg",
+    "pow": "pow", "tanh": "tanh", "exp": "exp", "sqrt": "sqrt", "rsqrt": "rsqrt",
+    "sigmoid": "sigmoid", "gelu": "gelu", "relu": "relu", "silu": "silu", "erf": "erf",
+    "abs": "abs", "dropout": "dropout", "where": "where", "masked_fill": "masked_fill",
+    "eq": "eq", "ne": "ne", "lt": "lt", "gt": "gt", "le": "le", "ge": "ge",
+    "__and__": "and", "logical_and": "and", "__or__": "or", "logical_not": "not",
+    "matmul": "matmul", "bmm": "matmul", "linear": "linear", "addmm": "addmm",
+    "softmax": "softmax", "_softmax": "softmax", "log_softmax": "log_softmax",
+    "_log_softmax": "log_softmax", "layer_norm": "layer_norm", "embedding": "embedding",
+    "scaled_dot_product_attention": "sdpa", "transpose": "transpose", "permute": "permute",
+    "view": "view", "reshape": "view", "_unsafe_view": "view", "flatten": "flatten",
+    "split": "split", "split_with_sizes": "split", "chunk": "chunk", "unsqueeze": "unsqueeze",
+    "sym_size": "size", "to": "identity", "_to_copy": "identity", "alias": "identity",
+    "contiguous": "identity", "clone": "identity", "detach": "identity",
+    "type_as": "identity", "cross_entropy_loss": "cross_entropy", "slice": "slice",
+    "cat": "cat", "expand": "expand", "mean": "mean", "sum": "sum",
+    "_assert_tensor_metadata": "assert",
 }  # fmt: skip
 
 _MODULES: dict[type, str] = {
@@ -64,12 +86,14 @@ _MODULES: dict[type, str] = {
 # Elementwise ops (with broadcasting): a split operand keeps its split.
 POINTWISE = frozenset(
     "add sub mul div neg pow tanh exp sqrt rsqrt sigmoid erf gelu relu silu abs dropout "
-    "where masked_fill eq ne lt gt le ge".split()
+    "where masked_fill eq ne lt gt le ge and or not".split()
 )
 # Ops that return their first argument's values unchanged (copies, casts, contiguity).
 IDENTITY = frozenset({"identity"})
 # Ops that move elements between dimensions without computing.
-LAYOUT = frozenset("view transpose permute split chunk getitem flatten unsqueeze".split())
+LAYOUT = frozenset(
+    "view transpose permute split chunk getitem flatten unsqueeze slice cat expand".split()
+)
 # What the matcher contracts into one "glue" region between the structural ops.
 GLUE = POINTWISE | IDENTITY | LAYOUT | {"softmax", "log_softmax"}
 NORM = frozenset({"layer_norm"})
@@ -81,6 +105,9 @@ def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
         mod = gm.get_submodule(str(node.target))
         return _MODULES.get(type(mod), f"module:{type(mod).__name__}")
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            packet = node.target.overloadpacket.__name__
+            return _ATEN.get(packet, f"aten.{packet}")
         name = _FUNCTIONS.get(node.target)
         return name or getattr(node.target, "__name__", str(node.target))
     if node.op == "call_method":

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .materialise import RankInfo, build_rank_module, gather
-from .plan import Plan, plan
+from .plan import Plan, check_tp, plan
 from .shapes import VocabOptions
 from .simulate import SimulatedTP
 
@@ -33,6 +33,7 @@ def parallelize(
     group: dist.ProcessGroup | None = None,
     *,
     vocab: VocabOptions | None = None,
+    frontend: str = "auto",
 ) -> fx.GraphModule:
     """This rank's module: the per-rank graph over new tensors holding this rank's shards,
     cut from `model`'s weights, so that it computes what `model` computes.
@@ -41,7 +42,7 @@ def parallelize(
     exactly `tp` ranks. `model` is not modified. With tp=1 no process group is needed.
     Dropout streams are seeded from rank 0's `torch.initial_seed()`.
     """
-    p = plan(model, tp, example_inputs, vocab=vocab)
+    check_tp(tp)
     if tp == 1 and (not dist.is_available() or not dist.is_initialized()):
         comm, rank = LocalComm(), 0
     else:
@@ -58,26 +59,51 @@ def parallelize(
                 f"tp ranks (e.g. torch.distributed.new_group(ranks)) or tp={size}"
             )
         comm, rank = ProcessGroupComm(group), dist.get_rank(group)
+    meta = [n for n, t in model.named_parameters() if t.is_meta]
+    if meta:
+        raise AutoTPError(
+            f"{type(model).__name__} has {len(meta)} parameters on the meta device (e.g. "
+            f"{meta[0]}): there are no weights to cut shards from. Load or initialise the "
+            "weights first (model.to_empty(device=...) then an init or a checkpoint), or "
+            "use autotp.plan / autotp.simulate, which work on the meta device, for planning"
+        )
+    p = plan(model, tp, example_inputs, vocab=vocab, frontend=frontend)
     seed = torch.initial_seed() % 2**62
     if isinstance(comm, ProcessGroupComm):  # one seed for the group: shared streams agree
         box = [seed]
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
-    return build_rank_module(model, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed)
+    return build_rank_module(
+        model, p.traced.gm, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed
+    )
 
 
 def simulate(
-    model: nn.Module, tp: int, example_inputs: Any = None, *, vocab: VocabOptions | None = None
+    model: nn.Module,
+    tp: int,
+    example_inputs: Any = None,
+    *,
+    vocab: VocabOptions | None = None,
+    frontend: str = "auto",
 ) -> SimulatedTP:
     """All `tp` ranks in one process, collectives computed in-process and autograd-exact.
     `model` is not modified. Split outputs kept local (`VocabOptions(gather_outputs=False)`)
     are shown whole: the ranks' slices concatenated and trimmed."""
-    p = plan(model, tp, example_inputs, vocab=vocab)
+    p = plan(model, tp, example_inputs, vocab=vocab, frontend=frontend)
     seed = torch.initial_seed() % 2**62
     ranks = [
         build_rank_module(
-            model, p.graph, p.splits, r, tp, SimulatedComm(tp, r), p, p.model_name, seed
+            model,
+            p.traced.gm,
+            p.graph,
+            p.splits,
+            r,
+            tp,
+            SimulatedComm(tp, r),
+            p,
+            p.model_name,
+            seed,
         )
         for r in range(tp)
     ]

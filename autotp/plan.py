@@ -87,6 +87,12 @@ class Plan:
     __repr__ = __str__
 
 
+def check_tp(tp: object) -> None:
+    """Refuse a tp that is not a positive integer."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise AutoTPError(f"tp must be an integer >= 1, got {tp!r}")
+
+
 def plan(
     model: nn.Module,
     tp: int,
@@ -94,6 +100,7 @@ def plan(
     *,
     rules: Sequence[Rule] | None = None,
     vocab: VocabOptions | None = None,
+    frontend: str = "auto",
 ) -> Plan:
     """Plan the tensor-parallel split of `model` over `tp` ranks. Pure: nothing is copied,
     the model is not modified, no process group is needed.
@@ -102,15 +109,16 @@ def plan(
     `model.forward` (default: `model.example_inputs()` if the model has one). They fix
     which optional arguments the parallel module takes (e.g. targets for a loss).
     `vocab` sets the vocabulary padding and whether split outputs (logits) are gathered.
+    `frontend` picks how the model is captured: "fx", "export" (torch.export, for models
+    fx cannot trace, e.g. Hugging Face transformers), or "auto" (fx, then export).
     """
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-        raise AutoTPError(f"tp must be an integer >= 1, got {tp!r}")
+    check_tp(tp)
     if rules is None:
         from autotp.rules import DEFAULT_RULES
 
         rules = DEFAULT_RULES
     with torch.no_grad():
-        traced = trace(model, example_inputs)
+        traced = trace(model, example_inputs, frontend)
     gm = traced.gm
     linears = find_linears(gm)
     matches = match(gm, rules, linears)

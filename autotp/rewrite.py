@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import ops
-from .match import EmbeddingInfo, LinearInfo, Match
+from .match import EmbeddingInfo, Match
 from .rule import Row
 from .shapes import ArgEdit, DivideByTP, LossInfo, Propagation, Shard
 from .vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
@@ -67,13 +67,10 @@ def _set_path(node: fx.Node, path: tuple[int | str, ...], value: Any) -> None:
         node.args = put(node.args, path)
 
 
-def _linear_input_index(li: LinearInfo) -> int:
-    return 1 if li.node.op == "call_function" and li.node.target is torch.addmm else 0
-
-
 def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int) -> fx.Graph:
     """The per-rank graph (a new fx.Graph; `gm` is untouched)."""
     graph = fx.Graph()
+    graph._codegen = gm.graph._codegen  # shared, read only: e.g. torch.export pytree I/O
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
@@ -104,7 +101,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         if isinstance(li, EmbeddingInfo):
             env[old] = _split_embedding(graph, node, li, rule)
             continue
-        x = node.args[_linear_input_index(li)]
+        x = node.args[li.input_index]
         place = str(kind)
         with graph.inserting_before(node):
             w = graph.get_attr(li.weight)
@@ -170,7 +167,8 @@ def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: st
     with graph.inserting_before(node):
         w = graph.get_attr(li.weight)
         rank = graph.get_attr(RANK_BUFFER)
-        part = graph.call_function(vocab_embedding, (node.args[0], w, rank))
+        ids = node.args[li.ids_index]
+        part = graph.call_function(vocab_embedding, (ids, w, rank, li.padding_idx))
         g = graph.create_node("call_module", G_MODULE, (part,), {}, name=f"g_{node.name}")
     _tag(w, rule=rule, placement=f"vocab shard of {li.weight}")
     for new in (part, g):

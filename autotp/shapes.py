@@ -491,14 +491,16 @@ def _reshape_split(c: _Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int
             if size % blocks == 0 and (size // blocks) % c.tp == 0:
                 return Shard(o, blocks)
             break
+        lands = [dst[o] for o in gj if dst[o] != 1][:1]
         raise c.refuse(
             n,
             f"reshape from {src} to {dst} would move elements between ranks: dimension "
             f"{px.dim} (size {src[px.dim]}, split {c.tp} ways"
             + (f" in each of {px.blocks} blocks" if px.blocks > 1 else "")
-            + f") does not map onto a dimension of {dst} divisible by {c.tp}",
-            "the usual cause is a head count not divisible by tp: choose tp dividing the "
-            "number of heads, or keep this layer replicated",
+            + f") does not map onto a dimension of {dst} divisible by {c.tp}"
+            + (f"; the split would land on a dimension of size {lands[0]}" if lands else ""),
+            "that dimension is usually the number of heads (or of key/value heads, for "
+            "grouped-query attention): choose tp dividing it, or keep this layer replicated",
         )
     raise AssertionError("unreachable: every dimension is in a group")
 
@@ -588,6 +590,77 @@ def _split(c: _Ctx, n: fx.Node) -> Placement:
         elif not isinstance(c.p(size), LocalInt):
             c.edits.append(ArgEdit(n, path, size, DivideByTP(size)))
     return tuple(Shard(dim, px.blocks // k) for _ in range(k))
+
+
+def _slice(c: _Ctx, n: fx.Node) -> Placement:
+    """aten.slice(x, dim, start, end, step): fine along a replicated dimension."""
+    px = c.p(n.args[0])
+    if not isinstance(px, Shard):
+        return R
+    nd = _ndim(n.args[0])
+    dim = _norm_dim(_arg(n, 1, "dim", 0), nd)
+    if dim == px.dim and tuple(_val(n).shape) != tuple(_val(n.args[0]).shape):
+        raise c.refuse(n, f"slicing the split dimension {dim}", "slice replicated dimensions")
+    return px
+
+
+def _cat(c: _Ctx, n: fx.Node) -> Placement:
+    parts = _arg(n, 0, "tensors")
+    ps = [c.p(t) for t in parts]
+    if not any(isinstance(p, Shard) for p in ps):
+        return R
+    nd = _ndim(n)
+    dim = _norm_dim(_arg(n, 1, "dim", 0), nd)
+    if len(set(ps)) != 1 or ps[0].dim == dim:
+        raise c.refuse(
+            n, f"concatenating values split as {[str(p) for p in ps]} along dimension {dim}",
+            "concatenate values split alike, along a replicated dimension",
+        )  # fmt: skip
+    return ps[0]
+
+
+def _expand(c: _Ctx, n: fx.Node) -> Placement:
+    """expand(x, sizes): the size at the split dimension becomes local."""
+    x, sizes = n.args[0], n.args[1]
+    px = c.p(x)
+    if not isinstance(px, Shard):
+        if any(isinstance(c.p(a), LocalInt) for a in sizes if isinstance(a, fx.Node)):
+            raise c.refuse(n, "expanding to a local size", "expand with replicated sizes")
+        return R
+    out = replace(px, dim=px.dim + len(sizes) - _ndim(x))
+    for i, a in enumerate(sizes):
+        pa = c.p(a)
+        if i != out.dim:
+            if isinstance(pa, LocalInt):
+                raise c.refuse(n, f"size {i} is local", "expand with replicated sizes")
+            continue
+        if isinstance(pa, LocalInt) or a == -1:
+            continue
+        if isinstance(a, int):
+            c.edits.append(ArgEdit(n, (1, i), a, a // c.tp))
+        else:
+            c.edits.append(ArgEdit(n, (1, i), a, DivideByTP(a)))
+    return out
+
+
+def _mean(c: _Ctx, n: fx.Node) -> Placement:
+    x = n.args[0]
+    px = c.p(x)
+    nd = _ndim(x)
+    dims = _arg(n, 1, "dim")
+    if not isinstance(px, Shard):
+        return _check_replicated_rest(c, n, 1)
+    if dims is None or isinstance(dims, int):
+        dims = list(range(nd)) if dims is None else [dims]
+    dims = {_norm_dim(d, nd) for d in dims}
+    if px.dim in dims:
+        raise c.refuse(n, f"reduction over the split dimension {px.dim}", "no rule for this")
+    keep = _arg(n, 2, "keepdim", False)
+    return px if keep else replace(px, dim=px.dim - sum(d < px.dim for d in dims))
+
+
+def _assert(c: _Ctx, n: fx.Node) -> Placement:
+    return R  # aten._assert_tensor_metadata checks dtype/device/layout: true of a shard too
 
 
 def _reduce_over(c: _Ctx, n: fx.Node, dims: set[int]) -> Placement:
@@ -770,25 +843,33 @@ def _padding(c: _Ctx, vocab: int) -> int | None:
 def _embedding(c: _Ctx, n: fx.Node) -> Placement:
     split = c.splits.get(n)
     info: EmbeddingInfo | None = split[1] if split else None  # type: ignore[assignment]
-    ids = n.args[0]
+    aten = isinstance(n.target, torch._ops.OpOverload)
+    ids = n.args[1] if aten else n.args[0]
     if _is_split(c.p(ids)):
         raise c.refuse(n, "embedding lookup with split ids", "look up replicated ids")
     if info is None:
-        if n.op == "get_attr" or n.op == "call_function":
-            weight = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        if n.op == "call_function":
+            weight = n.args[0] if aten else _arg(n, 1, "weight")
             if isinstance(weight, fx.Node) and _is_split(c.p(weight)):
                 raise c.refuse(n, "lookup in a split table", "report the model")
         return R
+    # padding_idx only stops that row's gradient; vocab_embedding keeps that (rewrite.py)
     if n.op == "call_module":
         mod = c.gm.get_submodule(str(n.target))
-        extras = {"padding_idx": mod.padding_idx, "max_norm": mod.max_norm}
+        extras = {"max_norm": mod.max_norm, "scale_grad_by_freq": mod.scale_grad_by_freq or None,
+                  "sparse": mod.sparse or None}  # fmt: skip
+    elif aten:  # aten.embedding(weight, ids, padding_idx=-1, scale_grad_by_freq, sparse)
+        extras = {"scale_grad_by_freq": _arg(n, 3, "scale_grad_by_freq", False) or None,
+                  "sparse": _arg(n, 4, "sparse", False) or None}  # fmt: skip
     else:
-        extras = {k: _arg(n, i, k) for i, k in ((2, "padding_idx"), (3, "max_norm"))}
+        extras = {"max_norm": _arg(n, 3, "max_norm"),
+                  "scale_grad_by_freq": _arg(n, 5, "scale_grad_by_freq", False) or None,
+                  "sparse": _arg(n, 6, "sparse", False) or None}  # fmt: skip
     if any(v is not None for v in extras.values()):
         raise c.refuse(
             n, f"a vocabulary-split embedding with {extras}",
-            "padding_idx and max_norm are not supported on a split embedding; drop them "
-            "or keep the embedding replicated",
+            "max_norm, scale_grad_by_freq and sparse are not supported on a split "
+            "embedding; drop them or keep the embedding replicated",
         )  # fmt: skip
     c.shard_param(n, info.weight, Shard(0, 1, _padding(c, info.num_embeddings)))
     return R  # partial lookups, completed by g (rewrite.py)
@@ -806,6 +887,11 @@ def _cross_entropy(c: _Ctx, n: fx.Node) -> Placement:
         mod = c.gm.get_submodule(str(n.target))
         opts = {"weight": mod.weight, "ignore_index": mod.ignore_index,
                 "reduction": mod.reduction, "label_smoothing": mod.label_smoothing}  # fmt: skip
+    elif isinstance(n.target, torch._ops.OpOverload):  # aten: reduction is an enum
+        reduction = _arg(n, 3, "reduction", 1)
+        opts = {"weight": _arg(n, 2, "weight"), "ignore_index": _arg(n, 4, "ignore_index", -100),
+                "reduction": {0: "none", 1: "mean", 2: "sum"}.get(reduction, reduction),
+                "label_smoothing": _arg(n, 5, "label_smoothing", 0.0)}  # fmt: skip
     else:
         opts = {"weight": _arg(n, 2, "weight"), "ignore_index": _arg(n, 4, "ignore_index", -100),
                 "reduction": _arg(n, 6, "reduction", "mean"),
@@ -864,6 +950,12 @@ _TABLE: dict[str, Callable[[_Ctx, fx.Node], Placement]] = {
     "linear": _linear,  # column: R -> S(-1); row: S(-1) -> R (+ g); vocab: R -> S(-1, pad)
     "embedding": _embedding,  # vocab-split table: partial rows (+ g); others replicated
     "cross_entropy": _cross_entropy,  # over vocab-split logits: the vocab-parallel loss
+    "slice": _slice,  # along a replicated dimension only
+    "cat": _cat,  # values split alike, along a replicated dimension
+    "expand": _expand,  # the size argument at the split dimension becomes local
+    "mean": _mean,  # over replicated dimensions only
+    "sum": _mean,  # over replicated dimensions only
+    "assert": _assert,  # metadata checks hold for shards
     "addmm": _linear,  # Conv1D spelling of a linear
     "output": _output,  # everything returned must be replicated
 }

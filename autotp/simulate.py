@@ -53,6 +53,7 @@ class SimulatedTP(nn.Module):
         super().__init__()
         self.ranks = nn.ModuleList(ranks)
         self._signature = inspect.signature(ranks[0].forward)
+        self.train(ranks[0].training)
 
     @property
     def tp(self) -> int:
@@ -65,8 +66,9 @@ class SimulatedTP(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        inputs = iter(bound.arguments.values())
         ranks = list(self.ranks)
+        codegen = ranks[0].graph._codegen  # flattens and rebuilds pytree I/O (torch.export)
+        inputs = iter(codegen.process_inputs(*bound.arguments.values()))
         interps = [fx.Interpreter(r, garbage_collect_values=False) for r in ranks]
         envs: list[dict[fx.Node, Any]] = [{} for _ in ranks]
         for it, env in zip(interps, envs, strict=True):
@@ -83,10 +85,14 @@ class SimulatedTP(nn.Module):
                     env[node] = y
             elif node.op == "output":
                 outs = [it.fetch_args_kwargs_from_env(node)[0][0] for it in interps]
-                return _combine(outs, _split_outputs(node))
+                return codegen.process_outputs(_combine(outs, _split_outputs(node)))
             else:
-                for it, env in zip(interps, envs, strict=True):
-                    env[node] = it.run_node(node)
+                for r, (it, env) in enumerate(zip(interps, envs, strict=True)):
+                    try:
+                        env[node] = it.run_node(node)
+                    except Exception as e:
+                        e.add_note(f"autotp.simulate: rank {r}, node {node.format_node()}")
+                        raise
         raise AssertionError("graph has no output node")
 
 

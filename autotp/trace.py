@@ -1,10 +1,18 @@
 """Stage 1, trace: capture an unmodified model as a torch.fx graph, with shapes.
 
-`trace` binds the example inputs to the model's forward signature, traces with a Tracer
-that proxies buffers (REFERENCE.md trap 4) and records stack traces, and then runs the
-graph once under a FakeTensorMode so that every node carries `meta["val"]`: a fake tensor
-(shape and dtype, no storage) or a plain Python value. Nothing is computed on real data and
-nothing is allocated for weights, so models built on the meta device trace the same way.
+Two front-ends feed the same rules, propagation and rewrite:
+  "fx"      torch.fx symbolic tracing with a Tracer that proxies buffers (REFERENCE.md
+            trap 4) and records stack traces; the graph holds torch functions, methods
+            and leaf modules, and sizes are computed from `x.size()` in the graph.
+  "export"  torch.export (non-strict), for models fx cannot trace (transformers 5.x:
+            REFERENCE.md trap 1); the graph holds aten ops, batch and sequence dims are
+            exported as dynamic so other batch sizes and lengths run.
+"auto" tries fx, then export, and names both failures if neither works.
+
+After tracing, the graph runs once under a FakeTensorMode on the example inputs so that
+every node carries `meta["val"]`: a fake tensor (shape and dtype, no storage) or a plain
+Python value. Nothing is computed on real data and nothing is allocated for weights, so
+models built on the meta device trace the same way.
 """
 
 from __future__ import annotations
@@ -36,25 +44,32 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True
 
 
+FRONTENDS = ("auto", "fx", "export")
+
+
 @dataclass(frozen=True)
 class Traced:
     """A traced model: the graph module (sharing the model's tensors) and its inputs."""
 
     gm: fx.GraphModule
     inputs: dict[str, Any]  # the example inputs, by forward parameter name
+    frontend: str = "fx"  # which front-end produced gm: "fx" or "export"
 
 
 def bind_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
     """Example inputs as a dict keyed by the names of `model.forward`'s parameters."""
     if example_inputs is None:
         maker = getattr(model, "example_inputs", None)
-        if not callable(maker):
+        if callable(maker):
+            example_inputs = maker()
+        else:
+            example_inputs = _from_config(model)
+        if example_inputs is None:
             raise AutoTPError(
                 f"autotp needs example inputs to trace {type(model).__name__}: pass "
                 "example_inputs=(tensor, ...) or a dict of keyword arguments, or give the "
                 "model an `example_inputs()` method."
             )
-        example_inputs = maker()
     sig = inspect.signature(model.forward)
     try:
         if isinstance(example_inputs, dict):
@@ -81,13 +96,69 @@ def _user_frame(exc: BaseException) -> str:
     return "<unknown>"
 
 
-def trace(model: torch.nn.Module, example_inputs: Any = None) -> Traced:
-    """Trace `model` symbolically and annotate every node with its example value.
+def _from_config(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Token ids for a model with a Hugging Face style config (vocab_size), 2 x 8."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids.to(device)}
 
-    Arguments of `forward` not given in `example_inputs` are fixed to their defaults
-    (e.g. `targets=None`), so the traced graph takes exactly the given arguments.
+
+def trace(model: torch.nn.Module, example_inputs: Any = None, frontend: str = "auto") -> Traced:
+    """Trace `model` and annotate every node with its example value.
+
+    With the fx front-end, arguments of `forward` not given in `example_inputs` are fixed
+    to their defaults (e.g. `targets=None`), so the graph takes exactly the given
+    arguments; the export front-end likewise takes the given keyword arguments.
     """
+    if frontend not in FRONTENDS:
+        raise AutoTPError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
     inputs = bind_inputs(model, example_inputs)
+    if frontend == "export":
+        gm = _export(model, inputs)
+    else:
+        try:
+            gm = _fx_trace(model, inputs)
+        except AutoTPError as fx_error:
+            if frontend == "fx":
+                raise
+            try:
+                gm = _export(model, inputs)
+            except AutoTPError as export_error:
+                raise AutoTPError(
+                    f"cannot trace {type(model).__name__} with either front-end.\n"
+                    f"torch.fx: {fx_error}\n\ntorch.export: {export_error}"
+                ) from export_error
+            frontend = "export"
+    _annotate(gm, inputs)
+    return Traced(gm, inputs, "fx" if frontend == "auto" else frontend)
+
+
+def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
+    """torch.export (non-strict) with dynamic batch and sequence dimensions; the
+    unlifted module keeps the parameters as attributes shared with `model`."""
+    dims: dict[str, Any] = {}
+    for name, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            dims[name] = {i: torch.export.Dim.DYNAMIC for i in range(min(v.dim(), 2))}
+        else:
+            dims[name] = None
+    try:
+        ep = torch.export.export(model, (), inputs, dynamic_shapes=dims, strict=False)
+    except Exception as e:  # noqa: BLE001 - becomes an actionable error
+        raise AutoTPError(
+            f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"\n  source: {_user_frame(e)}\n  hint:   the model must be exportable with "
+            "torch.export(strict=False) for the given example inputs (no data-dependent "
+            "Python control flow; a cache or other non-tensor output turned off, e.g. "
+            "use_cache=False)"
+        ) from e
+    return ep.module()
+
+
+def _fx_trace(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
     sig = inspect.signature(model.forward)
     concrete = {
         name: p.default
@@ -114,9 +185,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> Traced:
             f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}\n"
             f"  source: {where}\n  hint:   {hint}"
         ) from e
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _annotate(gm, inputs)
-    return Traced(gm, inputs)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 class _FakeRunner(fx.Interpreter):

@@ -26,13 +26,21 @@ def _local_range(n: int, rank: torch.Tensor) -> torch.Tensor:
     return rank * n
 
 
-def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+def vocab_embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    rank: torch.Tensor,
+    padding_idx: int | None = None,
+) -> torch.Tensor:
     """This rank's partial lookup: rows for the ids in its slice, zeros for the others.
-    The sum over ranks (g) is the serial lookup."""
+    The sum over ranks (g) is the serial lookup. As in nn.Embedding, the `padding_idx`
+    row is read like any other but receives no gradient."""
     n = weight.shape[0]
     local = ids - _local_range(n, rank)
     outside = (local < 0) | (local >= n)
     rows = F.embedding(local.masked_fill(outside, 0), weight)
+    if padding_idx is not None:
+        rows = torch.where((ids == padding_idx).unsqueeze(-1), rows.detach(), rows)
     return rows.masked_fill(outside.unsqueeze(-1), 0.0)
 
 

@@ -9,17 +9,27 @@ row max, the target logit and the sum of exponentials, batch x seq numbers each;
 are never gathered. Logits the model returns are gathered (or kept local on request).
 The weight may be tied to the input embedding: the same shard serves both.
 An output layer is recognised by what it feeds (a cross-entropy, or the model's output)
-and by its width: a cross-entropy's classes, or the rows of an embedding in the graph.
+and by its vocabulary: a cross-entropy's classes, or a weight tied to or as wide as a
+table the model's inputs index (BERT's pooler, hidden -> hidden, is no output layer).
 Motivated by GPT-2's `lm_head` and BERT's `cls.predictions.decoder`.
 """
 
-from autotp.match import Context, Match
+from autotp.match import Context, Match, activations
 from autotp.rule import Rule, pattern, vocab
 
 
 def _over_a_vocabulary(m: Match, ctx: Context) -> bool:
-    rows = {e.num_embeddings for e in ctx.embeddings.values()}
-    return "loss" in m.nodes or m.layers["head"].out_features in rows
+    """Feeds a cross-entropy, or is as wide as a table the model's inputs index (a token
+    table, not the position table, whose ids come from arange)."""
+    head = m.layers["head"]
+    inputs = activations(ctx.gm)
+    tables = [e for e in ctx.embeddings.values() if e.input in inputs]
+    tied = {id(ctx.gm.get_parameter(e.weight)) for e in tables}
+    return (
+        "loss" in m.nodes
+        or id(ctx.gm.get_parameter(head.weight)) in tied
+        or head.out_features in {e.num_embeddings for e in tables}
+    )
 
 
 RULE = Rule(

@@ -74,3 +74,15 @@ def test_replicated_values_bitwise_identical_across_ranks_in_training() -> None:
     replicated gradients) are bitwise identical on every rank."""
     results = run_on_gloo(_train_step_with_dropout, 2)
     assert results[0] == results[1]
+
+
+def test_parallel_module_starts_in_the_models_mode() -> None:
+    """A model in eval mode gives a parallel module in eval mode: no dropout, as serial."""
+    model = build("gpt2-tiny", dropout=0.3).double().eval()
+    x = model.example_inputs()
+    sim = autotp.simulate(model, 2, x)
+    par = autotp.parallelize(model, 1, x)
+    assert not sim.training and not par.training
+    assert (sim(**x)[1] - model(**x)[1]).abs() < 1e-12
+    assert torch.equal(par(**x)[0], model(**x)[0])
+    assert autotp.simulate(model.train(), 2, x).training

@@ -39,3 +39,16 @@ def test_tp1_is_the_original_function() -> None:
         par = autotp.parallelize(model, 1, x)
         assert torch.equal(par(**x)[0], model(**x)[0])
         assert assert_equivalent(model, x, 1, atol=0.0).largest() == 0.0
+
+
+def test_export_front_end_gives_the_same_function() -> None:
+    """The reference models through torch.export (aten ops, dynamic batch and sequence)
+    equal serial like the fx route."""
+    from autotp.models import build
+
+    for name in ("gpt2-tiny", "bert-tiny-preln"):
+        model = build(name)
+        report = assert_equivalent(
+            model, None, 2, parallel=lambda m, tp, x: autotp.simulate(m, tp, x, frontend="export")
+        )
+        assert report.largest() <= ATOL

@@ -93,7 +93,8 @@ def test_heads_not_divisible_by_tp(family: str, device: str) -> None:
     assert field(msg, "module") == module
     path, line = line_of(*HEAD_VIEWS[family])
     assert names_source(field(msg, "source"), path, line), msg
-    assert "head count not divisible by tp" in field(msg, "hint")
+    assert "the split would land on a dimension of size 6" in msg  # the head count
+    assert "number of heads" in field(msg, "hint")
 
 
 def test_mlp_width_not_divisible_by_tp() -> None:
@@ -359,3 +360,32 @@ def test_the_model_is_never_modified(name: str) -> None:
     # and it still computes what it did
     for got, want in zip(model(**x), reference(**x), strict=True):
         assert torch.equal(got, want)
+
+
+# -- both front-ends, and weights that are not there ----------------------------------------
+
+
+def test_control_flow_names_both_front_ends() -> None:
+    """fx fails on the `if`, torch.export is tried next and fails too: both are named."""
+    msg = refusal(autotp.plan, DataDependent(), 2, (torch.randn(2, 3, 8),))
+    assert "with either front-end" in msg
+    assert "torch.fx:" in msg and "torch.export:" in msg
+    assert msg.index("torch.fx:") < msg.index("torch.export:")
+
+
+def test_each_front_end_can_be_chosen() -> None:
+    model = tiny("gpt2-tiny")
+    assert autotp.plan(model, 2, frontend="fx").traced.frontend == "fx"
+    assert autotp.plan(model, 2, frontend="export").traced.frontend == "export"
+    msg = refusal(autotp.plan, DataDependent(), 2, (torch.randn(2, 3, 8),), frontend="fx")
+    assert "torch.export" not in msg
+    assert "frontend must be one of" in refusal(autotp.plan, model, 2, frontend="jit")
+
+
+def test_parallelize_refuses_a_meta_model() -> None:
+    """A model on the meta device has no weights to cut: planning works, parallelize says
+    what to do instead."""
+    model = tiny("gpt2-tiny", "meta")
+    autotp.plan(model, 2, inputs_for(model))  # fine
+    msg = refusal(autotp.parallelize, model, 1, inputs_for(model))
+    assert "on the meta device" in msg and "to_empty" in msg and "autotp.plan" in msg

@@ -1,0 +1,117 @@
+"""Models nobody here wrote: transformers' GPT-2, BERT and Llama, through the torch.export
+front-end, equal to serial; and the real all-MiniLM-L6-v2 weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hf_models import RTOL_FLOAT32_INSIDE, build, inputs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import autotp
+from autotp.testing import assert_equivalent, run_on_gloo
+
+MODELS = ["gpt2", "bert", "bert-mlm", "llama"]
+BLOCK_RULES = {
+    "gpt2": ["attention_fused_qkv", "mlp"],
+    "bert": ["attention_separate_qkv", "mlp"],
+    "bert-mlm": ["attention_separate_qkv", "mlp"],
+    "llama": ["attention_separate_qkv", "swiglu"],
+}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("name", MODELS)
+def test_equals_serial_float64(name: str, tp: int) -> None:
+    model = build(name, heads=8, kv_heads=4 if name == "llama" else None)
+    x = inputs(name)
+    plan = autotp.plan(model, tp, x)
+    assert plan.traced.frontend == "export"  # transformers 5 cannot be fx-traced
+    rules = [m.rule.name for m in plan.matches]
+    assert [r for r in rules if r in BLOCK_RULES[name]] == BLOCK_RULES[name] * 2
+    has_head = name != "bert"
+    assert ("lm_head" in rules) == has_head and ("vocab_embedding" in rules) == has_head
+    assert plan.collectives()["f"] == 2 * 2 + has_head
+    assert_equivalent(model, x, tp, atol=1e-10, rtol=RTOL_FLOAT32_INSIDE[name])
+
+
+def test_collectives_counted_as_they_run() -> None:
+    model = build("llama", layers=3, heads=4, kv_heads=2)
+    x = inputs("llama", batch=3, seq=5)
+    sim = autotp.simulate(model, 2, x, vocab=autotp.VocabOptions(gather_outputs=False))
+    with autotp.count_collectives() as log:
+        sim(**x).loss.backward()
+    assert log.count("forward", "all_reduce") == 2 * 3 + 1 + 2
+    assert log.count("forward", "all_reduce_max") == 1
+    assert log.count("backward", "all_reduce") == 2 * 3 + 1
+
+
+def test_grouped_query_attention_needs_tp_dividing_kv_heads() -> None:
+    model = build("llama", heads=4, kv_heads=2)
+    assert_equivalent(model, inputs("llama"), 2, atol=1e-10, rtol=1e-6)  # 1 KV head each
+    with pytest.raises(autotp.AutoTPError, match="key/value heads") as e:
+        autotp.plan(model, 4, inputs("llama"))
+    assert "size 2" in str(e.value) and "modeling_llama.py" in str(e.value)
+
+
+def test_other_batch_sizes_and_lengths_run() -> None:
+    """Batch and sequence are exported as dynamic dimensions."""
+    model = build("gpt2").double()
+    sim = autotp.simulate(model, 2, inputs("gpt2", batch=2, seq=8))
+    x = inputs("gpt2", batch=3, seq=13)
+    got, want = sim(**x), model(**x)
+    assert (got.logits - want.logits).abs().max() < 1e-10
+
+
+def test_without_example_inputs() -> None:
+    """Inputs synthesised from the config: token ids of the vocabulary."""
+    for name in MODELS:
+        plan = autotp.plan(build(name), 2)
+        assert plan.traced.inputs["input_ids"].shape == (2, 8)
+    mod = autotp.parallelize(build("bert"), 1)
+    assert mod(input_ids=torch.ones(1, 4, dtype=torch.long)).last_hidden_state.shape == (1, 4, 32)
+
+
+def test_import_autotp_does_not_import_transformers() -> None:
+    code = "import sys, autotp, autotp.models, autotp.rules; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@settings(max_examples=8)
+@given(
+    name=st.sampled_from(MODELS),
+    tp=st.sampled_from([1, 2, 4]),
+    layers=st.integers(1, 2),
+    heads_per_rank=st.sampled_from([1, 2]),
+    kv_groups=st.sampled_from([1, 2]),
+    head_dim=st.sampled_from([4, 8]),
+    vocab=st.sampled_from([37, 128]),
+)
+def test_small_configs(name, tp, layers, heads_per_rank, kv_groups, head_dim, vocab) -> None:
+    heads = tp * heads_per_rank * kv_groups
+    kv = heads // kv_groups if name == "llama" else None
+    model = build(name, layers=layers, heads=heads, kv_heads=kv, head_dim=head_dim, vocab=vocab)
+    assert_equivalent(model, inputs(name, vocab=vocab), tp, atol=1e-10,
+                      rtol=RTOL_FLOAT32_INSIDE[name])  # fmt: skip
+
+
+def _hf_on_rank(rank: int, world: int, name: str, dtype: torch.dtype) -> float:
+    model = build(name, heads=4, kv_heads=2 if name == "llama" else None)
+    f64 = dtype == torch.float64
+    report = assert_equivalent(
+        model, inputs(name), world, dtype=dtype,
+        atol=1e-10 if f64 else 1e-6, rtol=RTOL_FLOAT32_INSIDE[name] if f64 else 1e-5,
+        parallel=lambda m, tp, x: autotp.parallelize(m, tp, x),
+    )  # fmt: skip
+    return report.largest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", MODELS)
+def test_on_gloo(name: str, dtype: torch.dtype) -> None:
+    run_on_gloo(_hf_on_rank, 2, name, dtype)
