@@ -152,7 +152,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
                 name=f"gather_{env[old].name}",
             )  # fmt: skip
         _copy_meta(env[old], gather)
-        _tag(gather, collective="gather", placement="R",
+        _tag(gather, collective="gather", placement="R", rule="output",
              why=f"the model returns this value; all-gather along dim {shard.dim}")  # fmt: skip
         out_node.replace_input_with(env[old], gather)
     for old in gm.graph.nodes:
@@ -200,9 +200,14 @@ def _vocab_parallel_loss(graph: fx.Graph, node: fx.Node, info: LossInfo) -> fx.N
             vocab_ce_reduce, (s, t, target, info.ignore_index, info.reduction)
         )
         made = [local_max, row_max, terms, t_local, s_local, t, s, loss]
+    rows = logits.meta.get("val")
     for new in made:
         _copy_meta(node, new)
         _tag(new, rule="vocab-parallel cross-entropy", placement="R")
+    if isinstance(rows, torch.Tensor):  # batch x seq numbers each (for the views)
+        per_row = torch.empty(rows.shape[:-1], dtype=rows.dtype, device="meta")
+        for new in (local_max, row_max, t_local, s_local, t, s):
+            new.meta["val"] = per_row
     for new, what in ((row_max, "max"), (t, "g"), (s, "g")):
         _tag(new, collective=what, why=f"all-reduce of batch x seq numbers ({new.name})")
     node.replace_all_uses_with(loss)

@@ -51,7 +51,7 @@ def test_every_changed_node_records_its_rule() -> None:
     made = [n for n in plan.graph.nodes if n.meta.get("autotp", {}).get("rule")]
     assert {n.meta["autotp"]["rule"] for n in made} == {
         "vocab_embedding", "attention_fused_qkv", "mlp", "lm_head",
-        "vocab-parallel cross-entropy",
+        "vocab-parallel cross-entropy", "output",
     }  # fmt: skip
     colls = sorted(
         n.meta["autotp"]["collective"]

@@ -1,0 +1,120 @@
+"""`autotp show`: golden views of tiny models, every collective visible, and the command
+run as a user types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import autotp
+from autotp import render
+from autotp.models import build
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("AUTOTP_UPDATE_GOLDEN") == "1"
+
+
+def _golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE or not path.exists():
+        path.write_text(text + "\n")
+    assert text + "\n" == path.read_text(), f"{name} changed; AUTOTP_UPDATE_GOLDEN=1 to accept"
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "bert-tiny"])
+def test_golden_summary(name: str) -> None:
+    plan = autotp.plan(build(name), 2)
+    _golden(f"{name}-tp2.txt", render.to_text(render.summary(plan), width=100))
+
+
+def test_golden_graph_of_one_layer() -> None:
+    plan = autotp.plan(build("gpt2-tiny"), 2)
+    _golden("gpt2-tiny-tp2-graph-layer0.txt", render.to_text(render.graph_view(plan, 0), 140))
+
+
+def _collective_nodes(plan) -> list[str]:
+    return [n.name for n in plan.graph.nodes if "collective" in n.meta.get("autotp", {})]
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "bert-tiny", "bert-tiny-preln"])
+def test_every_collective_appears(name: str) -> None:
+    plan = autotp.plan(build(name), 4)
+    nodes = _collective_nodes(plan)
+    graph = render.to_text(render.graph_view(plan), width=400)
+    for node in nodes:
+        assert re.search(rf"\b{node}\b", graph), node
+    assert graph.count("◆") == len(nodes)
+    tree = render.to_text(render.module_tree(plan), width=200)
+    folded = 0  # layers folded as "same as 0" carry their count
+    for line in tree.splitlines():
+        m = re.search(r"(\d+) more, same as .*◆ (\d+) collectives each", line)
+        m1 = re.search(r": same as .*◆ (\d+) collectives each", line)
+        if m:
+            folded += int(m.group(1)) * int(m.group(2)) - 1
+        elif m1:
+            folded += int(m1.group(1)) - 1
+    assert tree.count("◆") + folded == len(nodes)  # the summary marks each where it runs
+
+
+def _autotp(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autotp", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_show_summary_and_views(tmp_path: Path) -> None:
+    out = _autotp("show", "gpt2-tiny", "--tp", "2", "--width", "100")
+    assert out.returncode == 0, out.stderr
+    assert "attention_fused_qkv" in out.stdout and "parameters per rank" in out.stdout
+    out = _autotp("show", "gpt2-tiny", "--tp", "2", "--diff", "--layer", "1", "--width", "200")
+    assert out.returncode == 0 and "serial, layer 1" in out.stdout and "rank graph" in out.stdout
+    out = _autotp("show", "bert-tiny", "--tp", "2", "--unmatched", "--width", "200")
+    assert (
+        "cls.predictions.transform.dense.weight" in out.stdout and "no rule matched" in out.stdout
+    )
+    out = _autotp("show", "bert-tiny", "--tp", "2", "--json")
+    data = json.loads(out.stdout)
+    assert data["tp"] == 2 and {m["rule"] for m in data["matches"]} >= {"mlp", "lm_head"}
+    assert len(data["collectives"]) == 7 + 5 + 1 + 1
+    svg = tmp_path / "view.svg"
+    out = _autotp("show", "gpt2-tiny", "--tp", "4", "--svg", str(svg))
+    assert out.returncode == 0 and svg.read_text().lstrip().startswith("<svg")
+
+
+def test_cli_friendly_failures(tmp_path: Path) -> None:
+    out = _autotp("show", "gpt-3")
+    assert out.returncode == 2 and "unknown model 'gpt-3'" in out.stderr
+    assert "megatron-8.3b" in out.stderr and "Traceback" not in out.stderr
+    out = _autotp("show", "bert-tiny", "--tp", "3")  # 4 heads, 32 wide: tp=3 cannot split
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    for line in ("node:", "module:", "source:", "hint:"):
+        assert line in out.stderr
+    factory = tmp_path / "mine.py"
+    factory.write_text(
+        "import torch, torch.nn as nn\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.a = nn.Linear(8, 16); self.b = nn.Linear(16, 8)\n"
+        "    def forward(self, x):\n"
+        "        return self.b(torch.relu(self.a(x)))\n"
+        "    def example_inputs(self):\n"
+        "        return (torch.randn(2, 8),)\n"
+        "def make():\n"
+        "    return M()\n"
+    )
+    out = _autotp("show", f"{factory}:make", "--tp", "2", "--width", "100")
+    assert out.returncode == 0, out.stderr
+    assert "mlp" in out.stdout
+
+
+def test_cli_renders_8_3b_on_meta() -> None:
+    out = _autotp("show", "megatron-8.3b", "--tp", "8", "--width", "120")
+    assert out.returncode == 0, out.stderr
+    assert "1 … 71: 71 more, same as 0 (◆ 4 collectives each)" in out.stdout
+    assert "attention_fused_qkv │ 72" in out.stdout
