@@ -78,7 +78,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
 
     for old, placement in prop.placements.items():
         if old in env:
-            _tag(env[old], placement=str(placement))
+            _tag(env[old], placement=_placement_text(placement))
 
     # 1. f: one per replicated value feeding split compute.
     for value, consumers in prop.f_inputs.items():
@@ -161,6 +161,12 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
 
     graph.lint()
     return graph
+
+
+def _placement_text(p: object) -> str:
+    if isinstance(p, (tuple, list)):
+        return "(" + ", ".join(_placement_text(x) for x in p) + ")"
+    return str(p)
 
 
 def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: str) -> fx.Node:

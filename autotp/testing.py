@@ -205,6 +205,7 @@ def tp_cases(tps: tuple[int, ...] = (1, 2, 4, 8), families: tuple[str, ...] = ("
 
 def _gloo_worker(fn: Callable[..., Any], rank: int, world: int, port: int, q: Any, args) -> None:
     import os
+    import pickle
     import traceback
 
     import torch.distributed as dist
@@ -215,7 +216,7 @@ def _gloo_worker(fn: Callable[..., Any], rank: int, world: int, port: int, q: An
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
-        result = fn(rank, world, *args)
+        result = pickle.dumps(fn(rank, world, *args))  # plain bytes: tensors copied, not shared
         dist.barrier()  # every rank done before any tears the group down
         q.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
@@ -230,6 +231,7 @@ def run_on_gloo(fn: Callable[..., Any], world: int, *args: Any, timeout: float =
     group on 127.0.0.1; return each rank's result, or raise with the failing rank's
     traceback. `fn` and its results must be picklable or defined before the fork."""
     import multiprocessing as mp
+    import pickle
     import queue
     import socket
 
@@ -250,7 +252,7 @@ def run_on_gloo(fn: Callable[..., Any], world: int, *args: Any, timeout: float =
             rank, ok, value = q.get(timeout=timeout)
             if not ok:
                 raise AssertionError(f"rank {rank} of {world} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     except queue.Empty:
         raise AssertionError(f"gloo ranks timed out after {timeout}s") from None
     finally:

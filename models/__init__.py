@@ -13,6 +13,8 @@ GPT-2 (`GPT2`, `GPT2Config`; vocab 50257, block 1024 unless noted):
     megatron-2.5b     54 layers, 20 heads, hidden 1920  vocab 51200 (50257 padded), block
     megatron-4.2b     64 layers, 24 heads, hidden 2304  1024, 96 features per head; run on
     megatron-8.3b     72 layers, 32 heads, hidden 3072  1, 2, 4 and 8 GPUs of TP in the paper
+    gpt2-bytes        4 layers, 4 heads, hidden 128, vocab 256 (bytes), block 256:
+                      `autotp train`'s default, small enough for a 2-core CPU
     gpt2-tiny         2 layers, 4 heads, hidden 32, vocab 101, block 32 (tests)
     gpt2-tiny-flash   gpt2-tiny with F.scaled_dot_product_attention
 
@@ -89,6 +91,7 @@ CONFIGS: dict[str, GPT2Config | BertConfig] = {
     "megatron-4.2b": _megatron_gpt(2304, 24, 64),
     "megatron-8.3b": _megatron_gpt(3072, 32, 72),
     # tests
+    "gpt2-bytes": GPT2Config(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128),
     "gpt2-tiny": _GPT2_TINY,
     "gpt2-tiny-flash": dataclasses.replace(_GPT2_TINY, flash=True),
     # BERT, post-LN as published

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .init import fresh_seed, seeded_normal_
+
 
 @dataclass(frozen=True, kw_only=True)
 class BertConfig:
@@ -225,6 +227,7 @@ class BertForMaskedLM(nn.Module):
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
+        self.init_seed = fresh_seed()  # first: the same whether built on meta or not
         self.config = config
         self.bert = BertModel(config)
         self.cls = BertOnlyMLMHead(config)
@@ -232,20 +235,21 @@ class BertForMaskedLM(nn.Module):
         if config.tie_word_embeddings:
             self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, BertLMPredictionHead):
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_parameter(self, name: str, tensor: torch.Tensor, seed: int | None = None) -> None:
+        """Fill `tensor` as parameter `name` is initialised (BERT's scheme: N(0, 0.02)
+        weights and embeddings, zero biases, unit LayerNorm weights), from a generator of
+        its own: see models/init.py."""
+        seed = self.init_seed if seed is None else seed
+        if name.endswith("bias"):
+            tensor.zero_()
+        elif "LayerNorm" in name or "final_layer_norm" in name:
+            tensor.fill_(1.0)
+        else:
+            seeded_normal_(tensor, 0.02, seed, name)
 
     def forward(
         self,

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .init import fresh_seed, seeded_normal_
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPT2Config:
@@ -58,12 +60,6 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.flash = config.flash
-        if not self.flash:
-            # causal mask: only attend to the left of the current position
-            mask = torch.tril(torch.ones(config.block_size, config.block_size))
-            self.register_buffer(
-                "bias", mask.view(1, 1, config.block_size, config.block_size), persistent=False
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding dimensionality (n_embd)
@@ -79,7 +75,10 @@ class CausalSelfAttention(nn.Module):
             )  # (B, nh, T, hs)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
-            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            # causal mask, made here rather than held as a buffer: a model built on the meta
+            # device then has nothing but parameters to materialise
+            future = x.new_ones((T, T), dtype=torch.bool).triu(1)
+            att = att.masked_fill(future, float("-inf"))
             att = F.softmax(att, dim=-1)
             att = self.attn_dropout(att)
             y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
@@ -125,6 +124,7 @@ class GPT2(nn.Module):
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
+        self.init_seed = fresh_seed()  # first: the same whether built on meta or not
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
@@ -140,19 +140,24 @@ class GPT2(nn.Module):
         if config.tie_word_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
 
-        self.apply(self._init_weights)
-        # scaled init of the residual projections, per the GPT-2 paper
-        for pn, p in self.named_parameters():
-            if pn.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    @torch.no_grad()
+    def init_parameter(self, name: str, tensor: torch.Tensor, seed: int | None = None) -> None:
+        """Fill `tensor` as parameter `name` is initialised (nanoGPT's scheme: N(0, 0.02),
+        residual projections scaled by 1/sqrt(2 n_layer), zero biases, unit LayerNorm
+        weights), from a generator of its own: see models/init.py."""
+        seed = self.init_seed if seed is None else seed
+        if name.endswith("bias"):
+            tensor.zero_()
+        elif ".ln_" in name or name.startswith("transformer.ln_f"):
+            tensor.fill_(1.0)
+        else:
+            std = 0.02
+            if name.endswith("c_proj.weight"):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            seeded_normal_(tensor, std, seed, name)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
