@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,9 @@ def read_serial_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             key = f"model/{_key(name, spec, r, tp)}"
             if key in stored:
                 want[key] = torch.empty(stored[key].size)
-    dcp.load(want, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(want, checkpoint_id=str(path), no_dist=True)
     out: dict[str, torch.Tensor] = {}
     for name, shape in meta["shapes"].items():
         spec = splits.get(name)

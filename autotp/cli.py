@@ -2,6 +2,9 @@
 
     autotp show MODEL --tp N [--batch B --seq T] [--graph | --diff --layer K |
                                --unmatched | --json] [--svg FILE] [--width W]
+    autotp train [torchrun options] [training options]      (see autotp.train)
+    autotp export CKPT OUT                                  (serial state_dict)
+    autotp eval CKPT --text FILE [--lambada FILE]           (perplexity, last-word accuracy)
 
 MODEL is a named configuration from autotp.models (gpt2, gpt2-xl, bert-large,
 megatron-8.3b, ...), `hf:gpt2` / `hf:bert` / `hf:llama` (a transformers architecture from its
@@ -111,9 +114,21 @@ def _show(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="autotp", description="Automatic tensor parallelism.")
     sub = ap.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "train over a TP x DP mesh (torchrun)"),
+                       ("export", "a checkpoint as the serial state_dict"),
+                       ("eval", "perplexity and last-word accuracy of a checkpoint")):  # fmt: skip
+        sub.add_parser(name, help=text, add_help=False)
     show = sub.add_parser("show", help="read the rewritten graph in the terminal")
     show.add_argument("model", help="a named model, hf:NAME, minilm, or file.py:factory")
     show.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (default 2)")
@@ -130,7 +145,111 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+# torchrun's own options, passed through by `autotp train`; the rest go to autotp.train
+_TORCHRUN_FLAGS = (
+    "--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint",
+    "--rdzv-id", "--rdzv-conf", "--max-restarts", "--monitor-interval", "--master-addr",
+    "--master-port", "--log-dir", "--redirects", "--tee",
+)  # fmt: skip
+
+
+def _train(argv: list[str]) -> int:
+    """Launch `autotp.train` on tp x dp processes per node through torchrun's elastic
+    launcher (torch.distributed.run)."""
+    from torch.distributed import run as torchrun
+
+    from .train import config_from_args
+
+    launcher, rest, i = [], [], 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag in _TORCHRUN_FLAGS or flag.replace("_", "-") in _TORCHRUN_FLAGS:
+            take = 1 if "=" in argv[i] else 2
+            launcher += argv[i : i + take]
+            i += take
+        elif argv[i] == "--standalone":
+            launcher.append(argv[i])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    cfg = config_from_args(rest)  # validates the training options before any process starts
+    names = {a.split("=", 1)[0].replace("_", "-") for a in launcher}
+    if "--nproc-per-node" not in names:
+        launcher += ["--nproc-per-node", str(cfg.tp * cfg.dp)]
+    if "--rdzv-endpoint" not in names and "--nnodes" not in names:
+        launcher.append("--standalone")
+    torchrun.main([*launcher, "-m", "autotp.train", *rest])
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    from .checkpoint import export
+
+    ap = argparse.ArgumentParser(prog="autotp export", description="serial state_dict")
+    ap.add_argument("ckpt", help="a run's checkpoint folder (its latest) or one step_N folder")
+    ap.add_argument("out", help="OUT.safetensors or OUT.pt")
+    args = ap.parse_args(argv)
+    path = export(args.ckpt, args.out)
+    Console(stderr=True).print(f"wrote {path}: loads into the unmodified model")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from .evaluate import lambada_file, last_word_accuracy, sliding_window_perplexity
+
+    ap = argparse.ArgumentParser(prog="autotp eval", description="evaluate a checkpoint")
+    ap.add_argument("ckpt")
+    ap.add_argument("--text", help="a text file: sliding-window perplexity (bytes)")
+    ap.add_argument("--lambada", help="passages, one a line: last-word accuracy")
+    ap.add_argument("--context", type=int, default=None, help="window (default: block size)")
+    ap.add_argument("--stride", type=int, default=None, help="window step (default: half)")
+    args = ap.parse_args(argv)
+    model = serial_model(args.ckpt)
+    context = args.context or model.config.block_size
+
+    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids)[0]
+
+    console = Console()
+    if args.text:
+        tokens = torch.tensor(list(Path(args.text).read_bytes()), dtype=torch.long)
+        ppl, n = sliding_window_perplexity(logits_fn, tokens, context, args.stride)
+        console.print(f"perplexity {ppl:.3f} over {n:,} tokens (context {context})")
+    if args.lambada:
+        passages, targets = lambada_file(args.lambada)
+        acc = last_word_accuracy(logits_fn, passages, targets, context=context)
+        console.print(f"last-word accuracy {acc:.3%} over {len(passages)} passages")
+    return 0
+
+
+def serial_model(ckpt: str) -> torch.nn.Module:
+    """The unmodified model a checkpoint was trained from, with its weights."""
+    import json
+
+    from autotp.models import build
+
+    from .checkpoint import read_serial_state
+
+    path = Path(ckpt)
+    if (path / "latest").exists():
+        path = path / (path / "latest").read_text().strip()
+    meta = json.loads((path / "autotp.json").read_text())
+    model = build(meta["model"])
+    model.load_state_dict(read_serial_state(path))
+    return model.eval()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"train": _train, "export": _export, "eval": _eval}
+    if argv and argv[0] in commands:
+        try:
+            with torch.no_grad() if argv[0] == "eval" else _null():
+                return commands[argv[0]](argv[1:])
+        except AutoTPError as e:
+            Console(stderr=True).print(render.error_view(e))
+            return 2
     args = _parser().parse_args(argv)
     console = Console(width=args.width, record=bool(getattr(args, "svg", None)))
     err = Console(stderr=True, width=args.width)

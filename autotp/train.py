@@ -46,13 +46,13 @@ class TrainConfig:
     tp: int = 2
     dp: int = 1
     data: str | None = None  # None: the Python standard library's source, as bytes
-    steps: int = 400
+    steps: int = 800
     batch: int = 16  # sequences per optimizer step, over all DP ranks
     seq: int = 128
     accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup: int = 40
+    warmup: int = 50
     weight_decay: float = 0.1
     clip: float = 1.0
     seed: int = 0

@@ -1,0 +1,191 @@
+"""The runner: training over TP x DP equals serial training, initialisation equals the
+serial model's, checkpoints resume exactly (also at another tp and dp), survive a killed
+save and a killed rank, and export to the unmodified model."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import autotp
+from autotp import data as data_mod
+from autotp.checkpoint import Checkpoints, read_serial_state
+from autotp.models import build
+from autotp.testing import run_on_gloo
+from autotp.train import TrainConfig, Trainer, lr_at
+
+BASE = TrainConfig(steps=5, batch=8, seq=32, accum=2, warmup=2, progress=False, eval_batches=2)
+
+
+def serial_training(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The same run on the unmodified model in one process: the oracle."""
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model).to(getattr(torch, cfg.dtype))
+    train, _ = data_mod.load(cfg.data).split(0.05)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        for micro in range(cfg.accum):
+            x, y = data_mod.batch(train, step, cfg.batch, cfg.seq, seed=cfg.seed, micro=micro,
+                                  micro_steps=cfg.accum)  # fmt: skip
+            _, loss = model(x.contiguous(), y.contiguous())
+            (loss / cfg.accum).backward()
+        norm = torch.sqrt(sum(p.grad.double().square().sum() for p in params))
+        scale = (cfg.clip / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(scale.to(p.grad.dtype))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _run(rank: int, world: int, cfg: TrainConfig, ckpt: str | None = None,
+         resume: bool = False, save_at: tuple[int, ...] = ()) -> dict:  # fmt: skip
+    trainer = Trainer(cfg)
+    ck = Checkpoints(ckpt) if ckpt else None
+    if ck and resume:
+        assert ck.resume(trainer)
+    start = {k: v.clone() for k, v in autotp.full_state_dict(trainer.module).items()}
+    while trainer.step < cfg.steps:
+        trainer.train_step()
+        if ck and trainer.step in save_at:
+            ck.save(trainer)
+    final = {k: v.clone() for k, v in autotp.full_state_dict(trainer.module).items()}
+    return {"start": start, "final": final, "losses": trainer.losses}
+
+
+def _largest(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+# Adam divides each update by the gradient's running RMS, so float32 rounding in a gradient
+# that is ~0 in exact arithmetic can move that weight by up to ~lr per step, in any two
+# float32 runs that sum in different orders; float32 is therefore checked at a smaller lr.
+@pytest.mark.parametrize(
+    ("dtype", "lr", "tol"), [("float64", BASE.lr, 1e-10), ("float32", 5e-4, 1e-5)]
+)
+def test_tp2_dp2_training_equals_serial(dtype: str, lr: float, tol: float) -> None:
+    cfg = dataclasses.replace(BASE, tp=2, dp=2, dtype=dtype, lr=lr, min_lr=lr / 10)
+    results = run_on_gloo(_run, 4, cfg)
+    want = serial_training(cfg)
+    for r in results:
+        assert _largest(r["final"], want) <= tol
+    assert len({tuple(r["losses"]) for r in results}) == 1  # every rank logged the same
+
+
+def test_initial_weights_equal_a_serial_initialisation() -> None:
+    cfg = dataclasses.replace(BASE, tp=2, steps=0)
+    results = run_on_gloo(_run, 2, cfg)
+    torch.manual_seed(cfg.seed)
+    serial = build(cfg.model).state_dict()
+    assert _largest(results[0]["start"], serial) == 0.0
+
+
+def test_a_rank_of_8_3b_holds_one_eighth_of_the_split_weights() -> None:
+    """On the meta device: what rank 3 of 8 would hold, without allocating anything."""
+    from autotp.materialise import build_rank_module
+
+    with torch.device("meta"):
+        model = build("megatron-8.3b")
+    p = autotp.plan(model, 8, model.example_inputs(batch=1, seq=64))
+    rank = build_rank_module(model, p.traced.gm, p.graph, p.splits, 3, 8,
+                             autotp.collectives.LocalComm(), p, "GPT2")  # fmt: skip
+    serial = dict(model.named_parameters())
+    split = sum(t.numel() for n, t in serial.items() if n in p.splits)
+    repl = sum(t.numel() for n, t in serial.items() if n not in p.splits)
+    held = sum(t.numel() for t in rank.parameters())
+    assert held == split // 8 + repl  # (51,200 rows divide by 8 x 128: no padding)
+    assert all(t.is_meta for t in rank.parameters())
+
+
+def test_resume_equals_uninterrupted_and_reshards(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(BASE, tp=2, steps=6, dtype="float64")
+    whole = run_on_gloo(_run, 2, cfg)[0]
+    ckpt = str(tmp_path / "run")
+    first = run_on_gloo(_run, 2, dataclasses.replace(cfg, steps=3), ckpt, False, (3,))[0]
+    again = run_on_gloo(_run, 2, cfg, ckpt, True)[0]
+    assert first["losses"] + again["losses"] == whole["losses"]  # the same losses, exactly
+    assert _largest(again["final"], whole["final"]) == 0.0
+    for tp, dp in ((1, 2), (4, 1)):  # load the tp=2 checkpoint at another layout
+        other = dataclasses.replace(cfg, tp=tp, dp=dp)
+        moved = run_on_gloo(_run, tp * dp, other, ckpt, True)[0]
+        assert _largest(moved["final"], whole["final"]) <= 1e-10
+
+
+def test_a_killed_save_never_replaces_the_last_good(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(BASE, tp=2, steps=2)
+    run_on_gloo(_run, 2, cfg, str(tmp_path), False, (2,))
+    broken = tmp_path / "step_00000004.tmp"  # what a save killed midway leaves
+    broken.mkdir()
+    (broken / "__0_0.distcp").write_bytes(b"partial")
+    assert Checkpoints(tmp_path).latest() == tmp_path / "step_00000002"
+    resumed = run_on_gloo(_run, 2, dataclasses.replace(cfg, steps=3), str(tmp_path), True)
+    assert len(resumed[0]["losses"]) == 1  # continued from step 2
+
+
+def test_export_loads_into_the_unmodified_model(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(BASE, tp=2, steps=2)
+    out = run_on_gloo(_run, 2, cfg, str(tmp_path / "ck"), False, (2,))[0]
+    autotp_cli = [sys.executable, "-m", "autotp", "export", str(tmp_path / "ck"),
+                  str(tmp_path / "gpt2.safetensors")]  # fmt: skip
+    subprocess.run(autotp_cli, check=True, capture_output=True)
+    from safetensors.torch import load_file
+
+    model = build(cfg.model)
+    model.load_state_dict(load_file(str(tmp_path / "gpt2.safetensors")), strict=True)
+    assert _largest(model.state_dict(), out["final"]) == 0.0
+    assert _largest(read_serial_state(tmp_path / "ck"), out["final"]) == 0.0
+
+
+def _launch(ckpt: Path, steps: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "autotp", "train", "--max-restarts", "2", "--steps",
+           str(steps), "--batch", "8", "--seq", "32", "--dtype", "float64", "--save-every", "5",
+           "--no-progress", "--ckpt-dir", str(ckpt), *extra]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def _workers() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "--", r"-m autotp\.train"], capture_output=True,
+                         text=True)  # fmt: skip
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_kill_9_of_a_rank_restarts_and_resumes(tmp_path: Path) -> None:
+    """torchrun restarts the group after a rank dies; training resumes from the last
+    checkpoint and ends with the parameters of an uninterrupted run."""
+    steps = 40
+    plain = _launch(tmp_path / "plain", steps)
+    output = plain.communicate(timeout=300)[0]
+    assert plain.returncode == 0, output
+    killed = _launch(tmp_path / "killed", steps)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "killed" / "step_00000010").exists():
+            assert time.time() < deadline and killed.poll() is None, "no checkpoint appeared"
+            time.sleep(0.05)
+        victims = _workers()
+        assert victims, "no worker to kill"
+        os.kill(victims[-1], signal.SIGKILL)
+        output = killed.communicate(timeout=300)[0]
+    finally:
+        if killed.poll() is None:  # take the launcher and its workers down together
+            os.killpg(killed.pid, signal.SIGKILL)
+            killed.communicate()
+    assert killed.returncode == 0, output
+    a = read_serial_state(tmp_path / "plain")
+    b = read_serial_state(tmp_path / "killed")
+    assert _largest(a, b) == 0.0
+    assert math.isfinite(float(a["lm_head.weight"].sum()))
