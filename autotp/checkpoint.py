@@ -90,6 +90,7 @@ class Checkpoints:
                 "model": trainer.cfg.model,
                 "seed": trainer.cfg.seed,
                 "dtype": trainer.cfg.dtype,
+                "seq": trainer.cfg.seq,
                 "tp": trainer.mesh.tp,
                 "dp": trainer.mesh.dp,
                 "step": step,

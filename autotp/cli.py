@@ -202,11 +202,12 @@ def _eval(argv: list[str]) -> int:
     ap.add_argument("ckpt")
     ap.add_argument("--text", help="a text file: sliding-window perplexity (bytes)")
     ap.add_argument("--lambada", help="passages, one a line: last-word accuracy")
-    ap.add_argument("--context", type=int, default=None, help="window (default: block size)")
+    ap.add_argument("--context", type=int, default=None,
+                    help="window (default: the sequence length it was trained at)")  # fmt: skip
     ap.add_argument("--stride", type=int, default=None, help="window step (default: half)")
     args = ap.parse_args(argv)
-    model = serial_model(args.ckpt)
-    context = args.context or model.config.block_size
+    model, meta = serial_model(args.ckpt)
+    context = args.context or meta.get("seq") or model.config.block_size
 
     def logits_fn(ids: torch.Tensor) -> torch.Tensor:
         return model(ids)[0]
@@ -223,8 +224,9 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
-def serial_model(ckpt: str) -> torch.nn.Module:
-    """The unmodified model a checkpoint was trained from, with its weights."""
+def serial_model(ckpt: str) -> tuple[torch.nn.Module, dict]:
+    """The unmodified model a checkpoint was trained from, with its weights, and the
+    checkpoint's description (autotp.json)."""
     import json
 
     from autotp.models import build
@@ -237,7 +239,7 @@ def serial_model(ckpt: str) -> torch.nn.Module:
     meta = json.loads((path / "autotp.json").read_text())
     model = build(meta["model"])
     model.load_state_dict(read_serial_state(path))
-    return model.eval()
+    return model.eval(), meta
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,6 +147,15 @@ def test_export_loads_into_the_unmodified_model(tmp_path: Path) -> None:
     model.load_state_dict(load_file(str(tmp_path / "gpt2.safetensors")), strict=True)
     assert _largest(model.state_dict(), out["final"]) == 0.0
     assert _largest(read_serial_state(tmp_path / "ck"), out["final"]) == 0.0
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    lamb = tmp_path / "l.txt"
+    lamb.write_text("import os\nfrom collections import defaultdict\n")
+    ev = subprocess.run([sys.executable, "-m", "autotp", "eval", str(tmp_path / "ck"), "--text",
+                         str(text), "--lambada", str(lamb)], capture_output=True, text=True)  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    assert "perplexity" in ev.stdout and "(context 32)" in ev.stdout  # the trained length
+    assert "last-word accuracy" in ev.stdout and "over 2 passages" in ev.stdout
 
 
 def _launch(ckpt: Path, steps: int, *extra: str) -> subprocess.Popen:
