@@ -151,8 +151,9 @@ def test_export_loads_into_the_unmodified_model(tmp_path: Path) -> None:
     text.write_text("def f(x):\n    return x + 1\n" * 20)
     lamb = tmp_path / "l.txt"
     lamb.write_text("import os\nfrom collections import defaultdict\n")
-    ev = subprocess.run([sys.executable, "-m", "autotp", "eval", str(tmp_path / "ck"), "--text",
-                         str(text), "--lambada", str(lamb)], capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "autotp", "eval", str(tmp_path / "ck"), "--text", str(text),
+           "--lambada", str(lamb)]  # fmt: skip
+    ev = subprocess.run(cmd, capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     assert "perplexity" in ev.stdout and "(context 32)" in ev.stdout  # the trained length
     assert "last-word accuracy" in ev.stdout and "over 2 passages" in ev.stdout
