@@ -264,11 +264,11 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, checkpoints: Any = None) -> dict[str, float]:
         c = self.cfg
-        lead = self.mesh.rank == 0 and c.progress
+        lead = self.mesh.rank == 0
         start = time.perf_counter()
         first = self.step
         tokens_per_step = c.batch * c.seq
-        progress = _progress(lead)
+        progress = _progress(lead and c.progress)
         with progress:
             task = progress.add_task("training", total=c.steps, completed=self.step,
                                      loss=float("nan"), tps=0.0)  # fmt: skip
@@ -341,10 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import Checkpoints
 
     cfg = config_from_args(argv)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     try:
         trainer = Trainer(cfg)
         ckpt = Checkpoints(cfg.ckpt_dir) if cfg.ckpt_dir else None
