@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import math
 import os
 import sys
@@ -336,6 +337,28 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(ns).items()})
 
 
+def init_process_group(backend: str, **kwargs: Any) -> None:
+    """torch.distributed.init_process_group, with this attempt's keys kept apart.
+
+    Under torchrun's agent store the workers of a restarted group meet in the same store
+    as the attempt before, and gloo can read a dead peer's address from it (seen here as
+    "Gloo connectFullMesh failed ... Connection refused" on every restart). A prefix per
+    restart attempt (TORCHELASTIC_RESTART_COUNT) keeps each attempt's keys its own."""
+    env = os.environ
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, **kwargs)
+        return
+    store = dist.TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+        timeout=datetime.timedelta(minutes=10),
+    )  # fmt: skip
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"autotp/attempt_{attempt}", store),
+        rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), **kwargs,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one process started by torchrun (`torchrun -m autotp.train`)."""
     from .checkpoint import Checkpoints
@@ -344,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        init_process_group("nccl", device_id=device)
     else:
-        dist.init_process_group("gloo")
+        init_process_group("gloo")
     try:
         trainer = Trainer(cfg)
         ckpt = Checkpoints(cfg.ckpt_dir) if cfg.ckpt_dir else None
