@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import inspect
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,14 +78,40 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
 
 
+def _build_real(cfg: TrainConfig) -> torch.nn.Module:
+    """An hf:NAME architecture from its default config, or a file.py:factory model, built
+    whole on the CPU from the run's seed (every rank builds the same and keeps its shards)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.model.startswith("hf:"):
+        from .cli import _HF
+
+        name = cfg.model[3:]
+        if name not in _HF or name == "bert":
+            raise AutoTPError(f"hf:{name}: autotp train takes hf:gpt2 or hf:llama")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        cfg_cls, model_cls = (getattr(transformers, n) for n in _HF[name])
+        return model_cls(cfg_cls(use_cache=False))
+    path, _, fn = cfg.model.partition(":")
+    if not path.endswith(".py") or not fn:
+        from autotp.models import CONFIGS
+
+        raise AutoTPError(
+            f"unknown model {cfg.model!r}: a named configuration ({', '.join(CONFIGS)}), "
+            "hf:gpt2, hf:llama, or path/to/file.py:factory"
+        )
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, fn)()
+
+
 def _build_meta(cfg: TrainConfig, vocab: int) -> torch.nn.Module:
     from autotp.models import CONFIGS, build
 
-    if cfg.model not in CONFIGS:
-        raise AutoTPError(
-            f"autotp train builds named models from autotp.models; {cfg.model!r} is not one "
-            f"(known: {', '.join(CONFIGS)})"
-        )
     conf = CONFIGS[cfg.model]
     if not hasattr(conf, "block_size"):
         raise AutoTPError(f"{cfg.model} is not a causal language model; train a GPT-2 config")
@@ -146,9 +174,21 @@ class Trainer:
         self.train_data, self.val_data = tokens.split(0.05)
         if cfg.batch % (cfg.dp * cfg.accum):
             raise AutoTPError(f"--batch {cfg.batch} must be divisible by dp x accum")
-        self.model = _build_meta(cfg, tokens.vocab_size)
-        rows = cfg.batch // (cfg.dp * cfg.accum)
-        example = self.model.example_inputs(batch=max(rows, 2), seq=cfg.seq)
+        from autotp.models import CONFIGS
+
+        on_meta = cfg.model in CONFIGS
+        if on_meta:
+            self.model = _build_meta(cfg, tokens.vocab_size)
+        else:
+            self.model = _build_real(cfg).to(self.dtype)
+        forward = inspect.signature(self.model.forward).parameters
+        self.hf = "input_ids" in forward and "labels" in forward
+        rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
+        if self.hf:
+            ids = torch.zeros(rows, cfg.seq, dtype=torch.long)
+            example: Any = {"input_ids": ids, "labels": ids}
+        else:
+            example = self.model.example_inputs(batch=rows, seq=cfg.seq)
         self.plan = plan(self.model, cfg.tp, example)
         m = self.mesh
         comm = ProcessGroupComm(m.tp_group)
@@ -156,8 +196,12 @@ class Trainer:
             self.model, self.plan.traced.gm, self.plan.graph, self.plan.splits, m.tp_rank,
             cfg.tp, comm, self.plan, self.plan.model_name, seed=cfg.seed,
         )  # fmt: skip
-        materialise(self.module, self.model, self.plan.splits, m.tp_rank, cfg.tp,
-                    self.device, self.dtype)  # fmt: skip
+        if on_meta:
+            materialise(self.module, self.model, self.plan.splits, m.tp_rank, cfg.tp,
+                        self.device, self.dtype)  # fmt: skip
+        else:  # shards were cut from the real model; drop the whole copy
+            self.module.to(self.device)
+            self.model = self.model.to("meta")
         self.module.train()
         self.params = list(dict.fromkeys(self.module.parameters()))  # tied once
         self.split_params = {
@@ -188,7 +232,7 @@ class Trainer:
         for micro in range(c.accum):
             x, y = self._micro(self.step, micro)
             with self._autocast():
-                _, loss = self.module(x, y)
+                loss = self.loss(x, y)
             (loss / c.accum).backward()
             total += loss.detach().double().cpu() / c.accum
         self._all_reduce_grads()
@@ -202,6 +246,14 @@ class Trainer:
         self.step += 1
         self.losses.append(total.item())
         return total.item()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The model's own loss: (logits, loss) = module(x, y) for autotp.models' GPT-2s
+        and factories alike; Hugging Face causal LMs shift labels themselves."""
+        if self.hf:
+            out = self.module(input_ids=x, labels=x)
+            return out.loss if hasattr(out, "loss") else out[0]
+        return self.module(x, y)[1]
 
     def _autocast(self):
         if self.cfg.amp and self.device.type == "cuda":
@@ -257,7 +309,7 @@ class Trainer:
         losses = []
         for x, y in data_mod.val_batches(self.val_data, self.cfg.seq, rows,
                                          batches or self.cfg.eval_batches):  # fmt: skip
-            _, loss = self.module(x.contiguous().to(self.device), y.contiguous().to(self.device))
+            loss = self.loss(x.contiguous().to(self.device), y.contiguous().to(self.device))
             losses.append(loss.double().item())
         self.module.train()
         return sum(losses) / max(len(losses), 1)

@@ -199,3 +199,52 @@ def test_kill_9_of_a_rank_restarts_and_resumes(tmp_path: Path) -> None:
     b = read_serial_state(tmp_path / "killed")
     assert _largest(a, b) == 0.0
     assert math.isfinite(float(a["lm_head.weight"].sum()))
+
+
+FACTORIES = """
+import torch
+
+
+def tiny_gpt2():
+    from autotp.models import build
+
+    return build("gpt2-tiny", vocab_size=256, block_size=64)
+
+
+def tiny_llama():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        use_cache=False))
+"""
+
+
+def _first_loss(rank: int, world: int, cfg: TrainConfig) -> float:
+    trainer = Trainer(cfg)
+    return trainer.train_step()
+
+
+@pytest.mark.parametrize("factory", ["tiny_gpt2", "tiny_llama"])
+def test_user_factories_and_hf_models_train(tmp_path: Path, factory: str) -> None:
+    """`--model file.py:fn` (here also a transformers Llama): built whole from the seed on
+    every rank, its shards cut from it; the first loss is the serial model's."""
+    path = tmp_path / "factories.py"
+    path.write_text(FACTORIES)
+    cfg = dataclasses.replace(BASE, model=f"{path}:{factory}", tp=2, accum=1, dtype="float64")
+    got = run_on_gloo(_first_loss, 2, cfg)[0]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("factories", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(cfg.seed)
+    model = getattr(mod, factory)().double()
+    train, _ = data_mod.load(None).split(0.05)
+    x, y = data_mod.batch(train, 0, cfg.batch, cfg.seq, seed=cfg.seed)
+    x, y = x.contiguous(), y.contiguous()
+    with torch.no_grad():
+        want = model(input_ids=x, labels=x).loss if factory == "tiny_llama" else model(x, y)[1]
+    assert abs(got - want.item()) <= 1e-6  # Llama's loss is float32 inside the model
