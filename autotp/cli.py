@@ -17,6 +17,7 @@ weights allocated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import sys
@@ -112,14 +113,6 @@ def _show(args: argparse.Namespace, console: Console) -> int:
         view = render.summary(p)
     console.print(view)
     return 0
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -247,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": _train, "export": _export, "eval": _eval}
     if argv and argv[0] in commands:
         try:
-            with torch.no_grad() if argv[0] == "eval" else _null():
+            with torch.no_grad() if argv[0] == "eval" else contextlib.nullcontext():
                 return commands[argv[0]](argv[1:])
         except AutoTPError as e:
             Console(stderr=True).print(render.error_view(e))
