@@ -1014,19 +1014,20 @@ def _check_split_params_used_only_split(c: _Ctx) -> None:
     aliases: dict[int, list[str]] = {}
     for name, p in c.gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
+    readers: dict[str, list[fx.Node]] = {}  # parameter name -> nodes reading it
+    for n in c.gm.graph.nodes:
+        if n.op == "get_attr":
+            readers.setdefault(str(n.target), []).extend(n.users)
+        elif n.op == "call_module" and n not in c.splits:
+            mod = c.gm.get_submodule(str(n.target))
+            for k, _ in mod.named_parameters():
+                readers.setdefault(f"{n.target}.{k}", []).append(n)
     for name in list(c.params):
-        names = set(aliases[id(c.gm.get_parameter(name))])
-        for n in c.gm.graph.nodes:
-            if n.op == "get_attr" and n.target in names:
-                for user in n.users:
-                    if not any((a, user) in c.split_uses for a in names):
-                        raise _conflict(c, user, name)
-            elif n.op == "call_module" and n not in c.splits:
-                owned = {
-                    f"{n.target}.{k}" for k, _ in c.gm.get_submodule(n.target).named_parameters()
-                }
-                if owned & names and not any((a, n) in c.split_uses for a in names):
-                    raise _conflict(c, n, name)
+        names = aliases[id(c.gm.get_parameter(name))]
+        for alias in names:
+            for user in readers.get(alias, []):
+                if not any((a, user) in c.split_uses for a in names):
+                    raise _conflict(c, user, name)
 
 
 def _conflict(c: _Ctx, user: fx.Node, name: str) -> Exception:

@@ -1,0 +1,64 @@
+"""Planning without the hardware: `plan()` and parallelize-on-meta (simulate's rank modules
+on the meta device) for the paper's 1.2B, 2.5B, 4.2B and 8.3B configurations at tp 1, 2,
+4 and 8: wall time and peak RSS, each in a fresh process so RSS is its own.
+Target: 8.3B at tp=8 planned in under 5 s and under 1 GiB RSS.
+
+    python bench/scale.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+import autotp
+from autotp.models import build
+name, tp = sys.argv[1], int(sys.argv[2])
+t0 = time.perf_counter()
+with torch.device("meta"):
+    model = build(name)
+x = model.example_inputs(batch=1, seq=1024)
+t1 = time.perf_counter()
+try:
+    plan = autotp.plan(model, tp, x)
+except autotp.AutoTPError as e:
+    print(json.dumps({"refused": str(e).splitlines()[0]}))
+    sys.exit(0)
+t2 = time.perf_counter()
+sim = autotp.simulate(model, tp, x)
+t3 = time.perf_counter()
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({"build": t1 - t0, "plan": t2 - t1, "meta_ranks": t3 - t2, "rss_gib": rss,
+                  "nodes": len(plan.graph.nodes)}))
+"""
+
+
+def main() -> None:
+    rows = []
+    for name in ("megatron-1.2b", "megatron-2.5b", "megatron-4.2b", "megatron-8.3b"):
+        for tp in (1, 2, 4, 8):
+            out = subprocess.run([sys.executable, "-c", CHILD, name, str(tp)],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            rows.append((name, tp, json.loads(out.stdout.strip().splitlines()[-1])))
+    print(f"{'model':15s} {'tp':>3s} {'nodes':>6s} {'build':>7s} {'plan':>7s} "
+          f"{'tp meta ranks':>14s} {'peak RSS':>9s}")  # fmt: skip
+    for name, tp, r in rows:
+        if "refused" in r:
+            print(f"{name:15s} {tp:3d}  refused: {r['refused'][-60:]}")
+            continue
+        print(f"{name:15s} {tp:3d} {r['nodes']:6d} {r['build']:6.2f}s {r['plan']:6.2f}s "
+              f"{r['meta_ranks']:13.2f}s {r['rss_gib']:7.2f} GiB")  # fmt: skip
+    last = rows[-1][2]
+    ok = last["plan"] < 5 and last["rss_gib"] < 1
+    print(
+        f"8.3B at tp=8: planned in {last['plan']:.2f} s with {last['rss_gib']:.2f} GiB peak "
+        f"RSS: target (<5 s, <1 GiB) {'met' if ok else 'NOT met'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
