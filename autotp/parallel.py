@@ -14,16 +14,11 @@ import torch.nn as nn
 from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .materialise import RankInfo, build_rank_module, gather
-from .plan import Plan, check_tp, plan
+from .plan import check_tp, plan
 from .shapes import VocabOptions
 from .simulate import SimulatedTP
 
 __all__ = ["parallelize", "simulate", "full_state_dict", "full_grads"]
-
-
-def _check_plan_model(p: Plan, tp: int) -> None:
-    if p.tp != tp:
-        raise AutoTPError(f"the plan was made for tp={p.tp}, not tp={tp}")
 
 
 def parallelize(
