@@ -217,7 +217,7 @@ def batch(
     rows = global_batch // (dp_size * micro_steps)
     start = (dp_rank * micro_steps + micro) * rows
     xy = data.windows(offsets[start : start + rows], seq + 1)
-    return xy[:, :-1], xy[:, 1:]
+    return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # models .view() them
 
 
 def val_batches(
@@ -243,4 +243,4 @@ def val_batches(
         if drop_last and len(offsets) < batch_size:
             return
         xy = data.windows(offsets, seq + 1)
-        yield xy[:, :-1], xy[:, 1:]
+        yield xy[:, :-1].contiguous(), xy[:, 1:].contiguous()

@@ -7,6 +7,7 @@ A Plan is pure data about the model; it holds no process group and copies no wei
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ class Plan:
     rules: tuple[Rule, ...] = field(default=())
     vocab: VocabOptions = field(default_factory=VocabOptions)
 
-    @property
+    @functools.cached_property
     def splits(self) -> dict[str, Shard]:
         """Parameter name -> split, for every split parameter (tied names included)."""
         out = dict(self.propagation.params)

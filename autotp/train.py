@@ -221,7 +221,7 @@ class Trainer:
             self.train_data, step, c.batch, c.seq, seed=c.seed, dp_rank=m.dp_rank,
             dp_size=c.dp, micro=micro, micro_steps=c.accum,
         )  # fmt: skip
-        return x.contiguous().to(self.device), y.contiguous().to(self.device)
+        return x.to(self.device), y.to(self.device)
 
     def train_step(self) -> float:
         c = self.cfg
@@ -309,7 +309,7 @@ class Trainer:
         losses = []
         for x, y in data_mod.val_batches(self.val_data, self.cfg.seq, rows,
                                          batches or self.cfg.eval_batches):  # fmt: skip
-            loss = self.loss(x.contiguous().to(self.device), y.contiguous().to(self.device))
+            loss = self.loss(x.to(self.device), y.to(self.device))
             losses.append(loss.double().item())
         self.module.train()
         return sum(losses) / max(len(losses), 1)
