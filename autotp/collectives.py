@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,7 +76,11 @@ class Comm:
     size: int = 1
     rank: int = 0
 
-    def all_reduce(self, t: torch.Tensor, direction: str, op: str = "sum") -> torch.Tensor:
+    def all_reduce(
+        self, t: torch.Tensor, direction: str, op: str = "sum", *, inplace: bool = False
+    ) -> torch.Tensor:
+        """The reduction of `t` over the group: a new tensor, or `t` itself reduced in
+        place when `inplace` (the caller owns `t`: nothing else reads it)."""
         raise NotImplementedError
 
     def all_gather(self, t: torch.Tensor, direction: str) -> list[torch.Tensor]:
@@ -85,7 +90,9 @@ class Comm:
 class LocalComm(Comm):
     """tp = 1: nothing to communicate."""
 
-    def all_reduce(self, t: torch.Tensor, direction: str, op: str = "sum") -> torch.Tensor:
+    def all_reduce(
+        self, t: torch.Tensor, direction: str, op: str = "sum", *, inplace: bool = False
+    ) -> torch.Tensor:
         return t
 
     def all_gather(self, t: torch.Tensor, direction: str) -> list[torch.Tensor]:
@@ -100,8 +107,12 @@ class ProcessGroupComm(Comm):
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
-    def all_reduce(self, t: torch.Tensor, direction: str, op: str = "sum") -> torch.Tensor:
-        out = t.contiguous().clone()
+    def all_reduce(
+        self, t: torch.Tensor, direction: str, op: str = "sum", *, inplace: bool = False
+    ) -> torch.Tensor:
+        out = t.contiguous()  # a copy already when t is not contiguous
+        if out is t and not inplace:
+            out = t.clone()
         _record(direction, out, "all_reduce" if op == "sum" else "all_reduce_max")
         reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
         dist.all_reduce(out, op=reduce_op, group=self.group)
@@ -121,7 +132,7 @@ class SimulatedComm(Comm):
     def __init__(self, size: int, rank: int) -> None:
         self.size, self.rank = size, rank
 
-    def all_reduce(self, t: torch.Tensor, direction: str, op: str = "sum") -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, direction: str, *args: Any, **kw: Any) -> torch.Tensor:
         raise RuntimeError("a simulated rank module cannot run alone; call the simulate module")
 
     all_gather = all_reduce  # type: ignore[assignment]
@@ -140,12 +151,15 @@ class _F(torch.autograd.Function):
 
 class _G(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:  # type: ignore[override]
-        return comm.all_reduce(x, "forward")
+    def forward(ctx, x: torch.Tensor, comm: Comm, inplace: bool) -> torch.Tensor:  # type: ignore[override]
+        out = comm.all_reduce(x, "forward", inplace=inplace)
+        if out is x:
+            ctx.mark_dirty(x)  # autograd refuses, loudly, if anything saved x for backward
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None
+        return grad, None, None
 
 
 class _Gather(torch.autograd.Function):
@@ -186,14 +200,15 @@ class CopyToTP(nn.Module):
 
 
 class ReduceFromTP(nn.Module):
-    """g: all-reduce (sum) forward, identity backward."""
+    """g: all-reduce (sum) forward, identity backward. `inplace=True` (set by the rewrite
+    where x is a fresh partial sum that only g reads) reduces x in place, saving a copy."""
 
     def __init__(self, comm: Comm) -> None:
         super().__init__()
         self.comm = comm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.comm.size == 1 else _G.apply(x, self.comm)
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        return x if self.comm.size == 1 else _G.apply(x, self.comm, inplace)
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"

@@ -121,7 +121,10 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
             local = "partial" if row else str(prop.placements[old])
             _tag(y, rule=rule, split=place, weight=li.weight, placement=local)
             if row:
-                g = graph.create_node("call_module", G_MODULE, (y,), {}, name=f"g_{node.name}")
+                # y is the new linear's output and g its only reader: reduce it in place
+                g = graph.create_node(
+                    "call_module", G_MODULE, (y,), {"inplace": True}, name=f"g_{node.name}"
+                )
                 _copy_meta(node, g)
                 why = "forward all-reduce: the row-split linear produces partial sums"
                 _tag(g, collective="g", rule=rule, placement="R", why=why)
@@ -175,7 +178,9 @@ def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: st
         rank = graph.get_attr(RANK_BUFFER)
         ids = node.args[li.ids_index]
         part = graph.call_function(vocab_embedding, (ids, w, rank, li.padding_idx))
-        g = graph.create_node("call_module", G_MODULE, (part,), {}, name=f"g_{node.name}")
+        g = graph.create_node(
+            "call_module", G_MODULE, (part,), {"inplace": True}, name=f"g_{node.name}"
+        )
     _tag(w, rule=rule, placement=f"vocab shard of {li.weight}")
     for new in (part, g):
         _copy_meta(node, new)
@@ -195,9 +200,11 @@ def _vocab_parallel_loss(graph: fx.Graph, node: fx.Node, info: LossInfo) -> fx.N
     made = []
     with graph.inserting_before(node):
         rank = graph.get_attr(RANK_BUFFER)
-        local_max = graph.call_function(vocab_row_max, (logits, rank, info.vocab))
+        # the real vocabulary size, for masking padding columns; None when there are none
+        vocab = info.vocab if info.padded != info.vocab else None
+        local_max = graph.call_function(vocab_row_max, (logits, rank, vocab))
         row_max = graph.create_node("call_module", MAX_MODULE, (local_max,), {}, name="row_max")
-        terms = graph.call_function(vocab_ce_terms, (logits, row_max, target, rank, info.vocab))
+        terms = graph.call_function(vocab_ce_terms, (logits, row_max, target, rank, vocab))
         t_local = graph.call_function(operator.getitem, (terms, 0))
         s_local = graph.call_function(operator.getitem, (terms, 1))
         t = graph.create_node("call_module", G_MODULE, (t_local,), {}, name="target_logit")

@@ -50,11 +50,48 @@ def _real_columns(logits: torch.Tensor, rank: torch.Tensor, vocab: int) -> torch
     return cols < vocab
 
 
-def vocab_row_max(logits: torch.Tensor, rank: torch.Tensor, vocab: int) -> torch.Tensor:
+def vocab_row_max(logits: torch.Tensor, rank: torch.Tensor, vocab: int | None) -> torch.Tensor:
     """The largest real logit of each row in this rank's slice (no gradient: the loss does
-    not depend on the shift)."""
-    real = _real_columns(logits, rank, vocab)
-    return logits.detach().masked_fill(~real, float("-inf")).amax(dim=-1)
+    not depend on the shift). `vocab` None: no rank holds padding columns."""
+    logits = logits.detach()
+    if vocab is not None:
+        logits = logits.masked_fill(~_real_columns(logits, rank, vocab), float("-inf"))
+    return logits.amax(dim=-1)
+
+
+class _CETerms(torch.autograd.Function):
+    """The two per-row terms, with a backward of one pass over the logits as in
+    Megatron-LM's fused vocab-parallel cross-entropy: d/dz of `sum exp(z)` is `exp(z)`,
+    kept from the forward, and the target logit's gradient is one scatter."""
+
+    @staticmethod
+    def forward(ctx, logits, row_max, target, rank, vocab):  # type: ignore[override]
+        n = logits.shape[-1]
+        z = logits - row_max.unsqueeze(-1)
+        if vocab is not None:
+            z.masked_fill_(~_real_columns(logits, rank, vocab), float("-inf"))
+        local = target - _local_range(n, rank)
+        inside = (local >= 0) & (local < n)
+        local = local.clamp(0, n - 1).unsqueeze(-1)
+        picked = z.gather(-1, local).squeeze(-1)
+        target_logit = torch.where(inside, picked, torch.zeros_like(picked))
+        exp = z.exp_()  # z is not needed again; its exponentials are what backward needs
+        sum_exp = exp.sum(dim=-1)
+        ctx.save_for_backward(exp, local, inside, sum_exp)
+        return target_logit, sum_exp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_t, grad_s):  # type: ignore[override]
+        exp, local, inside, sum_exp = ctx.saved_tensors
+        grad_t = torch.where(inside, grad_t, torch.zeros_like(grad_t))
+        grad = grad_max = None
+        if ctx.needs_input_grad[0]:
+            grad = exp * grad_s.unsqueeze(-1)
+            grad.scatter_add_(-1, local, grad_t.unsqueeze(-1))
+        if ctx.needs_input_grad[1]:  # z = logits - m: dz/dm is -1 in every column
+            grad_max = -(grad_t + grad_s * sum_exp)
+        return grad, grad_max, None, None, None
 
 
 def vocab_ce_terms(
@@ -62,18 +99,12 @@ def vocab_ce_terms(
     row_max: torch.Tensor,
     target: torch.Tensor,
     rank: torch.Tensor,
-    vocab: int,
+    vocab: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the target logit (0 unless the target is in its slice) and of
-    the sum of exponentials, both shifted by the global row max."""
-    n = logits.shape[-1]
-    z = logits - row_max.unsqueeze(-1)
-    z = z.masked_fill(~_real_columns(logits, rank, vocab), float("-inf"))
-    local = target - _local_range(n, rank)
-    inside = (local >= 0) & (local < n)
-    picked = z.gather(-1, local.clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
-    target_logit = torch.where(inside, picked, torch.zeros_like(picked))
-    return target_logit, z.exp().sum(dim=-1)
+    the sum of exponentials, both shifted by the global row max. `vocab` None: no rank
+    holds padding columns, so none is masked."""
+    return _CETerms.apply(logits, row_max, target, rank, vocab)
 
 
 def vocab_ce_reduce(

@@ -109,3 +109,28 @@ def _vocab_on_rank(rank: int, world: int, tied: bool) -> float:
 @pytest.mark.parametrize("tied", [True, False])
 def test_on_gloo(tied: bool) -> None:
     assert max(run_on_gloo(_vocab_on_rank, 2, tied)) <= 1e-10
+
+
+@pytest.mark.parametrize("vocab", [20, None])  # padding columns on the last rank, or none
+def test_ce_terms_backward_is_the_derivative(vocab) -> None:
+    """The fused backward of the per-row terms equals the finite-difference derivative,
+    for the logits and for the row max."""
+    from autotp.vocab import vocab_ce_terms
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    row_max = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    target = torch.tensor([16, 17, 18, 0, 19])  # in this rank's slice [16, 24) or not
+    rank = torch.tensor(2)
+
+    def terms(lg, m):
+        return vocab_ce_terms(lg, m, target, rank, vocab)
+
+    assert torch.autograd.gradcheck(terms, (logits, row_max))
+    t, s = terms(logits, row_max)
+    real = 8 if vocab is None else vocab - 16
+    z = logits.detach()[:, :real] - row_max.detach()[:, None]
+    assert torch.allclose(s, z.exp().sum(-1), rtol=1e-14)
+    inside = (target >= 16) & (target < 16 + real)
+    expect = torch.where(inside, z.gather(1, (target - 16).clamp(0, real - 1)[:, None])[:, 0], 0)
+    assert torch.equal(t, expect)

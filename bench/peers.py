@@ -1,0 +1,412 @@
+"""The peers autotp is measured against, on the same models, and a neutral collective count.
+
+- `CollectiveCounter`: every collective dispatched on this rank while it is active, as
+  (phase, op, payload bytes), seen at the dispatcher, so autotp's `dist.all_reduce`s and
+  DTensor's functional collectives are counted by the same code from what ran.
+- `dtensor_model`: PyTorch's own tensor parallel, `parallelize_module` with the
+  hand-written Colwise/Rowwise plan a user writes for each model (reference GPT-2 and BERT,
+  and the Hugging Face ones), plus the model edits DTensor needs: local head counts in the
+  attention forward, the fused QKV weight regrouped by heads, GPT-2's `Conv1D`s as
+  `nn.Linear`s, tied weights re-tied. The loss runs under `loss_parallel()`.
+- `MegatronGPT2`: the reference GPT-2 as a Megatron-LM user writes it by hand: plain local
+  tensors, column/row-parallel linears, one `f` per block input, one `g` per block output,
+  a vocab-parallel embedding and cross-entropy.
+
+Each is built from the serial model's weights, so all compute the serial function (checked
+in tests/test_peers.py in float64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import types
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    loss_parallel,
+    parallelize_module,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ---------------------------------------------------------------------------------------
+# counting
+
+
+_NAMESPACES = {"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"}
+_COLLECTIVE_WORDS = ("reduce", "gather", "scatter", "all_to_all", "alltoall", "broadcast")
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
+def _normalise(op: str) -> str:
+    op = op.rstrip("_")
+    if op in ("allreduce", "all_reduce", "allreduce_coalesced", "all_reduce_coalesced"):
+        return "all_reduce"
+    if "gather" in op:
+        return "all_gather"
+    if "reduce_scatter" in op:
+        return "reduce_scatter"
+    return op
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Collectives dispatched on this rank while active: `log` holds (phase, op, bytes),
+    phase "backward" when autograd's engine is running a backward, bytes the size of the
+    tensor this rank passes in. Ops on DTensors are first let through (NotImplemented),
+    so the collectives DTensor desugars them into are what is counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, str, int]] = []
+        self.elements: list[int] = []  # of each logged collective's payload
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):  # noqa: ANN001
+        if any(issubclass(t, DTensor) for t in types_):
+            return NotImplemented
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if func.namespace in _NAMESPACES and any(w in name for w in _COLLECTIVE_WORDS):
+            op = _normalise(name)
+            phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+            # c10d's in-place all-gathers take (outputs, inputs); the others take the
+            # input first
+            payload = args[1] if name in ("allgather_", "_allgather_base_") else args[0]
+            tensors = _tensors(payload)
+            self.log.append((phase, op, sum(t.numel() * t.element_size() for t in tensors)))
+            self.elements.append(sum(t.numel() for t in tensors))
+        return func(*args, **kwargs)
+
+    def summary(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(phase, op) -> (count, bytes)."""
+        counts: Counter = Counter()
+        sizes: Counter = Counter()
+        for phase, op, n in self.log:
+            counts[phase, op] += 1
+            sizes[phase, op] += n
+        return {k: (counts[k], sizes[k]) for k in counts}
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch DTensor tensor parallel, with the plan and the model edits a user writes
+
+
+def _conv1d_to_linear(model: nn.Module) -> None:
+    """Hugging Face GPT-2's `Conv1D` (weight [in, out]) is not a module
+    Colwise/RowwiseParallel accept: swap each for the `nn.Linear` it is."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "Conv1D":
+                n_in, n_out = child.weight.shape
+                lin = nn.Linear(n_in, n_out, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(child.weight.t())
+                    lin.bias.copy_(child.bias)
+                setattr(parent, name, lin)
+
+
+def _regroup_qkv(linear: nn.Linear, tp: int) -> None:
+    """Reorder a fused [Q | K | V] projection's output features to [Q_0 K_0 V_0 | Q_1 ...]
+    so that a contiguous Shard(0) gives rank r its own heads of all three."""
+    with torch.no_grad():
+        for p in (linear.weight, linear.bias):
+            if p is None:
+                continue
+            parts = p.chunk(3, dim=0)  # Q, K, V, each [C, ...]
+            per_rank = [torch.cat([x.chunk(tp, dim=0)[r] for x in parts]) for r in range(tp)]
+            p.copy_(torch.cat(per_rank))
+
+
+def _gpt2_local_attention(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The reference GPT-2 attention with the local width: the model's own forward takes
+    C from its input and `n_head` from its config, both wrong on a shard."""
+    B, T, _ = x.size()
+    C = self.n_embd // self.tp
+    nh = self.n_head // self.tp
+    q, k, v = self.c_attn(x).split(C, dim=2)
+    k = k.view(B, T, nh, C // nh).transpose(1, 2)
+    q = q.view(B, T, nh, C // nh).transpose(1, 2)
+    v = v.view(B, T, nh, C // nh).transpose(1, 2)
+    if self.flash:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        future = x.new_ones((T, T), dtype=torch.bool).triu(1)
+        att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)
+        y = self.attn_dropout(att) @ v
+    y = y.transpose(1, 2).contiguous().view(B, T, C)
+    return self.resid_dropout(self.c_proj(y))
+
+
+def _bert_local_attention(self: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference BERT self-attention with the local width (see above)."""
+    B, T, _ = x.size()
+    nh = self.num_heads // self.tp
+    q = self.query(x).view(B, T, nh, self.head_dim).transpose(1, 2)
+    k = self.key(x).view(B, T, nh, self.head_dim).transpose(1, 2)
+    v = self.value(x).view(B, T, nh, self.head_dim).transpose(1, 2)
+    att = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask, dim=-1)
+    y = self.dropout(att) @ v
+    return y.transpose(1, 2).contiguous().view(B, T, nh * self.head_dim)
+
+
+def _shard_vocab_bias(module: nn.Module, mesh: DeviceMesh) -> None:
+    """BERT's MLM head adds a vocab-sized bias to logits that are DTensors split along the
+    vocabulary: split the bias the same way."""
+    module.bias = nn.Parameter(distribute_tensor(module.bias.detach(), mesh, [Shard(0)]))
+
+
+def _retie(model: nn.Module, a: str, b: str) -> None:
+    """Point module path `b`'s weight at module path `a`'s (distributed) weight."""
+    model.get_submodule(b).weight = model.get_submodule(a).weight
+
+
+def _gpt2_plan(prefix: str, n_layer: int, mlp: tuple[str, str], lm_head: str, wte: str):
+    colwise, rowwise = ColwiseParallel(), RowwiseParallel()
+    plan: dict[str, Any] = {wte: RowwiseParallel(input_layouts=Replicate())}
+    for i in range(n_layer):
+        plan[f"{prefix}.{i}.attn.c_attn"] = colwise
+        plan[f"{prefix}.{i}.attn.c_proj"] = rowwise
+        plan[f"{prefix}.{i}.mlp.{mlp[0]}"] = colwise
+        plan[f"{prefix}.{i}.mlp.{mlp[1]}"] = rowwise
+    plan[lm_head] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    return plan
+
+
+def _bert_plan(prefix: str, n_layer: int, decoder: str, embedding: str):
+    colwise, rowwise = ColwiseParallel(), RowwiseParallel()
+    plan: dict[str, Any] = {embedding: RowwiseParallel(input_layouts=Replicate())}
+    for i in range(n_layer):
+        layer = f"{prefix}.{i}"
+        for qkv in ("query", "key", "value"):
+            plan[f"{layer}.attention.self.{qkv}"] = colwise
+        plan[f"{layer}.attention.output.dense"] = rowwise
+        plan[f"{layer}.intermediate.dense"] = colwise
+        plan[f"{layer}.output.dense"] = rowwise
+    plan[decoder] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    return plan
+
+
+def dtensor_model(kind: str, model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """A copy of `model` parallelised with DTensor over the 1-D `mesh`.
+
+    kind: "gpt2" / "bert" (the reference models), "hf-gpt2" / "hf-bert-mlm"
+    (transformers' GPT2LMHeadModel and BertForMaskedLM)."""
+    tp = mesh.size()
+    model = copy.deepcopy(model)
+    if kind == "gpt2":
+        n_layer = model.config.n_layer
+        for block in model.transformer.h:
+            _regroup_qkv(block.attn.c_attn, tp)
+            block.attn.tp = tp
+            block.attn.forward = types.MethodType(_gpt2_local_attention, block.attn)
+        plan = _gpt2_plan("transformer.h", n_layer, ("c_fc", "c_proj"), "lm_head",
+                          "transformer.wte")  # fmt: skip
+        parallelize_module(model, mesh, plan)
+        if model.config.tie_word_embeddings:
+            _retie(model, "transformer.wte", "lm_head")
+    elif kind == "hf-gpt2":
+        _conv1d_to_linear(model)
+        for block in model.transformer.h:
+            _regroup_qkv(block.attn.c_attn, tp)
+            block.attn.split_size //= tp  # its views use -1 heads
+        plan = _gpt2_plan("transformer.h", model.config.n_layer, ("c_fc", "c_proj"), "lm_head",
+                          "transformer.wte")  # fmt: skip
+        parallelize_module(model, mesh, plan)
+        _retie(model, "transformer.wte", "lm_head")
+    elif kind == "bert":
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.tp = tp
+            layer.attention.self.forward = types.MethodType(
+                _bert_local_attention, layer.attention.self
+            )
+        plan = _bert_plan("bert.encoder.layer", model.config.num_hidden_layers,
+                          "cls.predictions.decoder", "bert.embeddings.word_embeddings")  # fmt: skip
+        parallelize_module(model, mesh, plan)
+        _shard_vocab_bias(model.cls.predictions, mesh)
+        if model.config.tie_word_embeddings:
+            _retie(model, "bert.embeddings.word_embeddings", "cls.predictions.decoder")
+    elif kind == "hf-bert-mlm":
+        # transformers' BERT views heads as -1: nothing to edit in its attention
+        head = model.cls.predictions
+        plan = _bert_plan("bert.encoder.layer", model.config.num_hidden_layers,
+                          "cls.predictions.decoder", "bert.embeddings.word_embeddings")  # fmt: skip
+        parallelize_module(model, mesh, plan)
+        head.bias = head.decoder.bias  # tied in the model; distribute_module replaced one
+        _retie(model, "bert.embeddings.word_embeddings", "cls.predictions.decoder")
+    else:
+        raise ValueError(f"dtensor_model: unknown kind {kind!r}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Megatron-LM, written by hand for the reference GPT-2
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Megatron's f: identity forward, all-reduce of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # noqa: ANN001
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Megatron's g: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # noqa: ANN001
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        return grad, None
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Megatron's vocab-parallel cross-entropy (mean over rows): three all-reduces of one
+    number per row; the backward is local (softmax minus one-hot on this rank's slice)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, start, group):  # noqa: ANN001
+        row_max = logits.max(dim=-1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)
+        local = target - start
+        mine = (local >= 0) & (local < logits.size(-1))
+        local = local.clamp(0, logits.size(-1) - 1)
+        picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1) * mine
+        dist.all_reduce(picked, group=group)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local, mine)
+        return (sum_exp.log() - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        softmax, local, mine = ctx.saved_tensors
+        g = softmax.clone()
+        g.scatter_add_(-1, local.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
+        return g * (grad / local.numel()), None, None, None
+
+
+def _cut(t: torch.Tensor, dim: int, rank: int, tp: int) -> nn.Parameter:
+    return nn.Parameter(t.detach().chunk(tp, dim=dim)[rank].clone())
+
+
+class _MegatronBlock(nn.Module):
+    def __init__(self, block: nn.Module, rank: int, tp: int, group: Any) -> None:
+        super().__init__()
+        self.group = group
+        C = block.attn.n_embd
+        self.n_head, self.width = block.attn.n_head // tp, C // tp
+        self.flash = block.attn.flash
+        self.ln_1, self.ln_2 = copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2)
+        w, b = block.attn.c_attn.weight, block.attn.c_attn.bias
+        # column-parallel QKV: this rank's heads of each of Q, K and V
+        self.qkv_w = nn.Parameter(torch.cat([_cut(x, 0, rank, tp) for x in w.chunk(3)]).detach())
+        self.qkv_b = nn.Parameter(torch.cat([_cut(x, 0, rank, tp) for x in b.chunk(3)]).detach())
+        self.proj_w = _cut(block.attn.c_proj.weight, 1, rank, tp)  # row-parallel
+        self.proj_b = nn.Parameter(block.attn.c_proj.bias.detach().clone())
+        self.fc_w = _cut(block.mlp.c_fc.weight, 0, rank, tp)
+        self.fc_b = _cut(block.mlp.c_fc.bias, 0, rank, tp)
+        self.out_w = _cut(block.mlp.c_proj.weight, 1, rank, tp)
+        self.out_b = nn.Parameter(block.mlp.c_proj.bias.detach().clone())
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = F.linear(x, self.qkv_w, self.qkv_b).split(self.width, dim=2)
+        hs = self.width // self.n_head
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+            future = x.new_ones((T, T), dtype=torch.bool).triu(1)
+            y = F.softmax(att.masked_fill(future, float("-inf")), dim=-1) @ v
+        return y.transpose(1, 2).contiguous().view(B, T, self.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _CopyToTP.apply(self.ln_1(x), self.group)
+        h = _ReduceFromTP.apply(F.linear(self.attention(h), self.proj_w), self.group)
+        x = x + h + self.proj_b
+        h = _CopyToTP.apply(self.ln_2(x), self.group)
+        h = F.gelu(F.linear(h, self.fc_w, self.fc_b), approximate="tanh")
+        h = _ReduceFromTP.apply(F.linear(h, self.out_w), self.group)
+        return x + h + self.out_b
+
+
+class MegatronGPT2(nn.Module):
+    """This rank's shard of the reference GPT-2 (tied embeddings, no dropout), written the
+    Megatron-LM way: `forward(idx, targets) -> (local logits, loss)`. The vocabulary must
+    divide by tp (the bench picks one that does)."""
+
+    def __init__(self, model: nn.Module, rank: int, tp: int, group: Any = None) -> None:
+        super().__init__()
+        cfg = model.config
+        if cfg.dropout or not cfg.tie_word_embeddings or cfg.vocab_size % tp:
+            raise ValueError("MegatronGPT2: tied embeddings, no dropout, vocab % tp == 0")
+        self.group = group
+        self.start = rank * cfg.vocab_size // tp
+        self.wte = _cut(model.transformer.wte.weight, 0, rank, tp)  # vocab-parallel, tied
+        self.wpe = copy.deepcopy(model.transformer.wpe)
+        self.h = nn.ModuleList(_MegatronBlock(b, rank, tp, group) for b in model.transformer.h)
+        self.ln_f = copy.deepcopy(model.transformer.ln_f)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        local = idx - self.start
+        outside = (local < 0) | (local >= self.wte.size(0))
+        emb = F.embedding(local.masked_fill(outside, 0), self.wte)
+        emb = _ReduceFromTP.apply(emb.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
+        x = emb + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        for block in self.h:
+            x = block(x)
+        x = _CopyToTP.apply(self.ln_f(x), self.group)
+        logits = F.linear(x, self.wte)  # (B, T, vocab / tp)
+        loss = _VocabParallelCE.apply(
+            logits.flatten(0, 1), targets.flatten(), self.start, self.group
+        )
+        return logits, loss
+
+
+# ---------------------------------------------------------------------------------------
+# one training step of each
+
+
+def step(kind: str, module: nn.Module, inputs: dict) -> torch.Tensor:
+    """Forward and backward; `kind` "dtensor" runs both under `loss_parallel()`. Returns
+    the loss, detached."""
+    with loss_parallel() if kind == "dtensor" else contextlib.nullcontext():
+        out = module(**inputs)
+        loss = out[1] if isinstance(out, tuple) else out.loss
+        loss.backward()
+    if isinstance(loss, DTensor):
+        loss = loss.full_tensor()
+    return loss.detach()
