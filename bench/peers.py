@@ -177,29 +177,30 @@ def _retie(model: nn.Module, a: str, b: str) -> None:
     model.get_submodule(b).weight = model.get_submodule(a).weight
 
 
-def _gpt2_plan(prefix: str, n_layer: int, mlp: tuple[str, str], lm_head: str, wte: str):
-    colwise, rowwise = ColwiseParallel(), RowwiseParallel()
-    plan: dict[str, Any] = {wte: RowwiseParallel(input_layouts=Replicate())}
-    for i in range(n_layer):
-        plan[f"{prefix}.{i}.attn.c_attn"] = colwise
-        plan[f"{prefix}.{i}.attn.c_proj"] = rowwise
-        plan[f"{prefix}.{i}.mlp.{mlp[0]}"] = colwise
-        plan[f"{prefix}.{i}.mlp.{mlp[1]}"] = rowwise
-    plan[lm_head] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-    return plan
+# (layer list, column-split linears, row-split linears, embedding, output layer), per family
+_LAYOUTS = {
+    "gpt2": ("transformer.h", ("attn.c_attn", "mlp.c_fc"), ("attn.c_proj", "mlp.c_proj"),
+             "transformer.wte", "lm_head"),
+    "bert": ("bert.encoder.layer",
+             ("attention.self.query", "attention.self.key", "attention.self.value",
+              "intermediate.dense"),
+             ("attention.output.dense", "output.dense"),
+             "bert.embeddings.word_embeddings", "cls.predictions.decoder"),
+}  # fmt: skip
 
 
-def _bert_plan(prefix: str, n_layer: int, decoder: str, embedding: str):
-    colwise, rowwise = ColwiseParallel(), RowwiseParallel()
-    plan: dict[str, Any] = {embedding: RowwiseParallel(input_layouts=Replicate())}
+def _plan(family: str, n_layer: int) -> dict[str, Any]:
+    """The Colwise/Rowwise plan of PyTorch's tensor-parallel tutorial, spelled out for
+    every layer: column-split linears, row-split linears, the embedding split along the
+    vocabulary, the output layer's logits left split for `loss_parallel`."""
+    layers, columns, rows, embedding, head = _LAYOUTS[family]
+    plan: dict[str, Any] = {
+        embedding: RowwiseParallel(input_layouts=Replicate()),
+        head: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+    }
     for i in range(n_layer):
-        layer = f"{prefix}.{i}"
-        for qkv in ("query", "key", "value"):
-            plan[f"{layer}.attention.self.{qkv}"] = colwise
-        plan[f"{layer}.attention.output.dense"] = rowwise
-        plan[f"{layer}.intermediate.dense"] = colwise
-        plan[f"{layer}.output.dense"] = rowwise
-    plan[decoder] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        plan |= {f"{layers}.{i}.{name}": ColwiseParallel() for name in columns}
+        plan |= {f"{layers}.{i}.{name}": RowwiseParallel() for name in rows}
     return plan
 
 
@@ -208,50 +209,34 @@ def dtensor_model(kind: str, model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 
     kind: "gpt2" / "bert" (the reference models), "hf-gpt2" / "hf-bert-mlm"
     (transformers' GPT2LMHeadModel and BertForMaskedLM)."""
+    if kind not in ("gpt2", "hf-gpt2", "bert", "hf-bert-mlm"):
+        raise ValueError(f"dtensor_model: unknown kind {kind!r}")
     tp = mesh.size()
     model = copy.deepcopy(model)
-    if kind == "gpt2":
-        n_layer = model.config.n_layer
-        for block in model.transformer.h:
-            _regroup_qkv(block.attn.c_attn, tp)
-            block.attn.tp = tp
-            block.attn.forward = types.MethodType(_gpt2_local_attention, block.attn)
-        plan = _gpt2_plan("transformer.h", n_layer, ("c_fc", "c_proj"), "lm_head",
-                          "transformer.wte")  # fmt: skip
-        parallelize_module(model, mesh, plan)
-        if model.config.tie_word_embeddings:
-            _retie(model, "transformer.wte", "lm_head")
-    elif kind == "hf-gpt2":
+    family = "gpt2" if kind.endswith("gpt2") else "bert"
+    if kind == "hf-gpt2":
         _conv1d_to_linear(model)
+    if family == "gpt2":
         for block in model.transformer.h:
             _regroup_qkv(block.attn.c_attn, tp)
-            block.attn.split_size //= tp  # its views use -1 heads
-        plan = _gpt2_plan("transformer.h", model.config.n_layer, ("c_fc", "c_proj"), "lm_head",
-                          "transformer.wte")  # fmt: skip
-        parallelize_module(model, mesh, plan)
-        _retie(model, "transformer.wte", "lm_head")
-    elif kind == "bert":
+            if kind == "gpt2":
+                block.attn.tp = tp
+                block.attn.forward = types.MethodType(_gpt2_local_attention, block.attn)
+            else:
+                block.attn.split_size //= tp  # transformers' views use -1 heads
+    elif kind == "bert":  # transformers' BERT views heads as -1: nothing to edit there
         for layer in model.bert.encoder.layer:
-            layer.attention.self.tp = tp
-            layer.attention.self.forward = types.MethodType(
-                _bert_local_attention, layer.attention.self
-            )
-        plan = _bert_plan("bert.encoder.layer", model.config.num_hidden_layers,
-                          "cls.predictions.decoder", "bert.embeddings.word_embeddings")  # fmt: skip
-        parallelize_module(model, mesh, plan)
+            attention = layer.attention.self
+            attention.tp = tp
+            attention.forward = types.MethodType(_bert_local_attention, attention)
+    n_layer = model.config.n_layer if family == "gpt2" else model.config.num_hidden_layers
+    parallelize_module(model, mesh, _plan(family, n_layer))
+    if kind == "bert":
         _shard_vocab_bias(model.cls.predictions, mesh)
-        if model.config.tie_word_embeddings:
-            _retie(model, "bert.embeddings.word_embeddings", "cls.predictions.decoder")
-    elif kind == "hf-bert-mlm":
-        # transformers' BERT views heads as -1: nothing to edit in its attention
-        head = model.cls.predictions
-        plan = _bert_plan("bert.encoder.layer", model.config.num_hidden_layers,
-                          "cls.predictions.decoder", "bert.embeddings.word_embeddings")  # fmt: skip
-        parallelize_module(model, mesh, plan)
-        head.bias = head.decoder.bias  # tied in the model; distribute_module replaced one
-        _retie(model, "bert.embeddings.word_embeddings", "cls.predictions.decoder")
-    else:
-        raise ValueError(f"dtensor_model: unknown kind {kind!r}")
+    elif kind == "hf-bert-mlm":  # the head's bias is the decoder's, which was split
+        model.cls.predictions.bias = model.cls.predictions.decoder.bias
+    if getattr(model.config, "tie_word_embeddings", True):
+        _retie(model, _LAYOUTS[family][3], _LAYOUTS[family][4])
     return model
 
 
