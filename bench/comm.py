@@ -94,13 +94,12 @@ def optimum(kind: str, sizes: Sizes = Sizes(), itemsize: int = 4) -> dict[str, t
     }
 
 
-def _per_phase(counter: peers.CollectiveCounter) -> dict[str, tuple[int, int]]:
-    out = {}
-    for phase in ("forward", "backward"):
-        rows = [(op, n) for p, op, n in counter.log if p == phase]
-        out[phase] = (len(rows), sum(n for _, n in rows))
-    out["ops"] = sorted({op for _, op, _ in counter.log})
-    return out
+def per_phase(log: list[peers.Collective]) -> dict[str, tuple[int, int]]:
+    """phase -> (count, bytes), as `optimum` gives them."""
+    return {
+        phase: (sum(c.phase == phase for c in log), sum(c.nbytes for c in log if c.phase == phase))
+        for phase in ("forward", "backward")
+    }
 
 
 def _rank(rank: int, world: int, kinds: tuple[str, ...]) -> dict:
@@ -111,18 +110,21 @@ def _rank(rank: int, world: int, kinds: tuple[str, ...]) -> dict:
     for kind in kinds:
         model, x = make(kind)
         vocab = autotp.VocabOptions(gather_outputs=False)  # the peers keep logits split too
-        ranks = {
-            "autotp": ("autotp", autotp.parallelize(model, world, x, vocab=vocab)),
-            "DTensor": ("dtensor", peers.dtensor_model(kind, model, mesh)),
+        methods = {
+            "autotp": autotp.parallelize(model, world, x, vocab=vocab),
+            "DTensor": peers.dtensor_model(kind, model, mesh),
         }
         if kind == "gpt2":  # the Megatron-LM way, written by hand (reference GPT-2 only)
-            ranks["by hand"] = ("megatron", peers.MegatronGPT2(model, rank, world))
-        serial = peers.step("serial", model, x).item()
-        for name, (how, module) in ranks.items():
+            methods["by hand"] = peers.MegatronGPT2(model, rank, world)
+        serial = peers.step(model, x).item()
+        for name, module in methods.items():
             counter = peers.CollectiveCounter()
             with counter:
-                loss = peers.step(how, module, x).item()
-            results[kind, name] = _per_phase(counter) | {"loss": abs(loss - serial)}
+                loss = peers.step(module, x, dtensor=name == "DTensor").item()
+            results[kind, name] = per_phase(counter.log) | {
+                "ops": sorted({c.op for c in counter.log}),
+                "loss": abs(loss - serial),
+            }
     return results
 
 
@@ -156,10 +158,8 @@ def main() -> None:
             for name, r, diff in rows:
                 (nf, bf), (nb, bb) = r["forward"], r["backward"]
                 ratio = (bf + bb) / total_best
-                if name in extra and (r["forward"], r["backward"]) != (
-                    best["forward"],
-                    best["backward"],
-                ):
+                optimal = (r["forward"], r["backward"]) == (best["forward"], best["backward"])
+                if name in extra and not optimal:
                     extra[name].append(f"{kind} tp={tp}: {nf}+{nb} vs "
                                        f"{best['forward'][0]}+{best['backward'][0]}")  # fmt: skip
                 print(f"{kind:12s} {tp:2d} {name:9s} {nf:4d} {nb:4d} {bf * mib:8.2f} "

@@ -22,8 +22,7 @@ import contextlib
 import copy
 import math
 import types
-from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -66,16 +65,21 @@ def _normalise(op: str) -> str:
     return op
 
 
+class Collective(NamedTuple):
+    phase: str  # "forward", or "backward" when autograd's engine ran it
+    op: str  # all_reduce, all_gather, reduce_scatter, ...
+    elements: int  # of the tensor(s) this rank passes in
+    nbytes: int
+
+
 class CollectiveCounter(TorchDispatchMode):
-    """Collectives dispatched on this rank while active: `log` holds (phase, op, bytes),
-    phase "backward" when autograd's engine is running a backward, bytes the size of the
-    tensor this rank passes in. Ops on DTensors are first let through (NotImplemented),
-    so the collectives DTensor desugars them into are what is counted."""
+    """Collectives dispatched on this rank while active, in `log`. Ops on DTensors are
+    first let through (NotImplemented), so the collectives DTensor desugars them into
+    are what is counted."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.log: list[tuple[str, str, int]] = []
-        self.elements: list[int] = []  # of each logged collective's payload
+        self.log: list[Collective] = []
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):  # noqa: ANN001
         if any(issubclass(t, DTensor) for t in types_):
@@ -89,18 +93,10 @@ class CollectiveCounter(TorchDispatchMode):
             # input first
             payload = args[1] if name in ("allgather_", "_allgather_base_") else args[0]
             tensors = _tensors(payload)
-            self.log.append((phase, op, sum(t.numel() * t.element_size() for t in tensors)))
-            self.elements.append(sum(t.numel() for t in tensors))
+            elements = sum(t.numel() for t in tensors)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            self.log.append(Collective(phase, op, elements, nbytes))
         return func(*args, **kwargs)
-
-    def summary(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(phase, op) -> (count, bytes)."""
-        counts: Counter = Counter()
-        sizes: Counter = Counter()
-        for phase, op, n in self.log:
-            counts[phase, op] += 1
-            sizes[phase, op] += n
-        return {k: (counts[k], sizes[k]) for k in counts}
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,25 +129,25 @@ def _regroup_qkv(linear: nn.Linear, tp: int) -> None:
             p.copy_(torch.cat(per_rank))
 
 
-def _gpt2_local_attention(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The reference GPT-2 attention with the local width: the model's own forward takes
-    C from its input and `n_head` from its config, both wrong on a shard."""
-    B, T, _ = x.size()
-    C = self.n_embd // self.tp
-    nh = self.n_head // self.tp
-    q, k, v = self.c_attn(x).split(C, dim=2)
-    k = k.view(B, T, nh, C // nh).transpose(1, 2)
-    q = q.view(B, T, nh, C // nh).transpose(1, 2)
-    v = v.view(B, T, nh, C // nh).transpose(1, 2)
-    if self.flash:
+def _causal_attention(qkv: torch.Tensor, n_head: int, flash: bool) -> torch.Tensor:
+    """GPT-2's attention over a rank's heads: `qkv` is (B, T, 3 * width) laid out
+    [Q | K | V] of those heads; returns (B, T, width). No dropout (the bench runs none)."""
+    B, T, three_width = qkv.shape
+    width = three_width // 3
+    q, k, v = (t.view(B, T, n_head, width // n_head).transpose(1, 2) for t in qkv.split(width, 2))
+    if flash:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        future = x.new_ones((T, T), dtype=torch.bool).triu(1)
-        att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)
-        y = self.attn_dropout(att) @ v
-    y = y.transpose(1, 2).contiguous().view(B, T, C)
-    return self.resid_dropout(self.c_proj(y))
+        future = qkv.new_ones((T, T), dtype=torch.bool).triu(1)
+        y = F.softmax(att.masked_fill(future, float("-inf")), dim=-1) @ v
+    return y.transpose(1, 2).contiguous().view(B, T, width)
+
+
+def _gpt2_local_attention(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The reference GPT-2 attention with the local width: the model's own forward takes
+    C from its input and `n_head` from its config, both wrong on a shard."""
+    return self.c_proj(_causal_attention(self.c_attn(x), self.n_head // self.tp, self.flash))
 
 
 def _bert_local_attention(self: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -216,6 +212,8 @@ def dtensor_model(kind: str, model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     family = "gpt2" if kind.endswith("gpt2") else "bert"
     if kind == "hf-gpt2":
         _conv1d_to_linear(model)
+    if kind == "gpt2" and model.config.dropout:
+        raise ValueError("dtensor_model: the local GPT-2 attention here runs no dropout")
     if family == "gpt2":
         for block in model.transformer.h:
             _regroup_qkv(block.attn.c_attn, tp)
@@ -310,8 +308,7 @@ class _MegatronBlock(nn.Module):
     def __init__(self, block: nn.Module, rank: int, tp: int, group: Any) -> None:
         super().__init__()
         self.group = group
-        C = block.attn.n_embd
-        self.n_head, self.width = block.attn.n_head // tp, C // tp
+        self.n_head = block.attn.n_head // tp
         self.flash = block.attn.flash
         self.ln_1, self.ln_2 = copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2)
         w, b = block.attn.c_attn.weight, block.attn.c_attn.bias
@@ -325,22 +322,10 @@ class _MegatronBlock(nn.Module):
         self.out_w = _cut(block.mlp.c_proj.weight, 1, rank, tp)
         self.out_b = nn.Parameter(block.mlp.c_proj.bias.detach().clone())
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = F.linear(x, self.qkv_w, self.qkv_b).split(self.width, dim=2)
-        hs = self.width // self.n_head
-        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
-        if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
-            future = x.new_ones((T, T), dtype=torch.bool).triu(1)
-            y = F.softmax(att.masked_fill(future, float("-inf")), dim=-1) @ v
-        return y.transpose(1, 2).contiguous().view(B, T, self.width)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = _CopyToTP.apply(self.ln_1(x), self.group)
-        h = _ReduceFromTP.apply(F.linear(self.attention(h), self.proj_w), self.group)
+        h = _causal_attention(F.linear(h, self.qkv_w, self.qkv_b), self.n_head, self.flash)
+        h = _ReduceFromTP.apply(F.linear(h, self.proj_w), self.group)
         x = x + h + self.proj_b
         h = _CopyToTP.apply(self.ln_2(x), self.group)
         h = F.gelu(F.linear(h, self.fc_w, self.fc_b), approximate="tanh")
@@ -385,10 +370,10 @@ class MegatronGPT2(nn.Module):
 # one training step of each
 
 
-def step(kind: str, module: nn.Module, inputs: dict) -> torch.Tensor:
-    """Forward and backward; `kind` "dtensor" runs both under `loss_parallel()`. Returns
-    the loss, detached."""
-    with loss_parallel() if kind == "dtensor" else contextlib.nullcontext():
+def step(module: nn.Module, inputs: dict, *, dtensor: bool = False) -> torch.Tensor:
+    """Forward and backward (under `loss_parallel()` for a DTensor model, whose logits
+    are split DTensors). Returns the loss, detached."""
+    with loss_parallel() if dtensor else contextlib.nullcontext():
         out = module(**inputs)
         loss = out[1] if isinstance(out, tuple) else out.loss
         loss.backward()

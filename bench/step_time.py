@@ -24,19 +24,19 @@ import torch
 import torch.distributed as dist
 
 import autotp
-from autotp.models import build
 from autotp.testing import run_on_gloo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comm  # noqa: E402
 import peers  # noqa: E402
 
 METHODS = ("serial", "autotp", "DTensor", "by hand")
 
 
-def _timed(how: str, module: torch.nn.Module, x: dict, run: bool) -> tuple[float, float]:
+def _timed(module: torch.nn.Module, x: dict, run: bool, dtensor: bool) -> tuple[float, float]:
     dist.barrier()
     t = time.perf_counter()
-    loss = peers.step(how, module, x).item() if run else float("nan")
+    loss = peers.step(module, x, dtensor=dtensor).item() if run else float("nan")
     elapsed = torch.tensor([time.perf_counter() - t])
     dist.barrier()
     module.zero_grad(set_to_none=True)
@@ -44,29 +44,25 @@ def _timed(how: str, module: torch.nn.Module, x: dict, run: bool) -> tuple[float
     return elapsed.item(), loss
 
 
-def _rank(rank: int, world: int, cfg: dict, batch: int, seq: int, warmup: int, steps: int):
+def _rank(rank: int, world: int, sizes: comm.Sizes, warmup: int, steps: int):
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.manual_seed(0)
-    model = build("gpt2", **cfg)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
-    x = {"idx": ids, "targets": ids.roll(-1, dims=1)}
+    model, x = comm.make("gpt2", sizes)
     vocab = autotp.VocabOptions(gather_outputs=False)  # the peers keep logits split too
     mesh = init_device_mesh("cpu", (world,))
     modules = {
-        "serial": ("serial", model),  # on rank 0; the others wait at the barrier
-        "autotp": ("autotp", autotp.parallelize(model, world, x, vocab=vocab)),
-        "DTensor": ("dtensor", peers.dtensor_model("gpt2", model, mesh)),
-        "by hand": ("megatron", peers.MegatronGPT2(model, rank, world)),
-    }  # fmt: skip
+        "serial": model,  # on rank 0; the others wait at the barrier
+        "autotp": autotp.parallelize(model, world, x, vocab=vocab),
+        "DTensor": peers.dtensor_model("gpt2", model, mesh),
+        "by hand": peers.MegatronGPT2(model, rank, world),
+    }
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     losses: dict[str, float] = {}
     for i in range(warmup + steps):
         order = METHODS[i % 4 :] + METHODS[: i % 4]
         for m in order:
-            how, module = modules[m]
-            t, loss = _timed(how, module, x, run=m != "serial" or rank == 0)
+            run = m != "serial" or rank == 0
+            t, loss = _timed(modules[m], x, run, dtensor=m == "DTensor")
             if i >= warmup:
                 times[m].append(t)
             losses.setdefault(m, loss)
@@ -85,8 +81,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    cfg = dict(n_layer=args.layers, n_embd=args.hidden, n_head=args.heads,
-               vocab_size=args.vocab, block_size=args.seq)  # fmt: skip
+    sizes = comm.Sizes(layers=args.layers, hidden=args.hidden, heads=args.heads,
+                       vocab=args.vocab, batch=args.batch, seq=args.seq)  # fmt: skip
     start = time.perf_counter()
     print(f"GPT-2, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocabulary "
           f"{args.vocab}, float32, batch {args.batch} x seq {args.seq}; forward + backward; "
@@ -97,8 +93,7 @@ def main() -> None:
           + "  |loss - serial| autotp, DTensor, by hand")  # fmt: skip
     summary = []
     for tp in args.tps:
-        ranks = run_on_gloo(_rank, tp, cfg, args.batch, args.seq, args.warmup, args.steps,
-                            timeout=600)  # fmt: skip
+        ranks = run_on_gloo(_rank, tp, sizes, args.warmup, args.steps, timeout=600)
         med, losses = ranks[0]
         hand, dt = med["autotp"] / med["by hand"], med["autotp"] / med["DTensor"]
         speedup = med["serial"] / med["autotp"]

@@ -51,7 +51,7 @@ def _check(rank: int, world: int, kinds: tuple[str, ...], sizes: comm.Sizes) -> 
     for kind in kinds:
         model, x = comm.make(kind, sizes)
         model = model.double()
-        loss = peers.step("serial", model, x)
+        loss = peers.step(model, x)
         grads = {n: p.grad for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)  # the peers copy parts of the model, grads too
         tests = [("dtensor", peers.dtensor_model(kind, model, mesh))]
@@ -59,7 +59,7 @@ def _check(rank: int, world: int, kinds: tuple[str, ...], sizes: comm.Sizes) -> 
             tests.append(("megatron", peers.MegatronGPT2(model, rank, world)))
         for how, module in tests:
             key = f"{kind}/{how}"
-            got = peers.step(how, module, x)
+            got = peers.step(module, x, dtensor=how == "dtensor")
             diffs = [abs(got - loss).item()]
             if how == "dtensor":
                 params = dict(module.named_parameters())
@@ -71,20 +71,17 @@ def _check(rank: int, world: int, kinds: tuple[str, ...], sizes: comm.Sizes) -> 
                 n = module.wte.shape[0]
                 serial_wte = grads[EMBEDDING[kind]][rank * n : (rank + 1) * n]
                 diffs.append((module.wte.grad - serial_wte).abs().max().item())
-                diffs.append(
-                    (module.ln_f.weight.grad - grads["transformer.ln_f.weight"]).abs().max().item()
-                )
-                diffs.append(
-                    (module.wpe.weight.grad - grads["transformer.wpe.weight"]).abs().max().item()
-                )
+                for mine, name in ((module.ln_f, "ln_f"), (module.wpe, "wpe")):
+                    serial = grads[f"transformer.{name}.weight"]
+                    diffs.append((mine.weight.grad - serial).abs().max().item())
             worst[key] = max(diffs)
         # the counter sees what autotp's own log sees, and Megatron's optimum
         ours = autotp.parallelize(model, world, x, vocab=autotp.VocabOptions(gather_outputs=False))
         counter = peers.CollectiveCounter()
         with autotp.count_collectives() as log, counter:
-            peers.step("autotp", ours, x)
-        seen = [(p, e) for (p, _, _), e in zip(counter.log, counter.elements, strict=True)]
-        counts[kind] = (seen, [(d, n) for _, d, n in log.events], counter.log)
+            peers.step(ours, x)
+        seen = [(c.phase, c.elements) for c in counter.log]
+        counts[kind] = (seen, [(d, n) for _, d, n in log.events], comm.per_phase(counter.log))
     return {"worst": worst, "counts": counts}
 
 
@@ -106,9 +103,7 @@ def test_peers_compute_the_serial_function(on_gloo) -> None:
 
 def test_counter_agrees_with_autotp_and_the_optimum(on_gloo) -> None:
     for kind in KINDS:
-        seen, logged, in_bytes = on_gloo[0]["counts"][kind]
+        seen, logged, phases = on_gloo[0]["counts"][kind]
         assert seen == logged, kind  # same collectives, same order, same sizes
-        best = comm.optimum(kind, SIZES, itemsize=8)
-        for phase in ("forward", "backward"):
-            mine = [n for p, _, n in in_bytes if p == phase]
-            assert (len(mine), sum(mine)) == best[phase], (kind, phase)
+        # (count, bytes) per phase
+        assert phases == comm.optimum(kind, SIZES, itemsize=8), kind
