@@ -4,9 +4,10 @@
     g: forward all-reduce, backward identity    (after a row-split block)
 
 `torch.distributed.nn.functional.all_reduce` cannot serve as g: its backward all-reduces
-too, multiplying gradients by tp (REFERENCE.md trap 7). In the rewritten graph f and g are
-the submodules `tp_f` and `tp_g`; `simulate` runs the same graph with all ranks in one
-process and replaces them by the in-process versions below.
+too, multiplying gradients by tp. In the rewritten graph f and g are submodules under
+`tp_f` and `tp_g`, one per call site (tools that track modules, such as CommDebugMode,
+expect a module to run once per forward); `simulate` runs the same graph with all ranks in
+one process and replaces them by the in-process versions below.
 
 Every all-reduce that runs is recorded by `count_collectives()`, so tests count the
 collectives that actually ran in forward and backward.
@@ -208,7 +209,12 @@ class ReduceFromTP(nn.Module):
         self.comm = comm
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        return x if self.comm.size == 1 else _G.apply(x, self.comm, inplace)
+        if self.comm.size == 1:
+            return x
+        # In place only on a tensor that owns its memory: a module hook (e.g. the full
+        # backward hooks CommDebugMode installs) hands forward a view of the partial sum,
+        # and autograd forbids modifying such a view in place.
+        return _G.apply(x, self.comm, inplace and not x._is_view())
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"

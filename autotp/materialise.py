@@ -12,6 +12,7 @@ large configurations are sized without weights.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from .rewrite import (
     GATHER_MODULE,
     MAX_MODULE,
     RANK_BUFFER,
+    site_kind,
 )
 from .shapes import Shard
 
@@ -76,6 +78,13 @@ def gather(
 def _fresh_module(mod: nn.Module, new_tensor) -> nn.Module:
     """A shallow copy of a leaf module with its own parameters and buffers."""
     m = copy.copy(mod)
+    for k, v in vars(mod).items():  # hooks and sets of its own: nothing leaks back or across
+        if (
+            isinstance(v, (dict, set))
+            and k.startswith("_")
+            and k not in ("_parameters", "_buffers", "_modules")
+        ):
+            m.__dict__[k] = copy.copy(v)
     m._parameters = {k: None if p is None else new_tensor(p) for k, p in mod._parameters.items()}
     m._buffers = {k: None if b is None else new_tensor(b) for k, b in mod._buffers.items()}
     m._modules = {k: _fresh_module(s, new_tensor) for k, s in mod._modules.items()}
@@ -134,16 +143,19 @@ def build_rank_module(
         return made[key]
 
     random = RankRandom(seed, rank)
-    root: dict[str, object] = {
-        F_MODULE: CopyToTP(comm),
-        G_MODULE: ReduceFromTP(comm),
-        MAX_MODULE: ReduceMaxTP(comm),
-        GATHER_MODULE: GatherFromTP(comm),
-        RANK_BUFFER: torch.tensor(rank, device=_device_of(model)),
-        **{name: StreamDropout(random, stream) for stream, name in DROPOUT_MODULES.items()},
+    sites: dict[str, Callable[[], nn.Module]] = {
+        F_MODULE: lambda: CopyToTP(comm),
+        G_MODULE: lambda: ReduceFromTP(comm),
+        MAX_MODULE: lambda: ReduceMaxTP(comm),
+        GATHER_MODULE: lambda: GatherFromTP(comm),
     }
+    for stream, name in DROPOUT_MODULES.items():
+        sites[name] = lambda s=stream: StreamDropout(random, s)
+    root: dict[str, object] = {RANK_BUFFER: torch.tensor(rank, device=_device_of(model))}
     for n in graph.nodes:
-        if n.op == "call_module" and n.target not in root:
+        if n.op == "call_module" and site_kind(n.target) in sites:
+            root[n.target] = sites[site_kind(n.target)]()
+        elif n.op == "call_module" and n.target not in root:
             root[n.target] = _fresh_module(source.get_submodule(n.target), new_tensor)
         elif n.op == "get_attr" and n.target not in root:
             t = _lookup(source, n.target)
@@ -162,8 +174,21 @@ def build_rank_module(
             gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
     gm.get_submodule("")._non_persistent_buffers_set.add(RANK_BUFFER)
     gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan, random)
-    gm.train(model.training)  # dropout follows the mode the model was in, as serial would
+    _copy_modes(model, gm)
     return gm
+
+
+def _copy_modes(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Every module's train/eval flag as the user set it on the same path of `model` (an
+    eval-mode encoder inside a train-mode wrapper stays in eval); a dropout site takes the
+    flag of the dropout module it replaces."""
+    serial = dict(model.named_modules())
+    for path, mod in gm.named_modules():
+        mod.training = serial[path].training if path in serial else model.training
+    for n in gm.graph.nodes:
+        owner = n.meta.get("autotp", {}).get("dropout_of") if n.op == "call_module" else None
+        if owner is not None and owner in serial:
+            gm.get_submodule(str(n.target)).training = serial[owner].training
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -5,7 +5,8 @@ replicated values (so they stay bitwise identical across ranks), and a *rank* on
 differently on each rank, for dropout inside split regions (each rank masks its own
 shard independently, as serial dropout would mask the whole). Megatron's tracker is
 CUDA-only; this one is not. Which stream a dropout uses is decided by the placement of
-its input (shapes.py); the rewrite points it at `tp_dropout_shared` or `tp_dropout_rank`.
+its input (shapes.py); the rewrite gives each dropout call site a module of its own under
+`tp_dropout_shared` or `tp_dropout_rank`.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class StreamDropout(nn.Module):
         super().__init__()
         self.random, self.stream = random, stream
 
-    def forward(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        if not self.training or p == 0.0:
+    def forward(self, x: torch.Tensor, p: float, training: bool | None = None) -> torch.Tensor:
+        """`training` given: a functional dropout's own flag; None: this module's mode."""
+        if not (self.training if training is None else training) or p == 0.0:
             return x
         if p == 1.0:
             return x * 0.0

@@ -5,7 +5,7 @@ and then, in this order:
   1. inserts one f (`tp_f`) per replicated value that feeds split compute, shared by all
      its split consumers (Q, K and V read the same f);
   2. replaces each split linear by its functional form on the local shard; a row-split
-     linear is followed by g (`tp_g`) and then its bias (REFERENCE.md trap 6);
+     linear is followed by g (`tp_g`) and then its bias;
   3. rewrites the shape arguments that propagation marked (`split(C)` -> `split(C/tp)`,
      `view(B, T, 12, 64)` -> `view(B, T, 12/tp, 64)`, `view(B, T, C)` -> `view(B, T, C//tp)`).
 The graph is identical on every rank; only the parameters differ (materialise.py).
@@ -28,12 +28,21 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import ops
+from .errors import node_error
 from .match import EmbeddingInfo, Match
 from .rule import Row
 from .shapes import ArgEdit, DivideByTP, LossInfo, Propagation, Shard
 from .vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
 
-__all__ = ["rewrite", "F_MODULE", "G_MODULE", "MAX_MODULE", "GATHER_MODULE", "RANK_BUFFER"]
+__all__ = [
+    "rewrite",
+    "site_kind",
+    "F_MODULE",
+    "G_MODULE",
+    "MAX_MODULE",
+    "GATHER_MODULE",
+    "RANK_BUFFER",
+]
 
 F_MODULE = "tp_f"  # identity forward, all-reduce backward
 G_MODULE = "tp_g"  # all-reduce forward, identity backward
@@ -84,7 +93,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     for value, consumers in prop.f_inputs.items():
         src = env[value]
         with graph.inserting_after(src):
-            f = graph.create_node("call_module", F_MODULE, (src,), {}, name=f"f_{src.name}")
+            f = _site(graph, F_MODULE, (src,), {}, f"f_{src.name}")
         f.meta = {"val": src.meta.get("val"), "stack_trace": src.meta.get("stack_trace")}
         f.meta["nn_module_stack"] = src.meta.get("nn_module_stack", {})
         rules = sorted({rule_of.get(c, "propagation") for c in consumers})
@@ -122,9 +131,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
             _tag(y, rule=rule, split=place, weight=li.weight, placement=local)
             if row:
                 # y is the new linear's output and g its only reader: reduce it in place
-                g = graph.create_node(
-                    "call_module", G_MODULE, (y,), {"inplace": True}, name=f"g_{node.name}"
-                )
+                g = _site(graph, G_MODULE, (y,), {"inplace": True}, f"g_{node.name}")
                 _copy_meta(node, g)
                 why = "forward all-reduce: the row-split linear produces partial sums"
                 _tag(g, collective="g", rule=rule, placement="R", why=why)
@@ -150,10 +157,9 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
             _tag(env[old], split_output=(shard, size))
             continue
         with graph.inserting_before(out_node):
-            gather = graph.create_node(
-                "call_module", GATHER_MODULE, (env[old], shard.dim, size), {},
-                name=f"gather_{env[old].name}",
-            )  # fmt: skip
+            gather = _site(
+                graph, GATHER_MODULE, (env[old], shard.dim, size), {}, f"gather_{env[old].name}"
+            )
         _copy_meta(env[old], gather)
         _tag(gather, collective="gather", placement="R", rule="output",
              why=f"the model returns this value; all-gather along dim {shard.dim}")  # fmt: skip
@@ -164,6 +170,20 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
 
     graph.lint()
     return graph
+
+
+def _site(graph: fx.Graph, kind: str, args: tuple, kwargs: dict, name: str) -> fx.Node:
+    """A call of a module of its own, `kind.<node name>`: every collective and dropout call
+    site has one, so module hooks and tools that track modules (CommDebugMode) see each
+    module run once per forward, as in the serial model."""
+    node = graph.create_node("call_module", kind, args, kwargs, name=name)
+    node.target = f"{kind}.{node.name}"
+    return node
+
+
+def site_kind(target: object) -> str:
+    """The kind of a per-site module (F_MODULE, G_MODULE, ...) from its target."""
+    return str(target).split(".", 1)[0]
 
 
 def _placement_text(p: object) -> str:
@@ -178,9 +198,7 @@ def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: st
         rank = graph.get_attr(RANK_BUFFER)
         ids = node.args[li.ids_index]
         part = graph.call_function(vocab_embedding, (ids, w, rank, li.padding_idx))
-        g = graph.create_node(
-            "call_module", G_MODULE, (part,), {"inplace": True}, name=f"g_{node.name}"
-        )
+        g = _site(graph, G_MODULE, (part,), {"inplace": True}, f"g_{node.name}")
     _tag(w, rule=rule, placement=f"vocab shard of {li.weight}")
     for new in (part, g):
         _copy_meta(node, new)
@@ -203,12 +221,12 @@ def _vocab_parallel_loss(graph: fx.Graph, node: fx.Node, info: LossInfo) -> fx.N
         # the real vocabulary size, for masking padding columns; None when there are none
         vocab = info.vocab if info.padded != info.vocab else None
         local_max = graph.call_function(vocab_row_max, (logits, rank, vocab))
-        row_max = graph.create_node("call_module", MAX_MODULE, (local_max,), {}, name="row_max")
+        row_max = _site(graph, MAX_MODULE, (local_max,), {}, "row_max")
         terms = graph.call_function(vocab_ce_terms, (logits, row_max, target, rank, vocab))
         t_local = graph.call_function(operator.getitem, (terms, 0))
         s_local = graph.call_function(operator.getitem, (terms, 1))
-        t = graph.create_node("call_module", G_MODULE, (t_local,), {}, name="target_logit")
-        s = graph.create_node("call_module", G_MODULE, (s_local,), {}, name="sum_exp")
+        t = _site(graph, G_MODULE, (t_local,), {}, "target_logit")
+        s = _site(graph, G_MODULE, (s_local,), {}, "sum_exp")
         loss = graph.call_function(
             vocab_ce_reduce, (s, t, target, info.ignore_index, info.reduction)
         )
@@ -232,18 +250,38 @@ def _stream_dropout(
     graph: fx.Graph, gm: fx.GraphModule, old: fx.Node, node: fx.Node, placement: object
 ) -> None:
     """Dropout on a split value uses the rank's own stream, on a replicated value the
-    stream shared by all ranks (random.py); the module's train()/eval() decides."""
+    stream shared by all ranks (random.py). Each call site gets a module of its own. A
+    dropout module's site follows that module's own train()/eval() flag (copied when the
+    rank module is built); a functional dropout keeps its `training` argument as traced
+    (F.dropout's default is True, whatever the module's mode)."""
     if old.op == "call_module":
-        p = gm.get_submodule(str(old.target)).p
+        mod = gm.get_submodule(str(old.target))
+        p, training, inplace = mod.p, None, getattr(mod, "inplace", False)
+        owner: str | None = str(old.target)
     else:
+        aten = isinstance(old.target, torch._ops.OpOverload) or old.target is torch.dropout
         p = old.args[1] if len(old.args) > 1 else old.kwargs.get("p", 0.5)
+        key = "train" if aten else "training"
+        training = old.args[2] if len(old.args) > 2 else old.kwargs.get(key, True)
+        inplace = bool(old.args[3] if len(old.args) > 3 else old.kwargs.get("inplace", False))
+        owner = None
+        if isinstance(training, fx.Node) or isinstance(p, fx.Node):
+            raise node_error(
+                old, "dropout with a computed `p` or `training` argument",
+                "pass Python values (a float p, training=self.training), so the choice is "
+                "known when the model is planned",
+            )  # fmt: skip
+    if inplace and training is not False and p != 0.0:
+        raise node_error(
+            old, "in-place dropout: the parallel module computes dropout out of place",
+            "use inplace=False (nn.Dropout(p) / F.dropout(x, p)); the result is the same",
+        )  # fmt: skip
     stream = "rank" if isinstance(placement, Shard) else "shared"
     with graph.inserting_before(node):
-        new = graph.create_node(
-            "call_module", DROPOUT_MODULES[stream], (node.args[0], p), {}, name=node.name + "_"
-        )
+        args = (node.args[0], p) if training is None else (node.args[0], p, bool(training))
+        new = _site(graph, DROPOUT_MODULES[stream], args, {}, node.name + "_")
     _copy_meta(node, new)
-    _tag(new, placement=str(placement), dropout=stream,
+    _tag(new, placement=str(placement), dropout=stream, dropout_of=owner,
          why=f"dropout on a {'split' if stream == 'rank' else 'replicated'} value")  # fmt: skip
     node.replace_all_uses_with(new)
     graph.erase_node(node)

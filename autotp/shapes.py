@@ -10,7 +10,7 @@ The rule table `_TABLE` has one entry per normalised op (ops.py). An op whose in
 all R is replicated compute and always correct, so only ops touched by a split value need
 an entry; a split value reaching an op with no entry is refused, naming the node.
 
-Shape constants are rewritten by provenance, never by value (REFERENCE.md trap 3): the
+Shape constants are rewritten by provenance, never by value: the
 view/split entries know which output dimension carries the split and rewrite exactly the
 argument for that dimension: a literal is divided, an int computed from replicated sizes
 gets a `// tp`, an int computed from local sizes stays, and -1 stays.

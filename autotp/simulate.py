@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .collectives import simulated_f, simulated_g, simulated_gather, simulated_max
-from .rewrite import F_MODULE, G_MODULE, GATHER_MODULE, MAX_MODULE
+from .rewrite import F_MODULE, G_MODULE, GATHER_MODULE, MAX_MODULE, site_kind
 from .shapes import Shard
 
 _SIMULATED = {
@@ -52,6 +52,7 @@ class SimulatedTP(nn.Module):
     def __init__(self, ranks: list[fx.GraphModule]) -> None:
         super().__init__()
         self.ranks = nn.ModuleList(ranks)
+        self.rank_outputs: list[Any] = []  # each rank's own outputs from the last forward
         self._signature = inspect.signature(ranks[0].forward)
         self.train(ranks[0].training)
 
@@ -73,27 +74,59 @@ class SimulatedTP(nn.Module):
         envs: list[dict[fx.Node, Any]] = [{} for _ in ranks]
         for it, env in zip(interps, envs, strict=True):
             it.env = env
+        rng = _GlobalRNG()
         for node in ranks[0].graph.nodes:
             if node.op == "placeholder":
                 value = next(inputs)
-                for env in envs:
-                    env[node] = value
-            elif node.op == "call_module" and node.target in _SIMULATED:
+                for r, env in enumerate(envs):  # each rank its own copy, as on real ranks
+                    env[node] = value if r == 0 else tree_map(_own_copy, value)
+            elif node.op == "call_module" and site_kind(node.target) in _SIMULATED:
                 xs = [env[node.args[0]] for env in envs]
-                ys = _SIMULATED[node.target](xs, *node.args[1:])
+                ys = _SIMULATED[site_kind(node.target)](xs, *node.args[1:])
                 for env, y in zip(envs, ys, strict=True):
                     env[node] = y
             elif node.op == "output":
                 outs = [it.fetch_args_kwargs_from_env(node)[0][0] for it in interps]
+                self.rank_outputs = outs
                 return codegen.process_outputs(_combine(outs, _split_outputs(node)))
             else:
+                before, after = rng.get() if len(ranks) > 1 else None, None
                 for r, (it, env) in enumerate(zip(interps, envs, strict=True)):
+                    if r > 0:  # every rank draws what rank 0 drew, as seeded real ranks do
+                        after = rng.get() if r == 1 else after
+                        rng.set(before)
                     try:
                         env[node] = it.run_node(node)
                     except Exception as e:
                         e.add_note(f"autotp.simulate: rank {r}, node {node.format_node()}")
                         raise
+                if after is not None:
+                    rng.set(after)
         raise AssertionError("graph has no output node")
+
+
+def _own_copy(x: Any) -> Any:
+    """A simulated rank's own copy of an input (rank 0 gets the caller's tensor): a
+    change made in place happens once per rank, and the input gradient is rank 0's."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.detach().clone().requires_grad_(x.requires_grad)
+
+
+class _GlobalRNG:
+    """The global random state (CPU, and CUDA once initialised), saved and restored around
+    each node so that random ops on replicated values draw the same on every rank."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+
+    def get(self) -> tuple:
+        return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if self.cuda else None)
+
+    def set(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if self.cuda:
+            torch.cuda.set_rng_state_all(state[1])
 
 
 def _split_outputs(node: fx.Node) -> list[tuple[Shard, int] | None]:

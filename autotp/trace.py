@@ -1,11 +1,11 @@
 """Stage 1, trace: capture an unmodified model as a torch.fx graph, with shapes.
 
 Two front-ends feed the same rules, propagation and rewrite:
-  "fx"      torch.fx symbolic tracing with a Tracer that proxies buffers (REFERENCE.md
-            trap 4) and records stack traces; the graph holds torch functions, methods
+  "fx"      torch.fx symbolic tracing with a Tracer that proxies buffers
+            (torch 2.13 does not by default) and records stack traces; the graph holds torch functions, methods
             and leaf modules, and sizes are computed from `x.size()` in the graph.
-  "export"  torch.export (non-strict), for models fx cannot trace (transformers 5.x:
-            REFERENCE.md trap 1); the graph holds aten ops, batch and sequence dims are
+  "export"  torch.export (non-strict), for models fx cannot trace (transformers 5.x);
+            the graph holds aten ops, batch and sequence dims are
             exported as dynamic so other batch sizes and lengths run.
 "auto" tries fx, then export, and names both failures if neither works.
 

@@ -3,7 +3,7 @@ vocab-parallel cross-entropy, as plain functions of one rank's values.
 
 Each rank holds a slice of the (padded) vocabulary: rows [rank*n, (rank+1)*n) where n is
 the local size. `rank` is a 0-dim tensor buffer (`tp_rank`), so the graph is the same on
-every rank. Between these functions the graph holds the collectives (REFERENCE.md sec. 1):
+every rank. Between these functions the graph holds the collectives:
 
     m  = tp_max(vocab_row_max(logits, rank, V))         # all-reduce max, [N]
     t, s = vocab_ce_terms(logits, m, target, rank, V)   # target logit, sum of exp, [N] each

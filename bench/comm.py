@@ -1,5 +1,5 @@
 """Communication per training step, counted from what ran: autotp against Megatron's
-optimum (REFERENCE.md section 1) and against PyTorch's DTensor tensor parallel with a
+optimum (Megatron-LM's 2 + 2 per layer) and against PyTorch's DTensor tensor parallel with a
 hand-written Colwise/Rowwise plan, on the same models, on gloo ranks at tp 2, 4 and 8;
 for the reference GPT-2 also against Megatron-style TP written by hand (bench/peers.py).
 

@@ -3,7 +3,7 @@
     x -> [c_attn] -> split(C) -> q, k, v -> heads -> softmax(q k^T) v -> merge -> [c_proj]
 
 The fused weight's output is three blocks [Q | K | V]. A contiguous column split would
-give rank 0 all of Q (REFERENCE.md trap 2), so each block is split by heads and the
+give rank 0 all of Q, so each block is split by heads and the
 rank's pieces concatenated: rank r holds [Q_r | K_r | V_r] and the graph's `split(C)`
 becomes `split(C/tp)` (decided by propagation, not by this rule). Attention per head is
 independent; `c_proj` is row-split and followed by one all-reduce.

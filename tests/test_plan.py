@@ -16,7 +16,7 @@ def _by_target(plan, name):
 
 
 def test_shape_constants_rewritten_by_provenance_not_value() -> None:
-    """REFERENCE.md trap 3 on nanoGPT's attention: in view(B, T, n_head, C // n_head)
+    """On nanoGPT's attention: in view(B, T, n_head, C // n_head)
     the literal head count is divided while `C // n_head` (the same literal, the head
     width) is not; the merge view(B, T, C) gets C // tp although it has no literal."""
     model = build("gpt2-tiny", n_layer=1, n_head=4, n_embd=32)

@@ -142,7 +142,7 @@ def test_shared_input_gets_one_f() -> None:
 
 
 def test_row_bias_added_after_all_reduce() -> None:
-    """REFERENCE.md trap 6: the row-split layer's bias follows g, or it counts tp times."""
+    """the row-split layer's bias follows g, or it counts tp times."""
     plan = autotp.plan(LinearGeluMLP(), 2, (_x(),))
     (g,) = [n for n in plan.graph.nodes if n.meta.get("autotp", {}).get("collective") == "g"]
     (add,) = g.users
@@ -151,7 +151,7 @@ def test_row_bias_added_after_all_reduce() -> None:
 
 
 def test_fused_qkv_is_split_by_heads_per_block() -> None:
-    """REFERENCE.md trap 2: rank r holds [Q_r | K_r | V_r], not a contiguous third."""
+    """rank r holds [Q_r | K_r | V_r], not a contiguous third."""
     model = build("gpt2-tiny", n_layer=1)
     sim = autotp.simulate(model, 2)
     w = model.transformer.h[0].attn.c_attn.weight

@@ -1,0 +1,1068 @@
+"""A structural fuzzer: small random models drawn from a grammar of structures and
+spellings (a Csmith for model graphs), and the check that autotp either refuses each one
+or computes exactly what it computes.
+
+    from autotp.fuzz import check_case, model_cases
+
+    @given(model_cases())
+    def test_fuzz(case):
+        verdict = check_case(case)
+        assert verdict.ok, f"{verdict}\\n{case.reproducer()}"
+
+A drawn model is Python source text: an `nn.Module` class `Model` with helper classes,
+written from grammar choices (blocks, residual patterns, spellings of linears, heads and
+activations, output containers, and the things tracing tends to drop: hooks, no_grad,
+custom autograd functions, dropout flags, modes, in-place input mutation, tied weights,
+escapes of split values). The text is compiled under a fake file name registered with
+`linecache`, so tracebacks and autotp's refusals quote the generated lines, and a failing
+case prints as a self-contained script (`ModelCase.reproducer()`).
+
+The generator reads every decision from a `Choices` object: random (bench/fuzz.py),
+replayed from a recorded list of indices (shrinking: index 0 is always the simplest
+option and a False flag), or drawn by hypothesis (`model_cases()`, which shrinks the
+same way). Each decision that shapes the model adds a feature tag ("block:glu",
+"linear:functional_kw", "trap:hook_fwd", "escape:mT", ...) to the case.
+
+`check_case` compares in float64: every output leaf, every parameter gradient (through
+`autotp.full_grads`), the gradients of inputs that require grad, inputs mutated in place,
+and, where the simulated module exposes `rank_outputs`, that the ranks agree bitwise on
+replicated outputs. `check_case_gloo` does the same with `autotp.parallelize` on real gloo
+processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import linecache
+import random
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import AutoTPError
+
+__all__ = [
+    "Choices", "ModelCase", "Verdict", "FEATURES", "generate", "model_cases",
+    "check_case", "check_case_gloo", "shrink",
+]  # fmt: skip
+
+TPS = (2, 4)
+LINEARS = ("module", "functional", "module_kw", "functional_kw", "matmul", "torch_matmul")
+# activation kind -> form -> (init expression or None, call template on {h})
+ACTS: dict[str, dict[str, tuple[str | None, str]]] = {
+    "gelu": {"module": ("nn.GELU()", ""), "functional": (None, "F.gelu({h})")},
+    "gelu_tanh": {
+        "module": ('nn.GELU(approximate="tanh")', ""),
+        "functional": (None, 'F.gelu({h}, approximate="tanh")'),
+        "formula": (
+            None,
+            "0.5 * {h} * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * "
+            "({h} + 0.044715 * torch.pow({h}, 3.0))))",
+        ),
+    },
+    "relu": {
+        "module": ("nn.ReLU()", ""),
+        "functional": (None, "F.relu({h})"),
+        "method": (None, "{h}.relu()"),
+        "torch": (None, "torch.relu({h})"),
+    },
+    "silu": {
+        "module": ("nn.SiLU()", ""),
+        "functional": (None, "F.silu({h})"),
+        "formula": (None, "{h} * torch.sigmoid({h})"),
+        "method": (None, "{h} * {h}.sigmoid()"),
+    },
+    "tanh": {
+        "module": ("nn.Tanh()", ""),
+        "method": (None, "{h}.tanh()"),
+        "torch": (None, "torch.tanh({h})"),
+    },
+}
+QKV_SPLITS = {
+    "split_attr": "qkv.split(self.n_embd, dim=2)",
+    "split_C": "qkv.split(C, dim=-1)",
+    "chunk_kw": "qkv.chunk(3, dim=-1)",
+    "chunk_pos": "qkv.chunk(3, -1)",
+}
+HEADS = {  # how the head count is spelled in the view to (B, T, heads, head_dim)
+    "literal": "{t}.view(B, T, {H}, {hd})",
+    "minus_one": "{t}.view(B, T, -1, {hd})",
+    "computed": "{t}.view(B, T, C // {hd}, {hd})",
+    "attr": "{t}.view(B, T, self.n_head, C // self.n_head)",
+    "size_div": "{t}.view(B, T, {t}.size(-1) // self.hd, self.hd)",
+    "reshape": "{t}.reshape(B, T, {H}, {hd})",
+}
+SOFTMAXES = {
+    "functional": "F.softmax(att, dim=-1)",
+    "method": "att.softmax(dim=-1)",
+    "torch": "torch.softmax(att, -1)",
+    "module": "self.softmax(att)",
+}
+MERGES = {
+    "view": "y.transpose(1, 2).contiguous().view(B, T, C)",
+    "reshape": "y.transpose(1, 2).reshape(B, T, -1)",
+    "flatten": "y.transpose(1, 2).flatten(2)",
+}
+# escapes of a split value inside a split block: lines applied to the split hidden `h`
+ESCAPES: dict[str, list[str]] = {
+    "mT": ["h = h.mT.mT"],
+    "T2d": ["h = h.reshape(-1, h.size(-1)).T.T.reshape(h.shape)"],
+    "data_stat": ["h = h / (1.0 + h.data.abs().mean())"],
+    "list_index_last": ["aux = h[..., [0, 1]].sum(-1, keepdim=True)"],
+    "list_index_batch": ["h = h * h[[0]]"],
+    "tensor_index_batch": ["h = h + h[torch.arange(h.size(0) - 1, -1, -1, device=h.device)]"],
+    "expand_args": ["h = h + h.mean(1, keepdim=True).expand(B, T, {F})"],
+    "softmax_nodim": ["h = self.sm(h)"],
+    "layer_norm_fn": ["h = F.layer_norm(h, h.shape[-1:])"],
+    "mean_empty_dim": ["h = h - h.mean(dim=())"],
+    "sum_split_dim": ["aux = h.sum(-1, keepdim=True)"],
+    "return_split": [],  # h is returned from the block (in the model's output container)
+    "weight_expr": [],  # the row linear is F.linear(h, self.proj_w * 1.0, ...)
+}
+DROPOUTS = {
+    "p1_train": "h = h + F.dropout(h, p=1.0, training=True)",  # adds exact zeros
+    "p05_eval": "h = F.dropout(h, 0.5, training=False)",
+    "p0_train": "h = F.dropout(h, p=0.0, training=True)",
+    "p05_self_training_eval": None,  # F.dropout(h, 0.5, self.training) in an eval module
+}
+HELPERS = {
+    "rotate_half": '''
+def rotate_half(t):
+    t1, t2 = t.chunk(2, dim=-1)
+    return torch.cat((-t2, t1), dim=-1)''',
+    "GradReverse": '''
+class GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g''',
+    "RoundST": '''
+class RoundST(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4.0) / 4.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g''',
+    "double_output": '''
+def double_output(module, args, output):
+    return output * 2.0''',
+    "shift_input": '''
+def shift_input(module, args):
+    return (args[0] + 1.0,) + tuple(args[1:])''',
+}
+
+
+class Choices:
+    """Where the generator's decisions come from. `pick(options)` returns one option and
+    `flag(p)` is True with probability about p; each decision is recorded as an index in
+    `record`, so `Choices(replay=record)` rebuilds the same case. Index 0 is always the
+    simplest option (and a False flag): a decision past the end of `replay` takes it."""
+
+    def __init__(self, rng: random.Random | None = None, replay: Sequence[int] = ()) -> None:
+        self.rng = rng
+        self.replay = list(replay)
+        self.record: list[int] = []
+
+    def index(self, n: int, p_last: float | None = None) -> int:
+        pos = len(self.record)
+        if pos < len(self.replay):
+            i = min(self.replay[pos], n - 1)
+        elif self.rng is None:
+            i = 0
+        elif p_last is not None:
+            i = int(self.rng.random() < p_last)
+        else:
+            i = self.rng.randrange(n)
+        self.record.append(i)
+        return i
+
+    def pick(self, options: Sequence[Any]) -> Any:
+        return options[self.index(len(options))]
+
+    def flag(self, p: float) -> bool:
+        return self.index(2, p) == 1
+
+
+class _HypothesisChoices(Choices):
+    def __init__(self, draw: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.draw = draw
+
+    def index(self, n: int, p_last: float | None = None) -> int:
+        from hypothesis import strategies as st
+
+        if p_last is not None:  # shrinks to 0 -> False
+            i = int(self.draw(st.integers(0, 99)) >= 100 - round(100 * p_last))
+        else:
+            i = self.draw(st.integers(0, n - 1))
+        self.record.append(i)
+        return i
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One drawn model: its source (defining `Model`), tp, the feature tags it uses, the
+    code that makes its example inputs, the mode it is traced in and the mode it is then
+    called in."""
+
+    source: str
+    inputs_source: str  # defines `inputs`, a dict of keyword arguments, from `seed`
+    tp: int
+    features: frozenset[str]
+    mode: str = "train"  # the mode the model is built and traced in
+    call_mode: str = "train"  # the mode both models are switched to before running
+    record: tuple[int, ...] = ()  # the decisions that drew it (Choices(replay=record))
+    class_name: str = "Model"
+
+    @property
+    def filename(self) -> str:
+        return f"<autotp-fuzz-{hashlib.sha1(self.source.encode()).hexdigest()[:12]}>"
+
+    def namespace(self) -> dict[str, Any]:
+        """The executed source (cached per source text), registered with linecache."""
+        ns = _NAMESPACES.get(self.source)
+        if ns is None:
+            name = self.filename
+            lines = self.source.splitlines(keepends=True)
+            linecache.cache[name] = (len(self.source), None, lines, name)
+            ns = {"__name__": "autotp_fuzz_case"}
+            exec(compile(self.source, name, "exec"), ns)
+            _NAMESPACES[self.source] = ns
+        return ns
+
+    def build(self, seed: int = 0) -> nn.Module:
+        """The serial model in float64, parameters drawn from `seed`, in `mode`."""
+        torch.manual_seed(seed)
+        model = self.namespace()[self.class_name]().double()
+        if self.mode == "eval":
+            model.eval()
+        return model
+
+    def inputs(self, seed: int = 0) -> dict[str, Any]:
+        ns = {"torch": torch, "seed": seed}
+        exec(self.inputs_source, ns)
+        return ns["inputs"]
+
+    def reproducer(self, seed: int = 0) -> str:
+        """A self-contained script: the model, its inputs, and the comparison."""
+        switch = (
+            f"sim.train({self.call_mode == 'train'})\nmodel.train({self.call_mode == 'train'})\n"
+            if self.call_mode != self.mode
+            else ""
+        )
+        return (
+            f"# autotp fuzz case: tp={self.tp}, traced in {self.mode}, run in "
+            f"{self.call_mode}\n# features: {' '.join(sorted(self.features))}\n"
+            f"{self.source}\n\n\nimport copy\n\nimport autotp\n\nseed = {seed}\n"
+            f"torch.manual_seed(seed)\nmodel = Model().double()\n"
+            + ("model.eval()\n" if self.mode == "eval" else "")
+            + f"{self.inputs_source}\n"
+            f"sim = autotp.simulate(copy.deepcopy(model), {self.tp}, example_inputs=inputs)\n"
+            f"{switch}print(model(**inputs))\nprint(sim(**inputs))\n"
+        )
+
+
+_NAMESPACES: dict[str, dict[str, Any]] = {}
+
+
+# --------------------------------------------------------------------------- generator
+
+
+@dataclass
+class _Cls:
+    name: str
+    args: list[str]
+    init: list[str] = field(default_factory=list)
+    body: list[str] = field(default_factory=list)
+
+    def source(self) -> str:
+        lines = [f"class {self.name}(nn.Module):", "    def __init__(self):"]
+        lines += ["        super().__init__()"] + ["        " + s for s in self.init]
+        lines += ["", f"    def forward(self, {', '.join(self.args)}):"]
+        lines += ["        " + s for s in self.body]
+        return "\n".join(lines)
+
+
+class _Gen:
+    """Writes one model's source from a Choices stream."""
+
+    def __init__(self, ch: Choices) -> None:
+        self.ch = ch
+        self.tags: set[str] = set()
+        self.helpers: list[str] = []
+        self.classes: list[_Cls] = []
+        self.model_init: list[str] = []  # lines for Model.__init__ after the submodules
+
+    def pick(self, kind: str, options: Sequence[Any]) -> Any:
+        v = self.ch.pick(options)
+        self.tags.add(f"{kind}:{v}")
+        return v
+
+    def flag(self, tag: str, p: float) -> bool:
+        v = self.ch.flag(p)
+        if v:
+            self.tags.add(tag)
+        return v
+
+    def helper(self, name: str) -> str:
+        if name not in self.helpers:
+            self.helpers.append(name)
+        return name
+
+    def linear(
+        self, cls: _Cls, name: str, fin: int, fout: int, *, bias: bool = True,
+        spelling: str | None = None, tie: str | None = None, weight_expr: bool = False,
+    ) -> Callable[[str], str]:  # fmt: skip
+        """Declare a linear on `cls`; return a function from an input expression to the
+        call expression."""
+        s = spelling or self.ch.pick(LINEARS)
+        if weight_expr:
+            s = "functional"
+        self.tags.add(f"linear:{s}")
+        if s in ("module", "module_kw"):
+            cls.init.append(f"self.{name} = nn.Linear({fin}, {fout}, bias={bias})")
+            if tie:
+                cls.init.append(f"self.{name}.weight = self.{tie}.weight")
+            kw = "input=" if s == "module_kw" else ""
+            return lambda x: f"self.{name}({kw}{x})"
+        shape = f"{fout}, {fin}" if s.startswith("functional") else f"{fin}, {fout}"
+        w, b = f"self.{name}_w", f"self.{name}_b"
+        if tie:
+            cls.init.append(f"{w} = self.{tie}_w")
+        else:
+            cls.init.append(f"{w} = nn.Parameter(torch.randn({shape}) / math.sqrt({fin}))")
+        if bias:
+            cls.init.append(f"{b} = nn.Parameter(0.1 * torch.randn({fout}))")
+        wx = f"{w} * 1.0" if weight_expr else w
+        if s == "functional":
+            return lambda x: f"F.linear({x}, {wx}, {b})" if bias else f"F.linear({x}, {wx})"
+        if s == "functional_kw":
+            return lambda x: (
+                f"F.linear({x}, weight={wx}, bias={b})" if bias else f"F.linear({x}, weight={wx})"
+            )
+        op = "{x} @ " + w if s == "matmul" else "torch.matmul({x}, " + w + ")"
+        return lambda x: f"({op.format(x=x)} + {b})" if bias else f"({op.format(x=x)})"
+
+    def activation(self, cls: _Cls, name: str, kinds: Sequence[str]) -> Callable[[str], str]:
+        kind = self.pick("act", kinds)
+        form = self.pick("act_form", list(ACTS[kind]))
+        init, call = ACTS[kind][form]
+        if init is not None:
+            cls.init.append(f"self.{name} = {init}")
+            return lambda h: f"self.{name}({h})"
+        return lambda h: call.format(h=h)
+
+    # ------------------------------------------------------------------ blocks
+
+    def ffn(self, prefix: str, C: int, F_: int, allow_eval_sub: bool) -> tuple[_Cls, bool]:
+        """An MLP or gated MLP; returns the class and whether it returns (y, extra)."""
+        kind = self.pick("block", ("mlp", "glu"))
+        cls = _Cls(f"{prefix}{'Mlp' if kind == 'mlp' else 'Glu'}", ["x"])
+        escape = self.ch.pick(list(ESCAPES)) if self.ch.flag(0.35) else None
+        if escape is not None:
+            self.tags.add(f"escape:{escape}")
+        bias = self.ch.pick((True, False))
+        if not bias:
+            self.tags.add("bias:none")
+        body = cls.body
+        body.append("B, T, _ = x.shape")
+        if kind == "mlp":
+            fc = self.linear(cls, "fc", C, F_, bias=bias)
+            act = self.activation(cls, "act", ("gelu", "relu", "gelu_tanh", "silu", "tanh"))
+            body.append(f"h = {fc('x')}")
+            body.append(f"h = {act('h')}")
+        else:
+            gate = self.linear(cls, "gate", C, F_, bias=bias)
+            up = self.linear(cls, "up", C, F_, bias=bias)
+            act = self.activation(cls, "act", ("silu", "gelu", "relu"))
+            body.append(f"g = {gate('x')}")
+            body.append(f"h = {act('g')} * {up('x')}")
+        if self.flag("trap:inplace_split", 0.06):
+            body += ["h = h * 1.0", "h.add_(1.0)"]
+        fn = self.ch.pick(("GradReverse", "RoundST")) if self.ch.flag(0.08) else None
+        if fn is not None:
+            self.tags.add(f"trap:autograd_{fn}")
+            body.append(f"h = {self.helper(fn)}.apply(h)")
+        drop = self.ch.pick(list(DROPOUTS)) if self.ch.flag(0.1) else None
+        if drop == "p05_self_training_eval" and not allow_eval_sub:
+            drop = "p05_eval"
+        if drop is not None:
+            self.tags.add(f"trap:dropout_{drop}")
+            if drop == "p05_self_training_eval":
+                body.append("h = F.dropout(h, 0.5, self.training)")
+                self.model_init.append(f"self.{{path}}.eval()  # {cls.name}: no dropout")
+            else:
+                body.append(DROPOUTS[drop])
+        if allow_eval_sub and drop is None and self.flag("trap:eval_submodule", 0.07):
+            cls.init.append("self.drop = nn.Dropout(0.5)")
+            body.append("h = self.drop(h)")
+            self.model_init.append(f"self.{{path}}.eval()  # {cls.name}: no dropout")
+        if escape == "softmax_nodim":
+            cls.init.append("self.sm = nn.Softmax()")
+        for line in ESCAPES.get(escape or "", []):
+            body.append(line.format(F=F_))
+        proj = self.linear(cls, "proj", F_, C, bias=bias, weight_expr=escape == "weight_expr")
+        body.append(f"y = {proj('h')}")
+        if escape in ("list_index_last", "sum_split_dim"):
+            body.append("y = y + aux")
+        extra = escape == "return_split"
+        body.append("return y, h" if extra else "return y")
+        return cls, extra
+
+    def attention(
+        self, prefix: str, C: int, H: int, T: int, mask: str | None
+    ) -> tuple[_Cls, bool]:
+        hd = C // H
+        kind = self.pick("block", ("attn_fused", "attn_separate"))
+        cls = _Cls(f"{prefix}Attn", ["x", "mask"] if mask else ["x"])
+        cls.init += [f"self.n_head = {H}", f"self.n_embd = {C}", f"self.hd = {hd}"]
+        bias = self.ch.pick((True, False))
+        body = cls.body
+        body.append(self.ch.pick(("B, T, C = x.size()", "B, T, C = x.shape")))
+        if kind == "attn_fused":
+            qkv = self.linear(cls, "c_attn", C, 3 * C, bias=bias)
+            body.append(f"qkv = {qkv('x')}")
+            body.append(f"q, k, v = {QKV_SPLITS[self.pick('qkv_split', list(QKV_SPLITS))]}")
+        else:
+            s = self.ch.pick(LINEARS)
+            tie = self.flag("trap:tie_qk", 0.12)
+            q = self.linear(cls, "query", C, C, bias=bias, spelling=s)
+            k = self.linear(cls, "key", C, C, bias=bias, spelling=s, tie="query" if tie else None)
+            v = self.linear(cls, "value", C, C, bias=bias)
+            body += [f"q = {q('x')}", f"k = {k('x')}", f"v = {v('x')}"]
+        heads = self.pick("heads", list(HEADS))
+        perm = self.ch.pick((".transpose(1, 2)", ".permute(0, 2, 1, 3)"))
+        for t in "qkv":
+            body.append(f"{t} = {HEADS[heads].format(t=t, H=H, hd=hd)}{perm}")
+        if hd % 2 == 0 and self.flag("attn:rotary", 0.2):
+            self.helper("rotate_half")
+            cls.init += [
+                f"inv = 1.0 / (10000.0 ** (torch.arange(0, {hd}, 2).double() / {hd}))",
+                f"freqs = torch.outer(torch.arange({T}).double(), inv)",
+                "emb = torch.cat((freqs, freqs), dim=-1)",
+                'self.register_buffer("cos", emb.cos())',
+                'self.register_buffer("sin", emb.sin())',
+            ]
+            body += [
+                "cos, sin = self.cos[:T], self.sin[:T]",
+                "q = q * cos + rotate_half(q) * sin",
+                "k = k * cos + rotate_half(k) * sin",
+            ]
+        if self.flag("attn:per_head_scale", 0.15):
+            cls.init.append(f"self.head_scale = nn.Parameter(torch.rand({H}, 1, 1) + 0.5)")
+            body.append("q = q * self.head_scale")
+        bias_terms = []
+        if self.flag("attn:alibi", 0.12):
+            slopes = [round(2.0 ** -(i + 1), 6) for i in range(H)]
+            cls.init.append(
+                f'self.register_buffer("slopes", torch.tensor({slopes}).view({H}, 1, 1))'
+            )
+            body += [
+                "pos = torch.arange(T, device=x.device, dtype=x.dtype)",
+                "alibi = self.slopes * (pos.view(1, -1) - pos.view(-1, 1))",
+            ]
+            bias_terms.append("alibi")
+        compute = self.pick("attn", ("matmul", "einsum", "sdpa"))
+        causal = self.flag("attn:causal", 0.5)
+        probs_out = False
+        if compute == "sdpa":
+            if mask == "bool" and bias_terms:
+                body.append("m = torch.zeros_like(alibi).masked_fill(~mask, float('-inf'))")
+                attn_mask = "m + alibi"
+            else:
+                attn_mask = " + ".join(bias_terms + (["mask"] if mask else [])) or None
+            if attn_mask and causal:  # SDPA takes one or the other: build the causal part
+                body.append(
+                    "causal = torch.zeros(T, T, dtype=x.dtype, device=x.device).masked_fill("
+                    "x.new_ones((T, T), dtype=torch.bool).triu(1), float('-inf'))"
+                )
+                if mask == "bool" and not bias_terms:
+                    attn_mask = "causal.masked_fill(~mask, float('-inf'))"
+                else:
+                    attn_mask += " + causal"
+            args = "q, k, v" + (f", attn_mask={attn_mask}" if attn_mask else "")
+            args += ", is_causal=True" if causal and not attn_mask else ""
+            body.append(f"y = F.scaled_dot_product_attention({args})")
+        else:
+            scale = self.ch.pick((f"(1.0 / math.sqrt({hd}))", "(1.0 / math.sqrt(k.size(-1)))"))
+            if compute == "matmul":
+                body.append(f"att = (q @ k.transpose(-2, -1)) * {scale}")
+            else:
+                body.append(f'att = torch.einsum("bhqd,bhkd->bhqk", q, k) * {scale}')
+            for b in bias_terms:
+                body.append(f"att = att + {b}")
+            if causal:
+                body.append(
+                    "att = att.masked_fill(x.new_ones((T, T), dtype=torch.bool).triu(1), "
+                    "float('-inf'))"
+                )
+            if mask == "additive":
+                body.append("att = att + mask")
+            elif mask == "bool":
+                body.append("att = att.masked_fill(~mask, float('-inf'))")
+            sm = self.pick("softmax", list(SOFTMAXES))
+            if sm == "module":
+                cls.init.append("self.softmax = nn.Softmax(dim=-1)")
+            body.append(f"att = {SOFTMAXES[sm]}")
+            ctx = self.pick("context", ("matmul_op", "torch_matmul", "einsum"))
+            body.append(
+                {
+                    "matmul_op": "y = att @ v",
+                    "torch_matmul": "y = torch.matmul(att, v)",
+                    "einsum": 'y = torch.einsum("bhqk,bhkd->bhqd", att, v)',
+                }[ctx]
+            )
+            probs_out = self.flag("escape:attn_probs", 0.08)
+        body.append(f"y = {MERGES[self.pick('merge', list(MERGES))]}")
+        out = self.linear(cls, "c_proj", C, C, bias=bias)
+        body.append(f"y = {out('y')}")
+        body.append("return y, att" if probs_out else "return y")
+        return cls, probs_out
+
+    # ------------------------------------------------------------------ the model
+
+    def case(self, tps: Sequence[int]) -> ModelCase:
+        ch = self.ch
+        tp = self.pick("tp", tps)
+        C = self.pick("hidden", (8, 16, 32))
+        heads = [h for h in dict.fromkeys((tp, 2 * tp, 1, 2, 4, 8)) if C % h == 0]
+        H = ch.pick(heads)
+        if H % tp:
+            self.tags.add("heads_indivisible")
+        B, T = ch.pick((2, 1, 3)), ch.pick((3, 1, 2, 4, 5, 6))
+        F_ = C * ch.pick((4, 1, 2))
+        V = ch.pick((16, 13, 24))
+        source_kind = self.pick("input", ("x", "ids"))
+        mode, call_mode = "train", "train"
+        if self.ch.flag(0.2):
+            mode, call_mode = self.ch.pick((("train", "eval"), ("eval", "train"), ("eval", "eval")))
+            self.tags.add(f"mode:{mode}->{call_mode}")
+        allow_eval_sub = (mode, call_mode) != ("eval", "train") and mode == "train"
+        n_layers = self.pick("layers", (1, 2))
+        layout = [ch.pick(("attn+ffn", "ffn", "attn")) for _ in range(n_layers)]
+        has_attn = any("attn" in lay for lay in layout)
+        mask = None
+        if has_attn and self.ch.flag(0.3):
+            mask = self.pick("mask", ("additive", "bool"))
+
+        model = _Cls("Model", [])
+        blocks: list[tuple[str, _Cls, list[str], bool]] = []  # (attr, class, subs, extras)
+        for i, lay in enumerate(layout):
+            blk = _Cls(f"Block{i}", ["x", "mask"] if mask and "attn" in lay else ["x"])
+            subs: list[tuple[str, _Cls, bool]] = []
+            if "attn" in lay:
+                a, extra = self.attention(f"B{i}", C, H, T, mask)
+                subs.append(("attn", a, extra))
+            if "ffn" in lay:
+                before = len(self.model_init)
+                f, extra = self.ffn(f"B{i}", C, F_, allow_eval_sub)
+                self.model_init[before:] = [
+                    s.replace("{path}", f"h{i}.mlp") for s in self.model_init[before:]
+                ]
+                subs.append(("mlp", f, extra))
+            self.classes += [c for _, c, _ in subs]
+            residual = self.pick("residual", ("pre_ln", "post_ln", "parallel")[: len(subs) + 1])
+            no_grad_block = self.flag("trap:no_grad_block", 0.05) if i == 0 else False
+            extras: list[str] = []
+            for j, (attr, c, extra) in enumerate(subs):
+                blk.init.append(f"self.ln_{j + 1} = nn.LayerNorm({C})")
+                blk.init.append(f"self.{attr} = {c.name}()")
+            call_args = {
+                attr: ", mask" if attr == "attn" and mask else "" for attr, _, _ in subs
+            }
+
+            def call(attr: str, x: str, extra: bool, blk=blk, call_args=call_args, i=i) -> str:
+                res = f"self.{attr}({x}{call_args[attr]})"
+                if extra:
+                    blk.body.append(f"{attr}_out, {attr}_extra = {res}")
+                    extras.append(f'"h{i}.{attr}": {attr}_extra')
+                    return f"{attr}_out"
+                return res
+
+            body = blk.body
+            if residual == "parallel":
+                body.append("n = self.ln_1(x)")
+                terms = [call(attr, "n", extra) for attr, _, extra in subs]
+                body.append(f"x = x + {' + '.join(terms)}")
+            else:
+                for j, (attr, _, extra) in enumerate(subs):
+                    ln = f"self.ln_{j + 1}"
+                    if no_grad_block and attr == "mlp":
+                        body.append("with torch.no_grad():")
+                        inner = call(attr, f"{ln}(x)", extra)
+                        body.append(f"    m = {inner}")
+                        body.append("x = x + m")
+                    elif residual == "pre_ln":
+                        body.append(f"x = x + {call(attr, f'{ln}(x)', extra)}")
+                    else:
+                        body.append(f"x = {ln}(x + {call(attr, 'x', extra)})")
+            body.append(f"return x, {{{', '.join(extras)}}}" if extras else "return x")
+            self.classes.append(blk)
+            model.init.append(f"self.h{i} = {blk.name}()")
+            blocks.append((f"h{i}", blk, [a for a, _, _ in subs], bool(extras)))
+
+        # inputs and the model's forward
+        args: list[str] = []
+        inputs: list[str] = ["g = torch.Generator().manual_seed(seed)"]
+        body = model.body
+        if source_kind == "x":
+            args.append("x")
+            inputs.append(
+                f"x = torch.randn({B}, {T}, {C}, generator=g, dtype=torch.float64)"
+                ".requires_grad_()"
+            )
+        else:
+            args.append("idx")
+            inputs.append(f"idx = torch.randint(0, {V}, ({B}, {T}), generator=g)")
+            model.init.insert(0, f"self.wte = nn.Embedding({V}, {C})")
+            body.append("x = self.wte(idx)")
+        if self.flag("trap:inplace_input", 0.08):
+            args.append("shift")
+            inputs.append(f"shift = torch.randn({B}, {T}, {C}, generator=g, dtype=torch.float64)")
+            body += ["shift.add_(1.0)", "x = x + shift"]
+        if mask == "additive":
+            args.append("mask")
+            inputs.append(f"mask = torch.randn({B}, 1, {T}, {T}, generator=g, dtype=torch.float64)")
+        elif mask == "bool":
+            args.append("mask")
+            inputs.append(
+                f"mask = (torch.rand({B}, 1, {T}, {T}, generator=g) > 0.4) | "
+                f"torch.eye({T}, dtype=torch.bool)"
+            )
+        if self.flag("trap:training_branch", 0.08):
+            body += ["if self.training:", "    x = x * 2.0"]
+        if self.flag("trap:no_grad_side", 0.06):
+            model.init.append(f"self.frozen = nn.Linear({C}, {C})")
+            body += ["with torch.no_grad():", "    side = self.frozen(x)", "x = x + side"]
+        extras_vars = []
+        for attr, blk, subs, has_extras in blocks:
+            m = ", mask" if "mask" in blk.args else ""
+            if has_extras:
+                body.append(f"x, ex_{attr} = self.{attr}(x{m})")
+                extras_vars.append(f"ex_{attr}")
+            else:
+                body.append(f"x = self.{attr}(x{m})")
+        if self.flag("trap:autograd_GradReverse_model", 0.04):
+            body.append(f"x = {self.helper('GradReverse')}.apply(x)")
+        if ch.flag(0.7):
+            model.init.append(f"self.ln_f = nn.LayerNorm({C})")
+            body.append("x = self.ln_f(x)")
+        out_name, loss = "y", False
+        head = None
+        if source_kind == "ids" and ch.flag(0.7):
+            head = self.pick("head", ("untied", "tied_module", "tied_functional", "tied_matmul"))
+        elif source_kind == "x" and ch.flag(0.15):
+            head = "untied"
+            self.tags.add("head:untied")
+        if head is not None:
+            out_name = "logits"
+            if head == "untied":
+                lin = self.linear(model, "lm_head", C, V, bias=False)
+                body.append(f"logits = {lin('x')}")
+            elif head == "tied_module":
+                model.init += [
+                    f"self.lm_head = nn.Linear({C}, {V}, bias=False)",
+                    "self.lm_head.weight = self.wte.weight",
+                ]
+                body.append("logits = self.lm_head(x)")
+            elif head == "tied_functional":
+                body.append("logits = F.linear(x, self.wte.weight)")
+            else:
+                body.append("logits = x @ self.wte.weight.T")
+            if ch.flag(0.6):
+                loss = True
+                kind = self.pick("loss", ("functional", "module", "sum", "flatten"))
+                args.append("targets")
+                inputs.append(f"targets = torch.randint(0, {V}, ({B}, {T}), generator=g)")
+                if kind == "functional":
+                    body.append(
+                        "loss = F.cross_entropy(logits.view(-1, logits.size(-1)), "
+                        "targets.view(-1))"
+                    )
+                elif kind == "module":
+                    model.init.append("self.loss_fn = nn.CrossEntropyLoss()")
+                    body.append(f"loss = self.loss_fn(logits.view(-1, {V}), targets.view(-1))")
+                elif kind == "sum":
+                    body.append(
+                        f"loss = F.cross_entropy(logits.reshape(-1, {V}), targets.reshape(-1), "
+                        "reduction='sum')"
+                    )
+                else:
+                    body.append("loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())")
+        else:
+            body.append("y = x")
+        model.args = args
+        inputs.append("inputs = {" + ", ".join(f'"{a}": {a}' for a in args) + "}")
+
+        # hooks on a submodule of block 0
+        if self.ch.flag(0.1):
+            hook = self.pick("trap:hook", ("fwd", "pre"))
+            sub = blocks[0][2][-1]
+            if hook == "fwd":
+                fn = self.helper("double_output")
+                model.init.append(f"self.h0.{sub}.register_forward_hook({fn})")
+            else:
+                fn = self.helper("shift_input")
+                model.init.append(f"self.h0.{sub}.register_forward_pre_hook({fn})")
+        model.init += self.model_init
+
+        # the output container
+        extras = "{" + ", ".join(f"**{e}" for e in extras_vars) + "}" if extras_vars else None
+        leaves = [out_name] + (["loss"] if loss else []) + ([extras] if extras else [])
+        container = self.ch.pick(("tuple", "tensor", "dict", "nested", "list", "namedtuple"))
+        if container == "tensor" and len(leaves) > 1:
+            container = "tuple"
+        self.tags.add(f"output:{container}")
+        if container == "tensor":
+            ret = out_name
+        elif container == "tuple":
+            ret = ", ".join(leaves) + ("," if len(leaves) == 1 else "")
+        elif container == "list":
+            ret = "[" + ", ".join(leaves) + "]"
+        elif container == "dict":
+            ret = (
+                "{"
+                + ", ".join(
+                    [f'"{out_name}": {out_name}']
+                    + (['"loss": loss'] if loss else [])
+                    + ([f"**{e}" for e in extras_vars])
+                )
+                + "}"
+            )
+        elif container == "nested":
+            inner = f"[{', '.join(leaves[1:])}]"
+            ret = f'{{"out": ({out_name}, {inner}), "n": {T}}}'
+        else:
+            names = [out_name] + (["loss"] if loss else []) + (["extra"] if extras else [])
+            model.init.append(f"self.Out = collections.namedtuple('Out', {names})")
+            ret = "self.Out(" + ", ".join(leaves) + ")"
+        body.append(f"return {ret}")
+        if container == "namedtuple":
+            # a namedtuple class made per instance would break pickling: make it once
+            model.init.pop()
+            self.helpers.append("Out:" + repr([out_name] + (["loss"] if loss else [])
+                                              + (["extra"] if extras else [])))  # fmt: skip
+            body[-1] = "return Out(" + ", ".join(leaves) + ")"
+
+        parts = ["import collections", "import math", "", "import torch",
+                 "import torch.nn as nn", "import torch.nn.functional as F"]  # fmt: skip
+        for h in self.helpers:
+            if h.startswith("Out:"):
+                parts.append(f"\n\nOut = collections.namedtuple('Out', {h[4:]})")
+            else:
+                parts.append("\n" + HELPERS[h])
+        for c in [*self.classes, model]:
+            parts.append("\n\n" + c.source())
+        source = "\n".join(parts) + "\n"
+        self.tags.add(f"tp:{tp}")
+        return ModelCase(
+            source=source,
+            inputs_source="\n".join(inputs) + "\n",
+            tp=tp,
+            features=frozenset(self.tags),
+            mode=mode,
+            call_mode=call_mode,
+            record=tuple(self.ch.record),
+        )
+
+
+def generate(ch: Choices, tps: Sequence[int] = TPS) -> ModelCase:
+    """One case, every decision read from `ch`."""
+    return _Gen(ch).case(tps)
+
+
+def _all_features() -> frozenset[str]:
+    """Every tag the grammar can produce (so a test can check the generator reaches all)."""
+    tags = {f"tp:{t}" for t in TPS} | {"heads_indivisible", "bias:none"}
+    tags |= {f"hidden:{c}" for c in (8, 16, 32)} | {f"layers:{n}" for n in (1, 2)}
+    tags |= {f"input:{s}" for s in ("x", "ids")}
+    tags |= {f"block:{b}" for b in ("mlp", "glu", "attn_fused", "attn_separate")}
+    tags |= {f"linear:{s}" for s in LINEARS}
+    tags |= {f"act:{k}" for k in ACTS} | {f"act_form:{f}" for v in ACTS.values() for f in v}
+    tags |= {f"qkv_split:{s}" for s in QKV_SPLITS} | {f"heads:{s}" for s in HEADS}
+    tags |= {f"softmax:{s}" for s in SOFTMAXES} | {f"merge:{s}" for s in MERGES}
+    tags |= {f"context:{s}" for s in ("matmul_op", "torch_matmul", "einsum")}
+    tags |= {f"attn:{s}" for s in ("matmul", "einsum", "sdpa", "causal", "rotary")}
+    tags |= {"attn:per_head_scale", "attn:alibi", "escape:attn_probs"}
+    tags |= {f"mask:{m}" for m in ("additive", "bool")}
+    tags |= {f"residual:{r}" for r in ("pre_ln", "post_ln", "parallel")}
+    tags |= {f"head:{h}" for h in ("untied", "tied_module", "tied_functional", "tied_matmul")}
+    tags |= {f"loss:{x}" for x in ("functional", "module", "sum", "flatten")}
+    tags |= {f"output:{o}" for o in ("tuple", "tensor", "dict", "nested", "list", "namedtuple")}
+    tags |= {f"escape:{e}" for e in ESCAPES}
+    tags |= {f"trap:dropout_{d}" for d in DROPOUTS}
+    tags |= {f"trap:hook:{h}" for h in ("fwd", "pre")}
+    tags |= {f"trap:autograd_{f}" for f in ("GradReverse", "RoundST", "GradReverse_model")}
+    tags |= {f"mode:{m}" for m in ("train->eval", "eval->train", "eval->eval")}
+    tags |= {
+        "trap:inplace_split", "trap:inplace_input", "trap:eval_submodule", "trap:tie_qk",
+        "trap:training_branch", "trap:no_grad_side", "trap:no_grad_block",
+    }  # fmt: skip
+    return frozenset(tags)
+
+
+FEATURES = _all_features()
+
+
+def model_cases(tps: Sequence[int] = TPS):
+    """A hypothesis strategy of ModelCase; shrinks towards the simplest structures."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def case(draw: Any) -> ModelCase:
+        return generate(_HypothesisChoices(draw), tps)
+
+    return case()
+
+
+def random_case(seed: int, tps: Sequence[int] = TPS) -> ModelCase:
+    """The case random.Random(seed) draws (deterministic)."""
+    return generate(Choices(random.Random(seed)), tps)
+
+
+# --------------------------------------------------------------------------- checking
+
+
+@dataclass
+class Verdict:
+    """What autotp did with a case: "equal" (within tolerance), "refused" (AutoTPError),
+    "wrong" (a difference; `diffs` holds the largest) or "crash" (another exception)."""
+
+    kind: str
+    detail: str = ""
+    diffs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.kind in ("equal", "refused")
+
+    def signature(self) -> str:
+        """A short key for grouping failures with (probably) one cause."""
+        if self.kind == "crash":
+            lines = [s for s in self.detail.strip().splitlines() if s.strip()]
+            first = lines[0] if lines else ""
+            return f"crash: {first[:160]}"
+        if self.kind == "wrong":
+            kinds = sorted({k.split(":")[0] for k, v in self.diffs.items() if v > 0})
+            return "wrong: " + ",".join(kinds)
+        return self.kind
+
+    def __str__(self) -> str:
+        if self.kind == "wrong":
+            worst = sorted(self.diffs.items(), key=lambda kv: -kv[1])[:8]
+            return "wrong: " + ", ".join(f"{k}={v:.3g}" for k, v in worst)
+        return f"{self.kind}: {self.detail}" if self.detail else self.kind
+
+
+def _clone(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+        for k, v in inputs.items()
+    }
+
+
+def _diff(a: Any, b: Any) -> float:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return float("inf") if (a is None) != (b is None) or a is not b else 0.0
+        return 0.0 if a == b else float("inf")
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    a, b = a.detach(), b.detach()
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
+    same_nan = torch.isnan(a) == torch.isnan(b)
+    if not bool(same_nan.all()):
+        return float("inf")
+    a, b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
+    if not torch.equal(inf_a, inf_b) or not torch.equal(a[inf_a], b[inf_b]):
+        return float("inf")
+    d = (a.masked_fill(inf_a, 0.0) - b.masked_fill(inf_b, 0.0)).abs().max().item()
+    scale = max(1.0, a.masked_fill(inf_a, 0.0).abs().max().item())
+    return d / scale  # relative to the value's magnitude, or absolute below 1
+
+
+def _compare(
+    case: ModelCase,
+    serial: nn.Module,
+    par: nn.Module,
+    inputs: dict[str, Any],
+    grads_of: Callable[[nn.Module], dict[str, torch.Tensor | None]],
+    atol: float,
+) -> Verdict:
+    """Run both, backward both, compare; `par` was built in case.mode."""
+    if case.call_mode != case.mode:
+        serial.train(case.call_mode == "train")
+        par.train(case.call_mode == "train")
+    xs, xp = _clone(inputs), _clone(inputs)
+    out_s = serial(**xs)
+    try:
+        out_p = par(**xp)
+    except AutoTPError as e:
+        return Verdict("refused", f"at run time: {str(e).splitlines()[0]}")
+    except Exception as e:  # noqa: BLE001 - every other exception is the verdict
+        return Verdict("crash", _exc_text(e))
+    diffs: dict[str, float] = {}
+    leaves_s, spec_s = tree_flatten(out_s)
+    leaves_p, spec_p = tree_flatten(out_p)
+    if spec_s != spec_p:
+        return Verdict("wrong", f"output structure: serial {spec_s}, parallel {spec_p}",
+                       {"structure": float("inf")})  # fmt: skip
+    for i, (a, b) in enumerate(zip(leaves_s, leaves_p, strict=True)):
+        diffs[f"output:{i}"] = _diff(a, b)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.requires_grad != b.requires_grad:
+                diffs[f"requires_grad:{i}"] = float("inf")
+    rank_outputs = getattr(par, "rank_outputs", None)
+    if rank_outputs:
+        per_rank = [tree_flatten(o)[0] for o in rank_outputs]
+        for i, a in enumerate(leaves_s):
+            if not isinstance(a, torch.Tensor):
+                continue
+            vals = [r[i] for r in per_rank if i < len(r)]
+            if len(vals) == len(per_rank) and all(
+                isinstance(v, torch.Tensor) and v.shape == a.shape for v in vals
+            ):
+                same = all(torch.equal(vals[0].detach(), v.detach()) for v in vals[1:])
+                diffs[f"ranks_disagree:{i}"] = 0.0 if same else float("inf")
+    for name, v in xs.items():
+        diffs[f"input_after:{name}"] = _diff(v, xp[name])
+    g = torch.Generator().manual_seed(1234)
+    floats = [(a, b) for a, b in zip(leaves_s, leaves_p, strict=True)
+              if isinstance(a, torch.Tensor) and a.is_floating_point()]  # fmt: skip
+    weights = [torch.randn(a.shape, generator=g, dtype=a.dtype) for a, _ in floats]
+    total_s = sum(((a * w).sum() for (a, _), w in zip(floats, weights, strict=True)), None)
+    total_p = sum(((b * w).sum() for (_, b), w in zip(floats, weights, strict=True)), None)
+    if isinstance(total_s, torch.Tensor) and total_s.requires_grad:
+        total_s.backward()
+    try:
+        if isinstance(total_p, torch.Tensor) and total_p.requires_grad:
+            total_p.backward()
+        grads_p = grads_of(par)
+    except AutoTPError as e:
+        return Verdict("refused", f"in backward: {str(e).splitlines()[0]}")
+    except Exception as e:  # noqa: BLE001
+        return Verdict("crash", "in backward: " + _exc_text(e))
+    for name, p in serial.named_parameters(remove_duplicate=False):
+        if name not in grads_p:
+            diffs[f"grad:{name}"] = float("inf")
+        else:
+            diffs[f"grad:{name}"] = _diff(p.grad, grads_p[name])
+    for name, v in xs.items():
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            diffs[f"input_grad:{name}"] = _diff(v.grad, xp[name].grad)
+    bad = {k: v for k, v in diffs.items() if not v <= atol}
+    if bad:
+        return Verdict("wrong", "", bad)
+    return Verdict("equal", f"largest difference {max(diffs.values(), default=0.0):.3g}")
+
+
+def _exc_text(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" (at {tb[-1].filename.split('/')[-1]}:{tb[-1].lineno})" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def check_case(case: ModelCase, *, seed: int = 0, atol: float = 1e-10) -> Verdict:
+    """Simulate `case` at case.tp and compare with the serial model in float64. Raises
+    only when the serial model itself fails (a generator bug)."""
+    from .parallel import full_grads, simulate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        serial = case.build(seed)
+        inputs = case.inputs(seed)
+        try:
+            sim = simulate(copy.deepcopy(serial), case.tp, _clone(inputs))
+        except AutoTPError as e:
+            return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
+        except Exception as e:  # noqa: BLE001 - every other exception is the verdict
+            return Verdict("crash", _exc_text(e))
+        return _compare(case, serial, sim, inputs, full_grads, atol)
+
+
+def _gloo_rank(rank: int, world: int, case: ModelCase, seed: int, atol: float) -> Verdict:
+    from .parallel import full_grads, parallelize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        serial = case.build(seed)
+        inputs = case.inputs(seed)
+        try:
+            module = parallelize(copy.deepcopy(serial), world, _clone(inputs))
+        except AutoTPError as e:
+            return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
+        except Exception as e:  # noqa: BLE001
+            return Verdict("crash", _exc_text(e))
+        return _compare(case, serial, module, inputs, full_grads, atol)
+
+
+def check_case_gloo(
+    case: ModelCase, *, seed: int = 0, atol: float = 1e-10, timeout: float = 120
+) -> Verdict:
+    """As check_case, with `autotp.parallelize` on case.tp forked gloo processes; the
+    verdict of the first rank that is not "equal" (a rank that dies or hangs: "crash")."""
+    from .testing import run_on_gloo
+
+    case.namespace()  # compile before the fork: every rank inherits the classes
+    try:
+        verdicts = run_on_gloo(_gloo_rank, case.tp, case, seed, atol, timeout=timeout)
+    except AssertionError as e:
+        return Verdict("crash", str(e)[-2000:])
+    for r, v in enumerate(verdicts):
+        if v.kind != "equal":
+            v.detail = f"rank {r}: {v.detail}"
+            return v
+    return verdicts[0]
+
+
+def shrink(
+    case: ModelCase,
+    keep: Callable[[ModelCase], bool],
+    tps: Sequence[int] = TPS,
+    budget: int = 200,
+) -> ModelCase:
+    """A smaller case for which `keep` still holds: decisions set to their simplest option
+    one at a time (replaying the rest), then the shortest source wins. At most `budget`
+    calls of `keep`."""
+    best = case
+    calls = 0
+    changed = True
+    while changed and calls < budget:
+        changed = False
+        for i in range(len(best.record)):
+            if best.record[i] == 0 or calls >= budget:
+                continue
+            trial = list(best.record)
+            trial[i] = 0
+            cand = generate(Choices(replay=trial), tps)
+            if len(cand.source) > len(best.source) and cand.source != best.source:
+                continue
+            if cand.source == best.source and cand.inputs_source == best.inputs_source:
+                best = replace_record(best, cand.record)
+                continue
+            calls += 1
+            if keep(cand):
+                best, changed = cand, True
+    return best
+
+
+def replace_record(case: ModelCase, record: tuple[int, ...]) -> ModelCase:
+    from dataclasses import replace
+
+    return replace(case, record=record)
