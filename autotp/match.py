@@ -40,7 +40,7 @@ class LinearInfo:
     layout: str  # "out_in" (nn.Linear) or "in_out" (x @ W, Conv1D)
     in_features: int
     out_features: int
-    input_index: int = 0  # argument position of the input (addmm takes the bias first)
+    input_index: int | str = 0  # where the input is: position (addmm: 1) or keyword
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class EmbeddingInfo:
     weight: str
     num_embeddings: int
     embedding_dim: int
-    ids_index: int = 0  # argument position of the ids (aten.embedding takes the weight first)
+    ids_index: int | str = 0  # where the ids are: position (aten.embedding: 1) or keyword
     padding_idx: int | None = None  # a row that receives no gradient
     bias = None
     layout = "rows"
@@ -90,36 +90,51 @@ def _param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     return None
 
 
+def _arg_at(n: fx.Node, pos: int, name: str) -> tuple[object, int | str]:
+    """The argument at position `pos` or keyword `name`, and where it is (None, pos if absent)."""
+    if len(n.args) > pos:
+        return n.args[pos], pos
+    return n.kwargs.get(name), name
+
+
 def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
-    """Every node computing a linear map with a parameter weight."""
+    """Every node computing a linear map with a parameter weight, in any argument spelling
+    (positional or keyword)."""
     found: dict[fx.Node, LinearInfo] = {}
     for n in gm.graph.nodes:
         name = ops.op_name(n, gm) if n.op.startswith("call") else ""
         if name == "linear" and n.op == "call_module":
             mod = gm.get_submodule(str(n.target))
             assert isinstance(mod, nn.Linear)
+            x, key = _arg_at(n, 0, "input")
             bias = f"{n.target}.bias" if mod.bias is not None else None
-            found[n] = LinearInfo(
-                n, n.args[0], f"{n.target}.weight", bias, "out_in",
-                mod.in_features, mod.out_features,
-            )  # fmt: skip
-        elif name == "linear":  # F.linear(x, w, b)
-            w = _param(gm, n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
-            b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-            if w is not None and w.dim() == 2 and (b is None or _param(gm, b) is not None):
+            if isinstance(x, fx.Node):
                 found[n] = LinearInfo(
-                    n, n.args[0], str(n.args[1].target), b and str(b.target), "out_in",
-                    w.shape[1], w.shape[0],
+                    n, x, f"{n.target}.weight", bias, "out_in",
+                    mod.in_features, mod.out_features, key,
                 )  # fmt: skip
-        elif name == "matmul" and len(n.args) == 2:  # x @ W
+        elif name == "linear":  # F.linear(x, w, b), aten.linear
+            x, key = _arg_at(n, 0, "input")
+            wnode, _ = _arg_at(n, 1, "weight")
+            bnode, _ = _arg_at(n, 2, "bias")
+            w, b = _param(gm, wnode), _param(gm, bnode)
+            if (
+                isinstance(x, fx.Node) and w is not None and w.dim() == 2
+                and (bnode is None or b is not None)
+            ):  # fmt: skip
+                found[n] = LinearInfo(
+                    n, x, str(wnode.target), b is not None and str(bnode.target) or None,
+                    "out_in", w.shape[1], w.shape[0], key,
+                )  # fmt: skip
+        elif name == "matmul" and len(n.args) == 2 and not n.kwargs:  # x @ W
             w = _param(gm, n.args[1])
-            if w is not None and w.dim() == 2:
+            if w is not None and w.dim() == 2 and isinstance(n.args[0], fx.Node):
                 found[n] = LinearInfo(
                     n, n.args[0], str(n.args[1].target), None, "in_out", w.shape[0], w.shape[1]
                 )
-        elif name == "addmm" and len(n.args) == 3:  # b + x @ W (GPT-2's Conv1D)
+        elif name == "addmm" and len(n.args) == 3 and not n.kwargs:  # b + x @ W (Conv1D)
             b, w = _param(gm, n.args[0]), _param(gm, n.args[2])
-            if w is not None and b is not None and w.dim() == 2:
+            if w is not None and b is not None and w.dim() == 2 and b.dim() == 1:
                 found[n] = LinearInfo(
                     n, n.args[1], str(n.args[2].target), str(n.args[0].target), "in_out",
                     w.shape[0], w.shape[1], input_index=1,
@@ -133,29 +148,43 @@ def find_embeddings(gm: fx.GraphModule) -> dict[fx.Node, EmbeddingInfo]:
     for n in gm.graph.nodes:
         if not n.op.startswith("call") or ops.op_name(n, gm) != "embedding":
             continue
-        ids_index = 0
         if n.op == "call_module":
-            w, name = gm.get_submodule(str(n.target)).weight, f"{n.target}.weight"
-        else:
-            ids_index = 1 if isinstance(n.target, torch._ops.OpOverload) else 0  # aten: w first
-            wnode = n.args[1 - ids_index] if len(n.args) > 1 else n.kwargs.get("weight")
+            mod = gm.get_submodule(str(n.target))
+            w, name, pad = mod.weight, f"{n.target}.weight", mod.padding_idx
+            ids, key = _arg_at(n, 0, "input")
+        elif isinstance(n.target, torch._ops.OpOverload):  # aten.embedding(weight, ids, pad)
+            wnode, _ = _arg_at(n, 0, "weight")
+            ids, key = _arg_at(n, 1, "indices")
+            pad = _arg_at(n, 2, "padding_idx")[0]
+            pad = None if pad is None or pad == -1 else pad  # aten spells "none" -1
             w = _param(gm, wnode)
             name = str(wnode.target) if w is not None else ""
-        if w is not None:
-            found[n] = EmbeddingInfo(n, n.args[ids_index], name, w.shape[0], w.shape[1], ids_index)
+        else:  # F.embedding(ids, weight, padding_idx)
+            ids, key = _arg_at(n, 0, "input")
+            wnode, _ = _arg_at(n, 1, "weight")
+            pad = _arg_at(n, 2, "padding_idx")[0]
+            w = _param(gm, wnode)
+            name = str(wnode.target) if w is not None else ""
+        if w is not None and w.dim() == 2 and isinstance(ids, fx.Node):
+            if isinstance(pad, int) and pad < 0:
+                pad += w.shape[0]
+            if pad is not None and not isinstance(pad, int):
+                continue  # a computed padding row: not recognised, so never split
+            found[n] = EmbeddingInfo(n, ids, name, w.shape[0], w.shape[1], key, pad)
     return found
 
 
-def activations(gm: fx.GraphModule) -> set[fx.Node]:
-    """Tensor-valued nodes that depend on a model input (not only on weights/constants)."""
-    act: set[fx.Node] = set()
+def activations(gm: fx.GraphModule) -> dict[fx.Node, None]:
+    """Tensor-valued nodes that depend on a model input (not only on weights/constants), in
+    graph order (an ordered set)."""
+    act: dict[fx.Node, None] = {}  # ordered like the graph: iteration never depends on ids
     for n in gm.graph.nodes:
         v = n.meta.get("val")
         is_tensors = isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor)
         if not (isinstance(v, torch.Tensor) or is_tensors):
             continue
         if n.op == "placeholder" or any(a in act for a in n.all_input_nodes):
-            act.add(n)
+            act[n] = None
     return act
 
 
@@ -170,7 +199,8 @@ def _arg_positions(n: fx.Node) -> list[tuple[fx.Node, int | str]]:
 def host_graph(gm: fx.GraphModule, linears: dict[fx.Node, LinearInfo]) -> nx.DiGraph:
     """The activation-flow graph in the matcher's vocabulary, glue regions contracted.
     The graph's output node is included (op "output") so rules can anchor on it."""
-    act = activations(gm) | {n for n in gm.graph.nodes if n.op == "output"}
+    act = activations(gm)
+    act.update((n, None) for n in gm.graph.nodes if n.op == "output")
 
     def kind(n: fx.Node) -> str:
         if n in linears:
@@ -267,7 +297,14 @@ def match(
                 if any(nodes[k] not in layers for k in rule.split):
                     continue
                 candidates.append(Match(rule, nodes, {k: layers[nodes[k]] for k in rule.split}))
-        candidates.sort(key=lambda m: min(order[li.node] for li in m.layers.values()))
+        # A total order (first layer, then every matched node by pattern name), so the
+        # same matches win in every process, whatever the hash seed or memory layout.
+        candidates.sort(
+            key=lambda m: (
+                min(order[li.node] for li in m.layers.values()),
+                tuple(order[m.nodes[p]] for p in sorted(m.nodes)),
+            )
+        )
         for m in candidates:
             mine = {li.node for li in m.layers.values()}
             if mine & claimed or (rule.accept is not None and not rule.accept(m, ctx)):

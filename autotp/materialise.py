@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .collectives import Comm, CopyToTP, GatherFromTP, ReduceFromTP, ReduceMaxTP
+from .errors import AutoTPError
 from .random import RankRandom, StreamDropout
 from .rewrite import (
     DROPOUT_MODULES,
@@ -32,7 +33,7 @@ from .rewrite import (
 )
 from .shapes import Shard
 
-__all__ = ["RankInfo", "cut", "gather", "build_rank_module"]
+__all__ = ["RankInfo", "cut", "gather", "build_rank_module", "check_mode"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,26 @@ class RankInfo:
     splits: dict[str, Shard]  # state_dict key -> its split; absent keys are replicated
     plan: object  # the Plan this module was built from
     random: RankRandom  # the dropout streams of this rank
+    # the train/eval flag of every submodule as built, for a model whose graph depends on
+    # the mode (plan.traced.mode_dependent): it runs only in that mode
+    modes: tuple[bool, ...] = ()
+
+
+def check_mode(gm: nn.Module) -> None:
+    """Refuse to run a rank module in another mode than it was planned in, when the
+    model's traced graph depends on the mode (Python that branches on self.training)."""
+    info = gm.autotp
+    why = getattr(getattr(info.plan, "traced", None), "mode_dependent", None)
+    if why is None or tuple(m.training for m in gm.modules()) == info.modes:
+        return
+    mode = "train" if info.modes and info.modes[0] else "eval"
+    raise AutoTPError(
+        f"this parallel module was planned with the model in {mode} mode (per module, as "
+        f"the model was), and the model's forward depends on the mode ({why}): tracing "
+        "froze that choice, so it cannot run in another mode.\n  hint:   call model.train() "
+        "or model.eval() before autotp.parallelize / autotp.simulate, and build one parallel "
+        "module per mode (they can share nothing but the serial weights)"
+    )
 
 
 def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor:
@@ -127,14 +148,23 @@ def build_rank_module(
     for name, t in [*serial.items(), *serial_buffers.items()]:
         names_of.setdefault(id(t), []).append(name)
     made: dict[int, torch.Tensor] = {}
+    splits = dict(splits)
+    for names in names_of.values():  # a split tensor is split under every name it has
+        specs = {str(splits[n]): splits[n] for n in names if n in splits}
+        if len(specs) > 1:
+            raise AutoTPError(
+                f"the tensor named {names} would be split {sorted(specs)}: a weight shared "
+                "between layers split different ways cannot be split; untie it, or keep "
+                "one of the layers replicated"
+            )
+        for n in names if specs else ():
+            splits[n] = next(iter(specs.values()))
 
     def new_tensor(t: torch.Tensor) -> torch.Tensor:
         key = id(t)
         if key not in made:
-            specs = {splits.get(n) for n in names_of.get(key, [])}
-            if len(specs) > 1:
-                raise AssertionError(f"tensor {names_of[key]} split two ways: {specs}")
-            local = cut(t.detach(), specs.pop() if specs else None, rank, tp).clone()
+            spec = next((splits[n] for n in names_of.get(key, []) if n in splits), None)
+            local = cut(t.detach(), spec, rank, tp).clone()
             made[key] = (
                 nn.Parameter(local, requires_grad=t.requires_grad)
                 if isinstance(t, nn.Parameter)
@@ -173,8 +203,10 @@ def build_rank_module(
             owner, _, leaf = name.rpartition(".")
             gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
     gm.get_submodule("")._non_persistent_buffers_set.add(RANK_BUFFER)
-    gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan, random)
     _copy_modes(model, gm)
+    modes = tuple(m.training for m in gm.modules())
+    gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan, random, modes)
+    gm.register_forward_pre_hook(lambda mod, args: check_mode(mod))
     return gm
 
 

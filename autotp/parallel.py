@@ -63,6 +63,8 @@ def parallelize(
             "use autotp.plan / autotp.simulate, which work on the meta device, for planning"
         )
     p = plan(model, tp, example_inputs, vocab=vocab, frontend=frontend)
+    if isinstance(comm, ProcessGroupComm):
+        _check_same_plan(p.fingerprint, group)
     seed = torch.initial_seed() % 2**62
     if isinstance(comm, ProcessGroupComm):  # one seed for the group: shared streams agree
         box = [seed]
@@ -72,6 +74,20 @@ def parallelize(
     return build_rank_module(
         model, p.traced.gm, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed
     )
+
+
+def _check_same_plan(fingerprint: str, group: dist.ProcessGroup | None) -> None:
+    """Every rank planned on its own: refuse unless all planned the same."""
+    prints: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(prints, fingerprint, group=group)
+    differ = [r for r, f in enumerate(prints) if f != prints[0]]
+    if differ:
+        raise AutoTPError(
+            f"the ranks planned different splits: ranks {differ} differ from rank 0 (plan "
+            f"fingerprints {sorted(set(map(str, prints)))}).\n  hint:   every rank must call "
+            "parallelize with the same model structure, example input shapes and options "
+            "(build the model the same way on every rank, e.g. after torch.manual_seed)"
+        )
 
 
 def simulate(

@@ -8,6 +8,7 @@ A Plan is pure data about the model; it holds no process group and copies no wei
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +17,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import ops
 from .errors import AutoTPError
 from .match import LinearInfo, Match, find_linears, match
 from .rewrite import rewrite
 from .rule import Rule
-from .shapes import Propagation, Shard, VocabOptions, propagate
+from .shapes import Propagation, Shard, VocabOptions, _is_split, propagate
 from .trace import Traced, trace
 
 __all__ = ["Plan", "plan"]
@@ -52,6 +54,15 @@ class Plan:
             for alias in by_id.get(id(p), []):
                 out[alias] = spec
         return out
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of everything a rank builds from the plan: the per-rank graph's code
+        and every parameter's split. Equal plans give equal fingerprints in any process."""
+        h = hashlib.sha256(self.graph.python_code("self").src.encode())
+        h.update(repr(sorted((k, str(v)) for k, v in self.splits.items())).encode())
+        h.update(repr((self.tp, self.vocab)).encode())
+        return h.hexdigest()[:16]
 
     @property
     def serial_sizes(self) -> dict[str, int]:
@@ -118,6 +129,26 @@ def plan(
         from autotp.rules import DEFAULT_RULES
 
         rules = DEFAULT_RULES
+    try:
+        return _plan(model, tp, example_inputs, rules, vocab, frontend)
+    except AutoTPError:
+        raise
+    except Exception as e:  # noqa: BLE001 - never another exception type for a model
+        raise AutoTPError(
+            f"autotp failed while planning {type(model).__name__} at tp={tp}: "
+            f"{type(e).__name__}: {e}\n  hint:   this is a bug in autotp, not in your model; "
+            "please report it with the model (the model itself is untouched)"
+        ) from e
+
+
+def _plan(
+    model: nn.Module,
+    tp: int,
+    example_inputs: Any,
+    rules: Sequence[Rule],
+    vocab: VocabOptions | None,
+    frontend: str,
+) -> Plan:
     with torch.no_grad():
         traced = trace(model, example_inputs, frontend)
     gm = traced.gm
@@ -127,7 +158,49 @@ def plan(
     vocab = vocab or VocabOptions()
     names = {n: m.rule.name for m in matches for n in m.splits()}
     prop = propagate(gm, tp, linears, splits, vocab, names)
+    _check_hooks(model, gm, prop)
     graph = rewrite(gm, prop, matches, tp)
     return Plan(
         type(model).__name__, tp, traced, matches, linears, prop, graph, tuple(rules), vocab
     )
+
+
+_HOOKS = {
+    "_forward_pre_hooks": "forward pre-hook",
+    "_forward_hooks": "forward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+    "_backward_hooks": "backward hook",
+}
+
+
+def _check_hooks(model: nn.Module, gm: fx.GraphModule, prop: Propagation) -> None:
+    """Module hooks survive only on a module the per-rank graph still calls, whole, on
+    replicated values: fx inlines every other module (its hooks would silently not run),
+    the rewrite replaces split layers and dropouts, and a hook on a split value would see
+    a shard. Anything else with a hook is refused."""
+    kept: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n not in prop.splits and ops.op_name(n, gm) != "dropout":
+            kept.setdefault(str(n.target), n)
+    for path, mod in model.named_modules():
+        kinds = [what for attr, what in _HOOKS.items() if getattr(mod, attr, None)]
+        if not kinds:
+            continue
+        node = kept.get(path)
+        split = node is not None and any(
+            _is_split(prop.placements.get(a)) for a in [node, *node.all_input_nodes]
+        )
+        if node is not None and not split:
+            continue
+        why = (
+            "it is called on split values, so its hook would see a shard"
+            if split
+            else "the parallel module does not call this module as such (tracing inlines it, "
+            "or the rewrite replaces it), so the hook would silently not run"
+        )
+        raise AutoTPError(
+            f"module {path or '<root>'} ({type(mod).__name__}) has a {' and a '.join(kinds)}: "
+            f"{why}.\n  hint:   remove the hook before planning (handle.remove()) and, if "
+            "you need it, register it on the parallel module (a forward hook on the module "
+            "autotp returns sees the same inputs and outputs as on the serial model)"
+        )

@@ -23,6 +23,7 @@ from rich.tree import Tree
 
 from . import report
 from .report import KIND_STYLE
+from .rewrite import site_kind
 
 __all__ = [
     "to_text", "plan_summary", "summary", "graph_view", "diff_view", "unmatched_view",
@@ -277,6 +278,9 @@ def _arg_text(a: Any) -> str:
 
 
 def _target(n: fx.Node) -> str:
+    info = n.meta.get("autotp", {})
+    if n.op == "call_module" and ("collective" in info or "dropout" in info):
+        return site_kind(n.target)  # a per-call-site module: its kind says what it does
     if n.op in ("call_module", "get_attr"):
         return str(n.target)
     t = n.target

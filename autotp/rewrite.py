@@ -110,7 +110,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         if isinstance(li, EmbeddingInfo):
             env[old] = _split_embedding(graph, node, li, rule)
             continue
-        x = node.args[li.input_index]
+        x = _input_of(node, li.input_index)
         place = str(kind)
         with graph.inserting_before(node):
             w = graph.get_attr(li.weight)
@@ -186,6 +186,10 @@ def site_kind(target: object) -> str:
     return str(target).split(".", 1)[0]
 
 
+def _input_of(node: fx.Node, where: int | str) -> Any:
+    return node.args[where] if isinstance(where, int) else node.kwargs[where]
+
+
 def _placement_text(p: object) -> str:
     if isinstance(p, (tuple, list)):
         return "(" + ", ".join(_placement_text(x) for x in p) + ")"
@@ -196,7 +200,7 @@ def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: st
     with graph.inserting_before(node):
         w = graph.get_attr(li.weight)
         rank = graph.get_attr(RANK_BUFFER)
-        ids = node.args[li.ids_index]
+        ids = _input_of(node, li.ids_index)
         part = graph.call_function(vocab_embedding, (ids, w, rank, li.padding_idx))
         g = _site(graph, G_MODULE, (part,), {"inplace": True}, f"g_{node.name}")
     _tag(w, rule=rule, placement=f"vocab shard of {li.weight}")

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .errors import node_error
+from .errors import AutoTPError, node_error
 from .match import EmbeddingInfo, LinearInfo
 from .rule import Column, Row, Split, Vocab
 
@@ -230,6 +230,12 @@ def _all_args(n: fx.Node) -> list[tuple[tuple[int | str, ...], Any]]:
         if isinstance(a, (list, tuple)):
             for i, x in enumerate(a):
                 walk((*path, i), x)
+        elif isinstance(a, dict):
+            for k, x in a.items():
+                walk((*path, k), x)
+        elif isinstance(a, slice):
+            for k in ("start", "stop", "step"):
+                walk((*path, k), getattr(a, k))
         else:
             out.append((path, a))
 
@@ -350,8 +356,25 @@ def _size(c: _Ctx, n: fx.Node) -> Placement:
     return dims[_norm_dim(d, nd)]
 
 
+# Attributes that are the same on a shard as on the whole tensor.
+_META_ATTRS = frozenset(
+    "dtype device ndim is_cuda is_meta requires_grad layout is_sparse is_quantized".split()
+)
+
+
 def _getattr(c: _Ctx, n: fx.Node) -> Placement:
-    return _shape_of(c, n.args[0]) if n.args[1] == "shape" else R
+    """x.shape like size(); metadata attributes are replicated; any other attribute of a
+    split value (.T, .mT, .data, .real, ...) has no rule and is refused."""
+    attr = n.args[1]
+    if attr == "shape":
+        return _shape_of(c, n.args[0])
+    if attr in _META_ATTRS or not _is_split(c.p(n.args[0])):
+        return R
+    raise c.refuse(
+        n, f"attribute .{attr} of a split value has no sharding rule",
+        "use an explicit op autotp knows (x.transpose(-2, -1) for .T / .mT, x.detach() for "
+        ".data), or compute this outside the split block",
+    )  # fmt: skip
 
 
 def _shape_of(c: _Ctx, x: fx.Node) -> Placement:
@@ -377,11 +400,21 @@ def _getitem(c: _Ctx, n: fx.Node) -> Placement:
         if any(isinstance(c.p(x), LocalInt) for x in parts if isinstance(x, fx.Node)):
             raise c.refuse(n, "a slice bound is a local size", "slice with replicated sizes")
     if pb == R:
-        if any(isinstance(x, fx.Node) and isinstance(_val(x), torch.Tensor) for x in items):
-            if any(_is_split(c.p(x)) for x in items if isinstance(x, fx.Node)):
-                raise c.refuse(n, "indexing with a split index tensor", "index with R values")
+        if any(isinstance(x, fx.Node) and _is_split(c.p(x)) for _, x in _all_args(n)[1:]):
+            raise c.refuse(n, "indexing with a split index", "index with replicated values")
         return R
-    # A split tensor: only full slices may touch the split dimension.
+    # A split tensor: ints, slices, None and ... only (a list, bool or tensor index has no
+    # rule), and only full slices may touch the split dimension.
+    for it in items:
+        basic = it is None or it is Ellipsis or isinstance(it, slice)
+        basic = basic or (isinstance(it, int) and not isinstance(it, bool))
+        basic = basic or (isinstance(it, fx.Node) and isinstance(_val(it), int))
+        if not basic:
+            raise c.refuse(
+                n, f"index {it!r} ({type(_val(it)).__name__}) into a split value",
+                "index split values with ints and slices only; gather with a list or "
+                "tensor index outside the split block",
+            )  # fmt: skip
     nd = _ndim(base)
     n_explicit = sum(1 for it in items if it is not None and it is not Ellipsis)
     in_dim, out_dim = 0, 0
@@ -620,8 +653,14 @@ def _cat(c: _Ctx, n: fx.Node) -> Placement:
 
 
 def _expand(c: _Ctx, n: fx.Node) -> Placement:
-    """expand(x, sizes): the size at the split dimension becomes local."""
-    x, sizes = n.args[0], n.args[1]
+    """expand(x, sizes) or x.expand(*sizes): the size at the split dimension becomes local."""
+    x = n.args[0]
+    if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)):
+        sizes, base = n.args[1], (1,)
+    elif "size" in n.kwargs:
+        sizes, base = n.kwargs["size"], ("size",)
+    else:
+        sizes, base = n.args[1:], ()
     px = c.p(x)
     if not isinstance(px, Shard):
         if any(isinstance(c.p(a), LocalInt) for a in sizes if isinstance(a, fx.Node)):
@@ -636,10 +675,11 @@ def _expand(c: _Ctx, n: fx.Node) -> Placement:
             continue
         if isinstance(pa, LocalInt) or a == -1:
             continue
+        path = (*base, i) if base else (i + 1,)
         if isinstance(a, int):
-            c.edits.append(ArgEdit(n, (1, i), a, a // c.tp))
+            c.edits.append(ArgEdit(n, path, a, a // c.tp))
         else:
-            c.edits.append(ArgEdit(n, (1, i), a, DivideByTP(a)))
+            c.edits.append(ArgEdit(n, path, a, DivideByTP(a)))
     return out
 
 
@@ -650,8 +690,8 @@ def _mean(c: _Ctx, n: fx.Node) -> Placement:
     dims = _arg(n, 1, "dim")
     if not isinstance(px, Shard):
         return _check_replicated_rest(c, n, 1)
-    if dims is None or isinstance(dims, int):
-        dims = list(range(nd)) if dims is None else [dims]
+    if dims is None or isinstance(dims, int) or len(dims) == 0:
+        dims = [dims] if isinstance(dims, int) else list(range(nd))  # () and [] mean all
     dims = {_norm_dim(d, nd) for d in dims}
     if px.dim in dims:
         raise c.refuse(n, f"reduction over the split dimension {px.dim}", "no rule for this")
@@ -690,7 +730,12 @@ def _softmax(c: _Ctx, n: fx.Node) -> Placement:
         d = c.gm.get_submodule(str(n.target)).dim
     else:
         d = _arg(n, 1, "dim")
-    return _reduce_over(c, n, {_norm_dim(d, _ndim(n))})
+    nd = _ndim(n)
+    if d is None:  # torch's implicit choice (deprecated): dim 0 for 0-, 1- and 3-d, else 1
+        d = 0 if nd in (0, 1, 3) else 1
+    if not isinstance(d, int):
+        raise c.refuse(n, "a softmax over a computed dimension", "pass dim as an int")
+    return _reduce_over(c, n, {_norm_dim(d, nd)})
 
 
 def _layer_norm(c: _Ctx, n: fx.Node) -> Placement:
@@ -704,7 +749,8 @@ def _layer_norm(c: _Ctx, n: fx.Node) -> Placement:
                 "normalise replicated values, or use F.layer_norm with explicit weights",
             )  # fmt: skip
     else:
-        k = len(_arg(n, 1, "normalized_shape"))
+        shape = _arg(n, 1, "normalized_shape")
+        k = len(_val(shape)) if isinstance(shape, fx.Node) else len(shape)
     return _reduce_over(c, n, set(range(nd - k, nd)))
 
 
@@ -984,6 +1030,8 @@ def propagate(
             c.pl[n] = R
             continue
         name = "linear" if n in linears else ops.op_name(n, gm)
+        if name in ("linear", "addmm") and n not in linears:
+            name = "computed linear"  # a weight that is not a parameter: no rule, as any op
         args_split = any(_is_split(c.p(a)) for _, a in _all_args(n))
         rule = _TABLE.get(name)
         if (
@@ -991,7 +1039,7 @@ def propagate(
             or n in splits
             or (rule is not None and (args_split or name in ("view", "split")))
         ):
-            c.pl[n] = rule(c, n) if rule else R
+            c.pl[n] = _apply_rule(c, n, name, rule) if rule else R
         elif not args_split:
             c.pl[n] = _replicated_like(val)  # replicated compute is always correct
         else:
@@ -1006,6 +1054,22 @@ def propagate(
         c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users, c.losses, c.gathers,
         c.options.gather_outputs,
     )  # fmt: skip
+
+
+def _apply_rule(c: _Ctx, n: fx.Node, name: str, rule: Callable) -> Placement:
+    """A table entry's placement for `n`. An entry that cannot read this spelling of the
+    call (an argument form it does not know) refuses the node rather than crash."""
+    try:
+        return rule(c, n)
+    except AutoTPError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unknown means refuse
+        raise node_error(
+            n,
+            f"autotp's rule for '{name}' cannot read this call ({type(e).__name__}: {e})",
+            "spell the call the usual way (positional arguments as in the PyTorch docs), "
+            "or keep it outside split blocks; please report the model",
+        ) from e
 
 
 def _check_split_params_used_only_split(c: _Ctx) -> None:

@@ -20,8 +20,10 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .collectives import simulated_f, simulated_g, simulated_gather, simulated_max
+from .materialise import check_mode
 from .rewrite import F_MODULE, G_MODULE, GATHER_MODULE, MAX_MODULE, site_kind
 from .shapes import Shard
+from .trace import restore_grad, set_grad
 
 _SIMULATED = {
     F_MODULE: simulated_f,
@@ -31,6 +33,9 @@ _SIMULATED = {
 }
 
 __all__ = ["SimulatedTP"]
+
+# Nodes that change the process's state rather than a rank's values: run once per node.
+_GLOBAL_STATE = (set_grad, restore_grad)
 
 
 class _Replicated(torch.autograd.Function):
@@ -54,7 +59,7 @@ class SimulatedTP(nn.Module):
         self.ranks = nn.ModuleList(ranks)
         self.rank_outputs: list[Any] = []  # each rank's own outputs from the last forward
         self._signature = inspect.signature(ranks[0].forward)
-        self.train(ranks[0].training)
+        self.training = ranks[0].training  # the ranks keep their per-module modes
 
     @property
     def tp(self) -> int:
@@ -65,6 +70,7 @@ class SimulatedTP(nn.Module):
         return self.ranks[0].autotp.plan
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        check_mode(self.ranks[0])
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         ranks = list(self.ranks)
@@ -86,9 +92,13 @@ class SimulatedTP(nn.Module):
                 for env, y in zip(envs, ys, strict=True):
                     env[node] = y
             elif node.op == "output":
-                outs = [it.fetch_args_kwargs_from_env(node)[0][0] for it in interps]
+                outs = [_plain(it.fetch_args_kwargs_from_env(node)[0][0]) for it in interps]
                 self.rank_outputs = outs
                 return codegen.process_outputs(_combine(outs, _split_outputs(node)))
+            elif node.op == "call_function" and node.target in _GLOBAL_STATE:
+                value = interps[0].run_node(node)  # the process's grad mode: set it once
+                for env in envs:
+                    env[node] = value
             else:
                 before, after = rng.get() if len(ranks) > 1 else None, None
                 for r, (it, env) in enumerate(zip(interps, envs, strict=True)):
@@ -103,6 +113,19 @@ class SimulatedTP(nn.Module):
                 if after is not None:
                     rng.set(after)
         raise AssertionError("graph has no output node")
+
+
+def _plain(x: Any) -> Any:
+    """fx's immutable dicts and lists as the plain ones a GraphModule's code returns."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    if type(x) is tuple:
+        return tuple(_plain(v) for v in x)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+        return type(x)(*(_plain(v) for v in x))
+    return x
 
 
 def _own_copy(x: Any) -> Any:

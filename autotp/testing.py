@@ -4,7 +4,8 @@
     report = assert_equivalent(model, example_inputs, tp=4)   # float64, via simulate
 
 `assert_equivalent` compares the parallel module with the serial model on outputs, the
-loss, every gradient, and every weight after one SGD step (momentum, weight decay), and
+loss, every parameter gradient, the gradients of floating inputs, and every weight after
+one SGD step (momentum, weight decay), and
 raises an AssertionError listing the largest differences when any exceeds the tolerance.
 Pass `parallel=` to check a module built another way, e.g. `autotp.parallelize` on real
 processes (call it on every rank; `run_on_gloo` starts them).
@@ -52,6 +53,17 @@ def _cast(x: Any, dtype: torch.dtype) -> Any:
         return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     return tree_map(one, x)
+
+
+def _leaf_copy(inputs: Any) -> Any:
+    """Fresh leaves: floating tensors require grad, others are plain copies."""
+
+    def one(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.detach().clone().requires_grad_(t.is_floating_point())
+
+    return tree_map(one, inputs)
 
 
 def _call(module: nn.Module, inputs: Any) -> Any:
@@ -107,10 +119,11 @@ def assert_equivalent(
     serial = copy.deepcopy(model).to(dtype)
     build = parallel or (lambda m, t, x: simulate(m, t, x))
     par = build(copy.deepcopy(serial), tp, inputs)
-    par.train(serial.training)
     report = Report()
 
-    out_s, out_p = _call(serial, inputs), _call(par, inputs)
+    # each model its own leaf copy of every floating input, so input gradients compare too
+    inputs_s, inputs_p = _leaf_copy(inputs), _leaf_copy(inputs)
+    out_s, out_p = _call(serial, inputs_s), _call(par, inputs_p)
     leaves_s, leaves_p = tree_flatten(out_s)[0], tree_flatten(out_p)[0]
     for i, (a, b) in enumerate(zip(leaves_s, leaves_p, strict=True)):
         if isinstance(a, torch.Tensor):
@@ -124,6 +137,10 @@ def assert_equivalent(
     grads_p = full_grads(par)
     for name, p in serial.named_parameters():
         _record(report, f"grad:{name}", p.grad, grads_p[name])
+    leaves_s, leaves_p = tree_flatten(inputs_s)[0], tree_flatten(inputs_p)[0]
+    for i, (a, b) in enumerate(zip(leaves_s, leaves_p, strict=True)):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            _record(report, f"grad:input {i}", a.grad, b.grad)
 
     # SGD, not Adam: Adam's first step is lr * sign(grad), which turns a rounding-level
     # difference in a gradient that is zero in exact arithmetic (e.g. the key bias) into lr.

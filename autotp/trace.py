@@ -1,13 +1,25 @@
 """Stage 1, trace: capture an unmodified model as a torch.fx graph, with shapes.
 
 Two front-ends feed the same rules, propagation and rewrite:
-  "fx"      torch.fx symbolic tracing with a Tracer that proxies buffers
-            (torch 2.13 does not by default) and records stack traces; the graph holds torch functions, methods
-            and leaf modules, and sizes are computed from `x.size()` in the graph.
-  "export"  torch.export (non-strict), for models fx cannot trace (transformers 5.x);
-            the graph holds aten ops, batch and sequence dims are
-            exported as dynamic so other batch sizes and lengths run.
+  "fx"      torch.fx symbolic tracing with a Tracer that proxies buffers (torch 2.13 does
+            not by default) and records stack traces; the graph holds torch functions,
+            methods and leaf modules, and sizes are computed from `x.size()` in the graph.
+  "export"  torch.export (non-strict), for models fx cannot trace (transformers 5.x); the
+            graph holds aten ops, batch and sequence dims are exported as dynamic so other
+            batch sizes and lengths run.
 "auto" tries fx, then export, and names both failures if neither works.
+
+What tracing would silently drop is kept in the graph or refused:
+  - `torch.no_grad()` / `enable_grad` regions: fx records them as `set_grad` and
+    `restore_grad` calls (export keeps them as its own higher-order op);
+  - a custom `torch.autograd.Function`: fx records one opaque call of its `apply`, so its
+    backward runs (export traces only its forward: refused);
+  - `torch.inference_mode()` and enabled `torch.autocast` regions inside forward: refused
+    with the fx front-end (wrap the call of the parallel module instead);
+  - Python that branches on `self.training`: the model is traced again with every module
+    in the other mode; if the graphs differ, `Traced.mode_dependent` says where, and the
+    parallel module refuses to run in a mode other than the one it was planned in.
+Module hooks are checked by the plan (plan.py), which knows which modules survive.
 
 After tracing, the graph runs once under a FakeTensorMode on the example inputs so that
 every node carries `meta["val"]`: a fake tensor (shape and dtype, no storage) or a plain
@@ -17,16 +29,19 @@ models built on the meta device trace the same way.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import os
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import AutoTPError
 
@@ -44,6 +59,98 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True
 
 
+def set_grad(mode: bool) -> bool:
+    """Enter a grad-mode region of the traced forward; returns the mode to restore."""
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(mode)
+    return prev
+
+
+def restore_grad(prev: bool) -> None:
+    """Leave a grad-mode region: back to the mode of the caller, whatever it was."""
+    torch._C._set_grad_enabled(prev)
+
+
+_FUNCTION_CALLS: dict[type, Any] = {}
+
+
+def _function_call(cls: type) -> Any:
+    """One graph target per custom autograd Function: calls `cls.apply`, so both its
+    forward and its backward run in the traced module."""
+    if cls not in _FUNCTION_CALLS:
+
+        def apply(*args: Any, **kwargs: Any) -> Any:
+            return cls.apply(*args, **kwargs)
+
+        apply.__name__ = apply.__qualname__ = f"{cls.__name__}.apply"
+        _FUNCTION_CALLS[cls] = apply
+    return _FUNCTION_CALLS[cls]
+
+
+def _proxies(args: Any, kwargs: Any) -> list[fx.Proxy]:
+    found: list[fx.Proxy] = []
+    torch.utils._pytree.tree_map(
+        lambda a: found.append(a) if isinstance(a, fx.Proxy) else None, (args, kwargs)
+    )
+    return found
+
+
+@contextlib.contextmanager
+def _keep_what_fx_drops(tracer: _Tracer) -> Iterator[None]:
+    """While fx traces: record grad-mode changes and custom autograd Functions as graph
+    nodes, refuse inference_mode and autocast regions."""
+    set_enabled = torch._C._set_grad_enabled
+    apply = torch.autograd.Function.__dict__["apply"]
+    inference_enter = torch.autograd.grad_mode.inference_mode.__enter__
+    autocast_enter = torch.amp.autocast_mode.autocast.__enter__
+    regions: list[tuple[bool, fx.Node]] = []  # (mode before, the set_grad node)
+    mode = [True]  # the grad mode as the traced code sees it
+
+    def patched_set_enabled(m: bool) -> None:
+        set_enabled(m)
+        m = bool(m)
+        if m == mode[0]:
+            return
+        if regions and m == regions[-1][0]:  # back to the mode before the region
+            tracer.graph.call_function(restore_grad, (regions.pop()[1],))
+        else:
+            regions.append((mode[0], tracer.graph.call_function(set_grad, (m,))))
+        mode[0] = m
+
+    def patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        found = _proxies(args, kwargs)
+        if not found:
+            return apply.__func__(cls, *args, **kwargs)
+        return found[0].tracer.create_proxy("call_function", _function_call(cls), args, kwargs)
+
+    def refuse(what: str, hint: str) -> Any:
+        def enter(self: Any, *a: Any, **k: Any) -> Any:
+            if getattr(self, "mode", True) is False or getattr(self, "_enabled", True) is False:
+                return (inference_enter if what == "inference" else autocast_enter)(self)
+            raise AutoTPError(f"{what} inside forward is lost by tracing: {hint}")
+
+        return enter
+
+    grad = torch.is_grad_enabled()
+    set_enabled(True)  # the traced code starts with grad on, as mode[0] says
+    torch._C._set_grad_enabled = patched_set_enabled
+    torch.autograd.Function.apply = classmethod(patched_apply)
+    torch.autograd.grad_mode.inference_mode.__enter__ = refuse(
+        "inference", "call the parallel module under torch.inference_mode() instead"
+    )
+    torch.amp.autocast_mode.autocast.__enter__ = refuse(
+        "autocast", "call the parallel module under torch.autocast(...) instead"
+    )
+    try:
+        yield
+    finally:
+        set_enabled(grad)
+        torch._C._set_grad_enabled = set_enabled
+        torch.autograd.Function.apply = apply
+        torch.autograd.grad_mode.inference_mode.__enter__ = inference_enter
+        torch.amp.autocast_mode.autocast.__enter__ = autocast_enter
+
+
 FRONTENDS = ("auto", "fx", "export")
 
 
@@ -54,6 +161,8 @@ class Traced:
     gm: fx.GraphModule
     inputs: dict[str, Any]  # the example inputs, by forward parameter name
     frontend: str = "fx"  # which front-end produced gm: "fx" or "export"
+    # where the graph changes with train()/eval() (Python reading self.training), or None
+    mode_dependent: str | None = None
 
 
 def bind_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
@@ -132,8 +241,76 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, frontend: str = "a
                     f"torch.fx: {fx_error}\n\ntorch.export: {export_error}"
                 ) from export_error
             frontend = "export"
+    frontend = "fx" if frontend == "auto" else frontend
+    dependent = _mode_dependence(model, inputs, frontend, gm)
     _annotate(gm, inputs)
-    return Traced(gm, inputs, "fx" if frontend == "auto" else frontend)
+    return Traced(gm, inputs, frontend, dependent)
+
+
+def _mode_dependence(
+    model: torch.nn.Module, inputs: dict[str, Any], frontend: str, gm: fx.GraphModule
+) -> str | None:
+    """Where the captured graph changes with train()/eval() (the modes the user can switch
+    the parallel module to), or None. fx traces again in each mode and compares the code
+    (a dropout module is a call in the graph, so only Python reading self.training shows);
+    export freezes everything, so the ops each mode dispatches on fake tensors are
+    compared instead (much cheaper than exporting again). The model's flags are restored."""
+    flags = {m: m.training for m in model.modules()}
+    if frontend == "export":
+        capture: Any = _dispatched
+        try:
+            mine = capture(model, inputs)
+        except Exception:  # noqa: BLE001 - not runnable on fake tensors: export again
+            capture, mine = (lambda mod, x: _export(mod, x).code.splitlines()), gm.code.splitlines()
+    else:
+        capture, mine = (lambda mod, x: _fx_trace(mod, x).code.splitlines()), gm.code.splitlines()
+    try:
+        for mode in (True, False):
+            if all(v == mode for v in flags.values()):
+                continue  # already traced so
+            for m in flags:
+                m.training = mode
+            theirs = capture(model, inputs)
+            for m, v in flags.items():
+                m.training = v
+            if theirs != mine:
+                i = next(
+                    (k for k, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b),
+                    min(len(mine), len(theirs)),
+                )
+                a = mine[i].strip() if i < len(mine) else "(nothing)"
+                b = theirs[i].strip() if i < len(theirs) else "(nothing)"
+                where = "train" if mode else "eval"
+                return f"in {where} mode it runs `{b}` where the planned mode runs `{a}`"
+    finally:
+        for m, v in flags.items():
+            m.training = v
+    return None
+
+
+class _OpRecorder(TorchDispatchMode):
+    """The aten ops a forward dispatches, with their non-tensor arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        plain = [a for a in leaves if isinstance(a, (bool, int, float, str))]
+        self.ops.append(f"{func}{plain}")
+        return func(*args, **kwargs)
+
+
+def _dispatched(model: torch.nn.Module, inputs: dict[str, Any]) -> list[str]:
+    """The ops one forward dispatches, run on fake tensors (nothing computed)."""
+    recorder = _OpRecorder()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad(), mode, recorder:
+        model(**fake)
+    return recorder.ops
 
 
 def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
@@ -145,8 +322,19 @@ def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
             dims[name] = {i: torch.export.Dim.DYNAMIC for i in range(min(v.dim(), 2))}
         else:
             dims[name] = None
+    functions: list[type] = []
+    apply = torch.autograd.Function.__dict__["apply"]
+
+    def noting_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        functions.append(cls)
+        return apply.__func__(cls, *args, **kwargs)
+
     try:
-        ep = torch.export.export(model, (), inputs, dynamic_shapes=dims, strict=False)
+        torch.autograd.Function.apply = classmethod(noting_apply)
+        try:
+            ep = torch.export.export(model, (), inputs, dynamic_shapes=dims, strict=False)
+        finally:
+            torch.autograd.Function.apply = apply
     except Exception as e:  # noqa: BLE001 - becomes an actionable error
         raise AutoTPError(
             f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -155,6 +343,15 @@ def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
             "Python control flow; a cache or other non-tensor output turned off, e.g. "
             "use_cache=False)"
         ) from e
+    if functions:
+        cls = functions[0]
+        raise AutoTPError(
+            f"{type(model).__name__} calls the custom autograd Function "
+            f"{cls.__module__}.{cls.__qualname__}: torch.export keeps only its forward, so "
+            "its backward would be lost.\n  hint:   use frontend='fx' if the model can be "
+            "symbolically traced (autotp keeps the Function there), or replace the Function "
+            "by plain tensor ops"
+        )
     return ep.module()
 
 
@@ -169,9 +366,12 @@ def _fx_trace(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
     }
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        with _keep_what_fx_drops(tracer):
+            graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001 - any tracing failure becomes an actionable error
         where = _user_frame(e)
+        if isinstance(e, AutoTPError):
+            raise AutoTPError(f"{e}\n  source: {where}") from e
         data_dependent = isinstance(e, fx.proxy.TraceError) or "Proxy" in str(e)
         hint = (
             "the forward uses a tensor's value in Python control flow (if/while/assert on a "

@@ -1,57 +1,18 @@
-"""A structural fuzzer: small random models drawn from a grammar of structures and
-spellings (a Csmith for model graphs), and the check that autotp either refuses each one
-or computes exactly what it computes.
-
-    from autotp.fuzz import check_case, model_cases
-
-    @given(model_cases())
-    def test_fuzz(case):
-        verdict = check_case(case)
-        assert verdict.ok, f"{verdict}\\n{case.reproducer()}"
-
-A drawn model is Python source text: an `nn.Module` class `Model` with helper classes,
-written from grammar choices (blocks, residual patterns, spellings of linears, heads and
-activations, output containers, and the things tracing tends to drop: hooks, no_grad,
-custom autograd functions, dropout flags, modes, in-place input mutation, tied weights,
-escapes of split values). The text is compiled under a fake file name registered with
-`linecache`, so tracebacks and autotp's refusals quote the generated lines, and a failing
-case prints as a self-contained script (`ModelCase.reproducer()`).
-
-The generator reads every decision from a `Choices` object: random (bench/fuzz.py),
-replayed from a recorded list of indices (shrinking: index 0 is always the simplest
-option and a False flag), or drawn by hypothesis (`model_cases()`, which shrinks the
-same way). Each decision that shapes the model adds a feature tag ("block:glu",
-"linear:functional_kw", "trap:hook_fwd", "escape:mT", ...) to the case.
-
-`check_case` compares in float64: every output leaf, every parameter gradient (through
-`autotp.full_grads`), the gradients of inputs that require grad, inputs mutated in place,
-and, where the simulated module exposes `rank_outputs`, that the ranks agree bitwise on
-replicated outputs. `check_case_gloo` does the same with `autotp.parallelize` on real gloo
-processes.
-"""
+"""The fuzzer's grammar and generator: option tables for each spelling, the helper
+snippets, `Choices` (random, replayed or drawn by hypothesis), `ModelCase` and the
+generator that writes one model's source from a Choices stream, plus `shrink`."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import linecache
 import random
-import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
-
-from .errors import AutoTPError
-
-__all__ = [
-    "Choices", "ModelCase", "Verdict", "FEATURES", "generate", "model_cases",
-    "check_case", "check_case_gloo", "shrink",
-]  # fmt: skip
 
 TPS = (2, 4)
 LINEARS = ("module", "functional", "module_kw", "functional_kw", "matmul", "torch_matmul")
@@ -133,11 +94,11 @@ DROPOUTS = {
     "p05_self_training_eval": None,  # F.dropout(h, 0.5, self.training) in an eval module
 }
 HELPERS = {
-    "rotate_half": '''
+    "rotate_half": """
 def rotate_half(t):
     t1, t2 = t.chunk(2, dim=-1)
-    return torch.cat((-t2, t1), dim=-1)''',
-    "GradReverse": '''
+    return torch.cat((-t2, t1), dim=-1)""",
+    "GradReverse": """
 class GradReverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -145,8 +106,8 @@ class GradReverse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return -g''',
-    "RoundST": '''
+        return -g""",
+    "RoundST": """
 class RoundST(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -154,13 +115,13 @@ class RoundST(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return g''',
-    "double_output": '''
+        return g""",
+    "double_output": """
 def double_output(module, args, output):
-    return output * 2.0''',
-    "shift_input": '''
+    return output * 2.0""",
+    "shift_input": """
 def shift_input(module, args):
-    return (args[0] + 1.0,) + tuple(args[1:])''',
+    return (args[0] + 1.0,) + tuple(args[1:])""",
 }
 
 
@@ -223,7 +184,7 @@ class ModelCase:
     features: frozenset[str]
     mode: str = "train"  # the mode the model is built and traced in
     call_mode: str = "train"  # the mode both models are switched to before running
-    record: tuple[int, ...] = ()  # the decisions that drew it (Choices(replay=record))
+    record: tuple[int, ...] = field(default=(), repr=False)  # Choices(replay=record)
     class_name: str = "Model"
 
     @property
@@ -421,9 +382,7 @@ class _Gen:
         body.append("return y, h" if extra else "return y")
         return cls, extra
 
-    def attention(
-        self, prefix: str, C: int, H: int, T: int, mask: str | None
-    ) -> tuple[_Cls, bool]:
+    def attention(self, prefix: str, C: int, H: int, T: int, mask: str | None) -> tuple[_Cls, bool]:
         hd = C // H
         kind = self.pick("block", ("attn_fused", "attn_separate"))
         cls = _Cls(f"{prefix}Attn", ["x", "mask"] if mask else ["x"])
@@ -537,8 +496,8 @@ class _Gen:
         ch = self.ch
         tp = self.pick("tp", tps)
         C = self.pick("hidden", (8, 16, 32))
-        heads = [h for h in dict.fromkeys((tp, 2 * tp, 1, 2, 4, 8)) if C % h == 0]
-        H = ch.pick(heads)
+        heads = [h for h in dict.fromkeys((tp, 2 * tp, 4, 8)) if C % h == 0 and h % tp == 0]
+        H = ch.pick([h for h in (1, 2) if h % tp] if ch.flag(0.15) else heads)
         if H % tp:
             self.tags.add("heads_indivisible")
         B, T = ch.pick((2, 1, 3)), ch.pick((3, 1, 2, 4, 5, 6))
@@ -551,7 +510,7 @@ class _Gen:
             self.tags.add(f"mode:{mode}->{call_mode}")
         allow_eval_sub = (mode, call_mode) != ("eval", "train") and mode == "train"
         n_layers = self.pick("layers", (1, 2))
-        layout = [ch.pick(("attn+ffn", "ffn", "attn")) for _ in range(n_layers)]
+        layout = [ch.pick(("ffn", "attn+ffn", "attn")) for _ in range(n_layers)]
         has_attn = any("attn" in lay for lay in layout)
         mask = None
         if has_attn and self.ch.flag(0.3):
@@ -576,14 +535,14 @@ class _Gen:
             residual = self.pick("residual", ("pre_ln", "post_ln", "parallel")[: len(subs) + 1])
             no_grad_block = self.flag("trap:no_grad_block", 0.05) if i == 0 else False
             extras: list[str] = []
-            for j, (attr, c, extra) in enumerate(subs):
+            for j, (attr, c, _extra) in enumerate(subs):
                 blk.init.append(f"self.ln_{j + 1} = nn.LayerNorm({C})")
                 blk.init.append(f"self.{attr} = {c.name}()")
-            call_args = {
-                attr: ", mask" if attr == "attn" and mask else "" for attr, _, _ in subs
-            }
+            call_args = {attr: ", mask" if attr == "attn" and mask else "" for attr, _, _ in subs}
 
-            def call(attr: str, x: str, extra: bool, blk=blk, call_args=call_args, i=i) -> str:
+            def call(
+                attr: str, x: str, extra: bool, blk=blk, call_args=call_args, i=i, extras=extras
+            ) -> str:
                 res = f"self.{attr}({x}{call_args[attr]})"
                 if extra:
                     blk.body.append(f"{attr}_out, {attr}_extra = {res}")
@@ -620,8 +579,7 @@ class _Gen:
         if source_kind == "x":
             args.append("x")
             inputs.append(
-                f"x = torch.randn({B}, {T}, {C}, generator=g, dtype=torch.float64)"
-                ".requires_grad_()"
+                f"x = torch.randn({B}, {T}, {C}, generator=g, dtype=torch.float64).requires_grad_()"
             )
         else:
             args.append("idx")
@@ -647,7 +605,7 @@ class _Gen:
             model.init.append(f"self.frozen = nn.Linear({C}, {C})")
             body += ["with torch.no_grad():", "    side = self.frozen(x)", "x = x + side"]
         extras_vars = []
-        for attr, blk, subs, has_extras in blocks:
+        for attr, blk, _subs, has_extras in blocks:
             m = ", mask" if "mask" in blk.args else ""
             if has_extras:
                 body.append(f"x, ex_{attr} = self.{attr}(x{m})")
@@ -688,8 +646,7 @@ class _Gen:
                 inputs.append(f"targets = torch.randint(0, {V}, ({B}, {T}), generator=g)")
                 if kind == "functional":
                     body.append(
-                        "loss = F.cross_entropy(logits.view(-1, logits.size(-1)), "
-                        "targets.view(-1))"
+                        "loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))"
                     )
                 elif kind == "module":
                     model.init.append("self.loss_fn = nn.CrossEntropyLoss()")
@@ -717,6 +674,8 @@ class _Gen:
                 fn = self.helper("shift_input")
                 model.init.append(f"self.h0.{sub}.register_forward_pre_hook({fn})")
         model.init += self.model_init
+        if self.ch.flag(0.15):  # run the parallel module under PyTorch's CommDebugMode
+            self.tags.add("tool:comm_debug_mode")
 
         # the output container
         extras = "{" + ", ".join(f"**{e}" for e in extras_vars) + "}" if extras_vars else None
@@ -746,15 +705,9 @@ class _Gen:
             ret = f'{{"out": ({out_name}, {inner}), "n": {T}}}'
         else:
             names = [out_name] + (["loss"] if loss else []) + (["extra"] if extras else [])
-            model.init.append(f"self.Out = collections.namedtuple('Out', {names})")
-            ret = "self.Out(" + ", ".join(leaves) + ")"
+            self.helpers.append(f"Out:{names!r}")
+            ret = "Out(" + ", ".join(leaves) + ")"
         body.append(f"return {ret}")
-        if container == "namedtuple":
-            # a namedtuple class made per instance would break pickling: make it once
-            model.init.pop()
-            self.helpers.append("Out:" + repr([out_name] + (["loss"] if loss else [])
-                                              + (["extra"] if extras else [])))  # fmt: skip
-            body[-1] = "return Out(" + ", ".join(leaves) + ")"
 
         parts = ["import collections", "import math", "", "import torch",
                  "import torch.nn as nn", "import torch.nn.functional as F"]  # fmt: skip
@@ -809,6 +762,7 @@ def _all_features() -> frozenset[str]:
     tags |= {
         "trap:inplace_split", "trap:inplace_input", "trap:eval_submodule", "trap:tie_qk",
         "trap:training_branch", "trap:no_grad_side", "trap:no_grad_block",
+        "tool:comm_debug_mode",
     }  # fmt: skip
     return frozenset(tags)
 
@@ -832,205 +786,6 @@ def random_case(seed: int, tps: Sequence[int] = TPS) -> ModelCase:
     return generate(Choices(random.Random(seed)), tps)
 
 
-# --------------------------------------------------------------------------- checking
-
-
-@dataclass
-class Verdict:
-    """What autotp did with a case: "equal" (within tolerance), "refused" (AutoTPError),
-    "wrong" (a difference; `diffs` holds the largest) or "crash" (another exception)."""
-
-    kind: str
-    detail: str = ""
-    diffs: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.kind in ("equal", "refused")
-
-    def signature(self) -> str:
-        """A short key for grouping failures with (probably) one cause."""
-        if self.kind == "crash":
-            lines = [s for s in self.detail.strip().splitlines() if s.strip()]
-            first = lines[0] if lines else ""
-            return f"crash: {first[:160]}"
-        if self.kind == "wrong":
-            kinds = sorted({k.split(":")[0] for k, v in self.diffs.items() if v > 0})
-            return "wrong: " + ",".join(kinds)
-        return self.kind
-
-    def __str__(self) -> str:
-        if self.kind == "wrong":
-            worst = sorted(self.diffs.items(), key=lambda kv: -kv[1])[:8]
-            return "wrong: " + ", ".join(f"{k}={v:.3g}" for k, v in worst)
-        return f"{self.kind}: {self.detail}" if self.detail else self.kind
-
-
-def _clone(inputs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
-        for k, v in inputs.items()
-    }
-
-
-def _diff(a: Any, b: Any) -> float:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            return float("inf") if (a is None) != (b is None) or a is not b else 0.0
-        return 0.0 if a == b else float("inf")
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return float("inf")
-    if a.numel() == 0:
-        return 0.0
-    a, b = a.detach(), b.detach()
-    if not a.is_floating_point():
-        return 0.0 if torch.equal(a, b) else float("inf")
-    same_nan = torch.isnan(a) == torch.isnan(b)
-    if not bool(same_nan.all()):
-        return float("inf")
-    a, b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
-    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
-    if not torch.equal(inf_a, inf_b) or not torch.equal(a[inf_a], b[inf_b]):
-        return float("inf")
-    d = (a.masked_fill(inf_a, 0.0) - b.masked_fill(inf_b, 0.0)).abs().max().item()
-    scale = max(1.0, a.masked_fill(inf_a, 0.0).abs().max().item())
-    return d / scale  # relative to the value's magnitude, or absolute below 1
-
-
-def _compare(
-    case: ModelCase,
-    serial: nn.Module,
-    par: nn.Module,
-    inputs: dict[str, Any],
-    grads_of: Callable[[nn.Module], dict[str, torch.Tensor | None]],
-    atol: float,
-) -> Verdict:
-    """Run both, backward both, compare; `par` was built in case.mode."""
-    if case.call_mode != case.mode:
-        serial.train(case.call_mode == "train")
-        par.train(case.call_mode == "train")
-    xs, xp = _clone(inputs), _clone(inputs)
-    out_s = serial(**xs)
-    try:
-        out_p = par(**xp)
-    except AutoTPError as e:
-        return Verdict("refused", f"at run time: {str(e).splitlines()[0]}")
-    except Exception as e:  # noqa: BLE001 - every other exception is the verdict
-        return Verdict("crash", _exc_text(e))
-    diffs: dict[str, float] = {}
-    leaves_s, spec_s = tree_flatten(out_s)
-    leaves_p, spec_p = tree_flatten(out_p)
-    if spec_s != spec_p:
-        return Verdict("wrong", f"output structure: serial {spec_s}, parallel {spec_p}",
-                       {"structure": float("inf")})  # fmt: skip
-    for i, (a, b) in enumerate(zip(leaves_s, leaves_p, strict=True)):
-        diffs[f"output:{i}"] = _diff(a, b)
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            if a.requires_grad != b.requires_grad:
-                diffs[f"requires_grad:{i}"] = float("inf")
-    rank_outputs = getattr(par, "rank_outputs", None)
-    if rank_outputs:
-        per_rank = [tree_flatten(o)[0] for o in rank_outputs]
-        for i, a in enumerate(leaves_s):
-            if not isinstance(a, torch.Tensor):
-                continue
-            vals = [r[i] for r in per_rank if i < len(r)]
-            if len(vals) == len(per_rank) and all(
-                isinstance(v, torch.Tensor) and v.shape == a.shape for v in vals
-            ):
-                same = all(torch.equal(vals[0].detach(), v.detach()) for v in vals[1:])
-                diffs[f"ranks_disagree:{i}"] = 0.0 if same else float("inf")
-    for name, v in xs.items():
-        diffs[f"input_after:{name}"] = _diff(v, xp[name])
-    g = torch.Generator().manual_seed(1234)
-    floats = [(a, b) for a, b in zip(leaves_s, leaves_p, strict=True)
-              if isinstance(a, torch.Tensor) and a.is_floating_point()]  # fmt: skip
-    weights = [torch.randn(a.shape, generator=g, dtype=a.dtype) for a, _ in floats]
-    total_s = sum(((a * w).sum() for (a, _), w in zip(floats, weights, strict=True)), None)
-    total_p = sum(((b * w).sum() for (_, b), w in zip(floats, weights, strict=True)), None)
-    if isinstance(total_s, torch.Tensor) and total_s.requires_grad:
-        total_s.backward()
-    try:
-        if isinstance(total_p, torch.Tensor) and total_p.requires_grad:
-            total_p.backward()
-        grads_p = grads_of(par)
-    except AutoTPError as e:
-        return Verdict("refused", f"in backward: {str(e).splitlines()[0]}")
-    except Exception as e:  # noqa: BLE001
-        return Verdict("crash", "in backward: " + _exc_text(e))
-    for name, p in serial.named_parameters(remove_duplicate=False):
-        if name not in grads_p:
-            diffs[f"grad:{name}"] = float("inf")
-        else:
-            diffs[f"grad:{name}"] = _diff(p.grad, grads_p[name])
-    for name, v in xs.items():
-        if isinstance(v, torch.Tensor) and v.requires_grad:
-            diffs[f"input_grad:{name}"] = _diff(v.grad, xp[name].grad)
-    bad = {k: v for k, v in diffs.items() if not v <= atol}
-    if bad:
-        return Verdict("wrong", "", bad)
-    return Verdict("equal", f"largest difference {max(diffs.values(), default=0.0):.3g}")
-
-
-def _exc_text(e: BaseException) -> str:
-    tb = traceback.extract_tb(e.__traceback__)
-    where = f" (at {tb[-1].filename.split('/')[-1]}:{tb[-1].lineno})" if tb else ""
-    return f"{type(e).__name__}: {e}{where}"
-
-
-def check_case(case: ModelCase, *, seed: int = 0, atol: float = 1e-10) -> Verdict:
-    """Simulate `case` at case.tp and compare with the serial model in float64. Raises
-    only when the serial model itself fails (a generator bug)."""
-    from .parallel import full_grads, simulate
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        serial = case.build(seed)
-        inputs = case.inputs(seed)
-        try:
-            sim = simulate(copy.deepcopy(serial), case.tp, _clone(inputs))
-        except AutoTPError as e:
-            return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
-        except Exception as e:  # noqa: BLE001 - every other exception is the verdict
-            return Verdict("crash", _exc_text(e))
-        return _compare(case, serial, sim, inputs, full_grads, atol)
-
-
-def _gloo_rank(rank: int, world: int, case: ModelCase, seed: int, atol: float) -> Verdict:
-    from .parallel import full_grads, parallelize
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        serial = case.build(seed)
-        inputs = case.inputs(seed)
-        try:
-            module = parallelize(copy.deepcopy(serial), world, _clone(inputs))
-        except AutoTPError as e:
-            return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
-        except Exception as e:  # noqa: BLE001
-            return Verdict("crash", _exc_text(e))
-        return _compare(case, serial, module, inputs, full_grads, atol)
-
-
-def check_case_gloo(
-    case: ModelCase, *, seed: int = 0, atol: float = 1e-10, timeout: float = 120
-) -> Verdict:
-    """As check_case, with `autotp.parallelize` on case.tp forked gloo processes; the
-    verdict of the first rank that is not "equal" (a rank that dies or hangs: "crash")."""
-    from .testing import run_on_gloo
-
-    case.namespace()  # compile before the fork: every rank inherits the classes
-    try:
-        verdicts = run_on_gloo(_gloo_rank, case.tp, case, seed, atol, timeout=timeout)
-    except AssertionError as e:
-        return Verdict("crash", str(e)[-2000:])
-    for r, v in enumerate(verdicts):
-        if v.kind != "equal":
-            v.detail = f"rank {r}: {v.detail}"
-            return v
-    return verdicts[0]
-
-
 def shrink(
     case: ModelCase,
     keep: Callable[[ModelCase], bool],
@@ -1038,31 +793,23 @@ def shrink(
     budget: int = 200,
 ) -> ModelCase:
     """A smaller case for which `keep` still holds: decisions set to their simplest option
-    one at a time (replaying the rest), then the shortest source wins. At most `budget`
-    calls of `keep`."""
-    best = case
-    calls = 0
-    changed = True
+    one at a time (the rest replayed), kept when `keep` holds and the source is no longer.
+    At most `budget` calls of `keep`."""
+    best, calls, changed = case, 0, True
     while changed and calls < budget:
         changed = False
         for i in range(len(best.record)):
-            if best.record[i] == 0 or calls >= budget:
+            if i >= len(best.record) or best.record[i] == 0 or calls >= budget:
                 continue
             trial = list(best.record)
             trial[i] = 0
             cand = generate(Choices(replay=trial), tps)
-            if len(cand.source) > len(best.source) and cand.source != best.source:
-                continue
             if cand.source == best.source and cand.inputs_source == best.inputs_source:
-                best = replace_record(best, cand.record)
+                best = cand  # a decision that changed nothing visible
+                continue
+            if len(cand.source) > len(best.source):
                 continue
             calls += 1
             if keep(cand):
                 best, changed = cand, True
     return best
-
-
-def replace_record(case: ModelCase, record: tuple[int, ...]) -> ModelCase:
-    from dataclasses import replace
-
-    return replace(case, record=record)

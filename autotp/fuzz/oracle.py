@@ -1,0 +1,265 @@
+"""The fuzzer's oracle: run a ModelCase through autotp.simulate (`check_case`) or
+autotp.parallelize on forked gloo ranks (`check_case_gloo`) and compare with the serial
+model in float64; the result is a `Verdict`."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import AutoTPError
+from .grammar import ModelCase
+
+
+@dataclass
+class Verdict:
+    """What autotp did with a case: "equal" (within tolerance), "refused" (AutoTPError),
+    "wrong" (a difference; `diffs` holds the largest) or "crash" (another exception)."""
+
+    kind: str
+    detail: str = ""
+    diffs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.kind in ("equal", "refused")
+
+    def signature(self) -> str:
+        """A short key for grouping failures with (probably) one cause."""
+        if self.kind == "crash":
+            lines = [s for s in self.detail.strip().splitlines() if s.strip()]
+            first = lines[0] if lines else ""
+            return f"crash: {first[:160]}"
+        if self.kind == "wrong":
+            kinds = sorted({k.split(":")[0] for k, v in self.diffs.items() if v > 0})
+            if len(kinds) > 1 and "container_type" in kinds:  # alone it is a failure
+                kinds.remove("container_type")
+            return "wrong: " + ",".join(kinds)
+        return self.kind
+
+    def __str__(self) -> str:
+        if self.kind == "wrong":
+            worst = sorted(self.diffs.items(), key=lambda kv: -kv[1])[:8]
+            return "wrong: " + ", ".join(f"{k}={v:.3g}" for k, v in worst)
+        return f"{self.kind}: {self.detail}" if self.detail else self.kind
+
+
+def _clone(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+        for k, v in inputs.items()
+    }
+
+
+def _diff(a: Any, b: Any) -> float:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return float("inf")
+        return 0.0 if a == b else float("inf")
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    a, b = a.detach(), b.detach()
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
+    same_nan = torch.isnan(a) == torch.isnan(b)
+    if not bool(same_nan.all()):
+        return float("inf")
+    a, b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
+    if not torch.equal(inf_a, inf_b) or not torch.equal(a[inf_a], b[inf_b]):
+        return float("inf")
+    d = (a.masked_fill(inf_a, 0.0) - b.masked_fill(inf_b, 0.0)).abs().max().item()
+    scale = max(1.0, a.masked_fill(inf_a, 0.0).abs().max().item())
+    return d / scale  # relative to the value's magnitude, or absolute below 1
+
+
+def _compare(
+    case: ModelCase,
+    serial: nn.Module,
+    par: nn.Module,
+    inputs: dict[str, Any],
+    grads_of: Callable[[nn.Module], dict[str, torch.Tensor | None]],
+    atol: float,
+) -> Verdict:
+    """Run both, backward both, compare; `par` was built in case.mode."""
+    if case.call_mode != case.mode:
+        serial.train(case.call_mode == "train")
+        par.train(case.call_mode == "train")
+    xs, xp = _clone(inputs), _clone(inputs)
+    out_s = serial(**xs)
+    with contextlib.ExitStack() as tools:  # the parallel forward and backward, under them
+        if "tool:comm_debug_mode" in case.features:
+            from torch.distributed.tensor.debug import CommDebugMode
+
+            tools.enter_context(CommDebugMode())
+        return _run_parallel(par, xp, serial, xs, out_s, case, grads_of, atol)
+
+
+def _run_parallel(
+    par: nn.Module,
+    xp: dict[str, Any],
+    serial: nn.Module,
+    xs: dict[str, Any],
+    out_s: Any,
+    case: ModelCase,
+    grads_of: Callable[[nn.Module], dict[str, torch.Tensor | None]],
+    atol: float,
+) -> Verdict:
+    try:
+        out_p = par(**xp)
+    except AutoTPError as e:
+        return Verdict("refused", f"at run time: {str(e).splitlines()[0]}")
+    except Exception as e:  # noqa: BLE001 - every other exception is the verdict
+        return Verdict("crash", _exc_text(e))
+    diffs: dict[str, float] = {}
+    # fx's immutable_dict / immutable_list returned for dict / list: a difference a user
+    # sees (they refuse item assignment), kept apart so it does not hide the others
+    diffs["container_type"] = 0.0 if _types(out_s) == _types(out_p) else float("inf")
+    leaves_s, spec_s = tree_flatten(out_s)
+    leaves_p, spec_p = tree_flatten(_plain(out_p))
+    if spec_s != spec_p:
+        return Verdict("wrong", f"output structure: serial {spec_s}, parallel {spec_p}",
+                       {"structure": float("inf")})  # fmt: skip
+    for i, (a, b) in enumerate(zip(leaves_s, leaves_p, strict=True)):
+        diffs[f"output:{i}"] = _diff(a, b)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.requires_grad != b.requires_grad:
+                diffs[f"requires_grad:{i}"] = float("inf")
+    rank_outputs = getattr(par, "rank_outputs", None)
+    if rank_outputs:
+        per_rank = [tree_flatten(o)[0] for o in rank_outputs]
+        for i, a in enumerate(leaves_s):
+            if not isinstance(a, torch.Tensor):
+                continue
+            vals = [r[i] for r in per_rank if i < len(r)]
+            if len(vals) == len(per_rank) and all(
+                isinstance(v, torch.Tensor) and v.shape == a.shape for v in vals
+            ):
+                same = all(torch.equal(vals[0].detach(), v.detach()) for v in vals[1:])
+                diffs[f"ranks_disagree:{i}"] = 0.0 if same else float("inf")
+    for name, v in xs.items():
+        diffs[f"input_after:{name}"] = _diff(v, xp[name])
+    g = torch.Generator().manual_seed(1234)
+    floats = [(a, b) for a, b in zip(leaves_s, leaves_p, strict=True)
+              if isinstance(a, torch.Tensor) and a.is_floating_point()]  # fmt: skip
+    weights = [torch.randn(a.shape, generator=g, dtype=a.dtype) for a, _ in floats]
+    total_s: Any = None
+    total_p: Any = None
+    for (a, b), w in zip(floats, weights, strict=True):
+        total_s = (a * w).sum() if total_s is None else total_s + (a * w).sum()
+        total_p = (b * w).sum() if total_p is None else total_p + (b * w).sum()
+    if isinstance(total_s, torch.Tensor) and total_s.requires_grad:
+        total_s.backward()
+    try:
+        if isinstance(total_p, torch.Tensor) and total_p.requires_grad:
+            total_p.backward()
+        grads_p = grads_of(par)
+    except AutoTPError as e:
+        return Verdict("refused", f"in backward: {str(e).splitlines()[0]}")
+    except Exception as e:  # noqa: BLE001
+        return Verdict("crash", "in backward: " + _exc_text(e))
+    for name, p in serial.named_parameters(remove_duplicate=False):
+        if name not in grads_p:
+            diffs[f"grad:{name}"] = float("inf")
+        else:
+            diffs[f"grad:{name}"] = _diff(p.grad, grads_p[name])
+    for name, v in xs.items():
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            diffs[f"input_grad:{name}"] = _diff(v.grad, xp[name].grad)
+    bad = {k: v for k, v in diffs.items() if not v <= atol}
+    if bad:
+        return Verdict("wrong", "", bad)
+    return Verdict("equal", f"largest difference {max(diffs.values(), default=0.0):.3g}")
+
+
+def _plain(o: Any) -> Any:
+    """`o` with fx's immutable containers replaced by dict and list."""
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+    if isinstance(o, immutable_dict) or type(o) is dict:
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, immutable_list) or type(o) is list:
+        return [_plain(v) for v in o]
+    if isinstance(o, tuple):
+        items = [_plain(v) for v in o]
+        return type(o)(*items) if hasattr(o, "_fields") else type(o)(items)
+    return o
+
+
+def _types(o: Any) -> Any:
+    """The container types of `o`, as a nested structure of type names."""
+    if isinstance(o, dict):
+        return (type(o).__name__, tuple((k, _types(v)) for k, v in o.items()))
+    if isinstance(o, (list, tuple)):
+        return (type(o).__name__, tuple(_types(v) for v in o))
+    return None
+
+
+def _exc_text(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" (at {tb[-1].filename.split('/')[-1]}:{tb[-1].lineno})" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def check_case(case: ModelCase, *, seed: int = 0, atol: float = 1e-10) -> Verdict:
+    """Simulate `case` at case.tp and compare with the serial model in float64. Raises
+    only when the serial model itself fails (a generator bug)."""
+    from ..parallel import full_grads, simulate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        serial = case.build(seed)
+        inputs = case.inputs(seed)
+        try:
+            sim = simulate(copy.deepcopy(serial), case.tp, _clone(inputs))
+        except AutoTPError as e:
+            return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
+        except Exception as e:  # noqa: BLE001 - every other exception is the verdict
+            return Verdict("crash", _exc_text(e))
+        return _compare(case, serial, sim, inputs, full_grads, atol)
+
+
+def _gloo_rank(rank: int, world: int, case: ModelCase, seed: int, atol: float) -> Verdict:
+    from ..parallel import full_grads, parallelize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        serial = case.build(seed)
+        inputs = case.inputs(seed)
+        try:
+            module = parallelize(copy.deepcopy(serial), world, _clone(inputs))
+        except AutoTPError as e:
+            return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
+        except Exception as e:  # noqa: BLE001
+            return Verdict("crash", _exc_text(e))
+        return _compare(case, serial, module, inputs, full_grads, atol)
+
+
+def check_case_gloo(
+    case: ModelCase, *, seed: int = 0, atol: float = 1e-10, timeout: float = 120
+) -> Verdict:
+    """As check_case, with `autotp.parallelize` on case.tp forked gloo processes; the
+    verdict of the first rank that is not "equal" (a rank that dies or hangs: "crash")."""
+    from ..testing import run_on_gloo
+
+    case.namespace()  # compile before the fork: every rank inherits the classes
+    try:
+        verdicts = run_on_gloo(_gloo_rank, case.tp, case, seed, atol, timeout=timeout)
+    except AssertionError as e:
+        return Verdict("crash", str(e)[-2000:])
+    for r, v in enumerate(verdicts):
+        if v.kind != "equal":
+            v.detail = f"rank {r}: {v.detail}"
+            return v
+    return verdicts[0]

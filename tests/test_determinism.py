@@ -1,0 +1,67 @@
+"""Plans are the same in every process: every rank plans on its own, so matching and
+planning must not depend on the hash seed, dict order or memory layout; `parallelize`
+checks that the ranks agree and names the ones that do not."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import autotp
+from autotp.models import build
+from autotp.testing import run_on_gloo
+
+_PLAN = """
+import json, torch, autotp
+from autotp.models import build
+out = {}
+cases = [("gpt2-tiny", {"n_layer": 2}), ("bert-tiny", {}),
+         ("gpt2-tiny", {"n_head": 3, "n_embd": 12})]
+for name, over in cases:
+    torch.manual_seed(0)
+    model = build(name, **over)
+    try:
+        plan = autotp.plan(model, 2)
+        out[name + str(over)] = [plan.fingerprint, [m.rule.name for m in plan.matches]]
+    except autotp.AutoTPError as e:
+        out[name + str(over)] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_plans_are_identical_whatever_the_hash_seed() -> None:
+    results = []
+    for seed in ("0", "1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", _PLAN], env=env, capture_output=True, text=True, check=True
+        )
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert results[0] == results[1] == results[2]
+    assert any(isinstance(v, str) for v in results[0].values())  # a refusal, named alike
+
+
+def _differing_ranks(rank: int, world: int) -> str:
+    torch.manual_seed(0)
+    model = build("gpt2-tiny", n_layer=1 + rank)  # rank 1 holds another model
+    try:
+        autotp.parallelize(model, world)
+    except autotp.AutoTPError as e:
+        return str(e)
+    return "no error"
+
+
+def test_parallelize_refuses_ranks_that_planned_differently() -> None:
+    for message in run_on_gloo(_differing_ranks, 2):
+        assert "ranks [1] differ from rank 0" in message
+
+
+def test_fingerprint_depends_on_what_ranks_build() -> None:
+    torch.manual_seed(0)
+    model = build("gpt2-tiny")
+    assert autotp.plan(model, 2).fingerprint == autotp.plan(model, 2).fingerprint
+    assert autotp.plan(model, 2).fingerprint != autotp.plan(model, 4).fingerprint
