@@ -263,7 +263,8 @@ def _mode_dependence(
         except Exception:  # noqa: BLE001 - not runnable on fake tensors: export again
             capture, mine = (lambda mod, x: _export(mod, x).code.splitlines()), gm.code.splitlines()
     else:
-        capture, mine = (lambda mod, x: _fx_trace(mod, x).code.splitlines()), gm.code.splitlines()
+        capture = lambda mod, x: _graph_lines(_fx_graph(mod, x, stack_traces=False)[1])  # noqa: E731
+        mine = _graph_lines(gm.graph)
     try:
         for mode in (True, False):
             if all(v == mode for v in flags.values()):
@@ -356,6 +357,18 @@ def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
 
 
 def _fx_trace(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
+    tracer, graph = _fx_graph(model, inputs)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _graph_lines(graph: fx.Graph) -> list[str]:
+    """A graph as comparable lines (no code generation: cheap for large models)."""
+    return [f"{n.name} = {n.op}[{n.target}]{n.args}{n.kwargs}" for n in graph.nodes]
+
+
+def _fx_graph(
+    model: torch.nn.Module, inputs: dict[str, Any], stack_traces: bool = True
+) -> tuple[fx.Tracer, fx.Graph]:
     sig = inspect.signature(model.forward)
     concrete = {
         name: p.default
@@ -365,6 +378,7 @@ def _fx_trace(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
         and p.default is not inspect.Parameter.empty
     }
     tracer = _Tracer()
+    tracer.record_stack_traces = stack_traces  # source lines for errors; costly to record
     try:
         with _keep_what_fx_drops(tracer):
             graph = tracer.trace(model, concrete_args=concrete or None)
@@ -385,7 +399,7 @@ def _fx_trace(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
             f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}\n"
             f"  source: {where}\n  hint:   {hint}"
         ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return tracer, graph
 
 
 class _FakeRunner(fx.Interpreter):

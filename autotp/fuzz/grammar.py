@@ -601,6 +601,8 @@ class _Gen:
             )
         if self.flag("trap:training_branch", 0.08):
             body += ["if self.training:", "    x = x * 2.0"]
+        if self.flag("trap:noise", 0.06):  # a random op on a replicated value
+            body.append("x = x + 0.01 * torch.randn_like(x)")
         if self.flag("trap:no_grad_side", 0.06):
             model.init.append(f"self.frozen = nn.Linear({C}, {C})")
             body += ["with torch.no_grad():", "    side = self.frozen(x)", "x = x + side"]
@@ -665,11 +667,17 @@ class _Gen:
 
         # hooks on a submodule of block 0
         if self.ch.flag(0.1):
-            hook = self.pick("trap:hook", ("fwd", "pre"))
+            hook = self.pick("trap:hook", ("fwd", "pre", "fwd_leaf"))
             sub = blocks[0][2][-1]
             if hook == "fwd":
                 fn = self.helper("double_output")
                 model.init.append(f"self.h0.{sub}.register_forward_hook({fn})")
+            elif hook == "fwd_leaf":  # on the block's first nn.Linear: a layer autotp splits
+                fn = self.helper("double_output")
+                model.init.append(
+                    f"next((m for m in self.h0.{sub}.modules() if isinstance(m, nn.Linear)), "
+                    f"self.h0.{sub}).register_forward_hook({fn})"
+                )
             else:
                 fn = self.helper("shift_input")
                 model.init.append(f"self.h0.{sub}.register_forward_pre_hook({fn})")
@@ -756,12 +764,12 @@ def _all_features() -> frozenset[str]:
     tags |= {f"output:{o}" for o in ("tuple", "tensor", "dict", "nested", "list", "namedtuple")}
     tags |= {f"escape:{e}" for e in ESCAPES}
     tags |= {f"trap:dropout_{d}" for d in DROPOUTS}
-    tags |= {f"trap:hook:{h}" for h in ("fwd", "pre")}
+    tags |= {f"trap:hook:{h}" for h in ("fwd", "pre", "fwd_leaf")}
     tags |= {f"trap:autograd_{f}" for f in ("GradReverse", "RoundST", "GradReverse_model")}
     tags |= {f"mode:{m}" for m in ("train->eval", "eval->train", "eval->eval")}
     tags |= {
         "trap:inplace_split", "trap:inplace_input", "trap:eval_submodule", "trap:tie_qk",
-        "trap:training_branch", "trap:no_grad_side", "trap:no_grad_block",
+        "trap:training_branch", "trap:no_grad_side", "trap:no_grad_block", "trap:noise",
         "tool:comm_debug_mode",
     }  # fmt: skip
     return frozenset(tags)
