@@ -23,8 +23,9 @@ option and a False flag), or drawn by hypothesis (`model_cases()`, which shrinks
 same way). Each decision that shapes the model adds a feature tag ("block:glu",
 "linear:functional_kw", "trap:hook_fwd", "escape:mT", ...) to the case.
 
-The package is in two parts: `grammar` (the option tables, `Choices`, `ModelCase`, the
-generator and `shrink`) and `oracle` (`Verdict`, `check_case`, `check_case_gloo`).
+The package is in four parts: `tables` (the option tables and helper snippets), `case`
+(`Choices`, `ModelCase`), `grammar` (the generator, `model_cases`, `random_case`,
+`FEATURES` and `shrink`) and `oracle` (`Verdict`, `check_case`, `check_case_gloo`).
 `check_case` compares in float64: every output leaf, every parameter gradient (through
 `autotp.full_grads`), the gradients of inputs that require grad, inputs mutated in place,
 and, where the simulated module exposes `rank_outputs`, that the ranks agree bitwise on
@@ -34,7 +35,8 @@ processes.
 
 from __future__ import annotations
 
-from .grammar import FEATURES, Choices, ModelCase, generate, model_cases, random_case, shrink
+from .case import Choices, ModelCase
+from .grammar import FEATURES, generate, model_cases, random_case, shrink
 from .oracle import Verdict, check_case, check_case_gloo
 from .oracle import _compare as _compare  # tests compare a hand-built pair with it
 

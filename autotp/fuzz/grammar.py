@@ -1,242 +1,27 @@
-"""The fuzzer's grammar and generator: option tables for each spelling, the helper
-snippets, `Choices` (random, replayed or drawn by hypothesis), `ModelCase` and the
-generator that writes one model's source from a Choices stream, plus `shrink`."""
+"""The fuzzer's generator: writes one model's source from a `Choices` stream (option
+tables in `tables`, `Choices` and `ModelCase` in `case`), the hypothesis strategy and
+random draws built on it, the feature tags it can produce, plus `shrink`."""
 
 from __future__ import annotations
 
-import hashlib
-import linecache
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn as nn
-
-TPS = (2, 4)
-LINEARS = ("module", "functional", "module_kw", "functional_kw", "matmul", "torch_matmul")
-# activation kind -> form -> (init expression or None, call template on {h})
-ACTS: dict[str, dict[str, tuple[str | None, str]]] = {
-    "gelu": {"module": ("nn.GELU()", ""), "functional": (None, "F.gelu({h})")},
-    "gelu_tanh": {
-        "module": ('nn.GELU(approximate="tanh")', ""),
-        "functional": (None, 'F.gelu({h}, approximate="tanh")'),
-        "formula": (
-            None,
-            "0.5 * {h} * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * "
-            "({h} + 0.044715 * torch.pow({h}, 3.0))))",
-        ),
-    },
-    "relu": {
-        "module": ("nn.ReLU()", ""),
-        "functional": (None, "F.relu({h})"),
-        "method": (None, "{h}.relu()"),
-        "torch": (None, "torch.relu({h})"),
-    },
-    "silu": {
-        "module": ("nn.SiLU()", ""),
-        "functional": (None, "F.silu({h})"),
-        "formula": (None, "{h} * torch.sigmoid({h})"),
-        "method": (None, "{h} * {h}.sigmoid()"),
-    },
-    "tanh": {
-        "module": ("nn.Tanh()", ""),
-        "method": (None, "{h}.tanh()"),
-        "torch": (None, "torch.tanh({h})"),
-    },
-}
-QKV_SPLITS = {
-    "split_attr": "qkv.split(self.n_embd, dim=2)",
-    "split_C": "qkv.split(C, dim=-1)",
-    "chunk_kw": "qkv.chunk(3, dim=-1)",
-    "chunk_pos": "qkv.chunk(3, -1)",
-}
-HEADS = {  # how the head count is spelled in the view to (B, T, heads, head_dim)
-    "literal": "{t}.view(B, T, {H}, {hd})",
-    "minus_one": "{t}.view(B, T, -1, {hd})",
-    "computed": "{t}.view(B, T, C // {hd}, {hd})",
-    "attr": "{t}.view(B, T, self.n_head, C // self.n_head)",
-    "size_div": "{t}.view(B, T, {t}.size(-1) // self.hd, self.hd)",
-    "reshape": "{t}.reshape(B, T, {H}, {hd})",
-}
-SOFTMAXES = {
-    "functional": "F.softmax(att, dim=-1)",
-    "method": "att.softmax(dim=-1)",
-    "torch": "torch.softmax(att, -1)",
-    "module": "self.softmax(att)",
-}
-MERGES = {
-    "view": "y.transpose(1, 2).contiguous().view(B, T, C)",
-    "reshape": "y.transpose(1, 2).reshape(B, T, -1)",
-    "flatten": "y.transpose(1, 2).flatten(2)",
-}
-# escapes of a split value inside a split block: lines applied to the split hidden `h`
-ESCAPES: dict[str, list[str]] = {
-    "mT": ["h = h.mT.mT"],
-    "T2d": ["h = h.reshape(-1, h.size(-1)).T.T.reshape(h.shape)"],
-    "data_stat": ["h = h / (1.0 + h.data.abs().mean())"],
-    "list_index_last": ["aux = h[..., [0, 1]].sum(-1, keepdim=True)"],
-    "list_index_batch": ["h = h * h[[0]]"],
-    "tensor_index_batch": ["h = h + h[torch.arange(h.size(0) - 1, -1, -1, device=h.device)]"],
-    "expand_args": ["h = h + h.mean(1, keepdim=True).expand(B, T, {F})"],
-    "softmax_nodim": ["h = self.sm(h)"],
-    "layer_norm_fn": ["h = F.layer_norm(h, h.shape[-1:])"],
-    "mean_empty_dim": ["h = h - h.mean(dim=())"],
-    "sum_split_dim": ["aux = h.sum(-1, keepdim=True)"],
-    "return_split": [],  # h is returned from the block (in the model's output container)
-    "weight_expr": [],  # the row linear is F.linear(h, self.proj_w * 1.0, ...)
-}
-DROPOUTS = {
-    "p1_train": "h = h + F.dropout(h, p=1.0, training=True)",  # adds exact zeros
-    "p05_eval": "h = F.dropout(h, 0.5, training=False)",
-    "p0_train": "h = F.dropout(h, p=0.0, training=True)",
-    "p05_self_training_eval": None,  # F.dropout(h, 0.5, self.training) in an eval module
-}
-HELPERS = {
-    "rotate_half": """
-def rotate_half(t):
-    t1, t2 = t.chunk(2, dim=-1)
-    return torch.cat((-t2, t1), dim=-1)""",
-    "GradReverse": """
-class GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return -g""",
-    "RoundST": """
-class RoundST(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x * 4.0) / 4.0
-
-    @staticmethod
-    def backward(ctx, g):
-        return g""",
-    "double_output": """
-def double_output(module, args, output):
-    return output * 2.0""",
-    "shift_input": """
-def shift_input(module, args):
-    return (args[0] + 1.0,) + tuple(args[1:])""",
-}
-
-
-class Choices:
-    """Where the generator's decisions come from. `pick(options)` returns one option and
-    `flag(p)` is True with probability about p; each decision is recorded as an index in
-    `record`, so `Choices(replay=record)` rebuilds the same case. Index 0 is always the
-    simplest option (and a False flag): a decision past the end of `replay` takes it."""
-
-    def __init__(self, rng: random.Random | None = None, replay: Sequence[int] = ()) -> None:
-        self.rng = rng
-        self.replay = list(replay)
-        self.record: list[int] = []
-
-    def index(self, n: int, p_last: float | None = None) -> int:
-        pos = len(self.record)
-        if pos < len(self.replay):
-            i = min(self.replay[pos], n - 1)
-        elif self.rng is None:
-            i = 0
-        elif p_last is not None:
-            i = int(self.rng.random() < p_last)
-        else:
-            i = self.rng.randrange(n)
-        self.record.append(i)
-        return i
-
-    def pick(self, options: Sequence[Any]) -> Any:
-        return options[self.index(len(options))]
-
-    def flag(self, p: float) -> bool:
-        return self.index(2, p) == 1
-
-
-class _HypothesisChoices(Choices):
-    def __init__(self, draw: Callable[[Any], Any]) -> None:
-        super().__init__()
-        self.draw = draw
-
-    def index(self, n: int, p_last: float | None = None) -> int:
-        from hypothesis import strategies as st
-
-        if p_last is not None:  # shrinks to 0 -> False
-            i = int(self.draw(st.integers(0, 99)) >= 100 - round(100 * p_last))
-        else:
-            i = self.draw(st.integers(0, n - 1))
-        self.record.append(i)
-        return i
-
-
-@dataclass(frozen=True)
-class ModelCase:
-    """One drawn model: its source (defining `Model`), tp, the feature tags it uses, the
-    code that makes its example inputs, the mode it is traced in and the mode it is then
-    called in."""
-
-    source: str
-    inputs_source: str  # defines `inputs`, a dict of keyword arguments, from `seed`
-    tp: int
-    features: frozenset[str]
-    mode: str = "train"  # the mode the model is built and traced in
-    call_mode: str = "train"  # the mode both models are switched to before running
-    record: tuple[int, ...] = field(default=(), repr=False)  # Choices(replay=record)
-    class_name: str = "Model"
-
-    @property
-    def filename(self) -> str:
-        return f"<autotp-fuzz-{hashlib.sha1(self.source.encode()).hexdigest()[:12]}>"
-
-    def namespace(self) -> dict[str, Any]:
-        """The executed source (cached per source text), registered with linecache."""
-        ns = _NAMESPACES.get(self.source)
-        if ns is None:
-            name = self.filename
-            lines = self.source.splitlines(keepends=True)
-            linecache.cache[name] = (len(self.source), None, lines, name)
-            ns = {"__name__": "autotp_fuzz_case"}
-            exec(compile(self.source, name, "exec"), ns)
-            _NAMESPACES[self.source] = ns
-        return ns
-
-    def build(self, seed: int = 0) -> nn.Module:
-        """The serial model in float64, parameters drawn from `seed`, in `mode`."""
-        torch.manual_seed(seed)
-        model = self.namespace()[self.class_name]().double()
-        if self.mode == "eval":
-            model.eval()
-        return model
-
-    def inputs(self, seed: int = 0) -> dict[str, Any]:
-        ns = {"torch": torch, "seed": seed}
-        exec(self.inputs_source, ns)
-        return ns["inputs"]
-
-    def reproducer(self, seed: int = 0) -> str:
-        """A self-contained script: the model, its inputs, and the comparison."""
-        switch = (
-            f"sim.train({self.call_mode == 'train'})\nmodel.train({self.call_mode == 'train'})\n"
-            if self.call_mode != self.mode
-            else ""
-        )
-        return (
-            f"# autotp fuzz case: tp={self.tp}, traced in {self.mode}, run in "
-            f"{self.call_mode}\n# features: {' '.join(sorted(self.features))}\n"
-            f"{self.source}\n\n\nimport copy\n\nimport autotp\n\nseed = {seed}\n"
-            f"torch.manual_seed(seed)\nmodel = Model().double()\n"
-            + ("model.eval()\n" if self.mode == "eval" else "")
-            + f"{self.inputs_source}\n"
-            f"sim = autotp.simulate(copy.deepcopy(model), {self.tp}, example_inputs=inputs)\n"
-            f"{switch}print(model(**inputs))\nprint(sim(**inputs))\n"
-        )
-
-
-_NAMESPACES: dict[str, dict[str, Any]] = {}
-
+from .case import Choices, ModelCase, _HypothesisChoices
+from .tables import (
+    ACTS,
+    DROPOUTS,
+    ESCAPES,
+    HEADS,
+    HELPERS,
+    LINEARS,
+    MERGES,
+    QKV_SPLITS,
+    SOFTMAXES,
+    TPS,
+)
 
 # --------------------------------------------------------------------------- generator
 

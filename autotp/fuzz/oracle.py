@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import AutoTPError
-from .grammar import ModelCase
+from .case import ModelCase
 
 
 @dataclass
