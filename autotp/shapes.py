@@ -438,8 +438,6 @@ def _getitem(c: _Ctx, n: fx.Node) -> Placement:
             )  # fmt: skip
         if isinstance(it, slice):
             out_dim += 1
-        elif isinstance(it, fx.Node) and isinstance(_val(it), torch.Tensor):
-            raise c.refuse(n, "advanced indexing of a split tensor", "index replicated values")
         in_dim += 1
     return replace(pb, dim=out_dim + pb.dim - in_dim)
 

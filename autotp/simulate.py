@@ -32,7 +32,7 @@ _SIMULATED = {
     GATHER_MODULE: simulated_gather,
 }
 
-__all__ = ["SimulatedTP"]
+__all__ = ["SimulatedTP", "plain_containers"]
 
 # Nodes that change the process's state rather than a rank's values: run once per node.
 _GLOBAL_STATE = (set_grad, restore_grad)
@@ -92,39 +92,41 @@ class SimulatedTP(nn.Module):
                 for env, y in zip(envs, ys, strict=True):
                     env[node] = y
             elif node.op == "output":
-                outs = [_plain(it.fetch_args_kwargs_from_env(node)[0][0]) for it in interps]
+                outs = [
+                    plain_containers(it.fetch_args_kwargs_from_env(node)[0][0]) for it in interps
+                ]
                 self.rank_outputs = outs
                 return codegen.process_outputs(_combine(outs, _split_outputs(node)))
             elif node.op == "call_function" and node.target in _GLOBAL_STATE:
                 value = interps[0].run_node(node)  # the process's grad mode: set it once
                 for env in envs:
                     env[node] = value
-            else:
-                before, after = rng.get() if len(ranks) > 1 else None, None
+            else:  # every rank draws what rank 0 drew, as seeded real ranks do
+                before = rng.get() if len(ranks) > 1 else None
                 for r, (it, env) in enumerate(zip(interps, envs, strict=True)):
-                    if r > 0:  # every rank draws what rank 0 drew, as seeded real ranks do
-                        after = rng.get() if r == 1 else after
+                    if r == 1:
+                        after = rng.get()
+                    if r > 0:
                         rng.set(before)
                     try:
                         env[node] = it.run_node(node)
                     except Exception as e:
                         e.add_note(f"autotp.simulate: rank {r}, node {node.format_node()}")
                         raise
-                if after is not None:
+                if before is not None:
                     rng.set(after)
         raise AssertionError("graph has no output node")
 
 
-def _plain(x: Any) -> Any:
+def plain_containers(x: Any) -> Any:
     """fx's immutable dicts and lists as the plain ones a GraphModule's code returns."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain_containers(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_plain(v) for v in x]
-    if type(x) is tuple:
-        return tuple(_plain(v) for v in x)
-    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
-        return type(x)(*(_plain(v) for v in x))
+        return [plain_containers(v) for v in x]
+    if isinstance(x, tuple):
+        items = [plain_containers(v) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)  # namedtuple?
     return x
 
 

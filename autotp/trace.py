@@ -123,10 +123,12 @@ def _keep_what_fx_drops(tracer: _Tracer) -> Iterator[None]:
             return apply.__func__(cls, *args, **kwargs)
         return found[0].tracer.create_proxy("call_function", _function_call(cls), args, kwargs)
 
-    def refuse(what: str, hint: str) -> Any:
-        def enter(self: Any, *a: Any, **k: Any) -> Any:
+    def refuse(original: Any, what: str, hint: str) -> Any:
+        """An __enter__ that lets a disabled region through and refuses an enabled one."""
+
+        def enter(self: Any) -> Any:
             if getattr(self, "mode", True) is False or getattr(self, "_enabled", True) is False:
-                return (inference_enter if what == "inference" else autocast_enter)(self)
+                return original(self)
             raise AutoTPError(f"{what} inside forward is lost by tracing: {hint}")
 
         return enter
@@ -136,10 +138,10 @@ def _keep_what_fx_drops(tracer: _Tracer) -> Iterator[None]:
     torch._C._set_grad_enabled = patched_set_enabled
     torch.autograd.Function.apply = classmethod(patched_apply)
     torch.autograd.grad_mode.inference_mode.__enter__ = refuse(
-        "inference", "call the parallel module under torch.inference_mode() instead"
+        inference_enter, "inference", "call the parallel module under torch.inference_mode()"
     )
     torch.amp.autocast_mode.autocast.__enter__ = refuse(
-        "autocast", "call the parallel module under torch.autocast(...) instead"
+        autocast_enter, "autocast", "call the parallel module under torch.autocast(...)"
     )
     try:
         yield
@@ -272,8 +274,6 @@ def _mode_dependence(
             for m in flags:
                 m.training = mode
             theirs = capture(model, inputs)
-            for m, v in flags.items():
-                m.training = v
             if theirs != mine:
                 i = next(
                     (k for k, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b),

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import AutoTPError
+from ..simulate import plain_containers
 from .case import ModelCase
 
 
@@ -129,7 +130,7 @@ def _run_parallel(
     # sees (they refuse item assignment), kept apart so it does not hide the others
     diffs["container_type"] = 0.0 if _types(out_s) == _types(out_p) else float("inf")
     leaves_s, spec_s = tree_flatten(out_s)
-    leaves_p, spec_p = tree_flatten(_plain(out_p))
+    leaves_p, spec_p = tree_flatten(plain_containers(out_p))
     if spec_s != spec_p:
         return Verdict("wrong", f"output structure: serial {spec_s}, parallel {spec_p}",
                        {"structure": float("inf")})  # fmt: skip
@@ -185,20 +186,6 @@ def _run_parallel(
     if bad:
         return Verdict("wrong", "", bad)
     return Verdict("equal", f"largest difference {max(diffs.values(), default=0.0):.3g}")
-
-
-def _plain(o: Any) -> Any:
-    """`o` with fx's immutable containers replaced by dict and list."""
-    from torch.fx.immutable_collections import immutable_dict, immutable_list
-
-    if isinstance(o, immutable_dict) or type(o) is dict:
-        return {k: _plain(v) for k, v in o.items()}
-    if isinstance(o, immutable_list) or type(o) is list:
-        return [_plain(v) for v in o]
-    if isinstance(o, tuple):
-        items = [_plain(v) for v in o]
-        return type(o)(*items) if hasattr(o, "_fields") else type(o)(items)
-    return o
 
 
 def _types(o: Any) -> Any:
