@@ -71,7 +71,9 @@ def main() -> None:
                 return False
 
         small = shrink(case, same, tps, budget=args.shrink) if args.shrink else case
-        v = check_case(small) if small is not case else verdict
+        # a shrunk case differs only where `same` ran it; else keep the first verdict (which
+        # may be a generator error, that check_case would raise again)
+        v = verdict if small.source == case.source else check_case(small)
         print(f"\n{'=' * 100}\n[{n}] {sig}  ({count} cases, first seed {s})\n{v}\n")
         print(small.reproducer())
 

@@ -344,8 +344,12 @@ class _Gen:
                 for j, (attr, _, extra) in enumerate(subs):
                     ln = f"self.ln_{j + 1}"
                     if no_grad_block and attr == "mlp":
-                        body.append("with torch.no_grad():")
-                        inner = call(attr, f"{ln}(x)", extra)
+                        start = len(body)
+                        inner = call(attr, f"{ln}(x)", extra)  # may write a line itself
+                        body[start:] = [
+                            "with torch.no_grad():",
+                            *("    " + b for b in body[start:]),
+                        ]
                         body.append(f"    m = {inner}")
                         body.append("x = x + m")
                     elif residual == "pre_ln":
