@@ -12,13 +12,43 @@ import re
 import torch
 import torch.fx as fx
 
-__all__ = ["AutoTPError", "describe_node", "node_error"]
+__all__ = [
+    "AutoTPError",
+    "UsageError",
+    "CheckpointError",
+    "TrainingStopped",
+    "describe_node",
+    "node_error",
+]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 class AutoTPError(Exception):
-    """Raised when autotp cannot prove a rewrite correct, or is used incorrectly."""
+    """Raised when autotp cannot prove a rewrite correct, or is used incorrectly.
+
+    `title` heads the panel the command line draws around the message; the subclasses
+    below say which kind of problem the user has to fix."""
+
+    title = "autotp cannot split this model"
+
+
+class UsageError(AutoTPError):
+    """An argument, file or name the user gave cannot be used as given."""
+
+    title = "autotp: check the command"
+
+
+class CheckpointError(AutoTPError):
+    """A checkpoint cannot be read, resumed from or written."""
+
+    title = "autotp: checkpoint problem"
+
+
+class TrainingStopped(AutoTPError):
+    """Training stopped before it could do harm (a NaN loss, say); checkpoints are intact."""
+
+    title = "autotp: training stopped"
 
 
 def module_path(node: fx.Node) -> str:

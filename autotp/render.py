@@ -22,6 +22,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from . import report
+from .errors import AutoTPError
 from .report import KIND_STYLE
 from .rewrite import site_kind
 
@@ -340,7 +341,8 @@ def diff_view(plan: Any, layer: int) -> Columns:
 
 
 def error_view(err: Exception) -> Panel:
-    """An AutoTPError as a person should see it: what, where, what to do."""
+    """An AutoTPError as a person should see it: what, where, what to do, under a title
+    that says which kind of problem it is."""
     text = Text()
     for i, line in enumerate(str(err).splitlines()):
         m = re.match(r"^(\s+)(node|module|source|rule|hint):(\s+)(.*)$", line)
@@ -351,4 +353,5 @@ def error_view(err: Exception) -> Panel:
             text.append(m.group(4) + "\n", style="green" if m.group(2) == "hint" else "")
         else:
             text.append(line + "\n")
-    return Panel(text, title="autotp cannot split this model", border_style="red")
+    title = getattr(err, "title", AutoTPError.title)
+    return Panel(text, title=title, border_style="red")

@@ -12,7 +12,7 @@ import resource
 import torch
 
 from autotp.testing import run_on_gloo
-from autotp.train import TrainConfig, Trainer
+from autotp.run.train import TrainConfig, Trainer
 
 
 def _rank(rank: int, world: int, model: str) -> tuple[int, float]:

@@ -3,6 +3,8 @@ run as a user types it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -15,6 +17,7 @@ import pytest
 import autotp
 from autotp import render
 from autotp.models import build
+from autotp.run import cli
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("AUTOTP_UPDATE_GOLDEN") == "1"
@@ -63,6 +66,15 @@ def test_every_collective_appears(name: str) -> None:
 
 
 def _autotp(*args: str) -> subprocess.CompletedProcess:
+    """The command, run in this process (importing torch per call would cost seconds)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _autotp_process(*args: str) -> subprocess.CompletedProcess:
+    """The command as a user types it: `python -m autotp ...` in a new process."""
     return subprocess.run(
         [sys.executable, "-m", "autotp", *args], capture_output=True, text=True, timeout=300
     )
@@ -114,7 +126,7 @@ def test_cli_friendly_failures(tmp_path: Path) -> None:
 
 
 def test_cli_renders_8_3b_on_meta() -> None:
-    out = _autotp("show", "megatron-8.3b", "--tp", "8", "--width", "120")
+    out = _autotp_process("show", "megatron-8.3b", "--tp", "8", "--width", "120")
     assert out.returncode == 0, out.stderr
     assert "1 … 71: 71 more, same as 0 (◆ 4 collectives each)" in out.stdout
     assert "attention_fused_qkv │ 72" in out.stdout

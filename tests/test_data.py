@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autotp import AutoTPError
-from autotp.data import (
+from autotp.run.data import (
     TokenData,
     batch,
     load,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from autotp.evaluate import (
+from autotp.run.evaluate import (
     lambada_file,
     last_word_accuracy,
     sliding_window_perplexity,

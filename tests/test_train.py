@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import autotp
-from autotp import data as data_mod
-from autotp.checkpoint import Checkpoints, read_serial_state
 from autotp.models import build
+from autotp.run import data as data_mod
+from autotp.run.checkpoint import Checkpoints, read_serial_state
+from autotp.run.train import TrainConfig, Trainer, lr_at
 from autotp.testing import run_on_gloo
-from autotp.train import TrainConfig, Trainer, lr_at
 
 BASE = TrainConfig(steps=5, batch=8, seq=32, accum=2, warmup=2, progress=False, eval_batches=2)
 
@@ -168,7 +168,7 @@ def _launch(ckpt: Path, steps: int, *extra: str) -> subprocess.Popen:
 
 
 def _workers() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "--", r"-m autotp\.train"], capture_output=True,
+    out = subprocess.run(["pgrep", "-f", "--", r"-m autotp\.run\.train"], capture_output=True,
                          text=True)  # fmt: skip
     return [int(p) for p in out.stdout.split()]
 
@@ -176,7 +176,7 @@ def _workers() -> list[int]:
 def test_kill_9_of_a_rank_restarts_and_resumes(tmp_path: Path) -> None:
     """torchrun restarts the group after a rank dies; training resumes from the last
     checkpoint and ends with the parameters of an uninterrupted run."""
-    steps = 40
+    steps = 20
     plain = _launch(tmp_path / "plain", steps)
     output = plain.communicate(timeout=300)[0]
     assert plain.returncode == 0, output

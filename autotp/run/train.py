@@ -1,7 +1,7 @@
 """The distributed runner: train the rewritten graph over a TP x DP mesh with torchrun.
 
     autotp train [--model gpt2-bytes] [--tp 2] [--dp 1] [--steps N] ...   (launches torchrun)
-    torchrun --nproc-per-node 4 -m autotp.train --tp 2 --dp 2 ...         (the same, by hand)
+    torchrun --nproc-per-node 4 -m autotp.run.train --tp 2 --dp 2 ...     (the same, by hand)
 
 With no arguments it trains the small byte-level GPT-2 `gpt2-bytes` at tp=2 on the Python
 standard library's own source files, which every machine has. The model is built on the
@@ -10,63 +10,39 @@ cut from the same full initialisation a serial model would get (models/init.py),
 rank ever holds the whole model. AdamW, warmup then cosine learning rate, gradient
 accumulation, clipping by the true global gradient norm, gradient all-reduce over the
 data-parallel group only, a data order that depends only on (seed, step), bf16/fp16
-autocast on GPU, sharded checkpoints through torch.distributed.checkpoint.
+autocast on GPU, sharded checkpoints through torch.distributed.checkpoint, a metrics log
+(autotp.run.metrics). A NaN or inf loss stops the run before the step that would use it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import inspect
+import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ..collectives import ProcessGroupComm
+from ..errors import AutoTPError, TrainingStopped, UsageError
+from ..materialise import build_rank_module, cut
+from ..plan import plan
+from ..rewrite import RANK_BUFFER
 from . import data as data_mod
-from .collectives import ProcessGroupComm
-from .errors import AutoTPError
-from .materialise import build_rank_module, cut
+from .checkpoint import tied_names
+from .config import ERROR_FILE, TrainConfig, check_args, check_model, config_from_args
 from .mesh import Mesh, make_mesh
-from .plan import plan
-from .rewrite import RANK_BUFFER
+from .metrics import MetricsLog, Reporter
+from .resolve import build, canonical, example_inputs, is_hf
 
-__all__ = ["TrainConfig", "Trainer", "main", "lr_at"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """One training run. Batch sizes are global (all data-parallel ranks together)."""
-
-    model: str = "gpt2-bytes"
-    tp: int = 2
-    dp: int = 1
-    data: str | None = None  # None: the Python standard library's source, as bytes
-    steps: int = 800
-    batch: int = 16  # sequences per optimizer step, over all DP ranks
-    seq: int = 128
-    accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup: int = 50
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    seed: int = 0
-    dtype: str = "float32"  # parameters: float32 or float64
-    amp: str | None = None  # "bf16" or "fp16" autocast, GPU only
-    ckpt_dir: str | None = None
-    save_every: int = 0  # 0: only at the end (when ckpt_dir is set)
-    resume: bool = True  # continue from ckpt_dir/latest when present
-    eval_batches: int = 20
-    log_every: int = 10
-    progress: bool = True
+__all__ = ["TrainConfig", "Trainer", "main", "lr_at", "resume"]
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -76,55 +52,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     span = max(1, cfg.steps - cfg.warmup)
     frac = min(1.0, (step - cfg.warmup) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
-
-
-def _build_real(cfg: TrainConfig) -> torch.nn.Module:
-    """An hf:NAME architecture from its default config, or a file.py:factory model, built
-    whole on the CPU from the run's seed (every rank builds the same and keeps its shards)."""
-    torch.manual_seed(cfg.seed)
-    if cfg.model.startswith("hf:"):
-        from .cli import _HF
-
-        name = cfg.model[3:]
-        if name not in _HF or name == "bert":
-            raise AutoTPError(f"hf:{name}: autotp train takes hf:gpt2 or hf:llama")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        cfg_cls, model_cls = (getattr(transformers, n) for n in _HF[name])
-        return model_cls(cfg_cls(use_cache=False))
-    path, _, fn = cfg.model.partition(":")
-    if not path.endswith(".py") or not fn:
-        from autotp.models import CONFIGS
-
-        raise AutoTPError(
-            f"unknown model {cfg.model!r}: a named configuration ({', '.join(CONFIGS)}), "
-            "hf:gpt2, hf:llama, or path/to/file.py:factory"
-        )
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, fn)()
-
-
-def _build_meta(cfg: TrainConfig, vocab: int) -> torch.nn.Module:
-    from autotp.models import CONFIGS, build
-
-    conf = CONFIGS[cfg.model]
-    if not hasattr(conf, "block_size"):
-        raise AutoTPError(f"{cfg.model} is not a causal language model; train a GPT-2 config")
-    if conf.vocab_size < vocab:
-        raise AutoTPError(
-            f"the data has {vocab} token ids but {cfg.model} has a vocabulary of "
-            f"{conf.vocab_size}: pick a model with a larger vocabulary"
-        )
-    if cfg.seq > conf.block_size:
-        raise AutoTPError(f"--seq {cfg.seq} exceeds {cfg.model}'s block size {conf.block_size}")
-    torch.manual_seed(cfg.seed)  # decides model.init_seed: the same on every rank
-    with torch.device("meta"):
-        return build(cfg.model)
 
 
 def materialise(
@@ -164,6 +91,11 @@ class Trainer:
     """One rank's share of a run. Call inside an initialised process group of tp x dp."""
 
     def __init__(self, cfg: TrainConfig, mesh: Mesh | None = None) -> None:
+        from autotp.models import CONFIGS
+
+        if cfg.batch % (cfg.dp * cfg.accum):
+            raise UsageError(f"--batch {cfg.batch} must be divisible by dp x accum")
+        cfg = dataclasses.replace(cfg, model=canonical(cfg.model))
         self.cfg = cfg
         self.mesh = mesh or make_mesh(cfg.tp, cfg.dp)
         self.device = torch.device(
@@ -172,24 +104,19 @@ class Trainer:
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         tokens = data_mod.load(cfg.data)
         self.train_data, self.val_data = tokens.split(0.05)
-        if cfg.batch % (cfg.dp * cfg.accum):
-            raise AutoTPError(f"--batch {cfg.batch} must be divisible by dp x accum")
-        from autotp.models import CONFIGS
-
+        # named configurations are initialised parameter by parameter from the meta device;
+        # the others are built whole from the seed on every rank, which keeps its shards
         on_meta = cfg.model in CONFIGS
-        if on_meta:
-            self.model = _build_meta(cfg, tokens.vocab_size)
-        else:
-            self.model = _build_real(cfg).to(self.dtype)
-        forward = inspect.signature(self.model.forward).parameters
-        self.hf = "input_ids" in forward and "labels" in forward
+        self.model = build(cfg.model, meta=on_meta, seed=cfg.seed)
+        check_model(self.model, cfg, tokens.vocab_size)
+        if not on_meta:
+            self.model = self.model.to(self.dtype)
+        # what a checkpoint records to rebuild the serial model: read before anything moves
+        self.serial_shapes = {n: list(p.shape) for n, p in self.model.named_parameters()}
+        self.tied = tied_names(self.model)
+        self.hf = is_hf(self.model)
         rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
-        if self.hf:
-            ids = torch.zeros(rows, cfg.seq, dtype=torch.long)
-            example: Any = {"input_ids": ids, "labels": ids}
-        else:
-            example = self.model.example_inputs(batch=rows, seq=cfg.seq)
-        self.plan = plan(self.model, cfg.tp, example)
+        self.plan = plan(self.model, cfg.tp, example_inputs(self.model, rows, cfg.seq))
         m = self.mesh
         comm = ProcessGroupComm(m.tp_group)
         self.module = build_rank_module(
@@ -213,6 +140,7 @@ class Trainer:
         )
         self.step = 0
         self.losses: list[float] = []
+        self.last_grad_norm: float | None = None
 
     # -- one optimizer step -----------------------------------------------------------------
     def _micro(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +151,10 @@ class Trainer:
         )  # fmt: skip
         return x.to(self.device), y.to(self.device)
 
-    def train_step(self) -> float:
+    def train_step(self, measure: bool = False) -> float:
+        """One optimizer step; the loss (the mean over the global batch). A NaN or inf
+        loss or gradient norm raises TrainingStopped before the weights change. `measure`:
+        also compute the global gradient norm when clipping does not (`last_grad_norm`)."""
         c = self.cfg
         lr = lr_at(c, self.step)
         for group in self.opt.param_groups:
@@ -236,16 +167,40 @@ class Trainer:
             (loss / c.accum).backward()
             total += loss.detach().double().cpu() / c.accum
         self._all_reduce_grads()
-        self._clip()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if c.dp > 1:  # the logged loss: the mean over the global batch
+        if c.dp > 1:  # the mean over the global batch: the same value on every rank
             total = total.to(self.device)
             dist.all_reduce(total, group=self.mesh.dp_group)
             total = total.cpu() / c.dp
+        value = total.item()
+        self._stop_unless_finite("loss", value)
+        self.last_grad_norm = None
+        if c.clip or measure:
+            norm = self.grad_norm()
+            self.last_grad_norm = norm.item()
+            self._stop_unless_finite("gradient norm", self.last_grad_norm)
+            if c.clip:
+                scale = (c.clip / (norm + 1e-6)).clamp(max=1.0)
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale.to(p.grad.dtype))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.losses.append(total.item())
-        return total.item()
+        self.losses.append(value)
+        return value
+
+    def _stop_unless_finite(self, what: str, value: float) -> None:
+        """Every rank holds the same value here, so every rank stops together."""
+        if math.isfinite(value):
+            return
+        self.opt.zero_grad(set_to_none=True)
+        where = f"--ckpt-dir {self.cfg.ckpt_dir}" if self.cfg.ckpt_dir else "no --ckpt-dir"
+        raise TrainingStopped(
+            f"the {what} is {value} at step {self.step + 1}: stopped before the optimizer "
+            f"step, so no checkpoint holds weights it touched ({where})\n"
+            f"  hint:   run again with a lower --lr (now {self.cfg.lr:g}), keep --clip on, or "
+            "check the data"
+        )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The model's own loss: (logits, loss) = module(x, y) for autotp.models' GPT-2s
@@ -291,15 +246,6 @@ class Trainer:
             dist.all_reduce(split, group=self.mesh.tp_group)
         return (split + repl).sqrt()
 
-    def _clip(self) -> None:
-        if not self.cfg.clip:
-            return
-        norm = self.grad_norm()
-        scale = (self.cfg.clip / (norm + 1e-6)).clamp(max=1.0)
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
-
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def val_loss(self, batches: int | None = None) -> float:
@@ -315,78 +261,67 @@ class Trainer:
         return sum(losses) / max(len(losses), 1)
 
     # -- the loop ---------------------------------------------------------------------------
-    def fit(self, checkpoints: Any = None) -> dict[str, float]:
+    def fit(self, checkpoints: Any = None, metrics: MetricsLog | None = None) -> dict[str, float]:
+        """Train to cfg.steps, saving through `checkpoints` and logging a row every
+        log_every steps (and the last) to `metrics` on the lead rank; then validate."""
         c = self.cfg
         lead = self.mesh.rank == 0
+        log = metrics if (metrics is not None and lead) else MetricsLog(None)
         start = time.perf_counter()
         first = self.step
         tokens_per_step = c.batch * c.seq
-        progress = _progress(lead and c.progress)
-        with progress:
-            task = progress.add_task("training", total=c.steps, completed=self.step,
-                                     loss=float("nan"), tps=0.0)  # fmt: skip
+        window = (self.step, start)  # tokens/s over the steps since the last row
+        saved = None
+        with Reporter(lead and c.progress, c.steps, self.step) as report:
             while self.step < c.steps:
-                loss = self.train_step()
-                elapsed = time.perf_counter() - start
-                tps = (self.step - first) * tokens_per_step / max(elapsed, 1e-9)
-                progress.update(task, advance=1, loss=loss, tps=tps)
+                logged = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
+                loss = self.train_step(measure=logged)
+                now = time.perf_counter()
+                tps = (self.step - window[0]) * tokens_per_step / max(now - window[1], 1e-9)
+                row = None
+                if logged:
+                    row = {
+                        "kind": "train", "step": self.step, "loss": loss,
+                        "lr": lr_at(c, self.step - 1), "grad_norm": self.last_grad_norm,
+                        "tokens_per_s": tps, "elapsed_s": round(now - start, 3),
+                    }  # fmt: skip
+                    log.write(row)
+                    window = (self.step, now)
+                report.step(self.step, loss, tps, row)
                 if checkpoints and c.save_every and self.step % c.save_every == 0:
                     checkpoints.save(self)
-        if checkpoints:
-            checkpoints.save(self)
-        val = self.val_loss()
+                    saved = self.step
+            if checkpoints and self.step > first and saved != self.step:
+                checkpoints.save(self)
+        validate = c.eval_batches > 0
+        if validate and self.plan.traced.mode_dependent:
+            validate = False
+            report.say("no validation: this model's traced graph depends on train/eval mode, "
+                       "so the parallel module runs in train mode only; `autotp eval "
+                       f"{c.ckpt_dir or 'RUN_DIR'}` evaluates a checkpoint of it")  # fmt: skip
+        val = self.val_loss() if validate else float("nan")
         elapsed = time.perf_counter() - start
+        if validate:
+            ppl = math.exp(val)
+            log.write({"kind": "val", "step": self.step, "val_loss": val,
+                       "val_perplexity": ppl, "elapsed_s": round(elapsed, 3)})  # fmt: skip
         result = {
             "steps": self.step,
             "first_loss": self.losses[0] if self.losses else float("nan"),
             "last_loss": self.losses[-1] if self.losses else float("nan"),
             "val_loss": val,
-            "val_perplexity": math.exp(val),
+            "val_perplexity": math.exp(val) if validate else float("nan"),
             "tokens_per_s": (self.step - first) * tokens_per_step / max(elapsed, 1e-9),
             "seconds": elapsed,
         }
-        if lead:
-            from rich.console import Console
-
-            Console().print(
-                f"[bold]done[/]: {result['steps']} steps in {elapsed:.1f} s, "
+        if lead and c.progress:
+            report.say(
+                f"done: {result['steps']} steps in {elapsed:.1f} s, "
                 f"{result['tokens_per_s']:,.0f} tokens/s; loss {result['first_loss']:.3f} -> "
-                f"{result['last_loss']:.3f}; validation perplexity {result['val_perplexity']:.2f}"
+                f"{result['last_loss']:.3f}"
+                + (f"; validation perplexity {result['val_perplexity']:.2f}" if validate else "")
             )
         return result
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )  # fmt: skip
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-        TimeRemainingColumn(), disable=not enabled,
-    )  # fmt: skip
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="autotp train", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            ap.add_argument(flag, type=kind, default=f.default)
-    return ap
-
-
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    ns = _parser().parse_args(argv)
-    return TrainConfig(**{k: v for k, v in vars(ns).items()})
 
 
 def init_process_group(backend: str, **kwargs: Any) -> None:
@@ -411,32 +346,73 @@ def init_process_group(backend: str, **kwargs: Any) -> None:
     )  # fmt: skip
 
 
+def resume(
+    trainer: Trainer, checkpoints: Any, metrics: MetricsLog, say: Callable[[str], None]
+) -> Path | None:
+    """Load the run's best checkpoint into `trainer`, say where it resumed, and drop the
+    metrics rows of the steps it will train again (the lead rank writes the log)."""
+    found = checkpoints.resume(trainer)
+    if found is not None and trainer.mesh.rank == 0:
+        say(f"resumed from {found} at step {trainer.step} of {trainer.cfg.steps}")
+        metrics.rewind(trainer.step)
+        metrics.write({"kind": "resume", "step": trainer.step, "checkpoint": found.name,
+                       "elapsed_s": 0.0})  # fmt: skip
+    return found
+
+
+def _report_error(e: AutoTPError) -> None:
+    """Under `autotp train` the first failing rank leaves its error for the launcher to show
+    once; under a bare torchrun rank 0 prints it."""
+    path = os.environ.get(ERROR_FILE)
+    if path:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as f:
+            json.dump({"kind": type(e).__name__, "title": e.title, "message": str(e)}, f)
+    elif dist.get_rank() == 0:
+        from rich.console import Console
+
+        from ..render import error_view
+
+        Console(stderr=True).print(error_view(e))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of one process started by torchrun (`torchrun -m autotp.train`)."""
+    """Entry point of one process started by torchrun (`torchrun -m autotp.run.train`)."""
     from .checkpoint import Checkpoints
 
-    cfg = config_from_args(argv)
+    try:
+        cfg = config_from_args(argv)
+        check_args(cfg)
+    except AutoTPError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(str(e), file=sys.stderr)
+        return 2
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         init_process_group("nccl", device_id=device)
     else:
         init_process_group("gloo")
+    lead = dist.get_rank() == 0
+    say = print if lead and cfg.progress else (lambda line: None)
     try:
         trainer = Trainer(cfg)
-        ckpt = Checkpoints(cfg.ckpt_dir) if cfg.ckpt_dir else None
-        if ckpt and cfg.resume:
-            ckpt.resume(trainer)
-        trainer.fit(ckpt)
+        ckpt = metrics = None
+        if cfg.ckpt_dir:
+            ckpt = Checkpoints(cfg.ckpt_dir, keep_last=cfg.keep_last, say=say)
+            metrics = MetricsLog(Path(cfg.ckpt_dir) / "metrics.jsonl")
+            if cfg.resume:
+                resume(trainer, ckpt, metrics, say)
+        trainer.fit(ckpt, metrics)
         dist.barrier()
     except AutoTPError as e:
-        if dist.get_rank() == 0:
-            from rich.console import Console
-
-            from .render import error_view
-
-            Console(stderr=True).print(error_view(e))
+        _report_error(e)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, nothing to undo
+        return 130
     finally:
         dist.destroy_process_group()
     return 0

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .errors import AutoTPError
+from ..errors import AutoTPError
 
 __all__ = ["Mesh", "make_mesh"]
 

@@ -1,0 +1,10 @@
+"""The runner: the `autotp` command and distributed training of the rewritten graph.
+
+One module per job: `cli` (the command), `launch` (`autotp train` before torchrun),
+`config` (a run's options and the checks made before any process starts), `train` (one
+rank's training loop), `checkpoint` and `safe_dcp` (sharded checkpoints, read without
+running code), `metrics` (metrics.jsonl and the progress output), `resolve` (from a model
+name to the model, for every command), `data`, `evaluate` and `mesh`.
+
+The library (`autotp.plan`, `parallelize`, `simulate`) never imports this package.
+"""

@@ -1,0 +1,273 @@
+"""The options of a training run, and every check that can be made before a process starts.
+
+`autotp train` runs `check(cfg)` in the launching process: a bad count, an unknown model,
+data the model cannot read, a tp the model's heads do not divide, a checkpoint folder that
+cannot be written or holds another run: each is one message, before torchrun starts any
+worker. The workers run the same checks again (`torchrun -m autotp.run.train` by hand
+skips the launcher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AutoTPError, UsageError
+
+__all__ = [
+    "TrainConfig",
+    "config_from_args",
+    "parser",
+    "check_args",
+    "check_model",
+    "check_run_folder",
+    "check",
+]
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run. Batch sizes are global (all data-parallel ranks together)."""
+
+    model: str = _opt(
+        "gpt2-bytes",
+        "a named model (autotp show --help lists them), hf:gpt2, "
+        "hf:llama, or path/to/file.py:factory (runs that file)",
+    )
+    tp: int = _opt(2, "tensor-parallel ranks")
+    dp: int = _opt(1, "data-parallel replicas (tp x dp processes in all)")
+    data: str | None = _opt(
+        None,
+        "a text file or folder, or a uint16 token file X.bin "
+        "(default: the Python standard library's source, as bytes)",
+    )
+    steps: int = _opt(800, "optimizer steps to train to (a resumed run continues to it)")
+    batch: int = _opt(16, "sequences per optimizer step, over all data-parallel ranks")
+    seq: int = _opt(128, "tokens per sequence")
+    accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    lr: float = _opt(2e-3, "peak learning rate (AdamW)")
+    min_lr: float = _opt(2e-4, "learning rate at the last step (cosine decay)")
+    warmup: int = _opt(50, "linear warm-up steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay")
+    clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    seed: int = _opt(0, "seeds the weights, the data order and dropout")
+    dtype: str = _opt("float32", "parameter dtype", choices=("float32", "float64"))
+    amp: str | None = _opt(None, "autocast on GPU", choices=("bf16", "fp16"))
+    ckpt_dir: str | None = _opt(
+        None, "the run folder: checkpoints, metrics.jsonl; a run already there is resumed"
+    )
+    save_every: int = _opt(0, "save every N steps (0: only at the end)")
+    keep_last: int = _opt(0, "keep only the newest N checkpoints (0: keep all)")
+    resume: bool = _opt(
+        True, "continue from the run in --ckpt-dir (--no-resume refuses a folder that holds one)"
+    )
+    eval_batches: int = _opt(20, "validation batches at the end (0: none)")
+    log_every: int = _opt(10, "a metrics row (and a plain line off a terminal) every N steps")
+    progress: bool = _opt(True, "print progress on the lead rank")
+
+
+ERROR_FILE = "AUTOTP_ERROR_FILE"  # set by `autotp train`: where a worker leaves its error
+
+# torchrun's own options, passed through by `autotp train`; the rest are TrainConfig's
+TORCHRUN_FLAGS = (
+    "--nproc-per-node",
+    "--nnodes",
+    "--node-rank",
+    "--rdzv-backend",
+    "--rdzv-endpoint",
+    "--rdzv-id",
+    "--rdzv-conf",
+    "--max-restarts",
+    "--monitor-interval",
+    "--master-addr",
+    "--master-port",
+    "--log-dir",
+    "--redirects",
+    "--tee",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would print usage and exit 2
+        raise UsageError(f"{message}\n  hint:   autotp train --help lists every option")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help or ""  # "(default: None)" says nothing; flags say both forms
+        return super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="autotp train",
+        description="Train a model split over tp x dp processes (torchrun). With no "
+        "options: the byte-level GPT-2 gpt2-bytes at tp=2 on the Python standard library.",
+        epilog="torchrun's options pass through to it: "
+        + ", ".join(TORCHRUN_FLAGS)
+        + ", --standalone. Without --nproc-per-node autotp starts tp x dp processes.",
+        formatter_class=_Help,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            ap.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_
+            )
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        ap.add_argument(
+            flag,
+            type=kind,
+            default=f.default,
+            help=help_,
+            choices=f.metadata.get("choices"),
+            metavar=f.name.upper() if not f.metadata.get("choices") else None,
+        )
+    return ap
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from `autotp train`'s options; UsageError for what cannot parse."""
+    return TrainConfig(**vars(parser().parse_args(argv)))
+
+
+def check_args(cfg: TrainConfig) -> None:
+    """Counts, rates and their relations, without touching a file or a model."""
+    for name in ("tp", "dp", "steps", "batch", "seq", "accum", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    for name in (
+        "save_every",
+        "keep_last",
+        "eval_batches",
+        "warmup",
+        "clip",
+        "min_lr",
+        "weight_decay",
+    ):
+        if not getattr(cfg, name) >= 0:  # NaN fails too
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 0")
+    if not 0 < cfg.lr < float("inf"):
+        raise UsageError(f"--lr {cfg.lr}: must be a positive number")
+    if cfg.batch % (cfg.dp * cfg.accum):
+        raise UsageError(
+            f"--batch {cfg.batch} is not divisible by --dp {cfg.dp} x --accum {cfg.accum}\n"
+            "  hint:   every data-parallel rank takes the same number of rows per micro-batch"
+        )
+    if cfg.amp and not torch.cuda.is_available():
+        raise UsageError(
+            f"--amp {cfg.amp} needs a GPU; this machine has none\n  hint:   drop --amp on CPU"
+        )
+
+
+def check_model(model: torch.nn.Module, cfg: TrainConfig, vocab: int) -> None:
+    """The model can train on this data at this sequence length, with our objectives."""
+    from .resolve import is_hf
+
+    conf = getattr(model, "config", None)
+    causal = is_hf(model) and not type(model).__name__.endswith("ForMaskedLM")
+    if not causal and not callable(getattr(model, "example_inputs", None)):
+        raise UsageError(
+            f"{cfg.model} is not a causal language model autotp train can drive\n"
+            "  hint:   train a GPT-2 configuration, hf:gpt2, hf:llama, or a factory whose "
+            "model takes (idx, targets) and returns (logits, loss)"
+        )
+    from autotp.models import CONFIGS
+
+    if cfg.model in CONFIGS and not hasattr(CONFIGS[cfg.model], "block_size"):
+        raise UsageError(
+            f"{cfg.model} is not a causal language model\n"
+            "  hint:   train a GPT-2 configuration (autotp show --help lists them)"
+        )
+    size = getattr(conf, "vocab_size", None)
+    if isinstance(size, int) and size < vocab:
+        raise UsageError(
+            f"the data has {vocab} token ids but {cfg.model} has a vocabulary of {size}\n"
+            "  hint:   pick a model with a larger vocabulary, or other --data"
+        )
+    longest = getattr(conf, "block_size", None) or getattr(conf, "max_position_embeddings", None)
+    if isinstance(longest, int) and cfg.seq > longest:
+        raise UsageError(
+            f"--seq {cfg.seq} exceeds {cfg.model}'s {longest} positions\n"
+            f"  hint:   --seq {longest} or less"
+        )
+
+
+def check_run_folder(cfg: TrainConfig, say: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """The checkpoint a run in --ckpt-dir would resume from, as (folder, autotp.json), or
+    None; raises when the folder cannot be written, or holds a run --no-resume would
+    overwrite, or a run with no complete checkpoint."""
+    import json
+
+    from .checkpoint import Checkpoints, step_folders
+
+    if cfg.ckpt_dir is None:
+        return None
+    folder = Path(cfg.ckpt_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".autotp-write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(
+            f"--ckpt-dir {folder} cannot be written: {e.strerror or e}\n"
+            "  hint:   choose a folder you can write to; it is checked before training starts"
+        ) from e
+    if not cfg.resume:
+        if step_folders(folder) or (folder / "latest").exists():
+            raise UsageError(
+                f"--ckpt-dir {folder} holds a run and --no-resume would overwrite it\n"
+                "  hint:   drop --no-resume to continue it, or choose a new --ckpt-dir"
+            )
+        return None
+    found = Checkpoints(folder, say=say).latest()
+    if found is None:
+        return None
+    return found, json.loads((found / "autotp.json").read_text())
+
+
+def check(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainConfig:
+    """Every check that needs no process group, in the order of their cost; returns the
+    config with the model's name canonical (a factory's file as an absolute path)."""
+    check_args(cfg)  # before the imports below: a mistyped count is told at once
+    from . import data as data_mod
+    from .resolve import build, canonical, example_inputs
+
+    cfg = dataclasses.replace(cfg, model=canonical(cfg.model))
+    try:
+        tokens = data_mod.load(cfg.data)
+        train, _ = tokens.split(0.05)
+    except (AutoTPError, ValueError, OSError) as e:
+        raise UsageError(f"--data {cfg.data}: {e}") from e
+    if len(train) < cfg.seq + 1:
+        raise UsageError(
+            f"--data {cfg.data}: {len(train)} training tokens, fewer than --seq {cfg.seq} + 1"
+        )
+    resume = check_run_folder(cfg, say)
+    model = build(cfg.model, meta=True, seed=cfg.seed)
+    check_model(model, cfg, tokens.vocab_size)
+    if resume is not None:
+        from .checkpoint import check_compatible, tied_names
+
+        shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+        check_compatible(resume[1], resume[0], cfg.model, shapes, tied_names(model))
+    from ..plan import plan
+
+    rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
+    plan(model, cfg.tp, example_inputs(model, rows, cfg.seq))
+    return cfg
