@@ -154,6 +154,12 @@ def test_dangling_latest_truncated_shard_and_no_resume(
     said.clear()
     assert Checkpoints(run, say=said.append).latest() == run / "step_00000001"
     assert "does not name a step folder" in said[0]
+    # retention never deletes a checkpoint newer than the one just written
+    shutil.copytree(run / "step_00000001", run / "step_00000009")
+    Checkpoints(run, keep_last=1)._retire(run / "step_00000002")
+    assert (run / "step_00000009").exists() and not (run / "step_00000001").exists()
+    shutil.copytree(run / "step_00000009", run / "step_00000001")
+    shutil.rmtree(run / "step_00000009")
     # --no-resume never overwrites a run
     assert cli.main(["train", "--ckpt-dir", str(run), "--no-resume"]) == 2
     assert "would overwrite it" in _panel(capsys)
@@ -244,6 +250,8 @@ def test_a_crafted_metadata_file_runs_nothing(tmp_path: Path, capsys) -> None:
     assert cli.main(["eval", str(step)]) == 2
     assert not marker.exists()
     assert ("torch", "Size") in ALLOWED and len(ALLOWED) < 25
+    (step / "autotp.json").write_text("[]")  # valid JSON, not a description: no KeyError
+    assert "not an autotp checkpoint's description" in problem(step)
 
 
 def test_pickled_bytes_items_are_refused(tmp_path: Path) -> None:
@@ -286,6 +294,16 @@ def test_a_tied_transformers_factory_run_exports_evaluates_and_resumes(
     assert cli.main(["export", str(run), str(tmp_path / "m.safetensors")]) == 0
     assert cli.main(["eval", str(run), "--context", "16", "--tokens", "400"]) == 0
     assert "validation perplexity" in capsys.readouterr().out
+    # a checkpoint cannot bring the code it asks to run
+    planted = run / "hf_model.py"
+    shutil.copy(tmp_path / "hf_model.py", planted)
+    described = run / "step_00000002" / "autotp.json"
+    original = described.read_text()
+    described.write_text(original.replace(str(tmp_path / "hf_model.py"), str(planted)))
+    capsys.readouterr()
+    assert cli.main(["eval", str(run)]) == 2
+    assert "refused" in _panel(capsys)
+    described.write_text(original)
     more = run_on_gloo(_train, 2, dataclasses.replace(cfg, steps=3))[0]
     assert more["resumed"] == run / "step_00000002" and len(more["losses"]) == 1
 

@@ -157,7 +157,10 @@ class Checkpoints:
         """Delete complete checkpoints beyond the newest `keep_last` (never `newest`)."""
         if self.keep_last <= 0:
             return
-        done = [p for p in step_folders(self.dir) if problem(p) is None and p != newest]
+        # only folders older than the one just written: after a fall-back, a newer
+        # checkpoint that failed to load once is kept for a person to look at
+        older = [p for p in step_folders(self.dir) if p.name < newest.name]
+        done = [p for p in older if problem(p) is None]
         for old in done[: max(0, len(done) - (self.keep_last - 1))]:
             shutil.rmtree(old)
 
@@ -206,8 +209,9 @@ class Checkpoints:
     def resume(self, trainer: Any) -> Path | None:
         """Load the best complete checkpoint into `trainer`, resharding if its layout
         differs; a checkpoint that fails to load gives way to the one before it, saying
-        so. None when there is none (a fresh run)."""
-        found = self.candidates()
+        so. None when there is none (a fresh run). Rank 0 reads the folder and every rank
+        follows its choice, so a filesystem seen differently cannot split the decision."""
+        found = self._agreed_candidates()
         for i, path in enumerate(found):
             try:
                 self._load(trainer, path)
@@ -223,6 +227,21 @@ class Checkpoints:
                 continue
             return path
         return None
+
+    def _agreed_candidates(self) -> list[Path]:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.candidates()
+        box: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                box[0] = ("ok", [p.name for p in self.candidates()])
+            except CheckpointError as e:
+                box[0] = ("error", str(e))
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise CheckpointError(value)
+        return [self.dir / name for name in value]
 
     def _load(self, trainer: Any, path: Path) -> None:
         meta = json.loads((path / "autotp.json").read_text())

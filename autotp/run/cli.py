@@ -139,10 +139,11 @@ def _eval(argv: list[str]) -> int:
     if args.tokens < 0 or args.batch < 1:
         raise UsageError("--tokens must be at least 0 and --batch at least 1")
     model, meta = serial_model(args.ckpt)
-    context = args.context or meta.get("seq") or model.config.block_size
-    longest = getattr(model.config, "block_size", None) or getattr(
-        model.config, "max_position_embeddings", None
-    )
+    conf = getattr(model, "config", None)
+    longest = getattr(conf, "block_size", None) or getattr(conf, "max_position_embeddings", None)
+    context = args.context or meta.get("seq") or longest
+    if context is None:
+        raise UsageError("the model does not say its longest input\n  hint:   pass --context N")
     if context < 1 or (longest and context > longest):
         raise UsageError(f"--context {context}: must be in [1, {longest}], the model's positions")
     stride = context // 2 if args.stride is None else args.stride
@@ -157,7 +158,7 @@ def _eval(argv: list[str]) -> int:
         where = meta.get("data") or "stdlib"
         try:
             val = data_mod.load(meta.get("data")).split(0.05)[1]
-        except (AutoTPError, OSError) as e:
+        except (AutoTPError, OSError, ValueError, RuntimeError) as e:
             raise UsageError(f"the run's data {where} cannot be read: {e}\n"
                              "  hint:   pass --text FILE") from e  # fmt: skip
         tokens = val.window(0, min(len(val), args.tokens or len(val)))
@@ -190,12 +191,32 @@ def _read(path: str, flag: str) -> bytes:
         raise UsageError(f"{flag} {path}: {e.strerror or e}") from e
 
 
+def _trusted_factory(spec: str, ckpt: Path) -> None:
+    """A checkpoint of a file.py:factory model names the file to run: it must be an absolute
+    path (as autotp records it) outside the checkpoint's own folder, so a downloaded
+    checkpoint cannot bring the code it asks to run."""
+    path, sep, _ = spec.rpartition(":")
+    if not (sep and path.endswith(".py")):
+        return
+    run = ckpt.resolve().parent
+    file = Path(path)
+    if not file.is_absolute() or file.resolve().is_relative_to(run):
+        raise CheckpointError(
+            f"{ckpt} asks to run {path} to rebuild its model: refused, the file must be an "
+            "absolute path outside the checkpoint's folder\n"
+            "  hint:   only factories you wrote or trust are run; move the file out and "
+            'edit autotp.json\'s "model" if you trust it'
+        )
+    _say(f"rebuilding the model by running {file} (the run's --model)")
+
+
 def serial_model(ckpt: str) -> tuple[torch.nn.Module, dict]:
     """The unmodified model a checkpoint was trained from, with its weights, and the
     checkpoint's description (autotp.json). A file.py:factory model runs its file."""
     from .checkpoint import find_checkpoint, read_serial_state
 
     path, meta = find_checkpoint(ckpt, say=_say)
+    _trusted_factory(meta["model"], path)
     model = build(meta["model"], seed=meta.get("seed"))
     dtype = {"float64": torch.float64}.get(meta.get("dtype"), torch.float32)
     model = model.to(dtype)

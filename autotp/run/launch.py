@@ -52,6 +52,15 @@ def _quiet_torchrun() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _worker_error(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            err = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return err if isinstance(err, dict) else None
+
+
 def launch(argv: list[str], say: Callable[[str], None] = print) -> int:
     """Run `autotp train ARGV`; returns the exit code (AutoTPError for user mistakes)."""
     launcher, rest = split_argv(argv)
@@ -77,10 +86,9 @@ def launch(argv: list[str], say: Callable[[str], None] = print) -> int:
             args = torchrun.parse_args([*launcher, "-m", "autotp.run.train", *rest])
             torchrun.run(args)
         except ChildFailedError as e:
-            if os.path.exists(error_file):
-                with open(error_file) as f:
-                    err = json.load(f)
-                raise _KINDS.get(err["kind"], AutoTPError)(err["message"]) from None
+            err = _worker_error(error_file)
+            if err is not None:
+                raise _KINDS.get(err.get("kind"), AutoTPError)(err.get("message", "")) from None
             codes = sorted({f.exitcode for f in e.failures.values()})
             if codes == [130] or codes == [-2]:
                 return 130

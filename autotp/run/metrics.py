@@ -34,10 +34,14 @@ class MetricsLog:
         self.path = None if path is None else Path(path)
 
     def rewind(self, step: int) -> None:
-        """Keep only the rows up to `step` (a resume trains the later steps again)."""
+        """Keep only the rows of the steps before `step`, and its train row: a resume
+        trains the later steps again and validates again (a torn last line goes too)."""
         if self.path is None or not self.path.exists():
             return
-        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
+        kept = [
+            row for row in read_metrics(self.path)
+            if row.get("step", 0) < step or (row.get("step") == step and row.get("kind") == "train")
+        ]  # fmt: skip
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         os.replace(tmp, self.path)

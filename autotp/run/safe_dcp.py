@@ -108,6 +108,18 @@ class SafeReader(FileSystemReader):
         return super().read_data(plan, planner)
 
 
+def _described(meta: Any) -> bool:
+    """autotp.json holds what a resume, export or eval reads, with the types it expects."""
+    kinds = {"model": str, "tp": int, "step": int, "splits": dict, "shapes": dict}
+    return (
+        isinstance(meta, dict)
+        and all(isinstance(meta.get(k), t) for k, t in kinds.items())
+        and isinstance(meta.get("tied", {}), dict)
+        and all(isinstance(v, list) for v in meta["shapes"].values())
+        and all(v is None or isinstance(v, list) for v in meta["splits"].values())
+    )
+
+
 def problem(path: str | os.PathLike) -> str | None:
     """Why `path` is not a complete, readable checkpoint, or None when it is: autotp.json
     and .metadata must read, and every shard file named in the metadata must exist and be
@@ -120,17 +132,25 @@ def problem(path: str | os.PathLike) -> str | None:
     try:
         import json
 
-        json.loads((path / "autotp.json").read_text())
+        meta = json.loads((path / "autotp.json").read_text())
     except (OSError, ValueError) as e:
         return f"{path / 'autotp.json'} cannot be read ({e})"
+    if not _described(meta):
+        return f"{path / 'autotp.json'} is not an autotp checkpoint's description"
     try:
         metadata = SafeReader(str(path)).read_metadata()
     except CheckpointError as e:
         return str(e).splitlines()[0]
     ends: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        rel = str(info.relative_path)
-        ends[rel] = max(ends.get(rel, 0), int(info.offset) + int(info.length))
+    storage = metadata.storage_data
+    if not isinstance(storage, dict) or not isinstance(metadata.state_dict_metadata, dict):
+        return f"{path / '.metadata'} does not describe a DCP checkpoint"
+    for info in storage.values():
+        rel, offset, length = (getattr(info, k, None) for k in ("relative_path", "offset",
+                                                                 "length"))  # fmt: skip
+        if not (isinstance(rel, str) and isinstance(offset, int) and isinstance(length, int)):
+            return f"{path / '.metadata'} holds a malformed storage entry"
+        ends[rel] = max(ends.get(rel, 0), offset + length)
     for rel, end in sorted(ends.items()):
         file = path / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:

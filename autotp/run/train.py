@@ -37,7 +37,14 @@ from ..plan import plan
 from ..rewrite import RANK_BUFFER
 from . import data as data_mod
 from .checkpoint import tied_names
-from .config import ERROR_FILE, TrainConfig, check_args, check_model, config_from_args
+from .config import (
+    ERROR_FILE,
+    TrainConfig,
+    check_args,
+    check_model,
+    check_run_folder,
+    config_from_args,
+)
 from .mesh import Mesh, make_mesh
 from .metrics import MetricsLog, Reporter
 from .resolve import build, canonical, example_inputs, is_hf
@@ -275,7 +282,7 @@ class Trainer:
         with Reporter(lead and c.progress, c.steps, self.step) as report:
             while self.step < c.steps:
                 logged = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
-                loss = self.train_step(measure=logged)
+                loss = self.train_step(measure=True)
                 now = time.perf_counter()
                 tps = (self.step - window[0]) * tokens_per_step / max(now - window[1], 1e-9)
                 row = None
@@ -347,16 +354,19 @@ def init_process_group(backend: str, **kwargs: Any) -> None:
 
 
 def resume(
-    trainer: Trainer, checkpoints: Any, metrics: MetricsLog, say: Callable[[str], None]
-) -> Path | None:
-    """Load the run's best checkpoint into `trainer`, say where it resumed, and drop the
-    metrics rows of the steps it will train again (the lead rank writes the log)."""
-    found = checkpoints.resume(trainer)
-    if found is not None and trainer.mesh.rank == 0:
-        say(f"resumed from {found} at step {trainer.step} of {trainer.cfg.steps}")
+    trainer: Trainer, checkpoints: Any, metrics: MetricsLog, say: Callable[[str], None],
+    fresh: bool = False,
+) -> Path | None:  # fmt: skip
+    """Load the run's best checkpoint into `trainer` (none when `fresh`), say where it
+    resumed, and drop the metrics rows of the steps it will train again (all of them on a
+    fresh start); the lead rank writes the log."""
+    found = None if fresh else checkpoints.resume(trainer)
+    if trainer.mesh.rank == 0:
         metrics.rewind(trainer.step)
-        metrics.write({"kind": "resume", "step": trainer.step, "checkpoint": found.name,
-                       "elapsed_s": 0.0})  # fmt: skip
+        if found is not None:
+            say(f"resumed from {found} at step {trainer.step} of {trainer.cfg.steps}")
+            metrics.write({"kind": "resume", "step": trainer.step, "checkpoint": found.name,
+                           "elapsed_s": 0.0})  # fmt: skip
     return found
 
 
@@ -364,13 +374,15 @@ def _report_error(e: AutoTPError) -> None:
     """Under `autotp train` the first failing rank leaves its error for the launcher to show
     once; under a bare torchrun rank 0 prints it."""
     path = os.environ.get(ERROR_FILE)
-    if path:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return
-        with os.fdopen(fd, "w") as f:
+    if path:  # written whole under another name, then linked: the first rank's stays
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump({"kind": type(e).__name__, "title": e.title, "message": str(e)}, f)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        os.unlink(tmp)
     elif dist.get_rank() == 0:
         from rich.console import Console
 
@@ -404,8 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.ckpt_dir:
             ckpt = Checkpoints(cfg.ckpt_dir, keep_last=cfg.keep_last, say=say)
             metrics = MetricsLog(Path(cfg.ckpt_dir) / "metrics.jsonl")
-            if cfg.resume:
-                resume(trainer, ckpt, metrics, say)
+            # a group torchrun restarted resumes its own checkpoints, even under --no-resume
+            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+            if not (cfg.resume or restarted):
+                check_run_folder(cfg, say)  # refuses a folder that holds a run
+            resume(trainer, ckpt, metrics, say, fresh=not (cfg.resume or restarted))
         trainer.fit(ckpt, metrics)
         dist.barrier()
     except AutoTPError as e:
