@@ -31,6 +31,7 @@ class AutoTPError(Exception):
     below say which kind of problem the user has to fix."""
 
     title = "autotp cannot split this model"
+    node: fx.Node | None = None  # the fx node a refusal is about, when there is one
 
 
 class UsageError(AutoTPError):
@@ -93,4 +94,6 @@ def describe_node(node: fx.Node) -> str:
 def node_error(node: fx.Node, what: str, hint: str, rule: str | None = None) -> AutoTPError:
     """An AutoTPError whose message names `node`, its module and source line, and a hint."""
     rule_line = f"\n  rule:   {rule}" if rule else ""
-    return AutoTPError(f"{what}\n{describe_node(node)}{rule_line}\n  hint:   {hint}")
+    err = AutoTPError(f"{what}\n{describe_node(node)}{rule_line}\n  hint:   {hint}")
+    err.node = node
+    return err

@@ -29,13 +29,15 @@ def parallelize(
     *,
     vocab: VocabOptions | None = None,
     frontend: str = "auto",
+    strict: bool = False,
 ) -> fx.GraphModule:
     """This rank's module: the per-rank graph over new tensors holding this rank's shards,
     cut from `model`'s weights, so that it computes what `model` computes.
 
     Call it on every rank of `group` (default: the default process group), which must have
     exactly `tp` ranks. `model` is not modified. With tp=1 no process group is needed.
-    Dropout streams are seeded from rank 0's `torch.initial_seed()`.
+    Dropout streams are seeded from rank 0's `torch.initial_seed()`. `strict`: refuse a
+    matched block that cannot be proven instead of leaving it replicated (see `plan`).
     """
     check_tp(tp)
     if tp == 1 and (not dist.is_available() or not dist.is_initialized()):
@@ -62,7 +64,7 @@ def parallelize(
             "weights first (model.to_empty(device=...) then an init or a checkpoint), or "
             "use autotp.plan / autotp.simulate, which work on the meta device, for planning"
         )
-    p = plan(model, tp, example_inputs, vocab=vocab, frontend=frontend)
+    p = plan(model, tp, example_inputs, vocab=vocab, frontend=frontend, strict=strict)
     if isinstance(comm, ProcessGroupComm):
         _check_same_plan(p.fingerprint, group)
     seed = torch.initial_seed() % 2**62
@@ -97,11 +99,12 @@ def simulate(
     *,
     vocab: VocabOptions | None = None,
     frontend: str = "auto",
+    strict: bool = False,
 ) -> SimulatedTP:
     """All `tp` ranks in one process, collectives computed in-process and autograd-exact.
     `model` is not modified. Split outputs kept local (`VocabOptions(gather_outputs=False)`)
     are shown whole: the ranks' slices concatenated and trimmed."""
-    p = plan(model, tp, example_inputs, vocab=vocab, frontend=frontend)
+    p = plan(model, tp, example_inputs, vocab=vocab, frontend=frontend, strict=strict)
     seed = torch.initial_seed() % 2**62
     ranks = [
         build_rank_module(

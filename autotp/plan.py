@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ops
-from .errors import AutoTPError
+from .errors import AutoTPError, module_path, source_line
 from .match import LinearInfo, Match, find_linears, match
 from .rewrite import rewrite
 from .rule import Rule
@@ -41,6 +41,8 @@ class Plan:
     graph: fx.Graph  # the per-rank graph (identical on every rank)
     rules: tuple[Rule, ...] = field(default=())
     vocab: VocabOptions = field(default_factory=VocabOptions)
+    # matched blocks propagation could not prove, left replicated: (match, why)
+    replicated: tuple[tuple[Match, str], ...] = field(default=())
 
     @functools.cached_property
     def splits(self) -> dict[str, Shard]:
@@ -113,9 +115,14 @@ def plan(
     rules: Sequence[Rule] | None = None,
     vocab: VocabOptions | None = None,
     frontend: str = "auto",
+    strict: bool = False,
 ) -> Plan:
     """Plan the tensor-parallel split of `model` over `tp` ranks. Pure: nothing is copied,
     the model is not modified, no process group is needed.
+
+    A matched block whose sharding cannot be proven stays replicated (always correct) and
+    is listed in `plan.replicated` with the reason; the rest is still split. `strict`
+    refuses instead, and so does a plan in which nothing would be split at all.
 
     `example_inputs` is a tuple of positional arguments or a dict of keyword arguments for
     `model.forward` (default: `model.example_inputs()` if the model has one). They fix
@@ -130,7 +137,7 @@ def plan(
 
         rules = DEFAULT_RULES
     try:
-        return _plan(model, tp, example_inputs, rules, vocab, frontend)
+        return _plan(model, tp, example_inputs, rules, vocab, frontend, strict)
     except AutoTPError:
         raise
     except Exception as e:  # noqa: BLE001 - never another exception type for a model
@@ -148,21 +155,71 @@ def _plan(
     rules: Sequence[Rule],
     vocab: VocabOptions | None,
     frontend: str,
+    strict: bool,
 ) -> Plan:
     with torch.no_grad():
         traced = trace(model, example_inputs, frontend)
     gm = traced.gm
     linears = find_linears(gm)
     matches = match(gm, rules, linears)
-    splits = {n: s for m in matches for n, s in m.splits().items()}
     vocab = vocab or VocabOptions()
-    names = {n: m.rule.name for m in matches for n in m.splits()}
-    prop = propagate(gm, tp, linears, splits, vocab, names)
+    prop, matches, replicated = _propagate(gm, tp, linears, matches, vocab, strict)
     _check_hooks(model, gm, prop)
     graph = rewrite(gm, prop, matches, tp)
     return Plan(
-        type(model).__name__, tp, traced, matches, linears, prop, graph, tuple(rules), vocab
-    )
+        type(model).__name__, tp, traced, matches, linears, prop, graph, tuple(rules), vocab,
+        tuple(replicated),
+    )  # fmt: skip
+
+
+def _propagate(
+    gm: fx.GraphModule, tp: int, linears: dict[fx.Node, LinearInfo], matches: list[Match],
+    vocab: VocabOptions, strict: bool,
+) -> tuple[Propagation, list[Match], list[tuple[Match, str]]]:  # fmt: skip
+    """Propagate the matched splits; when a refusal names a node, leave the block that
+    split the value reaching it replicated and propagate again (feedback to matching).
+    Each round drops one block, so this ends; a plan with no block left is refused with
+    the first refusal, since the user asked for tensor parallelism and would get none."""
+    replicated: list[tuple[Match, str]] = []
+    first: AutoTPError | None = None
+    while True:
+        splits = {n: s for m in matches for n, s in m.splits().items()}
+        names = {n: m.rule.name for m in matches for n in m.splits()}
+        try:
+            return propagate(gm, tp, linears, splits, vocab, names), matches, replicated
+        except AutoTPError as e:
+            first = first or e
+            culprit = None if strict else _culprit(gm, matches, e.node)
+            if culprit is None:
+                raise
+            matches = [m for m in matches if m is not culprit]
+            where = f" ({module_path(e.node)}, {source_line(e.node)})"
+            replicated.append((culprit, str(e).splitlines()[0] + where))
+            if not matches:
+                raise first from None
+
+
+def _culprit(gm: fx.GraphModule, matches: list[Match], node: fx.Node | None) -> Match | None:
+    """The matched block whose split reached `node`: of the blocks with a node upstream of
+    it, the one that comes last in the graph (the value a block splits is joined again by
+    its own row-split linear, so the nearest block upstream is the one still open)."""
+    if node is None:
+        return None
+    upstream: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in upstream:
+            upstream.add(n)
+            stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    best, best_at = None, -1
+    for m in matches:
+        mine = [*m.nodes.values(), *(li.node for li in m.layers.values())]
+        at = max((order[n] for n in mine if n in upstream), default=-1)
+        if at > best_at:
+            best, best_at = m, at
+    return best
 
 
 _HOOKS = {

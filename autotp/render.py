@@ -230,7 +230,9 @@ def unmatched_view(plan: Any) -> Table | Text:
     reasons = report.unmatched_reasons(plan)
     if not reasons:
         return Text("every linear layer is split; nothing left replicated")
-    t = Table(title="left replicated (no rule matched)", title_justify="left")
+    title = "left replicated (no rule matched"
+    title += ", or its split not proven)" if getattr(plan, "replicated", ()) else ")"
+    t = Table(title=title, title_justify="left")
     t.add_column("linear", overflow="fold")
     t.add_column("shape", no_wrap=True)
     t.add_column("why", overflow="fold")

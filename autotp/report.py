@@ -153,8 +153,18 @@ def communication(plan: Any) -> list[CommRow]:
 def unmatched_reasons(plan: Any) -> list[tuple[str, str]]:
     """(weight, why) for each linear layer left whole."""
     gm = plan.traced.gm
+    proven_not = {
+        li.node: (m.rule.name, why)
+        for m, why in getattr(plan, "replicated", ())
+        for li in m.layers.values()
+    }
     out = []
     for li in plan.unmatched:
+        if li.node in proven_not:
+            rule, why = proven_not[li.node]
+            out.append((li.weight, f"{rule} matched, but its split could not be proven "
+                                   f"(left replicated): {why}"))  # fmt: skip
+            continue
         feeds = sorted({_describe(u, gm) for u in li.node.users})
         reads = _describe(li.input, gm)
         out.append((li.weight, f"no rule matched: reads {reads}, feeds {', '.join(feeds)}"))
@@ -225,4 +235,12 @@ def to_json(plan: Any) -> dict[str, Any]:
         ],  # fmt: skip
         "shape_edits": edits,
         "unmatched": [{"weight": w, "why": why} for w, why in unmatched_reasons(plan)],
+        "replicated": [
+            {
+                "rule": m.rule.name,
+                "weights": sorted(li.weight for li in m.layers.values()),
+                "why": why,
+            }
+            for m, why in getattr(plan, "replicated", ())
+        ],
     }

@@ -103,7 +103,11 @@ def test_cli_friendly_failures(tmp_path: Path) -> None:
     out = _autotp("show", "gpt-3")
     assert out.returncode == 2 and "unknown model 'gpt-3'" in out.stderr
     assert "megatron-8.3b" in out.stderr and "Traceback" not in out.stderr
-    out = _autotp("show", "bert-tiny", "--tp", "3")  # 4 heads, 32 wide: tp=3 cannot split
+    out = _autotp("show", "bert-tiny", "--tp", "3", "--width", "300")
+    assert out.returncode == 0  # 4 heads, 32 wide: only the vocabulary splits at tp=3...
+    assert "left replicated (no rule matched, or its split not proven)" in out.stdout
+    assert "attention_separate_qkv matched, but its split could not be proven" in out.stdout
+    out = _autotp("show", "bert-tiny", "--tp", "3", "--strict")  # ...and --strict refuses
     assert out.returncode == 2 and "Traceback" not in out.stderr
     for line in ("node:", "module:", "source:", "hint:"):
         assert line in out.stderr

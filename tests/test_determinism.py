@@ -19,16 +19,19 @@ _PLAN = """
 import json, torch, autotp
 from autotp.models import build
 out = {}
-cases = [("gpt2-tiny", {"n_layer": 2}), ("bert-tiny", {}),
-         ("gpt2-tiny", {"n_head": 3, "n_embd": 12})]
-for name, over in cases:
+cases = [("gpt2-tiny", {"n_layer": 2}, False), ("bert-tiny", {}, False),
+         ("gpt2-tiny", {"n_head": 3, "n_embd": 12}, False),
+         ("gpt2-tiny", {"n_head": 3, "n_embd": 12}, True)]
+for name, over, strict in cases:
     torch.manual_seed(0)
     model = build(name, **over)
     try:
-        plan = autotp.plan(model, 2)
-        out[name + str(over)] = [plan.fingerprint, [m.rule.name for m in plan.matches]]
+        plan = autotp.plan(model, 2, strict=strict)
+        out[name + str(over) + str(strict)] = [
+            plan.fingerprint, [m.rule.name for m in plan.matches],
+            [why for _, why in plan.replicated]]
     except autotp.AutoTPError as e:
-        out[name + str(over)] = str(e)
+        out[name + str(over) + str(strict)] = str(e)
 print(json.dumps(out))
 """
 
@@ -43,6 +46,7 @@ def test_plans_are_identical_whatever_the_hash_seed() -> None:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert results[0] == results[1]
     assert any(isinstance(v, str) for v in results[0].values())  # a refusal, named alike
+    assert any(isinstance(v, list) and v[2] for v in results[0].values())  # blocks left whole
 
 
 def _differing_ranks(rank: int, world: int) -> str:

@@ -86,7 +86,7 @@ HEAD_VIEWS = {
 def test_heads_not_divisible_by_tp(family: str, device: str) -> None:
     name, overrides, module = HEADS[family]
     model = tiny(name, device, **overrides)
-    msg = refusal(autotp.plan, model, 4, inputs_for(model))
+    msg = refusal(autotp.plan, model, 4, inputs_for(model), strict=True)
     assert "reshape from [2, 8, 48] to [2, 8, 6, 8]" in msg  # both shapes
     assert "split 4 ways" in msg  # the divisor
     assert "call_method[target=view]" in field(msg, "node")
@@ -95,11 +95,18 @@ def test_heads_not_divisible_by_tp(family: str, device: str) -> None:
     assert names_source(field(msg, "source"), path, line), msg
     assert "the split would land on a dimension of size 6" in msg  # the head count
     assert "number of heads" in field(msg, "hint")
+    # without strict the attention blocks stay replicated, each listed, and the MLPs split
+    plan = autotp.plan(model, 4, inputs_for(model))
+    left = [m.rule.name for m, _ in plan.replicated]
+    assert left and all(name.startswith("attention") for name in left)
+    assert not any(m.rule.name.startswith("attention") for m in plan.matches)
+    assert all("split 4 ways" in why for _, why in plan.replicated)
+    assert any(m.rule.name == "mlp" for m in plan.matches)
 
 
 def test_mlp_width_not_divisible_by_tp() -> None:
     model = tiny("bert-tiny", "meta", intermediate_size=50)  # heads 4 divide tp=4; 50 does not
-    msg = refusal(autotp.plan, model, 4, inputs_for(model))
+    msg = refusal(autotp.plan, model, 4, inputs_for(model), strict=True)
     assert "bert.encoder.layer.0.intermediate.dense.weight has 50 output features" in msg
     assert "not divisible by tp=4" in msg
     assert field(msg, "module") == "bert.encoder.layer.0.intermediate.dense"

@@ -54,8 +54,13 @@ def test_grouped_query_attention_needs_tp_dividing_kv_heads() -> None:
     model = build("llama", heads=4, kv_heads=2)
     assert_equivalent(model, inputs("llama"), 2, atol=1e-10, rtol=1e-6)  # 1 KV head each
     with pytest.raises(autotp.AutoTPError, match="key/value heads") as e:
-        autotp.plan(model, 4, inputs("llama"))
+        autotp.plan(model, 4, inputs("llama"), strict=True)
     assert "size 2" in str(e.value) and "modeling_llama.py" in str(e.value)
+    # without strict: the attention stays replicated, named with the reason; MLPs split
+    plan = autotp.plan(model, 4, inputs("llama"))
+    assert plan.replicated and all("self.k_proj(" in why for _, why in plan.replicated)
+    assert {m.rule.name for m in plan.matches} >= {"swiglu"}
+    assert_equivalent(model, inputs("llama"), 4, atol=1e-10, rtol=1e-6)
 
 
 def test_other_batch_sizes_and_lengths_run() -> None:

@@ -396,3 +396,38 @@ def test_padding_row_of_a_split_embedding_gets_no_gradient() -> None:
     plan = autotp.plan(model, 2, (ids, ids))
     assert "wte.weight" in plan.splits  # the split embedding is what is checked here
     assert_equivalent(model, (ids, ids), tp=2)
+
+
+# -- feedback to matching: an unprovable block stays replicated, the rest still splits ----
+
+
+class OneBlockEscapes(nn.Module):
+    """Two MLP blocks; the second's hidden value also reaches cumsum over the split
+    dimension, which no rule proves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up1, self.down1 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.up2, self.down2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.down1(torch.relu(self.up1(x)))
+        h = self.up2(x)
+        return x + self.down2(torch.relu(h)) + torch.cumsum(h, dim=-1).sum(-1, keepdim=True)
+
+
+def test_an_unprovable_block_stays_replicated_and_the_rest_splits() -> None:
+    from autotp import render
+    from autotp.testing import assert_equivalent
+
+    model = OneBlockEscapes().double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    plan = autotp.plan(model, 2, (x,))
+    assert set(plan.splits) == {"up1.weight", "up1.bias", "down1.weight"}
+    [(block, why)] = plan.replicated
+    assert block.rule.name == "mlp" and "cumsum" in why and "torch.cumsum(h" in why
+    view = render.to_text(render.unmatched_view(plan), width=300)
+    assert "up2.weight" in view and "mlp matched, but its split could not be proven" in view
+    assert_equivalent(model, (x,), tp=2)  # outputs, every gradient, a step: equal to serial
+    with pytest.raises(autotp.AutoTPError, match="reaches 'cumsum'"):
+        autotp.simulate(model, 2, (x,), strict=True)

@@ -50,7 +50,7 @@ def load_model(spec: str, batch: int, seq: int) -> tuple[torch.nn.Module, Any]:
 def _show(args: argparse.Namespace, console: Console) -> int:
     model, inputs = load_model(args.model, args.batch, args.seq)
     with console.status(f"planning {args.model} over tp={args.tp}…", spinner="dots"):
-        p = plan(model, args.tp, inputs)
+        p = plan(model, args.tp, inputs, strict=args.strict)
     if args.json:
         console.print_json(json.dumps(report.to_json(p)))
         return 0
@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--layer", type=int, default=None, help="layer K for --diff / --graph")
     show.add_argument("--svg", metavar="FILE", help="also save the view as an SVG picture")
     show.add_argument("--width", type=int, default=None, help="terminal width")
+    show.add_argument("--strict", action="store_true",
+                      help="refuse a matched block whose split cannot be proven, instead of "
+                      "leaving it replicated")  # fmt: skip
     return ap
 
 

@@ -75,6 +75,9 @@ class TrainConfig:
     eval_batches: int = _opt(20, "validation batches at the end (0: none)")
     log_every: int = _opt(10, "a metrics row (and a plain line off a terminal) every N steps")
     progress: bool = _opt(True, "print progress on the lead rank")
+    strict: bool = _opt(
+        False, "refuse a matched block whose split cannot be proven (default: leave it replicated)"
+    )
 
 
 ERROR_FILE = "AUTOTP_ERROR_FILE"  # set by `autotp train`: where a worker leaves its error
@@ -269,5 +272,5 @@ def check(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainConfig:
     from ..plan import plan
 
     rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
-    plan(model, cfg.tp, example_inputs(model, rows, cfg.seq))
+    plan(model, cfg.tp, example_inputs(model, rows, cfg.seq), strict=cfg.strict)
     return cfg

@@ -123,7 +123,9 @@ class Trainer:
         self.tied = tied_names(self.model)
         self.hf = is_hf(self.model)
         rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
-        self.plan = plan(self.model, cfg.tp, example_inputs(self.model, rows, cfg.seq))
+        self.plan = plan(
+            self.model, cfg.tp, example_inputs(self.model, rows, cfg.seq), strict=cfg.strict
+        )
         m = self.mesh
         comm = ProcessGroupComm(m.tp_group)
         self.module = build_rank_module(
@@ -412,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     say = print if lead and cfg.progress else (lambda line: None)
     try:
         trainer = Trainer(cfg)
+        if trainer.plan.replicated:
+            left, why = len(trainer.plan.replicated), trainer.plan.replicated[0][1]
+            say(f"{left} matched blocks stay replicated (--strict refuses them); the first: {why}")
         ckpt = metrics = None
         if cfg.ckpt_dir:
             ckpt = Checkpoints(cfg.ckpt_dir, keep_last=cfg.keep_last, say=say)
