@@ -514,6 +514,7 @@ def _reshape_split(c: _Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int
             )  # fmt: skip
         k = gi.index(px.dim)
         blocks = px.blocks * math.prod(src[d] for d in gi[:k])  # outer dims become blocks
+        stuck = None
         for o in gj:
             size = dst[o]
             if blocks > 1 and blocks % size == 0:  # a dimension of whole blocks
@@ -521,15 +522,21 @@ def _reshape_split(c: _Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int
                 continue
             if size % blocks == 0 and (size // blocks) % c.tp == 0:
                 return Shard(o, blocks)
+            stuck = size
             break
-        lands = [dst[o] for o in gj if dst[o] != 1][:1]
+        if stuck is not None and stuck % c.tp:
+            lands = f"; the split would land on a dimension of size {stuck}"
+        elif stuck is not None:  # divisible by tp, but not in whole blocks of the split
+            lands = f"; its {blocks} blocks do not tile the dimension of size {stuck}"
+        else:
+            lands = ""
         raise c.refuse(
             n,
             f"reshape from {src} to {dst} would move elements between ranks: dimension "
             f"{px.dim} (size {src[px.dim]}, split {c.tp} ways"
             + (f" in each of {px.blocks} blocks" if px.blocks > 1 else "")
             + f") does not map onto a dimension of {dst} divisible by {c.tp}"
-            + (f"; the split would land on a dimension of size {lands[0]}" if lands else ""),
+            + lands,
             "that dimension is usually the number of heads (or of key/value heads, for "
             "grouped-query attention): choose tp dividing it, or keep this layer replicated",
         )
