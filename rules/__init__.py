@@ -7,12 +7,21 @@ attention structures come before the MLP, and the output layer before the input 
 
 from autotp.rule import Rule
 
-from . import attention_fused, attention_separate, lm_head, mlp, swiglu, vocab_embedding
+from . import (
+    attention_fused,
+    attention_separate,
+    lm_head,
+    mlp,
+    swiglu,
+    swiglu_fused,
+    vocab_embedding,
+)
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     attention_fused.RULE,
     attention_separate.RULE,
     swiglu.RULE,
+    swiglu_fused.RULE,  # before mlp: the same linear -> glue -> linear shape, halved
     mlp.RULE,
     lm_head.RULE,
     vocab_embedding.RULE,

@@ -159,3 +159,38 @@ def test_fused_qkv_is_split_by_heads_per_block() -> None:
     r1 = sim.ranks[1].get_parameter("transformer.h.0.attn.c_attn.weight")
     want = torch.cat([w[c // 2 : c], w[c + c // 2 : 2 * c], w[2 * c + c // 2 :]])
     assert torch.equal(r1, want)
+
+
+class FusedGateUp(torch.nn.Module):
+    """Phi-3's MLP: one gate|up projection halved by chunk (or split), then SwiGLU."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Linear(8, 32, bias=False)
+        self.down_proj = torch.nn.Linear(16, 8, bias=False)
+        self.spelling = spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up_proj(x)
+        if self.spelling == "chunk":
+            gate, up = h.chunk(2, dim=-1)
+        else:
+            gate, up = torch.split(h, 16, dim=-1)
+        return x + self.down_proj(torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("spelling", ["chunk", "split"])
+def test_fused_gate_up_splits_each_half(spelling: str) -> None:
+    model = FusedGateUp(spelling).double()
+    x = (torch.randn(2, 3, 8, dtype=torch.float64),)
+    plan = autotp.plan(model, 2, x)
+    assert [m.rule.name for m in plan.matches] == ["swiglu_fused"]
+    assert plan.splits["gate_up_proj.weight"].blocks == 2 and not plan.replicated
+    for tp in (2, 4):
+        assert_equivalent(model, x, tp=tp)
+
+
+def test_a_plain_mlp_is_not_taken_for_a_fused_one() -> None:
+    model = build("gpt2-tiny")
+    names = {m.rule.name for m in autotp.plan(model, 2).matches}
+    assert "swiglu_fused" not in names and "mlp" in names
