@@ -314,24 +314,15 @@ def _dispatched(model: torch.nn.Module, inputs: dict[str, Any]) -> list[str]:
     return recorder.ops
 
 
-def dynamic_dims(value: Any) -> dict[int, Any] | None:
-    """The dimensions of an example input that vary between calls: the batch (dim 0) of
-    every tensor, and the sequence (dim 1) of token-like (integer or boolean) tensors:
-    ids, masks, positions, labels. A floating input keeps its other dimensions static,
-    since after the batch they are channels, mel bins or features of the model's own
-    weights (pixel_values [B, C, H, W], input_features [B, mel, T])."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return None
-    token_like = not (value.is_floating_point() or value.is_complex())
-    count = 2 if token_like else 1
-    return {i: torch.export.Dim.DYNAMIC for i in range(min(value.dim(), count))}
-
-
 def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
-    """torch.export (non-strict) with the dimensions that really vary made dynamic (see
-    `dynamic_dims`); the unlifted module keeps the parameters as attributes shared with
-    `model`."""
-    dims = {name: dynamic_dims(v) for name, v in inputs.items()}
+    """torch.export (non-strict) with dynamic batch and sequence dimensions; the
+    unlifted module keeps the parameters as attributes shared with `model`."""
+    dims: dict[str, Any] = {}
+    for name, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            dims[name] = {i: torch.export.Dim.DYNAMIC for i in range(min(v.dim(), 2))}
+        else:
+            dims[name] = None
     functions: list[type] = []
     apply = torch.autograd.Function.__dict__["apply"]
 
