@@ -31,6 +31,7 @@ from rich.console import Console
 from .. import render, report
 from ..errors import AutoTPError, CheckpointError, UsageError
 from ..plan import plan
+from .config import UsageParser
 from .resolve import build, canonical, example_inputs, logits
 
 __all__ = ["main", "load_model", "serial_model"]
@@ -98,11 +99,6 @@ def _train(argv: list[str]) -> int:
     return launch(argv)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
-        raise UsageError(f"{message}\n  hint:   {self.prog} --help lists every option")
-
-
 def _say(line: str) -> None:
     Console(stderr=True).print(line, highlight=False)
 
@@ -110,7 +106,7 @@ def _say(line: str) -> None:
 def _export(argv: list[str]) -> int:
     from .checkpoint import export
 
-    ap = _Parser(prog="autotp export", description="a checkpoint as the serial state_dict")
+    ap = UsageParser(prog="autotp export", description="a checkpoint as the serial state_dict")
     ap.add_argument("ckpt", help="a run's checkpoint folder (its latest) or one step_N folder")
     ap.add_argument("out", help="OUT.safetensors or OUT.pt")
     args = ap.parse_args(argv)
@@ -123,7 +119,7 @@ def _eval(argv: list[str]) -> int:
     from . import data as data_mod
     from .evaluate import lambada_file, last_word_accuracy, sliding_window_perplexity
 
-    ap = _Parser(
+    ap = UsageParser(
         prog="autotp eval",
         description="evaluate a checkpoint; with neither --text nor --lambada, on the "
         "validation split of the data it was trained on",

@@ -101,9 +101,12 @@ TORCHRUN_FLAGS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse would print usage and exit 2
-        raise UsageError(f"{message}\n  hint:   autotp train --help lists every option")
+class UsageParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are UsageErrors (one panel, exit 2), not argparse's
+    usage text and exit."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{message}\n  hint:   {self.prog} --help lists every option")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -114,7 +117,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(
+    ap = UsageParser(
         prog="autotp train",
         description="Train a model split over tp x dp processes (torchrun). With no "
         "options: the byte-level GPT-2 gpt2-bytes at tp=2 on the Python standard library.",
