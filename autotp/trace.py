@@ -5,13 +5,14 @@ Two front-ends feed the same rules, propagation and rewrite:
             not by default) and records stack traces; the graph holds torch functions,
             methods and leaf modules, and sizes are computed from `x.size()` in the graph.
   "export"  torch.export (non-strict), for models fx cannot trace (transformers 5.x); the
-            graph holds aten ops, batch and sequence dims are exported as dynamic so other
-            batch sizes and lengths run.
+            graph holds aten ops; the batch, and the sequence of token inputs, are
+            exported as dynamic so other batch sizes and lengths run.
 "auto" tries fx, then export, and names both failures if neither works.
 
 What tracing would silently drop is kept in the graph or refused:
   - `torch.no_grad()` / `enable_grad` regions: fx records them as `set_grad` and
-    `restore_grad` calls (export keeps them as its own higher-order op);
+    `restore_grad` calls (export, run with grad enabled, keeps them as its own
+    higher-order op, which propagation treats as any op);
   - a custom `torch.autograd.Function`: fx records one opaque call of its `apply`, so its
     backward runs (export traces only its forward: refused);
   - `torch.inference_mode()` and enabled `torch.autocast` regions inside forward: refused
@@ -314,15 +315,24 @@ def _dispatched(model: torch.nn.Module, inputs: dict[str, Any]) -> list[str]:
     return recorder.ops
 
 
+def dynamic_dims(value: Any) -> dict[int, Any] | None:
+    """The dimensions of an example input that vary between calls: the batch (dim 0) of
+    every tensor, and the sequence (dim 1) of token-like (integer or boolean) tensors:
+    ids, masks, positions, labels. A floating input keeps its other dimensions static,
+    since after the batch they are channels, mel bins or features of the model's own
+    weights (pixel_values [B, C, H, W], input_features [B, mel, T])."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    token_like = not (value.is_floating_point() or value.is_complex())
+    count = 2 if token_like else 1
+    return {i: torch.export.Dim.DYNAMIC for i in range(min(value.dim(), count))}
+
+
 def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
-    """torch.export (non-strict) with dynamic batch and sequence dimensions; the
-    unlifted module keeps the parameters as attributes shared with `model`."""
-    dims: dict[str, Any] = {}
-    for name, v in inputs.items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            dims[name] = {i: torch.export.Dim.DYNAMIC for i in range(min(v.dim(), 2))}
-        else:
-            dims[name] = None
+    """torch.export (non-strict) with the dimensions that really vary made dynamic (see
+    `dynamic_dims`); the unlifted module keeps the parameters as attributes shared with
+    `model`."""
+    dims = {name: dynamic_dims(v) for name, v in inputs.items()}
     functions: list[type] = []
     apply = torch.autograd.Function.__dict__["apply"]
 
@@ -333,7 +343,10 @@ def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
     try:
         torch.autograd.Function.apply = classmethod(noting_apply)
         try:
-            ep = torch.export.export(model, (), inputs, dynamic_shapes=dims, strict=False)
+            # with grad enabled, so that no_grad regions inside forward are recorded (a
+            # wrap_with_set_grad_enabled call); under an outer no_grad they would vanish
+            with torch.enable_grad():
+                ep = torch.export.export(model, (), inputs, dynamic_shapes=dims, strict=False)
         finally:
             torch.autograd.Function.apply = apply
     except Exception as e:  # noqa: BLE001 - becomes an actionable error

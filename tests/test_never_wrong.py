@@ -146,13 +146,18 @@ class Frozen(nn.Module):
         return self.mlp(x) * s
 
 
-def test_no_grad_region_is_kept() -> None:
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_no_grad_region_is_kept(frontend: str) -> None:
+    """Through either front-end; export records the region only when it traces with grad
+    enabled (it once traced under the planner's no_grad, and the side layer trained)."""
     model = Frozen()
-    sim = autotp.simulate(model, 2, (_x(),))
+    sim = autotp.simulate(model, 2, (_x(),), frontend=frontend)
     sim(_x()).sum().backward()
     grads = autotp.full_grads(sim)
     assert grads["side.weight"] is None and grads["mlp.fc.weight"] is not None
-    assert_equivalent(model, (_x(),), tp=2)
+    assert_equivalent(
+        model, (_x(),), tp=2, parallel=lambda m, t, x: autotp.simulate(m, t, x, frontend=frontend)
+    )
     with torch.no_grad():  # and the region restores the caller's mode, not a traced one
         assert not sim(_x()).requires_grad
 
