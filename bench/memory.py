@@ -11,8 +11,8 @@ import resource
 
 import torch
 
-from autotp.testing import run_on_gloo
 from autotp.run.train import TrainConfig, Trainer
+from autotp.testing import run_on_gloo
 
 
 def _rank(rank: int, world: int, model: str) -> tuple[int, float]:
