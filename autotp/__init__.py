@@ -4,7 +4,7 @@
     module = autotp.parallelize(model, tp=8)    # this rank's module (torch.distributed)
     sim = autotp.simulate(model, tp=8)          # all ranks in one process, for checking
 
-The pipeline, one module per stage: trace -> match -> shapes (propagation) -> rewrite ->
+The pipeline, one module per stage: trace -> match -> sharding (propagation) -> rewrite ->
 materialise; collectives holds f and g; render draws plans in the terminal.
 """
 
@@ -12,7 +12,7 @@ from .collectives import count_collectives
 from .errors import AutoTPError
 from .parallel import full_grads, full_state_dict, parallelize, simulate
 from .plan import Plan, plan
-from .shapes import VocabOptions
+from .sharding import VocabOptions
 
 __all__ = [
     "AutoTPError",

@@ -174,6 +174,16 @@ class _Gather(torch.autograd.Function):
         return _own_slice(grad, ctx.dim, ctx.local, ctx.comm.rank), None, None, None
 
 
+def rank_slice(x: torch.Tensor, dim: int, blocks: int, tp: int, rank: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a replicated tensor, split as S(dim x blocks): the
+    Replicate -> Shard redistribution, with no communication (its gradient fills the
+    slice, zeros elsewhere, which is why the replicated value also gets f)."""
+    size = x.shape[dim]
+    parts = x.unflatten(dim, (blocks, tp, size // (blocks * tp)))
+    mine = parts.index_select(dim + 1, rank.reshape(1).to(torch.long)).squeeze(dim + 1)
+    return mine.flatten(dim, dim + 1)
+
+
 def _own_slice(grad: torch.Tensor, dim: int, local: int, rank: int) -> torch.Tensor:
     """Rank `rank`'s part of a gathered (and unpadded) gradient, zero-padded back."""
     start = min(rank * local, grad.shape[dim])  # a rank may hold only padding

@@ -41,6 +41,7 @@ class LinearInfo:
     in_features: int
     out_features: int
     input_index: int | str = 0  # where the input is: position (addmm: 1) or keyword
+    weight_view: fx.Node | None = None  # `x @ W.T`: the transpose the linear reads W through
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,37 @@ def _param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     return None
 
 
+_TRANSPOSES = {("getattr", "T"), ("getattr", "mT"), ("t", None), ("transpose", (0, 1)),
+               ("transpose", (1, 0)), ("transpose", (-1, -2)), ("transpose", (-2, -1)),
+               ("transpose", (0, -1)), ("transpose", (-1, 0)), ("permute", (1, 0)),
+               ("numpy_T", None)}  # fmt: skip
+
+
+def _transposed_param(gm: fx.GraphModule, node: object, reader: fx.Node) -> fx.Node | None:
+    """The get_attr of a 2-D parameter W when `node` is W.T, W.mT, W.t(), W.transpose(0, 1)
+    or W.permute(1, 0) in any spelling (method, function, aten) read by `reader` alone."""
+    if not isinstance(node, fx.Node) or not node.op.startswith("call") or not node.args:
+        return None
+    if set(node.users) != {reader} or node.kwargs:
+        return None
+    w = _param(gm, node.args[0])
+    if w is None or w.dim() != 2:
+        return None
+    name = ops.op_name(node, gm)
+    if isinstance(node.target, torch._ops.OpOverload):
+        name = node.target.overloadpacket.__name__
+    elif node.op == "call_function" and node.target is torch.t:
+        name = "t"
+    rest = tuple(node.args[1:])
+    if name == "getattr":
+        key = rest[0] if rest else None
+    elif name == "permute" and len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        key = tuple(rest[0])
+    else:
+        key = rest or None
+    return node.args[0] if (name, key) in _TRANSPOSES else None
+
+
 def _arg_at(n: fx.Node, pos: int, name: str) -> tuple[object, int | str]:
     """The argument at position `pos` or keyword `name`, and where it is (None, pos if absent)."""
     if len(n.args) > pos:
@@ -126,12 +158,19 @@ def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
                     n, x, str(wnode.target), b is not None and str(bnode.target) or None,
                     "out_in", w.shape[1], w.shape[0], key,
                 )  # fmt: skip
-        elif name == "matmul" and len(n.args) == 2 and not n.kwargs:  # x @ W
+        elif name == "matmul" and len(n.args) == 2 and not n.kwargs:  # x @ W, x @ W.T
             w = _param(gm, n.args[1])
             if w is not None and w.dim() == 2 and isinstance(n.args[0], fx.Node):
                 found[n] = LinearInfo(
                     n, n.args[0], str(n.args[1].target), None, "in_out", w.shape[0], w.shape[1]
                 )
+            wnode = _transposed_param(gm, n.args[1], n)
+            if wnode is not None and isinstance(n.args[0], fx.Node):
+                w = gm.get_parameter(str(wnode.target))
+                found[n] = LinearInfo(
+                    n, n.args[0], str(wnode.target), None, "out_in", w.shape[1], w.shape[0],
+                    weight_view=n.args[1],
+                )  # fmt: skip
         elif name == "addmm" and len(n.args) == 3 and not n.kwargs:  # b + x @ W (Conv1D)
             b, w = _param(gm, n.args[0]), _param(gm, n.args[2])
             if w is not None and b is not None and w.dim() == 2 and b.dim() == 1:

@@ -1,6 +1,6 @@
 """Stage 5, materialise: build one rank's module from the per-rank graph and the serial weights.
 
-Each parameter is cut from the serial tensor by its split (shapes.Shard) and copied into a
+Each parameter is cut from the serial tensor by its split (sharding.Shard) and copied into a
 new Parameter; replicated ones are copied whole. Tied weights stay tied: one new tensor per
 serial tensor, installed under every name that shared it. The user's model is only read.
 A model on the meta device gives meta shards (nothing allocated), which is how plans for
@@ -31,7 +31,7 @@ from .rewrite import (
     RANK_BUFFER,
     site_kind,
 )
-from .shapes import Shard
+from .sharding import Shard
 
 __all__ = ["RankInfo", "cut", "gather", "build_rank_module", "check_mode"]
 
@@ -189,7 +189,10 @@ def build_rank_module(
             root[n.target] = _fresh_module(source.get_submodule(n.target), new_tensor)
         elif n.op == "get_attr" and n.target not in root:
             t = _lookup(source, n.target)
-            root[n.target] = new_tensor(t) if isinstance(t, torch.Tensor) else t
+            if isinstance(t, nn.Module):  # a higher-order op's body (export's no_grad region)
+                root[n.target] = _fresh_module(t, new_tensor)  # each rank its own
+            else:
+                root[n.target] = new_tensor(t) if isinstance(t, torch.Tensor) else t
     gm = fx.GraphModule(root, graph, class_name)
     # Everything else the serial state_dict holds, so full_state_dict has every key, and
     # nothing it does not hold (fx registers every get_attr tensor as a persistent buffer).

@@ -2,7 +2,7 @@
 
 `op_name(node, gm)` turns `F.gelu`, `nn.GELU`, `x.gelu()`... into "gelu", `x.view` and
 `torch.reshape` into "view", and so on. Matching (match.py) and sharding propagation
-(shapes.py) both speak this vocabulary, so a rule or a propagation entry written once covers
+(sharding/) both speak this vocabulary, so a rule or a propagation entry written once covers
 every spelling. Linear layers are recognised separately (match.find_linears), because a
 linear is an op *with a weight parameter*, whatever function computes it.
 """

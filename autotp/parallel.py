@@ -15,7 +15,7 @@ from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .materialise import RankInfo, build_rank_module, gather
 from .plan import check_tp, plan
-from .shapes import VocabOptions
+from .sharding import VocabOptions
 from .simulate import SimulatedTP
 
 __all__ = ["parallelize", "simulate", "full_state_dict", "full_grads"]

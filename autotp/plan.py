@@ -22,7 +22,7 @@ from .errors import AutoTPError, module_path, source_line
 from .match import LinearInfo, Match, find_linears, match
 from .rewrite import rewrite
 from .rule import Rule
-from .shapes import Propagation, Shard, VocabOptions, _is_split, propagate
+from .sharding import Propagation, Shard, VocabOptions, is_split, propagate
 from .trace import Traced, trace
 
 __all__ = ["Plan", "plan"]
@@ -245,7 +245,7 @@ def _check_hooks(model: nn.Module, gm: fx.GraphModule, prop: Propagation) -> Non
             continue
         node = kept.get(path)
         split = node is not None and any(
-            _is_split(prop.placements.get(a)) for a in [node, *node.all_input_nodes]
+            is_split(prop.placements.get(a)) for a in [node, *node.all_input_nodes]
         )
         if node is not None and not split:
             continue

@@ -5,7 +5,7 @@ replicated values (so they stay bitwise identical across ranks), and a *rank* on
 differently on each rank, for dropout inside split regions (each rank masks its own
 shard independently, as serial dropout would mask the whole). Megatron's tracker is
 CUDA-only; this one is not. Which stream a dropout uses is decided by the placement of
-its input (shapes.py); the rewrite gives each dropout call site a module of its own under
+its input (sharding/); the rewrite gives each dropout call site a module of its own under
 `tp_dropout_shared` or `tp_dropout_rank`.
 """
 

@@ -18,7 +18,7 @@ import torch.fx as fx
 from . import ops
 from .errors import module_path
 from .rule import Column, Row, Vocab
-from .shapes import Shard
+from .sharding import Shard
 
 __all__ = [
     "ParamRow", "CommRow", "params", "communication", "unmatched_reasons", "layer_nodes",

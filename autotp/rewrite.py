@@ -4,10 +4,16 @@ One shared rewriter applies every rule (rules carry no surgery). It copies the t
 and then, in this order:
   1. inserts one f (`tp_f`) per replicated value that feeds split compute, shared by all
      its split consumers (Q, K and V read the same f);
-  2. replaces each split linear by its functional form on the local shard; a row-split
-     linear is followed by g (`tp_g`) and then its bias;
-  3. rewrites the shape arguments that propagation marked (`split(C)` -> `split(C/tp)`,
-     `view(B, T, 12, 64)` -> `view(B, T, 12/tp, 64)`, `view(B, T, C)` -> `view(B, T, C//tp)`).
+  2. replaces each split linear by its functional form on the local shard (a row-split
+     linear without its bias: its output is partial) and each vocabulary-split embedding
+     by the partial lookup;
+  3. inserts one g (`tp_g`) per partial value read whole, right after it, then the
+     value's pending terms (two partials added together stay partial and share one g, and
+     a replicated term added to a partial value is added once, after the sum);
+     and a cut (`rank_slice`) where split compute reads a slice of a replicated value;
+  4. rewrites the shape arguments that propagation marked (`split(C)` -> `split(C/tp)`,
+     `view(B, T, 12, 64)` -> `view(B, T, 12/tp, 64)`, `view(B, T, C)` -> `view(B, T, C//tp)`);
+  5. the vocab-parallel loss, gathers of split outputs, dropout streams.
 The graph is identical on every rank; only the parameters differ (materialise.py).
 Every node created or changed records `meta["autotp"]`: the rule, the placement and what
 changed, which is all the terminal views read. `graph.lint()` runs at the end.
@@ -28,10 +34,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import ops
+from .collectives import rank_slice
 from .errors import node_error
 from .match import EmbeddingInfo, Match
 from .rule import Row
-from .shapes import ArgEdit, DivideByTP, LossInfo, Propagation, Shard
+from .sharding import ArgEdit, Cut, DivideByTP, LossInfo, Partial, Propagation, Shard
 from .vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
 
 __all__ = [
@@ -90,6 +97,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
             _tag(env[old], placement=_placement_text(placement))
 
     # 1. f: one per replicated value feeding split compute.
+    f_of: dict[fx.Node, fx.Node] = {}
     for value, consumers in prop.f_inputs.items():
         src = env[value]
         with graph.inserting_after(src):
@@ -102,6 +110,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
              "compute is a partial sum")  # fmt: skip
         for c in consumers:
             env[c].replace_input_with(src, f)
+        f_of[value] = f
 
     # 2. split layers -> functional form on local shards.
     for old, (kind, li) in prop.splits.items():
@@ -114,41 +123,40 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         place = str(kind)
         with graph.inserting_before(node):
             w = graph.get_attr(li.weight)
-            b = graph.get_attr(li.bias) if li.bias else None
-            row = isinstance(kind, Row)
+            row = isinstance(kind, Row)  # a row split's bias is added after the sum (step 3)
+            b = graph.get_attr(li.bias) if li.bias and not row else None
             _tag(w, rule=rule, placement=f"{place} shard of {li.weight}")
             if b is not None:
-                _tag(b, rule=rule, placement="R" if row else f"{place} shard")
-            bias_inside = None if row else b
+                _tag(b, rule=rule, placement=f"{place} shard")
             if li.layout == "out_in":
-                y = graph.call_function(F.linear, (x, w, bias_inside))
+                y = graph.call_function(F.linear, (x, w, b))
             else:
                 y = graph.call_function(torch.matmul, (x, w))
-                if bias_inside is not None:
-                    y = graph.call_function(operator.add, (y, bias_inside))
-            _copy_meta(node, y)
-            local = "partial" if row else str(prop.placements[old])
-            _tag(y, rule=rule, split=place, weight=li.weight, placement=local)
-            if row:
-                # y is the new linear's output and g its only reader: reduce it in place
-                g = _site(graph, G_MODULE, (y,), {"inplace": True}, f"g_{node.name}")
-                _copy_meta(node, g)
-                why = "forward all-reduce: the row-split linear produces partial sums"
-                _tag(g, collective="g", rule=rule, placement="R", why=why)
-                y = g
                 if b is not None:
                     y = graph.call_function(operator.add, (y, b))
-                    _copy_meta(node, y)
-                    _tag(y, rule=rule, placement="R", why="bias after the all-reduce")
+            _copy_meta(node, y)
+            _tag(y, rule=rule, split=place, weight=li.weight,
+                 placement=_placement_text(prop.placements[old]))  # fmt: skip
         node.replace_all_uses_with(y)
         graph.erase_node(node)
         env[old] = y
+        _erase_unused(graph, env.get(li.weight_view))  # `x @ W.T`: the transpose of W
 
-    # 3. shape arguments.
+    # 3. P -> R: one g per partial value read whole, then its pending terms; R -> S: cuts.
+    for value, readers in prop.reduces.items():
+        _reduce(graph, env, f_of, value, readers, prop, rule_of)
+    for old in reversed(prop.deferred):  # `p + r` kept partial: the node passes p through
+        env[old].replace_all_uses_with(env[prop.deferred[old]])
+        graph.erase_node(env[old])
+        env[old] = env[prop.deferred[old]]
+    for cut in prop.cuts:
+        _cut(graph, env, f_of, cut, tp)
+
+    # 4. shape arguments.
     for e in prop.edits:
         _apply_edit(graph, env, e, tp)
 
-    # 4. the vocab-parallel loss, split outputs gathered, dropout on the right stream.
+    # 5. the vocab-parallel loss, split outputs gathered, dropout on the right stream.
     for old, info in prop.losses.items():
         env[old] = _vocab_parallel_loss(graph, env[old], info)
     out_node = graph.output_node()
@@ -170,6 +178,90 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
 
     graph.lint()
     return graph
+
+
+def _reduce(
+    graph: fx.Graph, env: dict[fx.Node, fx.Node], f_of: dict[fx.Node, fx.Node],
+    value: fx.Node, readers: list[fx.Node], prop: Propagation, rule_of: dict[fx.Node, str],
+) -> None:  # fmt: skip
+    """g on the partial `value`, then its pending terms, read by `readers` (and by the
+    value's f, which only ever serves readers of the sum). The g goes right after the
+    node computing `value` in the serial graph, so it runs in the same grad mode; when
+    that node is a deferred `p + r`, the g reads the partial tensor p passes through."""
+    anchor = env[value]
+    base = value
+    while base in prop.deferred:
+        base = prop.deferred[base]
+    src = env[base]
+    reading = {graph.output_node() if r.op == "output" else env[r] for r in readers}
+    reading |= {f_of[value]} if value in f_of else set()
+    # a fresh partial (a split linear's or lookup's output, a sum of them) read only whole
+    # is reduced in place; a deferred chain's links each have one reader (propagation)
+    kwargs = {"inplace": True} if set(anchor.users) <= reading else {}
+    with graph.inserting_after(anchor):
+        g = _site(graph, G_MODULE, (src,), kwargs, f"g_{value.name}")
+    rule = rule_of.get(base, "propagation")
+    split = prop.splits.get(base)
+    if split is not None and isinstance(split[1], EmbeddingInfo):
+        why = "forward all-reduce: sums the ranks' partial lookups"
+    elif split is not None:
+        why = "forward all-reduce: the row-split linear produces partial sums"
+    else:
+        why = "forward all-reduce: one for a sum of partial results"
+    _tag(g, collective="g", rule=rule, placement="R", why=why)
+    _copy_meta(src, g)
+    out = g
+    placement = prop.placements[value]
+    assert isinstance(placement, Partial)
+    for term in placement.pending:
+        if isinstance(term, str):  # a row-split linear's bias
+            with graph.inserting_after(out):
+                t = graph.get_attr(term)
+            _tag(t, rule=rule, placement="R")
+            why, last = "bias after the all-reduce", t
+        else:
+            t, last = env[term], out
+            why = f"{t.name} added once, after the all-reduce"
+        with graph.inserting_after(last):
+            out = graph.call_function(operator.add, (out, t))
+        _copy_meta(src, out)
+        _tag(out, rule=rule, placement="R", why=why)
+    for r in reading:
+        r.replace_input_with(anchor, out)
+
+
+def _cut(
+    graph: fx.Graph,
+    env: dict[fx.Node, fx.Node],
+    f_of: dict[fx.Node, fx.Node],
+    cut: Cut,
+    tp: int,
+) -> None:
+    """The consumer reads this rank's slice of a replicated value (after its f, if any)."""
+    consumer = env[cut.consumer]
+    src = env[cut.value]
+    if cut.value in f_of and f_of[cut.value] in consumer.all_input_nodes:
+        src = f_of[cut.value]
+    s = cut.shard
+    with graph.inserting_before(consumer):
+        rank = graph.get_attr(RANK_BUFFER)
+        mine = graph.call_function(rank_slice, (src, s.dim, s.blocks, tp, rank))
+    _copy_meta(cut.consumer, mine)
+    v = src.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        mine.meta["val"] = v  # the serial value (the views show serial shapes)
+    _tag(mine, placement=str(s), why="this rank's slice of a replicated value; no communication")
+    consumer.replace_input_with(src, mine)
+
+
+def _erase_unused(graph: fx.Graph, node: fx.Node | None) -> None:
+    """Erase `node` and then its inputs, as long as nothing reads them."""
+    if node is None or node.users or node.op not in ("call_function", "call_method", "get_attr"):
+        return
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for a in inputs:
+        _erase_unused(graph, a)
 
 
 def _site(graph: fx.Graph, kind: str, args: tuple, kwargs: dict, name: str) -> fx.Node:
@@ -202,17 +294,13 @@ def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: st
         rank = graph.get_attr(RANK_BUFFER)
         ids = _input_of(node, li.ids_index)
         part = graph.call_function(vocab_embedding, (ids, w, rank, li.padding_idx))
-        g = _site(graph, G_MODULE, (part,), {"inplace": True}, f"g_{node.name}")
     _tag(w, rule=rule, placement=f"vocab shard of {li.weight}")
-    for new in (part, g):
-        _copy_meta(node, new)
-    _tag(part, rule=rule, split="vocab", weight=li.weight, placement="partial",
+    _copy_meta(node, part)
+    _tag(part, rule=rule, split="vocab", weight=li.weight, placement="P",
          why="rows of this rank's vocabulary slice, zeros for other ids")  # fmt: skip
-    _tag(g, collective="g", rule=rule, placement="R",
-         why="forward all-reduce: sums the ranks' partial lookups")  # fmt: skip
-    node.replace_all_uses_with(g)
+    node.replace_all_uses_with(part)
     graph.erase_node(node)
-    return g
+    return part
 
 
 def _vocab_parallel_loss(graph: fx.Graph, node: fx.Node, info: LossInfo) -> fx.Node:

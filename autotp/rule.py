@@ -2,7 +2,7 @@
 
 A rule never carries graph surgery. It says *what* it matches (one or more small graphs,
 one per spelling of the same structure) and *how each matched linear splits*; the shared
-propagation (shapes.py) proves the split correct and the shared rewriter (rewrite.py)
+propagation (sharding/) proves the split correct and the shared rewriter (rewrite.py)
 applies it.
 
 Pattern nodes are ops of the matcher's vocabulary:

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .collectives import simulated_f, simulated_g, simulated_gather, simulated_max
 from .materialise import check_mode
 from .rewrite import F_MODULE, G_MODULE, GATHER_MODULE, MAX_MODULE, site_kind
-from .shapes import Shard
+from .sharding import Shard
 from .trace import restore_grad, set_grad
 
 _SIMULATED = {

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import autotp
 from autotp.match import find_linears
 from autotp.rule import Split, column, row
-from autotp.shapes import Propagation, propagate
+from autotp.sharding import Propagation, propagate
 from autotp.testing import assert_equivalent
 from autotp.trace import trace
 

@@ -83,7 +83,8 @@ class _Gen:
                 cls.init.append(f"self.{name}.weight = self.{tie}.weight")
             kw = "input=" if s == "module_kw" else ""
             return lambda x: f"self.{name}({kw}{x})"
-        shape = f"{fout}, {fin}" if s.startswith("functional") else f"{fin}, {fout}"
+        out_in = s.startswith("functional") or s in ("matmul_T", "matmul_t")
+        shape = f"{fout}, {fin}" if out_in else f"{fin}, {fout}"
         w, b = f"self.{name}_w", f"self.{name}_b"
         if tie:
             cls.init.append(f"{w} = self.{tie}_w")
@@ -98,7 +99,10 @@ class _Gen:
             return lambda x: (
                 f"F.linear({x}, weight={wx}, bias={b})" if bias else f"F.linear({x}, weight={wx})"
             )
-        op = "{x} @ " + w if s == "matmul" else "torch.matmul({x}, " + w + ")"
+        op = {
+            "matmul": "{x} @ " + w, "torch_matmul": "torch.matmul({x}, " + w + ")",
+            "matmul_T": "{x} @ " + w + ".T", "matmul_t": "torch.matmul({x}, " + w + ".t())",
+        }[s]  # fmt: skip
         return lambda x: f"({op.format(x=x)} + {b})" if bias else f"({op.format(x=x)})"
 
     def activation(self, cls: _Cls, name: str, kinds: Sequence[str]) -> Callable[[str], str]:
@@ -339,7 +343,13 @@ class _Gen:
             if residual == "parallel":
                 body.append("n = self.ln_1(x)")
                 terms = [call(attr, "n", extra) for attr, _, extra in subs]
-                body.append(f"x = x + {' + '.join(terms)}")
+                if (
+                    self.pick("parallel_sum", ("residual_first", "residual_last"))
+                    == "residual_first"
+                ):
+                    body.append(f"x = x + {' + '.join(terms)}")
+                else:  # GPT-J: attn_output + feed_forward_hidden_states + residual
+                    body.append(f"x = {' + '.join(terms)} + x")
             else:
                 for j, (attr, _, extra) in enumerate(subs):
                     ln = f"self.ln_{j + 1}"
@@ -548,6 +558,7 @@ def _all_features() -> frozenset[str]:
     tags |= {"attn:per_head_scale", "attn:alibi", "escape:attn_probs"}
     tags |= {f"mask:{m}" for m in ("additive", "bool")}
     tags |= {f"residual:{r}" for r in ("pre_ln", "post_ln", "parallel")}
+    tags |= {f"parallel_sum:{r}" for r in ("residual_first", "residual_last")}
     tags |= {f"head:{h}" for h in ("untied", "tied_module", "tied_functional", "tied_matmul")}
     tags |= {f"loss:{x}" for x in ("functional", "module", "sum", "flatten")}
     tags |= {f"output:{o}" for o in ("tuple", "tensor", "dict", "nested", "list", "namedtuple")}

@@ -6,7 +6,10 @@ include."""
 from __future__ import annotations
 
 TPS = (2, 4)
-LINEARS = ("module", "functional", "module_kw", "functional_kw", "matmul", "torch_matmul")
+LINEARS = (
+    "module", "functional", "module_kw", "functional_kw", "matmul", "torch_matmul",
+    "matmul_T", "matmul_t",  # x @ W.T and torch.matmul(x, W.t()) with W [out, in] (Falcon)
+)  # fmt: skip
 # activation kind -> form -> (init expression or None, call template on {h})
 ACTS: dict[str, dict[str, tuple[str | None, str]]] = {
     "gelu": {"module": ("nn.GELU()", ""), "functional": (None, "F.gelu({h})")},

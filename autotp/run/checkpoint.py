@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError, UsageError
 from ..materialise import cut, gather
-from ..shapes import Shard
+from ..sharding import Shard
 from .safe_dcp import SafeReader, problem
 
 __all__ = [

@@ -1,0 +1,32 @@
+"""Sharding propagation (stage 3): placements for every value of the traced graph.
+
+placement.py   the placements (R, S(d), S(d x b), P, local ints) and the result type
+context.py     the propagation state and argument helpers
+layout.py      table entries for views, reshapes, indexing, splits and joins
+compute.py     table entries for elementwise ops, reductions, matmul and attention
+layers.py      table entries for split linears and embeddings, the loss, the outputs
+propagate.py   the driver: one pass over the graph, refusing what no entry proves
+"""
+
+from .placement import (
+    LOCAL,
+    ArgEdit,
+    Cut,
+    DivideByTP,
+    LocalInt,
+    LossInfo,
+    Partial,
+    Placement,
+    Propagation,
+    R,
+    Replicate,
+    Shard,
+    VocabOptions,
+    is_split,
+)  # fmt: skip
+from .propagate import propagate
+
+__all__ = [
+    "R", "LOCAL", "Replicate", "Shard", "Partial", "LocalInt", "Placement", "DivideByTP",
+    "ArgEdit", "Cut", "Propagation", "VocabOptions", "LossInfo", "is_split", "propagate",
+]  # fmt: skip

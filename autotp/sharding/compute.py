@@ -1,0 +1,232 @@
+"""Table entries for computation: elementwise ops, reductions, normalisation, matmul and
+attention."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.fx as fx
+
+from .. import ops
+from .context import (
+    Ctx,
+    all_args,
+    arg,
+    check_replicated_rest,
+    ndim,
+    norm_dim,
+    param_names,
+    val,
+)
+from .placement import LOCAL, LocalInt, Placement, R, Shard
+
+
+def _pointwise(c: Ctx, n: fx.Node) -> Placement:
+    """Elementwise with broadcasting: split operands must agree; replicated ones must
+    broadcast along the split dimension (size 1), be parameters, which are then split, or
+    are cut: each rank reads its slice (a per-head buffer such as ALiBi slopes)."""
+    out = val(n)
+    if not isinstance(out, torch.Tensor):
+        return _int_arith(c, n)
+    nd = out.dim()
+    split: Shard | None = None
+    for _, a in all_args(n):
+        pa = c.p(a)
+        if isinstance(pa, LocalInt):
+            raise c.refuse(n, "a local size is used as a value", "compute it from R values")
+        if isinstance(pa, Shard):
+            s = replace(pa, dim=pa.dim + nd - ndim(a))
+            if split is not None and s != split:
+                raise c.refuse(
+                    n, f"operands are split differently ({split} and {s})",
+                    "both operands must come from the same split block",
+                )  # fmt: skip
+            split = s
+    if split is None:
+        return R
+    for path, a in all_args(n):
+        if not isinstance(a, fx.Node) or not isinstance(val(a), torch.Tensor):
+            continue
+        if c.pl[a] != R:
+            continue
+        i = split.dim - (nd - ndim(a))
+        shape = tuple(val(a).shape)
+        if i >= 0 and shape[i] != 1:
+            if a.op == "get_attr" and str(a.target) in param_names(c.gm):
+                c.shard_param(n, str(a.target), replace(split, dim=i))
+                c.pl[a] = replace(split, dim=i)
+                continue
+            if split.padded is None:  # R -> S: read this rank's slice (ALiBi slopes, ...)
+                c.cut(a, n, replace(split, dim=i))
+                continue
+            raise c.refuse(
+                n,
+                f"argument {path} {a.name} of shape {list(shape)} is replicated but spans the "
+                f"split dimension {split.dim} of the result in full",
+                "only size-1 (broadcast) replicated operands can meet a split value; "
+                "compute this operand from the split value instead",
+            )
+        c.needs_f(a, n)
+    return split
+
+
+def _int_arith(c: Ctx, n: fx.Node) -> Placement:
+    name = ops.op_name(n, c.gm)
+    a = [c.p(x) for x in n.args]
+    if not any(isinstance(x, LocalInt) for x in a):
+        return R
+    if any(isinstance(x, LocalInt) and x.padded for x in a):
+        raise c.refuse(
+            n, "arithmetic on the local size of a padded vocabulary",
+            "use the vocabulary size from the config, or keep the output layer replicated",
+        )  # fmt: skip
+    if name in ("add", "sub") and all(isinstance(x, LocalInt) for x in a):
+        return LOCAL
+    if name == "mul" and sum(isinstance(x, LocalInt) for x in a) == 1:
+        return LOCAL
+    if name in ("floordiv", "div") and isinstance(a[0], LocalInt) and a[1] == R:
+        serial, divisor = val(n.args[0]), val(n.args[1])
+        if serial % (divisor * c.tp) == 0:
+            return LOCAL
+    raise c.refuse(
+        n, f"cannot tell what '{name}' of a local size is on each rank",
+        "compute sizes from replicated values (config fields, sizes of unsplit tensors)",
+    )  # fmt: skip
+
+
+def _mean(c: Ctx, n: fx.Node) -> Placement:
+    x = n.args[0]
+    px = c.p(x)
+    nd = ndim(x)
+    dims = arg(n, 1, "dim")
+    if not isinstance(px, Shard):
+        return check_replicated_rest(c, n, 1)
+    if dims is None or isinstance(dims, int) or len(dims) == 0:
+        dims = [dims] if isinstance(dims, int) else list(range(nd))  # () and [] mean all
+    dims = {norm_dim(d, nd) for d in dims}
+    if px.dim in dims:
+        raise c.refuse(n, f"reduction over the split dimension {px.dim}", "no rule for this")
+    keep = arg(n, 2, "keepdim", False)
+    return px if keep else replace(px, dim=px.dim - sum(d < px.dim for d in dims))
+
+
+def _assert(c: Ctx, n: fx.Node) -> Placement:
+    return R  # aten._assert_tensor_metadata checks dtype/device/layout: true of a shard too
+
+
+def _reduce_over(c: Ctx, n: fx.Node, dims: set[int]) -> Placement:
+    px = c.p(n.args[0])
+    if not isinstance(px, Shard):
+        return check_replicated_rest(c, n, 1)
+    if px.dim in dims:
+        raise c.refuse(
+            n, f"{ops.op_name(n, c.gm)} over the split dimension {px.dim}",
+            "this op needs the whole dimension; no propagation rule for a split here",
+        )  # fmt: skip
+    check_replicated_rest(c, n, 1, consumer_split=True)
+    return px
+
+
+def _softmax(c: Ctx, n: fx.Node) -> Placement:
+    if n.op == "call_module":
+        d = c.gm.get_submodule(str(n.target)).dim
+    else:
+        d = arg(n, 1, "dim")
+    nd = ndim(n)
+    if d is None:  # torch's implicit choice (deprecated): dim 0 for 0-, 1- and 3-d, else 1
+        d = 0 if nd in (0, 1, 3) else 1
+    if not isinstance(d, int):
+        raise c.refuse(n, "a softmax over a computed dimension", "pass dim as an int")
+    return _reduce_over(c, n, {norm_dim(d, nd)})
+
+
+def _layer_norm(c: Ctx, n: fx.Node) -> Placement:
+    nd = ndim(n)
+    if n.op == "call_module":
+        mod = c.gm.get_submodule(str(n.target))
+        k = len(mod.normalized_shape)
+        if isinstance(c.p(n.args[0]), Shard) and any(True for _ in mod.parameters()):
+            raise c.refuse(
+                n, "a layer norm module with weights applied to a split value",
+                "normalise replicated values, or use F.layer_norm with explicit weights",
+            )  # fmt: skip
+    else:
+        shape = arg(n, 1, "normalized_shape")
+        k = len(val(shape)) if isinstance(shape, fx.Node) else len(shape)
+    return _reduce_over(c, n, set(range(nd - k, nd)))
+
+
+def _matmul(c: Ctx, n: fx.Node) -> Placement:
+    a, b = n.args[0], n.args[1]
+    pa, pb = c.p(a), c.p(b)
+    if not (isinstance(pa, Shard) or isinstance(pb, Shard)):
+        return R
+    na, nb, no = ndim(a), ndim(b), ndim(n)
+    if min(na, nb) < 2:
+        raise c.refuse(n, "matmul of a split vector", "no rule for a split here")
+    if (isinstance(pa, Shard) and pa.dim == na - 1) or (isinstance(pb, Shard) and pb.dim == nb - 2):
+        raise c.refuse(
+            n, "matmul over a split contraction dimension would need a partial sum",
+            "split the producing linear by columns so heads stay whole, or keep it replicated",
+        )  # fmt: skip
+    out: Shard | None = None
+    for x, px, nx_ in ((a, pa, na), (b, pb, nb)):
+        if not isinstance(px, Shard):
+            continue
+        if px.dim == nx_ - 2 and x is a:
+            s = replace(px, dim=no - 2)
+        elif px.dim == nx_ - 1 and x is b:
+            s = replace(px, dim=no - 1)
+        else:
+            s = replace(px, dim=px.dim + no - nx_)
+        if out is not None and out != s:
+            raise c.refuse(n, f"operands split differently ({out}, {s})", "split both by heads")
+        out = s
+    for x, px, nx_ in ((a, pa, na), (b, pb, nb)):
+        if px == R:
+            i = out.dim - (no - nx_)
+            if out.dim < no - 2 and i >= 0 and val(x).shape[i] != 1:
+                c.cut(x, n, replace(out, dim=i))  # a per-head operand: this rank's heads
+                continue
+            c.needs_f(x, n)
+    return out
+
+
+def _sdpa(c: Ctx, n: fx.Node) -> Placement:
+    q, k, v = (arg(n, i, nm) for i, nm in enumerate(("query", "key", "value")))
+    ps = [c.p(q), c.p(k), c.p(v)]
+    if not any(isinstance(p, Shard) for p in ps):
+        return check_replicated_rest(c, n, 3)
+    nd = ndim(q)
+    if len(set(ps)) != 1 or ps[0].dim >= nd - 2:
+        raise c.refuse(
+            n, f"attention inputs split as {[str(p) for p in ps]}",
+            "q, k and v must all be split by heads (a dimension before the last two)",
+        )  # fmt: skip
+    mask = arg(n, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        pm = c.p(mask)
+        i = ps[0].dim - (nd - ndim(mask))
+        if pm not in (R, ps[0]):
+            raise c.refuse(n, f"the mask is split as {pm}", "split the mask by heads")
+        if pm == R and i >= 0 and val(mask).shape[i] != 1:
+            c.cut(mask, n, replace(ps[0], dim=i))  # a per-head mask: this rank's heads
+        elif pm == R:
+            c.needs_f(mask, n)
+    return ps[0]
+
+
+RULES: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
+    **{name: _pointwise for name in ops.POINTWISE},  # broadcasting elementwise
+    "floordiv": _int_arith,  # ints only
+    "softmax": _softmax,  # fine unless over the split dim
+    "log_softmax": _softmax,  # fine unless over the split dim
+    "layer_norm": _layer_norm,  # fine unless over the split dim
+    "matmul": _matmul,  # batch dims split alike (heads); never over the contraction dim
+    "sdpa": _sdpa,  # q, k, v split by heads alike
+    "mean": _mean,  # over replicated dimensions only
+    "sum": _mean,  # over replicated dimensions only
+    "assert": _assert,  # metadata checks hold for shards
+}

@@ -1,0 +1,176 @@
+"""The propagation context and the argument helpers every table entry uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..errors import node_error
+from .placement import (
+    ArgEdit,
+    Cut,
+    LossInfo,
+    Partial,
+    Placement,
+    R,
+    Shard,
+    VocabOptions,
+    is_split,
+)
+
+
+class Ctx:
+    def __init__(self, gm: fx.GraphModule, tp: int, splits, linears, options) -> None:
+        self.gm, self.tp, self.splits, self.linears = gm, tp, splits, linears
+        self.options: VocabOptions = options
+        self.rule_names: dict[fx.Node, str] = {}
+        self.losses: dict[fx.Node, LossInfo] = {}
+        self.gathers: dict[fx.Node, tuple[Shard, int]] = {}
+        self.pl: dict[fx.Node, Placement] = {}
+        self.params: dict[str, Shard] = {}
+        self.param_users: dict[str, fx.Node] = {}
+        self.f_inputs: dict[fx.Node, list[fx.Node]] = {}
+        self.edits: list[ArgEdit] = []
+        self.grad: dict[fx.Node, bool] = {}
+        self.split_uses: set[tuple[str, fx.Node]] = set()  # (param, node using its shard)
+        self.reduces: dict[fx.Node, list[fx.Node]] = {}  # partial value -> readers of its sum
+        self.cuts: list[Cut] = []
+        self.deferred: dict[fx.Node, fx.Node] = {}  # `p + r` kept partial -> p
+        self.current: fx.Node | None = None  # the node whose entry is running
+        self.region: dict[fx.Node, int] = {}  # grad-mode region (fx's set_grad boundaries)
+
+    # -- helpers -------------------------------------------------------------------------
+    def p(self, a: Any) -> Placement:
+        """Placement of an argument: nodes by table, Python literals are R."""
+        if isinstance(a, fx.Node):
+            p = self.pl[a]
+            if isinstance(p, Partial) and self.current in self.reduces.get(a, ()):
+                return R  # this node reads the sum
+            return p
+        if isinstance(a, (list, tuple)):
+            return tuple(self.p(x) for x in a)
+        return R
+
+    def refuse(self, node: fx.Node, what: str, hint: str) -> Exception:
+        return node_error(node, what, hint, rule=self._rule_of(node))
+
+    def _rule_of(self, node: fx.Node) -> str | None:
+        if node in self.splits:
+            return f"{self.rule_names.get(node, '?')} ({self.splits[node][0]})"
+        return None
+
+    def shard_param(self, node: fx.Node, name: str, spec: Shard) -> None:
+        prev = self.params.get(name)
+        self.split_uses.add((name, node))
+        if name in self.param_users and prev != spec:
+            raise node_error(
+                node,
+                f"parameter {name} would be split two ways ({prev or 'replicated'} at "
+                f"{self.param_users[name].name}, {spec} here)",
+                "a weight shared between a split layer and another use cannot be split; "
+                "untie it, or leave one of the layers unmatched",
+            )
+        self.params[name] = spec
+        self.param_users[name] = node
+
+    def use_param_replicated(self, node: fx.Node, name: str) -> None:
+        if name in self.params:
+            raise node_error(
+                node,
+                f"parameter {name} is split ({self.params[name]}) for "
+                f"{self.param_users[name].name} but used whole here",
+                "a weight shared between a split layer and another use cannot be split; "
+                "untie it, or leave one of the layers unmatched",
+            )
+        self.param_users.setdefault(name, node)
+
+    def reduce(self, value: fx.Node, consumer: fx.Node) -> None:
+        """`consumer` reads the sum of the partial `value`: one g, shared by its readers."""
+        readers = self.reduces.setdefault(value, [])
+        if consumer not in readers:
+            readers.append(consumer)
+
+    def cut(self, value: fx.Node, consumer: fx.Node, shard: Shard) -> None:
+        """`consumer` reads this rank's slice of the replicated `value` (no communication);
+        its gradient is then partial, so the value also gets f."""
+        self.cuts.append(Cut(value, consumer, shard))
+        self.needs_f(value, consumer)
+
+    def needs_f(self, value: Any, consumer: fx.Node) -> None:
+        """`value` (replicated) feeds split compute in `consumer`: its gradient is partial."""
+        if isinstance(value, fx.Node) and self.grad.get(value, False):
+            users = self.f_inputs.setdefault(value, [])
+            if consumer not in users:
+                users.append(consumer)
+
+
+def val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, fx.Node) else n
+
+
+def ndim(n: Any) -> int:
+    v = val(n)
+    return v.dim() if isinstance(v, torch.Tensor) else 0
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def all_args(n: fx.Node) -> list[tuple[tuple[int | str, ...], Any]]:
+    """(path, value) for every argument leaf of n, with paths into lists/tuples."""
+    out: list[tuple[tuple[int | str, ...], Any]] = []
+
+    def walk(path: tuple[int | str, ...], a: Any) -> None:
+        if isinstance(a, (list, tuple)):
+            for i, x in enumerate(a):
+                walk((*path, i), x)
+        elif isinstance(a, dict):
+            for k, x in a.items():
+                walk((*path, k), x)
+        elif isinstance(a, slice):
+            for k in ("start", "stop", "step"):
+                walk((*path, k), getattr(a, k))
+        else:
+            out.append((path, a))
+
+    for i, a in enumerate(n.args):
+        walk((i,), a)
+    for k, a in n.kwargs.items():
+        walk((k,), a)
+    return out
+
+
+def arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    if len(n.args) > pos:
+        return n.args[pos]
+    return n.kwargs.get(name, default)
+
+
+def arg_path(n: fx.Node, pos: int, name: str) -> tuple[int | str, ...]:
+    return (pos,) if len(n.args) > pos else (name,)
+
+
+def replicated_like(val: Any) -> Placement:
+    if isinstance(val, (list, tuple)):
+        return tuple(replicated_like(v) for v in val)
+    return R
+
+
+def param_names(gm: fx.GraphModule) -> set[str]:
+    names = getattr(gm, "_autotp_param_names", None)
+    if names is None:
+        names = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
+        gm._autotp_param_names = names  # cached on the traced (private) graph module
+    return names
+
+
+def check_replicated_rest(c: Ctx, n: fx.Node, start: int, consumer_split: bool = False):
+    for _, a in all_args(n)[start:]:
+        if isinstance(a, fx.Node) and is_split(c.p(a)):
+            raise c.refuse(n, f"split argument {a.name}", "no rule for a split here")
+        if consumer_split and isinstance(a, fx.Node):
+            c.needs_f(a, n)
+    return R

@@ -1,0 +1,193 @@
+"""Table entries for the split layers themselves: linears, embeddings, the loss over split
+logits, and the model's outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from ..match import EmbeddingInfo, LinearInfo
+from ..rule import Column, Row, Vocab
+from .context import (
+    Ctx,
+    all_args,
+    arg,
+    check_replicated_rest,
+    ndim,
+    val,
+)
+from .placement import LossInfo, Partial, Placement, R, Shard, is_split
+
+
+def _linear(c: Ctx, n: fx.Node) -> Placement:
+    li = c.linears[n]
+    px = c.p(li.input)
+    nd = ndim(n)
+    split = c.splits.get(n)
+    if split is None:  # an unmatched linear: replicated weights
+        if is_split(px):
+            raise c.refuse(
+                n, f"linear {li.weight} is not split but its input {li.input.name} is ({px})",
+                "no rule matched this layer; its input must be replicated (report the model)",
+            )  # fmt: skip
+        c.use_param_replicated(n, li.weight)
+        if li.bias:
+            c.use_param_replicated(n, li.bias)
+        return R
+    kind = split[0]
+    out_dim = 0 if li.layout == "out_in" else 1
+    if isinstance(kind, Vocab):
+        if px != R:
+            raise c.refuse(
+                n, f"an output layer split by vocabulary needs a replicated input; "
+                f"{li.input.name} is {px}", "report the model",
+            )  # fmt: skip
+        padded = _padding(c, li.out_features)
+        _shard_weight(c, n, li, Shard(out_dim, 1, padded))
+        if li.bias:
+            c.shard_param(n, li.bias, Shard(0, 1, padded))
+        c.needs_f(li.input, n)
+        return Shard(nd - 1, 1, padded)
+    if isinstance(kind, Column):
+        if px != R:
+            raise c.refuse(
+                n, f"a column-split linear needs a replicated input; {li.input.name} is {px}",
+                "this rule's split conflicts with the one producing the input",
+            )  # fmt: skip
+        if li.out_features % (kind.blocks * c.tp):
+            raise c.refuse(
+                n,
+                f"{li.weight} has {li.out_features} output features"
+                + (f" in {kind.blocks} blocks" if kind.blocks > 1 else "")
+                + f", not divisible by tp={c.tp}",
+                "choose tp dividing the layer's width (and its number of heads)",
+            )
+        _shard_weight(c, n, li, Shard(out_dim, kind.blocks))
+        if li.bias:
+            c.shard_param(n, li.bias, Shard(0, kind.blocks))
+        c.needs_f(li.input, n)
+        return Shard(nd - 1, kind.blocks)
+    assert isinstance(kind, Row)
+    if px != Shard(nd - 1, 1):
+        raise c.refuse(
+            n, f"a row-split linear needs its input split along the features (S({nd - 1})); "
+            f"{li.input.name} is {px}",
+            "the value reaching this layer was reshaped in a way that mixes shards",
+        )  # fmt: skip
+    if li.in_features % c.tp:
+        raise c.refuse(n, f"{li.in_features} input features, not divisible by tp={c.tp}",
+                       "choose tp dividing the layer's width")  # fmt: skip
+    _shard_weight(c, n, li, Shard(1 - out_dim, 1))
+    if li.bias:
+        c.use_param_replicated(n, li.bias)
+    return Partial((li.bias,) if li.bias else ())  # the bias is added once, after the sum
+
+
+def _shard_weight(c: Ctx, n: fx.Node, li: LinearInfo, spec: Shard) -> None:
+    c.shard_param(n, li.weight, spec)
+    if li.weight_view is not None:  # `x @ W.T`: the transpose is part of the linear
+        c.split_uses.add((li.weight, li.weight_view))
+
+
+def _padding(c: Ctx, vocab: int) -> int | None:
+    padded = c.options.padded(vocab, c.tp)
+    return None if padded == vocab else padded
+
+
+def _embedding(c: Ctx, n: fx.Node) -> Placement:
+    split = c.splits.get(n)
+    info: EmbeddingInfo | None = split[1] if split else None  # type: ignore[assignment]
+    aten = isinstance(n.target, torch._ops.OpOverload)
+    ids = n.args[1] if aten else n.args[0]
+    if is_split(c.p(ids)):
+        raise c.refuse(n, "embedding lookup with split ids", "look up replicated ids")
+    if info is None:
+        if n.op == "call_function":
+            weight = n.args[0] if aten else arg(n, 1, "weight")
+            if isinstance(weight, fx.Node) and is_split(c.p(weight)):
+                raise c.refuse(n, "lookup in a split table", "report the model")
+        return R
+    # padding_idx only stops that row's gradient; vocab_embedding keeps that (rewrite.py)
+    if n.op == "call_module":
+        mod = c.gm.get_submodule(str(n.target))
+        extras = {"max_norm": mod.max_norm, "scale_grad_by_freq": mod.scale_grad_by_freq or None,
+                  "sparse": mod.sparse or None}  # fmt: skip
+    elif aten:  # aten.embedding(weight, ids, padding_idx=-1, scale_grad_by_freq, sparse)
+        extras = {"scale_grad_by_freq": arg(n, 3, "scale_grad_by_freq", False) or None,
+                  "sparse": arg(n, 4, "sparse", False) or None}  # fmt: skip
+    else:
+        extras = {"max_norm": arg(n, 3, "max_norm"),
+                  "scale_grad_by_freq": arg(n, 5, "scale_grad_by_freq", False) or None,
+                  "sparse": arg(n, 6, "sparse", False) or None}  # fmt: skip
+    if any(v is not None for v in extras.values()):
+        raise c.refuse(
+            n, f"a vocabulary-split embedding with {extras}",
+            "max_norm, scale_grad_by_freq and sparse are not supported on a split "
+            "embedding; drop them or keep the embedding replicated",
+        )  # fmt: skip
+    c.shard_param(n, info.weight, Shard(0, 1, _padding(c, info.num_embeddings)))
+    return Partial()  # rows of this rank's slice, zeros for other ids
+
+
+def _cross_entropy(c: Ctx, n: fx.Node) -> Placement:
+    logits = n.args[0] if n.args else n.kwargs["input"]
+    target = n.args[1] if len(n.args) > 1 else n.kwargs["target"]
+    px = c.p(logits)
+    if not isinstance(px, Shard):
+        return check_replicated_rest(c, n, 1)
+    if c.tp == 1:  # one rank holds the whole vocabulary: keep the serial loss, bit for bit
+        return R
+    if n.op == "call_module":
+        mod = c.gm.get_submodule(str(n.target))
+        opts = {"weight": mod.weight, "ignore_index": mod.ignore_index,
+                "reduction": mod.reduction, "label_smoothing": mod.label_smoothing}  # fmt: skip
+    elif isinstance(n.target, torch._ops.OpOverload):  # aten: reduction is an enum
+        reduction = arg(n, 3, "reduction", 1)
+        opts = {"weight": arg(n, 2, "weight"), "ignore_index": arg(n, 4, "ignore_index", -100),
+                "reduction": {0: "none", 1: "mean", 2: "sum"}.get(reduction, reduction),
+                "label_smoothing": arg(n, 5, "label_smoothing", 0.0)}  # fmt: skip
+    else:
+        opts = {"weight": arg(n, 2, "weight"), "ignore_index": arg(n, 4, "ignore_index", -100),
+                "reduction": arg(n, 6, "reduction", "mean"),
+                "label_smoothing": arg(n, 7, "label_smoothing", 0.0)}  # fmt: skip
+    nd = ndim(logits)
+    ok = (
+        nd == 2 and px.dim == 1 and px.blocks == 1 and ndim(target) == 1
+        and opts["weight"] is None and not opts["label_smoothing"]
+        and opts["reduction"] in ("mean", "sum", "none") and c.p(target) == R
+    )  # fmt: skip
+    if not ok:
+        raise c.refuse(
+            n, f"cross-entropy over logits split as {px} with {opts}",
+            "the vocab-parallel cross-entropy takes [N, vocab] logits and [N] targets, "
+            "mean/sum/none reduction, ignore_index, no class weights or label smoothing",
+        )  # fmt: skip
+    vocab = val(logits).shape[1]
+    padded = px.padded if px.padded is not None else vocab
+    c.losses[n] = LossInfo(vocab, padded, opts["ignore_index"], opts["reduction"])
+    return R
+
+
+def _output(c: Ctx, n: fx.Node) -> Placement:
+    for _, a in all_args(n):
+        if not isinstance(a, fx.Node) or not is_split(c.p(a)):
+            continue
+        pa = c.p(a)
+        if not isinstance(pa, Shard) or pa.blocks != 1:
+            raise c.refuse(
+                n, f"the model returns {a.name}, split as {pa}",
+                "only values split along one dimension can be gathered for the output",
+            )  # fmt: skip
+        c.gathers[a] = (pa, val(a).shape[pa.dim])
+    return R
+
+
+RULES: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
+    "linear": _linear,  # column: R -> S(-1); row: S(-1) -> P (+ bias); vocab: R -> S(-1, pad)
+    "addmm": _linear,  # Conv1D spelling of a linear
+    "embedding": _embedding,  # vocab-split table: P (partial rows); others replicated
+    "cross_entropy": _cross_entropy,  # over vocab-split logits: the vocab-parallel loss
+    "output": _output,  # everything returned must be replicated
+}

@@ -1,0 +1,390 @@
+"""Table entries for layout: views, reshapes, transposes, indexing, splits and joins.
+
+Shape constants are rewritten by provenance, never by value: the view/split entries know
+which output dimension carries the split and rewrite exactly the argument for that
+dimension: a literal is divided, an int computed from replicated sizes gets a `// tp`, an
+int computed from local sizes stays, and -1 stays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.fx as fx
+
+from .. import ops
+from .context import (
+    Ctx,
+    all_args,
+    arg,
+    arg_path,
+    ndim,
+    norm_dim,
+    val,
+)
+from .placement import ArgEdit, DivideByTP, LocalInt, Placement, R, Shard, is_split
+
+
+def _identity(c: Ctx, n: fx.Node) -> Placement:
+    return c.p(n.args[0])
+
+
+def _size(c: Ctx, n: fx.Node) -> Placement:
+    x = n.args[0]
+    nd = ndim(x)
+    dims = _shape_of(c, x)
+    d = arg(n, 1, "dim")
+    if d is None:
+        return dims
+    return dims[norm_dim(d, nd)]
+
+
+# Attributes that are the same on a shard as on the whole tensor.
+_META_ATTRS = frozenset(
+    "dtype device ndim is_cuda is_meta requires_grad layout is_sparse is_quantized".split()
+)
+
+
+def _getattr(c: Ctx, n: fx.Node) -> Placement:
+    """x.shape like size(); metadata attributes are replicated; any other attribute of a
+    split value (.T, .mT, .data, .real, ...) has no rule and is refused."""
+    attr = n.args[1]
+    if attr == "shape":
+        return _shape_of(c, n.args[0])
+    if attr in _META_ATTRS or not is_split(c.p(n.args[0])):
+        return R
+    raise c.refuse(
+        n, f"attribute .{attr} of a split value has no sharding rule",
+        "use an explicit op autotp knows (x.transpose(-2, -1) for .T / .mT, x.detach() for "
+        ".data), or compute this outside the split block",
+    )  # fmt: skip
+
+
+def _shape_of(c: Ctx, x: fx.Node) -> Placement:
+    px = c.p(x)
+    local = LocalInt(padded=isinstance(px, Shard) and px.padded is not None)
+    return tuple(local if isinstance(px, Shard) and px.dim == i else R for i in range(ndim(x)))
+
+
+def _getitem(c: Ctx, n: fx.Node) -> Placement:
+    base, idx = n.args[0], n.args[1]
+    pb = c.p(base)
+    if isinstance(pb, tuple):  # a tuple of values (split outputs, sizes)
+        if isinstance(idx, slice):
+            return pb[idx]
+        if isinstance(idx, int):
+            return pb[idx]
+        raise c.refuse(n, "indexing a tuple with a computed index", "use a literal index")
+    if not isinstance(val(base), torch.Tensor):
+        return R
+    items = idx if isinstance(idx, tuple) else (idx,)
+    for it in items:  # slice bounds must be serial values
+        parts = (it.start, it.stop, it.step) if isinstance(it, slice) else (it,)
+        if any(isinstance(c.p(x), LocalInt) for x in parts if isinstance(x, fx.Node)):
+            raise c.refuse(n, "a slice bound is a local size", "slice with replicated sizes")
+    if pb == R:
+        if any(isinstance(x, fx.Node) and is_split(c.p(x)) for _, x in all_args(n)[1:]):
+            raise c.refuse(n, "indexing with a split index", "index with replicated values")
+        return R
+    # A split tensor: ints, slices, None and ... only (a list, bool or tensor index has no
+    # rule), and only full slices may touch the split dimension.
+    for it in items:
+        basic = it is None or it is Ellipsis or isinstance(it, slice)
+        basic = basic or (isinstance(it, int) and not isinstance(it, bool))
+        basic = basic or (isinstance(it, fx.Node) and isinstance(val(it), int))
+        if not basic:
+            raise c.refuse(
+                n, f"index {it!r} ({type(val(it)).__name__}) into a split value",
+                "index split values with ints and slices only; gather with a list or "
+                "tensor index outside the split block",
+            )  # fmt: skip
+    nd = ndim(base)
+    n_explicit = sum(1 for it in items if it is not None and it is not Ellipsis)
+    in_dim, out_dim = 0, 0
+    for it in items:
+        if it is Ellipsis:
+            skip = nd - n_explicit
+            if in_dim <= pb.dim < in_dim + skip:
+                return replace(pb, dim=out_dim + pb.dim - in_dim)
+            in_dim += skip
+            out_dim += skip
+            continue
+        if it is None:
+            out_dim += 1
+            continue
+        if in_dim == pb.dim:
+            if isinstance(it, slice) and it == slice(None):
+                return replace(pb, dim=out_dim)
+            raise c.refuse(
+                n, f"indexing {it!r} along the split dimension {pb.dim}",
+                "index only replicated dimensions of a split tensor",
+            )  # fmt: skip
+        if isinstance(it, slice):
+            out_dim += 1
+        in_dim += 1
+    return replace(pb, dim=out_dim + pb.dim - in_dim)
+
+
+def _transpose(c: Ctx, n: fx.Node) -> Placement:
+    px = c.p(n.args[0])
+    if not isinstance(px, Shard):
+        return R
+    nd = ndim(n.args[0])
+    d0 = norm_dim(arg(n, 1, "dim0"), nd)
+    d1 = norm_dim(arg(n, 2, "dim1"), nd)
+    d = {d0: d1, d1: d0}.get(px.dim, px.dim)
+    return replace(px, dim=d)
+
+
+def _permute(c: Ctx, n: fx.Node) -> Placement:
+    px = c.p(n.args[0])
+    if not isinstance(px, Shard):
+        return R
+    dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+    if not dims:
+        dims = n.kwargs["dims"]
+    nd = ndim(n.args[0])
+    return replace(px, dim=[norm_dim(d, nd) for d in dims].index(px.dim))
+
+
+def _unsqueeze(c: Ctx, n: fx.Node) -> Placement:
+    px = c.p(n.args[0])
+    if not isinstance(px, Shard):
+        return R
+    d = norm_dim(arg(n, 1, "dim"), ndim(n))
+    return replace(px, dim=px.dim + 1 if d <= px.dim else px.dim)
+
+
+def _groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair up runs of dimensions of two shapes with equal products."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        gi, gj, pi, pj = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(i)
+                pi *= a[i]
+                i += 1
+            else:
+                gj.append(j)
+                pj *= b[j]
+                j += 1
+        groups.append((gi, gj))
+    if groups:  # trailing size-1 dims join the last group
+        groups[-1][0].extend(range(i, len(a)))
+        groups[-1][1].extend(range(j, len(b)))
+    else:
+        groups.append((list(range(len(a))), list(range(len(b)))))
+    return groups
+
+
+def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]) -> Shard:
+    """Where does split `px` of a value of shape `src` land when reshaped to `dst`?"""
+    for gi, gj in _groups(src, dst):
+        if px.dim not in gi:
+            continue
+        if px.padded is not None:  # a padded dimension may only be carried over whole
+            outer = [o for o in gj if dst[o] != 1]
+            alone = [d for d in gi if src[d] != 1] == [px.dim]
+            if alone and len(outer) == 1 and dst[outer[0]] == src[px.dim]:
+                return replace(px, dim=outer[0])
+            raise c.refuse(
+                n, f"reshape from {src} to {dst} mixes the padded vocabulary dimension "
+                f"{px.dim} with other dimensions",
+                "keep the vocabulary dimension whole in reshapes (e.g. view(-1, vocab))",
+            )  # fmt: skip
+        k = gi.index(px.dim)
+        blocks = px.blocks * math.prod(src[d] for d in gi[:k])  # outer dims become blocks
+        stuck = None
+        for o in gj:
+            size = dst[o]
+            if blocks > 1 and blocks % size == 0:  # a dimension of whole blocks
+                blocks //= size
+                continue
+            if size % blocks == 0 and (size // blocks) % c.tp == 0:
+                return Shard(o, blocks)
+            stuck = size
+            break
+        if stuck is not None and stuck % c.tp:
+            lands = f"; the split would land on a dimension of size {stuck}"
+        elif stuck is not None:  # divisible by tp, but not in whole blocks of the split
+            lands = f"; its {blocks} blocks do not tile the dimension of size {stuck}"
+        else:
+            lands = ""
+        raise c.refuse(
+            n,
+            f"reshape from {src} to {dst} would move elements between ranks: dimension "
+            f"{px.dim} (size {src[px.dim]}, split {c.tp} ways"
+            + (f" in each of {px.blocks} blocks" if px.blocks > 1 else "")
+            + f") does not map onto a dimension of {dst} divisible by {c.tp}"
+            + lands,
+            "that dimension is usually the number of heads (or of key/value heads, for "
+            "grouped-query attention): choose tp dividing it, or keep this layer replicated",
+        )
+    raise AssertionError("unreachable: every dimension is in a group")
+
+
+def _view(c: Ctx, n: fx.Node) -> Placement:
+    x = n.args[0]
+    px = c.p(x)
+    src, dst = list(val(x).shape), list(val(n).shape)
+    # The size arguments: view(x, a, b, ...) or view(x, (a, b, ...)) or a shape node.
+    if len(n.args) == 2 and isinstance(n.args[1], (list, tuple, fx.Node)):
+        sizes, base = n.args[1], (1,)
+    elif "shape" in n.kwargs or "size" in n.kwargs:
+        key = "shape" if "shape" in n.kwargs else "size"
+        sizes, base = n.kwargs[key], (key,)
+    else:
+        sizes, base = list(n.args[1:]), ()
+    out = _reshape_split(c, n, px, src, dst) if isinstance(px, Shard) else R
+    local = LocalInt(padded=isinstance(out, Shard) and out.padded is not None)
+    want = [local if isinstance(out, Shard) and out.dim == i else R for i in range(len(dst))]
+    if isinstance(sizes, fx.Node):  # a whole shape computed elsewhere, e.g. y.size()
+        got = c.p(sizes)
+        if isinstance(got, tuple) and list(got) == want:
+            return out
+        raise c.refuse(
+            n, f"the target shape {sizes.name} has placements {got}, the split needs {want}",
+            "spell the shape out (B, T, n_head, head_dim) so autotp can rewrite its parts",
+        )  # fmt: skip
+    for i, a in enumerate(sizes):
+        path = (*base, i) if base else (i + 1,)
+        pa = c.p(a)
+        if want[i] == R:
+            if isinstance(pa, LocalInt):
+                raise c.refuse(
+                    n, f"size {i} of the reshape is a local size on a replicated dimension",
+                    "compute it from replicated values",
+                )  # fmt: skip
+            continue
+        if isinstance(pa, LocalInt) or a == -1:
+            continue
+        if out.padded is not None:  # the vocabulary is static: the local size is a constant
+            c.edits.append(ArgEdit(n, path, a, out.padded // c.tp))
+        elif isinstance(a, int):
+            c.edits.append(ArgEdit(n, path, a, a // c.tp))
+        else:
+            c.edits.append(ArgEdit(n, path, a, DivideByTP(a)))
+    return out
+
+
+def _flatten(c: Ctx, n: fx.Node) -> Placement:
+    px = c.p(n.args[0])
+    if not isinstance(px, Shard):
+        return R
+    return _reshape_split(c, n, px, list(val(n.args[0]).shape), list(val(n).shape))
+
+
+def _split(c: Ctx, n: fx.Node) -> Placement:
+    x = n.args[0]
+    px = c.p(x)
+    nd = ndim(x)
+    name = ops.op_name(n, c.gm)
+    k = len(val(n))
+    if not isinstance(px, Shard):
+        return tuple(R for _ in range(k))
+    dim = norm_dim(arg(n, 2, "dim", 0), nd)
+    if dim != px.dim:
+        return tuple(px for _ in range(k))
+    pieces = [v.shape[dim] for v in val(n)]
+    if px.blocks % k != 0 or len(set(pieces)) != 1:
+        raise c.refuse(
+            n, f"{name} into {pieces} along the split dimension {dim}, whose value is split "
+            f"{c.tp} ways" + (f" in each of {px.blocks} blocks" if px.blocks > 1 else ""),
+            "split a fused projection into as many equal parts as it has blocks",
+        )  # fmt: skip
+    if name == "split":
+        size = arg(n, 1, "split_size_or_sections" if n.op == "call_function" else "split_size")
+        path = arg_path(n, 1, "split_size_or_sections" if n.op == "call_function" else "split_size")
+        if isinstance(size, (list, tuple)):
+            for i, s in enumerate(size):
+                if isinstance(s, int):
+                    c.edits.append(ArgEdit(n, (*path, i), s, s // c.tp))
+                elif not isinstance(c.p(s), LocalInt):
+                    c.edits.append(ArgEdit(n, (*path, i), s, DivideByTP(s)))
+        elif isinstance(size, int):
+            c.edits.append(ArgEdit(n, path, size, size // c.tp))
+        elif not isinstance(c.p(size), LocalInt):
+            c.edits.append(ArgEdit(n, path, size, DivideByTP(size)))
+    return tuple(Shard(dim, px.blocks // k) for _ in range(k))
+
+
+def _slice(c: Ctx, n: fx.Node) -> Placement:
+    """aten.slice(x, dim, start, end, step): fine along a replicated dimension."""
+    px = c.p(n.args[0])
+    if not isinstance(px, Shard):
+        return R
+    nd = ndim(n.args[0])
+    dim = norm_dim(arg(n, 1, "dim", 0), nd)
+    if dim == px.dim and tuple(val(n).shape) != tuple(val(n.args[0]).shape):
+        raise c.refuse(n, f"slicing the split dimension {dim}", "slice replicated dimensions")
+    return px
+
+
+def _cat(c: Ctx, n: fx.Node) -> Placement:
+    parts = arg(n, 0, "tensors")
+    ps = [c.p(t) for t in parts]
+    if not any(isinstance(p, Shard) for p in ps):
+        return R
+    nd = ndim(n)
+    dim = norm_dim(arg(n, 1, "dim", 0), nd)
+    if len(set(ps)) != 1 or ps[0].dim == dim:
+        raise c.refuse(
+            n, f"concatenating values split as {[str(p) for p in ps]} along dimension {dim}",
+            "concatenate values split alike, along a replicated dimension",
+        )  # fmt: skip
+    return ps[0]
+
+
+def _expand(c: Ctx, n: fx.Node) -> Placement:
+    """expand(x, sizes) or x.expand(*sizes): the size at the split dimension becomes local."""
+    x = n.args[0]
+    if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)):
+        sizes, base = n.args[1], (1,)
+    elif "size" in n.kwargs:
+        sizes, base = n.kwargs["size"], ("size",)
+    else:
+        sizes, base = n.args[1:], ()
+    px = c.p(x)
+    if not isinstance(px, Shard):
+        if any(isinstance(c.p(a), LocalInt) for a in sizes if isinstance(a, fx.Node)):
+            raise c.refuse(n, "expanding to a local size", "expand with replicated sizes")
+        return R
+    out = replace(px, dim=px.dim + len(sizes) - ndim(x))
+    for i, a in enumerate(sizes):
+        pa = c.p(a)
+        if i != out.dim:
+            if isinstance(pa, LocalInt):
+                raise c.refuse(n, f"size {i} is local", "expand with replicated sizes")
+            continue
+        if isinstance(pa, LocalInt) or a == -1:
+            continue
+        path = (*base, i) if base else (i + 1,)
+        if isinstance(a, int):
+            c.edits.append(ArgEdit(n, path, a, a // c.tp))
+        else:
+            c.edits.append(ArgEdit(n, path, a, DivideByTP(a)))
+    return out
+
+
+RULES: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
+    "identity": _identity,  # contiguous, clone, to(dtype), type_as: same placement
+    "size": _size,  # a local size where the tensor is split
+    "getattr": _getattr,  # x.shape like size(); dtype/device replicated
+    "getitem": _getitem,  # tuple element, or a tensor index that leaves the split whole
+    "view": _view,  # split moves to the outermost dim of its group; its size arg rewritten
+    "flatten": _flatten,  # like view, no size arguments
+    "transpose": _transpose,  # the split follows its dimension
+    "permute": _permute,  # the split follows its dimension
+    "unsqueeze": _unsqueeze,  # the split shifts
+    "split": _split,  # along the split dim: one part per block, split size / tp
+    "chunk": _split,  # along the split dim: one part per block
+    "slice": _slice,  # along a replicated dimension only
+    "cat": _cat,  # values split alike, along a replicated dimension
+    "expand": _expand,  # the size argument at the split dimension becomes local
+}

@@ -1,0 +1,170 @@
+"""Placements, and what sharding propagation hands to the rewrite.
+
+Each value gets a placement:
+  R             the full value, identical on every rank (ints: the serial value)
+  S(d)          split along dimension d: rank r holds the r-th of tp equal slices
+  S(d x b)      split along d inside each of b equal blocks (a fused Q|K|V output)
+  P             partial: each rank holds a summand and the value is their sum (a row-split
+                linear's output, a vocabulary-split lookup), with replicated terms to add
+                once after the sum (its bias, a residual)
+  local int     an int whose value on every rank is (serial value) / tp, e.g. a split size
+
+Between them, one redistribution: P -> R is g (all-reduce forward), inserted where a
+partial value is read whole; R -> S(d) is a cut (each rank reads its slice, no
+communication) where a replicated value meets split compute along a dimension it spans;
+the gradient side of R read by split compute is f (all-reduce backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from ..match import LinearInfo
+from ..rule import Split
+
+__all__ = [
+    "R", "LOCAL", "Replicate", "Shard", "Partial", "LocalInt", "Placement", "DivideByTP",
+    "ArgEdit", "Cut", "Propagation", "VocabOptions", "LossInfo", "is_split",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Replicate:
+    def __str__(self) -> str:
+        return "R"
+
+
+@dataclass(frozen=True)
+class Shard:
+    dim: int
+    blocks: int = 1
+    padded: int | None = None  # the dimension is padded to this serial size first (vocab)
+
+    def __str__(self) -> str:
+        s = f"S({self.dim})" if self.blocks == 1 else f"S({self.dim}x{self.blocks})"
+        return s if self.padded is None else f"{s[:-1]}, pad {self.padded})"
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Each rank holds a summand; the value is the sum over ranks. `pending` are replicated
+    terms added once after the sum, in order: a row-split linear's bias (a parameter name)
+    or a replicated value the partial one was added to (a node: a residual, a bias added
+    by a separate op), so that the sum of two partial values needs only one all-reduce."""
+
+    pending: tuple[str | fx.Node, ...] = ()
+
+    def __str__(self) -> str:
+        k = len(self.pending)
+        return (
+            "P"
+            if k == 0
+            else "P + bias"
+            if k == 1 and isinstance(self.pending[0], str)
+            else f"P + {k} terms"
+        )
+
+
+@dataclass(frozen=True)
+class LocalInt:
+    padded: bool = False  # the size of a padded split dimension: padded / tp
+
+    def __str__(self) -> str:
+        return "local"
+
+
+@dataclass(frozen=True)
+class VocabOptions:
+    """How the vocabulary is split.
+
+    multiple: the vocabulary is padded to a multiple of `multiple * tp` (128 as in
+        Megatron-LM: GPT-2's 50,257 becomes 51,200 at tp=8); padded rows never affect
+        the loss, the softmax or any gradient.
+    gather_outputs: split values the model returns (logits) are gathered, so the parallel
+        module returns what the serial one does. False keeps each rank's slice of the
+        padded vocabulary, [..., padded_vocab / tp], for users who compute their own
+        parallel loss.
+    """
+
+    multiple: int = 128
+    gather_outputs: bool = True
+
+    def padded(self, size: int, tp: int) -> int:
+        if tp == 1:  # nothing is divided: no padding, the module keeps the serial shapes
+            return size
+        step = self.multiple * tp
+        return -(-size // step) * step
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """A cross-entropy over split logits, to become the vocab-parallel cross-entropy."""
+
+    vocab: int
+    padded: int
+    ignore_index: int
+    reduction: str
+
+
+R = Replicate()
+LOCAL = LocalInt()
+Placement = Any  # Replicate | Shard | Partial | LocalInt, or a tuple for tuple values
+
+
+@dataclass(frozen=True)
+class DivideByTP:
+    """Edit marker: replace the argument (an int node) by `arg // tp`."""
+
+    source: fx.Node
+
+
+@dataclass(frozen=True)
+class ArgEdit:
+    """Rewrite one shape argument of `node`: at `path` (args index or kwargs key, then
+    indices into nested lists), `old` becomes `new` (an int, or DivideByTP)."""
+
+    node: fx.Node
+    path: tuple[int | str, ...]
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Replicate -> Shard without communication: `consumer` reads this rank's slice of
+    `value`, which every rank holds whole, split as `shard` (in `value`'s dimensions)."""
+
+    value: fx.Node
+    consumer: fx.Node
+    shard: Shard
+
+
+@dataclass
+class Propagation:
+    """The result of propagation: placements, what to shard, where to communicate."""
+
+    placements: dict[fx.Node, Placement]
+    params: dict[str, Shard]  # qualified parameter name -> its split (absent: replicated)
+    f_inputs: dict[fx.Node, list[fx.Node]]  # value needing f -> consumers that read it split
+    edits: list[ArgEdit]
+    splits: dict[fx.Node, tuple[Split, LinearInfo]]
+    param_users: dict[str, fx.Node] = field(default_factory=dict)
+    losses: dict[fx.Node, LossInfo] = field(default_factory=dict)  # -> vocab-parallel CE
+    # split values the model returns: (split, serial size); gathered unless kept local
+    gathers: dict[fx.Node, tuple[Shard, int]] = field(default_factory=dict)
+    gather_outputs: bool = True
+    # partial value -> consumers that read its sum (one g each, shared by the consumers)
+    reduces: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+    # `p + r` (r replicated) kept partial: the node passes p through, r joins p's pending
+    deferred: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    cuts: list[Cut] = field(default_factory=list)
+
+
+def is_split(p: Placement) -> bool:
+    """Does any part of the placement differ between ranks?"""
+    if isinstance(p, (Shard, Partial, LocalInt)):
+        return True
+    return isinstance(p, tuple) and any(is_split(x) for x in p)

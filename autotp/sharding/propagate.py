@@ -1,0 +1,192 @@
+"""Stage 3, sharding propagation: a placement for every node, and the shape constants and
+communication it implies.
+
+The rule table has one entry per normalised op (ops.py), gathered from the entries of
+layout.py, compute.py and layers.py. An op whose inputs are all R is replicated compute and
+always correct, so only ops touched by a split value need an entry; a split value reaching
+an op with no entry is refused, naming the node.
+
+Communication falls out of the placements, through one redistribution step in the driver:
+a partial value (P) read by any op but the sum of two partials is reduced (one g per
+value, shared by its readers, then its pending biases); a replicated value that carries a
+gradient and enters split compute gets one f (its gradient is a partial sum); a replicated
+value meeting split compute along a dimension it spans is cut to the rank's slice.
+rewrite.py inserts all three from the Propagation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from .. import ops
+from ..errors import AutoTPError, node_error
+from ..match import EmbeddingInfo, LinearInfo
+from ..rule import Split
+from ..trace import restore_grad, set_grad
+from . import compute, layers, layout
+from .context import Ctx, all_args, param_names, replicated_like, val
+from .placement import Partial, Placement, Propagation, R, VocabOptions, is_split
+
+__all__ = ["propagate"]
+
+_TABLE: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
+    **compute.RULES, **layout.RULES, **layers.RULES,
+}  # fmt: skip
+
+
+def propagate(
+    gm: fx.GraphModule,
+    tp: int,
+    linears: dict[fx.Node, LinearInfo],
+    splits: dict[fx.Node, tuple[Split, LinearInfo | EmbeddingInfo]],
+    options: VocabOptions | None = None,
+    rule_names: dict[fx.Node, str] | None = None,
+) -> Propagation:
+    """Placements for every node of `gm` given the layer splits; refuses what it cannot
+    prove. Pure: `gm` is not modified. `rule_names` names the rule behind each split
+    layer, for error messages."""
+    c = Ctx(gm, tp, splits, linears, options or VocabOptions())
+    c.rule_names = rule_names or {}
+    region = 0
+    for n in gm.graph.nodes:
+        value = val(n)
+        if n.op == "call_function" and n.target in (set_grad, restore_grad):
+            region += 1  # a no_grad / enable_grad boundary: partials do not cross it
+        c.region[n] = region
+        c.grad[n] = _carries_grad(gm, n, c.grad)
+        if n.op == "placeholder":
+            c.pl[n] = replicated_like(value)
+            continue
+        if n.op == "get_attr":
+            c.pl[n] = R
+            continue
+        name = "linear" if n in linears else ops.op_name(n, gm)
+        if name in ("linear", "addmm") and n not in linears:
+            name = "computed linear"  # a weight that is not a parameter: no rule, as any op
+        c.current = n
+        partial = [a for a in n.all_input_nodes if isinstance(c.pl.get(a), Partial)]
+        if partial:
+            kept = _keeps_partial(c, n, name)
+            if kept is not None:
+                c.pl[n] = kept
+                continue
+            for a in partial:  # P -> R: this node reads the sum
+                c.reduce(a, n)
+        args_split = any(is_split(c.p(a)) for _, a in all_args(n))
+        rule = _TABLE.get(name)
+        if (
+            n in linears
+            or n in splits
+            or (rule is not None and (args_split or name in ("view", "split")))
+        ):
+            c.pl[n] = _apply_rule(c, n, name, rule) if rule else R
+        elif not args_split:
+            c.pl[n] = replicated_like(value)  # replicated compute is always correct
+        else:
+            raise node_error(
+                n,
+                f"a split value reaches '{name}', which has no sharding propagation rule",
+                "keep this op outside split blocks (before the column-split linear or after "
+                "the row-split one), or file an issue to add a rule for it",
+            )
+    _check_split_params_used_only_split(c)
+    return Propagation(
+        c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users, c.losses, c.gathers,
+        c.options.gather_outputs, c.reduces, c.deferred, c.cuts,
+    )  # fmt: skip
+
+
+def _keeps_partial(c: Ctx, n: fx.Node, name: str) -> Partial | None:
+    """`a + b` stays partial when both are partial (one all-reduce serves both: a parallel
+    attention + MLP block), or when one is partial and read only here and the other is a
+    replicated tensor of no larger shape (a residual, a bias added by its own op): that
+    term is added once after the sum. Anything else reads the sum."""
+    if name != "add" or n.kwargs or len(n.args) != 2:
+        return None
+    out = val(n)
+    if not isinstance(out, torch.Tensor) or not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    a, b = n.args
+    if c.region[a] != c.region[n] or c.region[b] != c.region[n]:
+        return None  # the sum, and a linear's bias, stay in the grad mode they ran in
+    pa, pb = c.pl[a], c.pl[b]
+    if isinstance(pa, Partial) and isinstance(pb, Partial):
+        same = val(a).shape == val(b).shape == out.shape
+        return Partial(pa.pending + pb.pending) if same else None
+    p, r = (a, b) if isinstance(pa, Partial) else (b, a)
+    pp = c.pl[p]
+    if not isinstance(pp, Partial) or c.pl[r] != R or not isinstance(val(r), torch.Tensor):
+        return None
+    vp = val(p)
+    if len(p.users) != 1 or vp.shape != out.shape or vp.dtype != out.dtype:
+        return None
+    c.deferred[n] = p
+    return Partial((*pp.pending, r))
+
+
+def _apply_rule(c: Ctx, n: fx.Node, name: str, rule: Callable) -> Placement:
+    """A table entry's placement for `n`. An entry that cannot read this spelling of the
+    call (an argument form it does not know) refuses the node rather than crash."""
+    try:
+        return rule(c, n)
+    except AutoTPError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unknown means refuse
+        raise node_error(
+            n,
+            f"autotp's rule for '{name}' cannot read this call ({type(e).__name__}: {e})",
+            "spell the call the usual way (positional arguments as in the PyTorch docs), "
+            "or keep it outside split blocks; please report the model",
+        ) from e
+
+
+def _check_split_params_used_only_split(c: Ctx) -> None:
+    """A split parameter must reach nothing but the ops that use its shard: any other use,
+    under any of its names (tied weights), would read a shard as if it were whole."""
+    aliases: dict[int, list[str]] = {}
+    for name, p in c.gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    readers: dict[str, list[fx.Node]] = {}  # parameter name -> nodes reading it
+    for n in c.gm.graph.nodes:
+        if n.op == "get_attr":
+            readers.setdefault(str(n.target), []).extend(n.users)
+        elif n.op == "call_module" and n not in c.splits:
+            mod = c.gm.get_submodule(str(n.target))
+            for k, _ in mod.named_parameters():
+                readers.setdefault(f"{n.target}.{k}", []).append(n)
+    for name in list(c.params):
+        names = aliases[id(c.gm.get_parameter(name))]
+        for alias in names:
+            for user in readers.get(alias, []):
+                if not any((a, user) in c.split_uses for a in names):
+                    raise _conflict(c, user, name)
+
+
+def _conflict(c: Ctx, user: fx.Node, name: str) -> Exception:
+    return node_error(
+        user,
+        f"parameter {name} is split ({c.params[name]}) for {c.param_users[name].name} but "
+        "this node uses it whole",
+        "a weight shared between a split layer and another use (e.g. tied embeddings) "
+        "cannot be split; untie it, or leave one of the layers unmatched",
+    )
+
+
+def _carries_grad(gm: fx.GraphModule, n: fx.Node, grad: dict[fx.Node, bool]) -> bool:
+    """Could `n` carry a gradient? Parameters and floating-point inputs do, and what
+    depends on them."""
+    v = val(n)
+    if n.op == "get_attr":
+        return str(n.target) in param_names(gm)
+    if n.op == "placeholder":
+        return isinstance(v, torch.Tensor) and v.is_floating_point()
+    if not isinstance(v, torch.Tensor) or not (v.is_floating_point() or v.is_complex()):
+        return False
+    if n.op == "call_module":
+        mod = gm.get_submodule(str(n.target))
+        if any(p.requires_grad for p in mod.parameters()):
+            return True
+    return any(grad.get(a, False) for a in n.all_input_nodes)

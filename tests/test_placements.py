@@ -1,0 +1,215 @@
+"""The placement algebra: partial values (P) and one redistribution step.
+
+Properties: a parallel attention + MLP block (GPT-J, Falcon, NeoX) costs one all-reduce
+forward and one backward, however the sum with the residual is spelled; a partial value
+read whole anywhere gets its sum first, and stays exact; `x @ W.T` in every spelling is a
+linear; per-head replicated values (ALiBi slopes, a per-head mask or scale) are cut to the
+rank's heads. Every model equals serial in float64 through both front-ends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor.debug import CommDebugMode
+
+import autotp
+from autotp.collectives import rank_slice
+from autotp.testing import assert_equivalent, run_on_gloo
+
+C, H = 16, 4
+
+
+def _x(batch: int = 2, seq: int = 5) -> torch.Tensor:
+    return torch.randn(
+        batch, seq, C, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+
+
+def _equal(model: nn.Module, x: torch.Tensor, tp: int, frontend: str) -> None:
+    assert_equivalent(
+        model, (x,), tp, parallel=lambda m, t, xs: autotp.simulate(m, t, xs, frontend=frontend)
+    )
+
+
+class FalconLinear(nn.Linear):
+    """Falcon's spelling: `x @ W.T`, the bias added by its own op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class ParallelBlock(nn.Module):
+    """Attention and MLP read one layer norm; their outputs and the residual are summed."""
+
+    def __init__(self, order: str = "gptj", linear: type[nn.Linear] = FalconLinear) -> None:
+        super().__init__()
+        self.order = order
+        self.ln = nn.LayerNorm(C)
+        self.qkv = linear(C, 3 * C, bias=False)
+        self.dense = linear(C, C, bias=False)
+        self.up, self.down = linear(C, 4 * C), linear(4 * C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        h = self.ln(x)
+        q, k, v = self.qkv(h).split(C, 2)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = self.dense(a.transpose(1, 2).reshape(B, T, C))
+        m = self.down(F.gelu(self.up(h)))
+        if self.order == "gptj":  # attn_output + feed_forward_hidden_states + residual
+            return a + m + x
+        if self.order == "residual_first":  # x + attn + mlp
+            return x + a + m
+        mlp = m  # Falcon: mlp_output += attention_output; output = mlp_output + residual
+        return (mlp + a) + x
+
+
+def _forward_backward_counts(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    with autotp.count_collectives() as log:
+        module(x).sum().backward()
+    return log.count("forward", "all_reduce"), log.count("backward", "all_reduce")
+
+
+@pytest.mark.parametrize("order", ["gptj", "residual_first", "falcon"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_parallel_block_costs_one_all_reduce_each_way(order: str, frontend: str) -> None:
+    model = ParallelBlock(order).double()
+    for tp in (2, 4):
+        _equal(model, _x(), tp, frontend)
+    sim = autotp.simulate(model, 2, (_x(),), frontend=frontend)
+    assert _forward_backward_counts(sim, _x()) == (1, 1)
+    plan = autotp.plan(model, 2, (_x(),), frontend=frontend)
+    assert [m.rule.name for m in plan.matches] == ["attention_fused_qkv", "mlp"]
+    assert plan.collectives()["g"] == 1
+
+
+def _one_block_under_comm_debug_mode(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = ParallelBlock().double()
+    module = autotp.parallelize(model, world, (_x(),))
+    with CommDebugMode() as cdm:  # an input that needs a gradient, as inside a model
+        module(_x().requires_grad_()).sum().backward()
+    return {str(k).split(".")[-1]: v for k, v in cdm.get_comm_counts().items()}
+
+
+def test_comm_debug_mode_counts_one_all_reduce_each_way_on_gloo() -> None:
+    counts = run_on_gloo(_one_block_under_comm_debug_mode, 2)
+    assert counts[0] == counts[1] == {"allreduce_": 2}
+
+
+class Reused(nn.Module):
+    """A row-split output read twice: summed with another partial and read whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up1, self.down1 = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+        self.up2, self.down2 = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.down1(F.relu(self.up1(x)))
+        q = self.down2(F.relu(self.up2(x)))
+        both = p + q
+        return x + both * 2 + p.tanh()
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_partial_value_read_whole_and_summed_stays_exact(frontend: str) -> None:
+    for tp in (2, 4):
+        _equal(Reused().double(), _x(), tp, frontend)
+
+
+@pytest.mark.parametrize(
+    "spelling", ["x @ w.T", "x @ w.t()", "torch.matmul(x, w.mT)", "x @ w.transpose(0, 1)",
+                 "x @ torch.t(w)", "x @ w.permute(1, 0)"],
+)  # fmt: skip
+def test_x_at_w_transposed_is_a_linear_in_every_spelling(spelling: str) -> None:
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(4 * C, C) / 4)
+            self.w2 = nn.Parameter(torch.randn(C, 4 * C) / 8)
+
+        def lin(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return eval(spelling, {"torch": torch, "x": x, "w": w})  # noqa: S307
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.lin(F.gelu(self.lin(x, self.w1)), self.w2)
+
+    model = MLP().double()
+    plan = autotp.plan(model, 2, (_x(),), frontend="fx")
+    assert [m.rule.name for m in plan.matches] == ["mlp"], plan.unmatched
+    for frontend in ("fx", "export"):
+        _equal(model, _x(), 2, frontend)
+
+
+class PerHead(nn.Module):
+    """ALiBi slopes as a buffer, a per-head scale parameter reached through a view, and a
+    per-head mask: replicated values the split scores meet along the heads."""
+
+    def __init__(self, sdpa: bool) -> None:
+        super().__init__()
+        self.sdpa = sdpa
+        self.qkv, self.o = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.register_buffer("slopes", torch.tensor([2.0 ** (-(i + 1)) for i in range(H)]))
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(H))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(C, 2)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        pos = torch.arange(T, device=x.device)
+        alibi = self.slopes.view(1, H, 1, 1).to(x.dtype) * (pos.view(1, T) - pos.view(T, 1))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi)
+        else:
+            att = q @ k.transpose(-2, -1) / math.sqrt(C // H) * self.scale.view(1, H, 1, 1)
+            y = (att + alibi).softmax(-1) @ v
+        return x + self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_per_head_replicated_values_are_cut_to_the_ranks_heads(sdpa: bool) -> None:
+    model = PerHead(sdpa).double()
+    plan = autotp.plan(model, 2, (_x(),))
+    assert [m.rule.name for m in plan.matches] == ["attention_fused_qkv"]
+    assert not plan.replicated
+    for frontend in ("fx", "export"):
+        for tp in (2, 4):
+            _equal(model, _x(), tp, frontend)
+
+
+def test_rank_slice_is_the_ranks_block_of_every_chunk() -> None:
+    x = torch.arange(2 * 12 * 3.0).view(2, 12, 3)
+    for blocks, tp in ((1, 2), (1, 4), (3, 2), (2, 3)):
+        for rank in range(tp):
+            want = torch.cat([b.chunk(tp, 1)[rank] for b in x.chunk(blocks, 1)], 1)
+            got = rank_slice(x, 1, blocks, tp, torch.tensor(rank))
+            assert torch.equal(got, want)
+
+
+class FrozenMLP(nn.Module):
+    """A row-split output computed under no_grad and added to the residual outside it: its
+    bias is added inside the region, as in serial, so it gets no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            m = self.down(F.silu(self.up(x)))
+        return x + m
+
+
+def test_a_partial_value_is_summed_in_the_grad_mode_it_was_computed_in() -> None:
+    model = FrozenMLP().double()
+    sim = autotp.simulate(model, 2, (_x(),))
+    sim(_x().requires_grad_()).sum().backward()
+    assert all(g is None for g in autotp.full_grads(sim).values())
+    _equal(model, _x(), 2, "fx")
