@@ -174,10 +174,18 @@ class _Gather(torch.autograd.Function):
         return _own_slice(grad, ctx.dim, ctx.local, ctx.comm.rank), None, None, None
 
 
-def rank_slice(x: torch.Tensor, dim: int, blocks: int, tp: int, rank: torch.Tensor) -> torch.Tensor:
+def rank_slice(
+    x: torch.Tensor, dim: int, blocks: int, tp: int, rank: torch.Tensor,
+    padded: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """This rank's slice of a replicated tensor, split as S(dim x blocks): the
     Replicate -> Shard redistribution, with no communication (its gradient fills the
-    slice, zeros elsewhere, which is why the replicated value also gets f)."""
+    slice, zeros elsewhere, which is why the replicated value also gets f). `padded`: the
+    dimension is first padded with zeros to that size (a bias over a padded vocabulary)."""
+    if padded is not None and padded > x.shape[dim]:
+        pad = list(x.shape)
+        pad[dim] = padded - x.shape[dim]
+        x = torch.cat([x, x.new_zeros(pad)], dim)
     size = x.shape[dim]
     parts = x.unflatten(dim, (blocks, tp, size // (blocks * tp)))
     mine = parts.index_select(dim + 1, rank.reshape(1).to(torch.long)).squeeze(dim + 1)

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["op_name", "POINTWISE", "IDENTITY", "LAYOUT", "GLUE", "NORM"]
+__all__ = ["op_name", "POINTWISE", "INPLACE", "IDENTITY", "LAYOUT", "GLUE", "NORM"]
 
 _FUNCTIONS: dict[object, str] = {
     operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
@@ -39,6 +39,8 @@ _FUNCTIONS: dict[object, str] = {
     torch.unsqueeze: "unsqueeze", torch.cat: "cat",
     operator.getitem: "getitem", getattr: "getattr",
     F.cross_entropy: "cross_entropy",
+    operator.iadd: "add_", operator.isub: "sub_", operator.imul: "mul_",
+    operator.itruediv: "div_",
 }  # fmt: skip
 
 _METHODS: dict[str, str] = {
@@ -53,6 +55,8 @@ _METHODS: dict[str, str] = {
     "relu": "relu", "abs": "abs", "masked_fill": "masked_fill", "eq": "eq",
     "softmax": "softmax", "log_softmax": "log_softmax", "matmul": "matmul",
     "expand": "expand", "mean": "mean", "sum": "sum",
+    "add_": "add_", "sub_": "sub_", "mul_": "mul_", "div_": "div_",
+    "masked_fill_": "masked_fill_",
 }  # fmt: skip
 
 # torch.export graphs hold aten ops; they map by overload packet name.
@@ -88,6 +92,8 @@ POINTWISE = frozenset(
     "add sub mul div neg pow tanh exp sqrt rsqrt sigmoid erf gelu relu silu abs dropout "
     "where masked_fill eq ne lt gt le ge and or not".split()
 )
+# In-place elementwise ops (x.add_(y), x += y): the first argument keeps its placement.
+INPLACE = frozenset("add_ sub_ mul_ div_ masked_fill_".split())
 # Ops that return their first argument's values unchanged (copies, casts, contiguity).
 IDENTITY = frozenset({"identity"})
 # Ops that move elements between dimensions without computing.
@@ -95,7 +101,7 @@ LAYOUT = frozenset(
     "view transpose permute split chunk getitem flatten unsqueeze slice cat expand".split()
 )
 # What the matcher contracts into one "glue" region between the structural ops.
-GLUE = POINTWISE | IDENTITY | LAYOUT | {"softmax", "log_softmax"}
+GLUE = POINTWISE | INPLACE | IDENTITY | LAYOUT | {"softmax", "log_softmax"}
 NORM = frozenset({"layer_norm"})
 
 

@@ -245,7 +245,7 @@ def _cut(
     s = cut.shard
     with graph.inserting_before(consumer):
         rank = graph.get_attr(RANK_BUFFER)
-        mine = graph.call_function(rank_slice, (src, s.dim, s.blocks, tp, rank))
+        mine = graph.call_function(rank_slice, (src, s.dim, s.blocks, tp, rank, s.padded))
     _copy_meta(cut.consumer, mine)
     v = src.meta.get("val")
     if isinstance(v, torch.Tensor):

@@ -436,3 +436,24 @@ def test_an_unprovable_block_stays_replicated_and_the_rest_splits() -> None:
     assert_equivalent(model, (x,), tp=2)  # outputs, every gradient, a step: equal to serial
     with pytest.raises(autotp.AutoTPError, match="reaches 'cumsum'"):
         autotp.simulate(model, 2, (x,), strict=True)
+
+
+class Chunked(MLP):
+    """The block's input is one piece of a chunk: a tuple-valued node still carries the
+    gradient, so the piece gets its f (the fuzzer found it missing: input and upstream
+    gradients came out partial)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.ln(x).chunk(2, dim=-1)
+        return self.proj(F.gelu(self.fc(a))) + b
+
+
+def test_a_piece_of_a_chunk_feeding_a_split_block_gets_its_f() -> None:
+    x = _x(c=16)
+    sim = autotp.simulate(Chunked(), 2, (x,))
+    assert sim.plan.collectives()["f"] == 1
+    assert_equivalent(Chunked(), (x,), tp=2)

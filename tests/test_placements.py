@@ -213,3 +213,95 @@ def test_a_partial_value_is_summed_in_the_grad_mode_it_was_computed_in() -> None
     sim(_x().requires_grad_()).sum().backward()
     assert all(g is None for g in autotp.full_grads(sim).values())
     _equal(model, _x(), 2, "fx")
+
+
+class LogitsBias(nn.Module):
+    """BART's `lm_logits = lm_head(x) + final_logits_bias` (a buffer over the vocabulary),
+    or the same bias as a parameter, on vocabulary-split logits."""
+
+    def __init__(self, parameter: bool, vocab: int = 37) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, C)
+        self.up, self.down = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+        self.head = nn.Linear(C, vocab, bias=False)
+        bias = 0.1 * torch.randn(1, vocab)
+        if parameter:
+            self.bias = nn.Parameter(bias)
+        else:
+            self.register_buffer("bias", bias)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple:
+        x = self.wte(ids)
+        x = x + self.down(F.gelu(self.up(x)))
+        logits = self.head(x) + self.bias
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
+        return loss, logits
+
+
+@pytest.mark.parametrize("parameter", [False, True])
+def test_a_bias_added_to_vocabulary_split_logits(parameter: bool) -> None:
+    model = LogitsBias(parameter).double()
+    g = torch.Generator().manual_seed(0)
+    ids, labels = (
+        torch.randint(0, 37, (2, 5), generator=g),
+        torch.randint(0, 37, (2, 5), generator=g),
+    )
+    plan = autotp.plan(model, 2, (ids, labels))
+    assert "lm_head" in [m.rule.name for m in plan.matches] and not plan.replicated
+    for tp in (2, 4):
+        assert_equivalent(model, (ids, labels), tp)
+
+
+class InPlace(nn.Module):
+    """In-place ops on split activations (MPNet's `scores.add_(bias)`, `h += 1`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.up, self.down = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(C, 2)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-2, -1)
+        scores.add_(bias)  # a per-head bias [1, H, T, T]: cut to the rank's heads
+        x = x + self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+        h = self.up(x)
+        h += 1.0
+        h.mul_(0.5)
+        return x + self.down(F.relu(h))
+
+
+def test_in_place_ops_on_split_activations() -> None:
+    x, bias = _x(), torch.randn(1, H, 5, 5, dtype=torch.float64)
+    plan = autotp.plan(InPlace().double(), 2, (x, bias))
+    assert [m.rule.name for m in plan.matches] == ["attention_fused_qkv", "mlp"]
+    for tp in (2, 4):
+        assert_equivalent(InPlace().double(), (x, bias), tp)
+
+
+class InPlaceWidens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.up(x))
+        full = x.repeat(1, 1, 2)
+        full.add_(h)  # a replicated value taking a split one in place
+        return x + self.down(full)
+
+
+def test_an_in_place_op_that_would_change_placement_is_refused() -> None:
+    from autotp.match import find_linears
+    from autotp.rule import Column, Row
+    from autotp.sharding import propagate
+    from autotp.trace import trace
+
+    gm = trace(InPlaceWidens().double(), (_x(),)).gm
+    linears = find_linears(gm)
+    up, down = sorted(linears, key=lambda n: n.name != "up")
+    splits = {up: (Column(), linears[up]), down: (Row(), linears[down])}
+    with pytest.raises(autotp.AutoTPError, match="in-place add_ would make"):
+        propagate(gm, 2, linears, splits)

@@ -5,9 +5,10 @@ context.py     the propagation state and argument helpers
 layout.py      table entries for views, reshapes, indexing, splits and joins
 compute.py     table entries for elementwise ops, reductions, matmul and attention
 layers.py      table entries for split linears and embeddings, the loss, the outputs
-propagate.py   the driver: one pass over the graph, refusing what no entry proves
+driver.py      the driver: one pass over the graph, refusing what no entry proves
 """
 
+from .driver import propagate
 from .placement import (
     LOCAL,
     ArgEdit,
@@ -24,7 +25,6 @@ from .placement import (
     VocabOptions,
     is_split,
 )  # fmt: skip
-from .propagate import propagate
 
 __all__ = [
     "R", "LOCAL", "Replicate", "Shard", "Partial", "LocalInt", "Placement", "DivideByTP",

@@ -26,7 +26,8 @@ from .placement import LOCAL, LocalInt, Placement, R, Shard
 def _pointwise(c: Ctx, n: fx.Node) -> Placement:
     """Elementwise with broadcasting: split operands must agree; replicated ones must
     broadcast along the split dimension (size 1), be parameters, which are then split, or
-    are cut: each rank reads its slice (a per-head buffer such as ALiBi slopes)."""
+    are cut: each rank reads its slice (a per-head buffer such as ALiBi slopes, a bias
+    buffer over the padded vocabulary)."""
     out = val(n)
     if not isinstance(out, torch.Tensor):
         return _int_arith(c, n)
@@ -46,7 +47,7 @@ def _pointwise(c: Ctx, n: fx.Node) -> Placement:
             split = s
     if split is None:
         return R
-    for path, a in all_args(n):
+    for _, a in all_args(n):
         if not isinstance(a, fx.Node) or not isinstance(val(a), torch.Tensor):
             continue
         if c.pl[a] != R:
@@ -58,18 +59,25 @@ def _pointwise(c: Ctx, n: fx.Node) -> Placement:
                 c.shard_param(n, str(a.target), replace(split, dim=i))
                 c.pl[a] = replace(split, dim=i)
                 continue
-            if split.padded is None:  # R -> S: read this rank's slice (ALiBi slopes, ...)
-                c.cut(a, n, replace(split, dim=i))
-                continue
-            raise c.refuse(
-                n,
-                f"argument {path} {a.name} of shape {list(shape)} is replicated but spans the "
-                f"split dimension {split.dim} of the result in full",
-                "only size-1 (broadcast) replicated operands can meet a split value; "
-                "compute this operand from the split value instead",
-            )
+            # R -> S: read this rank's slice (ALiBi slopes, a bias over the vocabulary)
+            c.cut(a, n, replace(split, dim=i))
+            continue
         c.needs_f(a, n)
     return split
+
+
+def _inplace(c: Ctx, n: fx.Node) -> Placement:
+    """x.add_(y), x += y: the elementwise rule, and the result must be placed as x is: an
+    in-place op cannot move x's elements between ranks."""
+    x = n.args[0]
+    before = c.p(x)
+    out = _pointwise(c, n)
+    if out != before:
+        raise c.refuse(
+            n, f"in-place {ops.op_name(n, c.gm)} would make {x.name} ({before}) {out}",
+            "write it out of place (y = x + ...), or keep the op outside the split block",
+        )  # fmt: skip
+    return out
 
 
 def _int_arith(c: Ctx, n: fx.Node) -> Placement:
@@ -220,6 +228,7 @@ def _sdpa(c: Ctx, n: fx.Node) -> Placement:
 
 RULES: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
     **{name: _pointwise for name in ops.POINTWISE},  # broadcasting elementwise
+    **{name: _inplace for name in ops.INPLACE},  # elementwise, x keeps its placement
     "floordiv": _int_arith,  # ints only
     "softmax": _softmax,  # fine unless over the split dim
     "log_softmax": _softmax,  # fine unless over the split dim

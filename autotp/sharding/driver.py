@@ -73,6 +73,11 @@ def propagate(
             if kept is not None:
                 c.pl[n] = kept
                 continue
+            if name in ops.INPLACE:  # readers of the partial value would miss the change
+                raise c.refuse(
+                    n, f"in-place {name} on a partial value (a row-split linear's output "
+                    "before its all-reduce)", "write it out of place (y = x + ...)",
+                )  # fmt: skip
             for a in partial:  # P -> R: this node reads the sum
                 c.reduce(a, n)
         args_split = any(is_split(c.p(a)) for _, a in all_args(n))
@@ -177,16 +182,26 @@ def _conflict(c: Ctx, user: fx.Node, name: str) -> Exception:
 
 def _carries_grad(gm: fx.GraphModule, n: fx.Node, grad: dict[fx.Node, bool]) -> bool:
     """Could `n` carry a gradient? Parameters and floating-point inputs do, and what
-    depends on them."""
+    depends on them; a tuple does when a floating tensor in it does (chunk, split)."""
     v = val(n)
     if n.op == "get_attr":
         return str(n.target) in param_names(gm)
-    if n.op == "placeholder":
-        return isinstance(v, torch.Tensor) and v.is_floating_point()
-    if not isinstance(v, torch.Tensor) or not (v.is_floating_point() or v.is_complex()):
+    if not _differentiable(v):
         return False
+    if n.op == "placeholder":
+        return True
     if n.op == "call_module":
         mod = gm.get_submodule(str(n.target))
         if any(p.requires_grad for p in mod.parameters()):
             return True
     return any(grad.get(a, False) for a in n.all_input_nodes)
+
+
+def _differentiable(v: object) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.is_floating_point() or v.is_complex()
+    if isinstance(v, (list, tuple)):
+        return any(_differentiable(x) for x in v)
+    if isinstance(v, dict):
+        return any(_differentiable(x) for x in v.values())
+    return False
