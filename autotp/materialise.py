@@ -160,13 +160,20 @@ def build_rank_module(
         for n in names if specs else ():
             splits[n] = next(iter(specs.values()))
 
+    # the tensors to cut, by name: `model`'s own, also when the plan's graph module shares
+    # the tensors of another instance it was planned on (a plan made on the meta device)
+    own = {**dict(model.named_parameters(remove_duplicate=False)),
+           **dict(model.named_buffers(remove_duplicate=False))}  # fmt: skip
+
     def new_tensor(t: torch.Tensor) -> torch.Tensor:
         key = id(t)
         if key not in made:
-            spec = next((splits[n] for n in names_of.get(key, []) if n in splits), None)
-            local = cut(t.detach(), spec, rank, tp).clone()
+            names = names_of.get(key, [])
+            spec = next((splits[n] for n in names if n in splits), None)
+            src = next((own[n] for n in names if n in own), t)
+            local = cut(src.detach(), spec, rank, tp).clone()
             made[key] = (
-                nn.Parameter(local, requires_grad=t.requires_grad)
+                nn.Parameter(local, requires_grad=src.requires_grad)
                 if isinstance(t, nn.Parameter)
                 else local
             )

@@ -4,6 +4,7 @@ group), `simulate` (all ranks in one process), and the serial views of their sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,19 +15,40 @@ import torch.nn as nn
 from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .materialise import RankInfo, build_rank_module, gather
-from .plan import check_tp, plan
+from .plan import Plan, check_tp, plan
+from .rule import Rule
 from .sharding import VocabOptions
 from .simulate import SimulatedTP
 
 __all__ = ["parallelize", "simulate", "full_state_dict", "full_grads"]
 
 
+def _the_plan(
+    model: nn.Module, tp: int | Plan, example_inputs: Any, rules: Sequence[Rule] | None,
+    vocab: VocabOptions | None, frontend: str, strict: bool,
+) -> Plan:  # fmt: skip
+    """`tp` as given (a Plan, checked to fit `model`) or the plan of `model` at tp ranks."""
+    if not isinstance(tp, Plan):
+        return plan(model, tp, example_inputs, rules=rules, vocab=vocab, frontend=frontend,
+                    strict=strict)  # fmt: skip
+    given = {
+        "example_inputs": example_inputs is not None, "rules": rules is not None,
+        "vocab": vocab is not None, "frontend": frontend != "auto", "strict": strict,
+    }  # fmt: skip
+    if any(given.values()):
+        names = ", ".join(k for k, v in given.items() if v)
+        raise AutoTPError(f"a Plan already fixes {names}: pass them to autotp.plan, not here")
+    tp.check_fits(model)
+    return tp
+
+
 def parallelize(
     model: nn.Module,
-    tp: int,
+    tp: int | Plan,
     example_inputs: Any = None,
     group: dist.ProcessGroup | None = None,
     *,
+    rules: Sequence[Rule] | None = None,
     vocab: VocabOptions | None = None,
     frontend: str = "auto",
     strict: bool = False,
@@ -34,11 +56,16 @@ def parallelize(
     """This rank's module: the per-rank graph over new tensors holding this rank's shards,
     cut from `model`'s weights, so that it computes what `model` computes.
 
-    Call it on every rank of `group` (default: the default process group), which must have
-    exactly `tp` ranks. `model` is not modified. With tp=1 no process group is needed.
-    Dropout streams are seeded from rank 0's `torch.initial_seed()`. `strict`: refuse a
-    matched block that cannot be proven instead of leaving it replicated (see `plan`).
+    `tp` is the number of ranks, or a Plan from `autotp.plan` (made on this model, or on
+    one built the same way, e.g. on the meta device: planning needs no weights); the
+    keyword options are then the plan's. Call it on every rank of `group` (default: the
+    default process group), which must have exactly `tp` ranks. `model` is not modified.
+    With tp=1 no process group is needed. Dropout streams are seeded from rank 0's
+    `torch.initial_seed()`. `rules`: the rules to match (default: autotp.rules'
+    DEFAULT_RULES). `strict`: refuse a matched block that cannot be proven instead of
+    leaving it replicated (see `plan`).
     """
+    given, tp = tp, tp.tp if isinstance(tp, Plan) else tp
     check_tp(tp)
     if tp == 1 and (not dist.is_available() or not dist.is_initialized()):
         comm, rank = LocalComm(), 0
@@ -64,7 +91,7 @@ def parallelize(
             "weights first (model.to_empty(device=...) then an init or a checkpoint), or "
             "use autotp.plan / autotp.simulate, which work on the meta device, for planning"
         )
-    p = plan(model, tp, example_inputs, vocab=vocab, frontend=frontend, strict=strict)
+    p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict)
     if isinstance(comm, ProcessGroupComm):
         _check_same_plan(p.fingerprint, group)
     seed = torch.initial_seed() % 2**62
@@ -94,17 +121,20 @@ def _check_same_plan(fingerprint: str, group: dist.ProcessGroup | None) -> None:
 
 def simulate(
     model: nn.Module,
-    tp: int,
+    tp: int | Plan,
     example_inputs: Any = None,
     *,
+    rules: Sequence[Rule] | None = None,
     vocab: VocabOptions | None = None,
     frontend: str = "auto",
     strict: bool = False,
 ) -> SimulatedTP:
-    """All `tp` ranks in one process, collectives computed in-process and autograd-exact.
-    `model` is not modified. Split outputs kept local (`VocabOptions(gather_outputs=False)`)
-    are shown whole: the ranks' slices concatenated and trimmed."""
-    p = plan(model, tp, example_inputs, vocab=vocab, frontend=frontend, strict=strict)
+    """All ranks in one process, collectives computed in-process and autograd-exact.
+    `tp` and the options as in `parallelize`. `model` is not modified. Split outputs kept
+    local (`VocabOptions(gather_outputs=False)`) are shown whole: the ranks' slices
+    concatenated and trimmed."""
+    p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict)
+    tp = p.tp
     seed = torch.initial_seed() % 2**62
     ranks = [
         build_rank_module(

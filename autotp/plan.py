@@ -25,7 +25,7 @@ from .rule import Rule
 from .sharding import Propagation, Shard, VocabOptions, is_split, propagate
 from .trace import Traced, trace
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "plan", "model_signature"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +43,28 @@ class Plan:
     vocab: VocabOptions = field(default_factory=VocabOptions)
     # matched blocks propagation could not prove, left replicated: (match, why)
     replicated: tuple[tuple[Match, str], ...] = field(default=())
+    # the planned model's tensors: (name, shape) and groups of tied names
+    signature: tuple = field(default=())
+
+    def check_fits(self, model: nn.Module) -> None:
+        """Refuse `model` unless it has the tensors this plan was made for (names, shapes,
+        ties): a plan made on one instance (e.g. on the meta device) serves any other."""
+        mine, theirs = dict(self.signature[0]), dict(model_signature(model)[0])
+        for name in sorted(set(mine) | set(theirs)):
+            if mine.get(name) != theirs.get(name):
+                have = "absent" if name not in theirs else f"shape {list(theirs[name])}"
+                want = "absent" if name not in mine else f"shape {list(mine[name])}"
+                raise AutoTPError(
+                    f"this plan was made for a {self.model_name} whose tensor {name} is "
+                    f"{want}, but the model given has it {have}\n  hint:   plan the model "
+                    "you parallelize (autotp.plan(model, tp)), or build it the same way"
+                )
+        if self.signature[1] != model_signature(model)[1]:
+            raise AutoTPError(
+                f"this plan was made for a {self.model_name} whose tied weights differ from "
+                "the model given (e.g. an output layer tied to the embedding in one only)"
+                "\n  hint:   plan the model you parallelize"
+            )
 
     @functools.cached_property
     def splits(self) -> dict[str, Shard]:
@@ -99,6 +121,18 @@ class Plan:
         return to_text(self.__rich__())
 
     __repr__ = __str__
+
+
+def model_signature(model: nn.Module) -> tuple:
+    """(name, shape) of every parameter and buffer, and the groups of tied names."""
+    tensors = [*model.named_parameters(remove_duplicate=False),
+               *model.named_buffers(remove_duplicate=False)]  # fmt: skip
+    shapes = tuple(sorted((name, tuple(t.shape)) for name, t in tensors))
+    groups: dict[int, list[str]] = {}
+    for name, t in tensors:
+        groups.setdefault(id(t), []).append(name)
+    ties = tuple(sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1))
+    return shapes, ties
 
 
 def check_tp(tp: object) -> None:
@@ -168,7 +202,7 @@ def _plan(
     graph = rewrite(gm, prop, matches, tp)
     return Plan(
         type(model).__name__, tp, traced, matches, linears, prop, graph, tuple(rules), vocab,
-        tuple(replicated),
+        tuple(replicated), model_signature(model),
     )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import operator
 
+import pytest
 import torch
 
 import autotp
@@ -95,3 +96,47 @@ def test_summary_prints_rules_collectives_and_unmatched() -> None:
     assert "2 layers" not in text  # no invented prose; numbers below are counted
     assert "7 all-reduce forward (g), 5 all-reduce backward (f)" in text
     assert "cls.predictions.transform.dense.weight" in text  # the MLM transform stays whole
+
+
+def _to_meta(x: dict) -> dict:
+    return {k: v.to("meta") for k, v in x.items()}
+
+
+def test_a_plan_made_on_the_meta_device_parallelizes_the_real_model() -> None:
+    """The Plan is the currency: plan once without weights, then build any instance's
+    ranks from it; it equals serial, and each rank's shards come from the given model."""
+    from autotp.testing import assert_equivalent
+
+    real = build("gpt2-tiny").double()
+    x = real.example_inputs()
+    with torch.device("meta"):
+        meta = build("gpt2-tiny").double()
+    plan = autotp.plan(meta, 2, _to_meta(x))
+    assert_equivalent(real, x, 2, parallel=lambda m, tp, xs: autotp.simulate(m, plan))
+    sim = autotp.simulate(real, plan)
+    assert torch.equal(
+        autotp.full_state_dict(sim)["transformer.h.0.mlp.c_fc.weight"],
+        real.state_dict()["transformer.h.0.mlp.c_fc.weight"],
+    )
+
+
+def test_a_plan_refuses_another_model_and_second_options() -> None:
+    model = build("gpt2-tiny")
+    plan = autotp.plan(model, 2)
+    with pytest.raises(autotp.AutoTPError, match="c_attn.bias is absent"):
+        autotp.simulate(build("gpt2-tiny", n_layer=3), plan)
+    with pytest.raises(autotp.AutoTPError, match="already fixes example_inputs, vocab"):
+        autotp.simulate(model, plan, model.example_inputs(), vocab=autotp.VocabOptions())
+    with pytest.raises(autotp.AutoTPError, match="tied weights differ"):
+        untied = build("gpt2-tiny")
+        untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+        autotp.simulate(untied, plan)
+
+
+def test_rules_are_accepted_wherever_a_plan_is_made() -> None:
+    from autotp.rules import DEFAULT_RULES
+
+    mlp_only = [r for r in DEFAULT_RULES if r.name == "mlp"]
+    model = build("gpt2-tiny", n_layer=1).double()
+    sim = autotp.simulate(model, 2, rules=mlp_only)
+    assert [m.rule.name for m in sim.plan.matches] == ["mlp"]

@@ -194,3 +194,42 @@ def test_a_plain_mlp_is_not_taken_for_a_fused_one() -> None:
     model = build("gpt2-tiny")
     names = {m.rule.name for m in autotp.plan(model, 2).matches}
     assert "swiglu_fused" not in names and "mlp" in names
+
+
+def test_a_users_own_rule_as_in_the_readme() -> None:
+    """The README's worked example: a structure no shipped rule matches stays replicated;
+    the user's rule splits it, propagation proves it (the mask is cut per rank), and the
+    result equals serial."""
+    from autotp.rule import Rule, column, pattern, row
+    from autotp.rules import DEFAULT_RULES
+
+    class MaskedMLP(nn.Module):
+        def __init__(self, c: int = 16) -> None:
+            super().__init__()
+            self.fc, self.proj = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+        def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+            return x + self.proj(F.gelu(self.fc(x)) * keep)
+
+    masked_mlp = Rule(
+        name="masked_mlp",
+        patterns=(
+            pattern(
+                {"fc": "linear", "act": ("glue", 2), "proj": "linear"},
+                [("fc", "act", None), ("act", "proj", 0)],
+            ),
+        ),
+        split={"fc": column, "proj": row},
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g)
+    keep = (torch.rand(2, 5, 64, generator=g) > 0.1).float()
+    model = MaskedMLP()
+    assert not autotp.plan(model, 2, (x, keep)).matches
+    rules = [*DEFAULT_RULES, masked_mlp]
+    assert [m.rule.name for m in autotp.plan(model, 2, (x, keep), rules=rules).matches] == [
+        "masked_mlp"
+    ]
+    assert_equivalent(
+        model, (x, keep), 2, parallel=lambda m, tp, xs: autotp.simulate(m, tp, xs, rules=rules)
+    )
