@@ -36,7 +36,7 @@ _FUNCTIONS: dict[object, str] = {
     F.scaled_dot_product_attention: "sdpa",
     torch.transpose: "transpose", torch.permute: "permute", torch.reshape: "view",
     torch.flatten: "flatten", torch.split: "split", torch.chunk: "chunk",
-    torch.unsqueeze: "unsqueeze", torch.cat: "cat",
+    torch.unsqueeze: "unsqueeze", torch.cat: "cat", torch.stack: "stack",
     operator.getitem: "getitem", getattr: "getattr",
     F.cross_entropy: "cross_entropy",
     operator.iadd: "add_", operator.isub: "sub_", operator.imul: "mul_",
@@ -76,7 +76,7 @@ _ATEN: dict[str, str] = {
     "sym_size": "size", "to": "identity", "_to_copy": "identity", "alias": "identity",
     "contiguous": "identity", "clone": "identity", "detach": "identity",
     "type_as": "identity", "cross_entropy_loss": "cross_entropy", "slice": "slice",
-    "cat": "cat", "expand": "expand", "mean": "mean", "sum": "sum",
+    "cat": "cat", "stack": "stack", "expand": "expand", "mean": "mean", "sum": "sum",
     "_assert_tensor_metadata": "assert",
 }  # fmt: skip
 
@@ -98,7 +98,7 @@ INPLACE = frozenset("add_ sub_ mul_ div_ masked_fill_".split())
 IDENTITY = frozenset({"identity"})
 # Ops that move elements between dimensions without computing.
 LAYOUT = frozenset(
-    "view transpose permute split chunk getitem flatten unsqueeze slice cat expand".split()
+    "view transpose permute split chunk getitem flatten unsqueeze slice cat stack expand".split()
 )
 # What the matcher contracts into one "glue" region between the structural ops.
 GLUE = POINTWISE | INPLACE | IDENTITY | LAYOUT | {"softmax", "log_softmax"}

@@ -9,6 +9,7 @@ from autotp.rule import Rule
 
 from . import (
     attention_fused,
+    attention_per_head,
     attention_separate,
     lm_head,
     mlp,
@@ -18,6 +19,7 @@ from . import (
 )
 
 DEFAULT_RULES: tuple[Rule, ...] = (
+    attention_per_head.RULE,  # before attention_fused: the same shape, heads viewed first
     attention_fused.RULE,
     attention_separate.RULE,
     swiglu.RULE,

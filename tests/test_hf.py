@@ -120,3 +120,39 @@ def _hf_on_rank(rank: int, world: int, name: str, dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("name", MODELS)
 def test_on_gloo(name: str, dtype: torch.dtype) -> None:
     run_on_gloo(_hf_on_rank, 2, name, dtype)
+
+
+def _more(name: str) -> torch.nn.Module:
+    """Architectures whose structures autotp learned from the coverage table."""
+    t = __import__("transformers")
+    torch.manual_seed(0)
+    small = {"vocab_size": 101, "use_cache": False}
+    if name == "gpt_neox":  # q, k, v adjacent per head; parallel attention + MLP
+        cfg = t.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, hidden_dropout=0.0, attention_dropout=0.0,
+                              max_position_embeddings=64, **small)  # fmt: skip
+        return t.GPTNeoXForCausalLM(cfg)
+    if name == "gptj":  # interleaved rotary through torch.stack; parallel block
+        cfg = t.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **small)  # fmt: skip
+        return t.GPTJForCausalLM(cfg)
+    cfg = t.CohereConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, **small)  # fmt: skip
+    return t.CohereForCausalLM(cfg)  # parallel block without dropout: one all-reduce
+
+
+@pytest.mark.parametrize(
+    ("name", "attention", "g"),
+    [("gpt_neox", "attention_per_head_qkv", 7), ("gptj", "attention_separate_qkv", 7),
+     ("cohere", "attention_separate_qkv", 5)],
+)  # fmt: skip
+def test_more_architectures_split_and_equal_serial(name: str, attention: str, g: int) -> None:
+    """g counts 2 per layer where a dropout reads a biased partial output (GPT-J, NeoX),
+    1 per layer for Cohere's parallel block; plus the embedding and the loss's two."""
+    model = _more(name).double()
+    ids = torch.randint(1, 101, (2, 8), generator=torch.Generator().manual_seed(1))
+    x = {"input_ids": ids, "labels": ids}
+    plan = autotp.plan(model, 2, x)
+    assert [m.rule.name for m in plan.matches].count(attention) == 2 and not plan.replicated
+    assert plan.collectives()["g"] == g
+    assert_equivalent(model, x, 2, atol=1e-10, rtol=1e-6)  # rotary tables in float32

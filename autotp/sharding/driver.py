@@ -108,7 +108,19 @@ def _keeps_partial(c: Ctx, n: fx.Node, name: str) -> Partial | None:
     """`a + b` stays partial when both are partial (one all-reduce serves both: a parallel
     attention + MLP block), or when one is partial and read only here and the other is a
     replicated tensor of no larger shape (a residual, a bias added by its own op): that
-    term is added once after the sum. Anything else reads the sum."""
+    term is added once after the sum. A dropout keeps a partial value with nothing pending
+    partial: its mask, drawn from the stream the ranks share, is the same on every rank,
+    and dropout is linear in its input (GPT-J's and NeoX's dropout before the parallel
+    sum). Anything else reads the sum."""
+    if name == "dropout":
+        x = n.args[0] if n.args else None
+        px = c.pl.get(x) if isinstance(x, fx.Node) else None
+        rest = [a for _, a in all_args(n)[1:]]
+        if isinstance(px, Partial) and not px.pending and not any(
+            isinstance(a, fx.Node) for a in rest
+        ) and c.region[x] == c.region[n]:  # fmt: skip
+            return Partial()
+        return None
     if name != "add" or n.kwargs or len(n.args) != 2:
         return None
     out = val(n)

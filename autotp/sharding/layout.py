@@ -341,6 +341,23 @@ def _cat(c: Ctx, n: fx.Node) -> Placement:
     return ps[0]
 
 
+def _stack(c: Ctx, n: fx.Node) -> Placement:
+    """torch.stack of values split alike: a new dimension, before or after the split one
+    (the interleaved rotary of GPT-J and Cohere stacks the rotated halves)."""
+    parts = arg(n, 0, "tensors")
+    ps = [c.p(t) for t in parts]
+    if not any(isinstance(p, Shard) for p in ps):
+        return R
+    if len(set(ps)) != 1:
+        raise c.refuse(
+            n, f"stacking values split as {[str(p) for p in ps]}",
+            "stack values split alike (all from the same split block)",
+        )  # fmt: skip
+    new = norm_dim(arg(n, 1, "dim", 0), ndim(n))
+    s = ps[0]
+    return replace(s, dim=s.dim + 1 if new <= s.dim else s.dim)
+
+
 def _expand(c: Ctx, n: fx.Node) -> Placement:
     """expand(x, sizes) or x.expand(*sizes): the size at the split dimension becomes local."""
     x = n.args[0]
@@ -386,5 +403,6 @@ RULES: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
     "chunk": _split,  # along the split dim: one part per block
     "slice": _slice,  # along a replicated dimension only
     "cat": _cat,  # values split alike, along a replicated dimension
+    "stack": _stack,  # values split alike: the split shifts past a new dimension before it
     "expand": _expand,  # the size argument at the split dimension becomes local
 }
