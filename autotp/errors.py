@@ -31,7 +31,18 @@ class AutoTPError(Exception):
     below say which kind of problem the user has to fix."""
 
     title = "autotp cannot split this model"
-    node: fx.Node | None = None  # the fx node a refusal is about, when there is one
+
+    def __init__(
+        self, message: str = "", *, what: str | None = None,
+        where: dict[str, str] | None = None, hint: str | None = None,
+        node: fx.Node | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        lines = message.splitlines()
+        self.what: str = what if what is not None else (lines[0] if lines else "")
+        self.where: dict[str, str] = dict(where or {})  # node, module, source, rule
+        self.hint: str | None = hint
+        self.node: fx.Node | None = node  # the fx node a refusal is about, if there is one
 
 
 class UsageError(AutoTPError):
@@ -94,6 +105,10 @@ def describe_node(node: fx.Node) -> str:
 def node_error(node: fx.Node, what: str, hint: str, rule: str | None = None) -> AutoTPError:
     """An AutoTPError whose message names `node`, its module and source line, and a hint."""
     rule_line = f"\n  rule:   {rule}" if rule else ""
-    err = AutoTPError(f"{what}\n{describe_node(node)}{rule_line}\n  hint:   {hint}")
-    err.node = node
-    return err
+    where = {"node": node.format_node(), "module": module_path(node), "source": source_line(node)}
+    if rule:
+        where["rule"] = rule
+    return AutoTPError(
+        f"{what}\n{describe_node(node)}{rule_line}\n  hint:   {hint}",
+        what=what, where=where, hint=hint, node=node,
+    )  # fmt: skip

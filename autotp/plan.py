@@ -228,7 +228,7 @@ def _propagate(
                 raise
             matches = [m for m in matches if m is not culprit]
             where = f" ({module_path(e.node)}, {source_line(e.node)})"
-            replicated.append((culprit, str(e).splitlines()[0] + where))
+            replicated.append((culprit, e.what + where))
             if not matches:
                 raise first from None
 

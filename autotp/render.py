@@ -346,6 +346,16 @@ def error_view(err: Exception) -> Panel:
     """An AutoTPError as a person should see it: what, where, what to do, under a title
     that says which kind of problem it is."""
     text = Text()
+    where = getattr(err, "where", None)
+    if where:  # a refusal with its fields: no parsing
+        text.append(err.what + "\n", style="bold red")  # type: ignore[attr-defined]
+        for key, value in where.items():
+            text.append(f"{key:>7s}: ", style="bold")
+            text.append(value + "\n")
+        if err.hint:  # type: ignore[attr-defined]
+            text.append("   hint: ", style="bold")
+            text.append(err.hint + "\n", style="green")  # type: ignore[attr-defined]
+        return Panel(text, title=getattr(err, "title", AutoTPError.title), border_style="red")
     for i, line in enumerate(str(err).splitlines()):
         m = re.match(r"^(\s+)(node|module|source|rule|hint):(\s+)(.*)$", line)
         if i == 0:

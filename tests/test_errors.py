@@ -396,3 +396,27 @@ def test_parallelize_refuses_a_meta_model() -> None:
     autotp.plan(model, 2, inputs_for(model))  # fine
     msg = refusal(autotp.parallelize, model, 1, inputs_for(model))
     assert "on the meta device" in msg and "to_empty" in msg and "autotp.plan" in msg
+
+
+def test_a_refusal_carries_its_parts_as_fields_the_views_read() -> None:
+    """What, where (node, module, source, rule) and the hint are fields of the error; the
+    terminal view draws them without parsing the message."""
+    from autotp.render import error_view, to_text
+
+    class Leaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proj = nn.Linear(8, 32), nn.Linear(32, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc(x))
+            return self.proj(h) + h.data[..., :8]
+
+    with pytest.raises(autotp.AutoTPError) as info:
+        autotp.plan(Leaky(), 2, (torch.randn(2, 3, 8),), strict=True)
+    e = info.value
+    assert "attribute .data" in e.what and e.hint and e.node is not None
+    assert set(e.where) == {"node", "module", "source"}  # and "rule" at a split layer
+    assert "test_errors.py" in e.where["source"]
+    shown = to_text(error_view(e), width=200)
+    assert e.what in shown and e.hint in shown and e.where["source"] in shown
