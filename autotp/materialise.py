@@ -29,6 +29,7 @@ from .rewrite import (
     GATHER_MODULE,
     MAX_MODULE,
     RANK_BUFFER,
+    record,
     site_kind,
 )
 from .sharding import Shard
@@ -228,7 +229,7 @@ def _copy_modes(model: nn.Module, gm: fx.GraphModule) -> None:
     for path, mod in gm.named_modules():
         mod.training = serial[path].training if path in serial else model.training
     for n in gm.graph.nodes:
-        owner = n.meta.get("autotp", {}).get("dropout_of") if n.op == "call_module" else None
+        owner = record(n).dropout_of if n.op == "call_module" else None
         if owner is not None and owner in serial:
             gm.get_submodule(str(n.target)).training = serial[owner].training
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 from . import ops
 from .errors import AutoTPError, module_path, source_line
 from .match import LinearInfo, Match, find_linears, match
-from .rewrite import rewrite
+from .rewrite import record, rewrite
 from .rule import Rule
 from .sharding import Propagation, Shard, VocabOptions, is_split, propagate
 from .trace import Traced, trace
@@ -107,7 +107,7 @@ class Plan:
     def collectives(self) -> dict[str, int]:
         """Collective call sites in the per-rank graph: f (all-reduce backward), g (all-reduce
         forward), max (all-reduce max forward), gather (all-gather forward)."""
-        kinds = [n.meta.get("autotp", {}).get("collective") for n in self.graph.nodes]
+        kinds = [record(n).collective for n in self.graph.nodes]
         return {k: kinds.count(k) for k in ("f", "g", "max", "gather")}
 
     def __rich__(self) -> Any:

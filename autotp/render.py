@@ -1,5 +1,5 @@
 """Stage 9, render: what a person reads in the terminal (rich). Reads only the plan, the
-facts in report.py and `node.meta["autotp"]`, which the passes wrote.
+facts in report.py and the NodeRecord (`rewrite.record(node)`) the rewrite wrote.
 
 Views: `summary` (module tree coloured by placement, with rules and collectives; per-rank
 parameter bytes; communication per step), `graph` (the per-rank graph, changes
@@ -24,7 +24,7 @@ from rich.tree import Tree
 from . import report
 from .errors import AutoTPError
 from .report import KIND_STYLE
-from .rewrite import site_kind
+from .rewrite import NodeRecord, record, site_kind
 
 __all__ = [
     "to_text", "plan_summary", "summary", "graph_view", "diff_view", "unmatched_view",
@@ -281,8 +281,8 @@ def _arg_text(a: Any) -> str:
 
 
 def _target(n: fx.Node) -> str:
-    info = n.meta.get("autotp", {})
-    if n.op == "call_module" and ("collective" in info or "dropout" in info):
+    info = record(n)
+    if n.op == "call_module" and (info.collective or info.dropout):
         return site_kind(n.target)  # a per-call-site module: its kind says what it does
     if n.op in ("call_module", "get_attr"):
         return str(n.target)
@@ -298,22 +298,22 @@ def _node_table(nodes: list[fx.Node], title: str, highlight: bool) -> Table:
     for n in nodes:
         if n.op in ("placeholder", "output") and not highlight:
             continue
-        info = n.meta.get("autotp", {}) if highlight else {}
+        info = record(n) if highlight else NodeRecord()
         style = ""
         change = []
-        if "collective" in info:
+        if info.collective:
             style = KIND_STYLE["collective"]
-            change.append(f"◆ {info['collective']}: {info.get('why', '')}")
-        if info.get("edits"):
-            change.append("shape " + "; ".join(info["edits"]))
+            change.append(f"◆ {info.collective}: {info.why or ''}")
+        if info.edits:
+            change.append("shape " + "; ".join(info.edits))
             style = style or KIND_STYLE["edit"]
-        if "split" in info:
-            style = style or KIND_STYLE.get(str(info["split"]).split()[0], "")
-            change.append(f"{info['split']} shard of {info.get('weight', '')}")
-        if "dropout" in info:
-            change.append(f"dropout stream: {info['dropout']}")
+        if info.split:
+            style = style or KIND_STYLE.get(str(info.split).split()[0], "")
+            change.append(f"{info.split} shard of {info.weight or ''}")
+        if info.dropout:
+            change.append(f"dropout stream: {info.dropout}")
         args = ", ".join(_arg_text(a) for a in n.args)
-        t.add_row(Text(n.name, style=style), _target(n), args, info.get("placement", ""),
+        t.add_row(Text(n.name, style=style), _target(n), args, info.placement or "",
                   Text("\n".join(change), style=style))  # fmt: skip
     return t
 

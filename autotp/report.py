@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from . import ops
 from .errors import module_path
+from .rewrite import record
 from .rule import Column, Row, Vocab
 from .sharding import Shard
 
@@ -121,15 +122,15 @@ def params(plan: Any) -> list[ParamRow]:
 
 def _rule_of_param(plan: Any, name: str) -> str | None:
     user = plan.propagation.param_users.get(name)
-    return (user.meta.get("autotp", {}) or {}).get("rule") if user is not None else None
+    return record(user).rule if user is not None else None
 
 
 def communication(plan: Any) -> list[CommRow]:
     """The collectives one training step runs on each rank, in graph order."""
     rows = []
     for n in plan.graph.nodes:
-        info = n.meta.get("autotp", {})
-        what = info.get("collective")
+        info = record(n)
+        what = info.collective
         if not what:
             continue
         val = n.meta.get("val")
@@ -145,7 +146,7 @@ def communication(plan: Any) -> list[CommRow]:
         }[what]
         if what == "gather":  # each rank sends its slice
             numel = numel // plan.tp
-        rows.append(CommRow(n.name, kind, direction, module_path(n), info.get("rule", ""),
+        rows.append(CommRow(n.name, kind, direction, module_path(n), info.rule or "",
                             numel, dtype))  # fmt: skip
     return rows
 
@@ -196,7 +197,7 @@ def to_json(plan: Any) -> dict[str, Any]:
     """The plan as plain data, for scripts."""
     edits = []
     for n in plan.graph.nodes:
-        for e in n.meta.get("autotp", {}).get("edits", []):
+        for e in record(n).edits:
             edits.append({"node": n.name, "module": module_path(n), "edit": e})
     return {
         "model": plan.model_name,

@@ -27,6 +27,7 @@ Before/after for a GPT-2 MLP:
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +44,8 @@ from .vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_m
 
 __all__ = [
     "rewrite",
+    "NodeRecord",
+    "record",
     "site_kind",
     "F_MODULE",
     "G_MODULE",
@@ -60,8 +63,35 @@ RANK_BUFFER = "tp_rank"  # a 0-dim tensor holding the rank: the only per-rank co
 COLLECTIVE_MODULES = (F_MODULE, G_MODULE, MAX_MODULE, GATHER_MODULE)
 
 
+@dataclass(slots=True)
+class NodeRecord:
+    """What the rewrite records on a node it created or changed, `node.meta["autotp"]`:
+    everything the terminal views, the reports and the rank builders read."""
+
+    rule: str | None = None  # the rule (or "propagation", "output") behind the change
+    placement: str | None = None  # the value's placement, as text ("R", "S(2)", "P")
+    collective: str | None = None  # "f", "g", "max" or "gather" for a collective site
+    why: str | None = None  # one line: why this node is here
+    split: str | None = None  # a split layer's split ("column", "row", "vocab", ...)
+    weight: str | None = None  # a split layer's weight
+    edits: list[str] = field(default_factory=list)  # shape arguments rewritten, as text
+    dropout: str | None = None  # a dropout site's stream: "shared" or "rank"
+    dropout_of: str | None = None  # the dropout module a site replaces
+    split_output: tuple[Shard, int] | None = None  # returned split, kept local: (split, size)
+
+
+def record(node: fx.Node) -> NodeRecord:
+    """The node's record (an empty one where the rewrite changed nothing)."""
+    rec = node.meta.get("autotp")
+    return rec if isinstance(rec, NodeRecord) else NodeRecord()
+
+
 def _tag(node: fx.Node, **info: Any) -> None:
-    node.meta.setdefault("autotp", {}).update(info)
+    rec = node.meta.get("autotp")
+    if not isinstance(rec, NodeRecord):
+        rec = node.meta["autotp"] = NodeRecord()
+    for key, value in info.items():
+        setattr(rec, key, value)  # slots: a misspelt field fails here
 
 
 def _set_path(node: fx.Node, path: tuple[int | str, ...], value: Any) -> None:
@@ -398,5 +428,5 @@ def _apply_edit(graph: fx.Graph, env: dict[fx.Node, fx.Node], e: ArgEdit, tp: in
     else:
         new, shown = e.new, f"{e.old} -> {e.new}"
     _set_path(node, e.path, new)
-    edits = node.meta.setdefault("autotp", {}).setdefault("edits", [])
-    edits.append(shown)
+    _tag(node)
+    record(node).edits.append(shown)

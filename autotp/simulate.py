@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .collectives import simulated_f, simulated_g, simulated_gather, simulated_max
 from .materialise import check_mode
-from .rewrite import F_MODULE, G_MODULE, GATHER_MODULE, MAX_MODULE, site_kind
+from .rewrite import F_MODULE, G_MODULE, GATHER_MODULE, MAX_MODULE, record, site_kind
 from .sharding import Shard
 from .trace import restore_grad, set_grad
 
@@ -159,9 +159,7 @@ def _split_outputs(node: fx.Node) -> list[tuple[Shard, int] | None]:
     leaves = tree_flatten(node.args[0])[0]
     out: list[tuple[Shard, int] | None] = []
     for leaf in leaves:
-        info = leaf.meta.get("autotp", {}) if isinstance(leaf, fx.Node) else {}
-        split = info.get("split_output")
-        out.append(split)
+        out.append(record(leaf).split_output if isinstance(leaf, fx.Node) else None)
     return out
 
 

@@ -17,6 +17,7 @@ import pytest
 import autotp
 from autotp import render
 from autotp.models import build
+from autotp.rewrite import record
 from autotp.run import cli
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -42,7 +43,7 @@ def test_golden_graph_of_one_layer() -> None:
 
 
 def _collective_nodes(plan) -> list[str]:
-    return [n.name for n in plan.graph.nodes if "collective" in n.meta.get("autotp", {})]
+    return [n.name for n in plan.graph.nodes if record(n).collective]
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "bert-tiny", "bert-tiny-preln"])

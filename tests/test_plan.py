@@ -10,6 +10,7 @@ import torch
 
 import autotp
 from autotp.models import build
+from autotp.rewrite import record
 
 
 def _by_target(plan, name):
@@ -31,11 +32,11 @@ def test_shape_constants_rewritten_by_provenance_not_value() -> None:
         assert v.args[3] == 2  # 4 heads -> 2 per rank
         hd = v.args[4]
         assert hd.target is operator.floordiv and hd.args[1] == 4  # C // 4: head width
-        assert "autotp" not in hd.meta or "edits" not in hd.meta["autotp"]
-    (merge,) = [v for v in views if len(v.args) == 4 and v.meta["autotp"].get("edits")]
+        assert not record(hd).edits
+    (merge,) = [v for v in views if len(v.args) == 4 and record(v).edits]
     c = merge.args[3]
     assert c.target is operator.floordiv and c.args[1] == 2  # C -> C // tp
-    assert merge.meta["autotp"]["edits"] == [f"{c.args[0].name} -> {c.args[0].name} // 2"]
+    assert record(merge).edits == [f"{c.args[0].name} -> {c.args[0].name} // 2"]
 
 
 def test_literal_head_count_and_width() -> None:
@@ -49,20 +50,16 @@ def test_literal_head_count_and_width() -> None:
 def test_every_changed_node_records_its_rule() -> None:
     model = build("gpt2-tiny", n_layer=2)
     plan = autotp.plan(model, 2)
-    made = [n for n in plan.graph.nodes if n.meta.get("autotp", {}).get("rule")]
-    assert {n.meta["autotp"]["rule"] for n in made} == {
+    made = [n for n in plan.graph.nodes if record(n).rule]
+    assert {record(n).rule for n in made} == {
         "vocab_embedding", "attention_fused_qkv", "mlp", "lm_head",
         "vocab-parallel cross-entropy", "output",
     }  # fmt: skip
-    colls = sorted(
-        n.meta["autotp"]["collective"]
-        for n in plan.graph.nodes
-        if "collective" in n.meta.get("autotp", {})
-    )
+    colls = sorted(record(n).collective for n in plan.graph.nodes if record(n).collective)
     assert colls == ["f"] * 5 + ["g"] * 7 + ["gather", "max"]
     for n in plan.graph.nodes:  # every node knows its placement
         if n.op not in ("output", "get_attr"):
-            assert "placement" in n.meta.get("autotp", {}), n
+            assert record(n).placement, n
 
 
 def test_plan_is_pure_and_copies_no_weights() -> None:
