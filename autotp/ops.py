@@ -101,7 +101,7 @@ LAYOUT = frozenset(
     "view transpose permute split chunk getitem flatten unsqueeze slice cat stack expand".split()
 )
 # What the matcher contracts into one "glue" region between the structural ops.
-GLUE = POINTWISE | INPLACE | IDENTITY | LAYOUT | {"softmax", "log_softmax"}
+GLUE = POINTWISE | INPLACE | IDENTITY | LAYOUT | {"softmax", "log_softmax", "mean"}
 NORM = frozenset({"layer_norm"})
 
 
