@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import autotp
 from autotp.models import build
+from autotp.rewrite import record
 from autotp.testing import assert_equivalent
 
 B, T, C, H = 2, 5, 16, 4
@@ -136,7 +137,7 @@ def test_rule(factory, inputs, rules, tp: int) -> None:
 def test_shared_input_gets_one_f() -> None:
     """Q, K and V read the same input: one f, not three."""
     plan = autotp.plan(SeparateSdpaAttention(), 2, (_x(),))
-    fs = [n for n in plan.graph.nodes if n.meta.get("autotp", {}).get("collective") == "f"]
+    fs = [n for n in plan.graph.nodes if record(n).collective == "f"]
     assert len(fs) == 1
     assert len(fs[0].users) == 3
 
@@ -144,7 +145,7 @@ def test_shared_input_gets_one_f() -> None:
 def test_row_bias_added_after_all_reduce() -> None:
     """the row-split layer's bias follows g, or it counts tp times."""
     plan = autotp.plan(LinearGeluMLP(), 2, (_x(),))
-    (g,) = [n for n in plan.graph.nodes if n.meta.get("autotp", {}).get("collective") == "g"]
+    (g,) = [n for n in plan.graph.nodes if record(n).collective == "g"]
     (add,) = g.users
     assert add.target.__name__ == "add"
     assert add.args[1].op == "get_attr" and add.args[1].target == "c_proj.bias"

@@ -36,9 +36,10 @@ processes.
 from __future__ import annotations
 
 from .case import Choices, ModelCase
-from .grammar import FEATURES, generate, model_cases, random_case, shrink
+from .grammar import generate, model_cases, random_case, shrink
 from .oracle import Verdict, check_case, check_case_gloo
 from .oracle import _compare as _compare  # tests compare a hand-built pair with it
+from .tables import FEATURES
 
 __all__ = [
     "Choices", "ModelCase", "Verdict", "FEATURES", "generate", "model_cases", "random_case",

@@ -543,41 +543,6 @@ def generate(ch: Choices, tps: Sequence[int] = TPS) -> ModelCase:
     return _Gen(ch).case(tps)
 
 
-def _all_features() -> frozenset[str]:
-    """Every tag the grammar can produce (so a test can check the generator reaches all)."""
-    tags = {f"tp:{t}" for t in TPS} | {"heads_indivisible", "bias:none"}
-    tags |= {f"hidden:{c}" for c in (8, 16, 32)} | {f"layers:{n}" for n in (1, 2)}
-    tags |= {f"input:{s}" for s in ("x", "ids")}
-    tags |= {f"block:{b}" for b in ("mlp", "glu", "attn_fused", "attn_separate")}
-    tags |= {f"linear:{s}" for s in LINEARS}
-    tags |= {f"act:{k}" for k in ACTS} | {f"act_form:{f}" for v in ACTS.values() for f in v}
-    tags |= {f"qkv_split:{s}" for s in QKV_SPLITS} | {f"heads:{s}" for s in HEADS}
-    tags |= {f"softmax:{s}" for s in SOFTMAXES} | {f"merge:{s}" for s in MERGES}
-    tags |= {f"context:{s}" for s in ("matmul_op", "torch_matmul", "einsum")}
-    tags |= {f"attn:{s}" for s in ("matmul", "einsum", "sdpa", "causal", "rotary")}
-    tags |= {"attn:per_head_scale", "attn:alibi", "escape:attn_probs"}
-    tags |= {f"mask:{m}" for m in ("additive", "bool")}
-    tags |= {f"residual:{r}" for r in ("pre_ln", "post_ln", "parallel")}
-    tags |= {f"parallel_sum:{r}" for r in ("residual_first", "residual_last")}
-    tags |= {f"head:{h}" for h in ("untied", "tied_module", "tied_functional", "tied_matmul")}
-    tags |= {f"loss:{x}" for x in ("functional", "module", "sum", "flatten")}
-    tags |= {f"output:{o}" for o in ("tuple", "tensor", "dict", "nested", "list", "namedtuple")}
-    tags |= {f"escape:{e}" for e in ESCAPES}
-    tags |= {f"trap:dropout_{d}" for d in DROPOUTS}
-    tags |= {f"trap:hook:{h}" for h in ("fwd", "pre", "fwd_leaf")}
-    tags |= {f"trap:autograd_{f}" for f in ("GradReverse", "RoundST", "GradReverse_model")}
-    tags |= {f"mode:{m}" for m in ("train->eval", "eval->train", "eval->eval")}
-    tags |= {
-        "trap:inplace_split", "trap:inplace_input", "trap:eval_submodule", "trap:tie_qk",
-        "trap:training_branch", "trap:no_grad_side", "trap:no_grad_block", "trap:noise",
-        "tool:comm_debug_mode",
-    }  # fmt: skip
-    return frozenset(tags)
-
-
-FEATURES = _all_features()
-
-
 def model_cases(tps: Sequence[int] = TPS):
     """A hypothesis strategy of ModelCase; shrinks towards the simplest structures."""
     from hypothesis import strategies as st
