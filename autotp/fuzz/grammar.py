@@ -179,10 +179,17 @@ class _Gen:
         bias = self.ch.pick((True, False))
         body = cls.body
         body.append(self.ch.pick(("B, T, C = x.size()", "B, T, C = x.shape")))
+        per_head = False
         if kind == "attn_fused":
             qkv = self.linear(cls, "c_attn", C, 3 * C, bias=bias)
             body.append(f"qkv = {qkv('x')}")
-            body.append(f"q, k, v = {QKV_SPLITS[self.pick('qkv_split', list(QKV_SPLITS))]}")
+            per_head = self.flag("attn:qkv_per_head", 0.2)  # GPT-NeoX: [q_h k_h v_h] per head
+            if per_head:
+                body.append(f"qkv = qkv.view(B, T, {H}, {3 * hd})")
+                body.append(self.ch.pick(("q, k, v = qkv.chunk(3, dim=-1)",
+                                          "q, k, v = qkv.split(self.hd, dim=-1)")))  # fmt: skip
+            else:
+                body.append(f"q, k, v = {QKV_SPLITS[self.pick('qkv_split', list(QKV_SPLITS))]}")
         else:
             s = self.ch.pick(LINEARS)
             tie = self.flag("trap:tie_qk", 0.12)
@@ -193,7 +200,21 @@ class _Gen:
         heads = self.pick("heads", list(HEADS))
         perm = self.ch.pick((".transpose(1, 2)", ".permute(0, 2, 1, 3)"))
         for t in "qkv":
-            body.append(f"{t} = {HEADS[heads].format(t=t, H=H, hd=hd)}{perm}")
+            view = t if per_head else HEADS[heads].format(t=t, H=H, hd=hd)
+            body.append(f"{t} = {view}{perm}")
+        if hd % 2 == 0 and self.flag("attn:rotary_interleaved", 0.1):  # GPT-J: torch.stack
+            self.helper("rotate_every_two")
+            cls.init.append(f'self.register_buffer("angle", torch.rand({T}, {hd}))')
+            body += [
+                "cos, sin = self.angle[:T].cos(), self.angle[:T].sin()",
+                "q = q * cos + rotate_every_two(q) * sin",
+                "k = k * cos + rotate_every_two(k) * sin",
+            ]
+        if self.flag("attn:qk_norm", 0.1):  # Qwen3: an RMSNorm over each head's features
+            body += [
+                "q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)",
+                "k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6)",
+            ]
         if hd % 2 == 0 and self.flag("attn:rotary", 0.2):
             self.helper("rotate_half")
             cls.init += [

@@ -92,6 +92,10 @@ HELPERS = {
 def rotate_half(t):
     t1, t2 = t.chunk(2, dim=-1)
     return torch.cat((-t2, t1), dim=-1)""",
+    "rotate_every_two": """
+def rotate_every_two(t):
+    t1, t2 = t[..., ::2], t[..., 1::2]
+    return torch.stack((-t2, t1), dim=-1).flatten(-2)""",
     "GradReverse": """
 class GradReverse(torch.autograd.Function):
     @staticmethod
@@ -112,6 +116,8 @@ class RoundST(torch.autograd.Function):
         return g""",
     "double_output": """
 def double_output(module, args, output):
+    if isinstance(output, tuple):  # a block that also returns an extra value
+        return (output[0] * 2.0, *output[1:])
     return output * 2.0""",
     "shift_input": """
 def shift_input(module, args):
@@ -131,7 +137,8 @@ def _all_features() -> frozenset[str]:
     tags |= {f"softmax:{s}" for s in SOFTMAXES} | {f"merge:{s}" for s in MERGES}
     tags |= {f"context:{s}" for s in ("matmul_op", "torch_matmul", "einsum")}
     tags |= {f"attn:{s}" for s in ("matmul", "einsum", "sdpa", "causal", "rotary")}
-    tags |= {"attn:per_head_scale", "attn:alibi", "escape:attn_probs"}
+    tags |= {"attn:per_head_scale", "attn:alibi", "escape:attn_probs", "attn:qkv_per_head"}
+    tags |= {"attn:rotary_interleaved", "attn:qk_norm"}
     tags |= {f"mask:{m}" for m in ("additive", "bool")}
     tags |= {f"residual:{r}" for r in ("pre_ln", "post_ln", "parallel")}
     tags |= {f"parallel_sum:{r}" for r in ("residual_first", "residual_last")}
