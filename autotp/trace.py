@@ -328,6 +328,20 @@ def dynamic_dims(value: Any) -> dict[int, Any] | None:
     return {i: torch.export.Dim.DYNAMIC for i in range(min(value.dim(), count))}
 
 
+def _widened(inputs: dict[str, Any], dims: dict[str, Any]) -> dict[str, Any]:
+    """The inputs with every dynamic dimension of size 1 doubled (the values repeated):
+    torch.export specialises a dimension it sees as 1, so an example batch of one would
+    fix the batch. Only the tracing sees these; shapes are then read from the real ones."""
+    out = dict(inputs)
+    for name, spec in dims.items():
+        v = inputs[name]
+        for d in spec or {}:
+            if isinstance(v, torch.Tensor) and v.shape[d] == 1:
+                v = torch.cat([v, v], d)
+        out[name] = v
+    return out
+
+
 def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
     """torch.export (non-strict) with the dimensions that really vary made dynamic (see
     `dynamic_dims`); the unlifted module keeps the parameters as attributes shared with
@@ -346,7 +360,9 @@ def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
             # with grad enabled, so that no_grad regions inside forward are recorded (a
             # wrap_with_set_grad_enabled call); under an outer no_grad they would vanish
             with torch.enable_grad():
-                ep = torch.export.export(model, (), inputs, dynamic_shapes=dims, strict=False)
+                ep = torch.export.export(
+                    model, (), _widened(inputs, dims), dynamic_shapes=dims, strict=False
+                )
         finally:
             torch.autograd.Function.apply = apply
     except Exception as e:  # noqa: BLE001 - becomes an actionable error

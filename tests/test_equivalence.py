@@ -41,6 +41,35 @@ def test_tp1_is_the_original_function() -> None:
         assert assert_equivalent(model, x, 1, atol=0.0).largest() == 0.0
 
 
+class Patches(torch.nn.Module):
+    """An image model's front: pixel_values [B, C, H, W], channels feed a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 16)
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.embed(pixel_values.flatten(2).transpose(1, 2))  # (B, H*W, C) -> hidden
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def test_export_keeps_channels_static_and_batch_dynamic() -> None:
+    """Only the dimensions that vary are dynamic: the batch of every input, the sequence of
+    token inputs; the channels of pixel_values stay static (they were dynamic, and export
+    refused the model: "Constraints violated")."""
+    from autotp.trace import dynamic_dims
+
+    model = Patches().double()
+    x = {"pixel_values": torch.randn(2, 4, 3, 3, dtype=torch.float64)}
+    sim = autotp.simulate(model, 2, x, frontend="export")
+    other = torch.randn(5, 4, 3, 3, dtype=torch.float64)  # another batch
+    with torch.no_grad():
+        assert (sim(pixel_values=other) - model(other)).abs().max().item() <= ATOL
+    assert list(dynamic_dims(x["pixel_values"])) == [0]
+    assert list(dynamic_dims(torch.zeros(2, 7, dtype=torch.long))) == [0, 1]
+
+
 def test_export_front_end_gives_the_same_function() -> None:
     """The reference models through torch.export (aten ops, dynamic batch and sequence)
     equal serial like the fx route."""
@@ -52,3 +81,15 @@ def test_export_front_end_gives_the_same_function() -> None:
             model, None, 2, parallel=lambda m, tp, x: autotp.simulate(m, tp, x, frontend="export")
         )
         assert report.largest() <= ATOL
+
+
+def test_export_with_an_example_batch_of_one_keeps_the_batch_dynamic() -> None:
+    """torch.export fixes a dimension it sees as 1; autotp traces with that dimension
+    doubled, so a model planned on one example runs on any batch (it was refused)."""
+    model = Patches().double()
+    one = {"pixel_values": torch.randn(1, 4, 3, 3, dtype=torch.float64)}
+    sim = autotp.simulate(model, 2, one, frontend="export")
+    other = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        assert (sim(pixel_values=other) - model(other)).abs().max().item() <= ATOL
+        assert (sim(**one) - model(**one)).abs().max().item() <= ATOL
