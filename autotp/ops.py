@@ -76,8 +76,11 @@ _ATEN: dict[str, str] = {
     "sym_size": "size", "to": "identity", "_to_copy": "identity", "alias": "identity",
     "contiguous": "identity", "clone": "identity", "detach": "identity",
     "type_as": "identity", "cross_entropy_loss": "cross_entropy", "slice": "slice",
-    "cat": "cat", "stack": "stack", "expand": "expand", "mean": "mean", "sum": "sum",
+    "cat": "cat", "stack": "stack", "index": "index", "expand": "expand", "mean": "mean",
+    "sum": "sum",
     "_assert_tensor_metadata": "assert",
+    "add_": "add_", "sub_": "sub_", "mul_": "mul_", "div_": "div_",
+    "masked_fill_": "masked_fill_",
 }  # fmt: skip
 
 _MODULES: dict[type, str] = {
@@ -98,7 +101,8 @@ INPLACE = frozenset("add_ sub_ mul_ div_ masked_fill_".split())
 IDENTITY = frozenset({"identity"})
 # Ops that move elements between dimensions without computing.
 LAYOUT = frozenset(
-    "view transpose permute split chunk getitem flatten unsqueeze slice cat stack expand".split()
+    "view transpose permute split chunk getitem index flatten unsqueeze slice cat stack "
+    "expand".split()
 )
 # What the matcher contracts into one "glue" region between the structural ops.
 GLUE = POINTWISE | INPLACE | IDENTITY | LAYOUT | {"softmax", "log_softmax", "mean"}

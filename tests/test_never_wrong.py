@@ -86,11 +86,21 @@ class Indexed(MLP):
 
 
 @pytest.mark.parametrize(
-    "index", [[0, 1], (slice(None), [0, 2]), (Ellipsis, [0, 1]), (0, True), torch.tensor([1, 0])]
-)
+    "index", [(Ellipsis, [0, 1]), (slice(None), slice(None), [0, 1]), (0, True),
+              ([0, 1], slice(None), [0, 1]), (Ellipsis, torch.tensor([True, False]))],
+)  # fmt: skip
 def test_list_bool_and_tensor_indices_of_a_split_value_are_refused(index: object) -> None:
+    """Along the split dimension, booleans, or more than one advanced index: refused."""
     with pytest.raises(autotp.AutoTPError, match="index"):
         _propagate(Indexed(index), {"fc": column, "proj": row})
+
+
+@pytest.mark.parametrize("index", [[1, 0], (slice(None), [2, 0, 1]), torch.tensor([1, 0])])
+def test_one_integer_index_off_the_split_dimension_keeps_the_split(index: object) -> None:
+    """h[[1, 0]], h[:, [2, 0, 1]], h[tensor]: gathers along replicated dimensions."""
+    prop = _propagate(Indexed(index), {"fc": column, "proj": row})
+    assert prop.params["proj.weight"].dim == 1
+    assert_equivalent(Indexed(index), (_x(),), tp=2)
 
 
 def test_int_and_slice_indices_before_the_split_dimension_propagate() -> None:

@@ -305,3 +305,38 @@ def test_an_in_place_op_that_would_change_placement_is_refused() -> None:
     splits = {up: (Column(), linears[up]), down: (Row(), linears[down])}
     with pytest.raises(autotp.AutoTPError, match="in-place add_ would make"):
         propagate(gm, 2, linears, splits)
+
+
+class InPlaceSums(nn.Module):
+    """Falcon's `mlp_output += attention_output` (nothing reads mlp_output again: one
+    all-reduce for both), and `m.add_(x)` followed by a read of m (the change must be
+    seen there: that block stays replicated)."""
+
+    def __init__(self, reread: bool) -> None:
+        super().__init__()
+        self.reread = reread
+        self.a1, self.a2 = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+        self.m1, self.m2 = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a2(F.relu(self.a1(x)))
+        m = self.m2(F.gelu(self.m1(x)))
+        if self.reread:
+            m.add_(x)
+            return m * 2.0 + a
+        m += a
+        return m + x
+
+
+@pytest.mark.parametrize("reread", [False, True])
+def test_in_place_sums_of_partial_values(reread: bool) -> None:
+    model = InPlaceSums(reread).double()
+    plan = autotp.plan(model, 2, (_x(),))
+    if reread:
+        assert [m.rule.name for m in plan.matches] == ["mlp"]
+        assert "in-place" in plan.replicated[0][1]
+    else:
+        assert [m.rule.name for m in plan.matches] == ["mlp", "mlp"]
+        assert plan.collectives()["g"] == 1
+    for frontend in ("fx", "export"):
+        _equal(model, _x(), 2, frontend)

@@ -73,7 +73,8 @@ def propagate(
             if kept is not None:
                 c.pl[n] = kept
                 continue
-            if name in ops.INPLACE:  # readers of the partial value would miss the change
+            if name in ops.INPLACE or name.endswith("_"):  # in place: other readers of
+                # the partial value would miss the change
                 raise c.refuse(
                     n, f"in-place {name} on a partial value (a row-split linear's output "
                     "before its all-reduce)", "write it out of place (y = x + ...)",
@@ -105,7 +106,8 @@ def propagate(
 
 
 def _keeps_partial(c: Ctx, n: fx.Node, name: str) -> Partial | None:
-    """`a + b` stays partial when both are partial (one all-reduce serves both: a parallel
+    """`a + b` (or `a += b` when nothing reads `a` again: Falcon's `mlp_output +=
+    attention_output`) stays partial when both are partial (one all-reduce serves both: a parallel
     attention + MLP block), or when one is partial and read only here and the other is a
     replicated tensor of no larger shape (a residual, a bias added by its own op): that
     term is added once after the sum. A dropout keeps a partial value with nothing pending
@@ -121,8 +123,10 @@ def _keeps_partial(c: Ctx, n: fx.Node, name: str) -> Partial | None:
         ) and c.region[x] == c.region[n]:  # fmt: skip
             return Partial()
         return None
-    if name != "add" or n.kwargs or len(n.args) != 2:
+    if name not in ("add", "add_") or n.kwargs or len(n.args) != 2:
         return None
+    if name == "add_" and (not isinstance(n.args[0], fx.Node) or len(n.args[0].users) != 1):
+        return None  # x += y where x is read again: the change must be seen there
     out = val(n)
     if not isinstance(out, torch.Tensor) or not all(isinstance(a, fx.Node) for a in n.args):
         return None

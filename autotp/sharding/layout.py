@@ -89,17 +89,19 @@ def _getitem(c: Ctx, n: fx.Node) -> Placement:
         if any(isinstance(x, fx.Node) and is_split(c.p(x)) for _, x in all_args(n)[1:]):
             raise c.refuse(n, "indexing with a split index", "index with replicated values")
         return R
-    # A split tensor: ints, slices, None and ... only (a list, bool or tensor index has no
-    # rule), and only full slices may touch the split dimension.
+    # A split tensor: ints, slices, None and ..., plus at most one 1-D integer index (a
+    # list of ints, or a replicated integer tensor: its result dimension stays in place);
+    # only full slices may touch the split dimension.
+    advanced = [it for it in items if _is_gather_index(c, it)]
     for it in items:
         basic = it is None or it is Ellipsis or isinstance(it, slice)
         basic = basic or (isinstance(it, int) and not isinstance(it, bool))
         basic = basic or (isinstance(it, fx.Node) and isinstance(val(it), int))
-        if not basic:
+        if not basic and not (len(advanced) == 1 and it is advanced[0]):
             raise c.refuse(
                 n, f"index {it!r} ({type(val(it)).__name__}) into a split value",
-                "index split values with ints and slices only; gather with a list or "
-                "tensor index outside the split block",
+                "index split values with ints, slices and one list or integer tensor of "
+                "replicated positions; gather otherwise outside the split block",
             )  # fmt: skip
     nd = ndim(base)
     n_explicit = sum(1 for it in items if it is not None and it is not Ellipsis)
@@ -122,10 +124,44 @@ def _getitem(c: Ctx, n: fx.Node) -> Placement:
                 n, f"indexing {it!r} along the split dimension {pb.dim}",
                 "index only replicated dimensions of a split tensor",
             )  # fmt: skip
-        if isinstance(it, slice):
+        if isinstance(it, slice) or (advanced and it is advanced[0]):
             out_dim += 1
         in_dim += 1
     return replace(pb, dim=out_dim + pb.dim - in_dim)
+
+
+def _is_gather_index(c: Ctx, it: object) -> bool:
+    """A list of ints, or a 1-D integer tensor that is the same on every rank."""
+    if isinstance(it, list):
+        return bool(it) and all(isinstance(i, int) and not isinstance(i, bool) for i in it)
+    if isinstance(it, fx.Node):
+        v = val(it)
+        integer = isinstance(v, torch.Tensor) and not v.is_floating_point()
+        return integer and v.dtype != torch.bool and v.dim() == 1 and c.p(it) == R
+    return False
+
+
+def _index(c: Ctx, n: fx.Node) -> Placement:
+    """aten.index(x, [None, ..., idx, ...]): one 1-D integer index tensor of replicated
+    positions, on a dimension that is not split; its result dimension stays in place."""
+    x, indices = n.args[0], n.args[1]
+    px = c.p(x)
+    if not isinstance(px, Shard):
+        if any(isinstance(i, fx.Node) and is_split(c.p(i)) for i in indices):
+            raise c.refuse(n, "indexing with a split index", "index with replicated values")
+        return R
+    tensors = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(tensors) != 1 or not _is_gather_index(c, tensors[0][1]):
+        raise c.refuse(
+            n, "an advanced index into a split value other than one 1-D integer index",
+            "gather with one list or integer tensor, or outside the split block",
+        )  # fmt: skip
+    if tensors[0][0] == px.dim:
+        raise c.refuse(
+            n, f"indexing along the split dimension {px.dim}",
+            "index only replicated dimensions of a split tensor",
+        )  # fmt: skip
+    return px
 
 
 def _transpose(c: Ctx, n: fx.Node) -> Placement:
@@ -394,6 +430,7 @@ RULES: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
     "size": _size,  # a local size where the tensor is split
     "getattr": _getattr,  # x.shape like size(); dtype/device replicated
     "getitem": _getitem,  # tuple element, or a tensor index that leaves the split whole
+    "index": _index,  # aten.index: one integer index off the split dimension
     "view": _view,  # split moves to the outermost dim of its group; its size arg rewritten
     "flatten": _flatten,  # like view, no size arguments
     "transpose": _transpose,  # the split follows its dimension
