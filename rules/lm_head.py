@@ -10,7 +10,9 @@ are never gathered. Logits the model returns are gathered (or kept local on requ
 The weight may be tied to the input embedding: the same shard serves both.
 An output layer is recognised by what it feeds (a cross-entropy, or the model's output)
 and by its vocabulary: a cross-entropy's classes, or a weight tied to or as wide as a
-table the model's inputs index (BERT's pooler, hidden -> hidden, is no output layer).
+table the model's inputs index (BERT's pooler, hidden -> hidden, is no output layer), and
+nothing but the logits reaches the region between it and the loss or the output (a
+projection added to the residual stream is no output layer, however wide).
 Motivated by GPT-2's `lm_head` and BERT's `cls.predictions.decoder`.
 """
 
@@ -36,13 +38,13 @@ RULE = Rule(
     name="lm_head",
     patterns=(
         pattern({"head": "linear", "loss": "cross_entropy"}, [("head", "loss", 0)]),
-        pattern(
-            {"head": "linear", "logits": "glue", "loss": "cross_entropy"},
+        pattern(  # logits reshaped, cast or scaled on their own: glue of one input
+            {"head": "linear", "logits": ("glue", 1), "loss": "cross_entropy"},
             [("head", "logits", None), ("logits", "loss", 0)],
         ),
         pattern({"head": "linear", "out": "output"}, [("head", "out", None)]),
-        pattern(
-            {"head": "linear", "logits": "glue", "out": "output"},
+        pattern(  # not a residual sum: an inner projection as wide as the vocabulary
+            {"head": "linear", "logits": ("glue", 1), "out": "output"},
             [("head", "logits", None), ("logits", "out", None)],
         ),
     ),
