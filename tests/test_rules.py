@@ -234,3 +234,26 @@ def test_a_users_own_rule_as_in_the_readme() -> None:
     assert_equivalent(
         model, (x, keep), 2, parallel=lambda m, tp, xs: autotp.simulate(m, tp, xs, rules=rules)
     )
+
+
+def test_a_projection_added_to_the_residual_is_no_output_layer() -> None:
+    """As wide as the vocabulary by coincidence, but added to the residual stream before
+    the output: not an output layer (it was vocabulary-split, then gathered)."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = nn.Embedding(16, 16)
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            x = self.wte(ids)
+            return x + self.proj(torch.tanh(x))
+
+    from autotp.match import match
+    from autotp.rules import DEFAULT_RULES
+    from autotp.trace import trace
+
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
+    gm = trace(Residual(), (ids,)).gm
+    assert "lm_head" not in [m.rule.name for m in match(gm, DEFAULT_RULES)]
