@@ -164,7 +164,7 @@ def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
                 found[n] = LinearInfo(
                     n, n.args[0], str(n.args[1].target), None, "in_out", w.shape[0], w.shape[1]
                 )
-            wnode = _transposed_param(gm, n.args[1], n)
+            wnode = None if n in found else _transposed_param(gm, n.args[1], n)
             if wnode is not None and isinstance(n.args[0], fx.Node):
                 w = gm.get_parameter(str(wnode.target))
                 found[n] = LinearInfo(

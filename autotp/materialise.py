@@ -141,12 +141,14 @@ def build_rank_module(
     """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors.
     `source` is the traced graph module (sharing `model`'s tensors): the graph's module and
     attribute targets are looked up there."""
-    serial = dict(model.named_parameters(remove_duplicate=False))
-    serial.update(source.named_parameters(remove_duplicate=False))
-    serial_buffers = dict(model.named_buffers(remove_duplicate=False))
-    serial_buffers.update(source.named_buffers(remove_duplicate=False))
+    # the tensors to cut, by name: `model`'s own, also when the plan's graph module shares
+    # the tensors of another instance it was planned on (a plan made on the meta device)
+    own = {**dict(model.named_parameters(remove_duplicate=False)),
+           **dict(model.named_buffers(remove_duplicate=False))}  # fmt: skip
+    serial = {**own, **dict(source.named_parameters(remove_duplicate=False)),
+              **dict(source.named_buffers(remove_duplicate=False))}  # fmt: skip
     names_of: dict[int, list[str]] = {}
-    for name, t in [*serial.items(), *serial_buffers.items()]:
+    for name, t in serial.items():
         names_of.setdefault(id(t), []).append(name)
     made: dict[int, torch.Tensor] = {}
     splits = dict(splits)
@@ -160,11 +162,6 @@ def build_rank_module(
             )
         for n in names if specs else ():
             splits[n] = next(iter(specs.values()))
-
-    # the tensors to cut, by name: `model`'s own, also when the plan's graph module shares
-    # the tensors of another instance it was planned on (a plan made on the meta device)
-    own = {**dict(model.named_parameters(remove_duplicate=False)),
-           **dict(model.named_buffers(remove_duplicate=False))}  # fmt: skip
 
     def new_tensor(t: torch.Tensor) -> torch.Tensor:
         key = id(t)

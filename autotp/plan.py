@@ -49,7 +49,8 @@ class Plan:
     def check_fits(self, model: nn.Module) -> None:
         """Refuse `model` unless it has the tensors this plan was made for (names, shapes,
         ties): a plan made on one instance (e.g. on the meta device) serves any other."""
-        mine, theirs = dict(self.signature[0]), dict(model_signature(model)[0])
+        shapes, ties = model_signature(model)
+        mine, theirs = dict(self.signature[0]), dict(shapes)
         for name in sorted(set(mine) | set(theirs)):
             if mine.get(name) != theirs.get(name):
                 have = "absent" if name not in theirs else f"shape {list(theirs[name])}"
@@ -59,7 +60,7 @@ class Plan:
                     f"{want}, but the model given has it {have}\n  hint:   plan the model "
                     "you parallelize (autotp.plan(model, tp)), or build it the same way"
                 )
-        if self.signature[1] != model_signature(model)[1]:
+        if self.signature[1] != ties:
             raise AutoTPError(
                 f"this plan was made for a {self.model_name} whose tied weights differ from "
                 "the model given (e.g. an output layer tied to the embedding in one only)"

@@ -88,22 +88,25 @@ class Ctx:
 
     def reduce(self, value: fx.Node, consumer: fx.Node) -> None:
         """`consumer` reads the sum of the partial `value`: one g, shared by its readers."""
-        readers = self.reduces.setdefault(value, [])
-        if consumer not in readers:
-            readers.append(consumer)
+        _add_reader(self.reduces, value, consumer)
 
     def cut(self, value: fx.Node, consumer: fx.Node, shard: Shard) -> None:
         """`consumer` reads this rank's slice of the replicated `value` (no communication);
         its gradient is then partial, so the value also gets f."""
-        self.cuts.append(Cut(value, consumer, shard))
+        if Cut(value, consumer, shard) not in self.cuts:  # an operand read twice: one cut
+            self.cuts.append(Cut(value, consumer, shard))
         self.needs_f(value, consumer)
 
     def needs_f(self, value: Any, consumer: fx.Node) -> None:
         """`value` (replicated) feeds split compute in `consumer`: its gradient is partial."""
         if isinstance(value, fx.Node) and self.grad.get(value, False):
-            users = self.f_inputs.setdefault(value, [])
-            if consumer not in users:
-                users.append(consumer)
+            _add_reader(self.f_inputs, value, consumer)
+
+
+def _add_reader(table: dict[fx.Node, list[fx.Node]], value: fx.Node, reader: fx.Node) -> None:
+    readers = table.setdefault(value, [])
+    if reader not in readers:
+        readers.append(reader)
 
 
 def val(n: Any) -> Any:

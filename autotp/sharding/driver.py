@@ -73,8 +73,8 @@ def propagate(
             if kept is not None:
                 c.pl[n] = kept
                 continue
-            if name in ops.INPLACE or name.endswith("_"):  # in place: other readers of
-                # the partial value would miss the change
+            if name.endswith("_"):  # in place (ops.INPLACE, aten add_, relu_, ...): other
+                # readers of the partial value would miss the change
                 raise c.refuse(
                     n, f"in-place {name} on a partial value (a row-split linear's output "
                     "before its all-reduce)", "write it out of place (y = x + ...)",
@@ -106,14 +106,15 @@ def propagate(
 
 
 def _keeps_partial(c: Ctx, n: fx.Node, name: str) -> Partial | None:
-    """`a + b` (or `a += b` when nothing reads `a` again: Falcon's `mlp_output +=
-    attention_output`) stays partial when both are partial (one all-reduce serves both: a parallel
-    attention + MLP block), or when one is partial and read only here and the other is a
-    replicated tensor of no larger shape (a residual, a bias added by its own op): that
-    term is added once after the sum. A dropout keeps a partial value with nothing pending
-    partial: its mask, drawn from the stream the ranks share, is the same on every rank,
-    and dropout is linear in its input (GPT-J's and NeoX's dropout before the parallel
-    sum). Anything else reads the sum."""
+    """What stays partial, or None where `n` reads the sum:
+    - `a + b` of two partial values: one all-reduce serves both (a parallel attention +
+      MLP block);
+    - `a + b` of a partial value read only here and a replicated tensor of its shape (a
+      residual, a bias added by its own op): that term is added once, after the sum;
+    - `a += b` as either, when nothing reads `a` again (Falcon's `mlp_output +=
+      attention_output`);
+    - a dropout of a partial value with nothing pending: its mask, from the stream the
+      ranks share, is the same on every rank, and dropout is linear in its input."""
     if name == "dropout":
         x = n.args[0] if n.args else None
         px = c.pl.get(x) if isinstance(x, fx.Node) else None

@@ -58,14 +58,11 @@ class Partial:
     pending: tuple[str | fx.Node, ...] = ()
 
     def __str__(self) -> str:
-        k = len(self.pending)
-        return (
-            "P"
-            if k == 0
-            else "P + bias"
-            if k == 1 and isinstance(self.pending[0], str)
-            else f"P + {k} terms"
-        )
+        if not self.pending:
+            return "P"
+        if len(self.pending) == 1 and isinstance(self.pending[0], str):
+            return "P + bias"
+        return f"P + {len(self.pending)} terms"
 
 
 @dataclass(frozen=True)
