@@ -40,6 +40,7 @@ from .errors import node_error
 from .match import EmbeddingInfo, Match
 from .rule import Row
 from .sharding import ArgEdit, Cut, DivideByTP, LossInfo, Partial, Propagation, Shard
+from .sharding.call import canonical
 from .vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
 
 __all__ = [
@@ -92,6 +93,13 @@ def _tag(node: fx.Node, **info: Any) -> None:
         rec = node.meta["autotp"] = NodeRecord()
     for key, value in info.items():
         setattr(rec, key, value)  # slots: a misspelt field fails here
+
+
+def _get_path(node: fx.Node, path: tuple[int | str, ...]) -> Any:
+    a: Any = node.args[path[0]] if isinstance(path[0], int) else node.kwargs[path[0]]
+    for i in path[1:]:
+        a = a[i]
+    return a
 
 
 def _set_path(node: fx.Node, path: tuple[int | str, ...], value: Any) -> None:
@@ -335,8 +343,7 @@ def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: st
 
 def _vocab_parallel_loss(graph: fx.Graph, node: fx.Node, info: LossInfo) -> fx.Node:
     """cross_entropy(logits, target) -> max, terms, two sums, reduce (vocab.py)."""
-    logits = node.args[0] if node.args else node.kwargs["input"]
-    target = node.args[1] if len(node.args) > 1 else node.kwargs["target"]
+    logits, target = _get_path(node, info.logits_at), _get_path(node, info.target_at)
     made = []
     with graph.inserting_before(node):
         rank = graph.get_attr(RANK_BUFFER)
@@ -376,17 +383,10 @@ def _stream_dropout(
     dropout module's site follows that module's own train()/eval() flag (copied when the
     rank module is built); a functional dropout keeps its `training` argument as traced
     (F.dropout's default is True, whatever the module's mode)."""
-    if old.op == "call_module":
-        mod = gm.get_submodule(str(old.target))
-        p, training, inplace = mod.p, None, getattr(mod, "inplace", False)
-        owner: str | None = str(old.target)
-    else:
-        aten = isinstance(old.target, torch._ops.OpOverload) or old.target is torch.dropout
-        p = old.args[1] if len(old.args) > 1 else old.kwargs.get("p", 0.5)
-        key = "train" if aten else "training"
-        training = old.args[2] if len(old.args) > 2 else old.kwargs.get(key, True)
-        inplace = bool(old.args[3] if len(old.args) > 3 else old.kwargs.get("inplace", False))
-        owner = None
+    call = canonical(old, gm, "dropout")
+    p, training, inplace = call["p"], call["training"], bool(call["inplace"])
+    owner = str(old.target) if old.op == "call_module" else None
+    if owner is None:
         if isinstance(training, fx.Node) or isinstance(p, fx.Node):
             raise node_error(
                 old, "dropout with a computed `p` or `training` argument",

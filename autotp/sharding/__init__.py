@@ -1,7 +1,8 @@
 """Sharding propagation (stage 3): placements for every value of the traced graph.
 
 placement.py   the placements (R, S(d), S(d x b), P, local ints) and the result type
-context.py     the propagation state and argument helpers
+call.py        each op call canonicalised into one record, whatever its spelling
+context.py     the propagation state and its helpers
 layout.py      table entries for views, reshapes, indexing, splits and joins
 compute.py     table entries for elementwise ops, reductions, matmul and attention
 layers.py      table entries for split linears and embeddings, the loss, the outputs

@@ -10,30 +10,23 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from .context import (
-    Ctx,
-    all_args,
-    arg,
-    check_replicated_rest,
-    ndim,
-    norm_dim,
-    param_names,
-    val,
-)
+from .call import Call
+from .context import Ctx, check_replicated, ndim, param_names, val
 from .placement import LOCAL, LocalInt, Placement, R, Shard
 
 
-def _pointwise(c: Ctx, n: fx.Node) -> Placement:
+def _pointwise(c: Ctx, call: Call) -> Placement:
     """Elementwise with broadcasting: split operands must agree; replicated ones must
     broadcast along the split dimension (size 1), be parameters, which are then split, or
     are cut: each rank reads its slice (a per-head buffer such as ALiBi slopes, a bias
     buffer over the padded vocabulary)."""
+    n = call.node
     out = val(n)
     if not isinstance(out, torch.Tensor):
-        return _int_arith(c, n)
+        return _int_arith(c, call)
     nd = out.dim()
     split: Shard | None = None
-    for _, a in all_args(n):
+    for a in call.leaves():
         pa = c.p(a)
         if isinstance(pa, LocalInt):
             raise c.refuse(n, "a local size is used as a value", "compute it from R values")
@@ -47,7 +40,7 @@ def _pointwise(c: Ctx, n: fx.Node) -> Placement:
             split = s
     if split is None:
         return R
-    for _, a in all_args(n):
+    for a in call.leaves():
         if not isinstance(a, fx.Node) or not isinstance(val(a), torch.Tensor):
             continue
         if c.pl[a] != R:
@@ -66,23 +59,23 @@ def _pointwise(c: Ctx, n: fx.Node) -> Placement:
     return split
 
 
-def _inplace(c: Ctx, n: fx.Node) -> Placement:
+def _inplace(c: Ctx, call: Call) -> Placement:
     """x.add_(y), x += y: the elementwise rule, and the result must be placed as x is: an
     in-place op cannot move x's elements between ranks."""
-    x = n.args[0]
+    x = call["0"]
     before = c.p(x)
-    out = _pointwise(c, n)
+    out = _pointwise(c, call)
     if out != before:
         raise c.refuse(
-            n, f"in-place {ops.op_name(n, c.gm)} would make {x.name} ({before}) {out}",
+            call.node, f"in-place {call.op} would make {x.name} ({before}) {out}",
             "write it out of place (y = x + ...), or keep the op outside the split block",
         )  # fmt: skip
     return out
 
 
-def _int_arith(c: Ctx, n: fx.Node) -> Placement:
-    name = ops.op_name(n, c.gm)
-    a = [c.p(x) for x in n.args]
+def _int_arith(c: Ctx, call: Call) -> Placement:
+    n, name = call.node, call.op
+    a = [c.p(x) for x in (call["0"], call["1"])]
     if not any(isinstance(x, LocalInt) for x in a):
         return R
     if any(isinstance(x, LocalInt) and x.padded for x in a):
@@ -95,7 +88,7 @@ def _int_arith(c: Ctx, n: fx.Node) -> Placement:
     if name == "mul" and sum(isinstance(x, LocalInt) for x in a) == 1:
         return LOCAL
     if name in ("floordiv", "div") and isinstance(a[0], LocalInt) and a[1] == R:
-        serial, divisor = val(n.args[0]), val(n.args[1])
+        serial, divisor = val(call["0"]), val(call["1"])
         if serial % (divisor * c.tp) == 0:
             return LOCAL
     raise c.refuse(
@@ -104,70 +97,62 @@ def _int_arith(c: Ctx, n: fx.Node) -> Placement:
     )  # fmt: skip
 
 
-def _mean(c: Ctx, n: fx.Node) -> Placement:
-    x = n.args[0]
+def _mean(c: Ctx, call: Call) -> Placement:
+    x, dims = call.input, call["dim"]
     px = c.p(x)
-    nd = ndim(x)
-    dims = arg(n, 1, "dim")
     if not isinstance(px, Shard):
-        return check_replicated_rest(c, n, 1)
+        return check_replicated(c, call, "input")
     if dims is None or isinstance(dims, int) or len(dims) == 0:
-        dims = [dims] if isinstance(dims, int) else list(range(nd))  # () and [] mean all
-    dims = {norm_dim(d, nd) for d in dims}
+        dims = [dims] if isinstance(dims, int) else list(range(ndim(x)))  # () and [] mean all
     if px.dim in dims:
-        raise c.refuse(n, f"reduction over the split dimension {px.dim}", "no rule for this")
-    keep = arg(n, 2, "keepdim", False)
-    return px if keep else replace(px, dim=px.dim - sum(d < px.dim for d in dims))
+        raise c.refuse(
+            call.node, f"reduction over the split dimension {px.dim}", "no rule for this"
+        )
+    if call["keepdim"]:
+        return px
+    return replace(px, dim=px.dim - sum(d < px.dim for d in set(dims)))
 
 
-def _assert(c: Ctx, n: fx.Node) -> Placement:
+def _assert(c: Ctx, call: Call) -> Placement:
     return R  # aten._assert_tensor_metadata checks dtype/device/layout: true of a shard too
 
 
-def _reduce_over(c: Ctx, n: fx.Node, dims: set[int]) -> Placement:
-    px = c.p(n.args[0])
+def _reduce_over(c: Ctx, call: Call, dims: set[int]) -> Placement:
+    px = c.p(call.input)
     if not isinstance(px, Shard):
-        return check_replicated_rest(c, n, 1)
+        return check_replicated(c, call, "input")
     if px.dim in dims:
         raise c.refuse(
-            n, f"{ops.op_name(n, c.gm)} over the split dimension {px.dim}",
+            call.node, f"{call.op} over the split dimension {px.dim}",
             "this op needs the whole dimension; no propagation rule for a split here",
         )  # fmt: skip
-    check_replicated_rest(c, n, 1, consumer_split=True)
+    check_replicated(c, call, "input", consumer_split=True)
     return px
 
 
-def _softmax(c: Ctx, n: fx.Node) -> Placement:
-    if n.op == "call_module":
-        d = c.gm.get_submodule(str(n.target)).dim
-    else:
-        d = arg(n, 1, "dim")
-    nd = ndim(n)
+def _softmax(c: Ctx, call: Call) -> Placement:
+    d, nd = call["dim"], ndim(call.node)
     if d is None:  # torch's implicit choice (deprecated): dim 0 for 0-, 1- and 3-d, else 1
         d = 0 if nd in (0, 1, 3) else 1
     if not isinstance(d, int):
-        raise c.refuse(n, "a softmax over a computed dimension", "pass dim as an int")
-    return _reduce_over(c, n, {norm_dim(d, nd)})
+        raise c.refuse(call.node, "a softmax over a computed dimension", "pass dim as an int")
+    return _reduce_over(c, call, {d})
 
 
-def _layer_norm(c: Ctx, n: fx.Node) -> Placement:
-    nd = ndim(n)
-    if n.op == "call_module":
-        mod = c.gm.get_submodule(str(n.target))
-        k = len(mod.normalized_shape)
-        if isinstance(c.p(n.args[0]), Shard) and any(True for _ in mod.parameters()):
+def _layer_norm(c: Ctx, call: Call) -> Placement:
+    nd, shape = ndim(call.node), call["normalized_shape"]
+    if call.module is not None and isinstance(c.p(call.input), Shard):
+        if any(True for _ in call.module.parameters()):
             raise c.refuse(
-                n, "a layer norm module with weights applied to a split value",
+                call.node, "a layer norm module with weights applied to a split value",
                 "normalise replicated values, or use F.layer_norm with explicit weights",
             )  # fmt: skip
-    else:
-        shape = arg(n, 1, "normalized_shape")
-        k = len(val(shape)) if isinstance(shape, fx.Node) else len(shape)
-    return _reduce_over(c, n, set(range(nd - k, nd)))
+    k = len(val(shape)) if isinstance(shape, fx.Node) else len(shape)
+    return _reduce_over(c, call, set(range(nd - k, nd)))
 
 
-def _matmul(c: Ctx, n: fx.Node) -> Placement:
-    a, b = n.args[0], n.args[1]
+def _matmul(c: Ctx, call: Call) -> Placement:
+    n, a, b = call.node, call.input, call["other"]
     pa, pb = c.p(a), c.p(b)
     if not (isinstance(pa, Shard) or isinstance(pb, Shard)):
         return R
@@ -202,18 +187,18 @@ def _matmul(c: Ctx, n: fx.Node) -> Placement:
     return out
 
 
-def _sdpa(c: Ctx, n: fx.Node) -> Placement:
-    q, k, v = (arg(n, i, nm) for i, nm in enumerate(("query", "key", "value")))
+def _sdpa(c: Ctx, call: Call) -> Placement:
+    n, q, k, v = call.node, call["query"], call["key"], call["value"]
     ps = [c.p(q), c.p(k), c.p(v)]
     if not any(isinstance(p, Shard) for p in ps):
-        return check_replicated_rest(c, n, 3)
+        return check_replicated(c, call, "query", "key", "value")
     nd = ndim(q)
     if len(set(ps)) != 1 or ps[0].dim >= nd - 2:
         raise c.refuse(
             n, f"attention inputs split as {[str(p) for p in ps]}",
             "q, k and v must all be split by heads (a dimension before the last two)",
         )  # fmt: skip
-    mask = arg(n, 3, "attn_mask")
+    mask = call["attn_mask"]
     if isinstance(mask, fx.Node):
         pm = c.p(mask)
         i = ps[0].dim - (nd - ndim(mask))
@@ -226,7 +211,7 @@ def _sdpa(c: Ctx, n: fx.Node) -> Placement:
     return ps[0]
 
 
-RULES: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
+RULES: dict[str, Callable[[Ctx, Call], Placement]] = {
     **{name: _pointwise for name in ops.POINTWISE},  # broadcasting elementwise
     **{name: _inplace for name in ops.INPLACE},  # elementwise, x keeps its placement
     "floordiv": _int_arith,  # ints only

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import node_error
+from .call import Call
 from .placement import (
     ArgEdit,
     Cut,
@@ -118,44 +119,6 @@ def ndim(n: Any) -> int:
     return v.dim() if isinstance(v, torch.Tensor) else 0
 
 
-def norm_dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
-
-
-def all_args(n: fx.Node) -> list[tuple[tuple[int | str, ...], Any]]:
-    """(path, value) for every argument leaf of n, with paths into lists/tuples."""
-    out: list[tuple[tuple[int | str, ...], Any]] = []
-
-    def walk(path: tuple[int | str, ...], a: Any) -> None:
-        if isinstance(a, (list, tuple)):
-            for i, x in enumerate(a):
-                walk((*path, i), x)
-        elif isinstance(a, dict):
-            for k, x in a.items():
-                walk((*path, k), x)
-        elif isinstance(a, slice):
-            for k in ("start", "stop", "step"):
-                walk((*path, k), getattr(a, k))
-        else:
-            out.append((path, a))
-
-    for i, a in enumerate(n.args):
-        walk((i,), a)
-    for k, a in n.kwargs.items():
-        walk((k,), a)
-    return out
-
-
-def arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
-    if len(n.args) > pos:
-        return n.args[pos]
-    return n.kwargs.get(name, default)
-
-
-def arg_path(n: fx.Node, pos: int, name: str) -> tuple[int | str, ...]:
-    return (pos,) if len(n.args) > pos else (name,)
-
-
 def replicated_like(val: Any) -> Placement:
     if isinstance(val, (list, tuple)):
         return tuple(replicated_like(v) for v in val)
@@ -170,10 +133,12 @@ def param_names(gm: fx.GraphModule) -> set[str]:
     return names
 
 
-def check_replicated_rest(c: Ctx, n: fx.Node, start: int, consumer_split: bool = False):
-    for _, a in all_args(n)[start:]:
+def check_replicated(c: Ctx, call: Call, *split_ok: str, consumer_split: bool = False):
+    """Every argument but `split_ok` must be replicated; with `consumer_split`, those
+    feeding this split compute get f."""
+    for a in call.others(*split_ok):
         if isinstance(a, fx.Node) and is_split(c.p(a)):
-            raise c.refuse(n, f"split argument {a.name}", "no rule for a split here")
+            raise c.refuse(call.node, f"split argument {a.name}", "no rule for a split here")
         if consumer_split and isinstance(a, fx.Node):
-            c.needs_f(a, n)
+            c.needs_f(a, call.node)
     return R

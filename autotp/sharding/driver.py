@@ -1,10 +1,11 @@
 """Stage 3, sharding propagation: a placement for every node, and the shape constants and
 communication it implies.
 
-The rule table has one entry per normalised op (ops.py), gathered from the entries of
-layout.py, compute.py and layers.py. An op whose inputs are all R is replicated compute and
-always correct, so only ops touched by a split value need an entry; a split value reaching
-an op with no entry is refused, naming the node.
+Each op call is first canonicalised into a record (call.py: one op name, arguments by
+name, whatever the spelling), and the rule table has one entry per normalised op: a
+strategy over that record, gathered from layout.py, compute.py and layers.py. An op whose
+inputs are all R is replicated compute and always correct, so only ops touched by a split
+value need an entry; a split value reaching an op with no entry is refused, naming it.
 
 Communication falls out of the placements, through one redistribution step in the driver:
 a partial value (P) read by any op but the sum of two partials is reduced (one g per
@@ -27,12 +28,13 @@ from ..match import EmbeddingInfo, LinearInfo
 from ..rule import Split
 from ..trace import restore_grad, set_grad
 from . import compute, layers, layout
-from .context import Ctx, all_args, param_names, replicated_like, val
+from .call import Call, canonical
+from .context import Ctx, param_names, replicated_like, val
 from .placement import Partial, Placement, Propagation, R, VocabOptions, is_split
 
 __all__ = ["propagate"]
 
-_TABLE: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
+_TABLE: dict[str, Callable[[Ctx, Call], Placement]] = {
     **compute.RULES, **layout.RULES, **layers.RULES,
 }  # fmt: skip
 
@@ -67,9 +69,10 @@ def propagate(
         if name in ("linear", "addmm") and n not in linears:
             name = "computed linear"  # a weight that is not a parameter: no rule, as any op
         c.current = n
+        call = canonical(n, gm, name)
         partial = [a for a in n.all_input_nodes if isinstance(c.pl.get(a), Partial)]
         if partial:
-            kept = _keeps_partial(c, n, name)
+            kept = _keeps_partial(c, call)
             if kept is not None:
                 c.pl[n] = kept
                 continue
@@ -81,14 +84,14 @@ def propagate(
                 )  # fmt: skip
             for a in partial:  # P -> R: this node reads the sum
                 c.reduce(a, n)
-        args_split = any(is_split(c.p(a)) for _, a in all_args(n))
+        args_split = any(is_split(c.p(a)) for a in call.leaves())
         rule = _TABLE.get(name)
         if (
             n in linears
             or n in splits
             or (rule is not None and (args_split or name in ("view", "split")))
         ):
-            c.pl[n] = _apply_rule(c, n, name, rule) if rule else R
+            c.pl[n] = _apply_rule(c, call, rule) if rule else R
         elif not args_split:
             c.pl[n] = replicated_like(value)  # replicated compute is always correct
         else:
@@ -105,7 +108,7 @@ def propagate(
     )  # fmt: skip
 
 
-def _keeps_partial(c: Ctx, n: fx.Node, name: str) -> Partial | None:
+def _keeps_partial(c: Ctx, call: Call) -> Partial | None:
     """What stays partial, or None where `n` reads the sum:
     - `a + b` of two partial values: one all-reduce serves both (a parallel attention +
       MLP block);
@@ -115,16 +118,16 @@ def _keeps_partial(c: Ctx, n: fx.Node, name: str) -> Partial | None:
       attention_output`);
     - a dropout of a partial value with nothing pending: its mask, from the stream the
       ranks share, is the same on every rank, and dropout is linear in its input."""
+    n, name = call.node, call.op
     if name == "dropout":
-        x = n.args[0] if n.args else None
+        x = call.input
         px = c.pl.get(x) if isinstance(x, fx.Node) else None
-        rest = [a for _, a in all_args(n)[1:]]
         if isinstance(px, Partial) and not px.pending and not any(
-            isinstance(a, fx.Node) for a in rest
+            isinstance(a, fx.Node) for a in call.others("input")
         ) and c.region[x] == c.region[n]:  # fmt: skip
             return Partial()
         return None
-    if name not in ("add", "add_") or n.kwargs or len(n.args) != 2:
+    if name not in ("add", "add_") or set(call.args) != {"0", "1"}:
         return None
     if name == "add_" and (not isinstance(n.args[0], fx.Node) or len(n.args[0].users) != 1):
         return None  # x += y where x is read again: the change must be seen there
@@ -149,11 +152,12 @@ def _keeps_partial(c: Ctx, n: fx.Node, name: str) -> Partial | None:
     return Partial((*pp.pending, r))
 
 
-def _apply_rule(c: Ctx, n: fx.Node, name: str, rule: Callable) -> Placement:
-    """A table entry's placement for `n`. An entry that cannot read this spelling of the
-    call (an argument form it does not know) refuses the node rather than crash."""
+def _apply_rule(c: Ctx, call: Call, rule: Callable) -> Placement:
+    """A table entry's placement for the call. An entry that cannot read this spelling of
+    the call (an argument form it does not know) refuses the node rather than crash."""
+    n, name = call.node, call.op
     try:
-        return rule(c, n)
+        return rule(c, call)
     except AutoTPError:
         raise
     except Exception as e:  # noqa: BLE001 - unknown means refuse

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.fx as fx
 
 from ..match import EmbeddingInfo, LinearInfo
 from ..rule import Column, Row, Vocab
-from .context import (
-    Ctx,
-    all_args,
-    arg,
-    check_replicated_rest,
-    ndim,
-    val,
-)
+from .call import Call
+from .context import Ctx, check_replicated, ndim, val
 from .placement import LossInfo, Partial, Placement, R, Shard, is_split
 
 
-def _linear(c: Ctx, n: fx.Node) -> Placement:
+def _linear(c: Ctx, call: Call) -> Placement:
+    n = call.node
     li = c.linears[n]
     px = c.p(li.input)
     nd = ndim(n)
@@ -96,32 +90,20 @@ def _padding(c: Ctx, vocab: int) -> int | None:
     return None if padded == vocab else padded
 
 
-def _embedding(c: Ctx, n: fx.Node) -> Placement:
+def _embedding(c: Ctx, call: Call) -> Placement:
+    n = call.node
     split = c.splits.get(n)
     info: EmbeddingInfo | None = split[1] if split else None  # type: ignore[assignment]
-    aten = isinstance(n.target, torch._ops.OpOverload)
-    ids = n.args[1] if aten else n.args[0]
-    if is_split(c.p(ids)):
+    if is_split(c.p(call.input)):
         raise c.refuse(n, "embedding lookup with split ids", "look up replicated ids")
     if info is None:
-        if n.op == "call_function":
-            weight = n.args[0] if aten else arg(n, 1, "weight")
-            if isinstance(weight, fx.Node) and is_split(c.p(weight)):
-                raise c.refuse(n, "lookup in a split table", "report the model")
+        weight = call["weight"]
+        if isinstance(weight, fx.Node) and is_split(c.p(weight)):
+            raise c.refuse(n, "lookup in a split table", "report the model")
         return R
     # padding_idx only stops that row's gradient; vocab_embedding keeps that (rewrite.py)
-    if n.op == "call_module":
-        mod = c.gm.get_submodule(str(n.target))
-        extras = {"max_norm": mod.max_norm, "scale_grad_by_freq": mod.scale_grad_by_freq or None,
-                  "sparse": mod.sparse or None}  # fmt: skip
-    elif aten:  # aten.embedding(weight, ids, padding_idx=-1, scale_grad_by_freq, sparse)
-        extras = {"scale_grad_by_freq": arg(n, 3, "scale_grad_by_freq", False) or None,
-                  "sparse": arg(n, 4, "sparse", False) or None}  # fmt: skip
-    else:
-        extras = {"max_norm": arg(n, 3, "max_norm"),
-                  "scale_grad_by_freq": arg(n, 5, "scale_grad_by_freq", False) or None,
-                  "sparse": arg(n, 6, "sparse", False) or None}  # fmt: skip
-    if any(v is not None for v in extras.values()):
+    extras = {k: call[k] for k in ("max_norm", "scale_grad_by_freq", "sparse") if call[k]}
+    if extras:
         raise c.refuse(
             n, f"a vocabulary-split embedding with {extras}",
             "max_norm, scale_grad_by_freq and sparse are not supported on a split "
@@ -131,32 +113,21 @@ def _embedding(c: Ctx, n: fx.Node) -> Placement:
     return Partial()  # rows of this rank's slice, zeros for other ids
 
 
-def _cross_entropy(c: Ctx, n: fx.Node) -> Placement:
-    logits = n.args[0] if n.args else n.kwargs["input"]
-    target = n.args[1] if len(n.args) > 1 else n.kwargs["target"]
+def _cross_entropy(c: Ctx, call: Call) -> Placement:
+    n, logits, target = call.node, call.input, call["target"]
     px = c.p(logits)
     if not isinstance(px, Shard):
-        return check_replicated_rest(c, n, 1)
+        return check_replicated(c, call, "input")
     if c.tp == 1:  # one rank holds the whole vocabulary: keep the serial loss, bit for bit
         return R
-    if n.op == "call_module":
-        mod = c.gm.get_submodule(str(n.target))
-        opts = {"weight": mod.weight, "ignore_index": mod.ignore_index,
-                "reduction": mod.reduction, "label_smoothing": mod.label_smoothing}  # fmt: skip
-    elif isinstance(n.target, torch._ops.OpOverload):  # aten: reduction is an enum
-        reduction = arg(n, 3, "reduction", 1)
-        opts = {"weight": arg(n, 2, "weight"), "ignore_index": arg(n, 4, "ignore_index", -100),
-                "reduction": {0: "none", 1: "mean", 2: "sum"}.get(reduction, reduction),
-                "label_smoothing": arg(n, 5, "label_smoothing", 0.0)}  # fmt: skip
-    else:
-        opts = {"weight": arg(n, 2, "weight"), "ignore_index": arg(n, 4, "ignore_index", -100),
-                "reduction": arg(n, 6, "reduction", "mean"),
-                "label_smoothing": arg(n, 7, "label_smoothing", 0.0)}  # fmt: skip
+    opts = {k: call[k] for k in ("weight", "ignore_index", "reduction", "label_smoothing")}
+    opts.update({k: call[k] for k in ("size_average", "reduce") if call[k] is not None})
     nd = ndim(logits)
     ok = (
         nd == 2 and px.dim == 1 and px.blocks == 1 and ndim(target) == 1
         and opts["weight"] is None and not opts["label_smoothing"]
         and opts["reduction"] in ("mean", "sum", "none") and c.p(target) == R
+        and "size_average" not in opts and "reduce" not in opts  # legacy: use reduction=
     )  # fmt: skip
     if not ok:
         raise c.refuse(
@@ -166,12 +137,16 @@ def _cross_entropy(c: Ctx, n: fx.Node) -> Placement:
         )  # fmt: skip
     vocab = val(logits).shape[1]
     padded = px.padded if px.padded is not None else vocab
-    c.losses[n] = LossInfo(vocab, padded, opts["ignore_index"], opts["reduction"])
+    c.losses[n] = LossInfo(
+        vocab, padded, opts["ignore_index"], opts["reduction"], call.path("input"),
+        call.path("target"),
+    )  # fmt: skip
     return R
 
 
-def _output(c: Ctx, n: fx.Node) -> Placement:
-    for _, a in all_args(n):
+def _output(c: Ctx, call: Call) -> Placement:
+    n = call.node
+    for a in call.leaves():
         if not isinstance(a, fx.Node) or not is_split(c.p(a)):
             continue
         pa = c.p(a)
@@ -184,7 +159,7 @@ def _output(c: Ctx, n: fx.Node) -> Placement:
     return R
 
 
-RULES: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
+RULES: dict[str, Callable[[Ctx, Call], Placement]] = {
     "linear": _linear,  # column: R -> S(-1); row: S(-1) -> P (+ bias); vocab: R -> S(-1, pad)
     "addmm": _linear,  # Conv1D spelling of a linear
     "embedding": _embedding,  # vocab-split table: P (partial rows); others replicated

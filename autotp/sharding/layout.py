@@ -15,31 +15,18 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from .. import ops
-from .context import (
-    Ctx,
-    all_args,
-    arg,
-    arg_path,
-    ndim,
-    norm_dim,
-    val,
-)
+from .call import Call
+from .context import Ctx, ndim, val
 from .placement import ArgEdit, DivideByTP, LocalInt, Placement, R, Shard, is_split
 
 
-def _identity(c: Ctx, n: fx.Node) -> Placement:
-    return c.p(n.args[0])
+def _identity(c: Ctx, call: Call) -> Placement:
+    return c.p(call.input)
 
 
-def _size(c: Ctx, n: fx.Node) -> Placement:
-    x = n.args[0]
-    nd = ndim(x)
-    dims = _shape_of(c, x)
-    d = arg(n, 1, "dim")
-    if d is None:
-        return dims
-    return dims[norm_dim(d, nd)]
+def _size(c: Ctx, call: Call) -> Placement:
+    dims = _shape_of(c, call.input)
+    return dims if call["dim"] is None else dims[call["dim"]]
 
 
 # Attributes that are the same on a shard as on the whole tensor.
@@ -48,16 +35,16 @@ _META_ATTRS = frozenset(
 )
 
 
-def _getattr(c: Ctx, n: fx.Node) -> Placement:
+def _getattr(c: Ctx, call: Call) -> Placement:
     """x.shape like size(); metadata attributes are replicated; any other attribute of a
     split value (.T, .mT, .data, .real, ...) has no rule and is refused."""
-    attr = n.args[1]
+    attr = call["name"]
     if attr == "shape":
-        return _shape_of(c, n.args[0])
-    if attr in _META_ATTRS or not is_split(c.p(n.args[0])):
+        return _shape_of(c, call.input)
+    if attr in _META_ATTRS or not is_split(c.p(call.input)):
         return R
     raise c.refuse(
-        n, f"attribute .{attr} of a split value has no sharding rule",
+        call.node, f"attribute .{attr} of a split value has no sharding rule",
         "use an explicit op autotp knows (x.transpose(-2, -1) for .T / .mT, x.detach() for "
         ".data), or compute this outside the split block",
     )  # fmt: skip
@@ -69,8 +56,8 @@ def _shape_of(c: Ctx, x: fx.Node) -> Placement:
     return tuple(local if isinstance(px, Shard) and px.dim == i else R for i in range(ndim(x)))
 
 
-def _getitem(c: Ctx, n: fx.Node) -> Placement:
-    base, idx = n.args[0], n.args[1]
+def _getitem(c: Ctx, call: Call) -> Placement:
+    n, base, idx = call.node, call.input, call["index"]
     pb = c.p(base)
     if isinstance(pb, tuple):  # a tuple of values (split outputs, sizes)
         if isinstance(idx, slice):
@@ -86,7 +73,7 @@ def _getitem(c: Ctx, n: fx.Node) -> Placement:
         if any(isinstance(c.p(x), LocalInt) for x in parts if isinstance(x, fx.Node)):
             raise c.refuse(n, "a slice bound is a local size", "slice with replicated sizes")
     if pb == R:
-        if any(isinstance(x, fx.Node) and is_split(c.p(x)) for _, x in all_args(n)[1:]):
+        if any(isinstance(x, fx.Node) and is_split(c.p(x)) for x in call.others("input")):
             raise c.refuse(n, "indexing with a split index", "index with replicated values")
         return R
     # A split tensor: ints, slices, None and ..., plus at most one 1-D integer index (a
@@ -141,10 +128,10 @@ def _is_gather_index(c: Ctx, it: object) -> bool:
     return False
 
 
-def _index(c: Ctx, n: fx.Node) -> Placement:
+def _index(c: Ctx, call: Call) -> Placement:
     """aten.index(x, [None, ..., idx, ...]): one 1-D integer index tensor of replicated
     positions, on a dimension that is not split; its result dimension stays in place."""
-    x, indices = n.args[0], n.args[1]
+    n, x, indices = call.node, call.input, call["indices"]
     px = c.p(x)
     if not isinstance(px, Shard):
         if any(isinstance(i, fx.Node) and is_split(c.p(i)) for i in indices):
@@ -164,33 +151,26 @@ def _index(c: Ctx, n: fx.Node) -> Placement:
     return px
 
 
-def _transpose(c: Ctx, n: fx.Node) -> Placement:
-    px = c.p(n.args[0])
+def _transpose(c: Ctx, call: Call) -> Placement:
+    px = c.p(call.input)
     if not isinstance(px, Shard):
         return R
-    nd = ndim(n.args[0])
-    d0 = norm_dim(arg(n, 1, "dim0"), nd)
-    d1 = norm_dim(arg(n, 2, "dim1"), nd)
-    d = {d0: d1, d1: d0}.get(px.dim, px.dim)
-    return replace(px, dim=d)
+    d0, d1 = call["dim0"], call["dim1"]
+    return replace(px, dim={d0: d1, d1: d0}.get(px.dim, px.dim))
 
 
-def _permute(c: Ctx, n: fx.Node) -> Placement:
-    px = c.p(n.args[0])
+def _permute(c: Ctx, call: Call) -> Placement:
+    px = c.p(call.input)
     if not isinstance(px, Shard):
         return R
-    dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
-    if not dims:
-        dims = n.kwargs["dims"]
-    nd = ndim(n.args[0])
-    return replace(px, dim=[norm_dim(d, nd) for d in dims].index(px.dim))
+    return replace(px, dim=list(call["dims"]).index(px.dim))
 
 
-def _unsqueeze(c: Ctx, n: fx.Node) -> Placement:
-    px = c.p(n.args[0])
+def _unsqueeze(c: Ctx, call: Call) -> Placement:
+    px = c.p(call.input)
     if not isinstance(px, Shard):
         return R
-    d = norm_dim(arg(n, 1, "dim"), ndim(n))
+    d = call["dim"]
     return replace(px, dim=px.dim + 1 if d <= px.dim else px.dim)
 
 
@@ -265,18 +245,10 @@ def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]
     raise AssertionError("unreachable: every dimension is in a group")
 
 
-def _view(c: Ctx, n: fx.Node) -> Placement:
-    x = n.args[0]
+def _view(c: Ctx, call: Call) -> Placement:
+    n, x, sizes = call.node, call.input, call["shape"]
     px = c.p(x)
     src, dst = list(val(x).shape), list(val(n).shape)
-    # The size arguments: view(x, a, b, ...) or view(x, (a, b, ...)) or a shape node.
-    if len(n.args) == 2 and isinstance(n.args[1], (list, tuple, fx.Node)):
-        sizes, base = n.args[1], (1,)
-    elif "shape" in n.kwargs or "size" in n.kwargs:
-        key = "shape" if "shape" in n.kwargs else "size"
-        sizes, base = n.kwargs[key], (key,)
-    else:
-        sizes, base = list(n.args[1:]), ()
     out = _reshape_split(c, n, px, src, dst) if isinstance(px, Shard) else R
     local = LocalInt(padded=isinstance(out, Shard) and out.padded is not None)
     want = [local if isinstance(out, Shard) and out.dim == i else R for i in range(len(dst))]
@@ -289,7 +261,7 @@ def _view(c: Ctx, n: fx.Node) -> Placement:
             "spell the shape out (B, T, n_head, head_dim) so autotp can rewrite its parts",
         )  # fmt: skip
     for i, a in enumerate(sizes):
-        path = (*base, i) if base else (i + 1,)
+        path = call.path("shape", i)
         pa = c.p(a)
         if want[i] == R:
             if isinstance(pa, LocalInt):
@@ -309,22 +281,19 @@ def _view(c: Ctx, n: fx.Node) -> Placement:
     return out
 
 
-def _flatten(c: Ctx, n: fx.Node) -> Placement:
-    px = c.p(n.args[0])
+def _flatten(c: Ctx, call: Call) -> Placement:
+    px = c.p(call.input)
     if not isinstance(px, Shard):
         return R
-    return _reshape_split(c, n, px, list(val(n.args[0]).shape), list(val(n).shape))
+    src, dst = list(val(call.input).shape), list(val(call.node).shape)
+    return _reshape_split(c, call.node, px, src, dst)
 
 
-def _split(c: Ctx, n: fx.Node) -> Placement:
-    x = n.args[0]
-    px = c.p(x)
-    nd = ndim(x)
-    name = ops.op_name(n, c.gm)
+def _split(c: Ctx, call: Call) -> Placement:
+    n, px, name, dim = call.node, c.p(call.input), call.op, call["dim"]
     k = len(val(n))
     if not isinstance(px, Shard):
         return tuple(R for _ in range(k))
-    dim = norm_dim(arg(n, 2, "dim", 0), nd)
     if dim != px.dim:
         return tuple(px for _ in range(k))
     pieces = [v.shape[dim] for v in val(n)]
@@ -335,8 +304,8 @@ def _split(c: Ctx, n: fx.Node) -> Placement:
             "split a fused projection into as many equal parts as it has blocks",
         )  # fmt: skip
     if name == "split":
-        size = arg(n, 1, "split_size_or_sections" if n.op == "call_function" else "split_size")
-        path = arg_path(n, 1, "split_size_or_sections" if n.op == "call_function" else "split_size")
+        size = call["split_size"]
+        path = call.path("split_size")
         if isinstance(size, (list, tuple)):
             for i, s in enumerate(size):
                 if isinstance(s, int):
@@ -350,59 +319,50 @@ def _split(c: Ctx, n: fx.Node) -> Placement:
     return tuple(Shard(dim, px.blocks // k) for _ in range(k))
 
 
-def _slice(c: Ctx, n: fx.Node) -> Placement:
+def _slice(c: Ctx, call: Call) -> Placement:
     """aten.slice(x, dim, start, end, step): fine along a replicated dimension."""
-    px = c.p(n.args[0])
+    px, dim = c.p(call.input), call["dim"]
     if not isinstance(px, Shard):
         return R
-    nd = ndim(n.args[0])
-    dim = norm_dim(arg(n, 1, "dim", 0), nd)
-    if dim == px.dim and tuple(val(n).shape) != tuple(val(n.args[0]).shape):
-        raise c.refuse(n, f"slicing the split dimension {dim}", "slice replicated dimensions")
+    if dim == px.dim and tuple(val(call.node).shape) != tuple(val(call.input).shape):
+        raise c.refuse(
+            call.node, f"slicing the split dimension {dim}", "slice replicated dimensions"
+        )
     return px
 
 
-def _cat(c: Ctx, n: fx.Node) -> Placement:
-    parts = arg(n, 0, "tensors")
-    ps = [c.p(t) for t in parts]
+def _cat(c: Ctx, call: Call) -> Placement:
+    ps = [c.p(t) for t in call["tensors"]]
     if not any(isinstance(p, Shard) for p in ps):
         return R
-    nd = ndim(n)
-    dim = norm_dim(arg(n, 1, "dim", 0), nd)
+    dim = call["dim"]
     if len(set(ps)) != 1 or ps[0].dim == dim:
         raise c.refuse(
-            n, f"concatenating values split as {[str(p) for p in ps]} along dimension {dim}",
+            call.node,
+            f"concatenating values split as {[str(p) for p in ps]} along dimension {dim}",
             "concatenate values split alike, along a replicated dimension",
         )  # fmt: skip
     return ps[0]
 
 
-def _stack(c: Ctx, n: fx.Node) -> Placement:
+def _stack(c: Ctx, call: Call) -> Placement:
     """torch.stack of values split alike: a new dimension, before or after the split one
     (the interleaved rotary of GPT-J and Cohere stacks the rotated halves)."""
-    parts = arg(n, 0, "tensors")
-    ps = [c.p(t) for t in parts]
+    ps = [c.p(t) for t in call["tensors"]]
     if not any(isinstance(p, Shard) for p in ps):
         return R
     if len(set(ps)) != 1:
         raise c.refuse(
-            n, f"stacking values split as {[str(p) for p in ps]}",
+            call.node, f"stacking values split as {[str(p) for p in ps]}",
             "stack values split alike (all from the same split block)",
         )  # fmt: skip
-    new = norm_dim(arg(n, 1, "dim", 0), ndim(n))
-    s = ps[0]
+    new, s = call["dim"], ps[0]
     return replace(s, dim=s.dim + 1 if new <= s.dim else s.dim)
 
 
-def _expand(c: Ctx, n: fx.Node) -> Placement:
+def _expand(c: Ctx, call: Call) -> Placement:
     """expand(x, sizes) or x.expand(*sizes): the size at the split dimension becomes local."""
-    x = n.args[0]
-    if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)):
-        sizes, base = n.args[1], (1,)
-    elif "size" in n.kwargs:
-        sizes, base = n.kwargs["size"], ("size",)
-    else:
-        sizes, base = n.args[1:], ()
+    n, x, sizes = call.node, call.input, call["size"]
     px = c.p(x)
     if not isinstance(px, Shard):
         if any(isinstance(c.p(a), LocalInt) for a in sizes if isinstance(a, fx.Node)):
@@ -417,7 +377,7 @@ def _expand(c: Ctx, n: fx.Node) -> Placement:
             continue
         if isinstance(pa, LocalInt) or a == -1:
             continue
-        path = (*base, i) if base else (i + 1,)
+        path = call.path("size", i)
         if isinstance(a, int):
             c.edits.append(ArgEdit(n, path, a, a // c.tp))
         else:
@@ -425,7 +385,7 @@ def _expand(c: Ctx, n: fx.Node) -> Placement:
     return out
 
 
-RULES: dict[str, Callable[[Ctx, fx.Node], Placement]] = {
+RULES: dict[str, Callable[[Ctx, Call], Placement]] = {
     "identity": _identity,  # contiguous, clone, to(dtype), type_as: same placement
     "size": _size,  # a local size where the tensor is split
     "getattr": _getattr,  # x.shape like size(); dtype/device replicated

@@ -104,6 +104,8 @@ class LossInfo:
     padded: int
     ignore_index: int
     reduction: str
+    logits_at: tuple[int | str, ...]  # where the logits and the targets sit in the call
+    target_at: tuple[int | str, ...]
 
 
 R = Replicate()
