@@ -176,19 +176,22 @@ class _Gather(torch.autograd.Function):
 
 def rank_slice(
     x: torch.Tensor, dim: int, blocks: int, tp: int, rank: torch.Tensor,
-    padded: int | None = None,
+    padded: int | None = None, replicas: int = 1,
 ) -> torch.Tensor:  # fmt: skip
     """This rank's slice of a replicated tensor, split as S(dim x blocks): the
     Replicate -> Shard redistribution, with no communication (its gradient fills the
     slice, zeros elsewhere, which is why the replicated value also gets f). `padded`: the
-    dimension is first padded with zeros to that size (a bias over a padded vocabulary)."""
+    dimension is first padded with zeros to that size (a bias over a padded vocabulary).
+    `replicas`: the dimension holds tp / replicas slices, ranks r*replicas ... share one
+    (a key/value head read by the query heads of several ranks)."""
     if padded is not None and padded > x.shape[dim]:
         pad = list(x.shape)
         pad[dim] = padded - x.shape[dim]
         x = torch.cat([x, x.new_zeros(pad)], dim)
-    size = x.shape[dim]
-    parts = x.unflatten(dim, (blocks, tp, size // (blocks * tp)))
-    mine = parts.index_select(dim + 1, rank.reshape(1).to(torch.long)).squeeze(dim + 1)
+    size, slices = x.shape[dim], tp // replicas
+    parts = x.unflatten(dim, (blocks, slices, size // (blocks * slices)))
+    which = (rank.reshape(1) // replicas).to(torch.long)
+    mine = parts.index_select(dim + 1, which).squeeze(dim + 1)
     return mine.flatten(dim, dim + 1)
 
 

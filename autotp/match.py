@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,17 @@ class Match:
 
     def splits(self) -> dict[fx.Node, tuple[Split, Layer]]:
         return {li.node: (self.rule.split[k], li) for k, li in self.layers.items()}
+
+    def narrowed(self) -> tuple[Match, Match] | None:
+        """(the block split as its rule's fallback, the layers that fallback leaves
+        replicated), or None when the rule has no fallback left."""
+        fallback = self.rule.fallback
+        if not fallback:
+            return None
+        rule = dataclasses.replace(self.rule, split=fallback, fallback=None)
+        kept = {k: li for k, li in self.layers.items() if k in fallback}
+        dropped = {k: li for k, li in self.layers.items() if k not in fallback}
+        return Match(rule, self.nodes, kept), Match(self.rule, self.nodes, dropped)
 
 
 def _param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

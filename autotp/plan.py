@@ -213,7 +213,9 @@ def _propagate(
 ) -> tuple[Propagation, list[Match], list[tuple[Match, str]]]:  # fmt: skip
     """Propagate the matched splits; when a refusal names a node, leave the block that
     split the value reaching it replicated and propagate again (feedback to matching).
-    Each round drops one block, so this ends; a plan with no block left is refused with
+    A block whose rule has a narrower fallback split (attention with its key/value
+    projections replicated) gets that first. Each round narrows or drops one block, so
+    this ends; a plan with no block left is refused with
     the first refusal, since the user asked for tensor parallelism and would get none."""
     replicated: list[tuple[Match, str]] = []
     first: AutoTPError | None = None
@@ -227,8 +229,13 @@ def _propagate(
             culprit = None if strict else _culprit(gm, matches, e.node)
             if culprit is None:
                 raise
-            matches = [m for m in matches if m is not culprit]
             where = f" ({module_path(e.node)}, {source_line(e.node)})"
+            narrowed = culprit.narrowed()  # first its rule's narrower split, then nothing
+            if narrowed is not None:
+                matches = [narrowed[0] if m is culprit else m for m in matches]
+                replicated.append((narrowed[1], e.what + where))
+                continue
+            matches = [m for m in matches if m is not culprit]
             replicated.append((culprit, e.what + where))
             if not matches:
                 raise first from None

@@ -283,7 +283,9 @@ def _cut(
     s = cut.shard
     with graph.inserting_before(consumer):
         rank = graph.get_attr(RANK_BUFFER)
-        mine = graph.call_function(rank_slice, (src, s.dim, s.blocks, tp, rank, s.padded))
+        mine = graph.call_function(
+            rank_slice, (src, s.dim, s.blocks, tp, rank, s.padded, s.replicas)
+        )
     _copy_meta(cut.consumer, mine)
     v = src.meta.get("val")
     if isinstance(v, torch.Tensor):

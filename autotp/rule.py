@@ -97,8 +97,14 @@ class Rule:
     # graph's layers and the matches accepted so far (e.g. the input embedding is split
     # only if an output layer over the same vocabulary was).
     accept: Callable[[Any, Any], bool] | None = field(default=None)
+    # A narrower split to try when propagation cannot prove `split`: the layers it leaves
+    # out stay replicated (Megatron replicates the key/value projections when there are
+    # fewer key/value heads than ranks); the block is left whole only if this fails too.
+    fallback: Mapping[str, Split] | None = field(default=None)
 
     def __post_init__(self) -> None:
+        if self.fallback is not None and not set(self.fallback) < set(self.split):
+            raise ValueError(f"rule {self.name}: fallback must split fewer of its layers")
         for p in self.patterns:
             for name, how in self.split.items():
                 ops = ("linear", "embedding") if isinstance(how, Vocab) else ("linear",)

@@ -6,7 +6,9 @@
 
 Q, K and V are column-split (rank r owns heads r*h/tp ... (r+1)*h/tp - 1); the three read
 the same input through one shared f. The output projection is row-split, followed by one
-all-reduce. The score region may take further inputs (an attention mask).
+all-reduce. The score region may take further inputs (an attention mask). With fewer
+key/value heads than ranks (grouped-query attention at large tp), K and V are computed whole
+on every rank and each rank reads the heads its queries use.
 Two spellings: explicit matmul-softmax-matmul, and F.scaled_dot_product_attention.
 Motivated by BERT's `attention.self.query/key/value` and `attention.output.dense`.
 """
@@ -45,5 +47,8 @@ RULE = Rule(
     name="attention_separate_qkv",
     patterns=(EXPLICIT, SDPA),
     split={"q": column, "k": column, "v": column, "out": row},
+    # fewer key/value heads than ranks: K and V stay whole on every rank (Megatron's
+    # choice) and each rank's attention reads the heads its queries use
+    fallback={"q": column, "out": row},
     motivation="BERT attention.self.query/key/value -> attention -> attention.output.dense",
 )

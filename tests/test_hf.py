@@ -50,15 +50,19 @@ def test_collectives_counted_as_they_run() -> None:
     assert log.count("backward", "all_reduce") == 2 * 3 + 1
 
 
-def test_grouped_query_attention_needs_tp_dividing_kv_heads() -> None:
+def test_grouped_query_attention_with_fewer_kv_heads_than_ranks() -> None:
     model = build("llama", heads=4, kv_heads=2)
     assert_equivalent(model, inputs("llama"), 2, atol=1e-10, rtol=1e-6)  # 1 KV head each
     with pytest.raises(autotp.AutoTPError, match="key/value heads") as e:
         autotp.plan(model, 4, inputs("llama"), strict=True)
     assert "size 2" in str(e.value) and "modeling_llama.py" in str(e.value)
-    # without strict: the attention stays replicated, named with the reason; MLPs split
+    # without strict: K and V stay replicated (Megatron's choice), named with the reason;
+    # Q, the output projection and the MLPs split
     plan = autotp.plan(model, 4, inputs("llama"))
     assert plan.replicated and all("self.k_proj(" in why for _, why in plan.replicated)
+    assert all(sorted(m.layers) == ["k", "v"] for m, _ in plan.replicated)
+    attention = [m for m in plan.matches if m.rule.name == "attention_separate_qkv"]
+    assert len(attention) == 2 and all(sorted(m.layers) == ["out", "q"] for m in attention)
     assert {m.rule.name for m in plan.matches} >= {"swiglu"}
     assert_equivalent(model, inputs("llama"), 4, atol=1e-10, rtol=1e-6)
 

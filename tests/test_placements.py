@@ -340,3 +340,44 @@ def test_in_place_sums_of_partial_values(reread: bool) -> None:
         assert plan.collectives()["g"] == 1
     for frontend in ("fx", "export"):
         _equal(model, _x(), 2, frontend)
+
+
+class FewKVHeads(nn.Module):
+    """Grouped-query attention with 2 key/value heads for 8 query heads: `enable_gqa`, or
+    the key/value heads repeated by expand + reshape before a plain attention."""
+
+    def __init__(self, gqa: bool) -> None:
+        super().__init__()
+        self.gqa, self.kv = gqa, 2
+        self.q, self.o = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.k, self.v = nn.Linear(C, C // 4, bias=False), nn.Linear(C, C // 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs = C // 8
+        q = self.q(x).view(B, T, 8, hs).transpose(1, 2)
+        k = self.k(x).view(B, T, self.kv, hs).transpose(1, 2)
+        v = self.v(x).view(B, T, self.kv, hs).transpose(1, 2)
+        if not self.gqa:
+            k = k[:, :, None].expand(B, self.kv, 4, T, hs).reshape(B, 8, T, hs)
+            v = v[:, :, None].expand(B, self.kv, 4, T, hs).reshape(B, 8, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
+        return x + self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_fewer_key_value_heads_than_ranks_keeps_them_whole(gqa: bool) -> None:
+    """Megatron's choice: K and V stay replicated; Q and the output projection split, and
+    each rank reads the key/value heads its query heads use (a slice shared by 4 / 2
+    ranks with `enable_gqa`)."""
+    model = FewKVHeads(gqa).double()
+    for tp in (4, 8):
+        for frontend in ("fx", "export"):
+            _equal(model, _x(), tp, frontend)
+        plan = autotp.plan(model, tp, (_x(),))
+        assert [sorted(m.layers) for m in plan.matches] == [["out", "q"]]
+        assert [sorted(m.layers) for m, _ in plan.replicated] == [["k", "v"]]
+        coll = plan.collectives()
+        assert (coll["f"], coll["g"]) == (3, 1)  # f: x for q; k and v for their cuts
+    with pytest.raises(autotp.AutoTPError, match="would move elements"):
+        autotp.plan(model, 4, (_x(),), strict=True)

@@ -188,27 +188,53 @@ def _matmul(c: Ctx, call: Call) -> Placement:
 
 
 def _sdpa(c: Ctx, call: Call) -> Placement:
+    """q, k and v split by heads alike; a replicated one is cut to the rank's heads (the
+    key/value projections left whole, Megatron's choice for fewer key/value heads than
+    ranks). With `enable_gqa` each query head reads key/value head h // (H / KV), so a
+    rank whose query heads all share one key/value head reads that one."""
     n, q, k, v = call.node, call["query"], call["key"], call["value"]
     ps = [c.p(q), c.p(k), c.p(v)]
-    if not any(isinstance(p, Shard) for p in ps):
+    shards = {p for p in ps if isinstance(p, Shard)}
+    if not shards:
         return check_replicated(c, call, "query", "key", "value")
     nd = ndim(q)
-    if len(set(ps)) != 1 or ps[0].dim >= nd - 2:
+    split = next(iter(shards))
+    if len(shards) != 1 or split.dim >= nd - 2 or any(p not in (R, split) for p in ps):
         raise c.refuse(
             n, f"attention inputs split as {[str(p) for p in ps]}",
             "q, k and v must all be split by heads (a dimension before the last two)",
         )  # fmt: skip
+    for x, p in zip((q, k, v), ps, strict=True):
+        if p == R:
+            c.cut(x, n, _heads_of(c, call, x, split))
     mask = call["attn_mask"]
     if isinstance(mask, fx.Node):
         pm = c.p(mask)
-        i = ps[0].dim - (nd - ndim(mask))
-        if pm not in (R, ps[0]):
+        i = split.dim - (nd - ndim(mask))
+        if pm not in (R, split):
             raise c.refuse(n, f"the mask is split as {pm}", "split the mask by heads")
         if pm == R and i >= 0 and val(mask).shape[i] != 1:
-            c.cut(mask, n, replace(ps[0], dim=i))  # a per-head mask: this rank's heads
+            c.cut(mask, n, replace(split, dim=i))  # a per-head mask: this rank's heads
         elif pm == R:
             c.needs_f(mask, n)
-    return ps[0]
+    return split
+
+
+def _heads_of(c: Ctx, call: Call, x: fx.Node, split: Shard) -> Shard:
+    """How the rank's slice of a replicated q, k or v is cut, given the split of the
+    others: its own heads, or with grouped-query attention the key/value heads its query
+    heads read."""
+    heads, q_heads = val(x).shape[split.dim], val(call["query"]).shape[split.dim]
+    if split.blocks == 1 and heads % c.tp == 0:
+        return split
+    gqa = call["enable_gqa"] and x is not call["query"] and q_heads % heads == 0
+    if gqa and split.blocks == 1 and c.tp % heads == 0 and q_heads % c.tp == 0:
+        return replace(split, replicas=c.tp // heads)
+    raise c.refuse(
+        call.node, f"{x.name} has {heads} heads, which cannot follow the split of the "
+        f"others ({split}) over {c.tp} ranks",
+        "choose tp dividing the number of heads (or of key/value heads)",
+    )  # fmt: skip
 
 
 RULES: dict[str, Callable[[Ctx, Call], Placement]] = {

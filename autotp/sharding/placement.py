@@ -42,9 +42,14 @@ class Shard:
     dim: int
     blocks: int = 1
     padded: int | None = None  # the dimension is padded to this serial size first (vocab)
+    # a cut only: the dimension has tp / replicas slices, each read by `replicas`
+    # neighbouring ranks (the key/value head a rank's query heads share)
+    replicas: int = 1
 
     def __str__(self) -> str:
         s = f"S({self.dim})" if self.blocks == 1 else f"S({self.dim}x{self.blocks})"
+        if self.replicas > 1:
+            s = f"{s[:-1]}, {self.replicas} ranks each)"
         return s if self.padded is None else f"{s[:-1]}, pad {self.padded})"
 
 
