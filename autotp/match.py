@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.nn as nn
 from networkx.algorithms import isomorphism
 
 from . import ops
+from .call import Call, canonical
 from .rule import Rule, Split
 
 __all__ = [
@@ -32,17 +32,28 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LinearInfo:
-    """A linear layer found in the graph: `y = x W^T + b` (out_in) or `y = x W + b` (in_out)."""
+    """A linear layer found in the graph: `y = x W^T + b` (out_in) or `y = x W + b` (in_out);
+    a kernel-1 Conv1d (conv1d: W is [out, in, 1], features along dim -2 of x and y); or a
+    routed expert, `bmm(W[ids], x)` with W [experts, out, in] and x [tokens, in, k]
+    (experts: each token through the expert it was routed to)."""
 
     node: fx.Node
     input: fx.Node
     weight: str  # qualified parameter name
     bias: str | None
-    layout: str  # "out_in" (nn.Linear) or "in_out" (x @ W, Conv1D)
+    layout: str  # "out_in", "in_out", "conv1d" or "experts"
     in_features: int
     out_features: int
     input_index: int | str = 0  # where the input is: position (addmm: 1) or keyword
-    weight_view: fx.Node | None = None  # `x @ W.T`: the transpose the linear reads W through
+    weight_view: fx.Node | None = None  # what reads W for the linear: W.T, W[ids]
+    feature_dim: int = -1  # the dimension of the input and the output holding features
+
+    @property
+    def weight_axes(self) -> tuple[int, int]:
+        """The weight's (output features, input features) dimensions."""
+        return {"out_in": (0, 1), "in_out": (1, 0), "conv1d": (0, 1), "experts": (1, 2)}[
+            self.layout
+        ]
 
 
 @dataclass(frozen=True)
@@ -134,33 +145,23 @@ def _transposed_param(gm: fx.GraphModule, node: object, reader: fx.Node) -> fx.N
     return node.args[0] if (name, key) in _TRANSPOSES else None
 
 
-def _arg_at(n: fx.Node, pos: int, name: str) -> tuple[object, int | str]:
-    """The argument at position `pos` or keyword `name`, and where it is (None, pos if absent)."""
-    if len(n.args) > pos:
-        return n.args[pos], pos
-    return n.kwargs.get(name), name
-
-
 def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
     """Every node computing a linear map with a parameter weight, in any argument spelling
     (positional or keyword)."""
     found: dict[fx.Node, LinearInfo] = {}
     for n in gm.graph.nodes:
         name = ops.op_name(n, gm) if n.op.startswith("call") else ""
-        if name == "linear" and n.op == "call_module":
-            mod = gm.get_submodule(str(n.target))
-            assert isinstance(mod, nn.Linear)
-            x, key = _arg_at(n, 0, "input")
-            bias = f"{n.target}.bias" if mod.bias is not None else None
+        call = canonical(n, gm, name) if name in ("linear", "matmul", "addmm") else None
+        if call is not None and name == "linear" and n.op == "call_module":
+            x, where = call.input, call.path("input")[0]
+            bias = f"{n.target}.bias" if call["bias"] is not None else None
             if isinstance(x, fx.Node):
                 found[n] = LinearInfo(
                     n, x, f"{n.target}.weight", bias, "out_in",
-                    mod.in_features, mod.out_features, key,
+                    call["in_features"], call["out_features"], where,
                 )  # fmt: skip
-        elif name == "linear":  # F.linear(x, w, b), aten.linear
-            x, key = _arg_at(n, 0, "input")
-            wnode, _ = _arg_at(n, 1, "weight")
-            bnode, _ = _arg_at(n, 2, "bias")
+        elif call is not None and name == "linear":  # F.linear(x, w, b), aten.linear
+            x, wnode, bnode = call.input, call["weight"], call["bias"]
             w, b = _param(gm, wnode), _param(gm, bnode)
             if (
                 isinstance(x, fx.Node) and w is not None and w.dim() == 2
@@ -168,29 +169,93 @@ def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
             ):  # fmt: skip
                 found[n] = LinearInfo(
                     n, x, str(wnode.target), b is not None and str(bnode.target) or None,
-                    "out_in", w.shape[1], w.shape[0], key,
+                    "out_in", w.shape[1], w.shape[0], call.path("input")[0],
                 )  # fmt: skip
-        elif name == "matmul" and len(n.args) == 2 and not n.kwargs:  # x @ W, x @ W.T
-            w = _param(gm, n.args[1])
-            if w is not None and w.dim() == 2 and isinstance(n.args[0], fx.Node):
+        elif name == "conv1d":
+            info = _kernel_one_conv(gm, canonical(n, gm, name))
+            if info is not None:
+                found[n] = info
+        elif call is not None and name == "matmul" and _routed_weight(gm, call.input):
+            wnode = _routed_weight(gm, call.input)  # bmm(W[ids], x): routed experts
+            w, x = gm.get_parameter(str(wnode.target)), call["other"]
+            if isinstance(x, fx.Node) and _dim(x) == 3:
                 found[n] = LinearInfo(
-                    n, n.args[0], str(n.args[1].target), None, "in_out", w.shape[0], w.shape[1]
-                )
-            wnode = None if n in found else _transposed_param(gm, n.args[1], n)
-            if wnode is not None and isinstance(n.args[0], fx.Node):
+                    n, x, str(wnode.target), None, "experts", w.shape[2], w.shape[1],
+                    call.path("other")[0], weight_view=call.input, feature_dim=-2,
+                )  # fmt: skip
+        elif call is not None and name == "matmul" and set(call.args) == {"input", "other"}:
+            x, wnode = call.input, call["other"]  # x @ W, x @ W.T
+            w = _param(gm, wnode)
+            if w is not None and w.dim() == 2 and isinstance(x, fx.Node):
+                found[n] = LinearInfo(
+                    n, x, str(wnode.target), None, "in_out", w.shape[0], w.shape[1],
+                    call.path("input")[0],
+                )  # fmt: skip
+            wnode = None if n in found else _transposed_param(gm, wnode, n)
+            if wnode is not None and isinstance(x, fx.Node):
                 w = gm.get_parameter(str(wnode.target))
                 found[n] = LinearInfo(
-                    n, n.args[0], str(wnode.target), None, "out_in", w.shape[1], w.shape[0],
-                    weight_view=n.args[1],
+                    n, x, str(wnode.target), None, "out_in", w.shape[1], w.shape[0],
+                    call.path("input")[0], weight_view=call["other"],
                 )  # fmt: skip
-        elif name == "addmm" and len(n.args) == 3 and not n.kwargs:  # b + x @ W (Conv1D)
-            b, w = _param(gm, n.args[0]), _param(gm, n.args[2])
+        elif call is not None and name == "addmm" and set(call.args) == {"input", "mat1", "mat2"}:
+            b, w = _param(gm, call.input), _param(gm, call["mat2"])  # b + x @ W (Conv1D)
             if w is not None and b is not None and w.dim() == 2 and b.dim() == 1:
                 found[n] = LinearInfo(
-                    n, n.args[1], str(n.args[2].target), str(n.args[0].target), "in_out",
-                    w.shape[0], w.shape[1], input_index=1,
+                    n, call["mat1"], str(call["mat2"].target), str(call.input.target),
+                    "in_out", w.shape[0], w.shape[1], call.path("mat1")[0],
                 )  # fmt: skip
     return found
+
+
+def _dim(n: fx.Node) -> int:
+    v = n.meta.get("val")
+    return v.dim() if isinstance(v, torch.Tensor) else -1
+
+
+def _routed_weight(gm: fx.GraphModule, node: object) -> fx.Node | None:
+    """The get_attr of W when `node` is W[ids] (W a 3-D parameter [experts, out, in], ids a
+    1-D integer tensor) read by nothing but one op."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or not node.op.startswith("call"):
+        return None
+    name = ops.op_name(node, gm)
+    if name not in ("index", "getitem") or len(node.args) != 2:
+        return None
+    base, idx = node.args
+    if name == "index" and isinstance(idx, (list, tuple)) and len(idx) == 1:
+        idx = idx[0]
+    w = _param(gm, base)
+    ids = idx.meta.get("val") if isinstance(idx, fx.Node) else None
+    routed = isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point()
+    return base if routed and w is not None and w.dim() == 3 else None
+
+
+def _kernel_one_conv(gm: fx.GraphModule, call: Call) -> LinearInfo | None:
+    """A Conv1d that is a linear over channels: kernel 1, stride 1, no padding, dilation 1,
+    one group (x is [..., in, length])."""
+    n = call.node
+    if n.op == "call_module":
+        w, weight = call["weight"], f"{n.target}.weight"
+        bias = f"{n.target}.bias" if call["bias"] is not None else None
+    else:
+        w, b = _param(gm, call["weight"]), _param(gm, call["bias"])
+        if w is None or (call["bias"] is not None and b is None):
+            return None
+        weight = str(call["weight"].target)
+        bias = str(call["bias"].target) if b is not None else None
+
+    def one(v: object, want: int) -> bool:
+        return v == want or (isinstance(v, (list, tuple)) and list(v) == [want])
+
+    plain = one(call["stride"], 1) and one(call["dilation"], 1) and call["groups"] == 1
+    plain = plain and (one(call["padding"], 0) or call["padding"] == "valid")
+    x = call.input
+    if not (plain and w.dim() == 3 and w.shape[2] == 1 and isinstance(x, fx.Node)):
+        return None
+    return LinearInfo(
+        n, x, weight, bias, "conv1d", w.shape[1], w.shape[0], call.path("input")[0],
+        feature_dim=-2,
+    )  # fmt: skip
 
 
 def find_embeddings(gm: fx.GraphModule) -> dict[fx.Node, EmbeddingInfo]:
@@ -199,29 +264,20 @@ def find_embeddings(gm: fx.GraphModule) -> dict[fx.Node, EmbeddingInfo]:
     for n in gm.graph.nodes:
         if not n.op.startswith("call") or ops.op_name(n, gm) != "embedding":
             continue
+        call = canonical(n, gm, "embedding")
+        ids, pad = call.input, call["padding_idx"]
         if n.op == "call_module":
-            mod = gm.get_submodule(str(n.target))
-            w, name, pad = mod.weight, f"{n.target}.weight", mod.padding_idx
-            ids, key = _arg_at(n, 0, "input")
-        elif isinstance(n.target, torch._ops.OpOverload):  # aten.embedding(weight, ids, pad)
-            wnode, _ = _arg_at(n, 0, "weight")
-            ids, key = _arg_at(n, 1, "indices")
-            pad = _arg_at(n, 2, "padding_idx")[0]
-            pad = None if pad is None or pad == -1 else pad  # aten spells "none" -1
-            w = _param(gm, wnode)
-            name = str(wnode.target) if w is not None else ""
-        else:  # F.embedding(ids, weight, padding_idx)
-            ids, key = _arg_at(n, 0, "input")
-            wnode, _ = _arg_at(n, 1, "weight")
-            pad = _arg_at(n, 2, "padding_idx")[0]
-            w = _param(gm, wnode)
-            name = str(wnode.target) if w is not None else ""
+            w, name = call["weight"], f"{n.target}.weight"
+        else:
+            w = _param(gm, call["weight"])
+            name = str(call["weight"].target) if w is not None else ""
         if w is not None and w.dim() == 2 and isinstance(ids, fx.Node):
             if isinstance(pad, int) and pad < 0:
                 pad += w.shape[0]
             if pad is not None and not isinstance(pad, int):
                 continue  # a computed padding row: not recognised, so never split
-            found[n] = EmbeddingInfo(n, ids, name, w.shape[0], w.shape[1], key, pad)
+            where = call.path("input")[0]
+            found[n] = EmbeddingInfo(n, ids, name, w.shape[0], w.shape[1], where, pad)
     return found
 
 

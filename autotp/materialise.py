@@ -78,10 +78,10 @@ def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor
         shape = list(t.shape)
         shape[spec.dim] = spec.padded - t.shape[spec.dim]
         t = torch.cat([t, t.new_zeros(shape)], dim=spec.dim)
-    size = t.shape[spec.dim]
-    block = size // spec.blocks
-    piece = block // tp
-    parts = [t.narrow(spec.dim, b * block + rank * piece, piece) for b in range(spec.blocks)]
+    parts = [
+        t.narrow(spec.dim, start + rank * (length // tp), length // tp)
+        for start, length in spec.pieces(t.shape[spec.dim])
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 
@@ -91,8 +91,10 @@ def gather(
     """The serial tensor from every rank's shard (inverse of `cut`, padding removed)."""
     if spec is None:
         return shards[0]
-    per_rank = [s.chunk(spec.blocks, dim=spec.dim) for s in shards]
-    blocks = [torch.cat([p[b] for p in per_rank], dim=spec.dim) for b in range(spec.blocks)]
+    tp = len(shards)
+    local = [length // tp for _, length in spec.pieces(shards[0].shape[spec.dim] * tp)]
+    per_rank = [s.split(local, dim=spec.dim) for s in shards]
+    blocks = [torch.cat([p[b] for p in per_rank], dim=spec.dim) for b in range(len(local))]
     full = torch.cat(blocks, dim=spec.dim)
     return full if serial_size is None else full.narrow(spec.dim, 0, serial_size)
 

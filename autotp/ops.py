@@ -38,7 +38,8 @@ _FUNCTIONS: dict[object, str] = {
     torch.flatten: "flatten", torch.split: "split", torch.chunk: "chunk",
     torch.unsqueeze: "unsqueeze", torch.cat: "cat", torch.stack: "stack",
     operator.getitem: "getitem", getattr: "getattr",
-    F.cross_entropy: "cross_entropy",
+    F.cross_entropy: "cross_entropy", torch.squeeze: "squeeze", torch.unbind: "unbind",
+    F.conv1d: "conv1d",
     operator.iadd: "add_", operator.isub: "sub_", operator.imul: "mul_",
     operator.itruediv: "div_",
 }  # fmt: skip
@@ -46,7 +47,7 @@ _FUNCTIONS: dict[object, str] = {
 _METHODS: dict[str, str] = {
     "view": "view", "reshape": "view", "transpose": "transpose", "permute": "permute",
     "split": "split", "chunk": "chunk", "flatten": "flatten", "unsqueeze": "unsqueeze",
-    "size": "size", "dim": "dim",
+    "squeeze": "squeeze", "unbind": "unbind", "size": "size", "dim": "dim",
     "contiguous": "identity", "clone": "identity", "detach": "identity", "to": "identity",
     "type_as": "identity", "float": "identity", "double": "identity", "half": "identity",
     "bfloat16": "identity",
@@ -73,6 +74,7 @@ _ATEN: dict[str, str] = {
     "scaled_dot_product_attention": "sdpa", "transpose": "transpose", "permute": "permute",
     "view": "view", "reshape": "view", "_unsafe_view": "view", "flatten": "flatten",
     "split": "split", "split_with_sizes": "split", "chunk": "chunk", "unsqueeze": "unsqueeze",
+    "squeeze": "squeeze", "unbind": "unbind", "conv1d": "conv1d",
     "sym_size": "size", "to": "identity", "_to_copy": "identity", "alias": "identity",
     "contiguous": "identity", "clone": "identity", "detach": "identity",
     "type_as": "identity", "cross_entropy_loss": "cross_entropy", "slice": "slice",
@@ -87,7 +89,7 @@ _MODULES: dict[type, str] = {
     nn.Linear: "linear", nn.LayerNorm: "layer_norm", nn.Embedding: "embedding",
     nn.Dropout: "dropout", nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu",
     nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Softmax: "softmax", nn.Identity: "identity",
-    nn.CrossEntropyLoss: "cross_entropy",
+    nn.CrossEntropyLoss: "cross_entropy", nn.Conv1d: "conv1d",
 }  # fmt: skip
 
 # Elementwise ops (with broadcasting): a split operand keeps its split.
@@ -101,8 +103,8 @@ INPLACE = frozenset("add_ sub_ mul_ div_ masked_fill_".split())
 IDENTITY = frozenset({"identity"})
 # Ops that move elements between dimensions without computing.
 LAYOUT = frozenset(
-    "view transpose permute split chunk getitem index flatten unsqueeze slice cat stack "
-    "expand".split()
+    "view transpose permute split chunk unbind getitem index flatten unsqueeze squeeze "
+    "slice cat stack expand".split()
 )
 # What the matcher contracts into one "glue" region between the structural ops.
 GLUE = POINTWISE | INPLACE | IDENTITY | LAYOUT | {"softmax", "log_softmax", "mean"}

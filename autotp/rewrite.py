@@ -35,12 +35,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import ops
+from .call import canonical
 from .collectives import rank_slice
 from .errors import node_error
 from .match import EmbeddingInfo, Match
 from .rule import Row
 from .sharding import ArgEdit, Cut, DivideByTP, LossInfo, Partial, Propagation, Shard
-from .sharding.call import canonical
 from .vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
 
 __all__ = [
@@ -107,6 +107,10 @@ def _set_path(node: fx.Node, path: tuple[int | str, ...], value: Any) -> None:
         if not rest:
             return value
         head, tail = rest[0], rest[1:]
+        if isinstance(container, slice):  # x[a:b]: head is "start", "stop" or "step"
+            parts = {k: getattr(container, k) for k in ("start", "stop", "step")}
+            parts[head] = put(parts[head], tail)
+            return slice(parts["start"], parts["stop"], parts["step"])
         if isinstance(container, dict):
             new = dict(container)
             new[head] = put(container[head], tail)
@@ -159,6 +163,10 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
             continue
         x = _input_of(node, li.input_index)
         place = str(kind)
+        if li.layout == "experts":  # bmm(W[ids], x) reads W by name: its shard, unchanged
+            _tag(node, rule=rule, split=place, weight=li.weight,
+                 placement=_placement_text(prop.placements[old]))  # fmt: skip
+            continue
         with graph.inserting_before(node):
             w = graph.get_attr(li.weight)
             row = isinstance(kind, Row)  # a row split's bias is added after the sum (step 3)
@@ -168,6 +176,8 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
                 _tag(b, rule=rule, placement=f"{place} shard")
             if li.layout == "out_in":
                 y = graph.call_function(F.linear, (x, w, b))
+            elif li.layout == "conv1d":  # kernel 1: a linear over the channels
+                y = graph.call_function(F.conv1d, (x, w, b))
             else:
                 y = graph.call_function(torch.matmul, (x, w))
                 if b is not None:
@@ -257,6 +267,10 @@ def _reduce(
                 t = graph.get_attr(term)
             _tag(t, rule=rule, placement="R")
             why, last = "bias after the all-reduce", t
+            trailing = -1 - _bias_dim(prop, term)  # a conv's bias: over dim -2
+            if trailing:
+                with graph.inserting_after(t):
+                    last = t = graph.call_function(torch.reshape, (t, (-1,) + (1,) * trailing))
         else:
             t, last = env[term], out
             why = f"{t.name} added once, after the all-reduce"
@@ -266,6 +280,12 @@ def _reduce(
         _tag(out, rule=rule, placement="R", why=why)
     for r in reading:
         r.replace_input_with(anchor, out)
+
+
+def _bias_dim(prop: Propagation, bias: str) -> int:
+    """The dimension a row-split layer's bias runs along (-1, or -2 for a conv)."""
+    dims = {li.feature_dim for _, li in prop.splits.values() if li.bias == bias}
+    return dims.pop() if len(dims) == 1 else -1
 
 
 def _cut(

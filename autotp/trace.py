@@ -375,12 +375,20 @@ def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
         ) from e
     if functions:
         cls = functions[0]
+        hint = (
+            "use frontend='fx' if the model can be symbolically traced (autotp keeps the "
+            "Function there), or replace the Function by plain tensor ops"
+        )
+        if "grouped_mm" in cls.__qualname__:  # transformers' default MoE experts kernel
+            hint = (
+                'build the model with experts_implementation="batched_mm" (a '
+                "from_pretrained / config keyword of transformers): its experts are plain "
+                "tensor ops that autotp splits"
+            )
         raise AutoTPError(
             f"{type(model).__name__} calls the custom autograd Function "
             f"{cls.__module__}.{cls.__qualname__}: torch.export keeps only its forward, so "
-            "its backward would be lost.\n  hint:   use frontend='fx' if the model can be "
-            "symbolically traced (autotp keeps the Function there), or replace the Function "
-            "by plain tensor ops"
+            f"its backward would be lost.\n  hint:   {hint}"
         )
     return ep.module()
 

@@ -11,6 +11,7 @@ from . import (
     attention_fused,
     attention_per_head,
     attention_separate,
+    attention_sliced,
     lm_head,
     mlp,
     swiglu,
@@ -22,6 +23,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     attention_per_head.RULE,  # before attention_fused: the same shape, heads viewed first
     attention_fused.RULE,
     attention_separate.RULE,
+    attention_sliced.RULE,
     swiglu.RULE,
     swiglu_fused.RULE,  # before mlp: the same linear -> glue -> linear shape, halved
     mlp.RULE,

@@ -34,6 +34,9 @@ def _viewed_per_head(m, ctx) -> bool:
             return False
         if v.dim() <= out.dim() or tuple(v.shape[: out.dim() - 1]) != tuple(out.shape[:-1]):
             return False  # not (..., heads, per-head features)
+        new = tuple(v.shape[out.dim() - 1 :])
+        if len(new) >= 3 and new[0] == 3 and new[1] != 3:
+            return False  # (..., 3, heads, head_dim): [Q | K | V] blocks (ModernBERT)
     return True
 
 

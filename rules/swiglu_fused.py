@@ -8,33 +8,34 @@ The fused weight's output is two blocks [gate | up]. A contiguous column split w
 rank 0 all of gate and rank 1 all of up, so each block is split alike and the rank's
 pieces concatenated: rank r holds [gate_r | up_r], its chunk(2) halves pair the same
 features, and `down` is split by input features with one all-reduce after it.
-Motivated by Phi-3's `mlp.gate_up_proj` and ModernBERT's `mlp.Wi` (then `chunk(2)`).
+Motivated by Phi-3's `mlp.gate_up_proj` and ModernBERT's `mlp.Wi` (then `chunk(2)`); the
+same shape holds for routed experts (`gate_up_proj[ids]`, Mixtral and Qwen MoE), split
+along each expert's hidden features with the router replicated.
 """
 
+from autotp import ops
+from autotp.call import canonical
 from autotp.rule import Column, Rule, pattern, row
-
-_HALVES = {"chunk", "split"}
 
 
 def _halves_its_output(m, ctx) -> bool:
-    """The fused output goes only to one chunk/split into two equal parts."""
-    fused = m.layers["gate_up"].node
-    users = list(fused.users)
-    if len(users) != 1:
-        return False
-    (cut,) = users
-    from autotp import ops
-
-    if ops.op_name(cut, ctx.gm) not in _HALVES:
-        return False
-    parts = cut.args[1] if len(cut.args) > 1 else cut.kwargs.get("chunks", cut.kwargs.get(
-        "split_size_or_sections", cut.kwargs.get("split_size")))  # fmt: skip
-    dim = cut.args[2] if len(cut.args) > 2 else cut.kwargs.get("dim", 0)
-    val = fused.meta.get("val")
-    if val is None or dim not in (-1, val.dim() - 1):
+    """The fused output goes only to one chunk/split into two equal halves of its features
+    (after a squeeze of a routed expert's trailing dimension, where there is one)."""
+    cut = m.layers["gate_up"].node
+    while True:
+        users = list(cut.users)
+        if len(users) != 1:
+            return False
+        value, (cut,) = cut, users
+        if ops.op_name(cut, ctx.gm) != "squeeze":
+            break
+    call = canonical(cut, ctx.gm)
+    val = value.meta.get("val")
+    if call.op not in ("chunk", "split") or val is None or call["dim"] != val.dim() - 1:
         return False  # halves of the features, not of the batch or the sequence
-    if ops.op_name(cut, ctx.gm) == "chunk":
-        return parts == 2
+    if call.op == "chunk":
+        return call["chunks"] == 2
+    parts = call["split_size"]
     return isinstance(parts, int) and 2 * parts == val.shape[-1]  # split(width // 2)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autotp.sharding.call import Call, canonical
+from autotp.call import Call, canonical
 from autotp.trace import trace
 
 

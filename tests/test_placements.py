@@ -381,3 +381,44 @@ def test_fewer_key_value_heads_than_ranks_keeps_them_whole(gqa: bool) -> None:
         assert (coll["f"], coll["g"]) == (3, 1)  # f: x for q; k and v for their cuts
     with pytest.raises(autotp.AutoTPError, match="would move elements"):
         autotp.plan(model, 4, (_x(),), strict=True)
+
+
+class FusedQKV(nn.Module):
+    """One fused Q|K|V projection, read two ways: sliced into blocks of unequal widths
+    (Phi-3, 8 query heads and 4 key/value heads), or viewed as (B, T, 3, H, hd) and
+    unbound (ModernBERT)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        kv = C // 2 if how == "sliced" else C
+        self.qkv, self.o = nn.Linear(C, C + 2 * kv), nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs, qkv = C // 8, self.qkv(x)
+        if self.how == "sliced":
+            q = qkv[..., :C].view(B, T, 8, hs).transpose(1, 2)
+            k = qkv[..., C : C + C // 2].view(B, T, 4, hs).transpose(1, 2)
+            v = qkv[:, :, C + C // 2 :].view(B, T, 4, hs).transpose(1, 2)
+        else:
+            q, k, v = qkv.view(B, T, 3, 8, hs).transpose(1, 3).unbind(dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return x + self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("how", ["sliced", "unbind"])
+def test_fused_qkv_sliced_into_unequal_blocks_or_unbound(how: str) -> None:
+    """Each block split by heads, the slices' bounds made local: rank r reads
+    qkv_r[..., :C/tp], [C/tp : 1.5C/tp], [1.5C/tp:]."""
+    model = FusedQKV(how).double()
+    for tp in (2, 4):
+        for frontend in ("fx", "export"):
+            _equal(model, _x(), tp, frontend)
+        plan = autotp.plan(model, tp, (_x(),))
+        rule = "attention_sliced_qkv" if how == "sliced" else "attention_fused_qkv"
+        assert [m.rule.name for m in plan.matches] == [rule] and not plan.replicated
+    if how == "sliced":
+        assert str(plan.splits["qkv.weight"]) == "S(0 in blocks 16|8|8)"
+        edits = sorted((e.old, e.new) for e in plan.propagation.edits if e.node.op != "get_attr")
+        assert (16, 4) in edits and (24, 6) in edits  # slice bounds C and 1.5 C, at tp=4

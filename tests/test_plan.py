@@ -78,7 +78,7 @@ def test_megatron_8_3b_plans_on_meta_without_weights() -> None:
     plan = autotp.plan(model, 8, model.example_inputs(batch=1, seq=1024))
     assert plan.collectives() == {"f": 2 * 72 + 1, "g": 2 * 72 + 3, "max": 1, "gather": 1}
     assert plan.unmatched == []
-    sim = autotp.simulate(model, 8, model.example_inputs(batch=1, seq=1024))
+    sim = autotp.simulate(model, plan)  # the plan is the currency: not planned twice
     rank = sim.ranks[3]
     assert all(p.is_meta for p in rank.parameters())
     w = rank.get_parameter("transformer.h.0.mlp.c_fc.weight")

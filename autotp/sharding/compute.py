@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from .call import Call
+from ..call import Call
 from .context import Ctx, check_replicated, ndim, param_names, val
 from .placement import LOCAL, LocalInt, Placement, R, Shard
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..call import Call
 from ..errors import node_error
-from .call import Call
 from .placement import (
     ArgEdit,
     Cut,
@@ -142,3 +142,36 @@ def check_replicated(c: Ctx, call: Call, *split_ok: str, consumer_split: bool = 
         if consumer_split and isinstance(a, fx.Node):
             c.needs_f(a, call.node)
     return R
+
+
+def slice_span(c: Ctx, call: Call, dim: int, size: int) -> tuple[int, int] | None:
+    """(start, stop) when `call` takes a contiguous slice of dimension `dim` (of serial
+    `size`) of its input and leaves the other dimensions whole: `x[..., a:b]`,
+    `x[:, :, a:b]`, aten.slice; None otherwise."""
+    x = call.input
+    nd = ndim(x)
+    if call.op == "slice":
+        if call["dim"] != dim or call["step"] != 1:
+            return None
+        bounds = (call["start"], call["end"])
+    elif call.op == "getitem" and isinstance(val(x), torch.Tensor):
+        idx = call["index"]
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items[at : at + 1] = [slice(None)] * (nd - len(items) + 1)
+        items += [slice(None)] * (nd - len(items))
+        if len(items) != nd or not all(isinstance(it, slice) for it in items):
+            return None
+        if any(it != slice(None) for i, it in enumerate(items) if i != dim):
+            return None
+        if items[dim].step not in (None, 1):
+            return None
+        bounds = (items[dim].start, items[dim].stop)
+    else:
+        return None
+    if not all(b is None or (isinstance(b, int) and b >= 0) for b in bounds):
+        return None  # a computed or negative bound
+    start = bounds[0] or 0
+    stop = size if bounds[1] is None else min(bounds[1], size)
+    return (start, stop) if start < stop else None

@@ -23,12 +23,12 @@ import torch
 import torch.fx as fx
 
 from .. import ops
+from ..call import Call, canonical
 from ..errors import AutoTPError, node_error
 from ..match import EmbeddingInfo, LinearInfo
 from ..rule import Split
 from ..trace import restore_grad, set_grad
 from . import compute, layers, layout
-from .call import Call, canonical
 from .context import Ctx, param_names, replicated_like, val
 from .placement import Partial, Placement, Propagation, R, VocabOptions, is_split
 
@@ -85,6 +85,12 @@ def propagate(
             for a in partial:  # P -> R: this node reads the sum
                 c.reduce(a, n)
         args_split = any(is_split(c.p(a)) for a in call.leaves())
+        blocks = [a for a in n.all_input_nodes if getattr(c.pl.get(a), "sections", ())]
+        if blocks and name not in ("getitem", "slice"):  # only _section knows them
+            raise c.refuse(
+                n, f"{blocks[0].name}, split in unequal blocks ({c.pl[blocks[0]]}), "
+                f"reaches '{name}'", "slice the fused output into its blocks first",
+            )  # fmt: skip
         rule = _TABLE.get(name)
         if (
             n in linears

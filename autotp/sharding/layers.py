@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.fx as fx
 
+from ..call import Call, canonical
 from ..match import EmbeddingInfo, LinearInfo
 from ..rule import Column, Row, Vocab
-from .call import Call
-from .context import Ctx, check_replicated, ndim, val
+from .context import Ctx, check_replicated, ndim, slice_span, val
 from .placement import LossInfo, Partial, Placement, R, Shard, is_split
 
 
@@ -31,15 +32,16 @@ def _linear(c: Ctx, call: Call) -> Placement:
             c.use_param_replicated(n, li.bias)
         return R
     kind = split[0]
-    out_dim = 0 if li.layout == "out_in" else 1
+    out_axis, in_axis = li.weight_axes
+    feature = nd + li.feature_dim  # of the output; of the input, below
     if isinstance(kind, Vocab):
-        if px != R:
+        if px != R or li.feature_dim != -1:
             raise c.refuse(
-                n, f"an output layer split by vocabulary needs a replicated input; "
-                f"{li.input.name} is {px}", "report the model",
+                n, f"an output layer split by vocabulary needs a replicated input and the "
+                f"vocabulary last; {li.input.name} is {px}", "report the model",
             )  # fmt: skip
         padded = _padding(c, li.out_features)
-        _shard_weight(c, n, li, Shard(out_dim, 1, padded))
+        _shard_weight(c, n, li, Shard(out_axis, 1, padded))
         if li.bias:
             c.shard_param(n, li.bias, Shard(0, 1, padded))
         c.needs_f(li.input, n)
@@ -50,7 +52,9 @@ def _linear(c: Ctx, call: Call) -> Placement:
                 n, f"a column-split linear needs a replicated input; {li.input.name} is {px}",
                 "this rule's split conflicts with the one producing the input",
             )  # fmt: skip
-        if li.out_features % (kind.blocks * c.tp):
+        sections = _sections(c, n, feature, li.out_features, kind.blocks)
+        blocks = 1 if sections else kind.blocks
+        if li.out_features % (blocks * c.tp):  # (each of unequal blocks: _sections)
             raise c.refuse(
                 n,
                 f"{li.weight} has {li.out_features} output features"
@@ -58,30 +62,71 @@ def _linear(c: Ctx, call: Call) -> Placement:
                 + f", not divisible by tp={c.tp}",
                 "choose tp dividing the layer's width (and its number of heads)",
             )
-        _shard_weight(c, n, li, Shard(out_dim, kind.blocks))
+        _shard_weight(c, n, li, Shard(out_axis, blocks, sections=sections))
         if li.bias:
-            c.shard_param(n, li.bias, Shard(0, kind.blocks))
+            c.shard_param(n, li.bias, Shard(0, blocks, sections=sections))
         c.needs_f(li.input, n)
-        return Shard(nd - 1, kind.blocks)
+        return Shard(feature, blocks, sections=sections)
     assert isinstance(kind, Row)
-    if px != Shard(nd - 1, 1):
+    wanted = Shard(ndim(li.input) + li.feature_dim, 1)
+    if px != wanted:
         raise c.refuse(
-            n, f"a row-split linear needs its input split along the features (S({nd - 1})); "
+            n, f"a row-split linear needs its input split along the features ({wanted}); "
             f"{li.input.name} is {px}",
             "the value reaching this layer was reshaped in a way that mixes shards",
         )  # fmt: skip
     if li.in_features % c.tp:
         raise c.refuse(n, f"{li.in_features} input features, not divisible by tp={c.tp}",
                        "choose tp dividing the layer's width")  # fmt: skip
-    _shard_weight(c, n, li, Shard(1 - out_dim, 1))
+    _shard_weight(c, n, li, Shard(in_axis, 1))
     if li.bias:
         c.use_param_replicated(n, li.bias)
     return Partial((li.bias,) if li.bias else ())  # the bias is added once, after the sum
 
 
+def _sections(c: Ctx, n: fx.Node, dim: int, size: int, blocks: int) -> tuple[int, ...]:
+    """The serial sizes of a fused output's blocks when everything reading it slices it
+    along `dim` into `blocks` contiguous parts (Phi-3's `qkv[..., :q]`, `[..., q:q + kv]`,
+    `[..., q + kv:]`), each divisible by tp; () when it is read otherwise (split, chunk,
+    view: equal blocks) or there is a single block."""
+    if blocks == 1:
+        return ()
+    spans = []
+    for call in _readers(c, n):
+        span = slice_span(c, call, dim, size)
+        if span is None:
+            return ()
+        spans.append(span)
+    spans = sorted(set(spans))
+    tiled = [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == size
+    sizes = tuple(b - a for a, b in spans)
+    if not tiled or len(sizes) != blocks or any(x % c.tp for x in sizes):
+        if tiled and len(sizes) == blocks:
+            raise c.refuse(
+                n, f"a fused projection read as blocks {sizes}, not all divisible by "
+                f"tp={c.tp}", "choose tp dividing every block (the heads of each)",
+            )  # fmt: skip
+        return ()
+    return sizes
+
+
+def _readers(c: Ctx, n: fx.Node) -> list[Call]:
+    """The calls reading `n`, looking through slices that keep all of it (export spells
+    `x[:, :, a:]` as three slices, two of them whole)."""
+    out = []
+    for user in n.users:
+        call = canonical(user, c.gm)
+        whole = call.op in ("slice", "getitem") and isinstance(val(user), torch.Tensor)
+        if whole and tuple(val(user).shape) == tuple(val(n).shape):
+            out.extend(_readers(c, user))
+        else:
+            out.append(call)
+    return out
+
+
 def _shard_weight(c: Ctx, n: fx.Node, li: LinearInfo, spec: Shard) -> None:
     c.shard_param(n, li.weight, spec)
-    if li.weight_view is not None:  # `x @ W.T`: the transpose is part of the linear
+    if li.weight_view is not None:  # `x @ W.T`, W[ids]: the view is part of the linear
         c.split_uses.add((li.weight, li.weight_view))
 
 

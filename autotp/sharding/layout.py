@@ -15,8 +15,8 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from .call import Call
-from .context import Ctx, ndim, val
+from ..call import Call
+from .context import Ctx, ndim, slice_span, val
 from .placement import ArgEdit, DivideByTP, LocalInt, Placement, R, Shard, is_split
 
 
@@ -56,9 +56,40 @@ def _shape_of(c: Ctx, x: fx.Node) -> Placement:
     return tuple(local if isinstance(px, Shard) and px.dim == i else R for i in range(ndim(x)))
 
 
+def _section(c: Ctx, call: Call, px: Shard) -> Placement:
+    """A slice that is exactly one block of a fused output split in unequal blocks: this
+    rank's part of that block, with the slice bounds made local (each block before it
+    holds 1/tp of its size on every rank)."""
+    n, size = call.node, val(call.input).shape[px.dim]
+    span = slice_span(c, call, px.dim, size)
+    pieces = px.pieces(size)
+    if span is None or (span[0], span[1] - span[0]) not in pieces:
+        raise c.refuse(
+            n, f"a value split as {px} is read other than one of its blocks",
+            "slice the fused output into its blocks (q, k, v) before anything else",
+        )  # fmt: skip
+    if call.op == "slice":
+        where = {"start": call.path("start") if "start" in call.paths else None,
+                 "end": call.path("end") if "end" in call.paths else None}  # fmt: skip
+        bounds = {"start": call["start"], "end": call["end"]}
+    else:
+        idx = call["index"]
+        items = idx if isinstance(idx, tuple) else (idx,)
+        k = next(i for i, it in enumerate(items) if isinstance(it, slice) and it != slice(None))
+        at = (*call.path("index"), k) if isinstance(idx, tuple) else call.path("index")
+        bounds = {"start": items[k].start, "end": items[k].stop}
+        where = {"start": (*at, "start"), "end": (*at, "stop")}
+    for key, b in bounds.items():
+        if isinstance(b, int) and 0 < b < size and where[key] is not None:
+            c.edits.append(ArgEdit(n, where[key], b, b // c.tp))
+    return Shard(px.dim)
+
+
 def _getitem(c: Ctx, call: Call) -> Placement:
     n, base, idx = call.node, call.input, call["index"]
     pb = c.p(base)
+    if isinstance(pb, Shard) and pb.sections:
+        return _section(c, call, pb)
     if isinstance(pb, tuple):  # a tuple of values (split outputs, sizes)
         if isinstance(idx, slice):
             return pb[idx]
@@ -172,6 +203,34 @@ def _unsqueeze(c: Ctx, call: Call) -> Placement:
         return R
     d = call["dim"]
     return replace(px, dim=px.dim + 1 if d <= px.dim else px.dim)
+
+
+def _squeeze(c: Ctx, call: Call) -> Placement:
+    """The split shifts past the size-1 dimensions removed before it (dim: one, a list, or
+    None for all of them); a split dimension is never of size 1."""
+    px = c.p(call.input)
+    if not isinstance(px, Shard):
+        return R
+    shape, d = list(val(call.input).shape), call["dim"]
+    dims = range(len(shape)) if d is None else [d] if isinstance(d, int) else d
+    gone = [i for i in dims if shape[i] == 1]
+    local = (px.padded or shape[px.dim]) // c.tp
+    if px.dim in gone or (px.dim in dims and local == 1):  # a rank's slice of size 1 goes
+        raise c.refuse(
+            call.node, f"squeezing the split dimension {px.dim} ({local} per rank)",
+            "squeeze the dimensions you mean by number, not the split one",
+        )  # fmt: skip
+    return replace(px, dim=px.dim - sum(i < px.dim for i in gone))
+
+
+def _unbind(c: Ctx, call: Call) -> Placement:
+    """One value per index of a replicated dimension; the split shifts past it."""
+    px, d, k = c.p(call.input), call["dim"], len(val(call.node))
+    if not isinstance(px, Shard):
+        return tuple(R for _ in range(k))
+    if d == px.dim:
+        raise c.refuse(call.node, f"unbinding the split dimension {d}", "unbind another one")
+    return tuple(replace(px, dim=px.dim - (d < px.dim)) for _ in range(k))
 
 
 def _groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
@@ -324,6 +383,8 @@ def _slice(c: Ctx, call: Call) -> Placement:
     px, dim = c.p(call.input), call["dim"]
     if not isinstance(px, Shard):
         return R
+    if px.sections and dim == px.dim:
+        return _section(c, call, px)
     if dim == px.dim and tuple(val(call.node).shape) != tuple(val(call.input).shape):
         raise c.refuse(
             call.node, f"slicing the split dimension {dim}", "slice replicated dimensions"
@@ -396,6 +457,8 @@ RULES: dict[str, Callable[[Ctx, Call], Placement]] = {
     "transpose": _transpose,  # the split follows its dimension
     "permute": _permute,  # the split follows its dimension
     "unsqueeze": _unsqueeze,  # the split shifts
+    "unbind": _unbind,  # one value per index of a replicated dimension
+    "squeeze": _squeeze,  # the split shifts past the size-1 dimensions removed before it
     "split": _split,  # along the split dim: one part per block, split size / tp
     "chunk": _split,  # along the split dim: one part per block
     "slice": _slice,  # along a replicated dimension only

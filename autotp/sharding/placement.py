@@ -45,8 +45,20 @@ class Shard:
     # a cut only: the dimension has tp / replicas slices, each read by `replicas`
     # neighbouring ranks (the key/value head a rank's query heads share)
     replicas: int = 1
+    # unequal blocks (their serial sizes, in order; blocks stays 1): rank r holds the r-th
+    # 1/tp of each, concatenated (a fused Q|K|V with fewer key/value heads than queries)
+    sections: tuple[int, ...] = ()
+
+    def pieces(self, size: int) -> list[tuple[int, int]]:
+        """(start, length) of each block of a serial dimension of `size`."""
+        if not self.sections:
+            return [(b * (size // self.blocks), size // self.blocks) for b in range(self.blocks)]
+        starts = [sum(self.sections[:i]) for i in range(len(self.sections))]
+        return list(zip(starts, self.sections, strict=True))
 
     def __str__(self) -> str:
+        if self.sections:
+            return f"S({self.dim} in blocks {'|'.join(map(str, self.sections))})"
         s = f"S({self.dim})" if self.blocks == 1 else f"S({self.dim}x{self.blocks})"
         if self.replicas > 1:
             s = f"{s[:-1]}, {self.replicas} ranks each)"

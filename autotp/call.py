@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import ops
+from . import ops
 
 __all__ = ["Call", "canonical"]
 
@@ -37,6 +37,8 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "transpose": ("input", "dim0", "dim1"),
     "permute": ("input", "*dims"),
     "unsqueeze": ("input", "dim"),
+    "squeeze": ("input", "dim"),
+    "unbind": ("input", "dim"),
     "expand": ("input", "*size"),
     "split": ("input", "split_size", "dim"),
     "chunk": ("input", "chunks", "dim"),
@@ -49,6 +51,9 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "log_softmax": ("input", "dim"),
     "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
     "matmul": ("input", "other"),
+    "linear": ("input", "weight", "bias"),
+    "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "addmm": ("input", "mat1", "mat2", "beta", "alpha"),
     "sdpa": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
              "enable_gqa"),
     "embedding": ("input", "weight", "padding_idx", "max_norm", "norm_type",
@@ -95,6 +100,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "cross_entropy": {"weight": None, "ignore_index": -100, "reduction": "mean",
                       "label_smoothing": 0.0},
     "dropout": {"p": 0.5, "training": True, "inplace": False},
+    "squeeze": {"dim": None},
+    "unbind": {"dim": 0},
+    "conv1d": {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
 }  # fmt: skip
 
 # Dimension arguments made non-negative, against the input's rank or the output's.
@@ -221,8 +229,8 @@ def _is_sequence(a: Any) -> bool:
 def _module_call(node: fx.Node, gm: fx.GraphModule, op: str) -> Call:
     """A module's settings are its attributes; its input is the first argument."""
     mod = gm.get_submodule(str(node.target))
-    args: dict[str, Any] = {"input": node.args[0] if node.args else None}
-    paths: dict[str, tuple[int | str, ...]] = {"input": (0,)} if node.args else {}
+    args: dict[str, Any] = {"input": node.args[0] if node.args else node.kwargs.get("input")}
+    paths: dict[str, tuple[int | str, ...]] = {"input": (0,) if node.args else ("input",)}
     for i, a in enumerate(node.args[1:], start=1):
         args[str(i)] = a
     if op == "cross_entropy":
@@ -233,6 +241,8 @@ def _module_call(node: fx.Node, gm: fx.GraphModule, op: str) -> Call:
         "embedding": ("weight", "padding_idx", "max_norm", "scale_grad_by_freq", "sparse"),
         "cross_entropy": ("weight", "ignore_index", "reduction", "label_smoothing"),
         "dropout": ("p", "inplace"),
+        "linear": ("weight", "bias", "in_features", "out_features"),
+        "conv1d": ("weight", "bias", "stride", "padding", "dilation", "groups", "padding_mode"),
     }.get(op, ())
     for name in names:
         args[name] = getattr(mod, name, None)
