@@ -77,6 +77,11 @@ class _Gen:
         if weight_expr:
             s = "functional"
         self.tags.add(f"linear:{s}")
+        if s == "conv1d":  # channels first: a linear over dim 1 of x.transpose(1, 2)
+            cls.init.append(f"self.{name} = nn.Conv1d({fin}, {fout}, 1, bias={bias})")
+            if tie:
+                cls.init.append(f"self.{name}.weight = self.{tie}.weight")
+            return lambda x: f"self.{name}({x}.transpose(1, 2)).transpose(1, 2).contiguous()"
         if s in ("module", "module_kw"):
             cls.init.append(f"self.{name} = nn.Linear({fin}, {fout}, bias={bias})")
             if tie:
@@ -118,8 +123,10 @@ class _Gen:
 
     def ffn(self, prefix: str, C: int, F_: int, allow_eval_sub: bool) -> tuple[_Cls, bool]:
         """An MLP or gated MLP; returns the class and whether it returns (y, extra)."""
-        kind = self.pick("block", ("mlp", "glu"))
-        cls = _Cls(f"{prefix}{'Mlp' if kind == 'mlp' else 'Glu'}", ["x"])
+        kind = self.pick("block", ("mlp", "glu", "moe"))
+        cls = _Cls(f"{prefix}{kind.capitalize()}", ["x"])
+        if kind == "moe":
+            return self.moe(cls, C, F_), False
         escape = self.ch.pick(list(ESCAPES)) if self.ch.flag(0.35) else None
         if escape is not None:
             self.tags.add(f"escape:{escape}")
@@ -171,6 +178,29 @@ class _Gen:
         body.append("return y, h" if extra else "return y")
         return cls, extra
 
+    def moe(self, cls: _Cls, C: int, F_: int, experts: int = 4, k: int = 2) -> _Cls:
+        """Top-k routed experts with a fused gate|up per expert, as transformers computes
+        them (batched_mm): each token's copy through its expert's weights, W[ids]."""
+        cls.init += [
+            f"self.router = nn.Linear({C}, {experts}, bias=False)",
+            f"self.w_gate_up = nn.Parameter(torch.randn({experts}, {2 * F_}, {C}) / {C**0.5})",
+            f"self.w_down = nn.Parameter(torch.randn({experts}, {C}, {F_}) / {F_**0.5})",
+        ]
+        act = self.activation(cls, "act", ("silu", "gelu", "relu"))
+        cls.body += [
+            "B, T, _ = x.shape",
+            f"h = x.reshape(B * T, {C})",
+            f"w, ids = self.router(h).softmax(-1).topk({k}, dim=-1)",
+            "ids = ids.reshape(-1)",
+            f"t = h.repeat_interleave({k}, dim=0)",
+            "gu = torch.bmm(self.w_gate_up[ids], t.unsqueeze(-1)).squeeze(-1)",
+            "g, u = gu.chunk(2, dim=-1)",
+            f"y = torch.bmm(self.w_down[ids], ({act('g')} * u).unsqueeze(-1)).squeeze(-1)",
+            f"y = (y * w.reshape(-1, 1)).view(B * T, {k}, {C}).sum(dim=1)",
+            f"return y.view(B, T, {C})",
+        ]
+        return cls
+
     def attention(self, prefix: str, C: int, H: int, T: int, mask: str | None) -> tuple[_Cls, bool]:
         hd = C // H
         kind = self.pick("block", ("attn_fused", "attn_separate"))
@@ -180,7 +210,15 @@ class _Gen:
         body = cls.body
         body.append(self.ch.pick(("B, T, C = x.size()", "B, T, C = x.shape")))
         per_head = False
-        if kind == "attn_fused":
+        # grouped-query: half as many key/value heads (Llama, Mistral; Phi-3 slices a fused
+        # Q|K|V into unequal blocks); sdpa with enable_gqa, or K and V repeated by expand
+        gqa = H % 2 == 0 and self.flag("attn:gqa", 0.15)
+        KV, kvC = (H // 2, C // 2) if gqa else (H, C)
+        if kind == "attn_fused" and gqa:
+            qkv = self.linear(cls, "c_attn", C, C + 2 * kvC, bias=bias)
+            body.append(f"qkv = {qkv('x')}")
+            body.append(f"q, k, v = qkv[..., :{C}], qkv[..., {C}:{C + kvC}], qkv[..., {C + kvC}:]")
+        elif kind == "attn_fused":
             qkv = self.linear(cls, "c_attn", C, 3 * C, bias=bias)
             body.append(f"qkv = {qkv('x')}")
             per_head = self.flag("attn:qkv_per_head", 0.2)  # GPT-NeoX: [q_h k_h v_h] per head
@@ -192,15 +230,17 @@ class _Gen:
                 body.append(f"q, k, v = {QKV_SPLITS[self.pick('qkv_split', list(QKV_SPLITS))]}")
         else:
             s = self.ch.pick(LINEARS)
-            tie = self.flag("trap:tie_qk", 0.12)
+            tie = not gqa and self.flag("trap:tie_qk", 0.12)
             q = self.linear(cls, "query", C, C, bias=bias, spelling=s)
-            k = self.linear(cls, "key", C, C, bias=bias, spelling=s, tie="query" if tie else None)
-            v = self.linear(cls, "value", C, C, bias=bias)
+            k = self.linear(cls, "key", C, kvC, bias=bias, spelling=s, tie="query" if tie else None)
+            v = self.linear(cls, "value", C, kvC, bias=bias)
             body += [f"q = {q('x')}", f"k = {k('x')}", f"v = {v('x')}"]
         heads = self.pick("heads", list(HEADS))
         perm = self.ch.pick((".transpose(1, 2)", ".permute(0, 2, 1, 3)"))
         for t in "qkv":
             view = t if per_head else HEADS[heads].format(t=t, H=H, hd=hd)
+            if gqa and t != "q":
+                view = f"{t}.view(B, T, {KV}, {hd})"
             body.append(f"{t} = {view}{perm}")
         if hd % 2 == 0 and self.flag("attn:rotary_interleaved", 0.1):  # GPT-J: torch.stack
             self.helper("rotate_every_two")
@@ -244,6 +284,11 @@ class _Gen:
             ]
             bias_terms.append("alibi")
         compute = self.pick("attn", ("matmul", "einsum", "sdpa"))
+        if gqa and compute != "sdpa":
+            for t in "kv":
+                body.append(
+                    f"{t} = {t}[:, :, None].expand(B, {KV}, 2, T, {hd}).reshape(B, {H}, T, {hd})"
+                )
         causal = self.flag("attn:causal", 0.5)
         probs_out = False
         if compute == "sdpa":
@@ -263,6 +308,7 @@ class _Gen:
                     attn_mask += " + causal"
             args = "q, k, v" + (f", attn_mask={attn_mask}" if attn_mask else "")
             args += ", is_causal=True" if causal and not attn_mask else ""
+            args += ", enable_gqa=True" if gqa else ""
             body.append(f"y = F.scaled_dot_product_attention({args})")
         else:
             scale = self.ch.pick((f"(1.0 / math.sqrt({hd}))", "(1.0 / math.sqrt(k.size(-1)))"))

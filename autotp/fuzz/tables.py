@@ -9,6 +9,7 @@ TPS = (2, 4)
 LINEARS = (
     "module", "functional", "module_kw", "functional_kw", "matmul", "torch_matmul",
     "matmul_T", "matmul_t",  # x @ W.T and torch.matmul(x, W.t()) with W [out, in] (Falcon)
+    "conv1d",  # a kernel-1 nn.Conv1d over x.transpose(1, 2) (speech and TTS blocks)
 )  # fmt: skip
 # activation kind -> form -> (init expression or None, call template on {h})
 ACTS: dict[str, dict[str, tuple[str | None, str]]] = {
@@ -45,6 +46,7 @@ QKV_SPLITS = {
     "split_C": "qkv.split(C, dim=-1)",
     "chunk_kw": "qkv.chunk(3, dim=-1)",
     "chunk_pos": "qkv.chunk(3, -1)",
+    "unbind": "qkv.view(B, T, 3, C).unbind(2)",  # ModernBERT
 }
 HEADS = {  # how the head count is spelled in the view to (B, T, heads, head_dim)
     "literal": "{t}.view(B, T, {H}, {hd})",
@@ -130,7 +132,7 @@ def _all_features() -> frozenset[str]:
     tags = {f"tp:{t}" for t in TPS} | {"heads_indivisible", "bias:none"}
     tags |= {f"hidden:{c}" for c in (8, 16, 32)} | {f"layers:{n}" for n in (1, 2)}
     tags |= {f"input:{s}" for s in ("x", "ids")}
-    tags |= {f"block:{b}" for b in ("mlp", "glu", "attn_fused", "attn_separate")}
+    tags |= {f"block:{b}" for b in ("mlp", "glu", "moe", "attn_fused", "attn_separate")}
     tags |= {f"linear:{s}" for s in LINEARS}
     tags |= {f"act:{k}" for k in ACTS} | {f"act_form:{f}" for v in ACTS.values() for f in v}
     tags |= {f"qkv_split:{s}" for s in QKV_SPLITS} | {f"heads:{s}" for s in HEADS}
@@ -138,7 +140,7 @@ def _all_features() -> frozenset[str]:
     tags |= {f"context:{s}" for s in ("matmul_op", "torch_matmul", "einsum")}
     tags |= {f"attn:{s}" for s in ("matmul", "einsum", "sdpa", "causal", "rotary")}
     tags |= {"attn:per_head_scale", "attn:alibi", "escape:attn_probs", "attn:qkv_per_head"}
-    tags |= {"attn:rotary_interleaved", "attn:qk_norm"}
+    tags |= {"attn:rotary_interleaved", "attn:qk_norm", "attn:gqa"}
     tags |= {f"mask:{m}" for m in ("additive", "bool")}
     tags |= {f"residual:{r}" for r in ("pre_ln", "post_ln", "parallel")}
     tags |= {f"parallel_sum:{r}" for r in ("residual_first", "residual_last")}
