@@ -4,7 +4,8 @@ compute them).
 
 Properties: each is found as a linear, matched by the MLP rules like any other, split
 along its features (the experts along each expert's hidden features, the router
-replicated) with Megatron's communication, and equal to serial in float64 through both
+replicated) with Megatron's communication (the experts' outputs combined before their
+one all-reduce), and equal to serial in float64 through both
 front-ends; a conv that is not a linear (kernel 3) is never split."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import autotp
+from autotp.rewrite import record
 from autotp.testing import assert_equivalent
 
 C, HIDDEN, EXPERTS, TOP_K = 8, 16, 4, 2
@@ -101,4 +103,8 @@ def test_routed_experts_split_along_each_experts_hidden_features(frontend: str) 
     assert plan.splits["gate_up"].dim == 1 and plan.splits["down"].dim == 2
     assert [li.weight for li in plan.unmatched] == ["router.weight"]
     coll = plan.collectives()
-    assert (coll["f"], coll["g"]) == (1, 1)
+    assert (coll["f"], coll["g"]) == (2, 1)  # f: the tokens and the routing weights
+    # the experts' partial outputs are weighted and combined before their one all-reduce,
+    # which moves a token's hidden state once, not once per expert it was routed to
+    (g,) = [n for n in plan.graph.nodes if record(n).collective == "g"]
+    assert tuple(g.meta["val"].shape) == (2, 5, C)

