@@ -136,3 +136,44 @@ def test_cli_renders_a_named_model_on_meta() -> None:
     assert out.returncode == 0, out.stderr
     assert "1 … 11: 11 more, same as 0 (◆ 4 collectives each)" in out.stdout
     assert "attention_fused_qkv │ 12" in out.stdout
+
+
+_NO_EXAMPLE_INPUTS = """
+import torch, torch.nn as nn
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte, self.a, self.b = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+    def forward(self, idx):
+        x = self.wte(idx)
+        return x + self.b(torch.relu(self.a(x)))
+class Features(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+    def forward(self, x, scale=1.0):
+        return self.b(torch.relu(self.a(x))) * scale
+def tokens():
+    return Tokens()
+def features():
+    return Features()
+"""
+
+
+def test_show_any_model_without_example_inputs(tmp_path: Path) -> None:
+    """Token ids are made from the model's first embedding (--batch x --seq); other inputs
+    are described on the command line, and the hints speak of command-line options."""
+    path = tmp_path / "mine.py"
+    path.write_text(_NO_EXAMPLE_INPUTS)
+    out = _autotp("show", f"{path}:tokens", "--batch", "3", "--seq", "5", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["matches"][0]["rule"] == "mlp"
+    out = _autotp("show", f"{path}:features", "--width", "200")
+    assert out.returncode == 2 and "--input NAME=SHAPE:DTYPE" in out.stderr
+    assert "example_inputs=(" not in out.stderr  # the Python API's words, not the CLI's
+    out = _autotp("show", f"{path}:features", "--input", "x=2x8x16:float", "--json")
+    assert out.returncode == 0, out.stderr
+    out = _autotp("show", f"{path}:features", "--input", "y=2x8", "--width", "200")
+    assert out.returncode == 2 and "its arguments are x, scale" in out.stderr
+    out = _autotp("show", f"{path}:features", "--input", "x=2by8", "--width", "200")
+    assert out.returncode == 2 and "e.g. --input idx=2x16:long" in out.stderr

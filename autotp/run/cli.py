@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -32,24 +33,38 @@ from .. import render, report
 from ..errors import AutoTPError, CheckpointError, UsageError
 from ..plan import plan
 from .config import UsageParser
-from .resolve import build, canonical, example_inputs, logits
+from .resolve import build, canonical, example_inputs, input_specs, logits
 
 __all__ = ["main", "load_model", "serial_model"]
 
 
-def load_model(spec: str, batch: int, seq: int) -> tuple[torch.nn.Module, Any]:
-    """The model MODEL names, and example inputs of batch x seq tokens. Named and hf:
-    models are built on the meta device; a factory's model is built as it returns it."""
+def load_model(
+    spec: str, batch: int, seq: int, inputs: list[str] | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """The model MODEL names, and example inputs: the `--input NAME=SHAPE:DTYPE` options
+    given, else the model's own, else batch x seq token ids. Named and hf: models are
+    built on the meta device; a factory's model is built as it returns it."""
     from autotp.models import CONFIGS
 
     spec = canonical(spec)
     meta = spec in CONFIGS or spec.startswith("hf:")
     model = build(spec, meta=meta)
-    return model, example_inputs(model, batch, seq)
+    if inputs:
+        return model, input_specs(model, inputs)
+    x = example_inputs(model, batch, seq)
+    if x is None:
+        sig = inspect.signature(model.forward)
+        raise UsageError(
+            f"autotp cannot make example inputs for {type(model).__name__}.forward{sig}: it "
+            "has no example_inputs() method and no token embedding\n"
+            "  hint:   describe each input: --input NAME=SHAPE:DTYPE (repeatable), e.g. "
+            f"--input {next(iter(sig.parameters), 'x')}=2x16x64:float"
+        )
+    return model, x
 
 
 def _show(args: argparse.Namespace, console: Console) -> int:
-    model, inputs = load_model(args.model, args.batch, args.seq)
+    model, inputs = load_model(args.model, args.batch, args.seq, args.input)
     with console.status(f"planning {args.model} over tp={args.tp}…", spinner="dots"):
         p = plan(model, args.tp, inputs, strict=args.strict)
     if args.json:
@@ -79,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (default 2)")
     show.add_argument("--batch", type=int, default=8, help="batch size for the byte counts")
     show.add_argument("--seq", type=int, default=64, help="sequence length for the byte counts")
+    show.add_argument(
+        "--input", action="append", metavar="NAME=SHAPE:DTYPE",
+        help="an example input of the model's forward, e.g. idx=2x16:long or x=2x16x64:float "
+        "(repeatable; default: the model's example_inputs(), else --batch x --seq token ids "
+        "of its first embedding)",
+    )  # fmt: skip
     views = show.add_mutually_exclusive_group()
     views.add_argument("--graph", action="store_true", help="the per-rank graph, node by node")
     views.add_argument("--diff", action="store_true", help="serial and rewritten layer K")

@@ -27,7 +27,9 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["HF", "canonical", "build", "example_inputs", "is_hf", "logits", "known"]
+__all__ = [
+    "HF", "canonical", "build", "example_inputs", "input_specs", "is_hf", "logits", "known",
+]  # fmt: skip
 
 # hf:NAME -> (config class, model class) in transformers
 HF = {
@@ -162,12 +164,70 @@ def example_inputs(model: torch.nn.Module, batch: int, seq: int) -> Any:
             )
             return maker(batch=batch, seq=min(seq, longest))
         return maker()
-    if "input_ids" in inspect.signature(model.forward).parameters:
+    params = list(inspect.signature(model.forward).parameters)
+    if "input_ids" in params:
         ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
         if is_hf(model):
             return {"input_ids": ids, "labels": ids}
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    vocab = _vocabulary(model)
+    if vocab is not None and params:  # token ids of its first embedding, as its first input
+        return {params[0]: _tokens((batch, seq), vocab, device)}
     return None
+
+
+def _vocabulary(model: torch.nn.Module) -> int | None:
+    """The size of the model's first embedding table, if it has one."""
+    emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return None if emb is None else emb.num_embeddings
+
+
+def _tokens(shape: tuple[int, ...], vocab: int, device: torch.device) -> torch.Tensor:
+    if device.type == "meta":
+        return torch.zeros(shape, dtype=torch.long, device=device)
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, shape, generator=g).to(device)
+
+
+_DTYPES = {
+    "long": torch.long, "int": torch.int, "float": torch.float32, "float32": torch.float32,
+    "double": torch.float64, "float64": torch.float64, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bool": torch.bool,
+}  # fmt: skip
+
+
+def input_specs(model: torch.nn.Module, specs: list[str]) -> dict[str, torch.Tensor]:
+    """Example inputs from `--input NAME=SHAPE:DTYPE` options (`idx=2x16:long`): integer
+    inputs are token ids of the model's first embedding, floating ones standard normal."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    params = inspect.signature(model.forward).parameters
+    out: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        shape_text, _, dtype_text = rest.partition(":")
+        try:
+            shape = tuple(int(d) for d in shape_text.lower().split("x"))
+            dtype = _DTYPES[dtype_text or "long"]
+        except (ValueError, KeyError):
+            raise UsageError(
+                f"--input {spec}: not NAME=SHAPE:DTYPE\n  hint:   e.g. --input idx=2x16:long "
+                f"or --input x=2x16x64:float; dtypes: {', '.join(_DTYPES)}"
+            ) from None
+        if name not in params:
+            raise UsageError(
+                f"--input {spec}: {type(model).__name__}.forward has no argument {name!r}\n"
+                f"  hint:   its arguments are {', '.join(params)}"
+            )
+        if dtype.is_floating_point and device.type == "meta":
+            out[name] = torch.empty(shape, dtype=dtype, device=device)
+        elif dtype.is_floating_point:
+            g = torch.Generator().manual_seed(len(out))
+            out[name] = torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+        elif dtype == torch.bool:
+            out[name] = torch.ones(shape, dtype=dtype, device=device)
+        else:
+            out[name] = _tokens(shape, _vocabulary(model) or 2, device).to(dtype)
+    return out
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
