@@ -141,40 +141,22 @@ class Call:
     def leaves(self) -> list[Any]:
         """Every tensor, node and literal the call reads, lists flattened (elementwise ops
         broadcast all of their operands alike)."""
-        out: list[Any] = []
-
-        def walk(a: Any) -> None:
-            if isinstance(a, (list, tuple)):
-                for x in a:
-                    walk(x)
-            elif isinstance(a, dict):
-                for x in a.values():
-                    walk(x)
-            elif isinstance(a, slice):
-                walk([a.start, a.stop, a.step])
-            else:
-                out.append(a)
-
-        walk(list(self.node.args))
-        walk(dict(self.node.kwargs))
-        return out
+        return _flatten([self.node.args, self.node.kwargs])
 
     def others(self, *names: str) -> list[Any]:
         """The leaves of every argument but `names` (what must then be replicated)."""
-        out: list[Any] = []
-        for k, v in self.args.items():
-            if k in names:
-                continue
-            stack = [v]
-            while stack:
-                a = stack.pop()
-                if isinstance(a, (list, tuple)):
-                    stack.extend(a)
-                elif isinstance(a, slice):
-                    stack.extend((a.start, a.stop, a.step))
-                else:
-                    out.append(a)
-        return out
+        return _flatten([v for k, v in self.args.items() if k not in names])
+
+
+def _flatten(a: Any) -> list[Any]:
+    """The leaves of nested lists, tuples, dicts and slices (a slice's start, stop, step)."""
+    if isinstance(a, (list, tuple)):
+        return [leaf for x in a for leaf in _flatten(x)]
+    if isinstance(a, dict):
+        return _flatten(list(a.values()))
+    if isinstance(a, slice):
+        return _flatten([a.start, a.stop, a.step])
+    return [a]
 
 
 def canonical(node: fx.Node, gm: fx.GraphModule, op: str | None = None) -> Call:

@@ -145,13 +145,16 @@ def _transposed_param(gm: fx.GraphModule, node: object, reader: fx.Node) -> fx.N
     return node.args[0] if (name, key) in _TRANSPOSES else None
 
 
+_LINEAR_OPS = frozenset({"linear", "matmul", "addmm", "conv1d"})  # what may compute one
+
+
 def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
     """Every node computing a linear map with a parameter weight, in any argument spelling
     (positional or keyword)."""
     found: dict[fx.Node, LinearInfo] = {}
     for n in gm.graph.nodes:
         name = ops.op_name(n, gm) if n.op.startswith("call") else ""
-        call = canonical(n, gm, name) if name in ("linear", "matmul", "addmm") else None
+        call = canonical(n, gm, name) if name in _LINEAR_OPS else None
         if call is not None and name == "linear" and n.op == "call_module":
             x, where = call.input, call.path("input")[0]
             bias = f"{n.target}.bias" if call["bias"] is not None else None
@@ -171,13 +174,12 @@ def find_linears(gm: fx.GraphModule) -> dict[fx.Node, LinearInfo]:
                     n, x, str(wnode.target), b is not None and str(bnode.target) or None,
                     "out_in", w.shape[1], w.shape[0], call.path("input")[0],
                 )  # fmt: skip
-        elif name == "conv1d":
-            info = _kernel_one_conv(gm, canonical(n, gm, name))
+        elif call is not None and name == "conv1d":
+            info = _kernel_one_conv(gm, call)
             if info is not None:
                 found[n] = info
-        elif call is not None and name == "matmul" and _routed_weight(gm, call.input):
-            wnode = _routed_weight(gm, call.input)  # bmm(W[ids], x): routed experts
-            w, x = gm.get_parameter(str(wnode.target)), call["other"]
+        elif call is not None and name == "matmul" and (wnode := _routed_weight(gm, call.input)):
+            w, x = gm.get_parameter(str(wnode.target)), call["other"]  # bmm(W[ids], x): experts
             if isinstance(x, fx.Node) and _dim(x) == 3:
                 found[n] = LinearInfo(
                     n, x, str(wnode.target), None, "experts", w.shape[2], w.shape[1],

@@ -161,7 +161,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         if isinstance(li, EmbeddingInfo):
             env[old] = _split_embedding(graph, node, li, rule)
             continue
-        x = _input_of(node, li.input_index)
+        x = _get_path(node, (li.input_index,))
         place = str(kind)
         if li.layout == "experts":  # bmm(W[ids], x) reads W by name: its shard, unchanged
             _tag(node, rule=rule, split=place, weight=li.weight,
@@ -338,10 +338,6 @@ def site_kind(target: object) -> str:
     return str(target).split(".", 1)[0]
 
 
-def _input_of(node: fx.Node, where: int | str) -> Any:
-    return node.args[where] if isinstance(where, int) else node.kwargs[where]
-
-
 def _placement_text(p: object) -> str:
     if isinstance(p, (tuple, list)):
         return "(" + ", ".join(_placement_text(x) for x in p) + ")"
@@ -352,7 +348,7 @@ def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: st
     with graph.inserting_before(node):
         w = graph.get_attr(li.weight)
         rank = graph.get_attr(RANK_BUFFER)
-        ids = _input_of(node, li.ids_index)
+        ids = _get_path(node, (li.ids_index,))
         part = graph.call_function(vocab_embedding, (ids, w, rank, li.padding_idx))
     _tag(w, rule=rule, placement=f"vocab shard of {li.weight}")
     _copy_meta(node, part)
