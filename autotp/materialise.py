@@ -139,10 +139,13 @@ def build_rank_module(
     plan: object,
     class_name: str,
     seed: int = 0,
+    local: dict[str, torch.Tensor] | None = None,
 ) -> fx.GraphModule:
     """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors.
     `source` is the traced graph module (sharing `model`'s tensors): the graph's module and
-    attribute targets are looked up there."""
+    attribute targets are looked up there. `local` holds, by name, tensors that already
+    are this rank's (shards shared by several graphs of one block): used as they are."""
+    given = local or {}
     # the tensors to cut, by name: `model`'s own, also when the plan's graph module shares
     # the tensors of another instance it was planned on (a plan made on the meta device)
     own = {**dict(model.named_parameters(remove_duplicate=False)),
@@ -169,6 +172,10 @@ def build_rank_module(
         key = id(t)
         if key not in made:
             names = names_of.get(key, [])
+            mine = next((given[n] for n in names if n in given), None)
+            if mine is not None:
+                made[key] = mine
+                return mine
             spec = next((splits[n] for n in names if n in splits), None)
             src = next((own[n] for n in names if n in own), t)
             local = cut(src.detach(), spec, rank, tp).clone()

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 import torch.nn as nn
 
+from .blocks import full_tensors, is_block_model, parallel_blocks
 from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .materialise import RankInfo, build_rank_module, gather
@@ -52,7 +52,8 @@ def parallelize(
     vocab: VocabOptions | None = None,
     frontend: str = "auto",
     strict: bool = False,
-) -> fx.GraphModule:
+    form: str = "auto",
+) -> nn.Module:
     """This rank's module: the per-rank graph over new tensors holding this rank's shards,
     cut from `model`'s weights, so that it computes what `model` computes.
 
@@ -91,15 +92,17 @@ def parallelize(
             "weights first (model.to_empty(device=...) then an init or a checkpoint), or "
             "use autotp.plan / autotp.simulate, which work on the meta device, for planning"
         )
-    p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict)
-    if isinstance(comm, ProcessGroupComm):
-        _check_same_plan(p.fingerprint, group)
     seed = torch.initial_seed() % 2**62
     if isinstance(comm, ProcessGroupComm):  # one seed for the group: shared streams agree
         box = [seed]
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
+    if _blocks(model, given, form, vocab):
+        return parallel_blocks(model, tp, example_inputs, [comm], seed, _rules(rules), strict)
+    p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict)
+    if isinstance(comm, ProcessGroupComm):
+        _check_same_plan(p.fingerprint, group)
     return build_rank_module(
         model, p.traced.gm, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed
     )
@@ -128,11 +131,16 @@ def simulate(
     vocab: VocabOptions | None = None,
     frontend: str = "auto",
     strict: bool = False,
-) -> SimulatedTP:
+    form: str = "auto",
+) -> nn.Module:
     """All ranks in one process, collectives computed in-process and autograd-exact.
     `tp` and the options as in `parallelize`. `model` is not modified. Split outputs kept
     local (`VocabOptions(gather_outputs=False)`) are shown whole: the ranks' slices
-    concatenated and trimmed."""
+    concatenated and trimmed. `form` as in `parallelize`."""
+    if _blocks(model, tp, form, vocab):
+        seed = torch.initial_seed() % 2**62
+        comms = [SimulatedComm(tp, r) for r in range(tp)]  # type: ignore[arg-type]
+        return parallel_blocks(model, tp, example_inputs, comms, seed, _rules(rules), strict)
     p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict)
     tp = p.tp
     seed = torch.initial_seed() % 2**62
@@ -152,6 +160,27 @@ def simulate(
         for r in range(tp)
     ]
     return SimulatedTP(ranks)
+
+
+def _blocks(model: nn.Module, tp: int | Plan, form: str, vocab: VocabOptions | None) -> bool:
+    """Whether to parallelize `model` block by block (see `parallelize`'s `form`)."""
+    if form not in ("auto", "graph", "blocks"):
+        raise AutoTPError(f'form must be "auto", "graph" or "blocks", got {form!r}')
+    graph_only = isinstance(tp, Plan) or vocab is not None
+    if form == "blocks" and graph_only:
+        raise AutoTPError(
+            'form="blocks" splits each block on its own: a Plan and vocab= are of the whole '
+            'graph (the vocabulary split): pass tp, or use form="graph"'
+        )
+    return form == "blocks" or (form == "auto" and not graph_only and is_block_model(model))
+
+
+def _rules(rules: Sequence[Rule] | None) -> tuple[Rule, ...]:
+    if rules is None:
+        from autotp.rules import DEFAULT_RULES
+
+        return tuple(DEFAULT_RULES)
+    return tuple(rules)
 
 
 def _rank_modules(module: nn.Module) -> tuple[list[nn.Module], RankInfo]:
@@ -192,6 +221,8 @@ def _assemble(
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The serial model's state_dict (keys and shapes) from a parallel module. For a module
     from `parallelize` this is a collective: call it on every rank."""
+    if hasattr(module, "autotp_blocks"):
+        return full_tensors(module, grads=False)  # type: ignore[return-value]
     ranks, _ = _rank_modules(module)
     keys = list(ranks[0].state_dict(keep_vars=True))
     return _assemble(module, lambda r: r.state_dict(keep_vars=True), keys)  # type: ignore[return-value]
@@ -200,6 +231,8 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def full_grads(module: nn.Module) -> dict[str, torch.Tensor | None]:
     """Every parameter's gradient in the serial model's form (None where none was
     computed), keyed by every name the parameter has. A collective for `parallelize`."""
+    if hasattr(module, "autotp_blocks"):
+        return full_tensors(module, grads=True)
     ranks, _ = _rank_modules(module)
     keys = [n for n, _ in ranks[0].named_parameters(remove_duplicate=False)]
 

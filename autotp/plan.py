@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import ops
 from .errors import AutoTPError, module_path, source_line
-from .match import LinearInfo, Match, find_linears, match
+from .match import LinearInfo, Match, find_embeddings, find_linears, match
 from .rewrite import record, rewrite
 from .rule import Rule
 from .sharding import Propagation, Shard, VocabOptions, is_split, propagate
@@ -191,14 +191,28 @@ def _plan(
     vocab: VocabOptions | None,
     frontend: str,
     strict: bool,
+    *,
+    dims: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None,
+    like: Plan | None = None,
 ) -> Plan:
+    """The pipeline. `dims` and `inputs`: see `trace` and `propagate`. `like`: a plan of
+    another capture of the same module (another way of calling it) whose splits this one
+    must keep: its layers are split as there, found by weight name, and proven again here;
+    nothing is matched and nothing narrowed (the shards already exist)."""
     with torch.no_grad():
-        traced = trace(model, example_inputs, frontend)
+        traced = trace(model, example_inputs, frontend, dims)
     gm = traced.gm
     linears = find_linears(gm)
-    matches = match(gm, rules, linears)
     vocab = vocab or VocabOptions()
-    prop, matches, replicated = _propagate(gm, tp, linears, matches, vocab, strict)
+    if like is None:
+        matches = match(gm, rules, linears)
+        prop, matches, replicated = _propagate(gm, tp, linears, matches, vocab, strict, inputs)
+    else:
+        matches, replicated = _same_splits(like, gm, linears), list(like.replicated)
+        splits = {n: s for m in matches for n, s in m.splits().items()}
+        names = {n: m.rule.name for m in matches for n in m.splits()}
+        prop = propagate(gm, tp, linears, splits, vocab, names, inputs)
     _check_hooks(model, gm, prop)
     graph = rewrite(gm, prop, matches, tp)
     return Plan(
@@ -207,9 +221,21 @@ def _plan(
     )  # fmt: skip
 
 
+def _same_splits(like: Plan, gm: fx.GraphModule, linears: dict[fx.Node, LinearInfo]) -> list[Match]:
+    """`like`'s matches over `gm`'s layers of the same weights (embeddings included)."""
+    layers: dict[str, Any] = {li.weight: li for li in find_embeddings(gm).values()}
+    layers.update({li.weight: li for li in linears.values()})
+    out = []
+    for m in like.matches:
+        found = {k: layers[li.weight] for k, li in m.layers.items() if li.weight in layers}
+        if found:
+            out.append(Match(m.rule, {}, found))
+    return out
+
+
 def _propagate(
     gm: fx.GraphModule, tp: int, linears: dict[fx.Node, LinearInfo], matches: list[Match],
-    vocab: VocabOptions, strict: bool,
+    vocab: VocabOptions, strict: bool, inputs: dict[str, Any] | None = None,
 ) -> tuple[Propagation, list[Match], list[tuple[Match, str]]]:  # fmt: skip
     """Propagate the matched splits; when a refusal names a node, leave the block that
     split the value reaching it replicated and propagate again (feedback to matching).
@@ -223,7 +249,8 @@ def _propagate(
         splits = {n: s for m in matches for n, s in m.splits().items()}
         names = {n: m.rule.name for m in matches for n in m.splits()}
         try:
-            return propagate(gm, tp, linears, splits, vocab, names), matches, replicated
+            prop = propagate(gm, tp, linears, splits, vocab, names, inputs)
+            return prop, matches, replicated
         except AutoTPError as e:
             first = first or e
             culprit = None if strict else _culprit(gm, matches, e.node)
@@ -272,18 +299,32 @@ _HOOKS = {
 }
 
 
+def _collects(hook: object) -> bool:
+    """A hook transformers installs to collect hidden states or attentions."""
+    return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
+
+
 def _check_hooks(model: nn.Module, gm: fx.GraphModule, prop: Propagation) -> None:
     """Module hooks survive only on a module the per-rank graph still calls, whole, on
     replicated values: fx inlines every other module (its hooks would silently not run),
     the rewrite replaces split layers and dropouts, and a hook on a split value would see
-    a shard. Anything else with a hook is refused."""
+    a shard. Anything else with a hook is refused, but for the modules `model` names in
+    `autotp_hooks_outside`, whose own hooks run outside the graph (a block's, around it),
+    and, inside those, the hooks transformers installs to collect outputs (the parallel
+    model's block collects them)."""
+    outside = set(getattr(model, "autotp_hooks_outside", ()))
     kept: dict[str, fx.Node] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module" and n not in prop.splits and ops.op_name(n, gm) != "dropout":
             kept.setdefault(str(n.target), n)
     for path, mod in model.named_modules():
-        kinds = [what for attr, what in _HOOKS.items() if getattr(mod, attr, None)]
-        if not kinds:
+        inside = any(path.startswith(o + ".") for o in outside)
+        kinds = [
+            what
+            for attr, what in _HOOKS.items()
+            if any(not (inside and _collects(h)) for h in getattr(mod, attr, {}).values())
+        ]
+        if not kinds or path in outside:
             continue
         node = kept.get(path)
         split = node is not None and any(

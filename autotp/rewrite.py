@@ -79,6 +79,7 @@ class NodeRecord:
     dropout: str | None = None  # a dropout site's stream: "shared" or "rank"
     dropout_of: str | None = None  # the dropout module a site replaces
     split_output: tuple[Shard, int] | None = None  # returned split, kept local: (split, size)
+    split_input: Shard | None = None  # an input each rank is given its slice of
 
 
 def record(node: fx.Node) -> NodeRecord:
@@ -137,6 +138,8 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     for old, placement in prop.placements.items():
         if old in env:
             _tag(env[old], placement=_placement_text(placement))
+            if old.op == "placeholder" and isinstance(placement, Shard):
+                _tag(env[old], split_input=placement)
 
     # 1. f: one per replicated value feeding split compute.
     f_of: dict[fx.Node, fx.Node] = {}

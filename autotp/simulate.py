@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .collectives import simulated_f, simulated_g, simulated_gather, simulated_max
-from .materialise import check_mode
+from .materialise import check_mode, cut
 from .rewrite import F_MODULE, G_MODULE, GATHER_MODULE, MAX_MODULE, record, site_kind
 from .sharding import Shard
 from .trace import restore_grad, set_grad
@@ -84,8 +84,12 @@ class SimulatedTP(nn.Module):
         for node in ranks[0].graph.nodes:
             if node.op == "placeholder":
                 value = next(inputs)
+                shard = record(node).split_input
                 for r, env in enumerate(envs):  # each rank its own copy, as on real ranks
-                    env[node] = value if r == 0 else tree_map(_own_copy, value)
+                    if shard is not None:  # or its own slice (a cache of its own heads)
+                        env[node] = cut(value, shard, r, len(ranks))
+                    else:
+                        env[node] = value if r == 0 else tree_map(_own_copy, value)
             elif node.op == "call_module" and site_kind(node.target) in _SIMULATED:
                 xs = [env[node.args[0]] for env in envs]
                 ys = _SIMULATED[site_kind(node.target)](xs, *node.args[1:])

@@ -218,18 +218,23 @@ def _from_config(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return {"input_ids": ids.to(device)}
 
 
-def trace(model: torch.nn.Module, example_inputs: Any = None, frontend: str = "auto") -> Traced:
+def trace(
+    model: torch.nn.Module, example_inputs: Any = None, frontend: str = "auto",
+    dims: dict[str, Any] | None = None,
+) -> Traced:  # fmt: skip
     """Trace `model` and annotate every node with its example value.
 
     With the fx front-end, arguments of `forward` not given in `example_inputs` are fixed
     to their defaults (e.g. `targets=None`), so the graph takes exactly the given
-    arguments; the export front-end likewise takes the given keyword arguments.
+    arguments; the export front-end likewise takes the given keyword arguments. `dims`
+    (export only) gives each input's dynamic dimensions in place of `dynamic_dims`.
     """
     if frontend not in FRONTENDS:
         raise AutoTPError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
     inputs = bind_inputs(model, example_inputs)
-    if frontend == "export":
-        gm = _export(model, inputs)
+    if frontend == "export" or dims is not None:
+        gm = _export(model, inputs, dims)
+        frontend = "export"
     else:
         try:
             gm = _fx_trace(model, inputs)
@@ -342,11 +347,15 @@ def _widened(inputs: dict[str, Any], dims: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
+def _export(
+    model: torch.nn.Module, inputs: dict[str, Any], dims: dict[str, Any] | None = None
+) -> fx.GraphModule:
     """torch.export (non-strict) with the dimensions that really vary made dynamic (see
-    `dynamic_dims`); the unlifted module keeps the parameters as attributes shared with
-    `model`."""
-    dims = {name: dynamic_dims(v) for name, v in inputs.items()}
+    `dynamic_dims`, or `dims` as given); the unlifted module keeps the parameters as
+    attributes shared with `model`, and `accepts` reads the input shapes it holds for."""
+    widen = dims is None
+    if dims is None:
+        dims = {name: dynamic_dims(v) for name, v in inputs.items()}
     functions: list[type] = []
     apply = torch.autograd.Function.__dict__["apply"]
 
@@ -360,9 +369,8 @@ def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
             # with grad enabled, so that no_grad regions inside forward are recorded (a
             # wrap_with_set_grad_enabled call); under an outer no_grad they would vanish
             with torch.enable_grad():
-                ep = torch.export.export(
-                    model, (), _widened(inputs, dims), dynamic_shapes=dims, strict=False
-                )
+                given = _widened(inputs, dims) if widen else inputs
+                ep = torch.export.export(model, (), given, dynamic_shapes=dims, strict=False)
         finally:
             torch.autograd.Function.apply = apply
     except Exception as e:  # noqa: BLE001 - becomes an actionable error
@@ -390,7 +398,71 @@ def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
             f"{cls.__module__}.{cls.__qualname__}: torch.export keeps only its forward, so "
             f"its backward would be lost.\n  hint:   {hint}"
         )
-    return ep.module()
+    gm = ep.module()
+    gm.meta[_SHAPES] = _input_shapes(ep)
+    if not widen:  # the caller checks the inputs with `accepts` (some arrive split)
+        for n in list(gm.graph.nodes):
+            if n.op == "call_module" and n.target == "_guards_fn":
+                gm.graph.erase_node(n)
+                gm.delete_submodule("_guards_fn")
+        gm.recompile()
+    return gm
+
+
+_SHAPES = "autotp_input_shapes"
+
+
+def _input_shapes(ep: torch.export.ExportedProgram) -> tuple[dict[str, tuple], dict]:
+    """Each tensor input's shape as export holds it (ints and sympy expressions of the
+    dynamic sizes), and the ranges of those sizes."""
+    user = set(ep.graph_signature.user_inputs)
+    shapes = {}
+    for n in ep.graph.nodes:
+        v = n.meta.get("val")
+        if n.op == "placeholder" and n.name in user and isinstance(v, torch.Tensor):
+            shapes[n.name] = tuple(
+                d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in v.shape
+            )
+    return shapes, dict(ep.range_constraints)
+
+
+def accepts(gm: fx.GraphModule, inputs: dict[str, Any]) -> bool:
+    """Whether the exported `gm` holds for `inputs` (its tensor inputs, or their shapes,
+    by name): every
+    static size equal, every dynamic size in its range, every derived size (e.g. a past
+    and a new length summed) what its expression gives. A graph from fx holds for none."""
+    if _SHAPES not in gm.meta:
+        return False
+    shapes, ranges = gm.meta[_SHAPES]
+    tensors = {
+        k: tuple(v.shape) if isinstance(v, torch.Tensor) else v
+        for k, v in inputs.items()
+        if isinstance(v, (torch.Tensor, tuple))
+    }
+    if set(tensors) != set(shapes):
+        return False
+    bound: dict[Any, int] = {}
+    derived = []
+    for name, dims in shapes.items():
+        actual = tensors[name]
+        if len(actual) != len(dims):
+            return False
+        for want, have in zip(dims, actual, strict=True):
+            if isinstance(want, int):
+                if want != have:
+                    return False
+            elif getattr(want, "is_Symbol", False):
+                if bound.setdefault(want, have) != have:
+                    return False
+                r = ranges.get(want)
+                if r is not None and not (r.lower <= have <= r.upper):
+                    return False
+            else:
+                derived.append((want, have))
+    try:
+        return all(int(e.subs(bound)) == have for e, have in derived)
+    except TypeError:  # a symbol no input carries alone
+        return False
 
 
 def _fx_trace(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:

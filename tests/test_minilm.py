@@ -46,7 +46,7 @@ def test_minilm_embeddings_equal_serial(dtype: torch.dtype) -> None:
     with torch.no_grad():
         want = _embed(model, x)
         for tp in (3, 4) if dtype == torch.float64 else (2,):  # f32: its tolerance, once
-            sim = autotp.simulate(model, tp, x)
+            sim = autotp.simulate(model, tp, x, form="graph")
             assert sum(m.rule.name == "attention_separate_qkv" for m in sim.plan.matches) == 6
             got = _embed(sim, x)
             tol = 1e-10 if dtype == torch.float64 else 1e-5

@@ -46,10 +46,12 @@ def propagate(
     splits: dict[fx.Node, tuple[Split, LinearInfo | EmbeddingInfo]],
     options: VocabOptions | None = None,
     rule_names: dict[fx.Node, str] | None = None,
+    inputs: dict[str, Placement] | None = None,
 ) -> Propagation:
     """Placements for every node of `gm` given the layer splits; refuses what it cannot
     prove. Pure: `gm` is not modified. `rule_names` names the rule behind each split
-    layer, for error messages."""
+    layer, for error messages; `inputs` the placement of inputs that arrive split (by
+    placeholder name; the rest are replicated)."""
     c = Ctx(gm, tp, splits, linears, options or VocabOptions())
     c.rule_names = rule_names or {}
     region = 0
@@ -60,7 +62,7 @@ def propagate(
         c.region[n] = region
         c.grad[n] = _carries_grad(gm, n, c.grad)
         if n.op == "placeholder":
-            c.pl[n] = replicated_like(value)
+            c.pl[n] = (inputs or {}).get(n.name) or replicated_like(value)
             continue
         if n.op == "get_attr":
             c.pl[n] = R

@@ -278,6 +278,8 @@ def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]
         stuck = None
         for o in gj:
             size = dst[o]
+            if size == 1:  # holds nothing to split (x.view(B, 1, C) for one token)
+                continue
             if blocks > 1 and blocks % size == 0:  # a dimension of whole blocks
                 blocks //= size
                 continue

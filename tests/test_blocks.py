@@ -1,0 +1,142 @@
+"""transformers models as users hold them: default configs (use_cache=True), every keyword
+of the model's forward, its output types, and generate(), through the block form (each
+decoder layer replaced by its parallel form, the model's own Python kept around it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autotp
+from autotp.testing import assert_equivalent, run_on_gloo
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 97
+
+
+def _model(name: str, kv_heads: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A small model from a config left at its defaults but for its sizes (use_cache=True,
+    dropout as configured, sdpa attention)."""
+    torch.manual_seed(seed)
+    sizes = {"vocab_size": VOCAB}
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **sizes)
+        model = transformers.GPT2LMHeadModel(cfg)
+    elif name == "llama":
+        cfg = transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=kv_heads, max_position_embeddings=64, **sizes,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, **sizes,
+        )  # fmt: skip
+        model = transformers.BertForMaskedLM(cfg)
+    assert name == "bert" or model.config.use_cache  # the default the issue is about
+    return model.double().eval()
+
+
+def _batch(seq: int = 6, pad: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (2, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[1, :2] = 0  # left padding, as generate() batches prompts
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize(("name", "tp", "kv"), [("gpt2", 2, 4), ("llama", 2, 2), ("llama", 4, 2)])
+def test_default_config_equals_serial_with_the_keywords_people_use(name, tp, kv) -> None:
+    """Planned from nothing but the model; called with input_ids, attention_mask and labels
+    (and, for llama at tp=4, two key/value heads for four ranks: kept whole)."""
+    model = _model(name, kv)
+    x = _batch()
+    x["labels"] = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    report = assert_equivalent(model, x, tp, atol=1e-10, rtol=1e-6)  # float32 RMSNorm inside
+    assert report.worst(1)[0][1] < 1e-6
+    sim = autotp.simulate(model, tp)
+    out = sim(**x)
+    assert type(out) is type(model(**x))  # CausalLMOutputWithPast, logits gathered
+    assert out.logits.shape == (2, 6, VOCAB)
+
+
+def test_keywords_the_plan_never_saw() -> None:
+    """Planned without inputs; then position_ids, use_cache, output_hidden_states and a past
+    passed back in all work as in the serial model."""
+    model = _model("llama", 2)
+    sim = autotp.simulate(model, 2)
+    x = _batch(pad=False)
+    pos = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        a = model(**x, position_ids=pos, use_cache=True, output_hidden_states=True)
+        b = sim(**x, position_ids=pos, use_cache=True, output_hidden_states=True)
+        assert len(a.hidden_states) == len(b.hidden_states)
+        assert (a.logits - b.logits).abs().max() < 1e-12
+        nxt = torch.full((2, 1), 5)
+        a2 = model(input_ids=nxt, cache=a.past_key_values)
+        b2 = sim(input_ids=nxt, cache=b.past_key_values)
+    assert (a2.logits - b2.logits).abs().max() < 1e-12
+
+
+def test_masked_lm_takes_attention_mask_when_planned_without_it() -> None:
+    model = _model("bert")
+    x = _batch()
+    x["labels"] = x["input_ids"].clone()
+    report = assert_equivalent(model, x, 2, atol=1e-10)
+    assert report.worst(1)[0][1] < 1e-10
+
+
+@pytest.mark.parametrize(("name", "tp", "kv"), [("gpt2", 2, 4), ("llama", 2, 2), ("llama", 4, 2)])
+def test_generate_greedy_and_sampled_equal_serial(name, tp, kv) -> None:
+    model = _model(name, kv)
+    sim = autotp.simulate(model, tp)
+    x = _batch()
+    kw = {"max_new_tokens": 5, "pad_token_id": 0}
+    want = model.generate(**x, do_sample=False, **kw)
+    got = sim.generate(**x, do_sample=False, **kw)
+    assert torch.equal(want, got)
+    torch.manual_seed(7)
+    want = model.generate(**x, do_sample=True, top_k=20, **kw)
+    torch.manual_seed(7)
+    got = sim.generate(**x, do_sample=True, top_k=20, **kw)
+    assert torch.equal(want, got)
+
+
+def test_collectives_per_layer_are_megatrons() -> None:
+    """Two all-reduces forward and two backward per decoder layer, nothing else."""
+    model = _model("llama", 2)
+    sim = autotp.simulate(model, 2)
+    x = _batch()
+    x["labels"] = x["input_ids"]
+    with autotp.count_collectives() as log:
+        sim(**x).loss.backward()
+    assert log.count("forward", "all_reduce") == 2 * 2
+    assert log.count("backward", "all_reduce") == 2 * 2
+
+
+def _generate_on_rank(rank: int, world: int, name: str, kv: int) -> tuple:
+    model = _model(name, kv)
+    module = autotp.parallelize(model, world)
+    x = _batch()
+    out = module.generate(**x, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True)  # fmt: skip
+    torch.manual_seed(11)
+    sampled = module.generate(**x, max_new_tokens=5, do_sample=True, pad_token_id=0)
+    keys = out.past_key_values.layers[0].keys
+    want = model.generate(**x, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    return out.sequences.tolist(), want.tolist(), tuple(keys.shape), sampled.tolist()
+
+
+@pytest.mark.parametrize(("name", "kv"), [("gpt2", 4), ("llama", 2)])
+def test_generate_on_gloo_ranks(name, kv) -> None:
+    """Real processes: greedy tokens equal serial, sampling draws the same tokens on every
+    rank, and each rank's cache holds its own key/value heads only."""
+    results = run_on_gloo(_generate_on_rank, 2, name, kv)
+    for got, want, keys, _ in results:
+        assert got == want
+        assert keys[1] == kv // 2
+    assert results[0][3] == results[1][3]
