@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .collectives import Comm
 from .errors import AutoTPError
@@ -42,6 +43,7 @@ from .rule import Rule
 from .sharding import Shard, VocabOptions
 from .simulate import SimulatedTP
 from .trace import accepts
+from .weights import Weights
 
 __all__ = ["find_blocks", "is_block_model", "BlockTP", "parallel_blocks"]
 
@@ -222,6 +224,7 @@ class _Patterns:
         self.first: Plan | None = None
         self.plans: dict[tuple, list[tuple[Plan, Shard | None]]] = {}
         self.kv: Any = _UNKNOWN  # how the new keys are placed, once a cached call showed it
+        self.meta = False  # the serial blocks are on the meta device
 
     def plan(
         self, block: nn.Module, call: _Call, seqs: set[int], local: bool
@@ -236,17 +239,20 @@ class _Patterns:
         return made
 
     def _serial(self, tensors: dict[str, torch.Tensor], kv: Any, local: bool, shapes: bool):
-        """The call's inputs as the serial block would get them (a local past widened:
-        for shapes, or as zeros to trace with)."""
-        out: dict[str, Any] = {  # detached: export reads no autograd history
-            n: tuple(t.shape) if shapes else t.detach() for n, t in tensors.items()
+        """The call's inputs as the serial block would get them (a local past widened),
+        as shapes, or as tensors to trace with (detached: export reads no autograd
+        history; on the meta device when the serial block is a program without weights)."""
+        meta = self.meta
+        out: dict[str, Any] = {
+            n: tuple(t.shape) if shapes else t.detach().to("meta") if meta else t.detach()
+            for n, t in tensors.items()
         }
         if local and isinstance(kv, Shard) and self.tp > 1:
             for n in _PAST:
                 if n in tensors:
                     size = list(tensors[n].shape)
                     size[kv.dim] *= self.tp
-                    out[n] = tuple(size) if shapes else tensors[n].new_zeros(size)
+                    out[n] = tuple(size) if shapes else out[n].new_zeros(size)
         return out
 
     def _plan(
@@ -417,14 +423,38 @@ class BlockTP(nn.Module):
         return self._graphs[key]
 
 
-def _shell(block: nn.Module, splits: dict[str, Shard], rank: int, tp: int) -> nn.Module:
-    """A copy of `block` holding rank `rank`'s shards of its tensors."""
+def _zeros_like_fake(x: Any) -> Any:
+    """A captured fake tensor as a real one of its shape (values never matter to tracing)."""
+    if isinstance(x, torch.Tensor):
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    return x
+
+
+def _shell(
+    block: nn.Module, splits: dict[str, Shard], rank: int, tp: int,
+    weights: Weights | None = None, path: str = "",
+) -> nn.Module:  # fmt: skip
+    """A copy of `block` holding rank `rank`'s shards of its tensors, cut from the block's
+    or read from `weights` (the block at `path` of the model)."""
     made: dict[int, torch.Tensor] = {}
     names = {id(t): n for n, t in [*block.named_parameters(), *block.named_buffers()]}
 
     def new_tensor(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in made:
-            local = cut(t.detach(), splits.get(names.get(id(t), "")), rank, tp).clone()
+            name = names.get(id(t), "")
+            spec = splits.get(name)
+            if weights is not None and f"{path}.{name}" in weights:
+                local = weights.read(f"{path}.{name}", spec, rank, tp, t.dtype)
+            elif t.is_meta and weights is not None:
+                raise AutoTPError(
+                    f"{path}.{name} is on the meta device and "
+                    + f"not in {weights.path}"
+                    + "\n  hint:   pass weights= a file or folder holding every tensor of the "
+                    "model "
+                    "(what save_pretrained of this model class writes)"
+                )
+            else:
+                local = cut(t.detach(), spec, rank, tp).clone()
             made[id(t)] = (nn.Parameter(local, requires_grad=t.requires_grad)
                            if isinstance(t, nn.Parameter) else local)  # fmt: skip
         return made[id(t)]
@@ -434,10 +464,12 @@ def _shell(block: nn.Module, splits: dict[str, Shard], rank: int, tp: int) -> nn
 
 def parallel_blocks(
     model: nn.Module, tp: int, example_inputs: Any, comms: list[Comm], seed: int,
-    rules: tuple[Rule, ...], strict: bool,
+    rules: tuple[Rule, ...], strict: bool, weights: Weights | None = None,
 ) -> nn.Module:  # fmt: skip
     """A copy of `model` with every block replaced by a BlockTP holding the shards of the
-    ranks of `comms` (one for `parallelize`, every rank for `simulate`)."""
+    ranks of `comms` (one for `parallelize`, every rank for `simulate`). With `weights`,
+    every tensor comes from there, each rank reading its slices (`model` may be on the
+    meta device); else from `model`."""
     from .trace import bind_inputs
 
     paths = find_blocks(model)
@@ -455,18 +487,22 @@ def parallel_blocks(
             lambda m, a, k, p=p: calls.setdefault(p, (a, k)), with_kwargs=True)
         for p in paths
     ]  # fmt: skip
-    try:
-        with torch.no_grad():
+    try:  # on fake tensors: nothing computed (a model on the meta device runs too)
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
             model(**inputs)
     finally:
         for h in hooks:
             h.remove()
+    calls = {p: tree_map(_zeros_like_fake, c) for p, c in calls.items()}
     blocks = {p: model.get_submodule(p) for p in paths}
     memo = {id(b): None for b in blocks.values()}
     copied = copy.deepcopy(model, memo)  # everything but the blocks: those are replaced
+    if weights is not None:
+        _load_outer(copied, model, weights, tuple(p + "." for p in paths))
     by_structure: dict[tuple, _Patterns] = {}
     for path, block in blocks.items():
         patterns = by_structure.setdefault(_structure(block), _Patterns(tp, rules, strict))
+        patterns.meta = any(t.is_meta for t in block.parameters())
         if path not in calls:
             raise AutoTPError(f"the model did not call its block {path} on the example inputs")
         a, k = calls[path]
@@ -475,12 +511,59 @@ def parallel_blocks(
         with torch.no_grad():
             patterns.plan(block, call, seqs, local=False)
         splits = {n.removeprefix("layer."): s for n, s in patterns.first.splits.items()}
-        shells = [_shell(block, splits, c.rank, tp) for c in comms]
+        shells = [_shell(block, splits, c.rank, tp, weights, path) for c in comms]
         parent, _, leaf = path.rpartition(".")
         copied.get_submodule(parent)._modules[leaf] = BlockTP.of(block, patterns, shells, comms,
                                                                   seed)  # fmt: skip
     copied.autotp_blocks = tuple(paths)
     return copied
+
+
+def _load_outer(
+    copied: nn.Module, model: nn.Module, weights: Weights, skip: tuple[str, ...]
+) -> None:
+    """Give `copied`'s tensors outside the blocks their values from `weights`, one at a
+    time; a buffer the file lacks (rotary frequencies: not saved) is made by the model's
+    own initialiser (transformers' `_init_weights`) where it is on the meta device."""
+    names: dict[int, list[str]] = {}
+    every = [*copied.named_parameters(remove_duplicate=False),
+             *copied.named_buffers(remove_duplicate=False)]  # fmt: skip
+    for name, t in every:
+        if not name.startswith(skip):
+            names.setdefault(id(t), []).append(name)
+    done: dict[int, torch.Tensor] = {}
+    missing = []
+    for name, t in every:
+        if name.startswith(skip):
+            continue
+        if id(t) not in done:
+            found = weights.find(names[id(t)])
+            if found is None:
+                missing.append(name)
+                continue
+            value = weights.read(found, dtype=t.dtype)
+            done[id(t)] = (
+                nn.Parameter(value, t.requires_grad) if isinstance(t, nn.Parameter) else value
+            )
+        owner, _, leaf = name.rpartition(".")
+        mod = copied.get_submodule(owner)
+        where = mod._parameters if leaf in mod._parameters else mod._buffers
+        where[leaf] = done[id(t)]
+    init = getattr(copied, "_init_weights", None)
+    for name in missing:
+        owner, _, leaf = name.rpartition(".")
+        mod = copied.get_submodule(owner)
+        t = getattr(mod, leaf)
+        if not t.is_meta:
+            continue  # a real value of the model's own (a buffer it computed)
+        if leaf not in mod._buffers or init is None:
+            raise AutoTPError(
+                f"{name} is not in {weights.path} and the model holds no value for it (meta "
+                "device)\n  hint:   save the weights from this model class "
+                "(save_pretrained), or build the model with real tensors"
+            )
+        mod._buffers[leaf] = torch.empty_like(t, device="cpu")
+        init(mod)  # recomputes what its __init__ computed (rotary inverse frequencies)
 
 
 def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | None]:

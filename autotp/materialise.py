@@ -33,6 +33,7 @@ from .rewrite import (
     site_kind,
 )
 from .sharding import Shard
+from .weights import Weights
 
 __all__ = ["RankInfo", "cut", "gather", "build_rank_module", "check_mode"]
 
@@ -140,11 +141,13 @@ def build_rank_module(
     class_name: str,
     seed: int = 0,
     local: dict[str, torch.Tensor] | None = None,
+    weights: Weights | None = None,
 ) -> fx.GraphModule:
     """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors.
     `source` is the traced graph module (sharing `model`'s tensors): the graph's module and
     attribute targets are looked up there. `local` holds, by name, tensors that already
-    are this rank's (shards shared by several graphs of one block): used as they are."""
+    are this rank's (shards shared by several graphs of one block): used as they are.
+    `weights`: tensors the file holds are read from it, each rank its own slices."""
     given = local or {}
     # the tensors to cut, by name: `model`'s own, also when the plan's graph module shares
     # the tensors of another instance it was planned on (a plan made on the meta device)
@@ -178,7 +181,20 @@ def build_rank_module(
                 return mine
             spec = next((splits[n] for n in names if n in splits), None)
             src = next((own[n] for n in names if n in own), t)
-            local = cut(src.detach(), spec, rank, tp).clone()
+            stored = weights.find(names) if weights is not None else None
+            if stored is not None:
+                local = weights.read(stored, spec, rank, tp, src.dtype)  # type: ignore[union-attr]
+            elif src.is_meta and weights is not None:  # else shards on meta (materialised later)
+                raise AutoTPError(
+                    f"{names[0]} is on the meta device and "
+                    + f"not in {weights.path}"
+                    + "\n  hint:   pass weights= a file or folder holding every tensor of the "
+                    "model "
+                    "(what save_pretrained of this model class writes), or build the model "
+                    "with real tensors"
+                )
+            else:
+                local = cut(src.detach(), spec, rank, tp).clone()
             made[key] = (
                 nn.Parameter(local, requires_grad=src.requires_grad)
                 if isinstance(t, nn.Parameter)
@@ -241,8 +257,10 @@ def _copy_modes(model: nn.Module, gm: fx.GraphModule) -> None:
 
 
 def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's tensors are (a model on the meta device gets its weights read
+    onto the CPU)."""
     for t in model.parameters():
-        return t.device
+        return torch.device("cpu") if t.is_meta else t.device
     return torch.device("cpu")
 
 

@@ -4,6 +4,7 @@ group), `simulate` (all ranks in one process), and the serial views of their sta
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from .plan import Plan, check_tp, plan
 from .rule import Rule
 from .sharding import VocabOptions
 from .simulate import SimulatedTP
+from .weights import Weights
 
 __all__ = ["parallelize", "simulate", "full_state_dict", "full_grads"]
 
@@ -53,6 +55,7 @@ def parallelize(
     frontend: str = "auto",
     strict: bool = False,
     form: str = "auto",
+    weights: str | os.PathLike | None = None,
 ) -> nn.Module:
     """This rank's module: the per-rank graph over new tensors holding this rank's shards,
     cut from `model`'s weights, so that it computes what `model` computes.
@@ -84,13 +87,15 @@ def parallelize(
                 f"tp ranks (e.g. torch.distributed.new_group(ranks)) or tp={size}"
             )
         comm, rank = ProcessGroupComm(group), dist.get_rank(group)
+    source = Weights(weights) if weights is not None else None
     meta = [n for n, t in model.named_parameters() if t.is_meta]
-    if meta:
+    if meta and source is None:
         raise AutoTPError(
             f"{type(model).__name__} has {len(meta)} parameters on the meta device (e.g. "
             f"{meta[0]}): there are no weights to cut shards from. Load or initialise the "
-            "weights first (model.to_empty(device=...) then an init or a checkpoint), or "
-            "use autotp.plan / autotp.simulate, which work on the meta device, for planning"
+            "weights first (model.to_empty(device=...) then an init or a checkpoint), pass "
+            "weights= its saved safetensors (each rank reads its own slices), or use "
+            "autotp.plan, which works on the meta device, for planning"
         )
     seed = torch.initial_seed() % 2**62
     if isinstance(comm, ProcessGroupComm):  # one seed for the group: shared streams agree
@@ -99,13 +104,16 @@ def parallelize(
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
     if _blocks(model, given, form, vocab):
-        return parallel_blocks(model, tp, example_inputs, [comm], seed, _rules(rules), strict)
+        return parallel_blocks(
+            model, tp, example_inputs, [comm], seed, _rules(rules), strict, source
+        )
     p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict)
     if isinstance(comm, ProcessGroupComm):
         _check_same_plan(p.fingerprint, group)
     return build_rank_module(
-        model, p.traced.gm, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed
-    )
+        model, p.traced.gm, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed,
+        weights=source,
+    )  # fmt: skip
 
 
 def _check_same_plan(fingerprint: str, group: dist.ProcessGroup | None) -> None:
@@ -132,15 +140,19 @@ def simulate(
     frontend: str = "auto",
     strict: bool = False,
     form: str = "auto",
+    weights: str | os.PathLike | None = None,
 ) -> nn.Module:
     """All ranks in one process, collectives computed in-process and autograd-exact.
     `tp` and the options as in `parallelize`. `model` is not modified. Split outputs kept
     local (`VocabOptions(gather_outputs=False)`) are shown whole: the ranks' slices
-    concatenated and trimmed. `form` as in `parallelize`."""
+    concatenated and trimmed. `form` and `weights` as in `parallelize`."""
+    source = Weights(weights) if weights is not None else None
     if _blocks(model, tp, form, vocab):
         seed = torch.initial_seed() % 2**62
         comms = [SimulatedComm(tp, r) for r in range(tp)]  # type: ignore[arg-type]
-        return parallel_blocks(model, tp, example_inputs, comms, seed, _rules(rules), strict)
+        return parallel_blocks(
+            model, tp, example_inputs, comms, seed, _rules(rules), strict, source
+        )
     p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict)
     tp = p.tp
     seed = torch.initial_seed() % 2**62
@@ -156,6 +168,7 @@ def simulate(
             p,
             p.model_name,
             seed,
+            weights=source,
         )
         for r in range(tp)
     ]

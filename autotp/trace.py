@@ -400,11 +400,14 @@ def _export(
         )
     gm = ep.module()
     gm.meta[_SHAPES] = _input_shapes(ep)
-    if not widen:  # the caller checks the inputs with `accepts` (some arrive split)
+    if not widen:  # the caller checks the inputs with `accepts` (some arrive split, or on
+        # another device than the meta one traced on): export's own input checks go
         for n in list(gm.graph.nodes):
             if n.op == "call_module" and n.target == "_guards_fn":
                 gm.graph.erase_node(n)
                 gm.delete_submodule("_guards_fn")
+            elif n.target is torch.ops.aten._assert_tensor_metadata.default:
+                gm.graph.erase_node(n)
         gm.recompile()
     return gm
 

@@ -1,21 +1,36 @@
-"""Memory per rank: GPT-2 medium materialised by the runner (meta, then one parameter at a
-time) at tp 1, 2 and 4 on gloo: parameter bytes and peak RSS of each rank, against serial.
+"""Memory per rank, two ways, on gloo ranks of this machine.
 
-    python bench/memory.py [--model gpt2-medium]
+    python bench/memory.py [--model gpt2-medium]      the runner's GPT-2, materialised
+    python bench/memory.py --weights [--hf gpt2]      a transformers model from safetensors
+
+The first builds the runner's model (meta, then one parameter at a time) at tp 1, 2 and 4
+and prints parameter bytes and peak RSS of each rank against serial.
+
+The second saves a transformers model (`--hf gpt2`: GPT-2 small's default config, 124M
+parameters; `--hf llama-1b`: a 1.1B Llama config) with save_pretrained into a temporary
+folder, then on tp ranks builds it on the meta device and calls
+`autotp.parallelize(model, tp, weights=folder)`, sampling the process's anonymous resident
+memory (RssAnon: what the rank allocated, not the mapped file) every 2 ms while loading.
+It prints, per tp, the peak over the load against the rank's shard, the largest single
+tensor and the full model, and the time parallelize took.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
+import threading
+import time
 
 import torch
 
-from autotp.run.train import TrainConfig, Trainer
 from autotp.testing import run_on_gloo
 
 
 def _rank(rank: int, world: int, model: str) -> tuple[int, float]:
+    from autotp.run.train import TrainConfig, Trainer
+
     cfg = TrainConfig(model=model, tp=world, dp=1, steps=0, batch=2, seq=64, progress=False,
                       data=None)  # fmt: skip
     trainer = Trainer(cfg)
@@ -23,10 +38,90 @@ def _rank(rank: int, world: int, model: str) -> tuple[int, float]:
     return held, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _anon() -> int:
+    """This process's anonymous resident memory, bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _config(name: str):
+    import transformers
+
+    if name == "gpt2":
+        return transformers.GPT2Config(), transformers.GPT2LMHeadModel
+    if name == "llama-1b":  # TinyLlama-1.1B's shape
+        cfg = transformers.LlamaConfig(
+            hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+            num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+        )  # fmt: skip
+        return cfg, transformers.LlamaForCausalLM
+    raise SystemExit(f"--hf: gpt2 or llama-1b, not {name}")
+
+
+def _load_rank(rank: int, world: int, name: str, folder: str) -> tuple:
+    import autotp
+
+    cfg, cls = _config(name)
+    with torch.device("meta"):
+        model = cls(cfg).eval()
+    base, peak, stop = _anon(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _anon())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    module = autotp.parallelize(model, world, weights=folder)
+    took = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    peak[0] = max(peak[0], _anon())
+    held = sum(t.numel() * t.element_size() for t in
+               {id(t): t for t in [*module.parameters(), *module.buffers()]}.values())  # fmt: skip
+    return peak[0] - base, held, took
+
+
+def weights_main(name: str) -> None:
+    cfg, cls = _config(name)
+    torch.manual_seed(0)
+    model = cls(cfg)
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}.values()  # tied once
+    full = sum(t.numel() * t.element_size() for t in unique)
+    largest = max(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        del model
+        print(f"{name}: {params / 1e6:.0f}M parameters, full model {full / 2**20:.0f} MiB "
+              f"(float32), largest tensor {largest / 2**20:.0f} MiB, saved with "
+              "save_pretrained")  # fmt: skip
+        print(f"{'tp':>3s} {'peak anon while loading':>24s} {'rank holds':>11s} "
+              f"{'peak - holds':>13s} {'peak / full':>12s} {'parallelize':>12s}")  # fmt: skip
+        for tp in (1, 2, 4):
+            rows = run_on_gloo(_load_rank, tp, name, folder, timeout=1800)
+            peak = max(r[0] for r in rows)
+            held = max(r[1] for r in rows)
+            took = max(r[2] for r in rows)
+            print(f"{tp:3d} {peak / 2**20:20.0f} MiB {held / 2**20:7.0f} MiB "
+                  f"{(peak - held) / 2**20:9.0f} MiB {peak / full:12.3f} "
+                  f"{took:10.1f} s")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gpt2-medium")
+    ap.add_argument("--weights", action="store_true", help="load from safetensors instead")
+    ap.add_argument("--hf", default="gpt2", help="with --weights: gpt2 or llama-1b")
     args = ap.parse_args()
+    if args.weights:
+        weights_main(args.hf)
+        return
     from autotp.models import build
 
     with torch.device("meta"):

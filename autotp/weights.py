@@ -1,0 +1,108 @@
+"""Weights read shard by shard from safetensors: what `save_pretrained` writes (one
+`model.safetensors`, or a folder of shards with `model.safetensors.index.json`) or any
+`.safetensors` file keyed by the model's state_dict names.
+
+Each rank reads only its own slice of a split tensor (safetensors maps the file and copies
+out the rows or columns asked for), one tensor at a time, so a rank's memory while loading
+stays near its own shard plus one tensor, never the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import AutoTPError
+from .sharding import Shard
+
+__all__ = ["Weights"]
+
+_INDEX = "model.safetensors.index.json"
+
+
+class Weights:
+    """The tensors of a safetensors file or folder, by name, read slice by slice."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            index = path / _INDEX
+            single = path / "model.safetensors"
+            if index.is_file():
+                files = json.loads(index.read_text())["weight_map"]
+                where = {name: path / f for name, f in files.items()}
+            elif single.is_file():
+                where = None
+                path = single
+            else:
+                raise AutoTPError(
+                    f"{path} holds neither model.safetensors nor {_INDEX}\n  hint:   pass what "
+                    "save_pretrained(folder) wrote, or one .safetensors file"
+                )
+        elif path.is_file():
+            where = None
+        else:
+            raise AutoTPError(f"weights: {path} does not exist")
+        if where is None:
+            with safe_open(str(path), framework="pt") as f:
+                where = dict.fromkeys(f.keys(), path)
+        self.path = path
+        self._where: dict[str, Path] = where
+        self._open: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _slice(self, name: str):
+        from safetensors import safe_open
+
+        file = self._where[name]
+        if file not in self._open:  # a handle per file, kept: opening maps it once
+            self._open[file] = safe_open(str(file), framework="pt")
+        return self._open[file].get_slice(name)  # type: ignore[attr-defined]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def read(
+        self, name: str, spec: Shard | None = None, rank: int = 0, tp: int = 1,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Tensor `name`, or rank `rank`'s shard of it under `spec` (as
+        materialise.cut gives: padded rows zero, blocks concatenated), read alone."""
+        sl = self._slice(name)
+        shape = tuple(sl.get_shape())
+        if spec is None:
+            out = sl[:] if shape else sl[()]
+            return _owned(out, dtype)
+        d, size = spec.dim, shape[spec.dim]
+        parts = []
+        for start, length in spec.pieces(spec.padded or size):
+            lo = start + rank * (length // tp)
+            hi = lo + length // tp
+            index = (slice(None),) * d + (slice(min(lo, size), min(hi, size)),)
+            part = sl[index]
+            if part.shape[d] < hi - lo:  # padded vocabulary rows: zero
+                pad = list(part.shape)
+                pad[d] = hi - lo - part.shape[d]
+                part = torch.cat([part, part.new_zeros(pad)], dim=d)
+            parts.append(part)
+        return _owned(parts[0], dtype) if len(parts) == 1 else torch.cat(parts, dim=d).to(dtype)
+
+    def find(self, names: list[str]) -> str | None:
+        """The first of a tensor's names (tied weights have several) the file holds."""
+        return next((n for n in names if n in self._where), None)
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A tensor of its own memory (a slice read may still view the mapped file)."""
+    out = t.to(dtype) if dtype is not None else t
+    return out.clone() if out.data_ptr() == t.data_ptr() else out

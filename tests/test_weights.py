@@ -1,0 +1,103 @@
+"""Pretrained weights read shard by shard from safetensors (`weights=`): a model built on
+the meta device computes what the saved one does, and each rank reads only its slices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autotp
+from autotp.testing import assert_equivalent, run_on_gloo
+from autotp.weights import Weights
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def _llama(meta: bool = False) -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=97, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    if meta:
+        with torch.device("meta"):
+            return transformers.LlamaForCausalLM(cfg).double().eval()
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> str:
+    """A float64 Llama saved by save_pretrained in several shard files (with an index)."""
+    folder = tmp_path_factory.mktemp("llama")
+    _llama().save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    return str(folder)
+
+
+def test_meta_model_from_sharded_safetensors_equals_serial(saved) -> None:
+    """Outputs, loss, every gradient and one optimiser step (rotary frequencies, which
+    save_pretrained does not store, remade by the model's own initialiser)."""
+    x = {"input_ids": torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(1))}
+    x["labels"] = x["input_ids"]
+    assert_equivalent(_llama(), x, 2, atol=1e-10, rtol=1e-6,
+                      parallel=lambda m, tp, _: autotp.simulate(_llama(meta=True), tp,
+                                                                weights=saved))  # fmt: skip
+
+
+def _load_on_rank(rank: int, world: int, folder: str) -> tuple:
+    read: list[int] = []
+    original = Weights.read
+
+    def counting(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        read.append(out.numel())
+        return out
+
+    Weights.read = counting  # type: ignore[method-assign]
+    module = autotp.parallelize(_llama(meta=True), world, weights=folder)
+    Weights.read = original  # type: ignore[method-assign]
+    held = sum(t.numel() for t in {id(t): t for t in module.state_dict().values()}.values())
+    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(2))
+    got = module.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    want = _llama().generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    return sum(read), held, torch.equal(got, want)
+
+
+def test_each_rank_reads_only_its_slices(saved) -> None:
+    """On gloo ranks: every element a rank reads is one it keeps (no whole tensor is read to
+    be cut), and greedy generation equals the serial model's."""
+    full = sum(t.numel() for t in _llama().state_dict().values() if t is not None) - 97 * 32
+    for read, held, same in run_on_gloo(_load_on_rank, 2, saved):
+        assert read == held < full
+        assert same
+
+
+def test_graph_form_from_a_safetensors_file(tmp_path) -> None:
+    """The whole-graph form on the meta device (the runner's own GPT-2), one file."""
+    from safetensors.torch import save_file
+
+    from autotp.models import build
+
+    torch.manual_seed(0)
+    model = build("gpt2-tiny").double()
+    state = {}
+    for k, v in model.state_dict().items():  # tied tensors once, as save_pretrained does
+        if all(v.data_ptr() != w.data_ptr() for w in state.values()):
+            state[k] = v.contiguous()
+    save_file(state, tmp_path / "w.safetensors")
+    with torch.device("meta"):
+        skeleton = build("gpt2-tiny").double()
+    x = model.example_inputs()
+    sim = autotp.simulate(skeleton, 2, {k: v.to("meta") for k, v in x.items()},
+                          weights=tmp_path / "w.safetensors")  # fmt: skip
+    assert (sim(**x)[0] - model(**x)[0]).abs().max() < 1e-12
+
+
+def test_missing_tensor_is_named(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in _llama().state_dict().items() if "layers.1.mlp" not in k}
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    with pytest.raises(autotp.AutoTPError, match=r"(?s)model\.layers\.1\.mlp\..*weights="):
+        autotp.simulate(_llama(meta=True), 2, weights=tmp_path / "w.safetensors")
