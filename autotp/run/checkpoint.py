@@ -5,7 +5,8 @@ Layout of `ckpt_dir`:
                         shard ("<param>@tp<r>of<T>"), replicated tensors under their own
                         name, Adam's moments alike; data-parallel copies are written once
     step_00000100/autotp.json   what is needed to read it: the model (as autotp.run.resolve
-                        rebuilds it), its serial shapes and ties, tp, each split, step
+                        rebuilds it), its objective (clm or mlm) and [MASK] id, its serial
+                        shapes and ties, tp, each split, step
     latest              the name of the last complete checkpoint
     metrics.jsonl       the run's log (autotp.run.metrics)
 
@@ -129,6 +130,8 @@ class Checkpoints:
             meta = {
                 "format": 2,
                 "model": cfg.model,
+                "objective": trainer.objective,
+                "mask_id": trainer.mask_id,
                 "data": cfg.data,
                 "seed": cfg.seed,
                 "dtype": cfg.dtype,
@@ -245,7 +248,8 @@ class Checkpoints:
 
     def _load(self, trainer: Any, path: Path) -> None:
         meta = json.loads((path / "autotp.json").read_text())
-        check_compatible(meta, path, trainer.cfg.model, trainer.serial_shapes, trainer.tied)
+        check_compatible(meta, path, trainer.cfg.model, trainer.serial_shapes, trainer.tied,
+                         objective=trainer.objective)  # fmt: skip
         m, splits = trainer.mesh, trainer.plan.splits
         same_layout = meta["tp"] == m.tp
         old_tp = meta["tp"]
@@ -315,14 +319,23 @@ def _first_failure(e: CheckpointException) -> str:
 
 
 def check_compatible(
-    meta: dict, path: Path, model: str, shapes: dict[str, list[int]], tied: dict[str, str]
-) -> None:
+    meta: dict, path: Path, model: str, shapes: dict[str, list[int]], tied: dict[str, str],
+    *, objective: str | None = None,
+) -> None:  # fmt: skip
     """Raise CheckpointError unless the checkpoint at `path` (its autotp.json `meta`) holds
-    the model `model` with these serial parameter shapes."""
+    the model `model` with these serial parameter shapes (trained for `objective`, if
+    given; checkpoints from before --objective are clm)."""
     if meta.get("model") != model:
         raise CheckpointError(
             f"{path} holds a {meta.get('model')} run; this run trains {model}\n"
             "  hint:   train into a new --ckpt-dir, or pass the run's own --model"
+        )
+    saved = meta.get("objective", "clm")
+    if objective is not None and saved != objective:
+        raise CheckpointError(
+            f"{path} holds a run trained with --objective {saved}; this run asks for "
+            f"--objective {objective}\n"
+            f"  hint:   resume with --objective {saved}, or train into a new --ckpt-dir"
         )
     stored = meta.get("shapes", {})
     for name, shape in shapes.items():

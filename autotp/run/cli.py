@@ -5,6 +5,8 @@
     autotp train [torchrun options] [training options]      (autotp train --help)
     autotp export CKPT OUT                                  (serial state_dict)
     autotp eval CKPT [--text FILE] [--lambada FILE]         (perplexity, last-word accuracy)
+    autotp generate RUN_DIR --prompt TEXT [--tokens N] [--temperature T] [--top-k K]
+                    [--seed S] [--tp N]                     (continue a prompt, any tp)
 
 MODEL is a named configuration from autotp.models (gpt2, gpt2-xl, bert-large,
 megatron-8.3b, ...), `hf:gpt2` / `hf:bert` / `hf:llama` (a transformers architecture from its
@@ -23,6 +25,7 @@ import contextlib
 import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     for name, text in (("train", "train over a TP x DP mesh (torchrun)"),
                        ("export", "a checkpoint as the serial state_dict"),
-                       ("eval", "perplexity and last-word accuracy of a checkpoint")):  # fmt: skip
+                       ("eval", "perplexity and last-word accuracy of a checkpoint"),
+                       ("generate", "continue a prompt with a trained model, any tp")):  # fmt: skip
         sub.add_parser(name, help=text, add_help=False)
     show = sub.add_parser("show", help="read the rewritten graph in the terminal")
     show.add_argument("model", help="a named model, hf:NAME, minilm, or file.py:factory")
@@ -139,6 +143,7 @@ def _export(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     from . import data as data_mod
     from .evaluate import lambada_file, last_word_accuracy, sliding_window_perplexity
+    from .objective import default_objective, masked_perplexity
 
     ap = UsageParser(
         prog="autotp eval",
@@ -173,6 +178,25 @@ def _eval(argv: list[str]) -> int:
     def logits_fn(ids: torch.Tensor) -> torch.Tensor:
         return logits(model, ids)
 
+    masked = (meta.get("objective") or default_objective(model)) == "mlm"
+    if masked and args.lambada:
+        raise UsageError(
+            f"{args.ckpt} holds a masked language model (--objective mlm): last-word accuracy "
+            "is a causal LM's measure\n  hint:   drop --lambada; --text FILE and the "
+            "run's validation split give its masked-token perplexity"
+        )
+
+    def score(tokens: torch.Tensor) -> tuple[float, int]:
+        if not masked:
+            return sliding_window_perplexity(logits_fn, tokens, context, stride,
+                                             batch_size=args.batch)  # fmt: skip
+        mask_id = meta.get("mask_id") or 256  # the first id past the data's
+        return masked_perplexity(logits_fn, tokens, context, seed=meta.get("seed") or 0,
+                                 mask_id=mask_id, vocab=mask_id, batch_size=args.batch)  # fmt: skip
+
+    kind, scored = (
+        ("masked-token perplexity", "masked tokens") if masked else ("perplexity", "tokens")
+    )
     console = Console()
     if not args.text and not args.lambada:
         where = meta.get("data") or "stdlib"
@@ -182,17 +206,20 @@ def _eval(argv: list[str]) -> int:
             raise UsageError(f"the run's data {where} cannot be read: {e}\n"
                              "  hint:   pass --text FILE") from e  # fmt: skip
         tokens = val.window(0, min(len(val), args.tokens or len(val)))
-        ppl, n = sliding_window_perplexity(logits_fn, tokens, context, stride,
-                                           batch_size=args.batch)  # fmt: skip
-        console.print(f"validation perplexity {ppl:.3f} over {n:,} tokens of {where} "
+        if masked and len(tokens) < context:
+            raise UsageError(f"{len(tokens)} validation tokens, fewer than one window of "
+                             f"{context}\n  hint:   pass a smaller --context")  # fmt: skip
+        ppl, n = score(tokens)
+        console.print(f"validation {kind} {ppl:.3f} over {n:,} {scored} of {where} "
                       f"(context {context}, of {len(val):,} held out)")  # fmt: skip
     if args.text:
         tokens = torch.tensor(list(_read(args.text, "--text")), dtype=torch.long)
-        if len(tokens) < 2:
-            raise UsageError(f"--text {args.text} holds {len(tokens)} bytes: nothing to score")
-        ppl, n = sliding_window_perplexity(logits_fn, tokens, context, stride,
-                                           batch_size=args.batch)  # fmt: skip
-        console.print(f"perplexity {ppl:.3f} over {n:,} tokens (context {context})")
+        if len(tokens) < (context if masked else 2):
+            raise UsageError(f"--text {args.text} holds {len(tokens)} bytes: nothing to score"
+                             + (f" (a masked LM reads windows of --context {context})"
+                                if masked else ""))  # fmt: skip
+        ppl, n = score(tokens)
+        console.print(f"{kind} {ppl:.3f} over {n:,} {scored} (context {context})")
     if args.lambada:
         _read(args.lambada, "--lambada")
         try:
@@ -204,6 +231,12 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    from .generate import run
+
+    return run(argv)
+
+
 def _read(path: str, flag: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -211,7 +244,7 @@ def _read(path: str, flag: str) -> bytes:
         raise UsageError(f"{flag} {path}: {e.strerror or e}") from e
 
 
-def _trusted_factory(spec: str, ckpt: Path) -> None:
+def _trusted_factory(spec: str, ckpt: Path, say: Callable[[str], None] = _say) -> None:
     """A checkpoint of a file.py:factory model names the file to run: it must be an absolute
     path (as autotp records it) outside the checkpoint's own folder, so a downloaded
     checkpoint cannot bring the code it asks to run."""
@@ -227,16 +260,16 @@ def _trusted_factory(spec: str, ckpt: Path) -> None:
             "  hint:   only factories you wrote or trust are run; move the file out and "
             'edit autotp.json\'s "model" if you trust it'
         )
-    _say(f"rebuilding the model by running {file} (the run's --model)")
+    say(f"rebuilding the model by running {file} (the run's --model)")
 
 
-def serial_model(ckpt: str) -> tuple[torch.nn.Module, dict]:
+def serial_model(ckpt: str, say: Callable[[str], None] = _say) -> tuple[torch.nn.Module, dict]:
     """The unmodified model a checkpoint was trained from, with its weights, and the
     checkpoint's description (autotp.json). A file.py:factory model runs its file."""
     from .checkpoint import find_checkpoint, read_serial_state
 
-    path, meta = find_checkpoint(ckpt, say=_say)
-    _trusted_factory(meta["model"], path)
+    path, meta = find_checkpoint(ckpt, say=say)
+    _trusted_factory(meta["model"], path, say)
     model = build(meta["model"], seed=meta.get("seed"))
     dtype = {"float64": torch.float64}.get(meta.get("dtype"), torch.float32)
     model = model.to(dtype)
@@ -253,7 +286,7 @@ def serial_model(ckpt: str) -> tuple[torch.nn.Module, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": _train, "export": _export, "eval": _eval}
+    commands = {"train": _train, "export": _export, "eval": _eval, "generate": _generate}
     err = Console(stderr=True)
     try:
         if argv and argv[0] in commands:

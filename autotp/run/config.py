@@ -42,8 +42,16 @@ class TrainConfig:
 
     model: str = _opt(
         "gpt2-bytes",
-        "a named model (autotp show --help lists them), hf:gpt2, "
-        "hf:llama, or path/to/file.py:factory (runs that file)",
+        "a named model (autotp show --help lists them), hf:gpt2, hf:llama, hf:bert, "
+        "or path/to/file.py:factory (runs that file)",
+    )
+    objective: str | None = _opt(
+        None,
+        "clm: next-token prediction (causal LM); mlm: BERT's masked LM, 15%% of positions "
+        "chosen, the [MASK] id is the first id past the data's (256 for bytes). Default: "
+        "chosen by the model, mlm for BERT-style models (bert-*, hf:bert, *ForMaskedLM), "
+        "clm for the others",
+        choices=("clm", "mlm"),
     )
     tp: int = _opt(2, "tensor-parallel ranks")
     dp: int = _opt(1, "data-parallel replicas (tp x dp processes in all)")
@@ -180,30 +188,30 @@ def check_args(cfg: TrainConfig) -> None:
         )
 
 
-def check_model(model: torch.nn.Module, cfg: TrainConfig, vocab: int) -> None:
-    """The model can train on this data at this sequence length, with our objectives."""
+def check_model(model: torch.nn.Module, cfg: TrainConfig, vocab: int) -> str:
+    """The model can train on this data at this sequence length, for the objective asked
+    (or its own); returns that objective."""
+    from .objective import check_objective, default_objective, model_vocab
     from .resolve import is_hf
 
     conf = getattr(model, "config", None)
-    causal = is_hf(model) and not type(model).__name__.endswith("ForMaskedLM")
-    if not causal and not callable(getattr(model, "example_inputs", None)):
-        raise UsageError(
-            f"{cfg.model} is not a causal language model autotp train can drive\n"
-            "  hint:   train a GPT-2 configuration, hf:gpt2, hf:llama, or a factory whose "
-            "model takes (idx, targets) and returns (logits, loss)"
-        )
-    from autotp.models import CONFIGS
-
-    if cfg.model in CONFIGS and not hasattr(CONFIGS[cfg.model], "block_size"):
-        raise UsageError(
-            f"{cfg.model} is not a causal language model\n"
-            "  hint:   train a GPT-2 configuration (autotp show --help lists them)"
-        )
-    size = getattr(conf, "vocab_size", None)
+    size = model_vocab(model)
     if isinstance(size, int) and size < vocab:
         raise UsageError(
             f"the data has {vocab} token ids but {cfg.model} has a vocabulary of {size}\n"
             "  hint:   pick a model with a larger vocabulary, or other --data"
+        )
+    objective = cfg.objective or default_objective(model)
+    check_objective(model, objective, vocab, cfg.model)
+    if (
+        objective == "clm"
+        and not is_hf(model)
+        and not callable(getattr(model, "example_inputs", None))
+    ):
+        raise UsageError(
+            f"{cfg.model} is not a causal language model autotp train can drive\n"
+            "  hint:   train a GPT-2 configuration, hf:gpt2, hf:llama, or a factory whose "
+            "model takes (idx, targets) and returns (logits, loss)"
         )
     longest = getattr(conf, "block_size", None) or getattr(conf, "max_position_embeddings", None)
     if isinstance(longest, int) and cfg.seq > longest:
@@ -211,6 +219,7 @@ def check_model(model: torch.nn.Module, cfg: TrainConfig, vocab: int) -> None:
             f"--seq {cfg.seq} exceeds {cfg.model}'s {longest} positions\n"
             f"  hint:   --seq {longest} or less"
         )
+    return objective
 
 
 def check_run_folder(cfg: TrainConfig, say: Callable[[str], None]) -> tuple[Path, dict] | None:
@@ -266,12 +275,13 @@ def check(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainConfig:
         )
     resume = check_run_folder(cfg, say)
     model = build(cfg.model, meta=True, seed=cfg.seed)
-    check_model(model, cfg, tokens.vocab_size)
+    cfg = dataclasses.replace(cfg, objective=check_model(model, cfg, tokens.vocab_size))
     if resume is not None:
         from .checkpoint import check_compatible, tied_names
 
         shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-        check_compatible(resume[1], resume[0], cfg.model, shapes, tied_names(model))
+        check_compatible(resume[1], resume[0], cfg.model, shapes, tied_names(model),
+                         objective=cfg.objective)  # fmt: skip
     from ..plan import plan
 
     rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from ..errors import AutoTPError, CheckpointError, TrainingStopped, UsageError
 from .config import ERROR_FILE, TORCHRUN_FLAGS, check, config_from_args, parser
 
-__all__ = ["launch", "split_argv"]
+__all__ = ["launch", "run_workers", "split_argv"]
 
 _KINDS = {c.__name__: c for c in (AutoTPError, UsageError, CheckpointError, TrainingStopped)}
 
@@ -68,13 +68,24 @@ def launch(argv: list[str], say: Callable[[str], None] = print) -> int:
         parser().print_help()
         return 0
     cfg = check(config_from_args(rest), say=lambda line: None)  # workers say it
+    return run_workers("autotp.run.train", launcher, rest, cfg.tp * cfg.dp, say=say)
+
+
+def run_workers(
+    module: str, launcher: list[str], argv: list[str], nproc: int,
+    say: Callable[[str], None] = print,
+) -> int:  # fmt: skip
+    """`torchrun [LAUNCHER] -m MODULE ARGV` with `nproc` processes per node unless the
+    launcher options say otherwise; the first failing worker's AutoTPError (left in
+    AUTOTP_ERROR_FILE) is raised here, once. Returns the exit code (130 on Ctrl-C)."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    launcher = list(launcher)
     names = {a.split("=", 1)[0].replace("_", "-") for a in launcher}
     if "--nproc-per-node" not in names:
-        launcher += ["--nproc-per-node", str(cfg.tp * cfg.dp)]
+        launcher += ["--nproc-per-node", str(nproc)]
     if "--rdzv-endpoint" not in names and "--nnodes" not in names:
         launcher.append("--standalone")
     with tempfile.TemporaryDirectory(prefix="autotp-") as tmp:
@@ -83,7 +94,7 @@ def launch(argv: list[str], say: Callable[[str], None] = print) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, minus its banner
         _quiet_torchrun()
         try:
-            args = torchrun.parse_args([*launcher, "-m", "autotp.run.train", *rest])
+            args = torchrun.parse_args([*launcher, "-m", module, *argv])
             torchrun.run(args)
         except ChildFailedError as e:
             err = _worker_error(error_file)
@@ -94,10 +105,10 @@ def launch(argv: list[str], say: Callable[[str], None] = print) -> int:
                 return 130
             first = next(iter(e.failures.values()))
             raise AutoTPError(
-                f"a training process failed (exit codes {codes}) without an autotp message\n"
+                f"a worker process failed (exit codes {codes}) without an autotp message\n"
                 f"  rank:   {first.rank}, {first.error_file or 'no error file'}\n"
-                "  hint:   its traceback is above; rerun with --max-restarts N to restart "
-                "from the last checkpoint after a crash"
+                "  hint:   its traceback is above; `autotp train --max-restarts N` restarts "
+                "a training run from its last checkpoint after a crash"
             ) from None
         except (KeyboardInterrupt, SignalException):
             say("interrupted: the last complete checkpoint is kept")

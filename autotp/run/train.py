@@ -12,6 +12,8 @@ accumulation, clipping by the true global gradient norm, gradient all-reduce ove
 data-parallel group only, a data order that depends only on (seed, step), bf16/fp16
 autocast on GPU, sharded checkpoints through torch.distributed.checkpoint, a metrics log
 (autotp.run.metrics). A NaN or inf loss stops the run before the step that would use it.
+The objective is next-token prediction, or BERT's masked LM for masked-LM models
+(`--objective`, autotp.run.objective).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .config import (
 )
 from .mesh import Mesh, make_mesh
 from .metrics import MetricsLog, Reporter
+from .objective import mlm_batch, mlm_val_batch
 from .resolve import build, canonical, example_inputs, is_hf
 
 __all__ = ["TrainConfig", "Trainer", "main", "lr_at", "resume"]
@@ -115,7 +118,10 @@ class Trainer:
         # the others are built whole from the seed on every rank, which keeps its shards
         on_meta = cfg.model in CONFIGS
         self.model = build(cfg.model, meta=on_meta, seed=cfg.seed)
-        check_model(self.model, cfg, tokens.vocab_size)
+        self.objective = check_model(self.model, cfg, tokens.vocab_size)
+        self.cfg = cfg = dataclasses.replace(cfg, objective=self.objective)
+        self.vocab = tokens.vocab_size  # the data's ids; mlm's random replacements
+        self.mask_id = tokens.vocab_size if self.objective == "mlm" else None
         if not on_meta:
             self.model = self.model.to(self.dtype)
         # what a checkpoint records to rebuild the serial model: read before anything moves
@@ -123,9 +129,9 @@ class Trainer:
         self.tied = tied_names(self.model)
         self.hf = is_hf(self.model)
         rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
-        self.plan = plan(
-            self.model, cfg.tp, example_inputs(self.model, rows, cfg.seq), strict=cfg.strict
-        )
+        example = example_inputs(self.model, rows, cfg.seq)
+        self.inputs = tuple(example) if isinstance(example, dict) else ()  # mlm's keywords
+        self.plan = plan(self.model, cfg.tp, example, strict=cfg.strict)
         m = self.mesh
         comm = ProcessGroupComm(m.tp_group)
         self.module = build_rank_module(
@@ -153,11 +159,16 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------
     def _micro(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of a micro-batch: for clm the next tokens, for mlm the masked
+        inputs and their labels (autotp.run.objective)."""
         c, m = self.cfg, self.mesh
-        x, y = data_mod.batch(
-            self.train_data, step, c.batch, c.seq, seed=c.seed, dp_rank=m.dp_rank,
-            dp_size=c.dp, micro=micro, micro_steps=c.accum,
-        )  # fmt: skip
+        where = {"seed": c.seed, "dp_rank": m.dp_rank, "dp_size": c.dp, "micro": micro,
+                 "micro_steps": c.accum}  # fmt: skip
+        if self.objective == "mlm":
+            x, y = mlm_batch(self.train_data, step, c.batch, c.seq, mask_id=self.mask_id,
+                             vocab=self.vocab, **where)  # fmt: skip
+        else:
+            x, y = data_mod.batch(self.train_data, step, c.batch, c.seq, **where)
         return x.to(self.device), y.to(self.device)
 
     def train_step(self, measure: bool = False) -> float:
@@ -213,10 +224,18 @@ class Trainer:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The model's own loss: (logits, loss) = module(x, y) for autotp.models' GPT-2s
-        and factories alike; Hugging Face causal LMs shift labels themselves."""
+        and factories alike; Hugging Face causal LMs shift labels themselves. For mlm, the
+        masked LM's loss from its labels (-100 off the chosen positions): module(input_ids=x,
+        labels=y), with an all-ones attention mask and one segment where it takes them."""
+        if self.objective == "mlm":
+            given = {"input_ids": x, "labels": y}
+            if "attention_mask" in self.inputs:
+                given["attention_mask"] = torch.ones_like(x)
+            if "token_type_ids" in self.inputs:
+                given["token_type_ids"] = torch.zeros_like(x)
+            return _loss_of(self.module(**given))
         if self.hf:
-            out = self.module(input_ids=x, labels=x)
-            return out.loss if hasattr(out, "loss") else out[0]
+            return _loss_of(self.module(input_ids=x, labels=x))
         return self.module(x, y)[1]
 
     def _autocast(self):
@@ -258,12 +277,17 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def val_loss(self, batches: int | None = None) -> float:
-        """Mean loss over the start of the validation split (the same on every rank)."""
+        """Mean loss over the start of the validation split (the same on every rank); for
+        mlm the masked-token loss, so exp() of it is the masked-token perplexity."""
         self.module.eval()
         rows = max(self.cfg.batch // self.cfg.accum, 2)  # the same windows at any dp
         losses = []
-        for x, y in data_mod.val_batches(self.val_data, self.cfg.seq, rows,
-                                         batches or self.cfg.eval_batches):  # fmt: skip
+        windows = data_mod.val_batches(self.val_data, self.cfg.seq, rows,
+                                       batches or self.cfg.eval_batches)  # fmt: skip
+        for i, (x, y) in enumerate(windows):
+            if self.objective == "mlm":  # masked-token loss, the same masks every time
+                x, y = mlm_val_batch(x, i, seed=self.cfg.seed, mask_id=self.mask_id,
+                                     vocab=self.vocab)  # fmt: skip
             loss = self.loss(x.to(self.device), y.to(self.device))
             losses.append(loss.double().item())
         self.module.train()
@@ -324,13 +348,46 @@ class Trainer:
             "seconds": elapsed,
         }
         if lead and c.progress:
+            what = "masked-token " if self.objective == "mlm" else ""
             report.say(
                 f"done: {result['steps']} steps in {elapsed:.1f} s, "
                 f"{result['tokens_per_s']:,.0f} tokens/s; loss {result['first_loss']:.3f} -> "
                 f"{result['last_loss']:.3f}"
-                + (f"; validation perplexity {result['val_perplexity']:.2f}" if validate else "")
+                + (
+                    f"; validation {what}perplexity {result['val_perplexity']:.2f}"
+                    if validate
+                    else ""
+                )
             )
         return result
+
+
+def _loss_of(out: Any) -> torch.Tensor:
+    """The loss in a model's output: `.loss` (transformers), ["loss"], or the one scalar
+    of a tuple ((logits, loss) of autotp.models, (loss, logits, ...) of return_dict=False)."""
+    if hasattr(out, "loss"):
+        return out.loss
+    if isinstance(out, dict):
+        return out["loss"]
+    scalars = [v for v in out if isinstance(v, torch.Tensor) and v.ndim == 0]
+    if len(scalars) != 1:
+        raise UsageError(
+            f"the model returned {len(out)} values, {len(scalars)} of them scalars: autotp "
+            "train cannot tell which is the loss\n"
+            "  hint:   return (logits, loss), or an object with a .loss"
+        )
+    return scalars[0]
+
+
+def join_group() -> None:
+    """A torchrun worker joins its process group: NCCL on its GPU where there are GPUs,
+    else gloo."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        init_process_group("nccl", device_id=device)
+    else:
+        init_process_group("gloo")
 
 
 def init_process_group(backend: str, **kwargs: Any) -> None:
@@ -404,12 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(str(e), file=sys.stderr)
         return 2
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        init_process_group("nccl", device_id=device)
-    else:
-        init_process_group("gloo")
+    join_group()
     lead = dist.get_rank() == 0
     say = print if lead and cfg.progress else (lambda line: None)
     try:
