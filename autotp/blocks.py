@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .collectives import Comm
@@ -43,7 +42,7 @@ from .rule import Rule
 from .sharding import Shard, VocabOptions
 from .simulate import SimulatedTP
 from .trace import accepts
-from .weights import Weights
+from .weights import Weights, fill_buffers
 
 __all__ = ["find_blocks", "is_block_model", "BlockTP", "parallel_blocks"]
 
@@ -418,9 +417,30 @@ class BlockTP(nn.Module):
                 ranks.append(build_rank_module(
                     module, plan.traced.gm, plan.graph, plan.splits, comm.rank, self.tp, comm, plan,
                     type(self._serial).__name__, self._seed, local=local,
+                    device=next(iter(local.values())).device if local else None,
                 ))  # fmt: skip
             self._graphs[key] = ranks[0] if len(ranks) == 1 else SimulatedTP(ranks)
         return self._graphs[key]
+
+
+def _run_once(model: nn.Module, inputs: dict[str, Any]) -> None:
+    """Run the model once so that its blocks show how it calls them: really where it has
+    weights (no grad; a small batch), else (on the meta device, where the model's Python
+    cannot read a value) under torch.export, which the model's Python recognises as
+    tracing and whose fake tensors the hooks see."""
+    if not any(t.is_meta for t in model.parameters()):
+        with torch.no_grad():
+            model(**inputs)
+        return
+    try:
+        torch.export.export(model, (), inputs, strict=False)
+    except Exception as e:  # noqa: BLE001 - becomes an actionable error
+        raise AutoTPError(
+            f"running {type(model).__name__} on the meta device failed: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}\n  hint:   build the model with "
+            "real tensors (its weights are then replaced by weights=), or pass "
+            "example_inputs= it takes"
+        ) from e
 
 
 def _zeros_like_fake(x: Any) -> Any:
@@ -487,9 +507,8 @@ def parallel_blocks(
             lambda m, a, k, p=p: calls.setdefault(p, (a, k)), with_kwargs=True)
         for p in paths
     ]  # fmt: skip
-    try:  # on fake tensors: nothing computed (a model on the meta device runs too)
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            model(**inputs)
+    try:
+        _run_once(model, inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -524,7 +543,7 @@ def _load_outer(
 ) -> None:
     """Give `copied`'s tensors outside the blocks their values from `weights`, one at a
     time; a buffer the file lacks (rotary frequencies: not saved) is made by the model's
-    own initialiser (transformers' `_init_weights`) where it is on the meta device."""
+    own initialiser (`fill_buffers`) where it is on the meta device."""
     names: dict[int, list[str]] = {}
     every = [*copied.named_parameters(remove_duplicate=False),
              *copied.named_buffers(remove_duplicate=False)]  # fmt: skip
@@ -549,21 +568,14 @@ def _load_outer(
         mod = copied.get_submodule(owner)
         where = mod._parameters if leaf in mod._parameters else mod._buffers
         where[leaf] = done[id(t)]
-    init = getattr(copied, "_init_weights", None)
-    for name in missing:
-        owner, _, leaf = name.rpartition(".")
-        mod = copied.get_submodule(owner)
-        t = getattr(mod, leaf)
-        if not t.is_meta:
-            continue  # a real value of the model's own (a buffer it computed)
-        if leaf not in mod._buffers or init is None:
-            raise AutoTPError(
-                f"{name} is not in {weights.path} and the model holds no value for it (meta "
-                "device)\n  hint:   save the weights from this model class "
-                "(save_pretrained), or build the model with real tensors"
-            )
-        mod._buffers[leaf] = torch.empty_like(t, device="cpu")
-        init(mod)  # recomputes what its __init__ computed (rotary inverse frequencies)
+    params = dict(copied.named_parameters(remove_duplicate=False))
+    meta = [n for n in missing if n in params and params[n].is_meta]
+    if meta:
+        raise AutoTPError(
+            f"{meta[0]} is not in {weights.path}\n  hint:   pass weights= a file or folder "
+            "holding every tensor of the model (what save_pretrained of this model class writes)"
+        )
+    fill_buffers(copied, weights)
 
 
 def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | None]:

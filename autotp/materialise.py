@@ -142,12 +142,17 @@ def build_rank_module(
     seed: int = 0,
     local: dict[str, torch.Tensor] | None = None,
     weights: Weights | None = None,
+    device: torch.device | None = None,
 ) -> fx.GraphModule:
     """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors.
     `source` is the traced graph module (sharing `model`'s tensors): the graph's module and
     attribute targets are looked up there. `local` holds, by name, tensors that already
     are this rank's (shards shared by several graphs of one block): used as they are.
-    `weights`: tensors the file holds are read from it, each rank its own slices."""
+    `weights`: tensors the file holds are read from it, each rank its own slices.
+    `device`: where the rank runs (default: the model's; the CPU for a model on the meta
+    device): tensors a graph traced on meta creates are created there instead."""
+    device = device or _device_of(model)
+    graph = _created_on(graph, device)
     given = local or {}
     # the tensors to cut, by name: `model`'s own, also when the plan's graph module shares
     # the tensors of another instance it was planned on (a plan made on the meta device)
@@ -211,7 +216,7 @@ def build_rank_module(
     }
     for stream, name in DROPOUT_MODULES.items():
         sites[name] = lambda s=stream: StreamDropout(random, s)
-    root: dict[str, object] = {RANK_BUFFER: torch.tensor(rank, device=_device_of(model))}
+    root: dict[str, object] = {RANK_BUFFER: torch.tensor(rank, device=device)}
     for n in graph.nodes:
         if n.op == "call_module" and site_kind(n.target) in sites:
             root[n.target] = sites[site_kind(n.target)]()
@@ -254,6 +259,29 @@ def _copy_modes(model: nn.Module, gm: fx.GraphModule) -> None:
         owner = record(n).dropout_of if n.op == "call_module" else None
         if owner is not None and owner in serial:
             gm.get_submodule(str(n.target)).training = serial[owner].training
+
+
+def _created_on(graph: fx.Graph, device: torch.device) -> fx.Graph:
+    """`graph`, or a copy whose ops that create or move tensors onto the meta device
+    (torch.export writes the device it traced on into `arange`, `full`, `to`) use
+    `device` instead."""
+    meta = torch.device("meta")
+
+    def on_meta(n: fx.Node) -> bool:
+        return any(a == meta for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.device))
+
+    if device == meta or not any(on_meta(n) for n in graph.nodes):
+        return graph
+    out = fx.Graph()
+    out._codegen = graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    out.output(out.graph_copy(graph, env))
+    swap = lambda a: device if isinstance(a, torch.device) and a == meta else a  # noqa: E731
+    for n in out.nodes:
+        if on_meta(n):
+            n.args = tuple(swap(a) for a in n.args)
+            n.kwargs = {k: swap(v) for k, v in n.kwargs.items()}
+    return out
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -400,15 +400,14 @@ def _export(
         )
     gm = ep.module()
     gm.meta[_SHAPES] = _input_shapes(ep)
-    if not widen:  # the caller checks the inputs with `accepts` (some arrive split, or on
-        # another device than the meta one traced on): export's own input checks go
-        for n in list(gm.graph.nodes):
-            if n.op == "call_module" and n.target == "_guards_fn":
-                gm.graph.erase_node(n)
-                gm.delete_submodule("_guards_fn")
-            elif n.target is torch.ops.aten._assert_tensor_metadata.default:
-                gm.graph.erase_node(n)
-        gm.recompile()
+    for n in list(gm.graph.nodes):
+        if n.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(n)  # it pins the device traced on: meta, for a plan without
+            # weights, while the ranks run on the CPU or a GPU
+        elif n.op == "call_module" and n.target == "_guards_fn" and not widen:
+            gm.graph.erase_node(n)  # the caller checks the inputs with `accepts` (some
+            gm.delete_submodule("_guards_fn")  # arrive split)
+    gm.recompile()
     return gm
 
 

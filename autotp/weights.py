@@ -18,7 +18,7 @@ import torch
 from .errors import AutoTPError
 from .sharding import Shard
 
-__all__ = ["Weights"]
+__all__ = ["Weights", "fill_buffers"]
 
 _INDEX = "model.safetensors.index.json"
 
@@ -106,3 +106,24 @@ def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """A tensor of its own memory (a slice read may still view the mapped file)."""
     out = t.to(dtype) if dtype is not None else t
     return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+
+def fill_buffers(model: torch.nn.Module, weights: Weights) -> None:
+    """Give `model`'s buffers on the meta device that `weights` lacks (save_pretrained does
+    not store non-persistent ones, e.g. rotary inverse frequencies) their values from the
+    model's own initialiser (transformers' `_init_weights(module)`), on the CPU. Modifies
+    `model`: call it on a model of your own (a copy, or one built for this)."""
+    init = getattr(model, "_init_weights", None)
+    for name, b in model.named_buffers():
+        if not b.is_meta or name in weights:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(owner)
+        if init is None:
+            raise AutoTPError(
+                f"buffer {name} is not in {weights.path} and the model on the meta device "
+                "holds no value for it\n  hint:   build the model with real buffers (only "
+                "its parameters on the meta device), or save the buffer with the weights"
+            )
+        mod._buffers[leaf] = torch.empty_like(b, device="cpu")
+        init(mod)  # what its __init__ computed (rotary frequencies)

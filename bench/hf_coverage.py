@@ -6,6 +6,12 @@ left replicated, the front-end used, and whether transformers ships a tp_plan fo
 Then the totals per verdict, the details of every row that needs a look, and the sizes.
 
     python bench/hf_coverage.py [--tp 2 4] [--only gpt2 llama ...] [--markdown]
+                                [--form graph|blocks]
+
+--form graph (default): the whole-graph form (vocabulary split too); --form blocks: the
+form `parallelize` gives a transformers model by default (each repeated layer replaced,
+the model's own Python kept): the split share is then of the layers' parameters alone,
+and the plan columns are of the whole-graph plan, for reference.
 
 Verdicts: split (some parameter split, equal to serial), replicated (planned, nothing
 split), refused (an AutoTPError), build failed (the model could not be built or run
@@ -227,7 +233,18 @@ def failure(e: Exception) -> tuple[str, str]:
     return f"crash: {type(e).__name__}", traceback.format_exc(limit=-4)
 
 
-def run_row(arch: str, tp: int) -> Row:
+def blocks_split_fraction(sim: nn.Module, model: nn.Module) -> float:
+    """The block form's split parameters over all parameters, in %."""
+    total = sum(p.numel() for p in model.parameters())
+    split = 0
+    for path in sim.autotp_blocks:
+        block = sim.get_submodule(path)
+        serial = dict(block._serial.named_parameters())
+        split += sum(serial[n].numel() for n in block.splits() if n in serial)
+    return 100.0 * split / total
+
+
+def run_row(arch: str, tp: int, form: str = "graph") -> Row:
     row = Row(arch, tp)
     try:
         model, x, cfg = build(arch)
@@ -250,8 +267,16 @@ def run_row(arch: str, tp: int) -> Row:
     row.unmatched = len(plan.unmatched)
     row.split_pct = split_fraction(plan, model)
     f32 = computes_float32(plan)
+    made: list[nn.Module] = []
+
+    def parallel(m: nn.Module, t: int, xs: Any) -> nn.Module:
+        made.append(autotp.simulate(m, t, xs, form=form))
+        return made[-1]
+
     try:
-        report = assert_equivalent(model, x, tp, atol=1.0)  # report, don't judge here
+        report = assert_equivalent(model, x, tp, atol=1.0, parallel=parallel)  # report only
+        if form == "blocks":
+            row.split_pct = blocks_split_fraction(made[-1], model)
     except AssertionError as e:  # beyond atol=1: wrong by a lot
         row.diff = float("inf")
         row.verdict, row.detail = "WRONG: > 1", str(e)
@@ -319,6 +344,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--only", nargs="+", metavar="NAME", choices=ARCHS, default=list(ARCHS))
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--form", choices=("graph", "blocks"), default="graph")
     args = ap.parse_args()
 
     import transformers
@@ -328,7 +354,7 @@ def main() -> None:
     rows = []
     for arch in args.only:
         for tp in args.tp:
-            rows.append(run_row(arch, tp))
+            rows.append(run_row(arch, tp, args.form))
             print(f"  {arch} tp={tp}: {rows[-1].verdict}", flush=True)
     print()
     print_table(rows, args.markdown)

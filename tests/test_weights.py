@@ -101,3 +101,51 @@ def test_missing_tensor_is_named(tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
     with pytest.raises(autotp.AutoTPError, match=r"(?s)model\.layers\.1\.mlp\..*weights="):
         autotp.simulate(_llama(meta=True), 2, weights=tmp_path / "w.safetensors")
+
+
+FACTORY = """
+import transformers
+
+
+def small():
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=260, max_position_embeddings=64, use_cache=False,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+"""
+
+
+def _runner_start(rank: int, world: int, cfg) -> dict:
+    from autotp.run.train import Trainer
+
+    trainer = Trainer(cfg)
+    loss = trainer.train_step()
+    return {
+        "start_loss": loss,
+        "params": {n: p.shape for n, p in trainer.module.named_parameters()},
+    }
+
+
+def test_runner_init_from_reads_saved_weights(tmp_path) -> None:
+    """autotp train --init-from FOLDER: a factory's Llama, saved by save_pretrained, is the
+    start of a tp=2 run whose first loss is the saved model's on that batch."""
+    from autotp.run import data as data_mod
+    from autotp.run.config import TrainConfig
+    from autotp.run.resolve import build
+
+    (tmp_path / "f.py").write_text(FACTORY)
+    spec = f"{tmp_path / 'f.py'}:small"
+    torch.manual_seed(5)
+    model = build(spec)
+    model.save_pretrained(tmp_path / "saved")
+    cfg = TrainConfig(model=spec, tp=2, steps=1, batch=4, seq=16, warmup=1, progress=False,
+                      eval_batches=0, init_from=str(tmp_path / "saved"))  # fmt: skip
+    rows = run_on_gloo(_runner_start, 2, cfg)
+    train, _ = data_mod.load(None).split(0.05)
+    x, _ = data_mod.batch(train, 0, cfg.batch, cfg.seq, seed=cfg.seed)
+    with torch.no_grad():
+        want = model(input_ids=x, labels=x).loss.item()
+    for row in rows:
+        assert abs(row["start_loss"] - want) < 1e-5
+        assert tuple(row["params"]["model.layers.0.self_attn.q_proj.weight"]) == (16, 32)

@@ -60,6 +60,11 @@ class TrainConfig:
         "a text file or folder, or a uint16 token file X.bin "
         "(default: the Python standard library's source, as bytes)",
     )
+    init_from: str | None = _opt(
+        None,
+        "start from saved weights: a .safetensors file, or a folder save_pretrained "
+        "wrote (each rank reads only its own slices)",
+    )
     steps: int = _opt(800, "optimizer steps to train to (a resumed run continues to it)")
     batch: int = _opt(16, "sequences per optimizer step, over all data-parallel ranks")
     seq: int = _opt(128, "tokens per sequence")

@@ -37,6 +37,7 @@ from ..errors import AutoTPError, TrainingStopped, UsageError
 from ..materialise import build_rank_module, cut
 from ..plan import plan
 from ..rewrite import RANK_BUFFER
+from ..weights import Weights, fill_buffers
 from . import data as data_mod
 from .checkpoint import tied_names
 from .config import (
@@ -115,9 +116,13 @@ class Trainer:
         tokens = data_mod.load(cfg.data)
         self.train_data, self.val_data = tokens.split(0.05)
         # named configurations are initialised parameter by parameter from the meta device;
-        # the others are built whole from the seed on every rank, which keeps its shards
-        on_meta = cfg.model in CONFIGS
+        # the others are built whole from the seed on every rank, which keeps its shards;
+        # with --init-from every model is a meta program and each rank reads its slices
+        source = Weights(cfg.init_from) if cfg.init_from else None
+        on_meta = cfg.model in CONFIGS or source is not None
         self.model = build(cfg.model, meta=on_meta, seed=cfg.seed)
+        if source is not None:
+            fill_buffers(self.model, source)  # what the file does not store (rotary tables)
         self.objective = check_model(self.model, cfg, tokens.vocab_size)
         self.cfg = cfg = dataclasses.replace(cfg, objective=self.objective)
         self.vocab = tokens.vocab_size  # the data's ids; mlm's random replacements
@@ -136,9 +141,12 @@ class Trainer:
         comm = ProcessGroupComm(m.tp_group)
         self.module = build_rank_module(
             self.model, self.plan.traced.gm, self.plan.graph, self.plan.splits, m.tp_rank,
-            cfg.tp, comm, self.plan, self.plan.model_name, seed=cfg.seed,
+            cfg.tp, comm, self.plan, self.plan.model_name, seed=cfg.seed, weights=source,
+            device=self.device if source is not None else None,
         )  # fmt: skip
-        if on_meta:
+        if source is not None:
+            self.module.to(device=self.device, dtype=self.dtype)
+        elif on_meta:
             materialise(self.module, self.model, self.plan.splits, m.tp_rank, cfg.tp,
                         self.device, self.dtype)  # fmt: skip
         else:  # shards were cut from the real model; drop the whole copy
