@@ -26,28 +26,38 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
+from .block_calls import (
+    PAST,
+    BlockCall,
+    call_module,
+    dynamic_sizes,
+    is_cache,
+    modes,
+    take_apart,
+)
+from .block_tensors import load_outside, shell
 from .collectives import Comm
 from .errors import AutoTPError
-from .materialise import _fresh_module, build_rank_module, cut, gather
-from .plan import Plan, _plan
+from .materialise import build_rank_module
+from .plan import Plan, _collects, _plan
+from .random import RankRandom
 from .rule import Rule
 from .sharding import Shard, VocabOptions
 from .simulate import SimulatedTP
-from .trace import accepts
-from .weights import Weights, fill_buffers
+from .trace import _dispatched, accepts
+from .weights import Weights
 
 __all__ = ["find_blocks", "is_block_model", "BlockTP", "parallel_blocks"]
 
 _CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # update = cat along seq
-_PAST = ("past_key", "past_value")
 
 
 def is_block_model(model: nn.Module) -> bool:
@@ -69,10 +79,27 @@ def find_blocks(model: nn.Module) -> list[str]:
     return [f"{lst}.{i}" for lst in lists for i in range(len(model.get_submodule(lst)))]
 
 
+def _program(block: nn.Module, call: BlockCall) -> tuple:
+    """What makes two blocks one program, so that they share plans: their structure, the
+    ops they dispatch on `call` (run on fake tensors) with every number those ops take
+    (a layer index that scales a value shows there), and their hooks; a block whose ops
+    cannot be listed shares with none."""
+    try:
+        ops = tuple(_dispatched(call_module(block, call), call.tensors))
+    except Exception:  # noqa: BLE001 - its Python reads values: plan it on its own
+        ops = (id(block),)
+    hooks = tuple(
+        (path, attr, len(getattr(m, attr)))
+        for path, m in block.named_modules()
+        for attr in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks")
+        if any(not _collects(h) for h in getattr(m, attr).values())
+    )
+    return _structure(block), ops, hooks
+
+
 def _structure(block: nn.Module) -> tuple:
-    """What makes two blocks the same program: classes, tensor shapes and dtypes, and the
-    plain attributes their Python reads (a layer index aside, which only names its place
-    in the cache)."""
+    """Classes, tensor shapes and dtypes, and the plain attributes the blocks' Python
+    reads (a layer index aside: `_program` sees where it changes a computation)."""
     out = []
     for path, m in block.named_modules():
         attrs = []
@@ -85,130 +112,6 @@ def _structure(block: nn.Module) -> tuple:
                    [*m._parameters.items(), *m._buffers.items()] if t is not None]  # fmt: skip
         out.append((path, type(m), tuple(attrs), tuple(tensors), m.training))
     return tuple(out)
-
-
-def _is_cache(v: object) -> bool:
-    return (
-        type(v).__module__.startswith("transformers.")
-        and hasattr(v, "update")
-        and hasattr(v, "layers")
-    )
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One call of a block, taken apart: its tensors by input name, the rest fixed."""
-
-    spec: Any  # pytree spec of (args, kwargs), the cache replaced by None
-    slots: tuple  # per leaf: an input name, or ("const", value)
-    cache_at: tuple | None  # where the cache sat: ("arg", i) or ("kwarg", name)
-    tensors: dict[str, torch.Tensor]
-    key: tuple
-
-    def rebuild(self, tensors: dict[str, Any], cache: object) -> tuple[tuple, dict]:
-        leaves = [tensors[s] if isinstance(s, str) else s[1] for s in self.slots]
-        args, kwargs = tree_unflatten(leaves, self.spec)
-        if self.cache_at is not None:
-            where, at = self.cache_at
-            if where == "arg":
-                args = (*args[:at], cache, *args[at + 1 :])
-            else:
-                kwargs = {**kwargs, at: cache}
-        return args, kwargs
-
-
-def _take_apart(args: tuple, kwargs: dict, past: tuple | None, training: bool) -> _Call:
-    cache_at = None
-    args, kwargs = list(args), dict(kwargs)
-    for i, a in enumerate(args):
-        if _is_cache(a):
-            cache_at, args[i] = ("arg", i), None
-    for k, v in kwargs.items():
-        if _is_cache(v):
-            cache_at, kwargs[k] = ("kwarg", k), None
-    leaves, spec = tree_flatten((tuple(args), kwargs))
-    slots, tensors, consts = [], {}, []
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor):
-            name = f"in{i}"
-            slots.append(name)
-            tensors[name] = leaf
-            consts.append((leaf.dtype, leaf.dim(), leaf.device.type))
-        else:
-            slots.append(("const", leaf))
-            consts.append(repr(leaf))
-    if past is not None:
-        tensors.update(zip(_PAST, past, strict=True))
-    key = (str(spec), tuple(consts), cache_at, past is not None, training)
-    return _Call(spec, tuple(slots), cache_at, tensors, key)
-
-
-class _Recorder:
-    """The cache a block sees while traced: it returns the past and new keys and values
-    joined along the sequence (what DynamicCache.update returns) and keeps the new ones."""
-
-    def __init__(self, key: torch.Tensor | None, value: torch.Tensor | None) -> None:
-        self.past = (key, value)
-        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.index: Any = None
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, index: Any = None, *a, **k):
-        if self.new is not None:
-            raise AutoTPError("the block updates its cache twice in one call: not supported")
-        self.new, self.index = (key, value), index
-        if self.past[0] is None:
-            return key, value
-        return (torch.cat([self.past[0], key], dim=-2), torch.cat([self.past[1], value], dim=-2))
-
-    def __getattr__(self, name: str) -> Any:
-        raise AutoTPError(
-            f"the block calls its cache's `{name}`, which autotp does not model (it models "
-            "`update`, as DynamicCache does)\n  hint:   call the model with use_cache=False"
-        )
-
-
-def _call_module(block: nn.Module, call: _Call) -> nn.Module:
-    """A module whose forward takes the call's tensors by name and calls the block."""
-    holder = nn.Module()
-    holder.layer = block
-    holder.autotp_hooks_outside = ("layer",)
-    names = list(call.tensors)
-
-    def forward(**tensors: torch.Tensor) -> Any:
-        rec = None
-        if call.cache_at is not None:
-            rec = _Recorder(tensors.pop(_PAST[0], None), tensors.pop(_PAST[1], None))
-        args, kwargs = call.rebuild(tensors, rec)
-        # its forward, not its hooks: a hook on the serial block belongs to the serial
-        # model's Python; the parallel model calls the BlockTP's own
-        out = holder.layer.forward(*args, **kwargs)
-        if rec is None:
-            return out
-        if rec.new is None:
-            raise AutoTPError("the block was given a cache but did not update it")
-        holder.index = rec.index
-        return out, rec.new[0], rec.new[1]
-
-    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names]
-    )
-    holder.forward = forward  # type: ignore[method-assign]
-    return holder
-
-
-def _dims(call: _Call, batch: int, seqs: set[int]) -> dict[str, Any]:
-    """Dynamic dimensions: the batch (a leading size equal to it) and every size equal to a
-    sequence length (new tokens, past, or both); export keeps static what the code fixes."""
-    auto = torch.export.Dim.AUTO
-    out: dict[str, Any] = {}
-    for name, t in call.tensors.items():
-        d = {
-            i: auto
-            for i, s in enumerate(t.shape)
-            if s > 1 and ((i == 0 and s == batch) or s in seqs)  # export fixes 0 and 1
-        }
-        out[name] = d or None
-    return out
 
 
 _UNKNOWN = object()
@@ -226,7 +129,7 @@ class _Patterns:
         self.meta = False  # the serial blocks are on the meta device
 
     def plan(
-        self, block: nn.Module, call: _Call, seqs: set[int], local: bool
+        self, block: nn.Module, call: BlockCall, seqs: set[int], local: bool
     ) -> tuple[Plan, Shard | None]:
         """The plan for `call` and how its keys are placed. `local`: the call's past is
         this rank's own (parallelize), not the whole (simulate)."""
@@ -238,29 +141,30 @@ class _Patterns:
         return made
 
     def _serial(self, tensors: dict[str, torch.Tensor], kv: Any, local: bool, shapes: bool):
-        """The call's inputs as the serial block would get them (a local past widened),
-        as shapes, or as tensors to trace with (detached: export reads no autograd
-        history; on the meta device when the serial block is a program without weights)."""
-        meta = self.meta
+        """The call's inputs as the serial block would get them (a local past widened):
+        as meta tensors (`shapes`, for `accepts`), or to trace with (detached: export
+        reads no autograd history; on the meta device when the serial block is a
+        program without weights)."""
+        meta = self.meta or shapes
         out: dict[str, Any] = {
-            n: tuple(t.shape) if shapes else t.detach().to("meta") if meta else t.detach()
+            n: torch.empty(t.shape, dtype=t.dtype, device="meta") if meta else t.detach()
             for n, t in tensors.items()
         }
         if local and isinstance(kv, Shard) and self.tp > 1:
-            for n in _PAST:
+            for n in PAST:
                 if n in tensors:
                     size = list(tensors[n].shape)
                     size[kv.dim] *= self.tp
-                    out[n] = tuple(size) if shapes else out[n].new_zeros(size)
+                    out[n] = out[n].new_zeros(size)
         return out
 
     def _plan(
-        self, block: nn.Module, call: _Call, seqs: set[int], local: bool
+        self, block: nn.Module, call: BlockCall, seqs: set[int], local: bool
     ) -> tuple[Plan, Shard | None]:
         batch = next(iter(call.tensors.values())).shape[0]
-        module = _call_module(block, call)
+        module = call_module(block, call)
         opts = VocabOptions(gather_outputs=False)  # the new keys stay each rank's own
-        common = dict(dims=_dims(call, batch, seqs), like=self.first)
+        common = dict(dims=dynamic_sizes(call, batch, seqs), like=self.first)
         if call.key[3]:  # a past: given as the keys are placed
             if self.kv is _UNKNOWN and local and self.tp > 1:
                 raise AutoTPError(
@@ -270,7 +174,7 @@ class _Patterns:
                 )
             errors = []
             for kv in (Shard(1), None) if self.kv is _UNKNOWN else (self.kv,):
-                inputs = dict.fromkeys(_PAST, kv) if kv is not None else None
+                inputs = dict.fromkeys(PAST, kv) if kv is not None else None
                 tensors = self._serial(call.tensors, kv, local, shapes=False)
                 try:
                     p = _plan(module, self.tp, tensors, self.rules, opts, "export", True,
@@ -279,6 +183,7 @@ class _Patterns:
                     errors.append(e)
                     continue
                 if _new_keys_placement(p) == kv:
+                    self._check(p, call)
                     self.kv = kv
                     return p, kv
             raise (
@@ -291,12 +196,39 @@ class _Patterns:
             )
         tensors = self._serial(call.tensors, None, local, shapes=False)
         p = _plan(module, self.tp, tensors, self.rules, opts, "export", self.strict, **common)
+        self._check(p, call)
         if self.first is None:
             self.first = p
         if call.cache_at is None:
             return p, None
         self.kv = _new_keys_placement(p)
         return p, self.kv
+
+    def _check(self, p: Plan, call: BlockCall) -> None:
+        """Refuse a plan whose graph reads a tensor split otherwise than the block's shards
+        are, or returns a value split (e.g. attention weights, by heads) other than the new
+        keys and values, which alone stay each rank's own."""
+        gm = p.traced.gm
+        if self.first is not None:
+            for n in gm.graph.nodes:
+                name = str(n.target)
+                if n.op == "get_attr" and str(p.splits.get(name)) != str(
+                    self.first.splits.get(name)
+                ):
+                    raise AutoTPError(
+                        f"{name} is split {self.first.splits.get(name) or 'not at all'} in the "
+                        f"block's first plan but {p.splits.get(name) or 'not'} in this call's"
+                        "\n  hint:   call the model as it was first called, or report it"
+                    )
+        leaves = tree_flatten(gm.graph.output_node().args[0])[0]
+        own = leaves[-2:] if call.cache_at is not None else []
+        split = [n for n in leaves if n in p.propagation.gathers and n not in own]
+        if split:
+            raise AutoTPError(
+                f"a parallel block returns {split[0].name} split across ranks (e.g. attention "
+                "weights, by heads): only its new keys and values may stay each rank's own"
+                "\n  hint:   call the model with output_attentions=False"
+            )
 
 
 def _new_keys_placement(p: Plan) -> Shard | None:
@@ -329,7 +261,7 @@ class BlockTP(nn.Module):
 
     def __init__(
         self, serial: nn.Module, patterns: _Patterns, shells: list[nn.Module],
-        comms: list[Comm], seed: int,
+        comms: list[Comm], randoms: list[RankRandom],
     ) -> None:  # fmt: skip
         nn.Module.__init__(self)  # not the block class's: its tensors are the shells'
         self.ranks = nn.ModuleList(shells)
@@ -337,7 +269,8 @@ class BlockTP(nn.Module):
         self.__dict__["_patterns"] = patterns
         self.__dict__["_comms"] = comms
         self.__dict__["_graphs"] = {}
-        self._seed = seed
+        self.__dict__["_randoms"] = randoms  # each rank's dropout streams: every block's
+        self.training = serial.training  # then per module as the serial block's (shells)
         self._index = next((m.layer_idx for m in serial.modules() if hasattr(m, "layer_idx")),
                            None)  # fmt: skip
 
@@ -363,14 +296,21 @@ class BlockTP(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        cache = next((v for v in (*args, *kwargs.values()) if _is_cache(v)), None)
+        inside = _collecting_inside()
+        if inside is not None:
+            raise AutoTPError(
+                f"the model asks for {inside}, which transformers collects from inside each "
+                "decoder layer, and a parallel layer runs as one graph\n  hint:   call the "
+                f"model without output_{inside}=True (hidden states are returned)"
+            )
+        cache = next((v for v in (*args, *kwargs.values()) if is_cache(v)), None)
         past = self._past(cache) if cache is not None else None
-        call = _take_apart(args, kwargs, past, self.training)
+        call = take_apart(args, kwargs, past, modes(self.ranks[0]))
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
         seqs |= {t.shape[-2] for t in (past or ())}
         seqs |= {a + b for a in seqs for b in seqs}
         serial = self._serial
-        modes = {m: m.training for m in serial.modules()}
+        saved = {m: m.training for m in serial.modules()}
         try:
             for (_, m), (_, mine) in zip(serial.named_modules(), self.ranks[0].named_modules(),
                                          strict=True):  # fmt: skip
@@ -378,7 +318,7 @@ class BlockTP(nn.Module):
             with torch.no_grad():
                 plan, _ = self._patterns.plan(serial, call, seqs, len(self.ranks) == 1)
         finally:
-            for m, v in modes.items():
+            for m, v in saved.items():
                 m.training = v
         runner = self._runner(plan, call)
         out = runner(**call.tensors)
@@ -389,34 +329,41 @@ class BlockTP(nn.Module):
         return out
 
     def _past(self, cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        layers = getattr(cache, "layers", [])
-        if self._index is None or type(layers[0] if layers else None).__name__ not in (
-            *_CACHE_LAYERS, "NoneType"
-        ):  # fmt: skip
+        """The past keys and values of this block in the model's cache, or None."""
+        if self._index is None:
             raise AutoTPError(
-                f"{type(cache).__name__} ({type(layers[0]).__name__ if layers else 'no layers'}"
-                ") is not a cache autotp can keep split by heads (it keeps DynamicCache's "
-                "dynamic and sliding-window layers)\n  hint:   use the default cache, or "
-                "call the model with use_cache=False"
+                f"{type(self._serial).__name__} has no layer_idx, so autotp cannot tell which "
+                "of the cache's layers is its own\n  hint:   call the model with "
+                "use_cache=False"
             )
-        if len(layers) <= self._index:
+        layers = getattr(cache, "layers", None)
+        layer = layers[self._index] if layers is not None and len(layers) > self._index else None
+        if layers is None or (layer is not None and (
+            type(layer).__name__ not in _CACHE_LAYERS or getattr(layer, "record_past", False)
+        )):  # fmt: skip
+            kind = type(layer).__name__ if layer is not None else "no layers"
+            raise AutoTPError(
+                f"{type(cache).__name__} ({kind}) is not a cache autotp can keep split by "
+                "heads (it keeps DynamicCache's dynamic and sliding-window layers)\n  hint:   "
+                "use the default cache, or call the model with use_cache=False"
+            )
+        if layer is None or not getattr(layer, "is_initialized", False):
             return None
-        layer = layers[self._index]
-        if not getattr(layer, "is_initialized", False) or layer.keys.shape[-2] == 0:
+        if layer.keys.shape[-2] == 0:
             return None
         return layer.keys, layer.values
 
-    def _runner(self, plan: Plan, call: _Call) -> nn.Module:
+    def _runner(self, plan: Plan, call: BlockCall) -> nn.Module:
         key = id(plan)
         if key not in self._graphs:
-            module = _call_module(self._serial, call)
+            module = call_module(self._serial, call)
             ranks = []
-            for shell, comm in zip(self.ranks, self._comms, strict=True):
+            for shell, comm, random in zip(self.ranks, self._comms, self._randoms, strict=True):
                 local = {f"layer.{n}": t for n, t in
                          [*shell.named_parameters(), *shell.named_buffers()]}  # fmt: skip
                 ranks.append(build_rank_module(
                     module, plan.traced.gm, plan.graph, plan.splits, comm.rank, self.tp, comm, plan,
-                    type(self._serial).__name__, self._seed, local=local,
+                    type(self._serial).__name__, random.seed, local=local, random=random,
                     device=next(iter(local.values())).device if local else None,
                 ))  # fmt: skip
             self._graphs[key] = ranks[0] if len(ranks) == 1 else SimulatedTP(ranks)
@@ -443,43 +390,34 @@ def _run_once(model: nn.Module, inputs: dict[str, Any]) -> None:
         ) from e
 
 
+_HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _drop_collectors(model: nn.Module) -> None:
+    """Remove the hooks transformers installed to collect hidden states (copied with the
+    serial model): it installs them again on the parallel model, on its blocks."""
+    for m in model.modules():
+        for attr in _HOOK_KINDS:
+            hooks = getattr(m, attr)
+            for key in [k for k, h in hooks.items() if _collects(h)]:
+                del hooks[key]
+        m.__dict__.pop("_output_capturing_hooks_installed", None)
+
+
+def _collecting_inside() -> str | None:
+    """What transformers is collecting from inside the blocks (attentions, router logits)
+    in the current forward, or None: hooks inside a block never run in its parallel form."""
+    capture = sys.modules.get("transformers.utils.output_capturing")
+    active = getattr(getattr(capture, "_active_collector", None), "get", lambda: None)()
+    inside = [k for k in (active or {}) if not k.startswith("_") and k != "hidden_states"]
+    return inside[0] if inside else None
+
+
 def _zeros_like_fake(x: Any) -> Any:
     """A captured fake tensor as a real one of its shape (values never matter to tracing)."""
     if isinstance(x, torch.Tensor):
         return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     return x
-
-
-def _shell(
-    block: nn.Module, splits: dict[str, Shard], rank: int, tp: int,
-    weights: Weights | None = None, path: str = "",
-) -> nn.Module:  # fmt: skip
-    """A copy of `block` holding rank `rank`'s shards of its tensors, cut from the block's
-    or read from `weights` (the block at `path` of the model)."""
-    made: dict[int, torch.Tensor] = {}
-    names = {id(t): n for n, t in [*block.named_parameters(), *block.named_buffers()]}
-
-    def new_tensor(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in made:
-            name = names.get(id(t), "")
-            spec = splits.get(name)
-            if weights is not None and f"{path}.{name}" in weights:
-                local = weights.read(f"{path}.{name}", spec, rank, tp, t.dtype)
-            elif t.is_meta and weights is not None:
-                raise AutoTPError(
-                    f"{path}.{name} is on the meta device and "
-                    + f"not in {weights.path}"
-                    + "\n  hint:   pass weights= a file or folder holding every tensor of the "
-                    "model "
-                    "(what save_pretrained of this model class writes)"
-                )
-            else:
-                local = cut(t.detach(), spec, rank, tp).clone()
-            made[id(t)] = (nn.Parameter(local, requires_grad=t.requires_grad)
-                           if isinstance(t, nn.Parameter) else local)  # fmt: skip
-        return made[id(t)]
-
-    return _fresh_module(block, new_tensor)
 
 
 def parallel_blocks(
@@ -515,101 +453,36 @@ def parallel_blocks(
     calls = {p: tree_map(_zeros_like_fake, c) for p, c in calls.items()}
     blocks = {p: model.get_submodule(p) for p in paths}
     memo = {id(b): None for b in blocks.values()}
-    copied = copy.deepcopy(model, memo)  # everything but the blocks: those are replaced
-    if weights is not None:
-        _load_outer(copied, model, weights, tuple(p + "." for p in paths))
-    by_structure: dict[tuple, _Patterns] = {}
     for path, block in blocks.items():
-        patterns = by_structure.setdefault(_structure(block), _Patterns(tp, rules, strict))
-        patterns.meta = any(t.is_meta for t in block.parameters())
+        kinds = [
+            a for a in _HOOK_KINDS if any(not _collects(h) for h in getattr(block, a).values())
+        ]
+        if kinds:
+            raise AutoTPError(
+                f"block {path} ({type(block).__name__}) has a hook ({kinds[0].strip('_')}): "
+                "the parallel model calls its own copy of the block\n  hint:   register the "
+                "hook on the parallel model's block instead (same inputs and outputs)"
+            )
+    copied = copy.deepcopy(model, memo)  # everything but the blocks: those are replaced
+    _drop_collectors(copied)
+    if weights is not None:
+        load_outside(copied, model, weights, tuple(p + "." for p in paths))
+    by_structure: dict[tuple, _Patterns] = {}
+    randoms = [RankRandom(seed, c.rank) for c in comms]  # one stream set per rank, shared
+    for path, block in blocks.items():
         if path not in calls:
             raise AutoTPError(f"the model did not call its block {path} on the example inputs")
         a, k = calls[path]
-        call = _take_apart(a, k, None, block.training)
+        call = take_apart(a, k, None, modes(block))
+        patterns = by_structure.setdefault(_program(block, call), _Patterns(tp, rules, strict))
+        patterns.meta = any(t.is_meta for t in block.parameters())
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
         with torch.no_grad():
             patterns.plan(block, call, seqs, local=False)
         splits = {n.removeprefix("layer."): s for n, s in patterns.first.splits.items()}
-        shells = [_shell(block, splits, c.rank, tp, weights, path) for c in comms]
+        shells = [shell(block, splits, c.rank, tp, weights, path) for c in comms]
         parent, _, leaf = path.rpartition(".")
         copied.get_submodule(parent)._modules[leaf] = BlockTP.of(block, patterns, shells, comms,
-                                                                  seed)  # fmt: skip
+                                                                  randoms)  # fmt: skip
     copied.autotp_blocks = tuple(paths)
     return copied
-
-
-def _load_outer(
-    copied: nn.Module, model: nn.Module, weights: Weights, skip: tuple[str, ...]
-) -> None:
-    """Give `copied`'s tensors outside the blocks their values from `weights`, one at a
-    time; a buffer the file lacks (rotary frequencies: not saved) is made by the model's
-    own initialiser (`fill_buffers`) where it is on the meta device."""
-    names: dict[int, list[str]] = {}
-    every = [*copied.named_parameters(remove_duplicate=False),
-             *copied.named_buffers(remove_duplicate=False)]  # fmt: skip
-    for name, t in every:
-        if not name.startswith(skip):
-            names.setdefault(id(t), []).append(name)
-    done: dict[int, torch.Tensor] = {}
-    missing = []
-    for name, t in every:
-        if name.startswith(skip):
-            continue
-        if id(t) not in done:
-            found = weights.find(names[id(t)])
-            if found is None:
-                missing.append(name)
-                continue
-            value = weights.read(found, dtype=t.dtype)
-            done[id(t)] = (
-                nn.Parameter(value, t.requires_grad) if isinstance(t, nn.Parameter) else value
-            )
-        owner, _, leaf = name.rpartition(".")
-        mod = copied.get_submodule(owner)
-        where = mod._parameters if leaf in mod._parameters else mod._buffers
-        where[leaf] = done[id(t)]
-    params = dict(copied.named_parameters(remove_duplicate=False))
-    meta = [n for n in missing if n in params and params[n].is_meta]
-    if meta:
-        raise AutoTPError(
-            f"{meta[0]} is not in {weights.path}\n  hint:   pass weights= a file or folder "
-            "holding every tensor of the model (what save_pretrained of this model class writes)"
-        )
-    fill_buffers(copied, weights)
-
-
-def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | None]:
-    """The serial state_dict (or gradients) of a block-form model, shards gathered."""
-    import torch.distributed as dist
-
-    out: dict[str, torch.Tensor | None] = {}
-    blocks = {p: module.get_submodule(p) for p in module.autotp_blocks}
-    skip = tuple(p + "." for p in blocks)
-    if grads:
-        own = {n: p.grad for n, p in module.named_parameters(remove_duplicate=False)}
-    else:
-        own = dict(module.state_dict(keep_vars=True))
-    for name, t in own.items():
-        if not name.startswith(skip):
-            out[name] = None if t is None else t.detach()
-    for path, block in blocks.items():
-        splits = block.splits()
-        per_rank = [
-            {n: p.grad for n, p in shell.named_parameters()} if grads
-            else shell.state_dict(keep_vars=True)
-            for shell in block.ranks
-        ]  # fmt: skip
-        for name in per_rank[0]:
-            local = [r[name] for r in per_rank]
-            spec = splits.get(name)
-            if local[0] is None:
-                out[f"{path}.{name}"] = None
-                continue
-            if spec is not None and len(local) == 1 and block.tp > 1:
-                comm = block._comms[0]
-                t = local[0].detach().contiguous()
-                parts = [torch.empty_like(t) for _ in range(block.tp)]
-                dist.all_gather(parts, t, group=comm.group)
-                local = parts
-            out[f"{path}.{name}"] = gather([t.detach() for t in local], spec)
-    return out

@@ -143,6 +143,7 @@ def build_rank_module(
     local: dict[str, torch.Tensor] | None = None,
     weights: Weights | None = None,
     device: torch.device | None = None,
+    random: RankRandom | None = None,
 ) -> fx.GraphModule:
     """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors.
     `source` is the traced graph module (sharing `model`'s tensors): the graph's module and
@@ -188,7 +189,9 @@ def build_rank_module(
             src = next((own[n] for n in names if n in own), t)
             stored = weights.find(names) if weights is not None else None
             if stored is not None:
-                local = weights.read(stored, spec, rank, tp, src.dtype)  # type: ignore[union-attr]
+                local = weights.read(  # type: ignore[union-attr]
+                    stored, spec, rank, tp, src.dtype, tuple(src.shape)
+                )
             elif src.is_meta and weights is not None:  # else shards on meta (materialised later)
                 raise AutoTPError(
                     f"{names[0]} is on the meta device and "
@@ -207,7 +210,7 @@ def build_rank_module(
             )
         return made[key]
 
-    random = RankRandom(seed, rank)
+    random = random or RankRandom(seed, rank)
     sites: dict[str, Callable[[], nn.Module]] = {
         F_MODULE: lambda: CopyToTP(comm),
         G_MODULE: lambda: ReduceFromTP(comm),

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .blocks import full_tensors, is_block_model, parallel_blocks
+from .block_tensors import full_tensors
+from .blocks import is_block_model, parallel_blocks
 from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .materialise import RankInfo, build_rank_module, gather
@@ -104,9 +105,13 @@ def parallelize(
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
     if _blocks(model, given, form, vocab):
-        return parallel_blocks(
+        module = parallel_blocks(
             model, tp, example_inputs, [comm], seed, _rules(rules), strict, source
         )
+        if isinstance(comm, ProcessGroupComm):  # each rank planned its blocks on its own
+            blocks = [module.get_submodule(b) for b in module.autotp_blocks]
+            _check_same_plan(":".join(b._patterns.first.fingerprint for b in blocks), group)
+        return module
     p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict)
     if isinstance(comm, ProcessGroupComm):
         _check_same_plan(p.fingerprint, group)

@@ -405,13 +405,17 @@ def _export(
             gm.graph.erase_node(n)  # it pins the device traced on: meta, for a plan without
             # weights, while the ranks run on the CPU or a GPU
         elif n.op == "call_module" and n.target == "_guards_fn" and not widen:
-            gm.graph.erase_node(n)  # the caller checks the inputs with `accepts` (some
-            gm.delete_submodule("_guards_fn")  # arrive split)
+            # the caller checks the inputs with `accepts`, in their serial shapes (some
+            # arrive split): the guards move there
+            gm.meta[_GUARDS] = (gm.get_submodule("_guards_fn"), [a.name for a in n.args])
+            gm.graph.erase_node(n)
+            gm.delete_submodule("_guards_fn")
     gm.recompile()
     return gm
 
 
 _SHAPES = "autotp_input_shapes"
+_GUARDS = "autotp_input_guards"
 
 
 def _input_shapes(ep: torch.export.ExportedProgram) -> tuple[dict[str, tuple], dict]:
@@ -462,9 +466,18 @@ def accepts(gm: fx.GraphModule, inputs: dict[str, Any]) -> bool:
             else:
                 derived.append((want, have))
     try:
-        return all(int(e.subs(bound)) == have for e, have in derived)
+        if not all(int(e.subs(bound)) == have for e, have in derived):
+            return False
     except TypeError:  # a symbol no input carries alone
         return False
+    guards, names = gm.meta.get(_GUARDS, (None, []))
+    if guards is not None:
+        try:
+            guards(*[torch.empty(inputs[n].shape, dtype=inputs[n].dtype, device="meta")
+                     for n in names])  # fmt: skip
+        except Exception:  # noqa: BLE001 - a guard that fails: another graph is needed
+            return False
+    return True
 
 
 def _fx_trace(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:

@@ -74,12 +74,19 @@ class Weights:
 
     def read(
         self, name: str, spec: Shard | None = None, rank: int = 0, tp: int = 1,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Tensor `name`, or rank `rank`'s shard of it under `spec` (as
-        materialise.cut gives: padded rows zero, blocks concatenated), read alone."""
+        materialise.cut gives: padded rows zero, blocks concatenated), read alone.
+        `shape`: the model's, which the stored tensor must have."""
         sl = self._slice(name)
-        shape = tuple(sl.get_shape())
+        stored = tuple(sl.get_shape())
+        if shape is not None and stored != shape:
+            raise AutoTPError(
+                f"{name} is {list(stored)} in {self._where[name]} but {list(shape)} in the "
+                "model\n  hint:   pass the weights saved from this model's configuration"
+            )
+        shape = stored
         if spec is None:
             out = sl[:] if shape else sl[()]
             return _owned(out, dtype)
@@ -125,5 +132,16 @@ def fill_buffers(model: torch.nn.Module, weights: Weights) -> None:
                 "holds no value for it\n  hint:   build the model with real buffers (only "
                 "its parameters on the meta device), or save the buffer with the weights"
             )
-        mod._buffers[leaf] = torch.empty_like(b, device="cpu")
+        fresh = torch.empty_like(b, device="cpu")
+        floating = fresh.is_floating_point()
+        unset = float("nan") if floating else 0 if fresh.dtype == torch.bool else -(2**7)
+        mod._buffers[leaf] = fresh.fill_(unset)
         init(mod)  # what its __init__ computed (rotary frequencies)
+        value = mod._buffers[leaf]
+        left = value.isnan() if floating else value == unset
+        if fresh.dtype != torch.bool and bool(left.any()):
+            raise AutoTPError(
+                f"buffer {name} is not in {weights.path}, and the model's initialiser "
+                f"({type(model).__name__}._init_weights) does not compute it\n  hint:   build "
+                "the model with real buffers (only its parameters on the meta device)"
+            )

@@ -140,3 +140,29 @@ def test_generate_on_gloo_ranks(name, kv) -> None:
         assert got == want
         assert keys[1] == kv // 2
     assert results[0][3] == results[1][3]
+
+
+def test_train_mode_set_after_parallelizing_turns_dropout_on() -> None:
+    """Planned in eval mode (equal to serial); after .train() the layers drop out (two
+    calls differ), as the serial model's would: the mode is part of a call's pattern."""
+    model = _model("gpt2")  # GPT-2's default dropout, 0.1
+    sim = autotp.simulate(model, 2)
+    x = _batch(pad=False)
+    with torch.no_grad():
+        assert (sim(**x).logits - model(**x).logits).abs().max() < 1e-12
+        sim.train()
+        a, b = sim(**x).logits, sim(**x).logits
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_what_a_parallel_layer_cannot_give_is_refused() -> None:
+    """Attentions collected from inside a layer, a hook on a layer, an encoder-decoder
+    cache: each refused with what to do, never silently missing."""
+    model = _model("llama", 2)
+    model.config._attn_implementation = "eager"
+    sim = autotp.simulate(model, 2)
+    with pytest.raises(autotp.AutoTPError, match="output_attentions"):
+        sim(**_batch(), output_attentions=True)
+    model.model.layers[1].register_forward_hook(lambda *a: None)
+    with pytest.raises(autotp.AutoTPError, match=r"(?s)model\.layers\.1.*hook"):
+        autotp.simulate(model, 2)
