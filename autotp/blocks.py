@@ -49,6 +49,7 @@ from .errors import AutoTPError
 from .materialise import build_rank_module
 from .plan import Plan, _collects, _plan
 from .random import RankRandom
+from .rewrite import record
 from .rule import Rule
 from .sharding import Shard, VocabOptions
 from .simulate import SimulatedTP
@@ -231,6 +232,16 @@ class _Patterns:
             )
 
 
+def _drops(p: Plan) -> bool:
+    """Whether the plan's graph draws dropout masks (a site whose probability is not 0)."""
+    for n in p.graph.nodes:
+        if n.op == "call_module" and record(n).dropout is not None:
+            prob = n.args[1] if len(n.args) > 1 else n.kwargs.get("p")
+            if prob != 0.0:
+                return True
+    return False
+
+
 def _new_keys_placement(p: Plan) -> Shard | None:
     """The placement of a cached pattern's returned new keys and values (equal, or refused)."""
     out = p.traced.gm.graph.output_node()
@@ -320,6 +331,13 @@ class BlockTP(nn.Module):
         finally:
             for m, v in saved.items():
                 m.training = v
+        if self.training and self.__dict__.get("gradient_checkpointing") and _drops(plan):
+            raise AutoTPError(
+                f"gradient checkpointing of a parallel {type(serial).__name__} would draw "
+                "other dropout masks when it recomputes the layer, so its gradients would be "
+                "wrong\n  hint:   set the model's dropout to 0 for checkpointed training, or "
+                "call model.gradient_checkpointing_disable()"
+            )
         runner = self._runner(plan, call)
         out = runner(**call.tensors)
         if cache is None:

@@ -153,6 +153,9 @@ def test_train_mode_set_after_parallelizing_turns_dropout_on() -> None:
         sim.train()
         a, b = sim(**x).logits, sim(**x).logits
     assert (a - b).abs().max() > 1e-3
+    sim.activation_checkpointing_enable()  # would recompute with other masks: refused
+    with pytest.raises(autotp.AutoTPError, match="gradient_checkpointing_disable"):
+        sim(**x).logits.sum().backward()
 
 
 def test_what_a_parallel_layer_cannot_give_is_refused() -> None:
