@@ -307,6 +307,7 @@ class BlockTP(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_dtype()
         inside = _collecting_inside()
         if inside is not None:
             raise AutoTPError(
@@ -345,6 +346,18 @@ class BlockTP(nn.Module):
         out, new_key, new_value = out  # simulate shows them whole: its cache holds all heads
         cache.update(new_key, new_value, self._index)
         return out
+
+    def _check_dtype(self) -> None:
+        """Refuse shards converted to another dtype than the serial block's: its graphs are
+        traced from the serial block and hold its dtype (an upcast and the cast back)."""
+        mine = next((t.dtype for t in self.ranks[0].parameters() if t.is_floating_point()), None)
+        theirs = next((t.dtype for t in self._serial.parameters() if t.is_floating_point()), None)
+        if mine != theirs:
+            raise AutoTPError(
+                f"this parallel model was converted to {mine} after autotp built it, but its "
+                f"layers are traced from the model it was built from ({theirs})\n  hint:   "
+                "convert the model (e.g. model.double()) before parallelize / simulate"
+            )
 
     def _past(self, cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The past keys and values of this block in the model's cache, or None."""

@@ -169,3 +169,10 @@ def test_what_a_parallel_layer_cannot_give_is_refused() -> None:
     model.model.layers[1].register_forward_hook(lambda *a: None)
     with pytest.raises(autotp.AutoTPError, match=r"(?s)model\.layers\.1.*hook"):
         autotp.simulate(model, 2)
+
+
+def test_converting_dtype_after_building_is_refused() -> None:
+    sim = autotp.simulate(_model("llama", 2), 2)
+    sim.float()
+    with pytest.raises(autotp.AutoTPError, match="before parallelize"):
+        sim(**_batch())
