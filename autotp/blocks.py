@@ -164,7 +164,9 @@ class _Patterns:
     ) -> tuple[Plan, Shard | None]:
         batch = next(iter(call.tensors.values())).shape[0]
         module = call_module(block, call)
-        opts = VocabOptions(gather_outputs=False)  # the new keys stay each rank's own
+        # the new keys and values stay each rank's own (its cache); anything else split
+        # that the layer returns (attention weights) is gathered, as the graph form does
+        opts = VocabOptions(local_outputs=(-2, -1) if call.cache_at is not None else ())
         common = dict(dims=dynamic_sizes(call, batch, seqs), like=self.first)
         if call.key[3]:  # a past: given as the keys are placed
             if self.kv is _UNKNOWN and local and self.tp > 1:
@@ -184,7 +186,8 @@ class _Patterns:
                     errors.append(e)
                     continue
                 if _new_keys_placement(p) == kv:
-                    self._check(p, call)
+                    _check_index(block, module)
+                    self._check(p)
                     self.kv = kv
                     return p, kv
             raise (
@@ -197,7 +200,8 @@ class _Patterns:
             )
         tensors = self._serial(call.tensors, None, local, shapes=False)
         p = _plan(module, self.tp, tensors, self.rules, opts, "export", self.strict, **common)
-        self._check(p, call)
+        _check_index(block, module)
+        self._check(p)
         if self.first is None:
             self.first = p
         if call.cache_at is None:
@@ -205,10 +209,9 @@ class _Patterns:
         self.kv = _new_keys_placement(p)
         return p, self.kv
 
-    def _check(self, p: Plan, call: BlockCall) -> None:
+    def _check(self, p: Plan) -> None:
         """Refuse a plan whose graph reads a tensor split otherwise than the block's shards
-        are, or returns a value split (e.g. attention weights, by heads) other than the new
-        keys and values, which alone stay each rank's own."""
+        are."""
         gm = p.traced.gm
         if self.first is not None:
             for n in gm.graph.nodes:
@@ -221,15 +224,27 @@ class _Patterns:
                         f"block's first plan but {p.splits.get(name) or 'not'} in this call's"
                         "\n  hint:   call the model as it was first called, or report it"
                     )
-        leaves = tree_flatten(gm.graph.output_node().args[0])[0]
-        own = leaves[-2:] if call.cache_at is not None else []
-        split = [n for n in leaves if n in p.propagation.gathers and n not in own]
-        if split:
-            raise AutoTPError(
-                f"a parallel block returns {split[0].name} split across ranks (e.g. attention "
-                "weights, by heads): only its new keys and values may stay each rank's own"
-                "\n  hint:   call the model with output_attentions=False"
-            )
+
+
+def _check_index(block: nn.Module, traced: nn.Module) -> None:
+    """The index the block gave its cache while traced must be the one found for it."""
+    given = traced.__dict__.get("index")
+    if given is not None and given != cache_index(block):
+        raise AutoTPError(
+            f"{type(block).__name__} updates the cache's layer {given!r}, but its layer index "
+            f"reads {cache_index(block)!r}\n  hint:   call the model with use_cache=False"
+        )
+
+
+def cache_index(block: nn.Module) -> int | None:
+    """The block's place in the model's cache: the first int its modules hold under a
+    layer index's usual names, or None."""
+    for m in block.modules():
+        for name in ("layer_idx", "layer_id", "layer_index"):
+            value = m.__dict__.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
 
 
 def _drops(p: Plan) -> bool:
@@ -282,8 +297,7 @@ class BlockTP(nn.Module):
         self.__dict__["_graphs"] = {}
         self.__dict__["_randoms"] = randoms  # each rank's dropout streams: every block's
         self.training = serial.training  # then per module as the serial block's (shells)
-        self._index = next((m.layer_idx for m in serial.modules() if hasattr(m, "layer_idx")),
-                           None)  # fmt: skip
+        self._index = cache_index(serial)
 
     def __getattr__(self, name: str) -> Any:
         try:

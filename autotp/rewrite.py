@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 
 from . import ops
 from .call import canonical
@@ -211,8 +212,10 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     for old, info in prop.losses.items():
         env[old] = _vocab_parallel_loss(graph, env[old], info)
     out_node = graph.output_node()
+    leaves = tree_flatten(gm.graph.output_node().args[0])[0]
+    local = {leaves[i] for i in prop.local_outputs if -len(leaves) <= i < len(leaves)}
     for old, (shard, size) in prop.gathers.items():
-        if not prop.gather_outputs:
+        if not prop.gather_outputs or old in local:
             _tag(env[old], split_output=(shard, size))
             continue
         with graph.inserting_before(out_node):

@@ -112,7 +112,7 @@ def propagate(
     _check_split_params_used_only_split(c)
     return Propagation(
         c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users, c.losses, c.gathers,
-        c.options.gather_outputs, c.reduces, c.deferred, c.cuts,
+        c.options.gather_outputs, c.reduces, c.deferred, c.cuts, c.options.local_outputs,
     )  # fmt: skip
 
 

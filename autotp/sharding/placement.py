@@ -101,10 +101,14 @@ class VocabOptions:
         module returns what the serial one does. False keeps each rank's slice of the
         padded vocabulary, [..., padded_vocab / tp], for users who compute their own
         parallel loss.
+    local_outputs: positions of output leaves (negative from the end) kept each rank's
+        own even when the rest is gathered (a decoder layer's new keys and values, for
+        its rank's cache).
     """
 
     multiple: int = 128
     gather_outputs: bool = True
+    local_outputs: tuple[int, ...] = ()
 
     def padded(self, size: int, tp: int) -> int:
         if tp == 1:  # nothing is divided: no padding, the module keeps the serial shapes
@@ -177,6 +181,7 @@ class Propagation:
     # `p + r` (r replicated) kept partial: the node passes p through, r joins p's pending
     deferred: dict[fx.Node, fx.Node] = field(default_factory=dict)
     cuts: list[Cut] = field(default_factory=list)
+    local_outputs: tuple[int, ...] = ()  # output leaf positions kept local regardless
 
 
 def is_split(p: Placement) -> bool:
