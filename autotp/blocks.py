@@ -12,8 +12,9 @@ token or a prompt. Each way (a *call pattern*: which arguments are given, their 
 values, and the sizes torch.export could not keep dynamic, such as a single token) is
 traced with torch.export once, batch and sequence dynamic, and planned: the first pattern
 of a block with rule matching, the later ones with the first's splits, proven again on
-their own graph. All patterns of a block share one set of shards; blocks of one structure
-share their plans. A pattern's graph holds for the sizes export allowed (`trace.accepts`);
+their own graph. All patterns of a block share one set of shards; blocks that are one
+program (the same structure, the same ops with the same numbers, the same hooks) share
+their plans. A pattern's graph holds for the sizes export allowed (`trace.accepts`);
 a call outside them is a new pattern.
 
 The cache (transformers' DynamicCache) stays outside the graph: a pattern with a past
@@ -459,7 +460,8 @@ def _collecting_inside() -> str | None:
 
 
 def _zeros_like_fake(x: Any) -> Any:
-    """A captured fake tensor as a real one of its shape (values never matter to tracing)."""
+    """A captured tensor (real, or export's fake one) as zeros of its shape, dtype and
+    device: tracing reads no values, and nothing of the run is kept."""
     if isinstance(x, torch.Tensor):
         return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     return x
