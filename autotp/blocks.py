@@ -127,6 +127,7 @@ class _Patterns:
         self.tp, self.rules, self.strict = tp, rules, strict
         self.first: Plan | None = None
         self.plans: dict[tuple, list[tuple[Plan, Shard | None]]] = {}
+        self.seen: dict[tuple, tuple[Plan, Shard | None]] = {}  # exact sizes -> plan
         self.kv: Any = _UNKNOWN  # how the new keys are placed, once a cached call showed it
         self.meta = False  # the serial blocks are on the meta device
 
@@ -135,11 +136,23 @@ class _Patterns:
     ) -> tuple[Plan, Shard | None]:
         """The plan for `call` and how its keys are placed. `local`: the call's past is
         this rank's own (parallelize), not the whole (simulate)."""
+        sizes = (call.key, local, tuple((n, tuple(t.shape)) for n, t in call.tensors.items()))
+        if sizes in self.seen:  # these very sizes were accepted before
+            return self.seen[sizes]
         for p, kv in self.plans.get(call.key, []):
             if accepts(p.traced.gm, self._serial(call.tensors, kv, local, shapes=True)):
+                self.seen[sizes] = (p, kv)
                 return p, kv
-        made = self._plan(block, call, seqs, local)
+        saved = [(m, m.training) for m in block.modules()]
+        try:  # traced in the modes the call holds (the parallel block's, module by module)
+            for (m, _), flag in zip(saved, call.key[-1], strict=True):
+                m.training = flag
+            made = self._plan(block, call, seqs, local)
+        finally:
+            for m, flag in saved:
+                m.training = flag
         self.plans.setdefault(call.key, []).append(made)
+        self.seen[sizes] = made
         return made
 
     def _serial(self, tensors: dict[str, torch.Tensor], kv: Any, local: bool, shapes: bool):
@@ -298,6 +311,7 @@ class BlockTP(nn.Module):
         self.__dict__["_graphs"] = {}
         self.__dict__["_randoms"] = randoms  # each rank's dropout streams: every block's
         self.training = serial.training  # then per module as the serial block's (shells)
+        self.__dict__["_modules_of"] = list(shells[0].modules())  # whose flags a call holds
         self._index = cache_index(serial)
 
     def __getattr__(self, name: str) -> Any:
@@ -332,21 +346,13 @@ class BlockTP(nn.Module):
             )
         cache = next((v for v in (*args, *kwargs.values()) if is_cache(v)), None)
         past = self._past(cache) if cache is not None else None
-        call = take_apart(args, kwargs, past, modes(self.ranks[0]))
+        call = take_apart(args, kwargs, past, tuple(m.training for m in self._modules_of))
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
         seqs |= {t.shape[-2] for t in (past or ())}
         seqs |= {a + b for a in seqs for b in seqs}
         serial = self._serial
-        saved = {m: m.training for m in serial.modules()}
-        try:
-            for (_, m), (_, mine) in zip(serial.named_modules(), self.ranks[0].named_modules(),
-                                         strict=True):  # fmt: skip
-                m.training = mine.training
-            with torch.no_grad():
-                plan, _ = self._patterns.plan(serial, call, seqs, len(self.ranks) == 1)
-        finally:
-            for m, v in saved.items():
-                m.training = v
+        with torch.no_grad():
+            plan, _ = self._patterns.plan(serial, call, seqs, len(self.ranks) == 1)
         if self.training and self.__dict__.get("gradient_checkpointing") and _drops(plan):
             raise AutoTPError(
                 f"gradient checkpointing of a parallel {type(serial).__name__} would draw "
