@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .errors import AutoTPError
-from .materialise import _fresh_module, cut, gather
+from .materialise import _fresh_module, as_like, gather_over, rank_shard
 from .sharding import Shard
 from .weights import Weights, fill_buffers
 
@@ -27,21 +26,8 @@ def shell(
     def new_tensor(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in made:
             name = names.get(id(t), "")
-            spec = splits.get(name)
-            if weights is not None and f"{path}.{name}" in weights:
-                local = weights.read(f"{path}.{name}", spec, rank, tp, t.dtype, tuple(t.shape))
-            elif t.is_meta and weights is not None:
-                raise AutoTPError(
-                    f"{path}.{name} is on the meta device and "
-                    + f"not in {weights.path}"
-                    + "\n  hint:   pass weights= a file or folder holding every tensor of the "
-                    "model "
-                    "(what save_pretrained of this model class writes)"
-                )
-            else:
-                local = cut(t.detach(), spec, rank, tp).clone()
-            made[id(t)] = (nn.Parameter(local, requires_grad=t.requires_grad)
-                           if isinstance(t, nn.Parameter) else local)  # fmt: skip
+            local = rank_shard(t, [f"{path}.{name}"], splits.get(name), rank, tp, weights)
+            made[id(t)] = as_like(t, local)
         return made[id(t)]
 
     return _fresh_module(block, new_tensor)
@@ -68,16 +54,10 @@ def load_outside(
             found = weights.find(names[id(t)])
             if found is None:
                 if t.is_meta:
-                    raise AutoTPError(
-                        f"{name} is not in {weights.path}\n  hint:   pass weights= a file or "
-                        "folder holding every tensor of the model (what save_pretrained of "
-                        "this model class writes)"
-                    )
+                    raise weights.missing(name)
                 done[id(t)] = t  # a value of the model's own (a buffer it computed)
                 continue
-            value = weights.read(found, dtype=t.dtype, shape=tuple(t.shape))
-            done[id(t)] = (nn.Parameter(value, t.requires_grad)
-                           if isinstance(t, nn.Parameter) else value)  # fmt: skip
+            done[id(t)] = as_like(t, weights.read(found, dtype=t.dtype, shape=tuple(t.shape)))
         owner, _, leaf = name.rpartition(".")
         mod = copied.get_submodule(owner)
         where = mod._parameters if leaf in mod._parameters else mod._buffers
@@ -86,8 +66,6 @@ def load_outside(
 
 def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | None]:
     """The serial state_dict (or gradients) of a block-form model, shards gathered."""
-    import torch.distributed as dist
-
     out: dict[str, torch.Tensor | None] = {}
     blocks = {p: module.get_submodule(p) for p in module.autotp_blocks}
     skip = tuple(p + "." for p in blocks)
@@ -107,15 +85,9 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
         ]  # fmt: skip
         for name in per_rank[0]:
             local = [r[name] for r in per_rank]
-            spec = splits.get(name)
             if local[0] is None:
                 out[f"{path}.{name}"] = None
-                continue
-            if spec is not None and len(local) == 1 and block.tp > 1:
+            else:
                 comm = block._comms[0]
-                t = local[0].detach().contiguous()
-                parts = [torch.empty_like(t) for _ in range(block.tp)]
-                dist.all_gather(parts, t, group=comm.group)
-                local = parts
-            out[f"{path}.{name}"] = gather([t.detach() for t in local], spec)
+                out[f"{path}.{name}"] = gather_over(local, splits.get(name), block.tp, comm)
     return out

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
@@ -35,7 +36,10 @@ from .rewrite import (
 from .sharding import Shard
 from .weights import Weights
 
-__all__ = ["RankInfo", "cut", "gather", "build_rank_module", "check_mode"]
+__all__ = [
+    "RankInfo", "cut", "gather", "gather_over", "rank_shard", "as_like", "build_rank_module",
+    "check_mode",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,44 @@ def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor
         for start, length in spec.pieces(t.shape[spec.dim])
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
+
+
+def rank_shard(
+    src: torch.Tensor, names: list[str], spec: Shard | None, rank: int, tp: int,
+    weights: Weights | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Rank `rank`'s shard of the tensor known by `names` (a tied tensor has several), of
+    its own memory: read from `weights` where they hold it, else cut from `src` (on the
+    meta device without weights it stays there, to be materialised later)."""
+    stored = weights.find(names) if weights is not None else None
+    if stored is not None:
+        return weights.read(stored, spec, rank, tp, src.dtype, tuple(src.shape))  # type: ignore[union-attr]
+    if src.is_meta and weights is not None:
+        raise weights.missing(names[0])
+    return cut(src.detach(), spec, rank, tp).clone()
+
+
+def as_like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` as what `t` is: a Parameter (with t's requires_grad) or a plain tensor."""
+    return (
+        nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+    )
+
+
+def gather_over(
+    local: list[torch.Tensor], spec: Shard | None, tp: int, comm: Comm,
+    serial_size: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The serial tensor from the shards at hand: every rank's (simulate), or this rank's
+    alone, all-gathered over `comm`'s group (a collective: every rank calls it)."""
+    if spec is None:
+        return local[0].detach()
+    if len(local) == 1 and tp > 1:
+        t = local[0].detach().contiguous()
+        parts = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(parts, t, group=comm.group)  # type: ignore[attr-defined]
+        local = parts
+    return gather([t.detach() for t in local], spec, serial_size)
 
 
 def gather(
@@ -187,22 +229,7 @@ def build_rank_module(
                 return mine
             spec = next((splits[n] for n in names if n in splits), None)
             src = next((own[n] for n in names if n in own), t)
-            stored = weights.find(names) if weights is not None else None
-            if stored is not None:
-                local = weights.read(  # type: ignore[union-attr]
-                    stored, spec, rank, tp, src.dtype, tuple(src.shape)
-                )
-            elif src.is_meta and weights is not None:  # else shards on meta (materialised later)
-                raise AutoTPError(
-                    f"{names[0]} is on the meta device and "
-                    + f"not in {weights.path}"
-                    + "\n  hint:   pass weights= a file or folder holding every tensor of the "
-                    "model "
-                    "(what save_pretrained of this model class writes), or build the model "
-                    "with real tensors"
-                )
-            else:
-                local = cut(src.detach(), spec, rank, tp).clone()
+            local = rank_shard(src, names or ["a constant of the graph"], spec, rank, tp, weights)
             made[key] = (
                 nn.Parameter(local, requires_grad=src.requires_grad)
                 if isinstance(t, nn.Parameter)

@@ -16,8 +16,8 @@ from .block_tensors import full_tensors
 from .blocks import is_block_model, parallel_blocks
 from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
-from .materialise import RankInfo, build_rank_module, gather
-from .plan import Plan, check_tp, plan
+from .materialise import RankInfo, build_rank_module, gather_over
+from .plan import Plan, check_tp, plan, rules_or_default
 from .rule import Rule
 from .sharding import VocabOptions
 from .simulate import SimulatedTP
@@ -106,7 +106,7 @@ def parallelize(
         seed = box[0]
     if _blocks(model, given, form, vocab):
         module = parallel_blocks(
-            model, tp, example_inputs, [comm], seed, _rules(rules), strict, source
+            model, tp, example_inputs, [comm], seed, rules_or_default(rules), strict, source
         )
         if isinstance(comm, ProcessGroupComm):  # each rank planned its blocks on its own
             blocks = [module.get_submodule(b) for b in module.autotp_blocks]
@@ -156,7 +156,7 @@ def simulate(
         seed = torch.initial_seed() % 2**62
         comms = [SimulatedComm(tp, r) for r in range(tp)]  # type: ignore[arg-type]
         return parallel_blocks(
-            model, tp, example_inputs, comms, seed, _rules(rules), strict, source
+            model, tp, example_inputs, comms, seed, rules_or_default(rules), strict, source
         )
     p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict)
     tp = p.tp
@@ -193,14 +193,6 @@ def _blocks(model: nn.Module, tp: int | Plan, form: str, vocab: VocabOptions | N
     return form == "blocks" or (form == "auto" and not graph_only and is_block_model(model))
 
 
-def _rules(rules: Sequence[Rule] | None) -> tuple[Rule, ...]:
-    if rules is None:
-        from autotp.rules import DEFAULT_RULES
-
-        return tuple(DEFAULT_RULES)
-    return tuple(rules)
-
-
 def _rank_modules(module: nn.Module) -> tuple[list[nn.Module], RankInfo]:
     if isinstance(module, SimulatedTP):
         return list(module.ranks), module.ranks[0].autotp
@@ -224,15 +216,8 @@ def _assemble(
         local = [t[key] for t in per_rank]
         if local[0] is None:
             out[key] = None
-        elif spec is None:
-            out[key] = local[0].detach()
-        elif len(ranks) == 1 and isinstance(info.comm, ProcessGroupComm):
-            t = local[0].detach().contiguous()
-            parts = [torch.empty_like(t) for _ in range(info.tp)]
-            dist.all_gather(parts, t, group=info.comm.group)
-            out[key] = gather(parts, spec, sizes.get(key))
         else:
-            out[key] = gather([t.detach() for t in local], spec, sizes.get(key))
+            out[key] = gather_over(local, spec, info.tp, info.comm, sizes.get(key))
     return out
 
 

@@ -142,6 +142,15 @@ def check_tp(tp: object) -> None:
         raise AutoTPError(f"tp must be an integer >= 1, got {tp!r}")
 
 
+def rules_or_default(rules: Sequence[Rule] | None) -> tuple[Rule, ...]:
+    """`rules` as given, or autotp.rules' DEFAULT_RULES."""
+    if rules is None:
+        from autotp.rules import DEFAULT_RULES
+
+        return tuple(DEFAULT_RULES)
+    return tuple(rules)
+
+
 def plan(
     model: nn.Module,
     tp: int,
@@ -167,10 +176,7 @@ def plan(
     fx cannot trace, e.g. Hugging Face transformers), or "auto" (fx, then export).
     """
     check_tp(tp)
-    if rules is None:
-        from autotp.rules import DEFAULT_RULES
-
-        rules = DEFAULT_RULES
+    rules = rules_or_default(rules)
     try:
         return _plan(model, tp, example_inputs, rules, vocab, frontend, strict)
     except AutoTPError:

@@ -440,11 +440,7 @@ def accepts(gm: fx.GraphModule, inputs: dict[str, Any]) -> bool:
     if _SHAPES not in gm.meta:
         return False
     shapes, ranges = gm.meta[_SHAPES]
-    tensors = {
-        k: tuple(v.shape) if isinstance(v, torch.Tensor) else v
-        for k, v in inputs.items()
-        if isinstance(v, (torch.Tensor, tuple))
-    }
+    tensors = {k: tuple(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     if set(tensors) != set(shapes):
         return False
     bound: dict[Any, int] = {}

@@ -58,9 +58,6 @@ class Weights:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
     def _slice(self, name: str):
         from safetensors import safe_open
 
@@ -68,9 +65,6 @@ class Weights:
         if file not in self._open:  # a handle per file, kept: opening maps it once
             self._open[file] = safe_open(str(file), framework="pt")
         return self._open[file].get_slice(name)  # type: ignore[attr-defined]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
 
     def read(
         self, name: str, spec: Shard | None = None, rank: int = 0, tp: int = 1,
@@ -102,11 +96,19 @@ class Weights:
                 pad[d] = hi - lo - part.shape[d]
                 part = torch.cat([part, part.new_zeros(pad)], dim=d)
             parts.append(part)
-        return _owned(parts[0], dtype) if len(parts) == 1 else torch.cat(parts, dim=d).to(dtype)
+        return _owned(parts[0] if len(parts) == 1 else torch.cat(parts, dim=d), dtype)
 
     def find(self, names: list[str]) -> str | None:
         """The first of a tensor's names (tied weights have several) the file holds."""
         return next((n for n in names if n in self._where), None)
+
+    def missing(self, name: str) -> AutoTPError:
+        """The error for a tensor on the meta device that these weights do not hold."""
+        return AutoTPError(
+            f"{name} is on the meta device and not in {self.path}\n  hint:   pass weights= "
+            "a file or folder holding every tensor of the model (what save_pretrained of "
+            "this model class writes), or build the model with real tensors"
+        )
 
 
 def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

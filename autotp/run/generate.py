@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import codecs
 import math
-import os
 import sys
 from collections.abc import Callable
 
 import torch
 
-from ..errors import AutoTPError, UsageError
+from ..errors import UsageError
 from .config import UsageParser, _Help
 
 __all__ = ["parser", "sample", "check", "generate", "main", "run"]
@@ -241,34 +240,21 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one worker started by torchrun (`torchrun -m autotp.run.generate`)."""
+    from .train import run_worker
+
+    return run_worker(lambda: parser().parse_args(argv), _generate_on_rank)
+
+
+def _generate_on_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from .train import _report_error, join_group
-
-    try:
-        args = parser().parse_args(argv)
-    except AutoTPError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(str(e), file=sys.stderr)
-        return 2
-    join_group()
-    try:
-        if dist.get_world_size() != args.tp:
-            raise UsageError(
-                f"--tp {args.tp}, but {dist.get_world_size()} processes were started\n"
-                f"  hint:   start --tp processes (torchrun --nproc-per-node {args.tp})"
-            )
-        with torch.no_grad():
-            generate(args, write=_stdout if dist.get_rank() == 0 else None)
-        dist.barrier()
-    except AutoTPError as e:
-        _report_error(e)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        dist.destroy_process_group()
-    return 0
+    if dist.get_world_size() != args.tp:
+        raise UsageError(
+            f"--tp {args.tp}, but {dist.get_world_size()} processes were started\n"
+            f"  hint:   start --tp processes (torchrun --nproc-per-node {args.tp})"
+        )
+    with torch.no_grad():
+        generate(args, write=_stdout if dist.get_rank() == 0 else None)
 
 
 if __name__ == "__main__":

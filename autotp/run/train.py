@@ -458,44 +458,62 @@ def _report_error(e: AutoTPError) -> None:
         Console(stderr=True).print(error_view(e))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of one process started by torchrun (`torchrun -m autotp.run.train`)."""
-    from .checkpoint import Checkpoints
-
+def run_worker(parse: Callable[[], Any], body: Callable[[Any], None]) -> int:
+    """A torchrun worker's life: its options parsed by `parse` (a mistake printed once, by
+    rank 0), the process group joined, `body(options)` run on every rank, the group torn
+    down. The exit code: 0; 2 after a user's mistake or an AutoTPError (reported); 130 on
+    Ctrl-C (checkpoints are written atomically: nothing to undo)."""
     try:
-        cfg = config_from_args(argv)
-        check_args(cfg)
+        options = parse()
     except AutoTPError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(str(e), file=sys.stderr)
         return 2
     join_group()
-    lead = dist.get_rank() == 0
-    say = print if lead and cfg.progress else (lambda line: None)
     try:
-        trainer = Trainer(cfg)
-        if trainer.plan.replicated:
-            left, why = len(trainer.plan.replicated), trainer.plan.replicated[0][1]
-            say(f"{left} matched blocks stay replicated (--strict refuses them); the first: {why}")
-        ckpt = metrics = None
-        if cfg.ckpt_dir:
-            ckpt = Checkpoints(cfg.ckpt_dir, keep_last=cfg.keep_last, say=say)
-            metrics = MetricsLog(Path(cfg.ckpt_dir) / "metrics.jsonl")
-            # a group torchrun restarted resumes its own checkpoints, even under --no-resume
-            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-            if not (cfg.resume or restarted):
-                check_run_folder(cfg, say)  # refuses a folder that holds a run
-            resume(trainer, ckpt, metrics, say, fresh=not (cfg.resume or restarted))
-        trainer.fit(ckpt, metrics)
+        body(options)
         dist.barrier()
     except AutoTPError as e:
         _report_error(e)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, nothing to undo
+    except KeyboardInterrupt:
         return 130
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one process started by torchrun (`torchrun -m autotp.run.train`)."""
+
+    def parse() -> TrainConfig:
+        cfg = config_from_args(argv)
+        check_args(cfg)
+        return cfg
+
+    return run_worker(parse, _train)
+
+
+def _train(cfg: TrainConfig) -> None:
+    """One rank's run: build, resume where a run is, train, validate."""
+    from .checkpoint import Checkpoints
+
+    lead = dist.get_rank() == 0
+    say = print if lead and cfg.progress else (lambda line: None)
+    trainer = Trainer(cfg)
+    if trainer.plan.replicated:
+        left, why = len(trainer.plan.replicated), trainer.plan.replicated[0][1]
+        say(f"{left} matched blocks stay replicated (--strict refuses them); the first: {why}")
+    ckpt = metrics = None
+    if cfg.ckpt_dir:
+        ckpt = Checkpoints(cfg.ckpt_dir, keep_last=cfg.keep_last, say=say)
+        metrics = MetricsLog(Path(cfg.ckpt_dir) / "metrics.jsonl")
+        # a group torchrun restarted resumes its own checkpoints, even under --no-resume
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+        if not (cfg.resume or restarted):
+            check_run_folder(cfg, say)  # refuses a folder that holds a run
+        resume(trainer, ckpt, metrics, say, fresh=not (cfg.resume or restarted))
+    trainer.fit(ckpt, metrics)
 
 
 if __name__ == "__main__":
