@@ -48,7 +48,7 @@ from .block_tensors import load_outside, shell
 from .collectives import Comm
 from .errors import AutoTPError
 from .materialise import build_rank_module
-from .plan import Plan, _collects, _plan
+from .plan import HOOK_KINDS, Plan, _collects, _plan
 from .random import RankRandom
 from .rewrite import record
 from .rule import Rule
@@ -93,7 +93,7 @@ def _program(block: nn.Module, call: BlockCall) -> tuple:
     hooks = tuple(
         (path, attr, len(getattr(m, attr)))
         for path, m in block.named_modules()
-        for attr in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks")
+        for attr in HOOK_KINDS
         if any(not _collects(h) for h in getattr(m, attr).values())
     )
     return _structure(block), ops, hooks
@@ -442,14 +442,11 @@ def _run_once(model: nn.Module, inputs: dict[str, Any]) -> None:
         ) from e
 
 
-_HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-
 def _drop_collectors(model: nn.Module) -> None:
     """Remove the hooks transformers installed to collect hidden states (copied with the
     serial model): it installs them again on the parallel model, on its blocks."""
     for m in model.modules():
-        for attr in _HOOK_KINDS:
+        for attr in HOOK_KINDS:
             hooks = getattr(m, attr)
             for key in [k for k, h in hooks.items() if _collects(h)]:
                 del hooks[key]
@@ -507,9 +504,7 @@ def parallel_blocks(
     blocks = {p: model.get_submodule(p) for p in paths}
     memo = {id(b): None for b in blocks.values()}
     for path, block in blocks.items():
-        kinds = [
-            a for a in _HOOK_KINDS if any(not _collects(h) for h in getattr(block, a).values())
-        ]
+        kinds = [a for a in HOOK_KINDS if any(not _collects(h) for h in getattr(block, a).values())]
         if kinds:
             raise AutoTPError(
                 f"block {path} ({type(block).__name__}) has a hook ({kinds[0].strip('_')}): "

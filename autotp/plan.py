@@ -297,12 +297,13 @@ def _culprit(gm: fx.GraphModule, matches: list[Match], node: fx.Node | None) -> 
     return best
 
 
-_HOOKS = {
+_HOOKS = {  # a module's hook dicts, and what each holds
     "_forward_pre_hooks": "forward pre-hook",
     "_forward_hooks": "forward hook",
     "_backward_pre_hooks": "backward pre-hook",
     "_backward_hooks": "backward hook",
 }
+HOOK_KINDS = tuple(_HOOKS)
 
 
 def _collects(hook: object) -> bool:
