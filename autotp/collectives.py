@@ -3,13 +3,23 @@
     f: forward identity,  backward all-reduce   (before a column-split block)
     g: forward all-reduce, backward identity    (after a row-split block)
 
+and, for sequence parallelism (activations outside the split blocks cut along the sequence
+dimension), the three that replace them around a block, each over a dimension `dim`:
+
+    ScatterToSP:        forward keep own chunk,  backward all-gather
+    GatherFromSP:       forward all-gather,      backward reduce-scatter   (f's place)
+    ReduceScatterToSP:  forward reduce-scatter,  backward all-gather       (g's place)
+
+plus CopyManyToTP, an f over several tensors whose gradients are all-reduced as one flat
+buffer (the parameters read in sequence-parallel regions, such as layer norms).
+
 `torch.distributed.nn.functional.all_reduce` cannot serve as g: its backward all-reduces
 too, multiplying gradients by tp. In the rewritten graph f and g are submodules under
 `tp_f` and `tp_g`, one per call site (tools that track modules, such as CommDebugMode,
 expect a module to run once per forward); `simulate` runs the same graph with all ranks in
 one process and replaces them by the in-process versions below.
 
-Every all-reduce that runs is recorded by `count_collectives()`, so tests count the
+Every collective that runs is recorded by `count_collectives()`, so tests count the
 collectives that actually ran in forward and backward.
 """
 
@@ -24,17 +34,23 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .errors import AutoTPError
+
 __all__ = [
     "Comm", "ProcessGroupComm", "LocalComm", "CopyToTP", "ReduceFromTP", "ReduceMaxTP",
-    "GatherFromTP", "CollectiveLog", "count_collectives", "simulated_f", "simulated_g",
-    "simulated_max", "simulated_gather",
+    "GatherFromTP", "ScatterToSP", "GatherFromSP", "ReduceScatterToSP", "CopyManyToTP",
+    "CollectiveLog", "count_collectives", "simulated_f", "simulated_g", "simulated_max",
+    "simulated_gather", "simulated_scatter_to_sp", "simulated_gather_from_sp",
+    "simulated_reduce_scatter_to_sp", "simulated_copy_many",
 ]  # fmt: skip
 
 
 @dataclass
 class CollectiveLog:
-    """Collectives that ran: (kind, direction, elements sent per rank) per call, where kind
-    is "all_reduce" (sum), "all_reduce_max" or "all_gather"."""
+    """Collectives that ran: (kind, direction, elements) per call, where kind is
+    "all_reduce" (sum), "all_reduce_max", "all_gather" or "reduce_scatter", and elements
+    counts the tensor each rank hands in (for an all-gather its own chunk, for a
+    reduce-scatter the whole tensor it reduces)."""
 
     events: list[tuple[str, str, int]] = field(default_factory=list)
 
@@ -57,7 +73,7 @@ _LOGS: list[CollectiveLog] = []
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[CollectiveLog]:
-    """Record every autotp all-reduce that runs inside the block (forward and backward)."""
+    """Record every autotp collective that runs inside the block (forward and backward)."""
     log = CollectiveLog()
     _LOGS.append(log)
     try:
@@ -85,7 +101,35 @@ class Comm:
         raise NotImplementedError
 
     def all_gather(self, t: torch.Tensor, direction: str) -> list[torch.Tensor]:
+        """Every rank's `t`, in rank order."""
         raise NotImplementedError
+
+    def all_gather_dim(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
+        """The ranks' `t` concatenated along `dim` in rank order (equal shapes)."""
+        raise NotImplementedError
+
+    def reduce_scatter(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
+        """This rank's chunk along `dim` of the sum over ranks of `t` (the size of `dim`
+        a multiple of the group size)."""
+        raise NotImplementedError
+
+
+def check_divisible(t: torch.Tensor, dim: int, tp: int) -> None:
+    """Refuse to cut a sequence that tp ranks cannot share equally."""
+    if t.shape[dim] % tp:
+        raise AutoTPError(
+            f"cannot split dimension {dim} of a tensor of shape {tuple(t.shape)} into "
+            f"tp={tp} equal chunks: with sequence parallelism the sequence length must be "
+            f"a multiple of tp",
+            hint=f"pad the input's sequence length to a multiple of {tp}",
+        )
+
+
+def _chunk(t: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s chunk of `t` cut into tp equal parts along `dim`."""
+    check_divisible(t, dim, tp)
+    local = t.shape[dim] // tp
+    return t.narrow(dim, rank * local, local).contiguous()
 
 
 class LocalComm(Comm):
@@ -98,6 +142,12 @@ class LocalComm(Comm):
 
     def all_gather(self, t: torch.Tensor, direction: str) -> list[torch.Tensor]:
         return [t]
+
+    def all_gather_dim(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
+        return t
+
+    def reduce_scatter(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
+        return t
 
 
 class ProcessGroupComm(Comm):
@@ -126,6 +176,24 @@ class ProcessGroupComm(Comm):
         dist.all_gather(parts, t, group=self.group)
         return parts
 
+    # The single-tensor collectives cut and join along dimension 0: `dim` is moved there
+    # (a copy unless it already is the outermost) and back (a view).
+
+    def all_gather_dim(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
+        src = t.movedim(dim, 0).contiguous()
+        _record(direction, src, "all_gather")
+        out = src.new_empty((src.shape[0] * self.size, *src.shape[1:]))
+        dist.all_gather_single(out, src, group=self.group)
+        return out.movedim(0, dim)
+
+    def reduce_scatter(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
+        check_divisible(t, dim, self.size)
+        src = t.movedim(dim, 0).contiguous()
+        _record(direction, src, "reduce_scatter")
+        out = src.new_empty((src.shape[0] // self.size, *src.shape[1:]))
+        dist.reduce_scatter_single(out, src, group=self.group)
+        return out.movedim(0, dim)
+
 
 class SimulatedComm(Comm):
     """Placeholder inside `simulate`: its collective nodes are run by the simulator."""
@@ -136,7 +204,7 @@ class SimulatedComm(Comm):
     def all_reduce(self, t: torch.Tensor, direction: str, *args: Any, **kw: Any) -> torch.Tensor:
         raise RuntimeError("a simulated rank module cannot run alone; call the simulate module")
 
-    all_gather = all_reduce  # type: ignore[assignment]
+    all_gather = all_gather_dim = reduce_scatter = all_reduce  # type: ignore[assignment]
 
 
 class _F(torch.autograd.Function):
@@ -172,6 +240,68 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return _own_slice(grad, ctx.dim, ctx.local, ctx.comm.rank), None, None, None
+
+
+class _ScatterSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.comm, ctx.dim = comm, dim
+        return _chunk(x, dim, comm.size, comm.rank)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return ctx.comm.all_gather_dim(grad, ctx.dim, "backward"), None, None
+
+
+class _GatherSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.comm, ctx.dim = comm, dim
+        return comm.all_gather_dim(x, dim, "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return ctx.comm.reduce_scatter(grad, ctx.dim, "backward"), None, None
+
+
+class _ReduceScatterSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.comm, ctx.dim = comm, dim
+        return comm.reduce_scatter(x, dim, "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return ctx.comm.all_gather_dim(grad, ctx.dim, "backward"), None, None
+
+
+class _FMany(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, comm: Comm, *xs: torch.Tensor):  # type: ignore[override]
+        ctx.comm = comm
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        flat = ctx.comm.all_reduce(_flatten(grads), "backward", inplace=True)
+        return (None, *_unflatten(flat, grads))
+
+
+def _flatten(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One flat buffer holding `ts` (of one dtype) end to end."""
+    dtypes = {t.dtype for t in ts}
+    if len(dtypes) > 1:
+        raise AutoTPError(
+            f"the tensors of one CopyManyToTP have dtypes {sorted(map(str, dtypes))}: "
+            "their gradients are all-reduced as one buffer",
+            hint="give the model one dtype (model.to(dtype))",
+        )
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unflatten(flat: torch.Tensor, like: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    sizes = [t.numel() for t in like]
+    return [p.view_as(t) for p, t in zip(flat.split(sizes), like, strict=True)]
 
 
 def rank_slice(
@@ -266,6 +396,67 @@ class GatherFromTP(nn.Module):
         return _Gather.apply(x, self.comm, dim, size)
 
 
+class ScatterToSP(nn.Module):
+    """Sequence parallelism: keep this rank's chunk along `dim` (no communication);
+    backward all-gathers the gradient along `dim`."""
+
+    def __init__(self, comm: Comm) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x if self.comm.size == 1 else _ScatterSP.apply(x, self.comm, dim)
+
+    def extra_repr(self) -> str:
+        return f"tp={self.comm.size}"
+
+
+class GatherFromSP(nn.Module):
+    """Sequence parallelism, in f's place before a column-split block: all-gather along
+    `dim` (the ranks' chunks in rank order); backward reduce-scatters the gradient."""
+
+    def __init__(self, comm: Comm) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x if self.comm.size == 1 else _GatherSP.apply(x, self.comm, dim)
+
+    def extra_repr(self) -> str:
+        return f"tp={self.comm.size}"
+
+
+class ReduceScatterToSP(nn.Module):
+    """Sequence parallelism, in g's place after a row-split block: reduce-scatter (sum)
+    along `dim`; backward all-gathers the gradient."""
+
+    def __init__(self, comm: Comm) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x if self.comm.size == 1 else _ReduceScatterSP.apply(x, self.comm, dim)
+
+    def extra_repr(self) -> str:
+        return f"tp={self.comm.size}"
+
+
+class CopyManyToTP(nn.Module):
+    """f over several tensors at once: identity forward; backward all-reduces all their
+    gradients as one flat buffer (Megatron's single all-reduce of the gradients of the
+    parameters read in sequence-parallel regions). Returns a tuple."""
+
+    def __init__(self, comm: Comm) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(xs) if self.comm.size == 1 else _FMany.apply(self.comm, *xs)
+
+    def extra_repr(self) -> str:
+        return f"tp={self.comm.size}"
+
+
 # -- in-process versions over all ranks at once (for simulate) ------------------------------
 
 
@@ -338,3 +529,96 @@ def simulated_f(xs: list[torch.Tensor]) -> list[torch.Tensor]:
 def simulated_g(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """g over all ranks: each gets the sum; backward passes each rank its own gradient."""
     return list(_SimG.apply(*xs)) if len(xs) > 1 else xs
+
+
+class _SimScatterSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dim: int, *xs: torch.Tensor):  # type: ignore[override]
+        ctx.dim = dim
+        return tuple(_chunk(x, dim, len(xs), r) for r, x in enumerate(xs))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        return (None, *_sim_all_gather(grads, ctx.dim, "backward"))
+
+
+class _SimGatherSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dim: int, *xs: torch.Tensor):  # type: ignore[override]
+        ctx.dim = dim
+        return tuple(_sim_all_gather(xs, dim, "forward"))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        return (None, *_sim_reduce_scatter(grads, ctx.dim, "backward"))
+
+
+class _SimReduceScatterSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dim: int, *xs: torch.Tensor):  # type: ignore[override]
+        ctx.dim = dim
+        return tuple(_sim_reduce_scatter(xs, dim, "forward"))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        return (None, *_sim_all_gather(grads, ctx.dim, "backward"))
+
+
+class _SimFMany(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, n: int, *xs: torch.Tensor):  # type: ignore[override]
+        ctx.n = n  # xs: rank 0's n tensors, then rank 1's, ...
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        per_rank = [grads[i : i + ctx.n] for i in range(0, len(grads), ctx.n)]
+        flats = [_flatten(g) for g in per_rank]
+        _record("backward", flats[0])
+        total = _sum(tuple(flats))
+        return (None, *[g for rank in per_rank for g in _unflatten(total.clone(), rank)])
+
+
+def _sim_all_gather(xs: tuple[torch.Tensor, ...], dim: int, direction: str) -> list[torch.Tensor]:
+    _record(direction, xs[0], "all_gather")
+    full = torch.cat(xs, dim=dim)
+    return [full.clone() for _ in xs]
+
+
+def _sim_reduce_scatter(
+    xs: tuple[torch.Tensor, ...], dim: int, direction: str
+) -> list[torch.Tensor]:
+    check_divisible(xs[0], dim, len(xs))
+    _record(direction, xs[0], "reduce_scatter")
+    total = _sum(xs)
+    return [_chunk(total, dim, len(xs), r) for r in range(len(xs))]
+
+
+def simulated_scatter_to_sp(xs: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """ScatterToSP over all ranks: rank r keeps chunk r of its value along `dim`;
+    backward all-gathers the ranks' gradient chunks."""
+    return list(_SimScatterSP.apply(dim, *xs)) if len(xs) > 1 else xs
+
+
+def simulated_gather_from_sp(xs: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """GatherFromSP over all ranks: each gets the chunks joined along `dim`; backward
+    hands rank r chunk r of the sum of the ranks' gradients."""
+    return list(_SimGatherSP.apply(dim, *xs)) if len(xs) > 1 else xs
+
+
+def simulated_reduce_scatter_to_sp(xs: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """ReduceScatterToSP over all ranks: rank r gets chunk r of the sum along `dim`;
+    backward all-gathers the ranks' gradient chunks."""
+    return list(_SimReduceScatterSP.apply(dim, *xs)) if len(xs) > 1 else xs
+
+
+def simulated_copy_many(
+    xs: list[tuple[torch.Tensor, ...]],
+) -> list[tuple[torch.Tensor, ...]]:
+    """CopyManyToTP over all ranks, `xs[r]` rank r's tensors: each keeps its values;
+    backward sums the ranks' gradients, recorded as one all-reduce of them all."""
+    if len(xs) == 1:
+        return [tuple(xs[0])]
+    n = len(xs[0])
+    ys = _SimFMany.apply(n, *[x for rank in xs for x in rank])
+    return [tuple(ys[i : i + n]) for i in range(0, len(ys), n)]
