@@ -92,16 +92,21 @@ def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor
 
 def rank_shard(
     src: torch.Tensor, names: list[str], spec: Shard | None, rank: int, tp: int,
-    weights: Weights | None = None,
+    weights: Weights | None = None, init: Callable[[str, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Rank `rank`'s shard of the tensor known by `names` (a tied tensor has several), of
-    its own memory: read from `weights` where they hold it, else cut from `src` (on the
-    meta device without weights it stays there, to be materialised later)."""
+    its own memory: read from `weights` where they hold it, else cut from `src`. A meta
+    `src` is filled whole by `init(names[0], tensor)` (the model's own initialiser, one
+    tensor at a time) and cut; without either it stays on meta."""
     stored = weights.find(names) if weights is not None else None
     if stored is not None:
         return weights.read(stored, spec, rank, tp, src.dtype, tuple(src.shape))  # type: ignore[union-attr]
     if src.is_meta and weights is not None:
         raise weights.missing(names[0])
+    if src.is_meta and init is not None:
+        full = torch.empty(src.shape, dtype=src.dtype)
+        init(names[0], full)
+        return cut(full, spec, rank, tp).clone()
     return cut(src.detach(), spec, rank, tp).clone()
 
 
@@ -186,12 +191,15 @@ def build_rank_module(
     weights: Weights | None = None,
     device: torch.device | None = None,
     random: RankRandom | None = None,
+    init: Callable[[str, torch.Tensor], None] | None = None,
 ) -> fx.GraphModule:
     """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors.
     `source` is the traced graph module (sharing `model`'s tensors): the graph's module and
     attribute targets are looked up there. `local` holds, by name, tensors that already
     are this rank's (shards shared by several graphs of one block): used as they are.
     `weights`: tensors the file holds are read from it, each rank its own slices.
+    `init`: a model on the meta device without weights has each tensor filled whole by
+    `init(name, tensor)` (e.g. its `init_parameter`) and cut, one at a time.
     `device`: where the rank runs (default: the model's; the CPU for a model on the meta
     device): tensors a graph traced on meta creates are created there instead."""
     device = device or _device_of(model)
@@ -229,7 +237,9 @@ def build_rank_module(
                 return mine
             spec = next((splits[n] for n in names if n in splits), None)
             src = next((own[n] for n in names if n in own), t)
-            local = rank_shard(src, names or ["a constant of the graph"], spec, rank, tp, weights)
+            fill = init if isinstance(t, nn.Parameter) else None  # buffers are not drawn
+            local = rank_shard(src, names or ["a constant of the graph"], spec, rank, tp, weights,
+                               fill)  # fmt: skip
             made[key] = (
                 nn.Parameter(local, requires_grad=src.requires_grad)
                 if isinstance(t, nn.Parameter)

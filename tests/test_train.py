@@ -26,8 +26,12 @@ from autotp.testing import run_on_gloo
 BASE = TrainConfig(steps=5, batch=8, seq=32, accum=2, warmup=2, progress=False, eval_batches=2)
 
 
-def serial_training(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The same run on the unmodified model in one process: the oracle."""
+def serial_training(
+    cfg: TrainConfig, losses: list[float] | None = None, states: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """The same run on the unmodified model in one process: the oracle. Each step's loss
+    (the mean over its micro-batches) is appended to `losses`, and the weights after step
+    N are kept in `states[N]` for each N it holds, when given."""
     torch.manual_seed(cfg.seed)
     model = build(cfg.model).to(getattr(torch, cfg.dtype))
     train, _ = data_mod.load(cfg.data).split(0.05)
@@ -36,17 +40,23 @@ def serial_training(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
+        total = 0.0
         for micro in range(cfg.accum):
             x, y = data_mod.batch(train, step, cfg.batch, cfg.seq, seed=cfg.seed, micro=micro,
                                   micro_steps=cfg.accum)  # fmt: skip
             _, loss = model(x, y)
             (loss / cfg.accum).backward()
+            total += loss.item() / cfg.accum
+        if losses is not None:
+            losses.append(total)
         norm = torch.sqrt(sum(p.grad.double().square().sum() for p in params))
         scale = (cfg.clip / (norm + 1e-6)).clamp(max=1.0)
         for p in params:
             p.grad.mul_(scale.to(p.grad.dtype))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if states is not None and step + 1 in states:
+            states[step + 1] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -56,12 +66,12 @@ def _run(rank: int, world: int, cfg: TrainConfig, ckpt: str | None = None,
     ck = Checkpoints(ckpt) if ckpt else None
     if ck and resume:
         assert ck.resume(trainer)
-    start = {k: v.clone() for k, v in autotp.full_state_dict(trainer.module).items()}
+    start = {k: v.clone() for k, v in trainer.serial_state().items()}
     while trainer.step < cfg.steps:
         trainer.train_step()
         if ck and trainer.step in save_at:
             ck.save(trainer)
-    final = {k: v.clone() for k, v in autotp.full_state_dict(trainer.module).items()}
+    final = {k: v.clone() for k, v in trainer.serial_state().items()}
     return {"start": start, "final": final, "losses": trainer.losses}
 
 
@@ -118,8 +128,9 @@ def test_resume_equals_uninterrupted_and_reshards(tmp_path: Path) -> None:
     again = run_on_gloo(_run, 2, cfg, ckpt, True)[0]
     assert first["losses"] + again["losses"] == whole["losses"]  # the same losses, exactly
     assert _largest(again["final"], whole["final"]) == 0.0
-    for tp, dp in ((1, 2), (4, 1)):  # load the tp=2 checkpoint at another layout
-        other = dataclasses.replace(cfg, tp=tp, dp=dp)
+    # load the tp=2 checkpoint at another layout (at dp 2 sharded by FSDP)
+    for tp, dp, fsdp in ((1, 2, True), (4, 1, False)):
+        other = dataclasses.replace(cfg, tp=tp, dp=dp, fsdp=fsdp)
         moved = run_on_gloo(_run, tp * dp, other, ckpt, True)[0]
         assert _largest(moved["final"], whole["final"]) <= 1e-10
 

@@ -20,6 +20,10 @@ Resuming restores parameters, optimizer moments and step (the data order and lea
 are functions of the step), and the dropout streams when the layout is unchanged. A
 checkpoint loads at another tp or dp: each parameter is rebuilt from the old shards and cut
 for the new layout. `export` writes the serial state_dict for the unmodified model.
+
+Under --fsdp a TP shard and its moments are DTensors sharded over the dp ranks: each dp
+rank writes its part of the same key, so the folder holds the same tensors with or without
+FSDP, and either loads into the other (a loaded TP shard is placed as the DTensor holds it).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import CheckpointError, UsageError
 from ..materialise import cut, gather
@@ -138,6 +143,7 @@ class Checkpoints:
                 "seq": cfg.seq,
                 "tp": trainer.mesh.tp,
                 "dp": trainer.mesh.dp,
+                "fsdp": cfg.fsdp,
                 "step": step,
                 "splits": {n: _spec_json(s) for n, s in trainer.plan.splits.items()},
                 "shapes": trainer.serial_shapes,
@@ -290,14 +296,14 @@ class Checkpoints:
             else:
                 size = serial_shapes.get(name, serial_shapes.get(_alias(name, meta)))
                 full = gather([want[k] for k in keys], old, size[old.dim] if size else None)
-            local = cut(full, splits.get(name), m.tp_rank, m.tp).clone()
             p = params[name]
+            local = _placed_like(p, cut(full, splits.get(name), m.tp_rank, m.tp).clone())
             if kind == "model":
                 with torch.no_grad():
                     p.copy_(local)
             else:
                 st = trainer.opt.state.setdefault(p, {})
-                st[kind[6:]] = local.to(p.device)
+                st[kind[6:]] = local
                 step_key = f"optim/{_key(name, old, 0, old_tp)}/step"
                 if step_key in want:
                     st["step"] = want[step_key].clone()
@@ -309,6 +315,15 @@ class Checkpoints:
                     rng[(stream, torch.device(device))] = value
             trainer.module.autotp.random.set_state(rng)
         trainer.step = meta["step"]
+
+
+def _placed_like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """This rank's whole TP shard `local` as `p` holds it: on p's device, and for an FSDP
+    DTensor its Shard(0) part of this dp rank (cut here; no communication)."""
+    local = local.to(p.device)
+    if isinstance(p, DTensor):
+        return distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None)
+    return local
 
 
 def _first_failure(e: CheckpointException) -> str:

@@ -55,6 +55,11 @@ class TrainConfig:
     )
     tp: int = _opt(2, "tensor-parallel ranks")
     dp: int = _opt(1, "data-parallel replicas (tp x dp processes in all)")
+    fsdp: bool = _opt(
+        False,
+        "shard parameters, gradients and optimizer state over the dp ranks (FSDP2's "
+        "fully_shard on each TP shard); without it every dp rank holds whole TP shards",
+    )
     data: str | None = _opt(
         None,
         "a text file or folder, or a uint16 token file X.bin "

@@ -25,18 +25,19 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..collectives import ProcessGroupComm
 from ..errors import AutoTPError, TrainingStopped, UsageError
-from ..materialise import build_rank_module, cut
+from ..materialise import build_rank_module, gather_over
 from ..plan import plan
-from ..rewrite import RANK_BUFFER
 from ..weights import Weights, fill_buffers
 from . import data as data_mod
 from .checkpoint import tied_names
@@ -63,39 +64,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     span = max(1, cfg.steps - cfg.warmup)
     frac = min(1.0, (step - cfg.warmup) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
-
-
-def materialise(
-    rank_module: torch.nn.Module, model: torch.nn.Module, splits: dict, rank: int, tp: int,
-    device: torch.device, dtype: torch.dtype,
-) -> None:  # fmt: skip
-    """Give a meta rank module real tensors: each parameter is initialised whole, one at a
-    time, exactly as the serial model initialises it (model.init_parameter), and this
-    rank's shard is cut from it; nothing else of the model is ever allocated."""
-    tied: dict[int, list[str]] = {}
-    for name, p in rank_module.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(p), []).append(name)
-    rank_module.to_empty(device=device)  # from meta this makes new tensors per module...
-    for names in tied.values():  # ...so tie them again
-        first = rank_module.get_parameter(names[0])
-        for other in names[1:]:
-            owner, _, leaf = other.rpartition(".")
-            setattr(rank_module.get_submodule(owner), leaf, first)
-    seen: set[int] = set()
-    serial = dict(model.named_parameters(remove_duplicate=False))
-    for name, p in rank_module.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue  # a tied name of a tensor already filled
-        seen.add(id(p))
-        full = torch.empty(serial[name].shape, dtype=torch.float32)
-        model.init_parameter(name, full)
-        with torch.no_grad():
-            p.data = cut(full, splits.get(name), rank, tp).to(device=device, dtype=dtype).clone()
-    for name, b in rank_module.named_buffers():
-        if name == RANK_BUFFER:
-            b.fill_(rank)
-        else:
-            raise AutoTPError(f"buffer {name} cannot be materialised from the meta device")
 
 
 class Trainer:
@@ -139,24 +107,28 @@ class Trainer:
         self.plan = plan(self.model, cfg.tp, example, strict=cfg.strict)
         m = self.mesh
         comm = ProcessGroupComm(m.tp_group)
+        # each rank's shards: read from the file, or drawn whole one tensor at a time by
+        # the model's own initialiser and cut (a meta model), or cut from the real model
+        init = self.model.init_parameter if on_meta and source is None else None
         self.module = build_rank_module(
             self.model, self.plan.traced.gm, self.plan.graph, self.plan.splits, m.tp_rank,
             cfg.tp, comm, self.plan, self.plan.model_name, seed=cfg.seed, weights=source,
-            device=self.device if source is not None else None,
+            device=self.device, init=init,
         )  # fmt: skip
-        if source is not None:
-            self.module.to(device=self.device, dtype=self.dtype)
-        elif on_meta:
-            materialise(self.module, self.model, self.plan.splits, m.tp_rank, cfg.tp,
-                        self.device, self.dtype)  # fmt: skip
-        else:  # shards were cut from the real model; drop the whole copy
-            self.module.to(self.device)
+        _refuse_meta(self.module)
+        self.module.to(device=self.device, dtype=self.dtype)
+        if not on_meta:  # shards were cut from the real model; drop the whole copy
             self.model = self.model.to("meta")
         self.module.train()
+        self.split_params = {
+            n for n, p in self.module.named_parameters(remove_duplicate=False)
+            if n in self.plan.splits
+        }  # fmt: skip
+        self._data_parallel()
         self.params = list(dict.fromkeys(self.module.parameters()))  # tied once
         self.split_params = {
             id(p) for n, p in self.module.named_parameters(remove_duplicate=False)
-            if n in self.plan.splits
+            if n in self.split_params
         }  # fmt: skip
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
@@ -164,6 +136,42 @@ class Trainer:
         self.step = 0
         self.losses: list[float] = []
         self.last_grad_norm: float | None = None
+
+    def _data_parallel(self) -> None:
+        """PyTorch's own data parallelism over the mesh's "dp" dimension, applied to this
+        rank's TP module (its parameters are plain tensors, this rank's TP shards):
+
+        --fsdp    fully_shard (FSDP2): parameters, gradients and Adam's moments sharded
+                  over dp (DTensors, Shard(0) of each TP shard), gathered for forward and
+                  backward, gradients reduce-scattered (averaged over dp)
+        --dp N    replicate (composable DDP): whole TP shards on every dp rank, gradients
+                  all-reduced (averaged) in buckets during backward; the module stays the
+                  same object with plain tensors, so checkpoints and norms read it as before
+
+        Both average over dp as the serial mean over the global batch wants (each rank's
+        loss is its own rows' mean)."""
+        c, m = self.cfg, self.mesh
+        if c.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.module, mesh=m.device["dp"])
+        elif c.dp > 1:
+            from torch.distributed._composable import replicate
+
+            # buffers are equal across a dp group (the rank buffer holds the TP rank): no
+            # broadcast before every forward
+            replicate(self.module, device_mesh=m.device["dp"], forward_sync_buffers=False)
+
+    def serial_state(self) -> dict[str, torch.Tensor]:
+        """The serial model's state_dict from this run's rank modules (a collective: every
+        rank calls it): FSDP's shards gathered over dp, then TP's over tp."""
+        info = self.module.autotp
+        out = {}
+        for key, t in self.module.state_dict(keep_vars=True).items():
+            whole = t.full_tensor() if isinstance(t, DTensor) else t  # over dp
+            out[key] = gather_over([whole.detach()], info.splits.get(key), info.tp, info.comm,
+                                   info.plan.serial_sizes.get(key)).clone()  # fmt: skip
+        return out
 
     # -- one optimizer step -----------------------------------------------------------------
     def _micro(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,11 +198,12 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         for micro in range(c.accum):
             x, y = self._micro(self.step, micro)
+            if c.fsdp or c.dp > 1:  # gradients are averaged over dp in the last backward
+                self.module.set_requires_gradient_sync(micro == c.accum - 1)
             with self._autocast():
                 loss = self.loss(x, y)
             (loss / c.accum).backward()
             total += loss.detach().double().cpu() / c.accum
-        self._all_reduce_grads()
         if c.dp > 1:  # the mean over the global batch: the same value on every rank
             total = total.to(self.device)
             dist.all_reduce(total, group=self.mesh.dp_group)
@@ -210,7 +219,7 @@ class Trainer:
                 scale = (c.clip / (norm + 1e-6)).clamp(max=1.0)
                 for p in self.params:
                     if p.grad is not None:
-                        p.grad.mul_(scale.to(p.grad.dtype))
+                        _local(p.grad).mul_(scale.to(p.grad.dtype))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -231,6 +240,15 @@ class Trainer:
         )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The model's loss (see _model_loss). FSDP2 warns when a module returns a view (an
+        in-place op on it would skip its backward hook): the loss is only read here."""
+        if not self.cfg.fsdp:
+            return self._model_loss(x, y)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view")
+            return self._model_loss(x, y)
+
+    def _model_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The model's own loss: (logits, loss) = module(x, y) for autotp.models' GPT-2s
         and factories alike; Hugging Face causal LMs shift labels themselves. For mlm, the
         masked LM's loss from its labels (-100 off the chosen positions): module(input_ids=x,
@@ -252,32 +270,19 @@ class Trainer:
             return torch.autocast("cuda", dtype=dt)
         return torch.autocast("cpu", enabled=False)
 
-    def _all_reduce_grads(self) -> None:
-        """Average gradients over the data-parallel group only (one flat buffer)."""
-        if self.cfg.dp == 1:
-            return
-        grads = [p.grad for p in self.params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.mesh.dp_group)
-        flat /= self.cfg.dp
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     def grad_norm(self) -> torch.Tensor:
         """The serial model's gradient norm: split parameters summed over the TP group
-        (each shard once), replicated ones counted once; identical on every DP rank."""
-        split = torch.zeros((), dtype=torch.float64, device=self.device)
-        repl = torch.zeros((), dtype=torch.float64, device=self.device)
+        (each shard once), replicated ones counted once; identical on every DP rank. Under
+        FSDP each rank holds 1/dp of every gradient: both sums are first summed over dp."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (split, replicated)
         for p in self.params:
             if p.grad is None:
                 continue
-            sq = p.grad.detach().double().square().sum()
-            if id(p) in self.split_params:
-                split += sq
-            else:
-                repl += sq
+            sq = _local(p.grad).detach().double().square().sum()
+            sums[0 if id(p) in self.split_params else 1] += sq
+        if self.cfg.fsdp and self.cfg.dp > 1:
+            dist.all_reduce(sums, group=self.mesh.dp_group)
+        split, repl = sums[0], sums[1]
         if self.cfg.tp > 1:
             dist.all_reduce(split, group=self.mesh.tp_group)
         return (split + repl).sqrt()
@@ -368,6 +373,27 @@ class Trainer:
                 )
             )
         return result
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: the local shard of an FSDP DTensor, else `t` itself."""
+    if not isinstance(t, DTensor):
+        return t
+    with torch.no_grad():  # the local tensor itself, not an autograd view of it
+        return t.to_local()
+
+
+def _refuse_meta(module: torch.nn.Module) -> None:
+    """Every tensor of a rank module is real before it trains (a buffer of a model built on
+    the meta device, with no file to read it from, has no values)."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_meta:
+            raise AutoTPError(
+                f"{name} of the rank module is still on the meta device: the model's "
+                "initialiser draws parameters only\n"
+                "  hint:   build the model on a real device, or give --init-from a file "
+                "that holds it"
+            )
 
 
 def _loss_of(out: Any) -> torch.Tensor:
