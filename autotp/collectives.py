@@ -21,6 +21,11 @@ one process and replaces them by the in-process versions below.
 
 Every collective that runs is recorded by `count_collectives()`, so tests count the
 collectives that actually ran in forward and backward.
+
+The rank module compiles: under torch.compile each collective on a process group is a
+custom op (`torch.ops.autotp.all_reduce`, ...; the group passed by name), which dynamo
+keeps in its graph instead of breaking the graph there, and the f and g above trace as
+autograd Functions around it (g then never reduces in place).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .errors import AutoTPError
 
@@ -73,7 +79,11 @@ _LOGS: list[CollectiveLog] = []
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[CollectiveLog]:
-    """Record every autotp collective that runs inside the block (forward and backward)."""
+    """Record every autotp collective that runs inside the block (forward and backward).
+
+    Compiled modules record too: the custom op a compiled graph calls runs the same
+    Python that records. PyTorch's CommDebugMode, in contrast, sees the c10d calls only
+    when the module runs eagerly."""
     log = CollectiveLog()
     _LOGS.append(log)
     try:
@@ -151,48 +161,141 @@ class LocalComm(Comm):
 
 
 class ProcessGroupComm(Comm):
-    """A torch.distributed process group (gloo or NCCL)."""
+    """A torch.distributed process group (gloo or NCCL).
+
+    Eagerly each method calls torch.distributed (what CommDebugMode counts); under
+    torch.compile it calls the same code as a custom op (`torch.ops.autotp.*`, the group
+    passed by name), which dynamo puts in the graph instead of breaking it there."""
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.group_name = (group if group is not None else dist.group.WORLD).group_name
 
     def all_reduce(
         self, t: torch.Tensor, direction: str, op: str = "sum", *, inplace: bool = False
     ) -> torch.Tensor:
-        out = t.contiguous()  # a copy already when t is not contiguous
-        if out is t and not inplace:
-            out = t.clone()
-        _record(direction, out, "all_reduce" if op == "sum" else "all_reduce_max")
-        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
-        dist.all_reduce(out, op=reduce_op, group=self.group)
-        return out
+        if torch.compiler.is_compiling():  # a custom op returns a new tensor
+            return torch.ops.autotp.all_reduce(t, self.group_name, direction, op)
+        return _all_reduce(t, self.group, direction, op, inplace)
 
     def all_gather(self, t: torch.Tensor, direction: str) -> list[torch.Tensor]:
-        t = t.contiguous()
-        _record(direction, t, "all_gather")
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t, group=self.group)
-        return parts
+        if torch.compiler.is_compiling():
+            return torch.ops.autotp.all_gather(t, self.group_name, direction)
+        return _all_gather(t, self.group, direction)
 
     # The single-tensor collectives cut and join along dimension 0: `dim` is moved there
     # (a copy unless it already is the outermost) and back (a view).
 
     def all_gather_dim(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
         src = t.movedim(dim, 0).contiguous()
-        _record(direction, src, "all_gather")
-        out = src.new_empty((src.shape[0] * self.size, *src.shape[1:]))
-        dist.all_gather_single(out, src, group=self.group)
+        if torch.compiler.is_compiling():
+            out = torch.ops.autotp.all_gather_single(src, self.group_name, direction)
+        else:
+            out = _all_gather_single(src, self.group, direction)
         return out.movedim(0, dim)
 
     def reduce_scatter(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
         check_divisible(t, dim, self.size)
         src = t.movedim(dim, 0).contiguous()
-        _record(direction, src, "reduce_scatter")
-        out = src.new_empty((src.shape[0] // self.size, *src.shape[1:]))
-        dist.reduce_scatter_single(out, src, group=self.group)
+        if torch.compiler.is_compiling():
+            out = torch.ops.autotp.reduce_scatter_single(src, self.group_name, direction)
+        else:
+            out = _reduce_scatter_single(src, self.group, direction)
         return out.movedim(0, dim)
+
+
+# -- the collectives on a process group, eager, and as custom ops for torch.compile ---------
+
+
+def _all_reduce(
+    t: torch.Tensor, group: dist.ProcessGroup | None, direction: str, op: str, inplace: bool
+) -> torch.Tensor:
+    out = t.contiguous()  # a copy already when t is not contiguous
+    if out is t and not inplace:
+        out = t.clone()
+    _record(direction, out, "all_reduce" if op == "sum" else "all_reduce_max")
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+    dist.all_reduce(out, op=reduce_op, group=group)
+    return out
+
+
+def _all_gather(
+    t: torch.Tensor, group: dist.ProcessGroup | None, direction: str
+) -> list[torch.Tensor]:
+    t = t.contiguous()
+    _record(direction, t, "all_gather")
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return parts
+
+
+def _all_gather_single(
+    src: torch.Tensor, group: dist.ProcessGroup | None, direction: str
+) -> torch.Tensor:
+    src = src.contiguous()
+    _record(direction, src, "all_gather")
+    out = src.new_empty((src.shape[0] * dist.get_world_size(group), *src.shape[1:]))
+    dist.all_gather_single(out, src, group=group)
+    return out
+
+
+def _reduce_scatter_single(
+    src: torch.Tensor, group: dist.ProcessGroup | None, direction: str
+) -> torch.Tensor:
+    src = src.contiguous()
+    _record(direction, src, "reduce_scatter")
+    out = src.new_empty((src.shape[0] // dist.get_world_size(group), *src.shape[1:]))
+    dist.reduce_scatter_single(out, src, group=group)
+    return out
+
+
+def _group(name: str) -> dist.ProcessGroup:
+    return _resolve_process_group(name)
+
+
+@torch.library.custom_op("autotp::all_reduce", mutates_args=())
+def _all_reduce_op(t: torch.Tensor, group: str, direction: str, op: str) -> torch.Tensor:
+    return _all_reduce(t, _group(group), direction, op, inplace=False)
+
+
+@_all_reduce_op.register_fake
+def _(t: torch.Tensor, group: str, direction: str, op: str) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("autotp::all_gather", mutates_args=())
+def _all_gather_op(t: torch.Tensor, group: str, direction: str) -> list[torch.Tensor]:
+    return _all_gather(t, _group(group), direction)
+
+
+@_all_gather_op.register_fake
+def _(t: torch.Tensor, group: str, direction: str) -> list[torch.Tensor]:
+    size = dist.get_world_size(_group(group))
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(size)]
+
+
+@torch.library.custom_op("autotp::all_gather_single", mutates_args=())
+def _all_gather_single_op(src: torch.Tensor, group: str, direction: str) -> torch.Tensor:
+    return _all_gather_single(src, _group(group), direction)
+
+
+@_all_gather_single_op.register_fake
+def _(src: torch.Tensor, group: str, direction: str) -> torch.Tensor:
+    size = dist.get_world_size(_group(group))
+    return src.new_empty((src.shape[0] * size, *src.shape[1:]))
+
+
+@torch.library.custom_op("autotp::reduce_scatter_single", mutates_args=())
+def _reduce_scatter_single_op(src: torch.Tensor, group: str, direction: str) -> torch.Tensor:
+    return _reduce_scatter_single(src, _group(group), direction)
+
+
+@_reduce_scatter_single_op.register_fake
+def _(src: torch.Tensor, group: str, direction: str) -> torch.Tensor:
+    size = dist.get_world_size(_group(group))
+    return src.new_empty((src.shape[0] // size, *src.shape[1:]))
 
 
 class SimulatedComm(Comm):
@@ -289,10 +392,9 @@ class _FMany(torch.autograd.Function):
 
 def _flatten(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """One flat buffer holding `ts` (of one dtype) end to end."""
-    dtypes = {t.dtype for t in ts}
-    if len(dtypes) > 1:
+    if any(t.dtype != ts[0].dtype for t in ts):
         raise AutoTPError(
-            f"the tensors of one CopyManyToTP have dtypes {sorted(map(str, dtypes))}: "
+            f"the tensors of one CopyManyToTP have dtypes {[str(t.dtype) for t in ts]}: "
             "their gradients are all-reduced as one buffer",
             hint="give the model one dtype (model.to(dtype))",
         )
@@ -365,7 +467,10 @@ class ReduceFromTP(nn.Module):
         # In place only on a tensor that owns its memory: a module hook (e.g. the full
         # backward hooks CommDebugMode installs) hands forward a view of the partial sum,
         # and autograd forbids modifying such a view in place.
-        return _G.apply(x, self.comm, inplace and not x._is_view())
+        # Under torch.compile never in place: the collective is then a custom op, which
+        # returns a new tensor.
+        inplace = inplace and not torch.compiler.is_compiling() and not x._is_view()
+        return _G.apply(x, self.comm, inplace)
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"
