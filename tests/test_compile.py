@@ -8,6 +8,7 @@ this file's time on a cold cache)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch._dynamo
 
@@ -42,11 +43,21 @@ def _eager_and_compiled(rank: int, world: int) -> tuple[tuple, tuple]:
     return eager, _step(module, compiled, x)
 
 
-def test_rank_module_compiles_whole_on_two_gloo_ranks() -> None:
+def _on_rank(rank: int, world: int) -> dict:
+    return {"gpt2": _eager_and_compiled(rank, world), "each": _every_collective(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    """Both checks below on one pair of gloo ranks (dynamo warms up once)."""
+    return run_on_gloo(_on_rank, 2)
+
+
+def test_rank_module_compiles_whole_on_two_gloo_ranks(two_ranks: list[dict]) -> None:
     """fullgraph=True: dynamo traces every collective, forward and backward, without a
     break; the compiled module's numbers are eager's exactly, and it records the same
     collectives (2 + 1 + 3 forward, 2 + 1 backward for one layer)."""
-    for eager, compiled in run_on_gloo(_eager_and_compiled, 2):
+    for eager, compiled in (r["gpt2"] for r in two_ranks):
         assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
         assert eager[2].keys() == compiled[2].keys()
         for name, grad in eager[2].items():
@@ -62,3 +73,43 @@ def test_rank_module_compiles_whole_with_inductor_at_tp1() -> None:
         compiled_logits, compiled_loss = torch.compile(module, fullgraph=True)(**x)
     torch.testing.assert_close(compiled_logits, logits, rtol=0, atol=1e-10)
     torch.testing.assert_close(compiled_loss, loss, rtol=0, atol=1e-10)
+
+
+def _every_collective(rank: int, world: int) -> tuple[tuple, tuple]:
+    import autotp.collectives as C
+
+    comm = C.ProcessGroupComm(None)
+    f, g, top, gather, scatter, gather_sp, reduce_sp, many = (
+        m(comm)
+        for m in (C.CopyToTP, C.ReduceFromTP, C.ReduceMaxTP, C.GatherFromTP, C.ScatterToSP)
+        + (C.GatherFromSP, C.ReduceScatterToSP, C.CopyManyToTP)
+    )
+    torch.manual_seed(rank)
+    w, b = (torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        ww, bb = many(w, b)
+        h = gather_sp(scatter(x, 1) * ww + bb, 1)  # (2, 4, 6)
+        h = gather_sp(reduce_sp(h * h, 1), 1)
+        h = g(f(h) * 3, inplace=True)
+        return gather(h - top(h), 2, 11).sum()
+
+    runs = []
+    for run in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+        x.grad = w.grad = b.grad = None
+        with autotp.count_collectives() as log:
+            y = run(x)
+            y.backward()
+        runs.append((y.detach(), x.grad, w.grad, b.grad, sorted(log.events)))
+    return runs[0], runs[1]
+
+
+def test_every_collective_compiles_on_two_gloo_ranks(two_ranks: list[dict]) -> None:
+    """Each collective module, sequence-parallel ones included, in one fullgraph=True
+    graph: forward, input and parameter gradients, and the collectives recorded equal
+    eager's."""
+    for eager, compiled in (r["each"] for r in two_ranks):
+        for a, b in zip(eager[:4], compiled[:4], strict=True):
+            assert torch.equal(a, b)
+        assert len(eager[4]) == 12 and compiled[4] == eager[4]
