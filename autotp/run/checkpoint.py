@@ -55,6 +55,7 @@ __all__ = [
     "export",
     "find_checkpoint",
     "read_serial_state",
+    "serial_model",
     "step_folders",
     "tied_names",
 ]
@@ -451,6 +452,30 @@ def read_serial_state(
     for alias, first in tied.items():
         out[alias] = out[first]
     return out
+
+
+def serial_model(
+    ckpt: str | os.PathLike, say: Callable[[str], None] | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """The unmodified model a checkpoint was trained from, with its weights, and the
+    checkpoint's description (autotp.json). A file.py:factory model runs its file."""
+    from .resolve import build, trusted_factory
+
+    say = say or (lambda line: None)
+    path, meta = find_checkpoint(ckpt, say=say)
+    trusted_factory(meta["model"], path, say)
+    model = build(meta["model"], seed=meta.get("seed"))
+    dtype = {"float64": torch.float64}.get(meta.get("dtype"), torch.float32)
+    model = model.to(dtype)
+    state = read_serial_state(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path} does not fit {meta['model']} as it is built now: {str(e)[:400]}\n"
+            "  hint:   was the model's code or config changed since the run?"
+        ) from e
+    return model.eval(), meta
 
 
 def export(

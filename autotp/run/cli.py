@@ -25,7 +25,6 @@ import contextlib
 import inspect
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,13 @@ import torch
 from rich.console import Console
 
 from .. import render, report
-from ..errors import AutoTPError, CheckpointError, UsageError
+from ..errors import AutoTPError, UsageError
 from ..plan import plan
 from .config import UsageParser
+from .metrics import say as _say
 from .resolve import build, canonical, example_inputs, input_specs, logits
 
-__all__ = ["main", "load_model", "serial_model"]
+__all__ = ["main", "load_model"]
 
 
 def load_model(
@@ -124,10 +124,6 @@ def _train(argv: list[str]) -> int:
     return launch(argv)
 
 
-def _say(line: str) -> None:
-    Console(stderr=True).print(line, highlight=False)
-
-
 def _export(argv: list[str]) -> int:
     from .checkpoint import export
 
@@ -142,6 +138,7 @@ def _export(argv: list[str]) -> int:
 
 def _eval(argv: list[str]) -> int:
     from . import data as data_mod
+    from .checkpoint import serial_model
     from .evaluate import lambada_file, last_word_accuracy, sliding_window_perplexity
     from .objective import default_objective, masked_perplexity
 
@@ -163,7 +160,7 @@ def _eval(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.tokens < 0 or args.batch < 1:
         raise UsageError("--tokens must be at least 0 and --batch at least 1")
-    model, meta = serial_model(args.ckpt)
+    model, meta = serial_model(args.ckpt, say=_say)
     conf = getattr(model, "config", None)
     longest = getattr(conf, "block_size", None) or getattr(conf, "max_position_embeddings", None)
     context = args.context or meta.get("seq") or longest
@@ -242,46 +239,6 @@ def _read(path: str, flag: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise UsageError(f"{flag} {path}: {e.strerror or e}") from e
-
-
-def _trusted_factory(spec: str, ckpt: Path, say: Callable[[str], None] = _say) -> None:
-    """A checkpoint of a file.py:factory model names the file to run: it must be an absolute
-    path (as autotp records it) outside the checkpoint's own folder, so a downloaded
-    checkpoint cannot bring the code it asks to run."""
-    path, sep, _ = spec.rpartition(":")
-    if not (sep and path.endswith(".py")):
-        return
-    run = ckpt.resolve().parent
-    file = Path(path)
-    if not file.is_absolute() or file.resolve().is_relative_to(run):
-        raise CheckpointError(
-            f"{ckpt} asks to run {path} to rebuild its model: refused, the file must be an "
-            "absolute path outside the checkpoint's folder\n"
-            "  hint:   only factories you wrote or trust are run; move the file out and "
-            'edit autotp.json\'s "model" if you trust it'
-        )
-    say(f"rebuilding the model by running {file} (the run's --model)")
-
-
-def serial_model(ckpt: str, say: Callable[[str], None] = _say) -> tuple[torch.nn.Module, dict]:
-    """The unmodified model a checkpoint was trained from, with its weights, and the
-    checkpoint's description (autotp.json). A file.py:factory model runs its file."""
-    from .checkpoint import find_checkpoint, read_serial_state
-
-    path, meta = find_checkpoint(ckpt, say=say)
-    _trusted_factory(meta["model"], path, say)
-    model = build(meta["model"], seed=meta.get("seed"))
-    dtype = {"float64": torch.float64}.get(meta.get("dtype"), torch.float32)
-    model = model.to(dtype)
-    state = read_serial_state(path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{path} does not fit {meta['model']} as it is built now: {str(e)[:400]}\n"
-            "  hint:   was the model's code or config changed since the run?"
-        ) from e
-    return model.eval(), meta
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,12 +158,12 @@ def check(args: argparse.Namespace, *, split: bool = True) -> None:
     the model, planned on the meta device."""
     from ..plan import plan
     from .checkpoint import find_checkpoint
-    from .cli import _say, _trusted_factory
-    from .resolve import build
+    from .metrics import say
+    from .resolve import build, trusted_factory
 
     _check_options(args)
-    path, meta = find_checkpoint(args.run, say=_say)
-    _trusted_factory(meta["model"], path)
+    path, meta = find_checkpoint(args.run, say=say)
+    trusted_factory(meta["model"], path, say)
     model = build(meta["model"], meta=True, seed=meta.get("seed"))
     _check_run(args, meta, model)
     if split:
@@ -179,7 +179,7 @@ def generate(
     prompt and then each decoded piece as it is drawn, `say` what loading tells."""
     import autotp
 
-    from .cli import serial_model
+    from .checkpoint import serial_model
 
     _check_options(args)
     model, meta = serial_model(args.run, say=say or (lambda line: None))

@@ -24,7 +24,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-__all__ = ["MetricsLog", "Reporter", "read_metrics"]
+__all__ = ["MetricsLog", "Reporter", "read_metrics", "say"]
+
+
+def say(line: str) -> None:
+    """Tell the user one line, on stderr (what a command reports beside its output)."""
+    Console(stderr=True).print(line, highlight=False)
 
 
 class MetricsLog:

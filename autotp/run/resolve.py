@@ -20,15 +20,17 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 
 __all__ = [
     "HF", "canonical", "build", "example_inputs", "input_specs", "is_hf", "logits", "known",
+    "trusted_factory",
 ]  # fmt: skip
 
 # hf:NAME -> (config class, model class) in transformers
@@ -48,6 +50,25 @@ def known() -> list[str]:
 def _factory_parts(spec: str) -> tuple[str, str] | None:
     path, sep, fn = spec.rpartition(":")
     return (path, fn) if sep and path.endswith(".py") else None
+
+
+def trusted_factory(spec: str, ckpt: Path, say: Callable[[str], None]) -> None:
+    """A checkpoint of a file.py:factory model names the file to run: it must be an absolute
+    path (as autotp records it) outside the checkpoint's own folder, so a downloaded
+    checkpoint cannot bring the code it asks to run."""
+    parts = _factory_parts(spec)
+    if parts is None:
+        return
+    run = ckpt.resolve().parent
+    file = Path(parts[0])
+    if not file.is_absolute() or file.resolve().is_relative_to(run):
+        raise CheckpointError(
+            f"{ckpt} asks to run {parts[0]} to rebuild its model: refused, the file must be "
+            "an absolute path outside the checkpoint's folder\n"
+            "  hint:   only factories you wrote or trust are run; move the file out and "
+            'edit autotp.json\'s "model" if you trust it'
+        )
+    say(f"rebuilding the model by running {file} (the run's --model)")
 
 
 def canonical(spec: str) -> str:

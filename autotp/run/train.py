@@ -7,13 +7,14 @@ With no arguments it trains the small byte-level GPT-2 `gpt2-bytes` at tp=2 on t
 standard library's own source files, which every machine has. The model is built on the
 meta device and materialised one parameter at a time: each rank fills only its shards,
 cut from the same full initialisation a serial model would get (models/init.py), so no
-rank ever holds the whole model. AdamW, warmup then cosine learning rate, gradient
-accumulation, clipping by the true global gradient norm, gradient all-reduce over the
-data-parallel group only, a data order that depends only on (seed, step), bf16/fp16
-autocast on GPU, sharded checkpoints through torch.distributed.checkpoint, a metrics log
-(autotp.run.metrics). A NaN or inf loss stops the run before the step that would use it.
-The objective is next-token prediction, or BERT's masked LM for masked-LM models
-(`--objective`, autotp.run.objective).
+rank ever holds the whole model. Data parallelism is PyTorch's own over the mesh's "dp"
+dimension: replicate (DDP) of each rank's TP module, or with --fsdp FSDP2's fully_shard of
+it (parameters, gradients and AdamW's state sharded over dp). AdamW, warmup then cosine
+learning rate, gradient accumulation, clipping by the true global gradient norm, a data
+order that depends only on (seed, step), bf16/fp16 autocast on GPU, sharded checkpoints
+through torch.distributed.checkpoint, a metrics log (autotp.run.metrics). A NaN or inf
+loss stops the run before the step that would use it. The objective is next-token
+prediction, or BERT's masked LM for masked-LM models (`--objective`, autotp.run.objective).
 """
 
 from __future__ import annotations
@@ -120,15 +121,11 @@ class Trainer:
         if not on_meta:  # shards were cut from the real model; drop the whole copy
             self.model = self.model.to("meta")
         self.module.train()
-        self.split_params = {
-            n for n, p in self.module.named_parameters(remove_duplicate=False)
-            if n in self.plan.splits
-        }  # fmt: skip
-        self._data_parallel()
+        self._data_parallel()  # FSDP replaces the parameters (by DTensors of the same names)
         self.params = list(dict.fromkeys(self.module.parameters()))  # tied once
         self.split_params = {
             id(p) for n, p in self.module.named_parameters(remove_duplicate=False)
-            if n in self.split_params
+            if n in self.plan.splits
         }  # fmt: skip
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
