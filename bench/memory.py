@@ -2,6 +2,7 @@
 
     python bench/memory.py [--model gpt2-medium]      the runner's GPT-2, materialised
     python bench/memory.py --weights [--hf gpt2]      a transformers model from safetensors
+    python bench/memory.py --state [--model gpt2]     training state per rank, tp x dp x FSDP
 
 The first builds the runner's model (meta, then one parameter at a time) at tp 1, 2 and 4
 and prints parameter bytes and peak RSS of each rank against serial.
@@ -13,6 +14,11 @@ folder, then on tp ranks builds it on the meta device and calls
 memory (RssAnon: what the rank allocated, not the mapped file) every 2 ms while loading.
 It prints, per tp, the peak over the load against the rank's shard, the largest single
 tensor and the full model, and the time parallelize took.
+
+The third trains one step of the runner at tp x dp in {1, 2} x {1, 2}, with and without
+--fsdp, and counts the bytes each rank holds after it, before gradients are dropped:
+parameters, gradients and AdamW's state (exp_avg, exp_avg_sq, step), each tensor's local
+part (an FSDP DTensor's own shard), a tied tensor once. The largest rank is printed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,50 @@ def _rank(rank: int, world: int, model: str) -> tuple[int, float]:
     trainer = Trainer(cfg)
     held = sum(p.numel() * p.element_size() for p in dict.fromkeys(trainer.module.parameters()))
     return held, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _local_bytes(tensors) -> int:
+    """Bytes of the tensors' local parts (a DTensor's own shard), each tensor once."""
+    from torch.distributed.tensor import DTensor
+
+    seen = {id(t): t for t in tensors if t is not None}.values()
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in seen]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def _state_rank(rank: int, world: int, model: str, tp: int, fsdp: bool) -> tuple[int, ...]:
+    from autotp.run.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(model=model, tp=tp, dp=world // tp, fsdp=fsdp, steps=1, batch=2, seq=64,
+                      progress=False, eval_batches=0)  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.opt.zero_grad = lambda set_to_none=True: None  # keep this step's gradients
+    trainer.train_step()
+    with torch.no_grad():
+        params = _local_bytes(trainer.params)
+        grads = _local_bytes(p.grad for p in trainer.params)
+        state = _local_bytes(t for s in trainer.opt.state.values() for t in s.values())
+    return params, grads, state
+
+
+def state_main(model: str) -> None:
+    from autotp.models import build
+
+    with torch.device("meta"):
+        serial = build(model)
+    count = sum(p.numel() for p in serial.parameters())
+    mib = lambda b: f"{b / 2**20:9.1f} MiB"  # noqa: E731
+    print(f"{model}: {count / 1e6:.0f}M parameters, float32; bytes held by the largest rank "
+          "after one AdamW step (local shards, a tied tensor once)")  # fmt: skip
+    print(f"{'tp':>3s} {'dp':>3s} {'fsdp':>5s} {'parameters':>13s} {'gradients':>13s} "
+          f"{'AdamW state':>13s} {'total':>13s}")  # fmt: skip
+    for tp in (1, 2):
+        for dp in (1, 2):
+            for fsdp in (False, True):
+                rows = run_on_gloo(_state_rank, tp * dp, model, tp, fsdp, timeout=1800)
+                p, g, s = max(rows, key=sum)
+                print(f"{tp:3d} {dp:3d} {'yes' if fsdp else 'no':>5s} {mib(p)} {mib(g)} "
+                      f"{mib(s)} {mib(p + g + s)}")  # fmt: skip
 
 
 def _anon() -> int:
@@ -118,7 +168,12 @@ def main() -> None:
     ap.add_argument("--model", default="gpt2-medium")
     ap.add_argument("--weights", action="store_true", help="load from safetensors instead")
     ap.add_argument("--hf", default="gpt2", help="with --weights: gpt2 or llama-1b")
+    ap.add_argument("--state", action="store_true",
+                    help="training state per rank at tp x dp with and without --fsdp")  # fmt: skip
     args = ap.parse_args()
+    if args.state:
+        state_main(args.model)
+        return
     if args.weights:
         weights_main(args.hf)
         return
