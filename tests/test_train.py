@@ -226,6 +226,25 @@ def tiny_gpt2():
     return build("gpt2-tiny", vocab_size=256, block_size=64)
 
 
+class WithSpare(torch.nn.Module):
+    # gpt2-tiny and a parameter its forward never reads
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_gpt2()
+        self.spare = torch.nn.Linear(4, 4)
+
+    def forward(self, idx, targets=None):
+        return self.inner(idx, targets)
+
+    def example_inputs(self, batch=2, seq=16):
+        return self.inner.example_inputs(batch=batch, seq=seq)
+
+
+def with_spare():
+    return WithSpare()
+
+
 def tiny_llama():
     import transformers
 
@@ -262,3 +281,22 @@ def test_user_factories_and_hf_models_train(tmp_path: Path, factory: str) -> Non
     with torch.no_grad():
         want = model(input_ids=x, labels=x).loss if factory == "tiny_llama" else model(x, y)[1]
     assert abs(got - want.item()) <= 1e-6  # Llama's loss is float32 inside the model
+
+
+def _two_steps(rank: int, world: int, cfg: TrainConfig) -> dict:
+    trainer = Trainer(cfg)
+    spare = trainer.module.get_parameter("spare.weight").detach().clone()
+    losses = [trainer.train_step() for _ in range(2)]
+    moved = trainer.module.get_parameter("spare.weight") - spare
+    return {"losses": losses, "moved": moved.abs().max().item()}
+
+
+def test_a_parameter_the_graph_never_reads_trains_at_dp2(tmp_path: Path) -> None:
+    """DDP (plain --dp) stops at a parameter with no gradient; one the rank module's graph
+    never reads is frozen, as the serial optimizer never moves it either."""
+    path = tmp_path / "factories.py"
+    path.write_text(FACTORIES)
+    cfg = dataclasses.replace(BASE, model=f"{path}:with_spare", tp=1, dp=2, accum=1, steps=2)
+    a, b = run_on_gloo(_two_steps, 2, cfg)
+    assert a["losses"] == b["losses"] and all(map(math.isfinite, a["losses"]))
+    assert a["moved"] == 0.0

@@ -155,6 +155,10 @@ class Trainer:
         elif c.dp > 1:
             from torch.distributed._composable import replicate
 
+            # DDP stops at a parameter that gets no gradient; one the graph never reads
+            # (kept for the state_dict only) is frozen: AdamW would skip it anyway
+            for param in _unread_parameters(self.module):
+                param.requires_grad_(False)
             # buffers are equal across a dp group (the rank buffer holds the TP rank): no
             # broadcast before every forward
             replicate(self.module, device_mesh=m.device["dp"], forward_sync_buffers=False)
@@ -239,11 +243,23 @@ class Trainer:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The model's loss (see _model_loss). FSDP2 warns when a module returns a view (an
         in-place op on it would skip its backward hook): the loss is only read here."""
-        if not self.cfg.fsdp:
+        if self.cfg.fsdp:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view")
+                return self._model_loss(x, y)
+        try:
             return self._model_loss(x, y)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view")
-            return self._model_loss(x, y)
+        except RuntimeError as e:  # replicate's DDP, at the step after a gradient was missing
+            if "Expected to have finished reduction" not in str(e):
+                raise
+            which = next((line for line in str(e).splitlines() if "did not receive" in line),
+                         "")  # fmt: skip
+            raise UsageError(
+                f"{self.cfg.model} has parameters its forward reads but its loss does not "
+                f"depend on, which --dp {self.cfg.dp} (DDP) refuses to average. {which}\n"
+                "  hint:   add --fsdp, which allows them, or make the loss use every "
+                "parameter the forward reads (TORCH_DISTRIBUTED_DEBUG=INFO names them)"
+            ) from e
 
     def _model_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The model's own loss: (logits, loss) = module(x, y) for autotp.models' GPT-2s
@@ -378,6 +394,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
         return t
     with torch.no_grad():  # the local tensor itself, not an autograd view of it
         return t.to_local()
+
+
+def _unread_parameters(gm: torch.fx.GraphModule) -> list[torch.nn.Parameter]:
+    """The parameters of a rank module its graph never reads (neither an attribute it
+    gets nor one of a module it calls): they can have no gradient."""
+    read: set[int] = set()
+    for n in gm.graph.nodes:
+        if n.op not in ("get_attr", "call_module"):
+            continue
+        owner, _, leaf = str(n.target).rpartition(".")
+        got = getattr(gm.get_submodule(owner), leaf)
+        tensors = got.parameters() if isinstance(got, torch.nn.Module) else [got]
+        read.update(id(t) for t in tensors)
+    return [p for p in dict.fromkeys(gm.parameters()) if id(p) not in read]
 
 
 def _refuse_meta(module: torch.nn.Module) -> None:
