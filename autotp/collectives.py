@@ -125,14 +125,20 @@ class Comm:
 
 
 def check_divisible(t: torch.Tensor, dim: int, tp: int) -> None:
-    """Refuse to cut a sequence that tp ranks cannot share equally."""
+    """Refuse to cut a sequence that tp ranks cannot share equally. Under torch.compile
+    (dynamo cannot build the error) the refusal breaks the graph, and raises there; with
+    fullgraph=True dynamo reports the break instead, with the reason."""
     if t.shape[dim] % tp:
-        raise AutoTPError(
-            f"cannot split dimension {dim} of a tensor of shape {tuple(t.shape)} into "
-            f"tp={tp} equal chunks: with sequence parallelism the sequence length must be "
-            f"a multiple of tp",
-            hint=f"pad the input's sequence length to a multiple of {tp}",
-        )
+        _refuse_indivisible(tuple(t.shape), dim, tp)
+
+
+@torch.compiler.disable(reason="sequence parallelism: the sequence length is not a multiple of tp")
+def _refuse_indivisible(shape: tuple[int, ...], dim: int, tp: int) -> None:
+    raise AutoTPError(
+        f"cannot split dimension {dim} of a tensor of shape {shape} into tp={tp} equal "
+        f"chunks: with sequence parallelism the sequence length must be a multiple of tp",
+        hint=f"pad the input's sequence length to a multiple of {tp}",
+    )
 
 
 def _chunk(t: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:

@@ -113,3 +113,15 @@ def test_every_collective_compiles_on_two_gloo_ranks(two_ranks: list[dict]) -> N
         for a, b in zip(eager[:4], compiled[:4], strict=True):
             assert torch.equal(a, b)
         assert len(eager[4]) == 12 and compiled[4] == eager[4]
+
+
+def test_an_indivisible_sequence_is_refused_under_compile_too() -> None:
+    """The refusal breaks the graph and raises the AutoTPError from there."""
+    from autotp.collectives import simulated_scatter_to_sp
+    from autotp.errors import AutoTPError
+
+    torch._dynamo.reset()
+    scatter = torch.compile(lambda xs: simulated_scatter_to_sp(xs, 1), backend="eager")
+    assert [y.shape for y in scatter([torch.randn(2, 6, 4)] * 2)] == [(2, 3, 4)] * 2
+    with pytest.raises(AutoTPError, match="multiple of tp"):
+        scatter([torch.randn(2, 5, 4)] * 2)
