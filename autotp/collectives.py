@@ -82,8 +82,7 @@ def count_collectives() -> Iterator[CollectiveLog]:
     """Record every autotp collective that runs inside the block (forward and backward).
 
     Compiled modules record too: the custom op a compiled graph calls runs the same
-    Python that records. PyTorch's CommDebugMode, in contrast, sees the c10d calls only
-    when the module runs eagerly."""
+    Python that records."""
     log = CollectiveLog()
     _LOGS.append(log)
     try:
