@@ -20,16 +20,30 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from .collectives import Comm, CopyToTP, GatherFromTP, ReduceFromTP, ReduceMaxTP
+from .collectives import (
+    Comm,
+    CopyManyToTP,
+    CopyToTP,
+    GatherFromSP,
+    GatherFromTP,
+    ReduceFromTP,
+    ReduceMaxTP,
+    ReduceScatterToSP,
+    ScatterToSP,
+)
 from .errors import AutoTPError
 from .random import RankRandom, StreamDropout
 from .rewrite import (
     DROPOUT_MODULES,
     F_MODULE,
+    F_PARAMS_MODULE,
     G_MODULE,
     GATHER_MODULE,
     MAX_MODULE,
     RANK_BUFFER,
+    REDUCE_SCATTER_MODULE,
+    SCATTER_MODULE,
+    SP_GATHER_MODULE,
     record,
     site_kind,
 )
@@ -253,6 +267,10 @@ def build_rank_module(
         G_MODULE: lambda: ReduceFromTP(comm),
         MAX_MODULE: lambda: ReduceMaxTP(comm),
         GATHER_MODULE: lambda: GatherFromTP(comm),
+        REDUCE_SCATTER_MODULE: lambda: ReduceScatterToSP(comm),
+        SP_GATHER_MODULE: lambda: GatherFromSP(comm),
+        SCATTER_MODULE: lambda: ScatterToSP(comm),
+        F_PARAMS_MODULE: lambda: CopyManyToTP(comm),
     }
     for stream, name in DROPOUT_MODULES.items():
         sites[name] = lambda s=stream: StreamDropout(random, s)

@@ -28,15 +28,16 @@ __all__ = ["parallelize", "simulate", "full_state_dict", "full_grads"]
 
 def _the_plan(
     model: nn.Module, tp: int | Plan, example_inputs: Any, rules: Sequence[Rule] | None,
-    vocab: VocabOptions | None, frontend: str, strict: bool,
+    vocab: VocabOptions | None, frontend: str, strict: bool, sequence_parallel: bool,
 ) -> Plan:  # fmt: skip
     """`tp` as given (a Plan, checked to fit `model`) or the plan of `model` at tp ranks."""
     if not isinstance(tp, Plan):
         return plan(model, tp, example_inputs, rules=rules, vocab=vocab, frontend=frontend,
-                    strict=strict)  # fmt: skip
+                    strict=strict, sequence_parallel=sequence_parallel)  # fmt: skip
     given = {
         "example_inputs": example_inputs is not None, "rules": rules is not None,
         "vocab": vocab is not None, "frontend": frontend != "auto", "strict": strict,
+        "sequence_parallel": sequence_parallel,
     }  # fmt: skip
     if any(given.values()):
         names = ", ".join(k for k, v in given.items() if v)
@@ -57,6 +58,7 @@ def parallelize(
     strict: bool = False,
     form: str = "auto",
     weights: str | os.PathLike | None = None,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """This rank's module: the per-rank graph over new tensors holding this rank's shards,
     cut from `model`'s weights, so that it computes what `model` computes.
@@ -68,7 +70,9 @@ def parallelize(
     With tp=1 no process group is needed. Dropout streams are seeded from rank 0's
     `torch.initial_seed()`. `rules`: the rules to match (default: autotp.rules'
     DEFAULT_RULES). `strict`: refuse a matched block that cannot be proven instead of
-    leaving it replicated (see `plan`).
+    leaving it replicated (see `plan`). `sequence_parallel`: see `plan`; it needs the
+    whole-graph form (the model's own Python between the blocks would see a split
+    sequence), so `form="auto"` chooses it.
     """
     given, tp = tp, tp.tp if isinstance(tp, Plan) else tp
     check_tp(tp)
@@ -104,7 +108,7 @@ def parallelize(
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
-    if _blocks(model, given, form, vocab):
+    if _blocks(model, given, form, vocab, sequence_parallel):
         module = parallel_blocks(
             model, tp, example_inputs, [comm], seed, rules_or_default(rules), strict, source
         )
@@ -112,7 +116,7 @@ def parallelize(
             blocks = [module.get_submodule(b) for b in module.autotp_blocks]
             _check_same_plan(":".join(b._patterns.first.fingerprint for b in blocks), group)
         return module
-    p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict)
+    p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     if isinstance(comm, ProcessGroupComm):
         _check_same_plan(p.fingerprint, group)
     return build_rank_module(
@@ -146,19 +150,21 @@ def simulate(
     strict: bool = False,
     form: str = "auto",
     weights: str | os.PathLike | None = None,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """All ranks in one process, collectives computed in-process and autograd-exact.
     `tp` and the options as in `parallelize`. `model` is not modified. Split outputs kept
     local (`VocabOptions(gather_outputs=False)`) are shown whole: the ranks' slices
-    concatenated and trimmed. `form` and `weights` as in `parallelize`."""
+    concatenated and trimmed. `form`, `weights` and `sequence_parallel` as in
+    `parallelize`."""
     source = Weights(weights) if weights is not None else None
-    if _blocks(model, tp, form, vocab):
+    if _blocks(model, tp, form, vocab, sequence_parallel):
         seed = torch.initial_seed() % 2**62
         comms = [SimulatedComm(tp, r) for r in range(tp)]  # type: ignore[arg-type]
         return parallel_blocks(
             model, tp, example_inputs, comms, seed, rules_or_default(rules), strict, source
         )
-    p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict)
+    p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     tp = p.tp
     seed = torch.initial_seed() % 2**62
     ranks = [
@@ -180,15 +186,18 @@ def simulate(
     return SimulatedTP(ranks)
 
 
-def _blocks(model: nn.Module, tp: int | Plan, form: str, vocab: VocabOptions | None) -> bool:
+def _blocks(
+    model: nn.Module, tp: int | Plan, form: str, vocab: VocabOptions | None, sequence: bool
+) -> bool:
     """Whether to parallelize `model` block by block (see `parallelize`'s `form`)."""
     if form not in ("auto", "graph", "blocks"):
         raise AutoTPError(f'form must be "auto", "graph" or "blocks", got {form!r}')
-    graph_only = isinstance(tp, Plan) or vocab is not None
+    graph_only = isinstance(tp, Plan) or vocab is not None or sequence
     if form == "blocks" and graph_only:
         raise AutoTPError(
-            'form="blocks" splits each block on its own: a Plan and vocab= are of the whole '
-            'graph (the vocabulary split): pass tp, or use form="graph"'
+            'form="blocks" splits each block on its own: a Plan, vocab= and '
+            "sequence_parallel=True are of the whole graph (the vocabulary split, a sequence "
+            'split between the blocks): pass tp, or use form="graph"'
         )
     return form == "blocks" or (form == "auto" and not graph_only and is_block_model(model))
 

@@ -45,6 +45,7 @@ class Plan:
     replicated: tuple[tuple[Match, str], ...] = field(default=())
     # the planned model's tensors: (name, shape) and groups of tied names
     signature: tuple = field(default=())
+    sequence_parallel: bool = False
 
     def check_fits(self, model: nn.Module) -> None:
         """Refuse `model` unless it has the tensors this plan was made for (names, shapes,
@@ -160,6 +161,7 @@ def plan(
     vocab: VocabOptions | None = None,
     frontend: str = "auto",
     strict: bool = False,
+    sequence_parallel: bool = False,
 ) -> Plan:
     """Plan the tensor-parallel split of `model` over `tp` ranks. Pure: nothing is copied,
     the model is not modified, no process group is needed.
@@ -174,11 +176,18 @@ def plan(
     `vocab` sets the vocabulary padding and whether split outputs (logits) are gathered.
     `frontend` picks how the model is captured: "fx", "export" (torch.export, for models
     fx cannot trace, e.g. Hugging Face transformers), or "auto" (fx, then export).
+    `sequence_parallel` (Megatron-LM's, Korthikanti et al. 2022): between split blocks each
+    rank holds 1/tp of the sequence (norms, dropout, residuals), the all-reduce after a
+    row-split block becomes a reduce-scatter and f before a column-split block an
+    all-gather (the same bytes); the sequence length must then be a multiple of tp.
     """
     check_tp(tp)
     rules = rules_or_default(rules)
     try:
-        return _plan(model, tp, example_inputs, rules, vocab, frontend, strict)
+        return _plan(
+            model, tp, example_inputs, rules, vocab, frontend, strict,
+            sequence_parallel=sequence_parallel,
+        )  # fmt: skip
     except AutoTPError:
         raise
     except Exception as e:  # noqa: BLE001 - never another exception type for a model
@@ -201,6 +210,7 @@ def _plan(
     dims: dict[str, Any] | None = None,
     inputs: dict[str, Any] | None = None,
     like: Plan | None = None,
+    sequence_parallel: bool = False,
 ) -> Plan:
     """The pipeline. `dims` and `inputs`: see `trace` and `propagate`. `like`: a plan of
     another capture of the same module (another way of calling it) whose splits this one
@@ -213,17 +223,19 @@ def _plan(
     vocab = vocab or VocabOptions()
     if like is None:
         matches = match(gm, rules, linears)
-        prop, matches, replicated = _propagate(gm, tp, linears, matches, vocab, strict, inputs)
+        prop, matches, replicated = _propagate(
+            gm, tp, linears, matches, vocab, strict, inputs, sequence_parallel
+        )
     else:
         matches, replicated = _same_splits(like, gm, linears), list(like.replicated)
         splits = {n: s for m in matches for n, s in m.splits().items()}
         names = {n: m.rule.name for m in matches for n in m.splits()}
-        prop = propagate(gm, tp, linears, splits, vocab, names, inputs)
+        prop = propagate(gm, tp, linears, splits, vocab, names, inputs, sequence_parallel)
     _check_hooks(model, gm, prop)
     graph = rewrite(gm, prop, matches, tp)
     return Plan(
         type(model).__name__, tp, traced, matches, linears, prop, graph, tuple(rules), vocab,
-        tuple(replicated), model_signature(model),
+        tuple(replicated), model_signature(model), sequence_parallel,
     )  # fmt: skip
 
 
@@ -242,6 +254,7 @@ def _same_splits(like: Plan, gm: fx.GraphModule, linears: dict[fx.Node, LinearIn
 def _propagate(
     gm: fx.GraphModule, tp: int, linears: dict[fx.Node, LinearInfo], matches: list[Match],
     vocab: VocabOptions, strict: bool, inputs: dict[str, Any] | None = None,
+    sequence_parallel: bool = False,
 ) -> tuple[Propagation, list[Match], list[tuple[Match, str]]]:  # fmt: skip
     """Propagate the matched splits; when a refusal names a node, leave the block that
     split the value reaching it replicated and propagate again (feedback to matching).
@@ -255,7 +268,7 @@ def _propagate(
         splits = {n: s for m in matches for n, s in m.splits().items()}
         names = {n: m.rule.name for m in matches for n in m.splits()}
         try:
-            prop = propagate(gm, tp, linears, splits, vocab, names, inputs)
+            prop = propagate(gm, tp, linears, splits, vocab, names, inputs, sequence_parallel)
             return prop, matches, replicated
         except AutoTPError as e:
             first = first or e

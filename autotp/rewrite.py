@@ -41,7 +41,16 @@ from .collectives import rank_slice
 from .errors import node_error
 from .match import EmbeddingInfo, Match
 from .rule import Row
-from .sharding import ArgEdit, Cut, DivideByTP, LossInfo, Partial, Propagation, Shard
+from .sharding import (
+    ArgEdit,
+    Cut,
+    DivideByTP,
+    LossInfo,
+    MultiplyByTP,
+    Partial,
+    Propagation,
+    Shard,
+)  # fmt: skip
 from .vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
 
 __all__ = [
@@ -53,6 +62,10 @@ __all__ = [
     "G_MODULE",
     "MAX_MODULE",
     "GATHER_MODULE",
+    "REDUCE_SCATTER_MODULE",
+    "SP_GATHER_MODULE",
+    "SCATTER_MODULE",
+    "F_PARAMS_MODULE",
     "RANK_BUFFER",
 ]
 
@@ -60,9 +73,17 @@ F_MODULE = "tp_f"  # identity forward, all-reduce backward
 G_MODULE = "tp_g"  # all-reduce forward, identity backward
 MAX_MODULE = "tp_max"  # all-reduce max (the vocab-parallel loss's row max)
 GATHER_MODULE = "tp_gather"  # all-gather of a split output
+# sequence parallelism (Megatron-LM's conjugate pair and its two companions)
+REDUCE_SCATTER_MODULE = "tp_reduce_scatter"  # g's place: reduce-scatter, all-gather back
+SP_GATHER_MODULE = "tp_sp_gather"  # f's place: all-gather, reduce-scatter back
+SCATTER_MODULE = "tp_scatter"  # a replicated term joins a sequence split: slice, all-gather back
+F_PARAMS_MODULE = "tp_f_params"  # f of every parameter read by split compute, at once
 DROPOUT_MODULES = {"shared": "tp_dropout_shared", "rank": "tp_dropout_rank"}
 RANK_BUFFER = "tp_rank"  # a 0-dim tensor holding the rank: the only per-rank constant
-COLLECTIVE_MODULES = (F_MODULE, G_MODULE, MAX_MODULE, GATHER_MODULE)
+COLLECTIVE_MODULES = (
+    F_MODULE, G_MODULE, MAX_MODULE, GATHER_MODULE, REDUCE_SCATTER_MODULE, SP_GATHER_MODULE,
+    SCATTER_MODULE, F_PARAMS_MODULE,
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -195,14 +216,22 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         _erase_unused(graph, env.get(li.weight_view))  # `x @ W.T`: the transpose of W
 
     # 3. P -> R: one g per partial value read whole, then its pending terms; R -> S: cuts.
+    summed: dict[fx.Node, fx.Node] = {}  # partial value -> its sum (or sequence split)
     for value, readers in prop.reduces.items():
-        _reduce(graph, env, f_of, value, readers, prop, rule_of)
+        summed[value] = _reduce(graph, env, f_of, value, readers, prop, rule_of)
     for old in reversed(prop.deferred):  # `p + r` kept partial: the node passes p through
         env[old].replace_all_uses_with(env[prop.deferred[old]])
         graph.erase_node(env[old])
         env[old] = env[prop.deferred[old]]
+    whole: dict[fx.Node, fx.Node] = {}  # sequence-split value -> its all-gather
+    for value, readers in prop.sequence_gathers.items():
+        src = summed.get(value, env[value])
+        whole[value] = _sequence_gather(graph, env, f_of, src, value, readers, prop, tp)
     for cut in prop.cuts:
-        _cut(graph, env, f_of, cut, tp)
+        _cut(graph, env, f_of, whole, cut, tp)
+    for old in gm.graph.nodes:  # in graph order: every rank builds the same graph
+        if old in prop.functional_norms:
+            env[old] = _functional_norm(graph, gm, env[old])
 
     # 4. shape arguments.
     for e in prop.edits:
@@ -229,6 +258,8 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     for old in gm.graph.nodes:
         if old.op.startswith("call") and ops.op_name(old, gm) == "dropout":
             _stream_dropout(graph, gm, old, env[old], prop.placements[old])
+    if prop.scatters:
+        _one_f_for_parameters(graph, gm)
 
     graph.lint()
     return graph
@@ -237,11 +268,14 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
 def _reduce(
     graph: fx.Graph, env: dict[fx.Node, fx.Node], f_of: dict[fx.Node, fx.Node],
     value: fx.Node, readers: list[fx.Node], prop: Propagation, rule_of: dict[fx.Node, str],
-) -> None:  # fmt: skip
+) -> fx.Node:  # fmt: skip
     """g on the partial `value`, then its pending terms, read by `readers` (and by the
-    value's f, which only ever serves readers of the sum). The g goes right after the
-    node computing `value` in the serial graph, so it runs in the same grad mode; when
-    that node is a deferred `p + r`, the g reads the partial tensor p passes through."""
+    value's f, which only ever serves readers of the sum); returns the sum. The g goes
+    right after the node computing `value` in the serial graph, so it runs in the same
+    grad mode; when that node is a deferred `p + r`, the g reads the partial tensor p
+    passes through. With sequence parallelism a reduce-scatter takes g's place, and the
+    terms join the rank's part of the sequence (a bias behind f, a replicated value cut
+    to the rank's part)."""
     anchor = env[value]
     base = value
     while base in prop.deferred:
@@ -252,8 +286,12 @@ def _reduce(
     # a fresh partial (a split linear's or lookup's output, a sum of them) read only whole
     # is reduced in place; a deferred chain's links each have one reader (propagation)
     kwargs = {"inplace": True} if set(anchor.users) <= reading else {}
+    scatter = prop.scatters.get(value)
     with graph.inserting_after(anchor):
-        g = _site(graph, G_MODULE, (src,), kwargs, f"g_{value.name}")
+        if scatter is None:
+            g = _site(graph, G_MODULE, (src,), kwargs, f"g_{value.name}")
+        else:
+            g = _site(graph, REDUCE_SCATTER_MODULE, (src, scatter.dim), {}, f"rs_{value.name}")
     rule = rule_of.get(base, "propagation")
     split = prop.splits.get(base)
     if split is not None and isinstance(split[1], EmbeddingInfo):
@@ -262,7 +300,11 @@ def _reduce(
         why = "forward all-reduce: the row-split linear produces partial sums"
     else:
         why = "forward all-reduce: one for a sum of partial results"
-    _tag(g, collective="g", rule=rule, placement="R", why=why)
+    if scatter is None:
+        _tag(g, collective="g", rule=rule, placement="R", why=why)
+    else:
+        why = why.replace("forward all-reduce", "forward reduce-scatter along the sequence")
+        _tag(g, collective="reduce_scatter", rule=rule, placement=str(scatter), why=why)
     _copy_meta(src, g)
     out = g
     placement = prop.placements[value]
@@ -277,6 +319,26 @@ def _reduce(
             if trailing:
                 with graph.inserting_after(t):
                     last = t = graph.call_function(torch.reshape, (t, (-1,) + (1,) * trailing))
+            if scatter is not None:  # added to a split sequence: its gradient is partial
+                with graph.inserting_after(last):
+                    last = t = _site(graph, F_MODULE, (t,), {}, f"f_{t.name}")
+                _tag(t, collective="f", rule=rule, placement="R",
+                     why="backward all-reduce: a bias added to a split sequence")  # fmt: skip
+        elif scatter is not None and not isinstance(prop.placements[term], Shard):
+            tv, sv = term.meta.get("val"), value.meta.get("val")
+            dim = scatter.dim - (sv.dim() - tv.dim())  # broadcasting aligns trailing dims
+            with graph.inserting_after(out):
+                if dim >= 0 and tv.shape[dim] != 1:
+                    args, kind, what = (env[term], dim), SCATTER_MODULE, "scatter"
+                    how = "this rank's part"
+                else:  # broadcast along the sequence: whole, its gradient partial
+                    args, kind, what = (env[term],), F_MODULE, "f"
+                    how = "whole, behind f"
+                last = t = _site(graph, kind, args, {}, f"{what}_{term.name}")
+            _copy_meta(env[term], t)
+            _tag(t, collective=what, rule=rule, placement=str(scatter) if what == "scatter"
+                 else "R", why=f"{term.name} added to a split sequence: {how}")  # fmt: skip
+            why = f"{term.name} added once, after the reduce-scatter"
         else:
             t, last = env[term], out
             why = f"{t.name} added once, after the all-reduce"
@@ -286,6 +348,43 @@ def _reduce(
         _tag(out, rule=rule, placement="R", why=why)
     for r in reading:
         r.replace_input_with(anchor, out)
+    return out
+
+
+def _sequence_gather(
+    graph: fx.Graph, env: dict[fx.Node, fx.Node], f_of: dict[fx.Node, fx.Node], src: fx.Node,
+    value: fx.Node, readers: list[fx.Node], prop: Propagation, tp: int,
+) -> fx.Node:  # fmt: skip
+    """`readers` read the sequence-split `value` (now `src`) whole. Read only through its
+    f (split compute: a column-split linear), one all-gather whose backward
+    reduce-scatters the partial gradients (f's place in Megatron-LM's sequence
+    parallelism); otherwise an all-gather whose backward keeps the rank's part of the
+    gradient, and the f (if any) after it."""
+    scatter = prop.scatters.get(value)
+    dim = scatter.dim if scatter is not None else prop.placements[value].dim
+    reading = {graph.output_node() if r.op == "output" else env[r] for r in readers}
+    f = f_of.get(value)
+    direct = {r for r in reading if src in r.all_input_nodes and r is not f}
+    if f is not None and not direct:
+        with graph.inserting_before(f):
+            g = _site(graph, SP_GATHER_MODULE, (src, dim), {}, f"gather_{value.name}")
+        f.replace_all_uses_with(g)
+        graph.erase_node(f)
+        f_of[value] = g
+        why = "all-gather of the sequence for split compute; backward reduce-scatter"
+    else:
+        with graph.inserting_after(src):
+            size = graph.call_method("size", (src, dim))
+        with graph.inserting_after(size):
+            serial = graph.call_function(operator.mul, (size, tp))
+        with graph.inserting_after(serial):
+            g = _site(graph, GATHER_MODULE, (src, dim, serial), {}, f"gather_{value.name}")
+        for r in (*direct, *([f] if f is not None else [])):
+            r.replace_input_with(src, g)
+        why = "all-gather of the sequence, read whole; backward keeps the rank's part"
+    _copy_meta(src, g)
+    _tag(g, collective="sequence_gather", placement="R", why=why)
+    return g
 
 
 def _bias_dim(prop: Propagation, bias: str) -> int:
@@ -298,14 +397,17 @@ def _cut(
     graph: fx.Graph,
     env: dict[fx.Node, fx.Node],
     f_of: dict[fx.Node, fx.Node],
+    whole: dict[fx.Node, fx.Node],
     cut: Cut,
     tp: int,
 ) -> None:
-    """The consumer reads this rank's slice of a replicated value (after its f, if any)."""
+    """The consumer reads this rank's slice of a replicated value (after its f, if any,
+    or its all-gather, for a sequence-split value read whole)."""
     consumer = env[cut.consumer]
     src = env[cut.value]
-    if cut.value in f_of and f_of[cut.value] in consumer.all_input_nodes:
-        src = f_of[cut.value]
+    for other in (whole.get(cut.value), f_of.get(cut.value)):
+        if other is not None and other in consumer.all_input_nodes:
+            src = other
     s = cut.shard
     with graph.inserting_before(consumer):
         rank = graph.get_attr(RANK_BUFFER)
@@ -318,6 +420,60 @@ def _cut(
         mine.meta["val"] = v  # the serial value (the views show serial shapes)
     _tag(mine, placement=str(s), why="this rank's slice of a replicated value; no communication")
     consumer.replace_input_with(src, mine)
+
+
+def _functional_norm(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """A LayerNorm module on a split value, as F.layer_norm over its own parameters, each
+    behind f: each rank normalises its part, so their gradients are partial sums."""
+    mod = gm.get_submodule(str(node.target))
+    params = []
+    with graph.inserting_before(node):
+        for name in ("weight", "bias"):
+            if getattr(mod, name, None) is None:
+                params.append(None)
+                continue
+            w = graph.get_attr(f"{node.target}.{name}")
+            f = _site(graph, F_MODULE, (w,), {}, f"f_{w.name}")
+            _tag(f, collective="f", rule="propagation", placement="R",
+                 why="backward all-reduce: a norm's weight applied to a split value")  # fmt: skip
+            params.append(f)
+        args = (node.args[0], tuple(mod.normalized_shape), *params, mod.eps)
+        new = graph.call_function(F.layer_norm, args)
+    _copy_meta(node, new)
+    _tag(new, placement=record(node).placement, why=f"{node.target} on a split value")
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _one_f_for_parameters(graph: fx.Graph, gm: fx.GraphModule) -> None:
+    """The f of every parameter read by split compute, as one call at the top of the graph:
+    its backward all-reduces their gradients as one buffer, once, at the end of backward
+    (Megatron-LM's all-reduce of the sequence-parallel parameters' gradients), not once
+    per parameter."""
+    names = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
+    sites = [
+        n for n in graph.nodes
+        if n.op == "call_module" and site_kind(n.target) == F_MODULE
+        and n.args[0].op == "get_attr" and str(n.args[0].target) in names
+    ]  # fmt: skip
+    if len(sites) < 2:
+        return
+    anchor = next(n for n in graph.nodes if n.op != "placeholder").prev
+    for f in sites:
+        anchor.append(f.args[0])  # a get_attr reads nothing: it can move to the top
+        anchor = f.args[0]
+    with graph.inserting_after(anchor):
+        many = _site(graph, F_PARAMS_MODULE, tuple(f.args[0] for f in sites), {}, "f_params")
+    _tag(many, collective="f", rule="propagation", placement="R",
+         why=f"backward all-reduce of {len(sites)} parameters' gradients, as one")  # fmt: skip
+    last = many
+    for i, f in enumerate(sites):
+        with graph.inserting_after(last):
+            last = graph.call_function(operator.getitem, (many, i))
+        last.meta.update(f.meta)
+        f.replace_all_uses_with(last)
+        graph.erase_node(f)
 
 
 def _erase_unused(graph: fx.Graph, node: fx.Node | None) -> None:
@@ -441,14 +597,20 @@ def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
 
 def _apply_edit(graph: fx.Graph, env: dict[fx.Node, fx.Node], e: ArgEdit, tp: int) -> None:
     node = env[e.node]
-    if isinstance(e.new, DivideByTP):
+    if isinstance(e.new, (DivideByTP, MultiplyByTP)):
         src = env[e.new.source]
+        if isinstance(e.new, DivideByTP):
+            op, sign, placement = operator.floordiv, "//", "local"
+            why = f"{src.name} is a serial size; the shard is 1/{tp}"
+        else:
+            op, sign, placement = operator.mul, "*", "R"
+            why = f"{src.name} is the local length of a split sequence"
         with graph.inserting_before(node):
-            new = graph.call_function(operator.floordiv, (src, tp))
+            new = graph.call_function(op, (src, tp))
         new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         new.meta["stack_trace"] = node.meta.get("stack_trace")
-        _tag(new, placement="local", why=f"{src.name} is a serial size; the shard is 1/{tp}")
-        shown = f"{src.name} -> {src.name} // {tp}"
+        _tag(new, placement=placement, why=why)
+        shown = f"{src.name} -> {src.name} {sign} {tp}"
     else:
         new, shown = e.new, f"{e.old} -> {e.new}"
     _set_path(node, e.path, new)

@@ -19,9 +19,29 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .collectives import simulated_f, simulated_g, simulated_gather, simulated_max
+from .collectives import (
+    simulated_copy_many,
+    simulated_f,
+    simulated_g,
+    simulated_gather,
+    simulated_gather_from_sp,
+    simulated_max,
+    simulated_reduce_scatter_to_sp,
+    simulated_scatter_to_sp,
+)
 from .materialise import check_mode, cut
-from .rewrite import F_MODULE, G_MODULE, GATHER_MODULE, MAX_MODULE, record, site_kind
+from .rewrite import (
+    F_MODULE,
+    F_PARAMS_MODULE,
+    G_MODULE,
+    GATHER_MODULE,
+    MAX_MODULE,
+    REDUCE_SCATTER_MODULE,
+    SCATTER_MODULE,
+    SP_GATHER_MODULE,
+    record,
+    site_kind,
+)
 from .sharding import Shard
 from .trace import restore_grad, set_grad
 
@@ -30,6 +50,9 @@ _SIMULATED = {
     G_MODULE: simulated_g,
     MAX_MODULE: simulated_max,
     GATHER_MODULE: simulated_gather,
+    REDUCE_SCATTER_MODULE: simulated_reduce_scatter_to_sp,
+    SP_GATHER_MODULE: simulated_gather_from_sp,
+    SCATTER_MODULE: simulated_scatter_to_sp,
 }
 
 __all__ = ["SimulatedTP", "plain_containers"]
@@ -90,9 +113,14 @@ class SimulatedTP(nn.Module):
                         env[node] = cut(value, shard, r, len(ranks))
                     else:
                         env[node] = value if r == 0 else tree_map(_own_copy, value)
+            elif node.op == "call_module" and site_kind(node.target) == F_PARAMS_MODULE:
+                ys = simulated_copy_many([tuple(env[a] for a in node.args) for env in envs])
+                for env, y in zip(envs, ys, strict=True):
+                    env[node] = y
             elif node.op == "call_module" and site_kind(node.target) in _SIMULATED:
                 xs = [env[node.args[0]] for env in envs]
-                ys = _SIMULATED[site_kind(node.target)](xs, *node.args[1:])
+                rest = [envs[0][a] if isinstance(a, fx.Node) else a for a in node.args[1:]]
+                ys = _SIMULATED[site_kind(node.target)](xs, *rest)
                 for env, y in zip(envs, ys, strict=True):
                     env[node] = y
             elif node.op == "output":

@@ -3,6 +3,7 @@ simulated and compared with serial in float64; verdict counts per feature, and a
 reproducer for every distinct failure.
 
     python bench/fuzz.py --minutes 3 --tp 2 4 --seed 0
+    python bench/fuzz.py --minutes 3 --sp        # every case with sequence parallelism
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="first case's seed (then +1, +2...)")
     ap.add_argument("--shrink", type=int, default=60, help="checks spent shrinking a failure")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sp", action="store_true", help="plan with sequence_parallel=True")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tps = tuple(args.tp)
@@ -39,7 +41,7 @@ def main() -> None:
     while time.perf_counter() < deadline:
         case = random_case(seed, tps)
         try:
-            verdict = check_case(case)
+            verdict = check_case(case, sequence_parallel=args.sp)
         except Exception as e:  # noqa: BLE001 - the serial model failed: a generator bug
             verdict = Verdict("generator-error", f"{type(e).__name__}: {e}")
         totals[verdict.kind] += 1
@@ -66,14 +68,14 @@ def main() -> None:
 
         def same(c: ModelCase, sig: str = sig) -> bool:
             try:
-                return check_case(c).signature() == sig
+                return check_case(c, sequence_parallel=args.sp).signature() == sig
             except Exception:  # noqa: BLE001 - a generator failure is no reproduction
                 return False
 
         small = shrink(case, same, tps, budget=args.shrink) if args.shrink else case
         # a shrunk case differs only where `same` ran it; else keep the first verdict (which
         # may be a generator error, that check_case would raise again)
-        v = verdict if small.source == case.source else check_case(small)
+        v = verdict if small.source == case.source else check_case(small, sequence_parallel=args.sp)
         print(f"\n{'=' * 100}\n[{n}] {sig}  ({count} cases, first seed {s})\n{v}\n")
         print(small.reproducer())
 

@@ -203,9 +203,12 @@ def _exc_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}{where}"
 
 
-def check_case(case: ModelCase, *, seed: int = 0, atol: float = 1e-10) -> Verdict:
+def check_case(
+    case: ModelCase, *, seed: int = 0, atol: float = 1e-10, sequence_parallel: bool = False
+) -> Verdict:
     """Simulate `case` at case.tp and compare with the serial model in float64. Raises
-    only when the serial model itself fails (a generator bug)."""
+    only when the serial model itself fails (a generator bug). `sequence_parallel`: plan
+    it so (autotp.plan's option)."""
     from ..parallel import full_grads, simulate
 
     with warnings.catch_warnings():
@@ -213,7 +216,10 @@ def check_case(case: ModelCase, *, seed: int = 0, atol: float = 1e-10) -> Verdic
         serial = case.build(seed)
         inputs = case.inputs(seed)
         try:
-            sim = simulate(copy.deepcopy(serial), case.tp, _clone(inputs))
+            sim = simulate(
+                copy.deepcopy(serial), case.tp, _clone(inputs),
+                sequence_parallel=sequence_parallel,
+            )  # fmt: skip
         except AutoTPError as e:
             return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
         except Exception as e:  # noqa: BLE001 - every other exception is the verdict
@@ -221,7 +227,9 @@ def check_case(case: ModelCase, *, seed: int = 0, atol: float = 1e-10) -> Verdic
         return _compare(case, serial, sim, inputs, full_grads, atol)
 
 
-def _gloo_rank(rank: int, world: int, case: ModelCase, seed: int, atol: float) -> Verdict:
+def _gloo_rank(
+    rank: int, world: int, case: ModelCase, seed: int, atol: float, sequence_parallel: bool
+) -> Verdict:
     from ..parallel import full_grads, parallelize
 
     with warnings.catch_warnings():
@@ -229,7 +237,10 @@ def _gloo_rank(rank: int, world: int, case: ModelCase, seed: int, atol: float) -
         serial = case.build(seed)
         inputs = case.inputs(seed)
         try:
-            module = parallelize(copy.deepcopy(serial), world, _clone(inputs))
+            module = parallelize(
+                copy.deepcopy(serial), world, _clone(inputs),
+                sequence_parallel=sequence_parallel,
+            )  # fmt: skip
         except AutoTPError as e:
             return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
         except Exception as e:  # noqa: BLE001
@@ -238,15 +249,18 @@ def _gloo_rank(rank: int, world: int, case: ModelCase, seed: int, atol: float) -
 
 
 def check_case_gloo(
-    case: ModelCase, *, seed: int = 0, atol: float = 1e-10, timeout: float = 120
-) -> Verdict:
+    case: ModelCase, *, seed: int = 0, atol: float = 1e-10, timeout: float = 120,
+    sequence_parallel: bool = False,
+) -> Verdict:  # fmt: skip
     """As check_case, with `autotp.parallelize` on case.tp forked gloo processes; the
     verdict of the first rank that is not "equal" (a rank that dies or hangs: "crash")."""
     from ..testing import run_on_gloo
 
     case.namespace()  # compile before the fork: every rank inherits the classes
     try:
-        verdicts = run_on_gloo(_gloo_rank, case.tp, case, seed, atol, timeout=timeout)
+        verdicts = run_on_gloo(
+            _gloo_rank, case.tp, case, seed, atol, sequence_parallel, timeout=timeout
+        )
     except AssertionError as e:
         return Verdict("crash", str(e)[-2000:])
     for r, v in enumerate(verdicts):

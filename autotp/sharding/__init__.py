@@ -17,6 +17,7 @@ from .placement import (
     DivideByTP,
     LocalInt,
     LossInfo,
+    MultiplyByTP,
     Partial,
     Placement,
     Propagation,
@@ -29,5 +30,6 @@ from .placement import (
 
 __all__ = [
     "R", "LOCAL", "Replicate", "Shard", "Partial", "LocalInt", "Placement", "DivideByTP",
-    "ArgEdit", "Cut", "Propagation", "VocabOptions", "LossInfo", "is_split", "propagate",
+    "MultiplyByTP", "ArgEdit", "Cut", "Propagation", "VocabOptions", "LossInfo", "is_split",
+    "propagate",
 ]  # fmt: skip

@@ -8,11 +8,12 @@ from dataclasses import replace
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from .. import ops
 from ..call import Call
 from .context import Ctx, check_replicated, ndim, param_names, val
-from .placement import LOCAL, LocalInt, Placement, R, Shard
+from .placement import LOCAL, LocalInt, Partial, Placement, R, Shard
 
 
 def _pointwise(c: Ctx, call: Call) -> Placement:
@@ -40,15 +41,19 @@ def _pointwise(c: Ctx, call: Call) -> Placement:
             split = s
     if split is None:
         return R
+    # a sequence split leaves parameters whole (a position table added to the sequence
+    # is cut to the rank's positions, not stored split)
+    sequence = any(isinstance(a, fx.Node) and c.reads_sequence(a, n) for a in call.leaves())
     for a in call.leaves():
         if not isinstance(a, fx.Node) or not isinstance(val(a), torch.Tensor):
             continue
-        if c.pl[a] != R:
+        if c.p(a) != R or isinstance(c.pl[a], Partial):
             continue
         i = split.dim - (nd - ndim(a))
         shape = tuple(val(a).shape)
         if i >= 0 and shape[i] != 1:
-            if a.op == "get_attr" and str(a.target) in param_names(c.gm):
+            param = a.op == "get_attr" and str(a.target) in param_names(c.gm)
+            if param and not sequence:
                 c.shard_param(n, str(a.target), replace(split, dim=i))
                 c.pl[a] = replace(split, dim=i)
                 continue
@@ -141,14 +146,18 @@ def _softmax(c: Ctx, call: Call) -> Placement:
 
 def _layer_norm(c: Ctx, call: Call) -> Placement:
     nd, shape = ndim(call.node), call["normalized_shape"]
-    if call.module is not None and isinstance(c.p(call.input), Shard):
-        if any(True for _ in call.module.parameters()):
-            raise c.refuse(
-                call.node, "a layer norm module with weights applied to a split value",
-                "normalise replicated values, or use F.layer_norm with explicit weights",
-            )  # fmt: skip
     k = len(val(shape)) if isinstance(shape, fx.Node) else len(shape)
-    return _reduce_over(c, call, set(range(nd - k, nd)))
+    out = _reduce_over(c, call, set(range(nd - k, nd)))
+    if call.module is not None and isinstance(out, Shard):
+        if type(call.module) not in (nn.LayerNorm, nn.RMSNorm):
+            if any(True for _ in call.module.parameters()):
+                raise c.refuse(
+                    call.node, "a norm module with weights applied to a split value",
+                    "normalise replicated values, or use F.layer_norm with explicit weights",
+                )  # fmt: skip
+        else:  # run as F.layer_norm / F.rms_norm, its weights behind f (rewrite.py)
+            c.functional_norms.add(call.node)
+    return out
 
 
 def _matmul(c: Ctx, call: Call) -> Placement:

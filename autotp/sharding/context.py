@@ -12,7 +12,9 @@ from ..errors import node_error
 from .placement import (
     ArgEdit,
     Cut,
+    LocalInt,
     LossInfo,
+    MultiplyByTP,
     Partial,
     Placement,
     R,
@@ -41,18 +43,52 @@ class Ctx:
         self.deferred: dict[fx.Node, fx.Node] = {}  # `p + r` kept partial -> p
         self.current: fx.Node | None = None  # the node whose entry is running
         self.region: dict[fx.Node, int] = {}  # grad-mode region (fx's set_grad boundaries)
+        # sequence parallelism (Korthikanti et al. 2022): partial values are summed into a
+        # sequence split (reduce-scatter) and read whole (all-gather) only where no entry
+        # proves the split can stay
+        self.sequence = False
+        self.scatters: dict[fx.Node, Shard | None] = {}  # partial -> what its readers see
+        self.seq: set[fx.Node] = set()  # values split only because of a sequence split
+        self.reads: dict[tuple[fx.Node, fx.Node], Placement] = {}  # (value, reader) -> seen
+        self.sequence_gathers: dict[fx.Node, list[fx.Node]] = {}
+        self.functional_norms: set[fx.Node] = set()
+        self.whole_readers: set[fx.Node] = set()  # read the sums of partial values whole
 
     # -- helpers -------------------------------------------------------------------------
     def p(self, a: Any) -> Placement:
         """Placement of an argument: nodes by table, Python literals are R."""
         if isinstance(a, fx.Node):
-            p = self.pl[a]
-            if isinstance(p, Partial) and self.current in self.reduces.get(a, ()):
-                return R  # this node reads the sum
-            return p
+            return self.seen(a, self.current)
         if isinstance(a, (list, tuple)):
             return tuple(self.p(x) for x in a)
         return R
+
+    def seen(self, a: fx.Node, reader: fx.Node | None) -> Placement:
+        """The placement `reader` reads `a` in: the sum of a partial value it reduces
+        (whole, or its sequence split), a sequence-split value it gathers (whole)."""
+        seen = self.reads.get((a, reader)) if reader is not None else None
+        if seen is not None:
+            return seen
+        p = self.pl[a]
+        if isinstance(p, Partial) and reader in self.reduces.get(a, ()):
+            return self.scatters.get(a) or R  # this node reads the sum
+        return p
+
+    def reads_sequence(self, a: fx.Node, reader: fx.Node) -> bool:
+        """Does `reader` read `a` split along the sequence (and by nothing else)?"""
+        if (a, reader) in self.reads:
+            return False
+        if isinstance(self.pl[a], Partial):
+            return reader in self.reduces.get(a, ()) and self.scatters.get(a) is not None
+        return a in self.seq
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state a table entry may change, to undo an entry that refused."""
+        return _copy_state({k: getattr(self, k) for k in _STATE})
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        for k, v in _copy_state(snapshot).items():
+            setattr(self, k, v)
 
     def refuse(self, node: fx.Node, what: str, hint: str) -> Exception:
         return node_error(node, what, hint, rule=self._rule_of(node))
@@ -88,8 +124,60 @@ class Ctx:
         self.param_users.setdefault(name, node)
 
     def reduce(self, value: fx.Node, consumer: fx.Node) -> None:
-        """`consumer` reads the sum of the partial `value`: one g, shared by its readers."""
+        """`consumer` reads the sum of the partial `value`: one g, shared by its readers
+        (with sequence parallelism, one reduce-scatter where the value has a sequence)."""
         _add_reader(self.reduces, value, consumer)
+        if self.sequence and value not in self.scatters:
+            self.scatters[value] = self._sequence_split(value)
+        if consumer in self.whole_readers and self.scatters.get(value) is not None:
+            self.reads[(value, consumer)] = R  # the sum's sequence, gathered
+            _add_reader(self.sequence_gathers, value, consumer)
+
+    def _sequence_split(self, value: fx.Node) -> Shard | None:
+        """The split a partial value's sum takes with sequence parallelism: along the
+        dimension before the features (the sequence of [batch, seq, hidden], the tokens
+        of [tokens, hidden]); None (all-reduced) for a value with no such dimension, or
+        one whose size is known not to divide by tp."""
+        v = val(value)
+        if not isinstance(v, torch.Tensor) or v.dim() < 2:
+            return None
+        if any(getattr(li, "feature_dim", -1) != -1 for _, li in self.splits.values()):
+            return None  # a channels-first layer (conv): the features are not last
+        size = v.shape[-2]
+        if isinstance(size, int) and (size % self.tp or size == 1):
+            return None
+        return Shard(v.dim() - 2)
+
+    def gather_sequence(self, node: fx.Node, sizes_only: bool = False) -> bool:
+        """`node` cannot take its sequence-split inputs: it reads them whole (all-gather;
+        a local sequence length it reads becomes the serial one, x tp). `sizes_only`: the
+        lengths only. False when it reads none (the refusal was not about them)."""
+        found = False
+        for a in node.all_input_nodes:
+            p = self.pl[a]
+            if isinstance(p, Partial) and not sizes_only:  # its sum, if the node reads it
+                if self.scatters.get(a, self._sequence_split(a)) is not None:
+                    self.whole_readers.add(node)
+                    found = True
+                continue
+            if not self.reads_sequence(a, node) or not is_split(self.seen(a, node)):
+                continue
+            seen = self.seen(a, node)
+            if sizes_only and not isinstance(seen, LocalInt):
+                continue
+            found = True
+            if isinstance(seen, Shard):
+                _add_reader(self.sequence_gathers, a, node)
+            elif isinstance(seen, LocalInt):
+                paths = _paths(node, a)
+                if not paths:
+                    return False  # read somewhere the rewrite cannot reach
+                for path in paths:
+                    self.edits.append(ArgEdit(node, path, a, MultiplyByTP(a)))
+            else:  # a tuple of sizes: no rule reads it whole
+                return False
+            self.reads[(a, node)] = R
+        return found
 
     def cut(self, value: fx.Node, consumer: fx.Node, shard: Shard) -> None:
         """`consumer` reads this rank's slice of the replicated `value` (no communication);
@@ -102,6 +190,48 @@ class Ctx:
         """`value` (replicated) feeds split compute in `consumer`: its gradient is partial."""
         if isinstance(value, fx.Node) and self.grad.get(value, False):
             _add_reader(self.f_inputs, value, consumer)
+
+
+_STATE = (
+    "f_inputs", "reduces", "sequence_gathers", "losses", "gathers", "pl", "params",
+    "param_users", "deferred", "scatters", "reads", "edits", "cuts", "split_uses",
+    "functional_norms", "whole_readers",
+)  # fmt: skip
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of each container, and of the reader lists inside the dicts."""
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out[k] = {a: list(b) if isinstance(b, list) else b for a, b in v.items()}
+        else:
+            out[k] = type(v)(v)
+    return out
+
+
+def _paths(node: fx.Node, a: fx.Node) -> list[tuple[int | str, ...]]:
+    """Where `a` sits in `node`'s arguments (args index or kwargs key, then indices)."""
+    found: list[tuple[int | str, ...]] = []
+
+    def walk(x: Any, path: tuple[int | str, ...]) -> None:
+        if x is a:
+            found.append(path)
+        elif isinstance(x, (list, tuple)):
+            for i, y in enumerate(x):
+                walk(y, (*path, i))
+        elif isinstance(x, slice):  # x[:T]: the rewrite edits a slice's bounds in place
+            for k in ("start", "stop", "step"):
+                walk(getattr(x, k), (*path, k))
+        elif isinstance(x, dict):
+            for k, y in x.items():
+                walk(y, (*path, k))
+
+    for i, x in enumerate(node.args):
+        walk(x, (i,))
+    for k, x in node.kwargs.items():
+        walk(x, (k,))
+    return found
 
 
 def _add_reader(table: dict[fx.Node, list[fx.Node]], value: fx.Node, reader: fx.Node) -> None:

@@ -30,7 +30,7 @@ from ..rule import Split
 from ..trace import restore_grad, set_grad
 from . import compute, layers, layout
 from .context import Ctx, param_names, replicated_like, val
-from .placement import Partial, Placement, Propagation, R, VocabOptions, is_split
+from .placement import Partial, Placement, Propagation, R, Shard, VocabOptions, is_split
 
 __all__ = ["propagate"]
 
@@ -47,13 +47,21 @@ def propagate(
     options: VocabOptions | None = None,
     rule_names: dict[fx.Node, str] | None = None,
     inputs: dict[str, Placement] | None = None,
+    sequence_parallel: bool = False,
 ) -> Propagation:
     """Placements for every node of `gm` given the layer splits; refuses what it cannot
     prove. Pure: `gm` is not modified. `rule_names` names the rule behind each split
     layer, for error messages; `inputs` the placement of inputs that arrive split (by
-    placeholder name; the rest are replicated)."""
+    placeholder name; the rest are replicated).
+
+    `sequence_parallel`: the sum of a partial value is split along its sequence (a
+    reduce-scatter, not an all-reduce), and what follows stays split as long as table
+    entries prove it can (norms, dropout, residuals: per-token compute); a node whose
+    entry refuses a sequence-split input reads it whole instead (an all-gather), so the
+    column-split linear of the next block reads the whole sequence, as in Megatron-LM."""
     c = Ctx(gm, tp, splits, linears, options or VocabOptions())
     c.rule_names = rule_names or {}
+    c.sequence = sequence_parallel and tp > 1
     region = 0
     for n in gm.graph.nodes:
         value = val(n)
@@ -67,53 +75,103 @@ def propagate(
         if n.op == "get_attr":
             c.pl[n] = R
             continue
-        name = "linear" if n in linears else ops.op_name(n, gm)
-        if name in ("linear", "addmm") and n not in linears:
-            name = "computed linear"  # a weight that is not a parameter: no rule, as any op
         c.current = n
-        call = canonical(n, gm, name)
-        partial = [a for a in n.all_input_nodes if isinstance(c.pl.get(a), Partial)]
-        if partial:
-            kept = _keeps_partial(c, call)
-            if kept is not None:
-                c.pl[n] = kept
-                continue
-            if name.endswith("_"):  # in place (ops.INPLACE, aten add_, relu_, ...): other
-                # readers of the partial value would miss the change
-                raise c.refuse(
-                    n, f"in-place {name} on a partial value (a row-split linear's output "
-                    "before its all-reduce)", "write it out of place (y = x + ...)",
-                )  # fmt: skip
-            for a in partial:  # P -> R: this node reads the sum
-                c.reduce(a, n)
-        args_split = any(is_split(c.p(a)) for a in call.leaves())
-        blocks = [a for a in n.all_input_nodes if getattr(c.pl.get(a), "sections", ())]
-        if blocks and name not in ("getitem", "slice"):  # only _section knows them
-            raise c.refuse(
-                n, f"{blocks[0].name}, split in unequal blocks ({c.pl[blocks[0]]}), "
-                f"reaches '{name}'", "slice the fused output into its blocks first",
-            )  # fmt: skip
-        rule = _TABLE.get(name)
-        if (
-            n in linears
-            or n in splits
-            or (rule is not None and (args_split or name in ("view", "split")))
+        if not c.sequence or not any(
+            c.reads_sequence(a, n) or isinstance(c.pl.get(a), Partial) for a in n.all_input_nodes
         ):
-            c.pl[n] = _apply_rule(c, call, rule) if rule else R
-        elif not args_split:
-            c.pl[n] = replicated_like(value)  # replicated compute is always correct
-        else:
-            raise node_error(
-                n,
-                f"a split value reaches '{name}', which has no sharding propagation rule",
-                "keep this op outside split blocks (before the column-split linear or after "
-                "the row-split one), or file an issue to add a rule for it",
-            )
+            _place(c, n)
+            continue
+        before = c.snapshot()
+        try:
+            _place_sequence(c, n)
+        except AutoTPError:  # read the sequence-split inputs whole, and try again: first
+            # the serial lengths only (x.new_ones(T, T)), then the values too
+            for sizes_only in (True, False):
+                c.restore(before)
+                if not c.gather_sequence(n, sizes_only):
+                    if sizes_only:
+                        continue
+                    raise
+                try:
+                    _place_sequence(c, n)
+                    break
+                except AutoTPError:
+                    if not sizes_only:
+                        raise
+        split_in = [a for a in n.all_input_nodes if is_split(c.seen(a, n))]
+        if is_split(c.pl[n]) and split_in and all(c.reads_sequence(a, n) for a in split_in):
+            c.seq.add(n)
     _check_split_params_used_only_split(c)
+    for a, shard in list(c.scatters.items()):  # read whole by all: one all-reduce instead
+        if shard is None or set(c.reduces[a]) <= set(c.sequence_gathers.get(a, ())):
+            del c.scatters[a]
+            c.sequence_gathers.pop(a, None)
     return Propagation(
         c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users, c.losses, c.gathers,
         c.options.gather_outputs, c.reduces, c.deferred, c.cuts, c.options.local_outputs,
+        c.scatters, c.sequence_gathers, c.functional_norms,
     )  # fmt: skip
+
+
+def _place_sequence(c: Ctx, n: fx.Node) -> None:
+    """_place, for a node reading a sequence split: what stays split along the sequence
+    must stay one plain split, which an all-gather can undo (a reshape of [B, T/tp] into
+    [B*T] holds B blocks of the rank's tokens: read the whole sequence there instead)."""
+    _place(c, n)
+    if not any(c.reads_sequence(a, n) for a in n.all_input_nodes):
+        return
+    out = c.pl[n]
+    for p in out if isinstance(out, tuple) else (out,):
+        plain = Shard(p.dim) if isinstance(p, Shard) else p
+        if p != plain:
+            raise c.refuse(n, f"a sequence split becomes {p}", "read the sequence whole")
+
+
+def _place(c: Ctx, n: fx.Node) -> None:
+    """The placement of `n`, from its table entry (or replicated compute)."""
+    gm, linears, splits = c.gm, c.linears, c.splits
+    value = val(n)
+    name = "linear" if n in linears else ops.op_name(n, gm)
+    if name in ("linear", "addmm") and n not in linears:
+        name = "computed linear"  # a weight that is not a parameter: no rule, as any op
+    call = canonical(n, gm, name)
+    partial = [a for a in n.all_input_nodes if isinstance(c.pl.get(a), Partial)]
+    if partial:
+        kept = _keeps_partial(c, call)
+        if kept is not None:
+            c.pl[n] = kept
+            return
+        if name.endswith("_"):  # in place (ops.INPLACE, aten add_, relu_, ...): other
+            # readers of the partial value would miss the change
+            raise c.refuse(
+                n, f"in-place {name} on a partial value (a row-split linear's output "
+                "before its all-reduce)", "write it out of place (y = x + ...)",
+            )  # fmt: skip
+        for a in partial:  # P -> R: this node reads the sum
+            c.reduce(a, n)
+    args_split = any(is_split(c.p(a)) for a in call.leaves())
+    blocks = [a for a in n.all_input_nodes if getattr(c.pl.get(a), "sections", ())]
+    if blocks and name not in ("getitem", "slice"):  # only _section knows them
+        raise c.refuse(
+            n, f"{blocks[0].name}, split in unequal blocks ({c.pl[blocks[0]]}), "
+            f"reaches '{name}'", "slice the fused output into its blocks first",
+        )  # fmt: skip
+    rule = _TABLE.get(name)
+    if (
+        n in linears
+        or n in splits
+        or (rule is not None and (args_split or name in ("view", "split")))
+    ):
+        c.pl[n] = _apply_rule(c, call, rule) if rule else R
+    elif not args_split:
+        c.pl[n] = replicated_like(value)  # replicated compute is always correct
+    else:
+        raise node_error(
+            n,
+            f"a split value reaches '{name}', which has no sharding propagation rule",
+            "keep this op outside split blocks (before the column-split linear or after "
+            "the row-split one), or file an issue to add a rule for it",
+        )
 
 
 def _keeps_partial(c: Ctx, call: Call) -> Partial | None:

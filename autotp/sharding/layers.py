@@ -195,6 +195,9 @@ def _output(c: Ctx, call: Call) -> Placement:
         if not isinstance(a, fx.Node) or not is_split(c.p(a)):
             continue
         pa = c.p(a)
+        if c.reads_sequence(a, n):  # read whole (the sequence gathered), not as an output
+            raise c.refuse(n, f"the model returns {a.name}, split along the sequence",
+                           "read it whole")  # fmt: skip
         if not isinstance(pa, Shard) or pa.blocks != 1:
             raise c.refuse(
                 n, f"the model returns {a.name}, split as {pa}",

@@ -35,6 +35,19 @@ _META_ATTRS = frozenset(
 )
 
 
+def _new_tensor(c: Ctx, call: Call) -> Placement:
+    """x.new_ones(sizes) and its kin read only x's dtype and device: replicated, given
+    replicated sizes."""
+    x = call.node.args[0] if call.node.args else None
+    for a in call.leaves():
+        if a is not x and isinstance(a, fx.Node) and is_split(c.p(a)):
+            raise c.refuse(
+                call.node, f"{call.op} with a split size ({a.name}: {c.p(a)})",
+                "give it replicated sizes",
+            )  # fmt: skip
+    return R
+
+
 def _getattr(c: Ctx, call: Call) -> Placement:
     """x.shape like size(); metadata attributes are replicated; any other attribute of a
     split value (.T, .mT, .data, .real, ...) has no rule and is refused."""
@@ -467,4 +480,5 @@ RULES: dict[str, Callable[[Ctx, Call], Placement]] = {
     "cat": _cat,  # values split alike, along a replicated dimension
     "stack": _stack,  # values split alike: the split shifts past a new dimension before it
     "expand": _expand,  # the size argument at the split dimension becomes local
+    **dict.fromkeys(("new_ones", "new_zeros", "new_full", "new_empty"), _new_tensor),  # R
 }

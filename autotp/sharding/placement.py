@@ -27,7 +27,7 @@ from ..rule import Split
 
 __all__ = [
     "R", "LOCAL", "Replicate", "Shard", "Partial", "LocalInt", "Placement", "DivideByTP",
-    "ArgEdit", "Cut", "Propagation", "VocabOptions", "LossInfo", "is_split",
+    "MultiplyByTP", "ArgEdit", "Cut", "Propagation", "VocabOptions", "LossInfo", "is_split",
 ]  # fmt: skip
 
 
@@ -142,6 +142,14 @@ class DivideByTP:
 
 
 @dataclass(frozen=True)
+class MultiplyByTP:
+    """Edit marker: replace the argument (an int node) by `arg * tp`: a sequence length
+    read from a sequence-split value (its local length) where the serial one is meant."""
+
+    source: fx.Node
+
+
+@dataclass(frozen=True)
 class ArgEdit:
     """Rewrite one shape argument of `node`: at `path` (args index or kwargs key, then
     indices into nested lists), `old` becomes `new` (an int, or DivideByTP)."""
@@ -182,6 +190,12 @@ class Propagation:
     deferred: dict[fx.Node, fx.Node] = field(default_factory=dict)
     cuts: list[Cut] = field(default_factory=list)
     local_outputs: tuple[int, ...] = ()  # output leaf positions kept local regardless
+    # sequence parallelism: partial value -> the sequence split its readers see (its sum
+    # reduce-scattered, not all-reduced); sequence-split value -> readers that read it
+    # whole (all-gathered first); norm modules on split values, run in functional form
+    scatters: dict[fx.Node, Shard] = field(default_factory=dict)
+    sequence_gathers: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+    functional_norms: set[fx.Node] = field(default_factory=set)
 
 
 def is_split(p: Placement) -> bool:

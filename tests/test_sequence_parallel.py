@@ -1,0 +1,162 @@
+"""Sequence parallelism (`sequence_parallel=True`): between the split blocks each rank holds
+1/tp of the sequence; the all-reduce after a row-split block is a reduce-scatter and the f
+before a column-split block an all-gather. Properties: equal to serial in float64
+(outputs, loss, every gradient, input gradients, one optimiser step), in one process and
+on gloo ranks, on the reference models, Hugging Face models and fuzzed structures; the
+collectives are exactly Megatron-LM's (counted by autotp and by PyTorch's CommDebugMode);
+what cannot be proven is read whole or refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.tensor.debug import CommDebugMode
+
+import autotp
+from autotp.errors import AutoTPError
+from autotp.fuzz import check_case, check_case_gloo, random_case
+from autotp.models import build
+from autotp.sharding import Shard
+from autotp.testing import assert_equivalent, run_on_gloo
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+    pytest.mark.filterwarnings("ignore:Implicit dimension choice:UserWarning"),
+]
+
+
+def _sp(model, tp, x):
+    return autotp.simulate(model, tp, x, sequence_parallel=True)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("name", ["gpt2-tiny", "bert-tiny", "bert-tiny-preln"])
+def test_sequence_parallel_equals_serial(name: str, tp: int) -> None:
+    torch.manual_seed(0)
+    model = build(name)
+    report = assert_equivalent(model, None, tp, parallel=_sp)
+    assert report.largest() < 1e-10
+
+
+def _counts(layers: int, tp: int = 2) -> dict[tuple[str, str], int]:
+    torch.manual_seed(0)
+    model = build("gpt2-tiny", n_layer=layers)
+    x = model.example_inputs()
+    sim = _sp(model, tp, x)
+    with autotp.count_collectives() as log:
+        _, loss = sim(**x)
+        loss.backward()
+    out: dict[tuple[str, str], int] = {}
+    for kind, direction, _ in log.events:
+        out[(kind, direction)] = out.get((kind, direction), 0) + 1
+    return out
+
+
+def test_collectives_per_layer_are_megatrons() -> None:
+    """Per layer: 2 reduce-scatters + 2 all-gathers forward, 2 + 2 backward, no all-reduce
+    (the all-reduces are the loss's 3 numbers per token, and one of all the parameters'
+    gradients read by per-token compute, at the end of backward)."""
+    two, three = _counts(2), _counts(3)
+    per_layer = {k: three.get(k, 0) - two.get(k, 0) for k in set(two) | set(three)}
+    assert {k: v for k, v in per_layer.items() if v} == {
+        ("reduce_scatter", "forward"): 2, ("all_gather", "forward"): 2,
+        ("reduce_scatter", "backward"): 2, ("all_gather", "backward"): 2,
+    }  # fmt: skip
+    # the rest: the embedding's reduce-scatter, the output layer's all-gather (and the
+    # logits returned whole), the positions' part (all-gathered back), the loss
+    assert two == {
+        ("reduce_scatter", "forward"): 5, ("all_gather", "forward"): 6,
+        ("all_reduce", "forward"): 2, ("all_reduce_max", "forward"): 1,
+        ("reduce_scatter", "backward"): 5, ("all_gather", "backward"): 6,
+        ("all_reduce", "backward"): 1,
+    }  # fmt: skip
+
+
+def test_the_regions_between_blocks_hold_a_sequence_split() -> None:
+    """Layer norms, dropout and residuals are placed S(1) (the sequence of [B, T, C]) by
+    the propagation; the blocks' inputs are read whole."""
+    model = build("gpt2-tiny", n_layer=2)
+    p = autotp.plan(model, 2, model.example_inputs(), sequence_parallel=True)
+    placed = {n.name: pl for n, pl in p.propagation.placements.items()}
+    for name in ("transformer_h_0_ln_1", "transformer_h_0_ln_2", "add_2", "transformer_ln_f"):
+        assert placed[name] == Shard(1), (name, placed[name])
+    assert set(p.propagation.scatters.values()) == {Shard(1)}
+    assert len(p.propagation.sequence_gathers) == 5  # 2 blocks x 2, and the output layer
+
+
+def _gloo_sp(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = build("gpt2-tiny", n_layer=2)
+    report = assert_equivalent(
+        model, None, world,
+        parallel=lambda m, tp, x: autotp.parallelize(m, tp, x, sequence_parallel=True),
+    )  # fmt: skip
+    model = build("gpt2-tiny", n_layer=2)
+    x = model.example_inputs()
+    module = autotp.parallelize(model, world, x, sequence_parallel=True)
+    with CommDebugMode() as cdm, autotp.count_collectives() as log:
+        _, loss = module(**x)
+        loss.backward()
+    counts = {str(k).split(".")[-1]: v for k, v in cdm.get_comm_counts().items()}
+    return {"largest": report.largest(), "cdm": counts, "ours": len(log.events)}
+
+
+def test_sequence_parallel_on_gloo_ranks_equals_serial_and_counts_under_comm_debug_mode() -> None:
+    for r in run_on_gloo(_gloo_sp, 2):
+        assert r["largest"] < 1e-10
+        assert sum(r["cdm"].values()) == r["ours"], r
+        # 2 layers: 5 reduce-scatters forward and 5 backward, 5 + 6 all-gathers; the
+        # logits gathered; the loss's 3 all-reduces and the parameters' one
+        assert r["cdm"] == {
+            "_reduce_scatter_base_": 10, "_allgather_base_": 11, "allgather_": 1,
+            "allreduce_": 4,
+        }  # fmt: skip
+
+
+def test_a_sequence_not_divisible_by_tp_is_refused_with_a_hint() -> None:
+    model = build("gpt2-tiny", n_layer=1)
+    sim = _sp(model, 2, model.example_inputs())
+    ids = torch.randint(0, 256, (2, 7))
+    with pytest.raises(AutoTPError, match="multiple of"):
+        sim(idx=ids, targets=ids)
+
+
+def test_the_block_form_refuses_sequence_parallelism() -> None:
+    model = build("gpt2-tiny", n_layer=1)
+    with pytest.raises(AutoTPError, match="sequence_parallel"):
+        autotp.simulate(model, 2, form="blocks", sequence_parallel=True)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hugging_face_models_with_sequence_parallelism_equal_serial(arch: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=64, use_cache=False
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=300, use_cache=False,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 300, (2, 8))
+    x = {"input_ids": ids, "labels": ids}
+    # Llama's loss upcasts the logits to float32 inside; everything else is float64
+    report = assert_equivalent(model.eval(), x, 2, parallel=_sp, atol=1e-10, rtol=1e-6)
+    assert report.largest("grad:") < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(9000, 9012))
+def test_fuzzed_structures_refuse_or_equal_serial_with_sequence_parallelism(seed: int) -> None:
+    case = random_case(seed, tps=(2, 4))
+    verdict = check_case(case, sequence_parallel=True)
+    assert verdict.ok, f"{verdict}\n\nreproducer:\n{case.reproducer()}"
+
+
+def test_a_fuzzed_structure_on_gloo_ranks_with_sequence_parallelism() -> None:
+    case = random_case(9003, tps=(2,))
+    verdict = check_case_gloo(case, sequence_parallel=True)
+    assert verdict.ok, f"{verdict}\n\nreproducer:\n{case.reproducer()}"
