@@ -108,9 +108,14 @@ class Plan:
 
     def collectives(self) -> dict[str, int]:
         """Collective call sites in the per-rank graph: f (all-reduce backward), g (all-reduce
-        forward), max (all-reduce max forward), gather (all-gather forward)."""
+        forward), max (all-reduce max forward), gather (all-gather forward); with sequence
+        parallelism reduce_scatter (in g's place), sp_gather (in f's place),
+        sequence_gather (a sequence read whole) and scatter (a replicated term cut to the
+        rank's part of the sequence), where the plan has them."""
         kinds = [record(n).collective for n in self.graph.nodes]
-        return {k: kinds.count(k) for k in ("f", "g", "max", "gather")}
+        sequence = ("reduce_scatter", "sp_gather", "sequence_gather", "scatter")
+        counts = {k: kinds.count(k) for k in ("f", "g", "max", "gather", *sequence)}
+        return {k: v for k, v in counts.items() if v or k not in sequence}
 
     def __rich__(self) -> Any:
         from .render import plan_summary

@@ -56,6 +56,9 @@ _COLL_TEXT = {
     ("all_reduce", "backward"): "f: all-reduce backward",
     ("all_reduce_max", "forward"): "all-reduce max forward",
     ("all_gather", "forward"): "all-gather forward",
+    ("all_gather", "backward"): "all-gather backward",
+    ("reduce_scatter", "forward"): "reduce-scatter forward",
+    ("reduce_scatter", "backward"): "reduce-scatter backward",
 }
 
 
@@ -211,7 +214,11 @@ def comm_table(plan: Any) -> Table:
         label = Text(_COLL_TEXT[(kind, direction)], style=KIND_STYLE["collective"])
         nbytes = _mib(sum(c.bytes for c in cs))
         t.add_row(label, rule or "-", str(len(cs)), f"{elements:,}", nbytes)
-    t.caption = f"total {_mib(sum(c.bytes for c in rows))} in {len(rows)} collectives"
+    ring = sum(c.ring_bytes(plan.tp) for c in rows)
+    t.caption = (
+        f"total {_mib(sum(c.bytes for c in rows))} in {len(rows)} collectives; "
+        f"{_mib(int(ring))} sent per rank on a ring"
+    )
     return t
 
 
@@ -220,6 +227,13 @@ def collectives_line(plan: Any) -> Text:
     extra = ""
     if coll["max"] or coll["gather"]:
         extra = f", {coll['max']} all-reduce max (loss), {coll['gather']} all-gather (outputs)"
+    if "reduce_scatter" in coll or "sp_gather" in coll:  # sequence parallelism
+        extra += (
+            f"; sequence parallel: {coll.get('reduce_scatter', 0)} reduce-scatter forward"
+            f" (all-gather backward), {coll.get('sp_gather', 0)} all-gather forward "
+            f"(reduce-scatter backward), {coll.get('sequence_gather', 0)} sequence read "
+            f"whole, {coll.get('scatter', 0)} scattered term"
+        )
     return Text(
         f"collectives per step: {coll['g']} all-reduce forward (g), "
         f"{coll['f']} all-reduce backward (f){extra}"

@@ -59,7 +59,7 @@ class ParamRow:
 @dataclass(frozen=True)
 class CommRow:
     node: str
-    kind: str  # "all_reduce" | "all_reduce_max" | "all_gather"
+    kind: str  # "all_reduce" | "all_reduce_max" | "all_gather" | "reduce_scatter"
     direction: str  # "forward" | "backward"
     module: str
     rule: str
@@ -69,6 +69,16 @@ class CommRow:
     @property
     def bytes(self) -> int:
         return self.elements * _itemsize(self.dtype)
+
+    def ring_bytes(self, tp: int) -> float:
+        """What one rank sends over the wire in a ring implementation: an all-reduce is a
+        reduce-scatter then an all-gather, each moving (tp - 1) / tp of the value, so
+        sequence parallelism's pair moves what one all-reduce does."""
+        if self.kind in ("all_reduce", "all_reduce_max"):
+            return 2 * (tp - 1) / tp * self.bytes
+        if self.kind == "reduce_scatter":
+            return (tp - 1) / tp * self.bytes
+        return (tp - 1) * self.bytes  # an all-gather: the others' parts, of the rank's size
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -133,22 +143,32 @@ def communication(plan: Any) -> list[CommRow]:
         what = info.collective
         if not what:
             continue
-        val = n.meta.get("val")
-        if what == "f":
-            val = n.args[0].meta.get("val")
-        numel = val.numel() if isinstance(val, torch.Tensor) else 0
-        dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
-        kind, direction = {
-            "f": ("all_reduce", "backward"),
-            "g": ("all_reduce", "forward"),
-            "max": ("all_reduce_max", "forward"),
-            "gather": ("all_gather", "forward"),
-        }[what]
-        if what == "gather":  # each rank sends its slice
-            numel = numel // plan.tp
-        rows.append(CommRow(n.name, kind, direction, module_path(n), info.rule or "",
-                            numel, dtype))  # fmt: skip
+        vals = list(n.meta["val"]) if isinstance(n.meta.get("val"), tuple) else [n.meta.get("val")]
+        if what == "f" and len(vals) == 1:  # of its input
+            vals = [n.args[0].meta.get("val")]
+        tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+        numel = sum(v.numel() for v in tensors)
+        dtype = tensors[0].dtype if tensors else torch.float32
+        for kind, direction, part in _RUNS[what]:
+            # an all-gather sends the rank's part; a reduce-scatter its whole summand
+            elements = numel // plan.tp if part else numel
+            rows.append(CommRow(n.name, kind, direction, module_path(n), info.rule or "",
+                                elements, dtype))  # fmt: skip
     return rows
+
+
+# what each collective call site runs: (kind, direction, sends only the rank's part)
+_RUNS: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "f": (("all_reduce", "backward", False),),
+    "g": (("all_reduce", "forward", False),),
+    "max": (("all_reduce_max", "forward", False),),
+    "gather": (("all_gather", "forward", True),),
+    # sequence parallelism
+    "reduce_scatter": (("reduce_scatter", "forward", False), ("all_gather", "backward", True)),
+    "sp_gather": (("all_gather", "forward", True), ("reduce_scatter", "backward", False)),
+    "sequence_gather": (("all_gather", "forward", True),),
+    "scatter": (("all_gather", "backward", True),),
+}
 
 
 def unmatched_reasons(plan: Any) -> list[tuple[str, str]]:

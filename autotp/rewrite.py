@@ -371,6 +371,7 @@ def _sequence_gather(
         f.replace_all_uses_with(g)
         graph.erase_node(f)
         f_of[value] = g
+        what = "sp_gather"
         why = "all-gather of the sequence for split compute; backward reduce-scatter"
     else:
         with graph.inserting_after(src):
@@ -381,9 +382,10 @@ def _sequence_gather(
             g = _site(graph, GATHER_MODULE, (src, dim, serial), {}, f"gather_{value.name}")
         for r in (*direct, *([f] if f is not None else [])):
             r.replace_input_with(src, g)
+        what = "sequence_gather"
         why = "all-gather of the sequence, read whole; backward keeps the rank's part"
     _copy_meta(src, g)
-    _tag(g, collective="sequence_gather", placement="R", why=why)
+    _tag(g, collective=what, placement="R", why=why)
     return g
 
 
@@ -465,13 +467,17 @@ def _one_f_for_parameters(graph: fx.Graph, gm: fx.GraphModule) -> None:
         anchor = f.args[0]
     with graph.inserting_after(anchor):
         many = _site(graph, F_PARAMS_MODULE, tuple(f.args[0] for f in sites), {}, "f_params")
+    shapes = dict(gm.named_parameters(remove_duplicate=False))
+    many.meta["val"] = tuple(
+        torch.empty(shapes[str(f.args[0].target)].shape, device="meta") for f in sites
+    )
     _tag(many, collective="f", rule="propagation", placement="R",
          why=f"backward all-reduce of {len(sites)} parameters' gradients, as one")  # fmt: skip
     last = many
     for i, f in enumerate(sites):
         with graph.inserting_after(last):
             last = graph.call_function(operator.getitem, (many, i))
-        last.meta.update(f.meta)
+        _copy_meta(f, last)
         f.replace_all_uses_with(last)
         graph.erase_node(f)
 

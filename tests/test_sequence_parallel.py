@@ -160,3 +160,23 @@ def test_a_fuzzed_structure_on_gloo_ranks_with_sequence_parallelism() -> None:
     case = random_case(9003, tps=(2,))
     verdict = check_case_gloo(case, sequence_parallel=True)
     assert verdict.ok, f"{verdict}\n\nreproducer:\n{case.reproducer()}"
+
+
+def test_the_printed_plan_lists_the_collectives_that_run() -> None:
+    """report.communication (what `print(plan)` shows) names each collective that runs,
+    by kind and direction, and sequence parallelism moves on a ring what all-reduces
+    would, but for the parameters' gradients and the positions' part."""
+    from autotp import report
+
+    torch.manual_seed(0)
+    model = build("gpt2-tiny", n_layer=2)
+    x = model.example_inputs()
+    sim = _sp(model, 2, x)
+    with autotp.count_collectives() as log:
+        sim(**x)[1].backward()
+    rows = report.communication(sim.plan)
+    assert sorted((r.kind, r.direction) for r in rows) == sorted(e[:2] for e in log.events)
+    plain = report.communication(autotp.plan(model, 2, x))
+    ring = [sum(r.ring_bytes(2) for r in rs) for rs in (rows, plain)]
+    extra = [r for r in rows if r.rule == "propagation" or r.node.startswith("scatter")]
+    assert ring[0] == pytest.approx(ring[1] + sum(r.ring_bytes(2) for r in extra))
