@@ -95,6 +95,17 @@ def test_tp2_dp2_training_equals_serial(dtype: str, lr: float, tol: float) -> No
     assert len({tuple(r["losses"]) for r in results}) == 1  # every rank logged the same
 
 
+def test_tp2_training_with_sequence_parallelism_equals_serial() -> None:
+    """`autotp train --sp`: the norms, residuals and dropout between blocks split along the
+    sequence; the weights after 5 AdamW steps (clipped, accumulated) are serial's."""
+    cfg = dataclasses.replace(BASE, tp=2, dtype="float64", sp=True)
+    results = run_on_gloo(_run, 2, cfg)
+    want = serial_training(cfg)
+    for r in results:
+        assert _largest(r["final"], want) <= 1e-10
+    assert results[0]["losses"] == results[1]["losses"]
+
+
 def test_initial_weights_equal_a_serial_initialisation() -> None:
     cfg = dataclasses.replace(BASE, tp=2, steps=0)
     results = run_on_gloo(_run, 2, cfg)

@@ -69,7 +69,7 @@ def load_model(
 def _show(args: argparse.Namespace, console: Console) -> int:
     model, inputs = load_model(args.model, args.batch, args.seq, args.input)
     with console.status(f"planning {args.model} over tp={args.tp}…", spinner="dots"):
-        p = plan(model, args.tp, inputs, strict=args.strict)
+        p = plan(model, args.tp, inputs, strict=args.strict, sequence_parallel=args.sp)
     if args.json:
         console.print_json(json.dumps(report.to_json(p)))
         return 0
@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--strict", action="store_true",
                       help="refuse a matched block whose split cannot be proven, instead of "
                       "leaving it replicated")  # fmt: skip
+    show.add_argument("--sp", action="store_true",
+                      help="plan with sequence parallelism (the regions between blocks split "
+                      "along the sequence)")  # fmt: skip
     return ap
 
 

@@ -55,6 +55,11 @@ class TrainConfig:
     )
     tp: int = _opt(2, "tensor-parallel ranks")
     dp: int = _opt(1, "data-parallel replicas (tp x dp processes in all)")
+    sp: bool = _opt(
+        False,
+        "sequence parallelism: between the split blocks each tp rank holds 1/tp of the "
+        "sequence (norms, dropout, residuals); --seq must be a multiple of --tp",
+    )
     fsdp: bool = _opt(
         False,
         "shard parameters, gradients and optimizer state over the dp ranks (FSDP2's "
@@ -294,6 +299,12 @@ def check(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainConfig:
                          objective=cfg.objective)  # fmt: skip
     from ..plan import plan
 
+    if cfg.sp and cfg.seq % cfg.tp:
+        raise UsageError(
+            f"--sp splits each sequence over the tp ranks: --seq {cfg.seq} is not a multiple "
+            f"of --tp {cfg.tp}; choose --seq {cfg.seq - cfg.seq % cfg.tp or cfg.tp}, or drop --sp"
+        )
     rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
-    plan(model, cfg.tp, example_inputs(model, rows, cfg.seq), strict=cfg.strict)
+    plan(model, cfg.tp, example_inputs(model, rows, cfg.seq), strict=cfg.strict,
+         sequence_parallel=cfg.sp)  # fmt: skip
     return cfg

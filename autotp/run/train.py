@@ -105,7 +105,7 @@ class Trainer:
         rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
         example = example_inputs(self.model, rows, cfg.seq)
         self.inputs = tuple(example) if isinstance(example, dict) else ()  # mlm's keywords
-        self.plan = plan(self.model, cfg.tp, example, strict=cfg.strict)
+        self.plan = plan(self.model, cfg.tp, example, strict=cfg.strict, sequence_parallel=cfg.sp)
         m = self.mesh
         comm = ProcessGroupComm(m.tp_group)
         # each rank's shards: read from the file, or drawn whole one tensor at a time by
