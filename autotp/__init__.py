@@ -8,7 +8,7 @@ The pipeline, one module per stage: trace -> match -> sharding (propagation) -> 
 materialise; collectives holds f and g; render draws plans in the terminal.
 """
 
-from .collectives import count_collectives
+from .comm import count_collectives
 from .errors import AutoTPError
 from .parallel import full_grads, full_state_dict, parallelize, simulate
 from .plan import Plan, plan

@@ -45,15 +45,15 @@ from .block_calls import (
     take_apart,
 )
 from .block_tensors import load_outside, shell
-from .collectives import Comm
+from .comm import Comm
 from .errors import AutoTPError
 from .materialise import build_rank_module
 from .plan import HOOK_KINDS, Plan, _collects, _plan
 from .random import RankRandom
-from .rewrite import record
 from .rule import Rule
 from .sharding import Shard, VocabOptions
 from .simulate import SimulatedTP
+from .sites import record
 from .trace import _dispatched, accepts
 from .weights import Weights
 

@@ -33,7 +33,8 @@ from .collectives import (
 )
 from .errors import AutoTPError
 from .random import RankRandom, StreamDropout
-from .rewrite import (
+from .sharding import Shard
+from .sites import (
     DROPOUT_MODULES,
     F_MODULE,
     F_PARAMS_MODULE,
@@ -47,7 +48,6 @@ from .rewrite import (
     record,
     site_kind,
 )
-from .sharding import Shard
 from .weights import Weights
 
 __all__ = [

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .block_tensors import full_tensors
 from .blocks import is_block_model, parallel_blocks
-from .collectives import LocalComm, ProcessGroupComm, SimulatedComm
+from .comm import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .materialise import RankInfo, build_rank_module, gather_over
 from .plan import Plan, check_tp, plan, rules_or_default

@@ -20,9 +20,10 @@ import torch.nn as nn
 from . import ops
 from .errors import AutoTPError, module_path, source_line
 from .match import LinearInfo, Match, find_embeddings, find_linears, match
-from .rewrite import record, rewrite
+from .rewrite import rewrite
 from .rule import Rule
 from .sharding import Propagation, Shard, VocabOptions, is_split, propagate
+from .sites import record
 from .trace import Traced, trace
 
 __all__ = ["Plan", "plan", "model_signature"]

@@ -1,5 +1,5 @@
 """Stage 9, render: what a person reads in the terminal (rich). Reads only the plan, the
-facts in report.py and the NodeRecord (`rewrite.record(node)`) the rewrite wrote.
+facts in report.py and the NodeRecord (`sites.record(node)`) the rewrite wrote.
 
 Views: `summary` (module tree coloured by placement, with rules and collectives; per-rank
 parameter bytes; communication per step), `graph` (the per-rank graph, changes
@@ -24,7 +24,7 @@ from rich.tree import Tree
 from . import report
 from .errors import AutoTPError
 from .report import KIND_STYLE
-from .rewrite import NodeRecord, record, site_kind
+from .sites import NodeRecord, record, site_kind
 
 __all__ = [
     "to_text", "plan_summary", "summary", "graph_view", "diff_view", "unmatched_view",

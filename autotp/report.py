@@ -17,9 +17,9 @@ import torch.fx as fx
 
 from . import ops
 from .errors import module_path
-from .rewrite import record
 from .rule import Column, Row, Vocab
 from .sharding import Shard
+from .sites import record
 
 __all__ = [
     "ParamRow", "CommRow", "params", "communication", "unmatched_reasons", "layer_nodes",

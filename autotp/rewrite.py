@@ -27,7 +27,6 @@ Before/after for a GPT-2 MLP:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from .collectives import rank_slice
 from .errors import node_error
 from .match import EmbeddingInfo, Match
 from .rule import Row
+from .sequence import functional_norm, one_f_for_parameters, sequence_gather
 from .sharding import (
     ArgEdit,
     Cut,
@@ -51,71 +51,24 @@ from .sharding import (
     Propagation,
     Shard,
 )  # fmt: skip
+from .sites import (
+    DROPOUT_MODULES,
+    F_MODULE,
+    G_MODULE,
+    GATHER_MODULE,
+    MAX_MODULE,
+    RANK_BUFFER,
+    REDUCE_SCATTER_MODULE,
+    SCATTER_MODULE,
+    copy_meta,
+    placement_text,
+    record,
+    site,
+    tag,
+)
 from .vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
 
-__all__ = [
-    "rewrite",
-    "NodeRecord",
-    "record",
-    "site_kind",
-    "F_MODULE",
-    "G_MODULE",
-    "MAX_MODULE",
-    "GATHER_MODULE",
-    "REDUCE_SCATTER_MODULE",
-    "SP_GATHER_MODULE",
-    "SCATTER_MODULE",
-    "F_PARAMS_MODULE",
-    "RANK_BUFFER",
-]
-
-F_MODULE = "tp_f"  # identity forward, all-reduce backward
-G_MODULE = "tp_g"  # all-reduce forward, identity backward
-MAX_MODULE = "tp_max"  # all-reduce max (the vocab-parallel loss's row max)
-GATHER_MODULE = "tp_gather"  # all-gather of a split output
-# sequence parallelism (Megatron-LM's conjugate pair and its two companions)
-REDUCE_SCATTER_MODULE = "tp_reduce_scatter"  # g's place: reduce-scatter, all-gather back
-SP_GATHER_MODULE = "tp_sp_gather"  # f's place: all-gather, reduce-scatter back
-SCATTER_MODULE = "tp_scatter"  # a replicated term joins a sequence split: slice, all-gather back
-F_PARAMS_MODULE = "tp_f_params"  # f of every parameter read by split compute, at once
-DROPOUT_MODULES = {"shared": "tp_dropout_shared", "rank": "tp_dropout_rank"}
-RANK_BUFFER = "tp_rank"  # a 0-dim tensor holding the rank: the only per-rank constant
-COLLECTIVE_MODULES = (
-    F_MODULE, G_MODULE, MAX_MODULE, GATHER_MODULE, REDUCE_SCATTER_MODULE, SP_GATHER_MODULE,
-    SCATTER_MODULE, F_PARAMS_MODULE,
-)  # fmt: skip
-
-
-@dataclass(slots=True)
-class NodeRecord:
-    """What the rewrite records on a node it created or changed, `node.meta["autotp"]`:
-    everything the terminal views, the reports and the rank builders read."""
-
-    rule: str | None = None  # the rule (or "propagation", "output") behind the change
-    placement: str | None = None  # the value's placement, as text ("R", "S(2)", "P")
-    collective: str | None = None  # "f", "g", "max" or "gather" for a collective site
-    why: str | None = None  # one line: why this node is here
-    split: str | None = None  # a split layer's split ("column", "row", "vocab", ...)
-    weight: str | None = None  # a split layer's weight
-    edits: list[str] = field(default_factory=list)  # shape arguments rewritten, as text
-    dropout: str | None = None  # a dropout site's stream: "shared" or "rank"
-    dropout_of: str | None = None  # the dropout module a site replaces
-    split_output: tuple[Shard, int] | None = None  # returned split, kept local: (split, size)
-    split_input: Shard | None = None  # an input each rank is given its slice of
-
-
-def record(node: fx.Node) -> NodeRecord:
-    """The node's record (an empty one where the rewrite changed nothing)."""
-    rec = node.meta.get("autotp")
-    return rec if isinstance(rec, NodeRecord) else NodeRecord()
-
-
-def _tag(node: fx.Node, **info: Any) -> None:
-    rec = node.meta.get("autotp")
-    if not isinstance(rec, NodeRecord):
-        rec = node.meta["autotp"] = NodeRecord()
-    for key, value in info.items():
-        setattr(rec, key, value)  # slots: a misspelt field fails here
+__all__ = ["rewrite"]
 
 
 def _get_path(node: fx.Node, path: tuple[int | str, ...]) -> Any:
@@ -159,20 +112,20 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
 
     for old, placement in prop.placements.items():
         if old in env:
-            _tag(env[old], placement=_placement_text(placement))
+            tag(env[old], placement=placement_text(placement))
             if old.op == "placeholder" and isinstance(placement, Shard):
-                _tag(env[old], split_input=placement)
+                tag(env[old], split_input=placement)
 
     # 1. f: one per replicated value feeding split compute.
     f_of: dict[fx.Node, fx.Node] = {}
     for value, consumers in prop.f_inputs.items():
         src = env[value]
         with graph.inserting_after(src):
-            f = _site(graph, F_MODULE, (src,), {}, f"f_{src.name}")
+            f = site(graph, F_MODULE, (src,), {}, f"f_{src.name}")
         f.meta = {"val": src.meta.get("val"), "stack_trace": src.meta.get("stack_trace")}
         f.meta["nn_module_stack"] = src.meta.get("nn_module_stack", {})
         rules = sorted({rule_of.get(c, "propagation") for c in consumers})
-        _tag(f, collective="f", rule=", ".join(rules), placement="R",
+        tag(f, collective="f", rule=", ".join(rules), placement="R",
              why="backward all-reduce: the gradient of a replicated value used by split "
              "compute is a partial sum")  # fmt: skip
         for c in consumers:
@@ -189,16 +142,16 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         x = _get_path(node, (li.input_index,))
         place = str(kind)
         if li.layout == "experts":  # bmm(W[ids], x) reads W by name: its shard, unchanged
-            _tag(node, rule=rule, split=place, weight=li.weight,
-                 placement=_placement_text(prop.placements[old]))  # fmt: skip
+            tag(node, rule=rule, split=place, weight=li.weight,
+                 placement=placement_text(prop.placements[old]))  # fmt: skip
             continue
         with graph.inserting_before(node):
             w = graph.get_attr(li.weight)
             row = isinstance(kind, Row)  # a row split's bias is added after the sum (step 3)
             b = graph.get_attr(li.bias) if li.bias and not row else None
-            _tag(w, rule=rule, placement=f"{place} shard of {li.weight}")
+            tag(w, rule=rule, placement=f"{place} shard of {li.weight}")
             if b is not None:
-                _tag(b, rule=rule, placement=f"{place} shard")
+                tag(b, rule=rule, placement=f"{place} shard")
             if li.layout == "out_in":
                 y = graph.call_function(F.linear, (x, w, b))
             elif li.layout == "conv1d":  # kernel 1: a linear over the channels
@@ -207,9 +160,9 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
                 y = graph.call_function(torch.matmul, (x, w))
                 if b is not None:
                     y = graph.call_function(operator.add, (y, b))
-            _copy_meta(node, y)
-            _tag(y, rule=rule, split=place, weight=li.weight,
-                 placement=_placement_text(prop.placements[old]))  # fmt: skip
+            copy_meta(node, y)
+            tag(y, rule=rule, split=place, weight=li.weight,
+                 placement=placement_text(prop.placements[old]))  # fmt: skip
         node.replace_all_uses_with(y)
         graph.erase_node(node)
         env[old] = y
@@ -226,12 +179,12 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     whole: dict[fx.Node, fx.Node] = {}  # sequence-split value -> its all-gather
     for value, readers in prop.sequence_gathers.items():
         src = summed.get(value, env[value])
-        whole[value] = _sequence_gather(graph, env, f_of, src, value, readers, prop, tp)
+        whole[value] = sequence_gather(graph, env, f_of, src, value, readers, prop, tp)
     for cut in prop.cuts:
         _cut(graph, env, f_of, whole, cut, tp)
     for old in gm.graph.nodes:  # in graph order: every rank builds the same graph
         if old in prop.functional_norms:
-            env[old] = _functional_norm(graph, gm, env[old])
+            env[old] = functional_norm(graph, gm, env[old])
 
     # 4. shape arguments.
     for e in prop.edits:
@@ -245,21 +198,21 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     local = {leaves[i] for i in prop.local_outputs if -len(leaves) <= i < len(leaves)}
     for old, (shard, size) in prop.gathers.items():
         if not prop.gather_outputs or old in local:
-            _tag(env[old], split_output=(shard, size))
+            tag(env[old], split_output=(shard, size))
             continue
         with graph.inserting_before(out_node):
-            gather = _site(
+            gather = site(
                 graph, GATHER_MODULE, (env[old], shard.dim, size), {}, f"gather_{env[old].name}"
             )
-        _copy_meta(env[old], gather)
-        _tag(gather, collective="gather", placement="R", rule="output",
+        copy_meta(env[old], gather)
+        tag(gather, collective="gather", placement="R", rule="output",
              why=f"the model returns this value; all-gather along dim {shard.dim}")  # fmt: skip
         out_node.replace_input_with(env[old], gather)
     for old in gm.graph.nodes:
         if old.op.startswith("call") and ops.op_name(old, gm) == "dropout":
             _stream_dropout(graph, gm, old, env[old], prop.placements[old])
     if prop.scatters:
-        _one_f_for_parameters(graph, gm)
+        one_f_for_parameters(graph, gm)
 
     graph.lint()
     return graph
@@ -289,9 +242,9 @@ def _reduce(
     scatter = prop.scatters.get(value)
     with graph.inserting_after(anchor):
         if scatter is None:
-            g = _site(graph, G_MODULE, (src,), kwargs, f"g_{value.name}")
+            g = site(graph, G_MODULE, (src,), kwargs, f"g_{value.name}")
         else:
-            g = _site(graph, REDUCE_SCATTER_MODULE, (src, scatter.dim), {}, f"rs_{value.name}")
+            g = site(graph, REDUCE_SCATTER_MODULE, (src, scatter.dim), {}, f"rs_{value.name}")
     rule = rule_of.get(base, "propagation")
     split = prop.splits.get(base)
     if split is not None and isinstance(split[1], EmbeddingInfo):
@@ -301,11 +254,11 @@ def _reduce(
     else:
         why = "forward all-reduce: one for a sum of partial results"
     if scatter is None:
-        _tag(g, collective="g", rule=rule, placement="R", why=why)
+        tag(g, collective="g", rule=rule, placement="R", why=why)
     else:
         why = why.replace("forward all-reduce", "forward reduce-scatter along the sequence")
-        _tag(g, collective="reduce_scatter", rule=rule, placement=str(scatter), why=why)
-    _copy_meta(src, g)
+        tag(g, collective="reduce_scatter", rule=rule, placement=str(scatter), why=why)
+    copy_meta(src, g)
     out = g
     placement = prop.placements[value]
     assert isinstance(placement, Partial)
@@ -313,7 +266,7 @@ def _reduce(
         if isinstance(term, str):  # a row-split linear's bias
             with graph.inserting_after(out):
                 t = graph.get_attr(term)
-            _tag(t, rule=rule, placement="R")
+            tag(t, rule=rule, placement="R")
             why, last = "bias after the all-reduce", t
             trailing = -1 - _bias_dim(prop, term)  # a conv's bias: over dim -2
             if trailing:
@@ -321,8 +274,8 @@ def _reduce(
                     last = t = graph.call_function(torch.reshape, (t, (-1,) + (1,) * trailing))
             if scatter is not None:  # added to a split sequence: its gradient is partial
                 with graph.inserting_after(last):
-                    last = t = _site(graph, F_MODULE, (t,), {}, f"f_{t.name}")
-                _tag(t, collective="f", rule=rule, placement="R",
+                    last = t = site(graph, F_MODULE, (t,), {}, f"f_{t.name}")
+                tag(t, collective="f", rule=rule, placement="R",
                      why="backward all-reduce: a bias added to a split sequence")  # fmt: skip
         elif scatter is not None and not isinstance(prop.placements[term], Shard):
             tv, sv = term.meta.get("val"), value.meta.get("val")
@@ -334,9 +287,9 @@ def _reduce(
                 else:  # broadcast along the sequence: whole, its gradient partial
                     args, kind, what = (env[term],), F_MODULE, "f"
                     how = "whole, behind f"
-                last = t = _site(graph, kind, args, {}, f"{what}_{term.name}")
-            _copy_meta(env[term], t)
-            _tag(t, collective=what, rule=rule, placement=str(scatter) if what == "scatter"
+                last = t = site(graph, kind, args, {}, f"{what}_{term.name}")
+            copy_meta(env[term], t)
+            tag(t, collective=what, rule=rule, placement=str(scatter) if what == "scatter"
                  else "R", why=f"{term.name} added to a split sequence: {how}")  # fmt: skip
             why = f"{term.name} added once, after the reduce-scatter"
         else:
@@ -344,49 +297,11 @@ def _reduce(
             why = f"{t.name} added once, after the all-reduce"
         with graph.inserting_after(last):
             out = graph.call_function(operator.add, (out, t))
-        _copy_meta(src, out)
-        _tag(out, rule=rule, placement="R", why=why)
+        copy_meta(src, out)
+        tag(out, rule=rule, placement="R", why=why)
     for r in reading:
         r.replace_input_with(anchor, out)
     return out
-
-
-def _sequence_gather(
-    graph: fx.Graph, env: dict[fx.Node, fx.Node], f_of: dict[fx.Node, fx.Node], src: fx.Node,
-    value: fx.Node, readers: list[fx.Node], prop: Propagation, tp: int,
-) -> fx.Node:  # fmt: skip
-    """`readers` read the sequence-split `value` (now `src`) whole. Read only through its
-    f (split compute: a column-split linear), one all-gather whose backward
-    reduce-scatters the partial gradients (f's place in Megatron-LM's sequence
-    parallelism); otherwise an all-gather whose backward keeps the rank's part of the
-    gradient, and the f (if any) after it."""
-    scatter = prop.scatters.get(value)
-    dim = scatter.dim if scatter is not None else prop.placements[value].dim
-    reading = {graph.output_node() if r.op == "output" else env[r] for r in readers}
-    f = f_of.get(value)
-    direct = {r for r in reading if src in r.all_input_nodes and r is not f}
-    if f is not None and not direct:
-        with graph.inserting_before(f):
-            g = _site(graph, SP_GATHER_MODULE, (src, dim), {}, f"gather_{value.name}")
-        f.replace_all_uses_with(g)
-        graph.erase_node(f)
-        f_of[value] = g
-        what = "sp_gather"
-        why = "all-gather of the sequence for split compute; backward reduce-scatter"
-    else:
-        with graph.inserting_after(src):
-            size = graph.call_method("size", (src, dim))
-        with graph.inserting_after(size):
-            serial = graph.call_function(operator.mul, (size, tp))
-        with graph.inserting_after(serial):
-            g = _site(graph, GATHER_MODULE, (src, dim, serial), {}, f"gather_{value.name}")
-        for r in (*direct, *([f] if f is not None else [])):
-            r.replace_input_with(src, g)
-        what = "sequence_gather"
-        why = "all-gather of the sequence, read whole; backward keeps the rank's part"
-    _copy_meta(src, g)
-    _tag(g, collective=what, placement="R", why=why)
-    return g
 
 
 def _bias_dim(prop: Propagation, bias: str) -> int:
@@ -416,70 +331,12 @@ def _cut(
         mine = graph.call_function(
             rank_slice, (src, s.dim, s.blocks, tp, rank, s.padded, s.replicas)
         )
-    _copy_meta(cut.consumer, mine)
+    copy_meta(cut.consumer, mine)
     v = src.meta.get("val")
     if isinstance(v, torch.Tensor):
         mine.meta["val"] = v  # the serial value (the views show serial shapes)
-    _tag(mine, placement=str(s), why="this rank's slice of a replicated value; no communication")
+    tag(mine, placement=str(s), why="this rank's slice of a replicated value; no communication")
     consumer.replace_input_with(src, mine)
-
-
-def _functional_norm(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """A LayerNorm module on a split value, as F.layer_norm over its own parameters, each
-    behind f: each rank normalises its part, so their gradients are partial sums."""
-    mod = gm.get_submodule(str(node.target))
-    params = []
-    with graph.inserting_before(node):
-        for name in ("weight", "bias"):
-            if getattr(mod, name, None) is None:
-                params.append(None)
-                continue
-            w = graph.get_attr(f"{node.target}.{name}")
-            f = _site(graph, F_MODULE, (w,), {}, f"f_{w.name}")
-            _tag(f, collective="f", rule="propagation", placement="R",
-                 why="backward all-reduce: a norm's weight applied to a split value")  # fmt: skip
-            params.append(f)
-        args = (node.args[0], tuple(mod.normalized_shape), *params, mod.eps)
-        new = graph.call_function(F.layer_norm, args)
-    _copy_meta(node, new)
-    _tag(new, placement=record(node).placement, why=f"{node.target} on a split value")
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return new
-
-
-def _one_f_for_parameters(graph: fx.Graph, gm: fx.GraphModule) -> None:
-    """The f of every parameter read by split compute, as one call at the top of the graph:
-    its backward all-reduces their gradients as one buffer, once, at the end of backward
-    (Megatron-LM's all-reduce of the sequence-parallel parameters' gradients), not once
-    per parameter."""
-    names = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
-    sites = [
-        n for n in graph.nodes
-        if n.op == "call_module" and site_kind(n.target) == F_MODULE
-        and n.args[0].op == "get_attr" and str(n.args[0].target) in names
-    ]  # fmt: skip
-    if len(sites) < 2:
-        return
-    anchor = next(n for n in graph.nodes if n.op != "placeholder").prev
-    for f in sites:
-        anchor.append(f.args[0])  # a get_attr reads nothing: it can move to the top
-        anchor = f.args[0]
-    with graph.inserting_after(anchor):
-        many = _site(graph, F_PARAMS_MODULE, tuple(f.args[0] for f in sites), {}, "f_params")
-    shapes = dict(gm.named_parameters(remove_duplicate=False))
-    many.meta["val"] = tuple(
-        torch.empty(shapes[str(f.args[0].target)].shape, device="meta") for f in sites
-    )
-    _tag(many, collective="f", rule="propagation", placement="R",
-         why=f"backward all-reduce of {len(sites)} parameters' gradients, as one")  # fmt: skip
-    last = many
-    for i, f in enumerate(sites):
-        with graph.inserting_after(last):
-            last = graph.call_function(operator.getitem, (many, i))
-        _copy_meta(f, last)
-        f.replace_all_uses_with(last)
-        graph.erase_node(f)
 
 
 def _erase_unused(graph: fx.Graph, node: fx.Node | None) -> None:
@@ -492,35 +349,15 @@ def _erase_unused(graph: fx.Graph, node: fx.Node | None) -> None:
         _erase_unused(graph, a)
 
 
-def _site(graph: fx.Graph, kind: str, args: tuple, kwargs: dict, name: str) -> fx.Node:
-    """A call of a module of its own, `kind.<node name>`: every collective and dropout call
-    site has one, so module hooks and tools that track modules (CommDebugMode) see each
-    module run once per forward, as in the serial model."""
-    node = graph.create_node("call_module", kind, args, kwargs, name=name)
-    node.target = f"{kind}.{node.name}"
-    return node
-
-
-def site_kind(target: object) -> str:
-    """The kind of a per-site module (F_MODULE, G_MODULE, ...) from its target."""
-    return str(target).split(".", 1)[0]
-
-
-def _placement_text(p: object) -> str:
-    if isinstance(p, (tuple, list)):
-        return "(" + ", ".join(_placement_text(x) for x in p) + ")"
-    return str(p)
-
-
 def _split_embedding(graph: fx.Graph, node: fx.Node, li: EmbeddingInfo, rule: str) -> fx.Node:
     with graph.inserting_before(node):
         w = graph.get_attr(li.weight)
         rank = graph.get_attr(RANK_BUFFER)
         ids = _get_path(node, (li.ids_index,))
         part = graph.call_function(vocab_embedding, (ids, w, rank, li.padding_idx))
-    _tag(w, rule=rule, placement=f"vocab shard of {li.weight}")
-    _copy_meta(node, part)
-    _tag(part, rule=rule, split="vocab", weight=li.weight, placement="P",
+    tag(w, rule=rule, placement=f"vocab shard of {li.weight}")
+    copy_meta(node, part)
+    tag(part, rule=rule, split="vocab", weight=li.weight, placement="P",
          why="rows of this rank's vocabulary slice, zeros for other ids")  # fmt: skip
     node.replace_all_uses_with(part)
     graph.erase_node(node)
@@ -536,26 +373,26 @@ def _vocab_parallel_loss(graph: fx.Graph, node: fx.Node, info: LossInfo) -> fx.N
         # the real vocabulary size, for masking padding columns; None when there are none
         vocab = info.vocab if info.padded != info.vocab else None
         local_max = graph.call_function(vocab_row_max, (logits, rank, vocab))
-        row_max = _site(graph, MAX_MODULE, (local_max,), {}, "row_max")
+        row_max = site(graph, MAX_MODULE, (local_max,), {}, "row_max")
         terms = graph.call_function(vocab_ce_terms, (logits, row_max, target, rank, vocab))
         t_local = graph.call_function(operator.getitem, (terms, 0))
         s_local = graph.call_function(operator.getitem, (terms, 1))
-        t = _site(graph, G_MODULE, (t_local,), {}, "target_logit")
-        s = _site(graph, G_MODULE, (s_local,), {}, "sum_exp")
+        t = site(graph, G_MODULE, (t_local,), {}, "target_logit")
+        s = site(graph, G_MODULE, (s_local,), {}, "sum_exp")
         loss = graph.call_function(
             vocab_ce_reduce, (s, t, target, info.ignore_index, info.reduction)
         )
         made = [local_max, row_max, terms, t_local, s_local, t, s, loss]
     rows = logits.meta.get("val")
     for new in made:
-        _copy_meta(node, new)
-        _tag(new, rule="vocab-parallel cross-entropy", placement="R")
+        copy_meta(node, new)
+        tag(new, rule="vocab-parallel cross-entropy", placement="R")
     if isinstance(rows, torch.Tensor):  # batch x seq numbers each (for the views)
         per_row = torch.empty(rows.shape[:-1], dtype=rows.dtype, device="meta")
         for new in (local_max, row_max, t_local, s_local, t, s):
             new.meta["val"] = per_row
     for new, what in ((row_max, "max"), (t, "g"), (s, "g")):
-        _tag(new, collective=what, why=f"all-reduce of batch x seq numbers ({new.name})")
+        tag(new, collective=what, why=f"all-reduce of batch x seq numbers ({new.name})")
     node.replace_all_uses_with(loss)
     graph.erase_node(node)
     return loss
@@ -587,18 +424,12 @@ def _stream_dropout(
     stream = "rank" if isinstance(placement, Shard) else "shared"
     with graph.inserting_before(node):
         args = (node.args[0], p) if training is None else (node.args[0], p, bool(training))
-        new = _site(graph, DROPOUT_MODULES[stream], args, {}, node.name + "_")
-    _copy_meta(node, new)
-    _tag(new, placement=str(placement), dropout=stream, dropout_of=owner,
+        new = site(graph, DROPOUT_MODULES[stream], args, {}, node.name + "_")
+    copy_meta(node, new)
+    tag(new, placement=str(placement), dropout=stream, dropout_of=owner,
          why=f"dropout on a {'split' if stream == 'rank' else 'replicated'} value")  # fmt: skip
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-
-
-def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
-    for k in ("val", "stack_trace", "nn_module_stack"):
-        if k in src.meta:
-            dst.meta[k] = src.meta[k]
 
 
 def _apply_edit(graph: fx.Graph, env: dict[fx.Node, fx.Node], e: ArgEdit, tp: int) -> None:
@@ -615,10 +446,10 @@ def _apply_edit(graph: fx.Graph, env: dict[fx.Node, fx.Node], e: ArgEdit, tp: in
             new = graph.call_function(op, (src, tp))
         new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         new.meta["stack_trace"] = node.meta.get("stack_trace")
-        _tag(new, placement=placement, why=why)
+        tag(new, placement=placement, why=why)
         shown = f"{src.name} -> {src.name} {sign} {tp}"
     else:
         new, shown = e.new, f"{e.old} -> {e.new}"
     _set_path(node, e.path, new)
-    _tag(node)
+    tag(node)
     record(node).edits.append(shown)

@@ -30,7 +30,8 @@ from .collectives import (
     simulated_scatter_to_sp,
 )
 from .materialise import check_mode, cut
-from .rewrite import (
+from .sharding import Shard
+from .sites import (
     F_MODULE,
     F_PARAMS_MODULE,
     G_MODULE,
@@ -42,7 +43,6 @@ from .rewrite import (
     record,
     site_kind,
 )
-from .sharding import Shard
 from .trace import restore_grad, set_grad
 
 _SIMULATED = {

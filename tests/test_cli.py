@@ -17,8 +17,8 @@ import pytest
 import autotp
 from autotp import render
 from autotp.models import build
-from autotp.rewrite import record
 from autotp.run import cli
+from autotp.sites import record
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("AUTOTP_UPDATE_GOLDEN") == "1"

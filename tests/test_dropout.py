@@ -8,7 +8,7 @@ import torch
 import autotp
 from autotp.models import build
 from autotp.random import RankRandom, StreamDropout
-from autotp.rewrite import site_kind
+from autotp.sites import site_kind
 from autotp.testing import run_on_gloo
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import autotp
 from autotp.models import build
-from autotp.rewrite import record
+from autotp.sites import record
 from autotp.testing import assert_equivalent
 
 B, T, C, H = 2, 5, 16, 4

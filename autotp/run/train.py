@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..collectives import ProcessGroupComm
+from ..comm import ProcessGroupComm
 from ..errors import AutoTPError, TrainingStopped, UsageError
 from ..materialise import build_rank_module, gather_over
 from ..plan import plan

@@ -1,0 +1,122 @@
+"""Sequence parallelism's own steps of the rewrite (rewrite.py runs them): a sequence read
+whole, a LayerNorm module run on a split value, and one f for every parameter read by
+split compute. The reduce-scatter in g's place is part of rewrite.py's reduce step."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .sharding import Propagation
+from .sites import (
+    F_MODULE,
+    F_PARAMS_MODULE,
+    GATHER_MODULE,
+    SP_GATHER_MODULE,
+    copy_meta,
+    record,
+    site,
+    site_kind,
+    tag,
+)
+
+__all__ = ["sequence_gather", "functional_norm", "one_f_for_parameters"]
+
+
+def sequence_gather(
+    graph: fx.Graph, env: dict[fx.Node, fx.Node], f_of: dict[fx.Node, fx.Node], src: fx.Node,
+    value: fx.Node, readers: list[fx.Node], prop: Propagation, tp: int,
+) -> fx.Node:  # fmt: skip
+    """`readers` read the sequence-split `value` (now `src`) whole. Read only through its
+    f (split compute: a column-split linear), one all-gather whose backward
+    reduce-scatters the partial gradients (f's place in Megatron-LM's sequence
+    parallelism); otherwise an all-gather whose backward keeps the rank's part of the
+    gradient, and the f (if any) after it."""
+    scatter = prop.scatters.get(value)
+    dim = scatter.dim if scatter is not None else prop.placements[value].dim
+    reading = {graph.output_node() if r.op == "output" else env[r] for r in readers}
+    f = f_of.get(value)
+    direct = {r for r in reading if src in r.all_input_nodes and r is not f}
+    if f is not None and not direct:
+        with graph.inserting_before(f):
+            g = site(graph, SP_GATHER_MODULE, (src, dim), {}, f"gather_{value.name}")
+        f.replace_all_uses_with(g)
+        graph.erase_node(f)
+        f_of[value] = g
+        what = "sp_gather"
+        why = "all-gather of the sequence for split compute; backward reduce-scatter"
+    else:
+        with graph.inserting_after(src):
+            size = graph.call_method("size", (src, dim))
+        with graph.inserting_after(size):
+            serial = graph.call_function(operator.mul, (size, tp))
+        with graph.inserting_after(serial):
+            g = site(graph, GATHER_MODULE, (src, dim, serial), {}, f"gather_{value.name}")
+        for r in (*direct, *([f] if f is not None else [])):
+            r.replace_input_with(src, g)
+        what = "sequence_gather"
+        why = "all-gather of the sequence, read whole; backward keeps the rank's part"
+    copy_meta(src, g)
+    tag(g, collective=what, placement="R", why=why)
+    return g
+
+
+def functional_norm(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """A LayerNorm module on a split value, as F.layer_norm over its own parameters, each
+    behind f: each rank normalises its part, so their gradients are partial sums."""
+    mod = gm.get_submodule(str(node.target))
+    params = []
+    with graph.inserting_before(node):
+        for name in ("weight", "bias"):
+            if getattr(mod, name, None) is None:
+                params.append(None)
+                continue
+            w = graph.get_attr(f"{node.target}.{name}")
+            f = site(graph, F_MODULE, (w,), {}, f"f_{w.name}")
+            tag(f, collective="f", rule="propagation", placement="R",
+                 why="backward all-reduce: a norm's weight applied to a split value")  # fmt: skip
+            params.append(f)
+        args = (node.args[0], tuple(mod.normalized_shape), *params, mod.eps)
+        new = graph.call_function(F.layer_norm, args)
+    copy_meta(node, new)
+    tag(new, placement=record(node).placement, why=f"{node.target} on a split value")
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def one_f_for_parameters(graph: fx.Graph, gm: fx.GraphModule) -> None:
+    """The f of every parameter read by split compute, as one call at the top of the graph:
+    its backward all-reduces their gradients as one buffer, once, at the end of backward
+    (Megatron-LM's all-reduce of the sequence-parallel parameters' gradients), not once
+    per parameter."""
+    names = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
+    sites = [
+        n for n in graph.nodes
+        if n.op == "call_module" and site_kind(n.target) == F_MODULE
+        and n.args[0].op == "get_attr" and str(n.args[0].target) in names
+    ]  # fmt: skip
+    if len(sites) < 2:
+        return
+    anchor = next(n for n in graph.nodes if n.op != "placeholder").prev
+    for f in sites:
+        anchor.append(f.args[0])  # a get_attr reads nothing: it can move to the top
+        anchor = f.args[0]
+    with graph.inserting_after(anchor):
+        many = site(graph, F_PARAMS_MODULE, tuple(f.args[0] for f in sites), {}, "f_params")
+    shapes = dict(gm.named_parameters(remove_duplicate=False))
+    many.meta["val"] = tuple(
+        torch.empty(shapes[str(f.args[0].target)].shape, device="meta") for f in sites
+    )
+    tag(many, collective="f", rule="propagation", placement="R",
+         why=f"backward all-reduce of {len(sites)} parameters' gradients, as one")  # fmt: skip
+    last = many
+    for i, f in enumerate(sites):
+        with graph.inserting_after(last):
+            last = graph.call_function(operator.getitem, (many, i))
+        copy_meta(f, last)
+        f.replace_all_uses_with(last)
+        graph.erase_node(f)

@@ -1,0 +1,97 @@
+"""Call sites and provenance: what every pass that changes a graph writes on its nodes.
+
+Each collective and dropout call in a per-rank graph is a module of its own (a *site*,
+`kind.<node name>`), so module hooks and tools that track modules (CommDebugMode) see each
+run once per forward; `node.meta["autotp"]` holds a NodeRecord: which rule, which
+placement, what changed, which is all the terminal views and reports read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from .sharding import Shard
+
+__all__ = [
+    "NodeRecord", "record", "tag", "site", "site_kind", "copy_meta", "placement_text",
+    "F_MODULE", "G_MODULE", "MAX_MODULE", "GATHER_MODULE", "REDUCE_SCATTER_MODULE",
+    "SP_GATHER_MODULE", "SCATTER_MODULE", "F_PARAMS_MODULE", "DROPOUT_MODULES", "RANK_BUFFER",
+    "COLLECTIVE_MODULES",
+]  # fmt: skip
+
+F_MODULE = "tp_f"  # identity forward, all-reduce backward
+G_MODULE = "tp_g"  # all-reduce forward, identity backward
+MAX_MODULE = "tp_max"  # all-reduce max (the vocab-parallel loss's row max)
+GATHER_MODULE = "tp_gather"  # all-gather of a split output
+# sequence parallelism (Megatron-LM's conjugate pair and its two companions)
+REDUCE_SCATTER_MODULE = "tp_reduce_scatter"  # g's place: reduce-scatter, all-gather back
+SP_GATHER_MODULE = "tp_sp_gather"  # f's place: all-gather, reduce-scatter back
+SCATTER_MODULE = "tp_scatter"  # a replicated term joins a sequence split: slice, all-gather back
+F_PARAMS_MODULE = "tp_f_params"  # f of every parameter read by split compute, at once
+DROPOUT_MODULES = {"shared": "tp_dropout_shared", "rank": "tp_dropout_rank"}
+RANK_BUFFER = "tp_rank"  # a 0-dim tensor holding the rank: the only per-rank constant
+COLLECTIVE_MODULES = (
+    F_MODULE, G_MODULE, MAX_MODULE, GATHER_MODULE, REDUCE_SCATTER_MODULE, SP_GATHER_MODULE,
+    SCATTER_MODULE, F_PARAMS_MODULE,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class NodeRecord:
+    """What the rewrite records on a node it created or changed, `node.meta["autotp"]`:
+    everything the terminal views, the reports and the rank builders read."""
+
+    rule: str | None = None  # the rule (or "propagation", "output") behind the change
+    placement: str | None = None  # the value's placement, as text ("R", "S(2)", "P")
+    collective: str | None = None  # "f", "g", "max" or "gather" for a collective site
+    why: str | None = None  # one line: why this node is here
+    split: str | None = None  # a split layer's split ("column", "row", "vocab", ...)
+    weight: str | None = None  # a split layer's weight
+    edits: list[str] = field(default_factory=list)  # shape arguments rewritten, as text
+    dropout: str | None = None  # a dropout site's stream: "shared" or "rank"
+    dropout_of: str | None = None  # the dropout module a site replaces
+    split_output: tuple[Shard, int] | None = None  # returned split, kept local: (split, size)
+    split_input: Shard | None = None  # an input each rank is given its slice of
+
+
+def record(node: fx.Node) -> NodeRecord:
+    """The node's record (an empty one where the rewrite changed nothing)."""
+    rec = node.meta.get("autotp")
+    return rec if isinstance(rec, NodeRecord) else NodeRecord()
+
+
+def tag(node: fx.Node, **info: Any) -> None:
+    rec = node.meta.get("autotp")
+    if not isinstance(rec, NodeRecord):
+        rec = node.meta["autotp"] = NodeRecord()
+    for key, value in info.items():
+        setattr(rec, key, value)  # slots: a misspelt field fails here
+
+
+def site(graph: fx.Graph, kind: str, args: tuple, kwargs: dict, name: str) -> fx.Node:
+    """A call of a module of its own, `kind.<node name>`: every collective and dropout call
+    site has one, so module hooks and tools that track modules (CommDebugMode) see each
+    module run once per forward, as in the serial model."""
+    node = graph.create_node("call_module", kind, args, kwargs, name=name)
+    node.target = f"{kind}.{node.name}"
+    return node
+
+
+def site_kind(target: object) -> str:
+    """The kind of a per-site module (F_MODULE, G_MODULE, ...) from its target."""
+    return str(target).split(".", 1)[0]
+
+
+def placement_text(p: object) -> str:
+    if isinstance(p, (tuple, list)):
+        return "(" + ", ".join(placement_text(x) for x in p) + ")"
+    return str(p)
+
+
+def copy_meta(src: fx.Node, dst: fx.Node) -> None:
+    for k in ("val", "stack_trace", "nn_module_stack"):
+        if k in src.meta:
+            dst.meta[k] = src.meta[k]
