@@ -30,6 +30,9 @@ autograd Functions around it (g then never reduces in place).
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -104,11 +107,64 @@ class _GatherSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:  # type: ignore[override]
         ctx.comm, ctx.dim = comm, dim
-        return comm.all_gather_dim(x, dim, "forward")
+        out = comm.all_gather_dim(x, dim, "forward")
+        if isinstance(comm, ProcessGroupComm) and not torch.compiler.is_compiling():
+            out = out.contiguous()  # the layout the linears' saved views refer to
+            key = out.untyped_storage().data_ptr()
+            _GATHERED[key] = _Regather(x.detach(), comm, dim)
+            weakref.finalize(out, _GATHERED.pop, key, None)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return ctx.comm.reduce_scatter(grad, ctx.dim, "backward"), None, None
+
+
+# Megatron-LM's sequence parallelism keeps, for backward, the rank's part of the sequence
+# a column-split linear reads, not the gathered whole (tp times its size), and gathers it
+# again in backward. The gathered tensors alive now, by storage: while `keep_parts()` is
+# active, autograd saves a view of one of them as the rank's part, re-gathered on use.
+_GATHERED: dict[int, _Regather] = {}
+
+
+class _Regather:
+    """A gathered sequence autograd would save: its rank's part, gathered again once for
+    all the views saved of it, and dropped when the last of them has been used."""
+
+    def __init__(self, part: torch.Tensor, comm: Comm, dim: int) -> None:
+        self.part, self.comm, self.dim = part, comm, dim
+        self.saved, self.used = 0, 0
+        self.whole: torch.Tensor | None = None
+
+    def view(self, size: torch.Size, stride: tuple[int, ...], offset: int) -> torch.Tensor:
+        if self.whole is None:
+            self.whole = self.comm.all_gather_dim(self.part, self.dim, "backward").contiguous()
+        out = self.whole.as_strided(size, stride, offset)
+        self.used += 1
+        if self.used >= self.saved:
+            self.whole = None  # a second backward (retain_graph) gathers again
+        return out
+
+
+def _pack(t: torch.Tensor) -> Any:
+    entry = _GATHERED.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+    if entry is None:
+        return t
+    entry.saved += 1
+    return (entry, t.size(), t.stride(), t.storage_offset())
+
+
+def _unpack(x: Any) -> torch.Tensor:
+    if isinstance(x, tuple):
+        entry, size, stride, offset = x
+        return entry.view(size, stride, offset)
+    return x
+
+
+def keep_parts() -> Any:
+    """The context a rank module's forward runs in when it all-gathers sequences for
+    split compute: autograd keeps each rank's part only (see `_Regather`)."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
 class _ReduceScatterSP(torch.autograd.Function):

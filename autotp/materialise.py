@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,9 @@ from .collectives import (
     ReduceMaxTP,
     ReduceScatterToSP,
     ScatterToSP,
+    keep_parts,
 )
+from .comm import ProcessGroupComm
 from .errors import AutoTPError
 from .random import RankRandom, StreamDropout
 from .sharding import Shard
@@ -303,7 +306,37 @@ def build_rank_module(
     modes = tuple(m.training for m in gm.modules())
     gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan, random, modes)
     gm.register_forward_pre_hook(lambda mod, args: check_mode(mod))
+    if isinstance(comm, ProcessGroupComm) and any(
+        n.op == "call_module" and site_kind(n.target) == SP_GATHER_MODULE for n in graph.nodes
+    ):
+        _keep_sequence_parts(gm)
     return gm
+
+
+def _keep_sequence_parts(gm: fx.GraphModule) -> None:
+    """The forward runs in `keep_parts()`: what the column-split linears save of an
+    all-gathered sequence is the rank's part, gathered again in backward, as Megatron-LM
+    does. Not under torch.compile (it traces without it), nor inside saved-tensor hooks
+    of the caller's own (activation checkpointing, offloading), which keep theirs: the
+    module then saves the gathered sequence whole."""
+    active: list[Any] = []
+    autograd = torch._C._autograd
+
+    def enter(mod: nn.Module, args: Any) -> None:
+        free = autograd._saved_tensors_hooks_is_enabled()
+        free = free and autograd._top_saved_tensors_default_hooks(False) is None
+        ctx = keep_parts() if free and not torch.compiler.is_compiling() else None
+        if ctx is not None:
+            ctx.__enter__()
+        active.append(ctx)
+
+    def leave(mod: nn.Module, args: Any, out: Any) -> None:
+        ctx = active.pop() if active else None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    gm.register_forward_pre_hook(enter)
+    gm.register_forward_hook(leave, always_call=True)
 
 
 def _copy_modes(model: nn.Module, gm: fx.GraphModule) -> None:

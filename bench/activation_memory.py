@@ -7,7 +7,9 @@ stored) at tp 1, 2 and 4, parallelizes it with and without `sequence_parallel=Tr
 runs one training forward on each rank under `torch.autograd.graph.saved_tensors_hooks`,
 summing the bytes of every distinct storage autograd keeps for backward that is not a
 parameter: the activations (and dropout masks) a rank holds at the peak of a training
-step. The largest rank is printed, in all and per layer (the difference between
+step. With sequence parallelism a rank keeps only its part of the sequence the
+column-split linears read, and gathers it again in backward, as Megatron-LM does; that
+part is what is counted. The largest rank is printed, in all and per layer (the difference between
 --layers and half as many), the layer's against tp=1 next to what Korthikanti et al.
 (2022) give per layer, sbh(10 + 24/t) without and sbh(34/t) with sequence parallelism
 (bytes in 16-bit with 1-byte masks, so only their ratios compare: this runs in float32).
@@ -16,6 +18,7 @@ step. The largest rank is printed, in all and per layer (the difference between
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -25,6 +28,7 @@ from autotp.testing import run_on_gloo
 
 def _rank(rank: int, world: int, cfg: dict, batch: int, seq: int, sp: bool) -> int:
     import autotp
+    import autotp.collectives as C
     from autotp.models import build
 
     torch.manual_seed(0)
@@ -35,14 +39,22 @@ def _rank(rank: int, world: int, cfg: dict, batch: int, seq: int, sp: bool) -> i
     module.train()
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     saved: dict[int, int] = {}
+    keep = C._pack  # with sequence parallelism the rank module saves through this itself
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
+    def pack(t: torch.Tensor) -> object:
+        kept = keep(t)  # a tensor, or the rank's part of an all-gathered sequence
+        s = (kept[0].part if isinstance(kept, tuple) else kept).untyped_storage()
         if s.data_ptr() not in params:
             saved[s.data_ptr()] = s.nbytes()
-        return t
+        return kept
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    C._pack = pack  # counts inside the rank module's own saved-tensor hooks
+    own = any(isinstance(m, C.GatherFromSP) for m in module.modules())
+    with (
+        contextlib.nullcontext()
+        if own
+        else torch.autograd.graph.saved_tensors_hooks(pack, C._unpack)
+    ):
         _, loss = module(**x)
     loss.backward()
     return sum(saved.values())

@@ -13,6 +13,7 @@ import torch
 from torch.distributed.tensor.debug import CommDebugMode
 
 import autotp
+import autotp.collectives as C
 from autotp.errors import AutoTPError
 from autotp.fuzz import check_case, check_case_gloo, random_case
 from autotp.models import build
@@ -98,19 +99,61 @@ def _gloo_sp(rank: int, world: int) -> dict:
         _, loss = module(**x)
         loss.backward()
     counts = {str(k).split(".")[-1]: v for k, v in cdm.get_comm_counts().items()}
-    return {"largest": report.largest(), "cdm": counts, "ours": len(log.events)}
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    # what autograd keeps of the sequences gathered for the blocks: the rank's part
+    kept: dict[int, int] = {}
+    keep = C._pack
+
+    def counting(t: torch.Tensor) -> object:
+        out = keep(t)
+        s = (out[0].part if isinstance(out, tuple) else out).untyped_storage()
+        kept[s.data_ptr()] = s.nbytes()
+        return out
+
+    C._pack = counting
+    try:
+        module.zero_grad()
+        module(**x)[1].backward()
+    finally:
+        C._pack = keep
+    same = all(torch.equal(p.grad, grads[n]) for n, p in module.named_parameters())
+    # inside the caller's own saved-tensor hooks the gathered sequence is kept whole
+    parts, kept = sum(kept.values()), {}
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    module.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(whole, lambda t: t):
+        module(**x)[1].backward()
+    same_in_hooks = all(torch.equal(p.grad, grads[n]) for n, p in module.named_parameters())
+    b, t = x["idx"].shape
+    return {
+        "largest": report.largest(), "cdm": counts, "ours": len(log.events),
+        "saved": sum(kept.values()) - parts,
+        "sequence": b * t * model.config.n_embd * next(module.parameters()).element_size(),
+        "same": same, "same_in_hooks": same_in_hooks,
+    }  # fmt: skip
 
 
 def test_sequence_parallel_on_gloo_ranks_equals_serial_and_counts_under_comm_debug_mode() -> None:
+    """Real ranks: equal to serial; CommDebugMode counts what count_collectives does;
+    autograd keeps each rank's part of a gathered sequence, not the whole."""
     for r in run_on_gloo(_gloo_sp, 2):
         assert r["largest"] < 1e-10
         assert sum(r["cdm"].values()) == r["ours"], r
-        # 2 layers: 5 reduce-scatters forward and 5 backward, 5 + 6 all-gathers; the
-        # logits gathered; the loss's 3 all-reduces and the parameters' one
+        # 2 layers: 5 reduce-scatters forward and 5 backward; all-gathers: 5 forward, 6
+        # backward, and 5 more backward: the blocks' inputs gathered again, as autograd
+        # keeps only the rank's part (Megatron-LM's); the logits gathered; the loss's 3
+        # all-reduces and the parameters' one
         assert r["cdm"] == {
-            "_reduce_scatter_base_": 10, "_allgather_base_": 11, "allgather_": 1,
+            "_reduce_scatter_base_": 10, "_allgather_base_": 16, "allgather_": 1,
             "allreduce_": 4,
         }  # fmt: skip
+        assert r["same"] and r["same_in_hooks"]
+        # 5 sequences gathered (2 a layer and the output layer's), each kept as half
+        assert r["saved"] == 5 * r["sequence"] // 2
 
 
 def test_a_sequence_not_divisible_by_tp_is_refused_with_a_hint() -> None:
