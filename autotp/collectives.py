@@ -30,7 +30,9 @@ autograd Functions around it (g then never reduces in place).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -110,9 +112,8 @@ class _GatherSP(torch.autograd.Function):
         out = comm.all_gather_dim(x, dim, "forward")
         if isinstance(comm, ProcessGroupComm) and not torch.compiler.is_compiling():
             out = out.contiguous()  # the layout the linears' saved views refer to
-            key = out.untyped_storage().data_ptr()
-            _GATHERED[key] = _Regather(x.detach(), comm, dim)
-            weakref.finalize(out, _GATHERED.pop, key, None)
+            part = x.detach()
+            _remember([out], part, lambda: comm.all_gather_dim(part, dim, "backward"))
         return out
 
     @staticmethod
@@ -129,21 +130,34 @@ _GATHERED: dict[int, _Regather] = {}
 
 class _Regather:
     """A gathered sequence autograd would save: its rank's part, gathered again once for
-    all the views saved of it, and dropped when the last of them has been used."""
+    all the views saved of it (of every rank's copy, in simulate), and dropped when the
+    last of them has been used."""
 
-    def __init__(self, part: torch.Tensor, comm: Comm, dim: int) -> None:
-        self.part, self.comm, self.dim = part, comm, dim
+    def __init__(self, part: torch.Tensor, gather: Callable[[], torch.Tensor]) -> None:
+        self.part, self.gather = part, gather
         self.saved, self.used = 0, 0
         self.whole: torch.Tensor | None = None
 
     def view(self, size: torch.Size, stride: tuple[int, ...], offset: int) -> torch.Tensor:
         if self.whole is None:
-            self.whole = self.comm.all_gather_dim(self.part, self.dim, "backward").contiguous()
+            self.whole = self.gather().contiguous()
         out = self.whole.as_strided(size, stride, offset)
         self.used += 1
         if self.used >= self.saved:
             self.whole = None  # a second backward (retain_graph) gathers again
         return out
+
+
+def _remember(
+    outs: list[torch.Tensor], part: torch.Tensor, gather: Callable[[], torch.Tensor]
+) -> None:
+    """Register the gathered `outs` (contiguous; every rank's, in simulate), for as long
+    as they live, as kept by `part` and made again by `gather`."""
+    entry = _Regather(part, gather)
+    for out in outs:
+        key = out.untyped_storage().data_ptr()
+        _GATHERED[key] = entry
+        weakref.finalize(out, _GATHERED.pop, key, None)
 
 
 def _pack(t: torch.Tensor) -> Any:
@@ -163,7 +177,15 @@ def _unpack(x: Any) -> torch.Tensor:
 
 def keep_parts() -> Any:
     """The context a rank module's forward runs in when it all-gathers sequences for
-    split compute: autograd keeps each rank's part only (see `_Regather`)."""
+    split compute: autograd keeps each rank's part only (see `_Regather`). Not under
+    torch.compile (it traces without it), nor inside saved-tensor hooks of the caller's
+    own (activation checkpointing, offloading), which keep theirs: the module then saves
+    the gathered sequence whole."""
+    autograd = torch._C._autograd
+    free = autograd._saved_tensors_hooks_is_enabled()
+    free = free and autograd._top_saved_tensors_default_hooks(False) is None
+    if not free or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
@@ -451,7 +473,10 @@ class _SimGatherSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dim: int, *xs: torch.Tensor):  # type: ignore[override]
         ctx.dim = dim
-        return tuple(_sim_all_gather(xs, dim, "forward"))
+        outs = _sim_all_gather(xs, dim, "forward")
+        parts = tuple(x.detach() for x in xs)  # kept as the real ranks keep them
+        _remember(outs, parts[0], lambda: _sim_all_gather(parts, dim, "backward")[0])
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]

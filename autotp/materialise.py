@@ -316,24 +316,17 @@ def build_rank_module(
 def _keep_sequence_parts(gm: fx.GraphModule) -> None:
     """The forward runs in `keep_parts()`: what the column-split linears save of an
     all-gathered sequence is the rank's part, gathered again in backward, as Megatron-LM
-    does. Not under torch.compile (it traces without it), nor inside saved-tensor hooks
-    of the caller's own (activation checkpointing, offloading), which keep theirs: the
-    module then saves the gathered sequence whole."""
+    does."""
     active: list[Any] = []
-    autograd = torch._C._autograd
 
     def enter(mod: nn.Module, args: Any) -> None:
-        free = autograd._saved_tensors_hooks_is_enabled()
-        free = free and autograd._top_saved_tensors_default_hooks(False) is None
-        ctx = keep_parts() if free and not torch.compiler.is_compiling() else None
-        if ctx is not None:
-            ctx.__enter__()
+        ctx = keep_parts()
+        ctx.__enter__()
         active.append(ctx)
 
     def leave(mod: nn.Module, args: Any, out: Any) -> None:
-        ctx = active.pop() if active else None
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
+        if active:
+            active.pop().__exit__(None, None, None)
 
     gm.register_forward_pre_hook(enter)
     gm.register_forward_hook(leave, always_call=True)

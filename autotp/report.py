@@ -165,7 +165,12 @@ _RUNS: dict[str, tuple[tuple[str, str, bool], ...]] = {
     "gather": (("all_gather", "forward", True),),
     # sequence parallelism
     "reduce_scatter": (("reduce_scatter", "forward", False), ("all_gather", "backward", True)),
-    "sp_gather": (("all_gather", "forward", True), ("reduce_scatter", "backward", False)),
+    # (and gathered again in backward, autograd keeping the rank's part: not under
+    # torch.compile or the caller's own saved-tensor hooks)
+    "sp_gather": (
+        ("all_gather", "forward", True), ("all_gather", "backward", True),
+        ("reduce_scatter", "backward", False),
+    ),
     "sequence_gather": (("all_gather", "forward", True),),
     "scatter": (("all_gather", "backward", True),),
 }

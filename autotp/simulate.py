@@ -11,6 +11,7 @@ does from its own (identical) loss.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .collectives import (
+    keep_parts,
     simulated_copy_many,
     simulated_f,
     simulated_g,
@@ -83,6 +85,10 @@ class SimulatedTP(nn.Module):
         self.rank_outputs: list[Any] = []  # each rank's own outputs from the last forward
         self._signature = inspect.signature(ranks[0].forward)
         self.training = ranks[0].training  # the ranks keep their per-module modes
+        self._gathers_sequences = any(  # keeps each rank's part for backward, as real ranks
+            n.op == "call_module" and site_kind(n.target) == SP_GATHER_MODULE
+            for n in ranks[0].graph.nodes
+        )
 
     @property
     def tp(self) -> int:
@@ -93,6 +99,10 @@ class SimulatedTP(nn.Module):
         return self.ranks[0].autotp.plan
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with keep_parts() if self._gathers_sequences else contextlib.nullcontext():
+            return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         check_mode(self.ranks[0])
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
