@@ -204,12 +204,22 @@ class _FMany(torch.autograd.Function):
     @staticmethod
     def forward(ctx, comm: Comm, *xs: torch.Tensor):  # type: ignore[override]
         ctx.comm = comm
+        ctx.set_materialize_grads(False)  # a parameter used under no_grad gets none
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
-        flat = ctx.comm.all_reduce(_flatten(grads), "backward", inplace=True)
-        return (None, *_unflatten(flat, grads))
+    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
+        got = tuple(g for g in grads if g is not None)  # the same on every rank: the graph's
+        if not got:
+            return (None, *grads)
+        flat = ctx.comm.all_reduce(_flatten(got), "backward", inplace=True)
+        return (None, *_with_nones(_unflatten(flat, got), grads))
+
+
+def _with_nones(got: list[torch.Tensor], grads: tuple[Any, ...]) -> list[Any]:
+    """`got` in the places of `grads` that are not None."""
+    it = iter(got)
+    return [None if g is None else next(it) for g in grads]
 
 
 def _flatten(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -498,15 +508,22 @@ class _SimFMany(torch.autograd.Function):
     @staticmethod
     def forward(ctx, n: int, *xs: torch.Tensor):  # type: ignore[override]
         ctx.n = n  # xs: rank 0's n tensors, then rank 1's, ...
+        ctx.set_materialize_grads(False)  # a parameter used under no_grad gets none
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
         per_rank = [grads[i : i + ctx.n] for i in range(0, len(grads), ctx.n)]
-        flats = [_flatten(g) for g in per_rank]
+        got = [tuple(g for g in rank if g is not None) for rank in per_rank]
+        if not got[0]:
+            return (None, *grads)
+        flats = [_flatten(g) for g in got]
         record_collective("backward", flats[0])
         total = _sum(tuple(flats))
-        return (None, *[g for rank in per_rank for g in _unflatten(total.clone(), rank)])
+        return (None, *[
+            g for mine, rank in zip(got, per_rank, strict=True)
+            for g in _with_nones(_unflatten(total.clone(), mine), rank)
+        ])  # fmt: skip
 
 
 def _sim_all_gather(xs: tuple[torch.Tensor, ...], dim: int, direction: str) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import ops
 from .sharding import Propagation
 from .sites import (
     F_MODULE,
@@ -26,6 +27,9 @@ from .sites import (
 __all__ = ["sequence_gather", "functional_norm", "one_f_for_parameters"]
 
 
+_FOR_SPLIT = "all-gather of the sequence for split compute; backward reduce-scatter"
+
+
 def sequence_gather(
     graph: fx.Graph, env: dict[fx.Node, fx.Node], f_of: dict[fx.Node, fx.Node], src: fx.Node,
     value: fx.Node, readers: list[fx.Node], prop: Propagation, tp: int,
@@ -40,6 +44,23 @@ def sequence_gather(
     reading = {graph.output_node() if r.op == "output" else env[r] for r in readers}
     f = f_of.get(value)
     direct = {r for r in reading if src in r.all_input_nodes and r is not f}
+    # f commutes with a reshape (identity forward, a sum backward): `x.view(-1, C)` read
+    # only through f (a Conv1D's addmm) takes its gradient from the same reduce-scatter
+    if direct and all(_reshape_read_split(r, src) for r in direct):
+        with graph.inserting_after(src):
+            g = site(graph, SP_GATHER_MODULE, (src, dim), {}, f"gather_{value.name}")
+        for r in direct:
+            r.replace_input_with(src, g)
+            for u in list(r.users):  # its f: the gather's backward does its sum
+                u.replace_all_uses_with(r)
+                graph.erase_node(u)
+        if f is not None:
+            f.replace_all_uses_with(g)
+            graph.erase_node(f)
+            f_of[value] = g
+        copy_meta(src, g)
+        tag(g, collective="sp_gather", placement="R", why=_FOR_SPLIT)
+        return g
     if f is not None and not direct:
         with graph.inserting_before(f):
             g = site(graph, SP_GATHER_MODULE, (src, dim), {}, f"gather_{value.name}")
@@ -47,7 +68,7 @@ def sequence_gather(
         graph.erase_node(f)
         f_of[value] = g
         what = "sp_gather"
-        why = "all-gather of the sequence for split compute; backward reduce-scatter"
+        why = _FOR_SPLIT
     else:
         with graph.inserting_after(src):
             size = graph.call_method("size", (src, dim))
@@ -120,3 +141,15 @@ def one_f_for_parameters(graph: fx.Graph, gm: fx.GraphModule) -> None:
         copy_meta(f, last)
         f.replace_all_uses_with(last)
         graph.erase_node(f)
+
+
+def _reshape_read_split(node: fx.Node, src: fx.Node) -> bool:
+    """A reshape of `src` whose every reader is an f (split compute)."""
+    if node.op not in ("call_function", "call_method") or not node.users:
+        return False
+    if ops.op_name(node, None) not in ("view", "flatten") or node.args[0] is not src:  # type: ignore[arg-type]
+        return False
+    return all(
+        u.op == "call_module" and site_kind(u.target) == F_MODULE and u.args[0] is node
+        for u in node.users
+    )

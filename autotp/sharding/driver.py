@@ -241,9 +241,15 @@ def _linear_of_partial(c: Ctx, call: Call) -> Partial | None:
     if name == "mul" and not isinstance(px, Partial):
         x = call["1"]
         px = c.pl.get(x) if isinstance(x, fx.Node) else None
-    if not isinstance(px, Partial) or px.pending or c.region[x] != c.region[n]:
+    if not isinstance(px, Partial) or c.region[x] != c.region[n]:
         return None
     if len(x.users) != 1:  # read elsewhere too: one sum there serves both
+        return None
+    if px.pending:  # biases over the features, which a reshape keeping them leaves alone
+        biases = {li.bias: li.feature_dim for li in c.linears.values() if li.bias}
+        keeps = name in ("view", "flatten") and val(n).shape[-1:] == val(x).shape[-1:]
+        if keeps and all(biases.get(t) == -1 for t in px.pending):  # type: ignore[arg-type]
+            return Partial(px.pending)  # Conv1D's addmm on [B*T, C], viewed as [B, T, C]
         return None
     if name not in _LINEAR and name not in ("mul", "div"):
         return None
