@@ -181,10 +181,11 @@ def keep_parts() -> Any:
     torch.compile (it traces without it), nor inside saved-tensor hooks of the caller's
     own (activation checkpointing, offloading), which keep theirs: the module then saves
     the gathered sequence whole."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     autograd = torch._C._autograd
     free = autograd._saved_tensors_hooks_is_enabled()
-    free = free and autograd._top_saved_tensors_default_hooks(False) is None
-    if not free or torch.compiler.is_compiling():
+    if not free or autograd._top_saved_tensors_default_hooks(False) is not None:
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 

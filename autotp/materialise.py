@@ -320,12 +320,14 @@ def _keep_sequence_parts(gm: fx.GraphModule) -> None:
     active: list[Any] = []
 
     def enter(mod: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # traced without it (see keep_parts)
+            return
         ctx = keep_parts()
         ctx.__enter__()
         active.append(ctx)
 
     def leave(mod: nn.Module, args: Any, out: Any) -> None:
-        if active:
+        if active and not torch.compiler.is_compiling():
             active.pop().__exit__(None, None, None)
 
     gm.register_forward_pre_hook(enter)

@@ -17,11 +17,11 @@ from autotp.models import build
 from autotp.testing import run_on_gloo
 
 
-def _gpt2(world: int) -> tuple[torch.nn.Module, dict]:
+def _gpt2(world: int, sequence_parallel: bool = False) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     model = build("gpt2-tiny", n_layer=1).double()
     x = model.example_inputs()
-    return autotp.parallelize(model, world, x), x
+    return autotp.parallelize(model, world, x, sequence_parallel=sequence_parallel), x
 
 
 def _step(module: torch.nn.Module, run: torch.nn.Module, x: dict) -> tuple:
@@ -34,8 +34,8 @@ def _step(module: torch.nn.Module, run: torch.nn.Module, x: dict) -> tuple:
     return logits.detach(), loss.detach(), grads, log.events
 
 
-def _eager_and_compiled(rank: int, world: int) -> tuple[tuple, tuple]:
-    module, x = _gpt2(world)
+def _eager_and_compiled(rank: int, world: int, sp: bool = False) -> tuple[tuple, tuple]:
+    module, x = _gpt2(world, sp)
     eager = _step(module, module, x)
     torch._dynamo.reset()
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
@@ -44,7 +44,10 @@ def _eager_and_compiled(rank: int, world: int) -> tuple[tuple, tuple]:
 
 
 def _on_rank(rank: int, world: int) -> dict:
-    return {"gpt2": _eager_and_compiled(rank, world), "each": _every_collective(rank, world)}
+    return {
+        "gpt2": _eager_and_compiled(rank, world), "each": _every_collective(rank, world),
+        "sp": _eager_and_compiled(rank, world, sp=True),
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,21 @@ def test_rank_module_compiles_whole_on_two_gloo_ranks(two_ranks: list[dict]) -> 
         for name, grad in eager[2].items():
             assert torch.equal(grad, compiled[2][name]), name
         assert len(eager[3]) == 10 and sorted(compiled[3]) == sorted(eager[3])
+
+
+def test_a_sequence_parallel_rank_module_compiles_whole(two_ranks: list[dict]) -> None:
+    """With sequence parallelism too: eager's numbers exactly. Compiled, the gathered
+    sequences are kept whole for backward (eager keeps each rank's part and gathers it
+    again: 2 all-gathers more for one layer)."""
+    for eager, compiled in (r["sp"] for r in two_ranks):
+        assert torch.equal(eager[1], compiled[1])
+        for name, grad in eager[2].items():
+            assert torch.equal(grad, compiled[2][name]), name
+        regather = ("all_gather", "backward")
+        assert (
+            sum(e[:2] == regather for e in eager[3])
+            == sum(e[:2] == regather for e in compiled[3]) + 3
+        )  # the 2 blocks' inputs and the output layer's
 
 
 def test_rank_module_compiles_whole_with_inductor_at_tp1() -> None:
