@@ -23,8 +23,8 @@ def _close(a: list[float], b: list[float]) -> float:
 
 def test_fsdp_trains_as_serial_and_its_checkpoints_resume_anywhere(tmp_path: Path) -> None:
     """tp 2 x dp 2 under FSDP (accum 2, clipped) equals serial training, loss by loss and
-    weight by weight; its checkpoint resumes there, at tp 2 x dp 1 without FSDP and at
-    tp 1, each continuing as the serial run does."""
+    weight by weight; its checkpoint resumes there (with sequence parallelism on), at tp 2
+    x dp 1 without FSDP and at tp 1, each continuing as the serial run does."""
     losses: list[float] = []
     states: dict = {2: None}
     want = serial_training(CFG, losses, states)
@@ -33,8 +33,9 @@ def test_fsdp_trains_as_serial_and_its_checkpoints_resume_anywhere(tmp_path: Pat
     for r in first:
         assert _largest(r["final"], states[2]) <= 1e-10
         assert _close(r["losses"], losses[:2]) <= 1e-12
-    for tp, dp, fsdp in ((2, 2, True), (2, 1, False), (1, 1, False)):
-        cfg = dataclasses.replace(CFG, tp=tp, dp=dp, fsdp=fsdp)
+    # the first resumes with sequence parallelism too: tp 2 x sp x dp 2 x FSDP
+    for tp, dp, fsdp, sp in ((2, 2, True, True), (2, 1, False, False), (1, 1, False, False)):
+        cfg = dataclasses.replace(CFG, tp=tp, dp=dp, fsdp=fsdp, sp=sp)
         moved = run_on_gloo(_run, tp * dp, cfg, ckpt, True)[0]
         assert _largest(moved["final"], want) <= 1e-10
         assert _close(moved["losses"], losses[2:]) <= 1e-12
