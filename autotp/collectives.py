@@ -125,7 +125,7 @@ class _GatherSP(torch.autograd.Function):
 # a column-split linear reads, not the gathered whole (tp times its size), and gathers it
 # again in backward. The gathered tensors alive now, by storage: while `keep_parts()` is
 # active, autograd saves a view of one of them as the rank's part, re-gathered on use.
-_GATHERED: dict[int, _Regather] = {}
+_GATHERED: dict[int, tuple[_Regather, int]] = {}  # storage -> (entry, its version then)
 
 
 class _Regather:
@@ -156,14 +156,15 @@ def _remember(
     entry = _Regather(part, gather)
     for out in outs:
         key = out.untyped_storage().data_ptr()
-        _GATHERED[key] = entry
+        _GATHERED[key] = (entry, out._version)
         weakref.finalize(out, _GATHERED.pop, key, None)
 
 
 def _pack(t: torch.Tensor) -> Any:
-    entry = _GATHERED.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
-    if entry is None:
+    found = _GATHERED.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+    if found is None or t._version != found[1]:  # changed in place since: kept as it is
         return t
+    entry = found[0]
     entry.saved += 1
     return (entry, t.size(), t.stride(), t.storage_offset())
 

@@ -168,7 +168,8 @@ _RUNS: dict[str, tuple[tuple[str, str, bool], ...]] = {
     # (and gathered again in backward, autograd keeping the rank's part: not under
     # torch.compile or the caller's own saved-tensor hooks)
     "sp_gather": (
-        ("all_gather", "forward", True), ("all_gather", "backward", True),
+        ("all_gather", "forward", True),
+        ("all_gather", "backward", True),
         ("reduce_scatter", "backward", False),
     ),
     "sequence_gather": (("all_gather", "forward", True),),

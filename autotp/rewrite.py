@@ -40,7 +40,7 @@ from .collectives import rank_slice
 from .errors import node_error
 from .match import EmbeddingInfo, Match
 from .rule import Row
-from .sequence import functional_norm, one_f_for_parameters, sequence_gather
+from .sequence import after_mutations, functional_norm, one_f_for_parameters, sequence_gather
 from .sharding import (
     ArgEdit,
     Cut,
@@ -120,7 +120,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     f_of: dict[fx.Node, fx.Node] = {}
     for value, consumers in prop.f_inputs.items():
         src = env[value]
-        with graph.inserting_after(src):
+        with graph.inserting_after(after_mutations(src, [env[c] for c in consumers])):
             f = site(graph, F_MODULE, (src,), {}, f"f_{src.name}")
         f.meta = {"val": src.meta.get("val"), "stack_trace": src.meta.get("stack_trace")}
         f.meta["nn_module_stack"] = src.meta.get("nn_module_stack", {})

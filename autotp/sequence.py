@@ -5,6 +5,7 @@ split compute. The reduce-scatter in g's place is part of rewrite.py's reduce st
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
@@ -70,7 +71,7 @@ def sequence_gather(
         what = "sp_gather"
         why = _FOR_SPLIT
     else:
-        with graph.inserting_after(src):
+        with graph.inserting_after(after_mutations(src, (*direct, *([f] if f else [])))):
             size = graph.call_method("size", (src, dim))
         with graph.inserting_after(size):
             serial = graph.call_function(operator.mul, (size, tp))
@@ -153,3 +154,24 @@ def _reshape_read_split(node: fx.Node, src: fx.Node) -> bool:
         u.op == "call_module" and site_kind(u.target) == F_MODULE and u.args[0] is node
         for u in node.users
     )
+
+
+def after_mutations(src: fx.Node, readers: Iterable[fx.Node]) -> fx.Node:
+    """Where a collective reading `src` for `readers` goes: right after `src`, or after the
+    last in-place op on it before the first reader (`m = x.cumsum(1); m.mul_(0.5)`: the
+    readers see the changed tensor, and so must the collective)."""
+    order = {n: i for i, n in enumerate(src.graph.nodes)}
+    first = min((order[r] for r in readers if r in order), default=len(order))
+    anchor = src
+    for u in src.users:
+        if order[u] < first and order[u] > order[anchor] and _in_place(u):
+            anchor = u
+    return anchor
+
+
+def _in_place(node: fx.Node) -> bool:
+    """`x.mul_(2)`, `torch.relu_(x)`, aten's `add_`: the normalised name ends with `_`."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = ops.op_name(node, None)  # type: ignore[arg-type]
+    return name.endswith("_") and not name.startswith("_")

@@ -236,3 +236,28 @@ def test_the_printed_plan_lists_the_collectives_that_run() -> None:
     extra = [r for r in rows if r.rule == "propagation" or r.node.startswith("scatter")]
     extra += regathered
     assert ring[0] == pytest.approx(ring[1] + sum(r.ring_bytes(2) for r in extra))
+
+
+class _ChangedInPlace(torch.nn.Module):
+    """A value read whole by a split block is first changed in place (`m.mul_`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(16)
+        self.fc, self.proj = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+        self.fc2, self.proj2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.proj(torch.relu(self.fc(self.ln(x))))
+        m = self.ln(h).cumsum(1)  # mixes the tokens: read whole
+        m.mul_(0.5)
+        return h + self.proj2(torch.relu(self.fc2(m)))
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_a_value_changed_in_place_before_a_split_block_reads_it(sp: bool) -> None:
+    """f (and the all-gather) go after the in-place change, which the block reads."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
+    parallel = lambda m, tp, i: autotp.simulate(m, tp, i, sequence_parallel=sp)  # noqa: E731
+    assert assert_equivalent(_ChangedInPlace(), (x,), 2, parallel=parallel).largest() < 1e-10
