@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 from torch.distributed.tensor.debug import CommDebugMode
 
 import autotp
 import autotp.collectives as C
 from autotp.errors import AutoTPError
-from autotp.fuzz import check_case, check_case_gloo, random_case
+from autotp.fuzz import check_case, check_case_gloo, model_cases, random_case
 from autotp.models import build
 from autotp.sharding import Shard
 from autotp.testing import assert_equivalent, run_on_gloo
@@ -199,6 +200,13 @@ def test_hugging_face_models_with_sequence_parallelism_equal_serial(arch: str) -
     assert log.count("forward", "reduce_scatter") == log.count("backward", "reduce_scatter") == 5
     assert log.count("forward", "all_gather") == 6  # 2 a layer, the output layer, the logits
     assert log.count("backward", "all_reduce") == 1  # the parameters' gradients, once
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=model_cases())
+def test_drawn_structures_refuse_or_equal_serial_with_sequence_parallelism(case) -> None:
+    verdict = check_case(case, sequence_parallel=True)
+    assert verdict.ok, f"{verdict}\n\nreproducer:\n{case.reproducer()}"
 
 
 @pytest.mark.parametrize("seed", [*range(9000, 9010), 30189])  # 30189: no_grad around a block
