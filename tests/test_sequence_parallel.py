@@ -269,3 +269,37 @@ def test_a_value_changed_in_place_before_a_split_block_reads_it(sp: bool) -> Non
     x = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
     parallel = lambda m, tp, i: autotp.simulate(m, tp, i, sequence_parallel=sp)  # noqa: E731
     assert assert_equivalent(_ChangedInPlace(), (x,), 2, parallel=parallel).largest() < 1e-10
+
+
+class _Blocks(torch.nn.Module):
+    """Two MLP blocks, the value between them changed in place by an op with no table
+    entry (`relu_`) or through a view (`y[:, :, 0] = 0`)."""
+
+    def __init__(self, change: str) -> None:
+        super().__init__()
+        self.change = change
+        self.ln = torch.nn.ModuleList([torch.nn.LayerNorm(8) for _ in range(2)])
+        self.fc = torch.nn.ModuleList([torch.nn.Linear(8, 32) for _ in range(2)])
+        self.proj = torch.nn.ModuleList([torch.nn.Linear(32, 8) for _ in range(2)])
+
+    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj[i](torch.nn.functional.gelu(self.fc[i](self.ln[i](x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(0, x) + 0
+        if self.change == "relu_":
+            y.relu_()
+        else:
+            y[:, :, 0] = 0.0
+        return self.block(1, y)
+
+
+@pytest.mark.parametrize("change", ["relu_", "setitem"])
+def test_a_sequence_split_changed_in_place_is_never_read_through_a_gathered_copy(
+    change: str,
+) -> None:
+    """The change must reach the value itself: a node that cannot take the split is not
+    given a gathered copy of a value changed in place (its block stays replicated)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, dtype=torch.float64)
+    assert assert_equivalent(_Blocks(change), (x,), 2, parallel=_sp).largest() < 1e-10

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .. import ops
 from ..call import Call
 from ..errors import node_error
 from .placement import (
@@ -166,6 +167,8 @@ class Ctx:
             if sizes_only and not isinstance(seen, LocalInt):
                 continue
             found = True
+            if isinstance(seen, Shard) and _changed_in_place(a):
+                return False  # a gathered copy would take the change, not `a`
             if isinstance(seen, Shard):
                 _add_reader(self.sequence_gathers, a, node)
             elif isinstance(seen, LocalInt):
@@ -208,6 +211,33 @@ def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = type(v)(v)
     return out
+
+
+# ops whose result may share memory with their input (a change to one changes the other)
+_ALIASING = frozenset(
+    "view flatten transpose permute unsqueeze squeeze slice select getitem index expand "
+    "split chunk unbind narrow as_strided identity t alias detach view_as reshape".split()
+)
+
+
+def _changed_in_place(a: fx.Node) -> bool:
+    """Is `a`, or a value sharing its memory, changed in place anywhere (`y.relu_()`,
+    `y[:, :, 0] = 0`, an op's `out=`)?"""
+    seen, todo = set(), [a]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op not in ("call_function", "call_method"):
+                continue
+            name = ops.op_name(u, None).removeprefix("aten.")  # type: ignore[arg-type]
+            if name.endswith("_") or name == "setitem" or "out" in u.kwargs:
+                return True
+            if name in _ALIASING:
+                todo.append(u)
+    return False
 
 
 def _paths(node: fx.Node, a: fx.Node) -> list[tuple[int | str, ...]]:
