@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from .comm import (
     CollectiveLog,
@@ -66,6 +67,7 @@ class _F(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
+    @once_differentiable  # a collective: a second derivative would need its own
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return ctx.comm.all_reduce(grad, "backward"), None
 
@@ -79,6 +81,7 @@ class _G(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a collective: a second derivative would need its own
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return grad, None, None
 
@@ -90,6 +93,7 @@ class _Gather(torch.autograd.Function):
         return torch.cat(comm.all_gather(x, "forward"), dim=dim).narrow(dim, 0, size)
 
     @staticmethod
+    @once_differentiable  # a collective: a second derivative would need its own
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return _own_slice(grad, ctx.dim, ctx.local, ctx.comm.rank), None, None, None
 
@@ -101,6 +105,7 @@ class _ScatterSP(torch.autograd.Function):
         return chunk(x, dim, comm.size, comm.rank)
 
     @staticmethod
+    @once_differentiable  # a collective: a second derivative would need its own
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return ctx.comm.all_gather_dim(grad, ctx.dim, "backward"), None, None
 
@@ -117,6 +122,7 @@ class _GatherSP(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a collective: a second derivative would need its own
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return ctx.comm.reduce_scatter(grad, ctx.dim, "backward"), None, None
 
@@ -198,6 +204,7 @@ class _ReduceScatterSP(torch.autograd.Function):
         return comm.reduce_scatter(x, dim, "forward")
 
     @staticmethod
+    @once_differentiable  # a collective: a second derivative would need its own
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return ctx.comm.all_gather_dim(grad, ctx.dim, "backward"), None, None
 
@@ -210,6 +217,7 @@ class _FMany(torch.autograd.Function):
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
+    @once_differentiable  # a collective: a second derivative would need its own
     def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
         got = tuple(g for g in grads if g is not None)  # the same on every rank: the graph's
         if not got:

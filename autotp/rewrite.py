@@ -433,7 +433,7 @@ def _stream_dropout(
 
 
 def _apply_edit(graph: fx.Graph, env: dict[fx.Node, fx.Node], e: ArgEdit, tp: int) -> None:
-    node = env[e.node]
+    node = graph.output_node() if e.node.op == "output" else env[e.node]
     if isinstance(e.new, (DivideByTP, MultiplyByTP)):
         src = env[e.new.source]
         if isinstance(e.new, DivideByTP):

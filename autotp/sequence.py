@@ -111,37 +111,42 @@ def functional_norm(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> fx.No
 
 
 def one_f_for_parameters(graph: fx.Graph, gm: fx.GraphModule) -> None:
-    """The f of every parameter read by split compute, as one call at the top of the graph:
-    its backward all-reduces their gradients as one buffer, once, at the end of backward
-    (Megatron-LM's all-reduce of the sequence-parallel parameters' gradients), not once
-    per parameter."""
-    names = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
+    """The f of every parameter read by split compute, as one call at the top of the graph
+    per dtype: its backward all-reduces their gradients as one buffer, once, at the end of
+    backward (Megatron-LM's all-reduce of the sequence-parallel parameters' gradients),
+    not once per parameter."""
+    params = dict(gm.named_parameters(remove_duplicate=False))
     sites = [
         n for n in graph.nodes
         if n.op == "call_module" and site_kind(n.target) == F_MODULE
-        and n.args[0].op == "get_attr" and str(n.args[0].target) in names
+        and n.args[0].op == "get_attr" and str(n.args[0].target) in params
     ]  # fmt: skip
-    if len(sites) < 2:
-        return
+    by_dtype: dict[torch.dtype, list[fx.Node]] = {}
+    for f in sites:  # one buffer holds one dtype (a float32 norm in a bf16 model: two)
+        by_dtype.setdefault(params[str(f.args[0].target)].dtype, []).append(f)
     anchor = next(n for n in graph.nodes if n.op != "placeholder").prev
-    for f in sites:
-        anchor.append(f.args[0])  # a get_attr reads nothing: it can move to the top
-        anchor = f.args[0]
-    with graph.inserting_after(anchor):
-        many = site(graph, F_PARAMS_MODULE, tuple(f.args[0] for f in sites), {}, "f_params")
-    shapes = dict(gm.named_parameters(remove_duplicate=False))
-    many.meta["val"] = tuple(
-        torch.empty(shapes[str(f.args[0].target)].shape, device="meta") for f in sites
-    )
-    tag(many, collective="f", rule="propagation", placement="R",
-         why=f"backward all-reduce of {len(sites)} parameters' gradients, as one")  # fmt: skip
-    last = many
-    for i, f in enumerate(sites):
-        with graph.inserting_after(last):
-            last = graph.call_function(operator.getitem, (many, i))
-        copy_meta(f, last)
-        f.replace_all_uses_with(last)
-        graph.erase_node(f)
+    for dtype, group in by_dtype.items():
+        if len(group) < 2:
+            continue
+        for f in group:
+            anchor.append(f.args[0])  # a get_attr reads nothing: it can move to the top
+            anchor = f.args[0]
+        name = "f_params" if len(by_dtype) == 1 else f"f_params_{str(dtype).split('.')[-1]}"
+        with graph.inserting_after(anchor):
+            many = site(graph, F_PARAMS_MODULE, tuple(f.args[0] for f in group), {}, name)
+        many.meta["val"] = tuple(
+            torch.empty(params[str(f.args[0].target)].shape, dtype=dtype, device="meta")
+            for f in group
+        )
+        tag(many, collective="f", rule="propagation", placement="R",
+             why=f"backward all-reduce of {len(group)} parameters' gradients, as one")  # fmt: skip
+        anchor = many
+        for i, f in enumerate(group):
+            with graph.inserting_after(anchor):
+                anchor = graph.call_function(operator.getitem, (many, i))
+            copy_meta(f, anchor)
+            f.replace_all_uses_with(anchor)
+            graph.erase_node(f)
 
 
 def _reshape_read_split(node: fx.Node, src: fx.Node) -> bool:

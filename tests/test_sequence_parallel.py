@@ -289,12 +289,18 @@ class _Blocks(torch.nn.Module):
         y = self.block(0, x) + 0
         if self.change == "relu_":
             y.relu_()
-        else:
+        elif self.change == "setitem":
             y[:, :, 0] = 0.0
+        elif self.change == "movedim":  # through views no table entry knows
+            y.movedim(1, 2)[:, 0].zero_()
+        else:  # the base changed after a view of it was read whole
+            a = y.view(y.shape)[:, 0]
+            y.mul_(2)
+            y = y + a[:, None]
         return self.block(1, y)
 
 
-@pytest.mark.parametrize("change", ["relu_", "setitem"])
+@pytest.mark.parametrize("change", ["relu_", "setitem", "movedim", "base"])
 def test_a_sequence_split_changed_in_place_is_never_read_through_a_gathered_copy(
     change: str,
 ) -> None:
@@ -303,3 +309,31 @@ def test_a_sequence_split_changed_in_place_is_never_read_through_a_gathered_copy
     torch.manual_seed(0)
     x = torch.randn(2, 8, 8, dtype=torch.float64)
     assert assert_equivalent(_Blocks(change), (x,), 2, parallel=_sp).largest() < 1e-10
+
+
+class _Mixed(torch.nn.Module):
+    """A float32 norm between float64 blocks, and a length read from a split value
+    returned as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = _Blocks("none").double()
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        h = self.blocks.block(0, x)
+        return self.blocks.block(1, self.norm(h.float()).double()), h.size(1)
+
+
+def test_parameters_of_two_dtypes_and_a_returned_length() -> None:
+    """One all-reduce of the parameters' gradients per dtype; the length is the serial one."""
+    torch.manual_seed(0)
+    model, x = _Mixed(), torch.randn(2, 8, 8, dtype=torch.float64)
+    sim = _sp(model, 2, (x,))
+    (out, length), (want, serial_length) = sim(x), model(x)
+    out.sum().backward()
+    want.sum().backward()
+    assert length == serial_length == 8 and torch.allclose(out, want, rtol=0, atol=1e-6)
+    grads = autotp.full_grads(sim)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)

@@ -213,29 +213,57 @@ def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ops whose result may share memory with their input (a change to one changes the other)
+# ops whose result may share memory with their input (a change to one changes the other),
+# by their normalised name; aten ops say so in their schema
 _ALIASING = frozenset(
-    "view flatten transpose permute unsqueeze squeeze slice select getitem index expand "
-    "split chunk unbind narrow as_strided identity t alias detach view_as reshape".split()
+    "view flatten unflatten transpose permute movedim moveaxis swapaxes swapdims unsqueeze "
+    "squeeze slice select getitem index expand expand_as split split_with_sizes chunk "
+    "tensor_split hsplit vsplit dsplit unbind narrow as_strided diagonal unfold identity t "
+    "alias detach view_as reshape real imag view_as_real view_as_complex getattr".split()
 )
 
 
+def _aliases(n: fx.Node) -> bool:
+    """May `n`'s result share memory with its first argument?"""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None:  # an aten op: its schema marks returned aliases
+        return any(r.alias_info is not None for r in schema.returns)
+    return ops.op_name(n, None).removeprefix("aten.") in _ALIASING  # type: ignore[arg-type]
+
+
+def _mutates(n: fx.Node) -> bool:
+    """Does `n` change an argument in place (`y.relu_()`, `y[:, 0] = 0`, `out=`)?"""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None and any(
+        a.alias_info is not None and a.alias_info.is_write for a in schema.arguments
+    ):
+        return True
+    name = ops.op_name(n, None).removeprefix("aten.")  # type: ignore[arg-type]
+    return (name.endswith("_") and not name.startswith("_")) or name in (
+        "setitem", "iadd", "isub", "imul", "itruediv",
+    ) or "out" in n.kwargs  # fmt: skip
+
+
 def _changed_in_place(a: fx.Node) -> bool:
-    """Is `a`, or a value sharing its memory, changed in place anywhere (`y.relu_()`,
-    `y[:, :, 0] = 0`, an op's `out=`)?"""
-    seen, todo = set(), [a]
+    """Is `a`, or any value sharing its memory (its base, the base's other views), changed
+    in place anywhere in the graph?"""
+    root = a
+    while _aliases(root) and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    seen, todo = set(), [root]
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
         for u in n.users:
-            if u.op not in ("call_function", "call_method"):
-                continue
-            name = ops.op_name(u, None).removeprefix("aten.")  # type: ignore[arg-type]
-            if name.endswith("_") or name == "setitem" or "out" in u.kwargs:
+            if _mutates(u):
                 return True
-            if name in _ALIASING:
+            if _aliases(u):
                 todo.append(u)
     return False
 
