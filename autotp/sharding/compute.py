@@ -149,13 +149,13 @@ def _layer_norm(c: Ctx, call: Call) -> Placement:
     k = len(val(shape)) if isinstance(shape, fx.Node) else len(shape)
     out = _reduce_over(c, call, set(range(nd - k, nd)))
     if call.module is not None and isinstance(out, Shard):
-        if type(call.module) not in (nn.LayerNorm, nn.RMSNorm):
+        if type(call.module) is not nn.LayerNorm:
             if any(True for _ in call.module.parameters()):
                 raise c.refuse(
                     call.node, "a norm module with weights applied to a split value",
                     "normalise replicated values, or use F.layer_norm with explicit weights",
                 )  # fmt: skip
-        else:  # run as F.layer_norm / F.rms_norm, its weights behind f (rewrite.py)
+        else:  # run as F.layer_norm, its weights behind f (sequence.py)
             c.functional_norms.add(call.node)
     return out
 
