@@ -227,6 +227,11 @@ def collectives_line(plan: Any) -> Text:
     extra = ""
     if coll["max"] or coll["gather"]:
         extra = f", {coll['max']} all-reduce max (loss), {coll['gather']} all-gather (outputs)"
+    if getattr(plan, "sequence_parallel", False) and plan.tp > 1 and "reduce_scatter" not in coll:
+        extra += (
+            "; sequence parallel asked for, but no sum could be split along a sequence "
+            "(none has one whose length tp divides): all-reduces instead"
+        )
     if "reduce_scatter" in coll or "sp_gather" in coll:  # sequence parallelism
         extra += (
             f"; sequence parallel: {coll.get('reduce_scatter', 0)} reduce-scatter forward"

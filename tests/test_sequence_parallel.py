@@ -337,3 +337,11 @@ def test_parameters_of_two_dtypes_and_a_returned_length() -> None:
     grads = autotp.full_grads(sim)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_printed_plan_says_when_no_sum_could_be_split_along_the_sequence() -> None:
+    model = build("gpt2-tiny", n_layer=1)
+    ids = torch.randint(0, 100, (2, 5))  # 5 tokens: tp=2 cannot share them
+    p = autotp.plan(model, 2, {"idx": ids, "targets": ids}, sequence_parallel=True)
+    assert "reduce_scatter" not in p.collectives()
+    assert "sequence parallel asked for, but no sum could be split" in str(p)
