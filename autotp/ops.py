@@ -16,7 +16,17 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["op_name", "POINTWISE", "INPLACE", "IDENTITY", "LAYOUT", "GLUE", "NORM"]
+__all__ = [
+    "op_name",
+    "aliases",
+    "mutates",
+    "POINTWISE",
+    "INPLACE",
+    "IDENTITY",
+    "LAYOUT",
+    "GLUE",
+    "NORM",
+]
 
 _FUNCTIONS: dict[object, str] = {
     operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
@@ -125,3 +135,38 @@ def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
     if node.op == "call_method":
         return _METHODS.get(str(node.target), str(node.target))
     return node.op
+
+
+# Ops whose result may share memory with their input (a change to one changes the other),
+# by their normalised name; aten ops say so in their schema.
+_ALIASING = frozenset(
+    "view flatten unflatten transpose permute movedim moveaxis swapaxes swapdims unsqueeze "
+    "squeeze slice select getitem index expand expand_as split split_with_sizes chunk "
+    "tensor_split hsplit vsplit dsplit unbind narrow as_strided diagonal unfold identity t "
+    "alias detach view_as reshape real imag view_as_real view_as_complex getattr".split()
+)
+
+
+def aliases(node: fx.Node) -> bool:
+    """May `node`'s result share memory with its first argument?"""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:  # an aten op: its schema marks returned aliases
+        return any(r.alias_info is not None for r in schema.returns)
+    return op_name(node, None).removeprefix("aten.") in _ALIASING  # type: ignore[arg-type]
+
+
+def mutates(node: fx.Node) -> bool:
+    """Does `node` change an argument in place (`y.relu_()`, `y[:, 0] = 0`, `out=`)?"""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and any(
+        a.alias_info is not None and a.alias_info.is_write for a in schema.arguments
+    ):
+        return True
+    name = op_name(node, None).removeprefix("aten.")  # type: ignore[arg-type]
+    return (name.endswith("_") and not name.startswith("_")) or name in (
+        "setitem", "iadd", "isub", "imul", "itruediv",
+    ) or "out" in node.kwargs  # fmt: skip

@@ -40,7 +40,7 @@ from .collectives import rank_slice
 from .errors import node_error
 from .match import EmbeddingInfo, Match
 from .rule import Row
-from .sequence import after_mutations, functional_norm, one_f_for_parameters, sequence_gather
+from .sequence import functional_norm, one_f_for_parameters, sequence_gather
 from .sharding import (
     ArgEdit,
     Cut,
@@ -60,6 +60,7 @@ from .sites import (
     RANK_BUFFER,
     REDUCE_SCATTER_MODULE,
     SCATTER_MODULE,
+    after_mutations,
     copy_meta,
     placement_text,
     record,

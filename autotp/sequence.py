@@ -5,7 +5,6 @@ split compute. The reduce-scatter in g's place is part of rewrite.py's reduce st
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
@@ -18,6 +17,7 @@ from .sites import (
     F_PARAMS_MODULE,
     GATHER_MODULE,
     SP_GATHER_MODULE,
+    after_mutations,
     copy_meta,
     record,
     site,
@@ -47,8 +47,10 @@ def sequence_gather(
     direct = {r for r in reading if src in r.all_input_nodes and r is not f}
     # f commutes with a reshape (identity forward, a sum backward): `x.view(-1, C)` read
     # only through f (a Conv1D's addmm) takes its gradient from the same reduce-scatter
-    if direct and all(_reshape_read_split(r, src) for r in direct):
-        with graph.inserting_after(src):
+    fused = (f is not None or direct) and all(_reshape_read_split(r, src) for r in direct)
+    at = after_mutations(src, (*direct, *([f] if f is not None else [])))
+    if fused:  # read by split compute only: one all-gather, its backward f's sum
+        with graph.inserting_after(at):
             g = site(graph, SP_GATHER_MODULE, (src, dim), {}, f"gather_{value.name}")
         for r in direct:
             r.replace_input_with(src, g)
@@ -59,19 +61,9 @@ def sequence_gather(
             f.replace_all_uses_with(g)
             graph.erase_node(f)
             f_of[value] = g
-        copy_meta(src, g)
-        tag(g, collective="sp_gather", placement="R", why=_FOR_SPLIT)
-        return g
-    if f is not None and not direct:
-        with graph.inserting_before(f):
-            g = site(graph, SP_GATHER_MODULE, (src, dim), {}, f"gather_{value.name}")
-        f.replace_all_uses_with(g)
-        graph.erase_node(f)
-        f_of[value] = g
-        what = "sp_gather"
-        why = _FOR_SPLIT
+        what, why = "sp_gather", _FOR_SPLIT
     else:
-        with graph.inserting_after(after_mutations(src, (*direct, *([f] if f else [])))):
+        with graph.inserting_after(at):
             size = graph.call_method("size", (src, dim))
         with graph.inserting_after(size):
             serial = graph.call_function(operator.mul, (size, tp))
@@ -159,24 +151,3 @@ def _reshape_read_split(node: fx.Node, src: fx.Node) -> bool:
         u.op == "call_module" and site_kind(u.target) == F_MODULE and u.args[0] is node
         for u in node.users
     )
-
-
-def after_mutations(src: fx.Node, readers: Iterable[fx.Node]) -> fx.Node:
-    """Where a collective reading `src` for `readers` goes: right after `src`, or after the
-    last in-place op on it before the first reader (`m = x.cumsum(1); m.mul_(0.5)`: the
-    readers see the changed tensor, and so must the collective)."""
-    order = {n: i for i, n in enumerate(src.graph.nodes)}
-    first = min((order[r] for r in readers if r in order), default=len(order))
-    anchor = src
-    for u in src.users:
-        if order[u] < first and order[u] > order[anchor] and _in_place(u):
-            anchor = u
-    return anchor
-
-
-def _in_place(node: fx.Node) -> bool:
-    """`x.mul_(2)`, `torch.relu_(x)`, aten's `add_`: the normalised name ends with `_`."""
-    if node.op not in ("call_method", "call_function"):
-        return False
-    name = ops.op_name(node, None)  # type: ignore[arg-type]
-    return name.endswith("_") and not name.startswith("_")

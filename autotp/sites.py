@@ -8,18 +8,20 @@ placement, what changed, which is all the terminal views and reports read.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
 
+from . import ops
 from .sharding import Shard
 
 __all__ = [
     "NodeRecord", "record", "tag", "site", "site_kind", "copy_meta", "placement_text",
     "F_MODULE", "G_MODULE", "MAX_MODULE", "GATHER_MODULE", "REDUCE_SCATTER_MODULE",
     "SP_GATHER_MODULE", "SCATTER_MODULE", "F_PARAMS_MODULE", "DROPOUT_MODULES", "RANK_BUFFER",
-    "COLLECTIVE_MODULES",
+    "COLLECTIVE_MODULES", "after_mutations",
 ]  # fmt: skip
 
 F_MODULE = "tp_f"  # identity forward, all-reduce backward
@@ -95,3 +97,19 @@ def copy_meta(src: fx.Node, dst: fx.Node) -> None:
     for k in ("val", "stack_trace", "nn_module_stack"):
         if k in src.meta:
             dst.meta[k] = src.meta[k]
+
+
+def after_mutations(src: fx.Node, readers: Iterable[fx.Node]) -> fx.Node:
+    """Where a collective reading `src` for `readers` goes: right after `src`, or after the
+    last in-place op on it before the first reader (`m = x.cumsum(1); m.mul_(0.5)`: the
+    readers see the changed tensor, and so must the collective)."""
+    changes = [u for u in src.users if ops.mutates(u)]
+    if not changes:  # the usual case: no walk over the graph
+        return src
+    order = {n: i for i, n in enumerate(src.graph.nodes)}
+    first = min((order[r] for r in readers if r in order), default=len(order))
+    anchor = src
+    for u in changes:
+        if order[anchor] < order[u] < first:
+            anchor = u
+    return anchor

@@ -161,9 +161,9 @@ class Ctx:
                     self.whole_readers.add(node)
                     found = True
                 continue
-            if not self.reads_sequence(a, node) or not is_split(self.seen(a, node)):
-                continue
             seen = self.seen(a, node)
+            if not self.reads_sequence(a, node) or not is_split(seen):
+                continue
             if sizes_only and not isinstance(seen, LocalInt):
                 continue
             found = True
@@ -213,46 +213,11 @@ def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ops whose result may share memory with their input (a change to one changes the other),
-# by their normalised name; aten ops say so in their schema
-_ALIASING = frozenset(
-    "view flatten unflatten transpose permute movedim moveaxis swapaxes swapdims unsqueeze "
-    "squeeze slice select getitem index expand expand_as split split_with_sizes chunk "
-    "tensor_split hsplit vsplit dsplit unbind narrow as_strided diagonal unfold identity t "
-    "alias detach view_as reshape real imag view_as_real view_as_complex getattr".split()
-)
-
-
-def _aliases(n: fx.Node) -> bool:
-    """May `n`'s result share memory with its first argument?"""
-    if n.op not in ("call_function", "call_method"):
-        return False
-    schema = getattr(n.target, "_schema", None)
-    if schema is not None:  # an aten op: its schema marks returned aliases
-        return any(r.alias_info is not None for r in schema.returns)
-    return ops.op_name(n, None).removeprefix("aten.") in _ALIASING  # type: ignore[arg-type]
-
-
-def _mutates(n: fx.Node) -> bool:
-    """Does `n` change an argument in place (`y.relu_()`, `y[:, 0] = 0`, `out=`)?"""
-    if n.op not in ("call_function", "call_method"):
-        return False
-    schema = getattr(n.target, "_schema", None)
-    if schema is not None and any(
-        a.alias_info is not None and a.alias_info.is_write for a in schema.arguments
-    ):
-        return True
-    name = ops.op_name(n, None).removeprefix("aten.")  # type: ignore[arg-type]
-    return (name.endswith("_") and not name.startswith("_")) or name in (
-        "setitem", "iadd", "isub", "imul", "itruediv",
-    ) or "out" in n.kwargs  # fmt: skip
-
-
 def _changed_in_place(a: fx.Node) -> bool:
     """Is `a`, or any value sharing its memory (its base, the base's other views), changed
     in place anywhere in the graph?"""
     root = a
-    while _aliases(root) and root.args and isinstance(root.args[0], fx.Node):
+    while ops.aliases(root) and root.args and isinstance(root.args[0], fx.Node):
         root = root.args[0]
     seen, todo = set(), [root]
     while todo:
@@ -261,9 +226,9 @@ def _changed_in_place(a: fx.Node) -> bool:
             continue
         seen.add(n)
         for u in n.users:
-            if _mutates(u):
+            if ops.mutates(u):
                 return True
-            if _aliases(u):
+            if ops.aliases(u):
                 todo.append(u)
     return False
 
