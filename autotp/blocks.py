@@ -54,6 +54,7 @@ from .rule import Rule
 from .sharding import Shard, VocabOptions
 from .simulate import SimulatedTP
 from .sites import record
+from .tools import tools_aside
 from .trace import _dispatched, accepts
 from .weights import Weights
 
@@ -147,7 +148,8 @@ class _Patterns:
         try:  # traced in the modes the call holds (the parallel block's, module by module)
             for (m, _), flag in zip(saved, call.key[-1], strict=True):
                 m.training = flag
-            made = self._plan(block, call, seqs, local)
+            with tools_aside():  # CommDebugMode's or a profiler's hooks are not the block's
+                made = self._plan(block, call, seqs, local)
         finally:
             for m, flag in saved:
                 m.training = flag
@@ -405,6 +407,15 @@ class BlockTP(nn.Module):
             return None
         return layer.keys, layer.values
 
+    def _class_name(self, rank: int) -> str:
+        """The class of a pattern's graph module: the block's class, its path and (when
+        simulated) its rank. Unique per graph that runs, as PyTorch's module tracker
+        (CommDebugMode's) needs of modules that are not children of the model: it names
+        them by their class, and leaks the hooks of two it names alike."""
+        path = self.__dict__.get("_path", "").replace(".", "_")
+        rank_part = f"_rank{rank}" if len(self.ranks) > 1 else ""
+        return f"{type(self._serial).__name__}_{path}{rank_part}"
+
     def _runner(self, plan: Plan, call: BlockCall) -> nn.Module:
         key = id(plan)
         if key not in self._graphs:
@@ -415,7 +426,7 @@ class BlockTP(nn.Module):
                          [*shell.named_parameters(), *shell.named_buffers()]}  # fmt: skip
                 ranks.append(build_rank_module(
                     module, plan.traced.gm, plan.graph, plan.splits, comm.rank, self.tp, comm, plan,
-                    type(self._serial).__name__, random.seed, local=local, random=random,
+                    self._class_name(comm.rank), random.seed, local=local, random=random,
                     device=next(iter(local.values())).device if local else None,
                 ))  # fmt: skip
             self._graphs[key] = ranks[0] if len(ranks) == 1 else SimulatedTP(ranks)
@@ -530,7 +541,8 @@ def parallel_blocks(
         splits = {n.removeprefix("layer."): s for n, s in patterns.first.splits.items()}
         shells = [shell(block, splits, c.rank, tp, weights, path) for c in comms]
         parent, _, leaf = path.rpartition(".")
-        copied.get_submodule(parent)._modules[leaf] = BlockTP.of(block, patterns, shells, comms,
-                                                                  randoms)  # fmt: skip
+        made = BlockTP.of(block, patterns, shells, comms, randoms)
+        made.__dict__["_path"] = path
+        copied.get_submodule(parent)._modules[leaf] = made
     copied.autotp_blocks = tuple(paths)
     return copied

@@ -37,7 +37,8 @@ from torch.utils._pytree import tree_flatten
 from . import ops
 from .call import canonical
 from .collectives import rank_slice
-from .errors import node_error
+from .errors import describe_node, node_error
+from .guards import check_sizes
 from .match import EmbeddingInfo, Match
 from .rule import Row
 from .sequence import functional_norm, one_f_for_parameters, sequence_gather
@@ -214,6 +215,12 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
             _stream_dropout(graph, gm, old, env[old], prop.placements[old])
     if prop.scatters:
         one_f_for_parameters(graph, gm)
+    for old, (src, dst) in prop.guards.items():  # sizes the proof read: checked per call
+        x = env[old].args[0]
+        with graph.inserting_after(env[old]):
+            check = graph.call_function(check_sizes, (x, env[old], src, dst, describe_node(old)))
+        tag(check, rule="propagation", placement="R",
+            why="the reshape's split holds for these sizes only")  # fmt: skip
 
     graph.lint()
     return graph

@@ -45,6 +45,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import AutoTPError
+from .tools import tools_aside
 
 __all__ = ["Traced", "trace", "bind_inputs"]
 
@@ -231,6 +232,13 @@ def trace(
     """
     if frontend not in FRONTENDS:
         raise AutoTPError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
+    with tools_aside():  # hooks of CommDebugMode, profilers, ...: not the model's
+        return _trace(model, example_inputs, frontend, dims)
+
+
+def _trace(
+    model: torch.nn.Module, example_inputs: Any, frontend: str, dims: dict[str, Any] | None
+) -> Traced:
     inputs = bind_inputs(model, example_inputs)
     if frontend == "export" or dims is not None:
         gm = _export(model, inputs, dims)

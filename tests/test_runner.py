@@ -86,6 +86,7 @@ BAD_TRAIN = {
     "missing data": (["--data", "no/such/corpus"], "is not a known source"),
     "seq past block": (["--seq", "1000"], "--seq 1000 exceeds gpt2-bytes's 256 positions"),
     "heads vs tp": (["--tp", "3", "--strict"], "not divisible by tp=3"),
+    "tp splits no block": (["--tp", "3"], "use --tp 2 or 4 or 8, or add --allow-unsplit"),
     "masked LM, byte data": (["--model", "bert-tiny"], "bert-tiny has a vocabulary of 97"),
 }
 

@@ -101,6 +101,9 @@ class TrainConfig:
     strict: bool = _opt(
         False, "refuse a matched block whose split cannot be proven (default: leave it replicated)"
     )
+    allow_unsplit: bool = _opt(
+        False, "accept a --tp that splits no MLP or attention block (only the vocabulary)"
+    )
 
 
 ERROR_FILE = "AUTOTP_ERROR_FILE"  # set by `autotp train`: where a worker leaves its error
@@ -305,6 +308,30 @@ def check(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainConfig:
             f"of --tp {cfg.tp}; choose --seq {cfg.seq - cfg.seq % cfg.tp or cfg.tp}, or drop --sp"
         )
     rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
-    plan(model, cfg.tp, example_inputs(model, rows, cfg.seq), strict=cfg.strict,
-         sequence_parallel=cfg.sp)  # fmt: skip
+
+    def blocks_split(tp: int) -> int:
+        p = plan(model, tp, example_inputs(model, rows, cfg.seq), strict=cfg.strict,
+                 sequence_parallel=cfg.sp)  # fmt: skip
+        left = {id(m) for m, _ in p.replicated}
+        return sum(m.rule.name not in _VOCAB_RULES and id(m) not in left for m in p.matches)
+
+    if not blocks_split(cfg.tp) and cfg.tp > 1 and not cfg.allow_unsplit:
+        works = [t for t in range(2, 9) if t != cfg.tp and _plans(blocks_split, t)]
+        raise UsageError(
+            f"--tp {cfg.tp} splits no MLP or attention block of {cfg.model}: its heads and "
+            f"widths do not divide by {cfg.tp}, so {cfg.tp} processes would each compute the "
+            "whole model but for the vocabulary\n  hint:   "
+            + (f"use --tp {' or '.join(map(str, works))}" if works else "use --tp 1")
+            + ", or add --allow-unsplit to run it anyway"
+        )
     return cfg
+
+
+_VOCAB_RULES = ("vocab_embedding", "lm_head")
+
+
+def _plans(blocks_split: Callable[[int], int], tp: int) -> bool:
+    try:
+        return blocks_split(tp) > 0
+    except AutoTPError:
+        return False

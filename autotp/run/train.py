@@ -213,14 +213,9 @@ class Trainer:
         self._stop_unless_finite("loss", value)
         self.last_grad_norm = None
         if c.clip or measure:
-            norm = self.grad_norm()
+            norm = self.clip(c.clip)
             self.last_grad_norm = norm.item()
             self._stop_unless_finite("gradient norm", self.last_grad_norm)
-            if c.clip:
-                scale = (c.clip / (norm + 1e-6)).clamp(max=1.0)
-                for p in self.params:
-                    if p.grad is not None:
-                        _local(p.grad).mul_(scale.to(p.grad.dtype))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -283,17 +278,35 @@ class Trainer:
             return torch.autocast("cuda", dtype=dt)
         return torch.autocast("cpu", enabled=False)
 
-    def grad_norm(self) -> torch.Tensor:
-        """The serial model's gradient norm: split parameters summed over the TP group
-        (each shard once), replicated ones counted once; identical on every DP rank. Under
-        FSDP each rank holds 1/dp of every gradient: both sums are first summed over dp."""
+    def clip(self, max_norm: float | None) -> torch.Tensor:
+        """The serial model's gradient norm, and the gradients scaled to at most `max_norm`
+        when given (checked finite first). Without FSDP this is what a user's loop does:
+        torch's own get_total_norm / clip_grad_norm_ on the rank module's parameters (their
+        gradients count as the serial model's, autotp.grads). Under FSDP each rank holds
+        1/dp of every gradient (dp's DTensors): split and replicated squares are summed over
+        dp, the split ones over tp, by hand."""
+        if not self.cfg.fsdp:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            if max_norm and math.isfinite(norm.item()):
+                torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
+            return norm
+        norm = self._fsdp_grad_norm()
+        if max_norm and math.isfinite(norm.item()):
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    _local(p.grad).mul_(scale.to(p.grad.dtype))
+        return norm
+
+    def _fsdp_grad_norm(self) -> torch.Tensor:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (split, replicated)
         for p in self.params:
             if p.grad is None:
                 continue
             sq = _local(p.grad).detach().double().square().sum()
             sums[0 if id(p) in self.split_params else 1] += sq
-        if self.cfg.fsdp and self.cfg.dp > 1:
+        if self.cfg.dp > 1:
             dist.all_reduce(sums, group=self.mesh.dp_group)
         split, repl = sums[0], sums[1]
         if self.cfg.tp > 1:

@@ -54,6 +54,7 @@ class Ctx:
         self.sequence_gathers: dict[fx.Node, list[fx.Node]] = {}
         self.functional_norms: set[fx.Node] = set()
         self.whole_readers: set[fx.Node] = set()  # read the sums of partial values whole
+        self.guards: dict[fx.Node, Any] = {}  # reshape -> sizes its proof read (Propagation)
 
     # -- helpers -------------------------------------------------------------------------
     def p(self, a: Any) -> Placement:
@@ -198,7 +199,7 @@ class Ctx:
 _STATE = (
     "f_inputs", "reduces", "sequence_gathers", "losses", "gathers", "pl", "params",
     "param_users", "deferred", "scatters", "reads", "edits", "cuts", "split_uses",
-    "functional_norms", "whole_readers",
+    "functional_norms", "whole_readers", "guards",
 )  # fmt: skip
 
 

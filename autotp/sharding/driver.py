@@ -109,7 +109,7 @@ def propagate(
     return Propagation(
         c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users, c.losses, c.gathers,
         c.options.gather_outputs, c.reduces, c.deferred, c.cuts, c.options.local_outputs,
-        c.scatters, c.sequence_gathers, c.functional_norms,
+        c.scatters, c.sequence_gathers, c.functional_norms, c.guards,
     )  # fmt: skip
 
 

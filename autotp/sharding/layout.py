@@ -289,7 +289,7 @@ def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]
         k = gi.index(px.dim)
         blocks = px.blocks * math.prod(src[d] for d in gi[:k])  # outer dims become blocks
         stuck = None
-        for o in gj:
+        for j, o in enumerate(gj):
             size = dst[o]
             if size == 1:  # holds nothing to split (x.view(B, 1, C) for one token)
                 continue
@@ -297,6 +297,7 @@ def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]
                 blocks //= size
                 continue
             if size % blocks == 0 and (size // blocks) % c.tp == 0:
+                _guard(c, n, [(d, src[d]) for d in gi[:k]], [(d, dst[d]) for d in gj[:j]])
                 return Shard(o, blocks)
             stuck = size
             break
@@ -317,6 +318,16 @@ def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]
             "grouped-query attention): choose tp dividing it, or keep this layer replicated",
         )
     raise AssertionError("unreachable: every dimension is in a group")
+
+
+def _guard(c: Ctx, n: fx.Node, src: list[tuple[int, int]], dst: list[tuple[int, int]]) -> None:
+    """Record the sizes a reshape's split was proven for (the dimensions merged in front
+    of the split one, those it skipped in the new shape): a batch of 1 folded with the
+    heads is the heads alone, a batch of 2 is not. Every call checks them (rewrite). A
+    value split along the sequence has other local sizes: not guarded here."""
+    if not (src or dst) or any(c.reads_sequence(a, n) for a in n.all_input_nodes):
+        return
+    c.guards[n] = (tuple(src), tuple(dst))
 
 
 def _view(c: Ctx, call: Call) -> Placement:

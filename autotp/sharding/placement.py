@@ -170,6 +170,9 @@ class Cut:
     shard: Shard
 
 
+SizeFacts = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]
+
+
 @dataclass
 class Propagation:
     """The result of propagation: placements, what to shard, where to communicate."""
@@ -196,6 +199,9 @@ class Propagation:
     scatters: dict[fx.Node, Shard] = field(default_factory=dict)
     sequence_gathers: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
     functional_norms: set[fx.Node] = field(default_factory=set)
+    # reshape -> the sizes its proof read, checked on every call: ((dim, size), ...) of its
+    # input, then of its output (heads folded into a batch of 1 are a split at batch 1 only)
+    guards: dict[fx.Node, SizeFacts] = field(default_factory=dict)
 
 
 def is_split(p: Placement) -> bool:

@@ -1,0 +1,132 @@
+"""Gradients whose norms are the serial model's: `torch.nn.utils.clip_grad_norm_` (and
+`get_total_norm`) on a parallel module's parameters return the serial norm on every rank,
+and so clip every rank by the same factor.
+
+A rank's parameters are plain tensors, and the norm torch computes from them is a rank's
+own: a split parameter holds 1/tp of its squares, a replicated one all of them. torch
+computes a total norm as the norm of the per-tensor norms (`torch._foreach_norm`, or
+`torch.linalg.vector_norm` one tensor at a time); so it is the serial one when each
+gradient's norm is what it contributes to the serial total:
+
+    parallelize, split parameter     the norm over the TP group (one all-reduce of the
+                                     group's norms per call, summed as p-th powers, or
+                                     the max for ord=inf)
+    simulate, split parameter        its own shard's norm (the ranks' shards are all in
+                                     the list the caller passes, and add up)
+    simulate, replicated, rank > 0   zero (rank 0's copy counts it once)
+    anything else                    its own norm, as torch computes it
+
+A gradient that needs one of the first three is a `SplitGrad`: the gradient tensor itself
+(the same memory, as `Tensor.as_subclass` gives) with the rule attached, set on `.grad`
+by a hook after every accumulation. Every other operation on it (optimizer steps, fused
+or foreach, clipping's multiply, zeroing) runs as on a plain tensor and returns plain
+tensors. A norm computed another way (`p.grad.pow(2).sum()`) is a rank's own:
+`autotp.full_grads` gives the serial gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from torch._C import DisableTorchFunctionSubclass
+
+from .comm import Comm
+
+__all__ = ["SplitGrad", "count_norms"]
+
+_NORMS: set[Callable] = {torch.linalg.vector_norm, torch.norm, torch.Tensor.norm}
+
+
+class SplitGrad(torch.Tensor):
+    """A gradient whose norm is its share of the serial norm (see the module)."""
+
+    _autotp_comm: Comm | None  # split over this group; None: a simulated replica (zero)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        with DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if func is torch._foreach_norm:
+            return _foreach(args, kwargs, out)
+        if func in _NORMS and isinstance(args[0], SplitGrad):
+            ord_, whole = _norm_args(func, args, kwargs)
+            if whole:
+                return _shares([args[0]], [out], ord_)[0]
+        return out
+
+
+def _norm_args(func: Callable, args: tuple, kwargs: dict) -> tuple[float, bool]:
+    """(ord, whether the norm is over the whole tensor) of a vector_norm / norm call."""
+    if func is torch.linalg.vector_norm:
+        ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
+        dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    else:
+        ord_ = args[1] if len(args) > 1 else kwargs.get("p", "fro")
+        dim = args[2] if len(args) > 2 else kwargs.get("dim")
+        ord_ = 2 if ord_ in ("fro", None) else ord_
+    whole = dim is None and isinstance(ord_, (int, float))
+    return float(ord_) if whole else 0.0, whole
+
+
+def _foreach(args: tuple, kwargs: dict, out: list[torch.Tensor]) -> list[torch.Tensor]:
+    tensors = list(args[0])
+    ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
+    if not isinstance(ord_, (int, float)):
+        return out
+    which = [i for i, t in enumerate(tensors) if isinstance(t, SplitGrad)]
+    shared = _shares([tensors[i] for i in which], [out[i] for i in which], float(ord_))
+    out = list(out)
+    for i, value in zip(which, shared, strict=True):
+        out[i] = value
+    return out
+
+
+def _shares(grads: list[SplitGrad], norms: list[torch.Tensor], ord_: float) -> list[torch.Tensor]:
+    """Each gradient's norm as its share of the serial total (see the module)."""
+    out = list(norms)
+    by_comm: dict[int, list[int]] = {}
+    for i, g in enumerate(grads):
+        if g._autotp_comm is None:
+            out[i] = torch.zeros_like(norms[i])
+        else:
+            by_comm.setdefault(id(g._autotp_comm), []).append(i)
+    for idx in by_comm.values():
+        comm = grads[idx[0]]._autotp_comm
+        assert comm is not None
+        local = torch.stack([norms[i].double() for i in idx])
+        if math.isinf(ord_):  # the largest entry of the group, or the smallest
+            sign = 1.0 if ord_ > 0 else -1.0
+            total = comm.all_reduce(sign * local, "step", "max") * sign
+        elif ord_ == 0:  # the count of nonzero entries
+            total = comm.all_reduce(local, "step")
+        else:
+            total = comm.all_reduce(local.pow(ord_), "step").pow(1.0 / ord_)
+        for j, i in enumerate(idx):
+            out[i] = total[j].to(norms[i].dtype)
+    return out
+
+
+def _as_split(grad: torch.Tensor, comm: Comm | None) -> torch.Tensor:
+    if isinstance(grad, SplitGrad) or grad.is_sparse:
+        return grad
+    out = grad.as_subclass(SplitGrad)
+    out._autotp_comm = comm
+    return out
+
+
+def count_norms(params: list[tuple[nn.Parameter, Comm | None]]) -> None:
+    """Make each parameter's gradient a SplitGrad with `comm` (its TP group, or None for
+    a simulated replica that counts zero), after every accumulation."""
+    for p, comm in params:
+        if not p.requires_grad:
+            continue
+
+        def hook(param: torch.Tensor, comm: Comm | None = comm) -> None:
+            if param.grad is not None:
+                param.grad = _as_split(param.grad, comm)
+
+        p.register_post_accumulate_grad_hook(hook)
