@@ -45,6 +45,13 @@ class AutoTPError(Exception):
         self.node: fx.Node | None = node  # the fx node a refusal is about, if there is one
 
 
+class ExampleInputsError(AutoTPError):
+    """The model cannot run on the example inputs it was given (a shape or a dtype its
+    forward does not take): the caller may say how to give others in its own words."""
+
+    title = "autotp: check the example inputs"
+
+
 class UsageError(AutoTPError):
     """An argument, file or name the user gave cannot be used as given."""
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import linecache
+import logging
 import os
 import traceback
 from collections.abc import Iterator
@@ -44,7 +45,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import AutoTPError
+from .errors import AutoTPError, ExampleInputsError, describe_node
 from .tools import tools_aside
 
 __all__ = ["Traced", "trace", "bind_inputs"]
@@ -533,7 +534,10 @@ def _fx_graph(
 class _FakeRunner(fx.Interpreter):
     """Runs a graph on fake tensors and stores each node's result in `node.meta['val']`."""
 
+    current: fx.Node | None = None
+
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n
         result = super().run_node(n)
         n.meta["val"] = result
         return result
@@ -546,12 +550,34 @@ def _annotate(gm: fx.GraphModule, inputs: dict[str, Any]) -> None:
     # their default value (fx guards them with an `_assert_is_none`).
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     args = [fake.get(n.target, n.args[0] if n.args else None) for n in placeholders]
-    with mode:
-        try:
-            _FakeRunner(gm).run(*args)
-        except Exception as e:  # noqa: BLE001
-            raise AutoTPError(
-                f"running the traced {gm.__class__.__name__} on the example inputs failed: "
-                f"{type(e).__name__}: {e}\n  source: {_user_frame(e)}\n"
-                "  hint:   check that the example inputs are what forward expects"
-            ) from e
+    runner = _FakeRunner(gm)
+    # a failing op is told by the error below, with the node and the user's line; fake
+    # tensors would also log it, with torch's own traceback, on stderr
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with mode:
+            runner.run(*args)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).split("\n\nWhile executing")[0].strip().splitlines()
+        what = (
+            f"running the traced {gm.__class__.__name__} on the example inputs failed: "
+            f"{type(e).__name__}: {first[0] if first else ''}"
+        )
+        shapes = ", ".join(
+            f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+            for k, v in inputs.items()
+            if isinstance(v, torch.Tensor)
+        )
+        hint = (
+            f"check that the example inputs ({shapes}) are what forward expects: a "
+            "sequence within the model's positions, the dtypes it reads"
+        )
+        node = runner.current
+        where = describe_node(node) if node is not None else f"  source: {_user_frame(e)}"
+        raise ExampleInputsError(
+            f"{what}\n{where}\n  hint:   {hint}", what=what, hint=hint, node=node
+        ) from e
+    finally:
+        quiet.setLevel(level)

@@ -177,3 +177,42 @@ def test_show_any_model_without_example_inputs(tmp_path: Path) -> None:
     assert out.returncode == 2 and "its arguments are x, scale" in out.stderr
     out = _autotp("show", f"{path}:features", "--input", "x=2by8", "--width", "200")
     assert out.returncode == 2 and "e.g. --input idx=2x16:long" in out.stderr
+
+
+_SIXTEEN_POSITIONS = """
+import torch
+import torch.nn as nn
+
+
+class Short(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(50, 32)
+        self.pos = nn.Parameter(torch.zeros(1, 16, 32))  # 16 positions
+        self.fc, self.proj = nn.Linear(32, 128), nn.Linear(128, 32)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.pos[:, : idx.size(1)]
+        return self.proj(torch.relu(self.fc(x)))
+
+
+def build():
+    return Short()
+"""
+
+
+def test_show_refuses_example_inputs_in_its_own_flags(tmp_path: Path) -> None:
+    """The default --seq does not fit a model of 16 positions: one panel naming the node,
+    the user's line and show's flags; no torch traceback or log line on the terminal."""
+    path = tmp_path / "short.py"
+    path.write_text(_SIXTEEN_POSITIONS)
+    out = _autotp_process("show", f"{path}:build", "--tp", "2")
+    assert out.returncode == 2
+    text = out.stderr
+    flat = "".join(text.replace("│", "").split())  # the panel unwrapped, without spaces
+    for said in ("--batch 8 --seq 64", "--input NAME=SHAPE:DTYPE",
+                 "short.py:14: x = self.wte(idx) + self.pos"):  # fmt: skip
+        assert "".join(said.split()) in flat, said
+    for noise in ("Traceback", "tlparse", "fake_tensor.py", "fx/proxy.py", "E1"):
+        assert noise not in text, noise
+    assert _autotp("show", f"{path}:build", "--tp", "2", "--seq", "16", "--json").returncode == 0

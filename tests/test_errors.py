@@ -282,7 +282,8 @@ def test_example_inputs_that_do_not_fit_forward(inputs: object, why: str) -> Non
 def test_example_inputs_forward_rejects() -> None:
     msg = refusal(autotp.plan, tiny("gpt2-tiny"), 2, (torch.randn(2, 8),))  # float ids
     assert msg.startswith("running the traced GPT2 on the example inputs failed")
-    assert "check that the example inputs are what forward expects" in msg
+    assert "check that the example inputs (idx [2, 8] float32) are what forward expects" in msg
+    assert "source: " in msg and "tests/test_" not in msg.split("source: ")[1].split("\n")[0]
 
 
 def test_no_example_inputs_and_no_example_inputs_method() -> None:

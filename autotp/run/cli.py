@@ -32,7 +32,7 @@ import torch
 from rich.console import Console
 
 from .. import render, report
-from ..errors import AutoTPError, UsageError
+from ..errors import AutoTPError, ExampleInputsError, UsageError
 from ..plan import plan
 from .config import UsageParser
 from .metrics import say as _say
@@ -69,7 +69,10 @@ def load_model(
 def _show(args: argparse.Namespace, console: Console) -> int:
     model, inputs = load_model(args.model, args.batch, args.seq, args.input)
     with console.status(f"planning {args.model} over tp={args.tp}…", spinner="dots"):
-        p = plan(model, args.tp, inputs, strict=args.strict, sequence_parallel=args.sp)
+        try:
+            p = plan(model, args.tp, inputs, strict=args.strict, sequence_parallel=args.sp)
+        except ExampleInputsError as e:  # in the words of this command: its flags
+            raise _in_flags(e, args) from e
     if args.json:
         console.print_json(json.dumps(report.to_json(p)))
         return 0
@@ -83,6 +86,23 @@ def _show(args: argparse.Namespace, console: Console) -> int:
         view = render.summary(p)
     console.print(view)
     return 0
+
+
+def _in_flags(e: ExampleInputsError, args: argparse.Namespace) -> ExampleInputsError:
+    """The refusal of the example inputs, with a hint that names show's own flags."""
+    given = (
+        " ".join(f"--input {i}" for i in args.input)
+        if args.input
+        else f"--batch {args.batch} --seq {args.seq}"
+    )
+    hint = (
+        f"the example inputs came from {given}: give sizes the model takes, e.g. a "
+        "shorter --seq (its positions), another --batch, or describe each input with "
+        "--input NAME=SHAPE:DTYPE (e.g. --input idx=2x16:long)"
+    )
+    text = str(e).rsplit("\n  hint:", 1)[0]
+    return ExampleInputsError(f"{text}\n  hint:   {hint}", what=e.what, where=e.where,
+                              hint=hint, node=e.node)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
