@@ -303,11 +303,12 @@ class BlockTP(nn.Module):
 
     def __init__(
         self, serial: nn.Module, patterns: _Patterns, shells: list[nn.Module],
-        comms: list[Comm], randoms: list[RankRandom],
+        comms: list[Comm], randoms: list[RankRandom], path: str,
     ) -> None:  # fmt: skip
         nn.Module.__init__(self)  # not the block class's: its tensors are the shells'
         self.ranks = nn.ModuleList(shells)
         self.__dict__["_serial"] = serial  # read only, never a submodule
+        self.__dict__["_path"] = path  # in the model: names its pattern graphs
         self.__dict__["_patterns"] = patterns
         self.__dict__["_comms"] = comms
         self.__dict__["_graphs"] = {}
@@ -412,7 +413,7 @@ class BlockTP(nn.Module):
         simulated) its rank. Unique per graph that runs, as PyTorch's module tracker
         (CommDebugMode's) needs of modules that are not children of the model: it names
         them by their class, and leaks the hooks of two it names alike."""
-        path = self.__dict__.get("_path", "").replace(".", "_")
+        path = self._path.replace(".", "_")
         rank_part = f"_rank{rank}" if len(self.ranks) > 1 else ""
         return f"{type(self._serial).__name__}_{path}{rank_part}"
 
@@ -541,8 +542,8 @@ def parallel_blocks(
         splits = {n.removeprefix("layer."): s for n, s in patterns.first.splits.items()}
         shells = [shell(block, splits, c.rank, tp, weights, path) for c in comms]
         parent, _, leaf = path.rpartition(".")
-        made = BlockTP.of(block, patterns, shells, comms, randoms)
-        made.__dict__["_path"] = path
-        copied.get_submodule(parent)._modules[leaf] = made
+        copied.get_submodule(parent)._modules[leaf] = BlockTP.of(
+            block, patterns, shells, comms, randoms, path
+        )
     copied.autotp_blocks = tuple(paths)
     return copied

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch._C import DisableTorchFunctionSubclass
 
-from .comm import Comm
+from .comm import Comm, ProcessGroupComm, SimulatedComm
 
 __all__ = ["SplitGrad", "count_norms"]
 
@@ -118,15 +119,24 @@ def _as_split(grad: torch.Tensor, comm: Comm | None) -> torch.Tensor:
     return out
 
 
-def count_norms(params: list[tuple[nn.Parameter, Comm | None]]) -> None:
-    """Make each parameter's gradient a SplitGrad with `comm` (its TP group, or None for
-    a simulated replica that counts zero), after every accumulation."""
-    for p, comm in params:
-        if not p.requires_grad:
+def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) -> None:
+    """Make the gradients of a rank module's parameters SplitGrads where their norm must
+    count otherwise than their own (see the module), after every accumulation: split ones
+    over the process group, a simulated replica (rank > 0) as zero. A parameter several
+    rank modules share (a block's call patterns) is hooked once."""
+    for name, p in gm.named_parameters():
+        if getattr(p, "_autotp_norm", False) or not p.requires_grad:
+            continue
+        if isinstance(comm, ProcessGroupComm) and comm.size > 1 and name in splits:
+            group: Comm | None = comm
+        elif isinstance(comm, SimulatedComm) and rank > 0 and name not in splits:
+            group = None
+        else:
             continue
 
-        def hook(param: torch.Tensor, comm: Comm | None = comm) -> None:
+        def hook(param: torch.Tensor, comm: Comm | None = group) -> None:
             if param.grad is not None:
                 param.grad = _as_split(param.grad, comm)
 
         p.register_post_accumulate_grad_hook(hook)
+        p._autotp_norm = True  # type: ignore[attr-defined]

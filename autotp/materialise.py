@@ -33,7 +33,7 @@ from .collectives import (
     ScatterToSP,
     keep_parts,
 )
-from .comm import ProcessGroupComm, SimulatedComm
+from .comm import ProcessGroupComm
 from .errors import AutoTPError
 from .grads import count_norms
 from .random import RankRandom, StreamDropout
@@ -307,29 +307,12 @@ def build_rank_module(
     modes = tuple(m.training for m in gm.modules())
     gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan, random, modes)
     gm.register_forward_pre_hook(lambda mod, args: check_mode(mod))
-    _count_norms(gm, comm, rank, splits)
+    count_norms(gm, comm, rank, splits)
     if isinstance(comm, ProcessGroupComm) and any(
         n.op == "call_module" and site_kind(n.target) == SP_GATHER_MODULE for n in graph.nodes
     ):
         _keep_sequence_parts(gm)
     return gm
-
-
-def _count_norms(gm: fx.GraphModule, comm: Comm, rank: int, splits: dict[str, Shard]) -> None:
-    """Gradient norms of this rank's parameters that add up to the serial norm
-    (autotp.grads): split ones over the process group, simulated replicas as zero."""
-    marked: list[tuple[nn.Parameter, Comm | None]] = []
-    for name, p in gm.named_parameters():
-        if getattr(p, "_autotp_norm", False):
-            continue
-        if isinstance(comm, ProcessGroupComm) and comm.size > 1 and name in splits:
-            marked.append((p, comm))
-        elif isinstance(comm, SimulatedComm) and rank > 0 and name not in splits:
-            marked.append((p, None))
-        else:
-            continue
-        p._autotp_norm = True  # type: ignore[attr-defined]
-    count_norms(marked)
 
 
 def _keep_sequence_parts(gm: fx.GraphModule) -> None:
