@@ -15,8 +15,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import AutoTPError
 
-__all__ = ["BlockCall", "PAST", "Recorder", "call_module", "dynamic_sizes", "is_cache",
-           "modes", "take_apart"]  # fmt: skip
+__all__ = ["BlockCall", "PAST", "Recorder", "cache_index", "call_module", "dynamic_sizes",
+           "is_cache", "modes", "take_apart"]  # fmt: skip
 
 PAST = ("past_key", "past_value")
 
@@ -156,3 +156,14 @@ def dynamic_sizes(call: BlockCall, batch: int, seqs: set[int]) -> dict[str, Any]
         }
         out[name] = d or None
     return out
+
+
+def cache_index(block: nn.Module) -> int | None:
+    """The block's place in the model's cache: the first int its modules hold under a
+    layer index's usual names, or None."""
+    for m in block.modules():
+        for name in ("layer_idx", "layer_id", "layer_index"):
+            value = m.__dict__.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None

@@ -81,13 +81,13 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
         per_rank = [
             {n: p.grad for n, p in shell.named_parameters()} if grads
             else shell.state_dict(keep_vars=True)
-            for shell in block.ranks
+            for shell in block.shells
         ]  # fmt: skip
         for name in per_rank[0]:
             local = [r[name] for r in per_rank]
             if local[0] is None:
                 out[f"{path}.{name}"] = None
             else:
-                comm = block._comms[0]
+                comm = block._autotp_comms[0]
                 out[f"{path}.{name}"] = gather_over(local, splits.get(name), block.tp, comm)
     return out

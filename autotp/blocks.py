@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -35,32 +34,21 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .block_calls import (
-    PAST,
-    BlockCall,
-    call_module,
-    dynamic_sizes,
-    is_cache,
-    modes,
-    take_apart,
-)
-from .block_tensors import load_outside, shell
+from .block_calls import PAST, BlockCall, cache_index, call_module, dynamic_sizes, modes, take_apart
+from .block_module import BlockTP
+from .block_state import BlockState, SaveGathered, twin
+from .block_tensors import full_tensors, load_outside, shell
 from .comm import Comm
 from .errors import AutoTPError
-from .materialise import build_rank_module
 from .plan import HOOK_KINDS, Plan, _collects, _plan
 from .random import RankRandom
 from .rule import Rule
 from .sharding import Shard, VocabOptions
-from .simulate import SimulatedTP
-from .sites import record
 from .tools import tools_aside
 from .trace import _dispatched, accepts
 from .weights import Weights
 
 __all__ = ["find_blocks", "is_block_model", "BlockTP", "parallel_blocks"]
-
-_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # update = cat along seq
 
 
 def is_block_model(model: nn.Module) -> bool:
@@ -118,7 +106,6 @@ def _structure(block: nn.Module) -> tuple:
 
 
 _UNKNOWN = object()
-_CLASSES: dict[type, type] = {}  # block class -> its BlockTP subclass
 
 
 class _Patterns:
@@ -130,42 +117,37 @@ class _Patterns:
         self.plans: dict[tuple, list[tuple[Plan, Shard | None]]] = {}
         self.seen: dict[tuple, tuple[Plan, Shard | None]] = {}  # exact sizes -> plan
         self.kv: Any = _UNKNOWN  # how the new keys are placed, once a cached call showed it
-        self.meta = False  # the serial blocks are on the meta device
 
     def plan(
-        self, block: nn.Module, call: BlockCall, seqs: set[int], local: bool
-    ) -> tuple[Plan, Shard | None]:
-        """The plan for `call` and how its keys are placed. `local`: the call's past is
-        this rank's own (parallelize), not the whole (simulate)."""
-        sizes = (call.key, local, tuple((n, tuple(t.shape)) for n, t in call.tensors.items()))
+        self, twin: Callable[[], nn.Module], call: BlockCall, seqs: set[int], local: bool,
+        state: tuple = (),
+    ) -> tuple[Plan, Shard | None]:  # fmt: skip
+        """The plan for `call` and how its keys are placed, traced (when no plan of the
+        block's `state` accepts the call) from `twin()`: the block as it now is, on meta.
+        `local`: the call's past is this rank's own (parallelize), not the whole
+        (simulate)."""
+        key = (*call.key, state)
+        sizes = (key, local, tuple((n, tuple(t.shape)) for n, t in call.tensors.items()))
         if sizes in self.seen:  # these very sizes were accepted before
             return self.seen[sizes]
-        for p, kv in self.plans.get(call.key, []):
-            if accepts(p.traced.gm, self._serial(call.tensors, kv, local, shapes=True)):
+        for p, kv in self.plans.get(key, []):
+            if accepts(p.traced.gm, self._serial(call.tensors, kv, local)):
                 self.seen[sizes] = (p, kv)
                 return p, kv
-        saved = [(m, m.training) for m in block.modules()]
-        try:  # traced in the modes the call holds (the parallel block's, module by module)
-            for (m, _), flag in zip(saved, call.key[-1], strict=True):
-                m.training = flag
-            with tools_aside():  # CommDebugMode's or a profiler's hooks are not the block's
-                made = self._plan(block, call, seqs, local)
-        finally:
-            for m, flag in saved:
-                m.training = flag
-        self.plans.setdefault(call.key, []).append(made)
+        block = twin()
+        for m, flag in zip(block.modules(), call.key[-1], strict=True):
+            m.training = flag  # traced in the modes the call holds
+        with tools_aside():  # CommDebugMode's or a profiler's hooks are not the block's
+            made = self._plan(block, call, seqs, local)
+        self.plans.setdefault(key, []).append(made)
         self.seen[sizes] = made
         return made
 
-    def _serial(self, tensors: dict[str, torch.Tensor], kv: Any, local: bool, shapes: bool):
-        """The call's inputs as the serial block would get them (a local past widened):
-        as meta tensors (`shapes`, for `accepts`), or to trace with (detached: export
-        reads no autograd history; on the meta device when the serial block is a
-        program without weights)."""
-        meta = self.meta or shapes
+    def _serial(self, tensors: dict[str, torch.Tensor], kv: Any, local: bool) -> dict:
+        """The call's inputs as the serial block would get them (a local past widened),
+        as meta tensors: planning reads no values."""
         out: dict[str, Any] = {
-            n: torch.empty(t.shape, dtype=t.dtype, device="meta") if meta else t.detach()
-            for n, t in tensors.items()
+            n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in tensors.items()
         }
         if local and isinstance(kv, Shard) and self.tp > 1:
             for n in PAST:
@@ -194,7 +176,7 @@ class _Patterns:
             errors = []
             for kv in (Shard(1), None) if self.kv is _UNKNOWN else (self.kv,):
                 inputs = dict.fromkeys(PAST, kv) if kv is not None else None
-                tensors = self._serial(call.tensors, kv, local, shapes=False)
+                tensors = self._serial(call.tensors, kv, local)
                 try:
                     p = _plan(module, self.tp, tensors, self.rules, opts, "export", True,
                               inputs=inputs, **common)  # fmt: skip
@@ -214,7 +196,7 @@ class _Patterns:
                     "past ones can be given (split by heads, or whole)"
                 )
             )
-        tensors = self._serial(call.tensors, None, local, shapes=False)
+        tensors = self._serial(call.tensors, None, local)
         p = _plan(module, self.tp, tensors, self.rules, opts, "export", self.strict, **common)
         _check_index(block, module)
         self._check(p)
@@ -252,27 +234,6 @@ def _check_index(block: nn.Module, traced: nn.Module) -> None:
         )
 
 
-def cache_index(block: nn.Module) -> int | None:
-    """The block's place in the model's cache: the first int its modules hold under a
-    layer index's usual names, or None."""
-    for m in block.modules():
-        for name in ("layer_idx", "layer_id", "layer_index"):
-            value = m.__dict__.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-    return None
-
-
-def _drops(p: Plan) -> bool:
-    """Whether the plan's graph draws dropout masks (a site whose probability is not 0)."""
-    for n in p.graph.nodes:
-        if n.op == "call_module" and record(n).dropout is not None:
-            prob = n.args[1] if len(n.args) > 1 else n.kwargs.get("p")
-            if prob != 0.0:
-                return True
-    return False
-
-
 def _new_keys_placement(p: Plan) -> Shard | None:
     """The placement of a cached pattern's returned new keys and values (equal, or refused)."""
     out = p.traced.gm.graph.output_node()
@@ -281,157 +242,6 @@ def _new_keys_placement(p: Plan) -> Shard | None:
     if len(found) != 1:
         raise AutoTPError("the block's new keys and values are placed differently")
     return p.propagation.gathers.get(leaves[0], (None, 0))[0]
-
-
-class BlockTP(nn.Module):
-    """A block replaced by its tensor-parallel form: the ranks' shards of its tensors (in
-    `ranks`: one for `parallelize`, all for `simulate`) and a graph per call pattern.
-    Made by `BlockTP.of`, as an instance of the block's own class too, so that the model's
-    Python (isinstance checks, the hooks transformers installs to return hidden states,
-    gradient checkpointing's __call__) treats it as the block it replaces."""
-
-    @classmethod
-    def of(cls, serial: nn.Module, *args: Any) -> BlockTP:
-        kind = type(serial)
-        sub = _CLASSES.get(kind)
-        if sub is None:
-            sub = _CLASSES[kind] = type(f"Parallel{kind.__name__}", (cls, kind),
-                                        {"__module__": __name__})  # fmt: skip
-        obj = sub.__new__(sub)
-        BlockTP.__init__(obj, serial, *args)
-        return obj
-
-    def __init__(
-        self, serial: nn.Module, patterns: _Patterns, shells: list[nn.Module],
-        comms: list[Comm], randoms: list[RankRandom], path: str,
-    ) -> None:  # fmt: skip
-        nn.Module.__init__(self)  # not the block class's: its tensors are the shells'
-        self.ranks = nn.ModuleList(shells)
-        self.__dict__["_serial"] = serial  # read only, never a submodule
-        self.__dict__["_path"] = path  # in the model: names its pattern graphs
-        self.__dict__["_patterns"] = patterns
-        self.__dict__["_comms"] = comms
-        self.__dict__["_graphs"] = {}
-        self.__dict__["_randoms"] = randoms  # each rank's dropout streams: every block's
-        self.training = serial.training  # then per module as the serial block's (shells)
-        self.__dict__["_modules_of"] = list(shells[0].modules())  # whose flags a call holds
-        self._index = cache_index(serial)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # the model's Python reads the block's plain attributes
-            return getattr(self.__dict__["_serial"], name)
-
-    @property
-    def tp(self) -> int:
-        return self._patterns.tp
-
-    def splits(self) -> dict[str, Shard]:
-        """Split tensors by their name in the block."""
-        first = self._patterns.first
-        if first is None:
-            return {}
-        return {k.removeprefix("layer."): v for k, v in first.splits.items()}
-
-    def _apply(self, fn: Callable, recurse: bool = True) -> BlockTP:  # .to(), .double()
-        self._graphs.clear()  # rebuilt over the converted tensors
-        return super()._apply(fn, recurse)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_dtype()
-        inside = _collecting_inside()
-        if inside is not None:
-            raise AutoTPError(
-                f"the model asks for {inside}, which transformers collects from inside each "
-                "decoder layer, and a parallel layer runs as one graph\n  hint:   call the "
-                f"model without output_{inside}=True (hidden states are returned)"
-            )
-        cache = next((v for v in (*args, *kwargs.values()) if is_cache(v)), None)
-        past = self._past(cache) if cache is not None else None
-        call = take_apart(args, kwargs, past, tuple(m.training for m in self._modules_of))
-        seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
-        seqs |= {t.shape[-2] for t in (past or ())}
-        seqs |= {a + b for a in seqs for b in seqs}
-        serial = self._serial
-        with torch.no_grad():
-            plan, _ = self._patterns.plan(serial, call, seqs, len(self.ranks) == 1)
-        if self.training and self.__dict__.get("gradient_checkpointing") and _drops(plan):
-            raise AutoTPError(
-                f"gradient checkpointing of a parallel {type(serial).__name__} would draw "
-                "other dropout masks when it recomputes the layer, so its gradients would be "
-                "wrong\n  hint:   set the model's dropout to 0 for checkpointed training, or "
-                "call model.gradient_checkpointing_disable()"
-            )
-        runner = self._runner(plan, call)
-        out = runner(**call.tensors)
-        if cache is None:
-            return out
-        out, new_key, new_value = out  # simulate shows them whole: its cache holds all heads
-        cache.update(new_key, new_value, self._index)
-        return out
-
-    def _check_dtype(self) -> None:
-        """Refuse shards converted to another dtype than the serial block's: its graphs are
-        traced from the serial block and hold its dtype (an upcast and the cast back)."""
-        mine = next((t.dtype for t in self.ranks[0].parameters() if t.is_floating_point()), None)
-        theirs = next((t.dtype for t in self._serial.parameters() if t.is_floating_point()), None)
-        if mine != theirs:
-            raise AutoTPError(
-                f"this parallel model was converted to {mine} after autotp built it, but its "
-                f"layers are traced from the model it was built from ({theirs})\n  hint:   "
-                "convert the model (e.g. model.double()) before parallelize / simulate"
-            )
-
-    def _past(self, cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The past keys and values of this block in the model's cache, or None."""
-        if self._index is None:
-            raise AutoTPError(
-                f"{type(self._serial).__name__} has no layer_idx, so autotp cannot tell which "
-                "of the cache's layers is its own\n  hint:   call the model with "
-                "use_cache=False"
-            )
-        layers = getattr(cache, "layers", None)
-        layer = layers[self._index] if layers is not None and len(layers) > self._index else None
-        if layers is None or (layer is not None and (
-            type(layer).__name__ not in _CACHE_LAYERS or getattr(layer, "record_past", False)
-        )):  # fmt: skip
-            kind = type(layer).__name__ if layer is not None else "no layers"
-            raise AutoTPError(
-                f"{type(cache).__name__} ({kind}) is not a cache autotp can keep split by "
-                "heads (it keeps DynamicCache's dynamic and sliding-window layers)\n  hint:   "
-                "use the default cache, or call the model with use_cache=False"
-            )
-        if layer is None or not getattr(layer, "is_initialized", False):
-            return None
-        if layer.keys.shape[-2] == 0:
-            return None
-        return layer.keys, layer.values
-
-    def _class_name(self, rank: int) -> str:
-        """The class of a pattern's graph module: the block's class, its path and (when
-        simulated) its rank. Unique per graph that runs, as PyTorch's module tracker
-        (CommDebugMode's) needs of modules that are not children of the model: it names
-        them by their class, and leaks the hooks of two it names alike."""
-        path = self._path.replace(".", "_")
-        rank_part = f"_rank{rank}" if len(self.ranks) > 1 else ""
-        return f"{type(self._serial).__name__}_{path}{rank_part}"
-
-    def _runner(self, plan: Plan, call: BlockCall) -> nn.Module:
-        key = id(plan)
-        if key not in self._graphs:
-            module = call_module(self._serial, call)
-            ranks = []
-            for shell, comm, random in zip(self.ranks, self._comms, self._randoms, strict=True):
-                local = {f"layer.{n}": t for n, t in
-                         [*shell.named_parameters(), *shell.named_buffers()]}  # fmt: skip
-                ranks.append(build_rank_module(
-                    module, plan.traced.gm, plan.graph, plan.splits, comm.rank, self.tp, comm, plan,
-                    self._class_name(comm.rank), random.seed, local=local, random=random,
-                    device=next(iter(local.values())).device if local else None,
-                ))  # fmt: skip
-            self._graphs[key] = ranks[0] if len(ranks) == 1 else SimulatedTP(ranks)
-        return self._graphs[key]
 
 
 def _run_once(model: nn.Module, inputs: dict[str, Any]) -> None:
@@ -463,15 +273,6 @@ def _drop_collectors(model: nn.Module) -> None:
             for key in [k for k, h in hooks.items() if _collects(h)]:
                 del hooks[key]
         m.__dict__.pop("_output_capturing_hooks_installed", None)
-
-
-def _collecting_inside() -> str | None:
-    """What transformers is collecting from inside the blocks (attentions, router logits)
-    in the current forward, or None: hooks inside a block never run in its parallel form."""
-    capture = sys.modules.get("transformers.utils.output_capturing")
-    active = getattr(getattr(capture, "_active_collector", None), "get", lambda: None)()
-    inside = [k for k in (active or {}) if not k.startswith("_") and k != "hidden_states"]
-    return inside[0] if inside else None
 
 
 def _zeros_like_fake(x: Any) -> Any:
@@ -535,15 +336,32 @@ def parallel_blocks(
         a, k = calls[path]
         call = take_apart(a, k, None, modes(block))
         patterns = by_structure.setdefault(_program(block, call), _Patterns(tp, rules, strict))
-        patterns.meta = any(t.is_meta for t in block.parameters())
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
+        shapes = {n: t.shape for n, t in [*block.named_parameters(), *block.named_buffers()]}
         with torch.no_grad():
-            patterns.plan(block, call, seqs, local=False)
+            patterns.plan(lambda b=block, s=shapes, p=path: twin(b, type(b), s, p), call, seqs,
+                          local=False, state=BlockState([block], path, block).key)  # fmt: skip
         splits = {n.removeprefix("layer."): s for n, s in patterns.first.splits.items()}
         shells = [shell(block, splits, c.rank, tp, weights, path) for c in comms]
+        for s in shells:  # the layers read the parallel model's config, not the user's
+            _drop_collectors(s)
+            _repoint(s, memo)
         parent, _, leaf = path.rpartition(".")
         copied.get_submodule(parent)._modules[leaf] = BlockTP.of(
             block, patterns, shells, comms, randoms, path
         )
     copied.autotp_blocks = tuple(paths)
+    if callable(getattr(copied, "save_pretrained", None)):  # the serial checkpoint, gathered
+        copied.save_pretrained = SaveGathered(copied, lambda m: full_tensors(m, grads=False),
+                                              comms[0].rank)  # fmt: skip
     return copied
+
+
+def _repoint(shell: nn.Module, memo: dict) -> None:
+    """Point the shell's plain attributes that the model's copy copied (its config) at
+    the copy's, so that what a user sets on the parallel model (its attention
+    implementation) reaches its layers, and what they set on their own model does not."""
+    for m in shell.modules():
+        for k, v in list(m.__dict__.items()):
+            if not isinstance(v, (nn.Module, torch.Tensor)) and memo.get(id(v)) is not None:
+                m.__dict__[k] = memo[id(v)]

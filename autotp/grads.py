@@ -27,6 +27,7 @@ tensors. A norm computed another way (`p.grad.pow(2).sum()`) is a rank's own:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -119,13 +120,18 @@ def _as_split(grad: torch.Tensor, comm: Comm | None) -> torch.Tensor:
     return out
 
 
+# parameters whose gradients count_norms hooks (not an attribute: a deepcopy would carry
+# it to a parameter without the hook)
+_HOOKED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
 def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) -> None:
     """Make the gradients of a rank module's parameters SplitGrads where their norm must
     count otherwise than their own (see the module), after every accumulation: split ones
     over the process group, a simulated replica (rank > 0) as zero. A parameter several
     rank modules share (a block's call patterns) is hooked once."""
     for name, p in gm.named_parameters():
-        if getattr(p, "_autotp_norm", False) or not p.requires_grad:
+        if _HOOKED.get(id(p)) is p or not p.requires_grad:
             continue
         if isinstance(comm, ProcessGroupComm) and comm.size > 1 and name in splits:
             group: Comm | None = comm
@@ -139,4 +145,4 @@ def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) ->
                 param.grad = _as_split(param.grad, comm)
 
         p.register_post_accumulate_grad_hook(hook)
-        p._autotp_norm = True  # type: ignore[attr-defined]
+        _HOOKED[id(p)] = p

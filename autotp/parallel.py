@@ -114,7 +114,7 @@ def parallelize(
         )
         if isinstance(comm, ProcessGroupComm):  # each rank planned its blocks on its own
             blocks = [module.get_submodule(b) for b in module.autotp_blocks]
-            _check_same_plan(":".join(b._patterns.first.fingerprint for b in blocks), group)
+            _check_same_plan(":".join(b._autotp_patterns.first.fingerprint for b in blocks), group)
         return module
     p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     if isinstance(comm, ProcessGroupComm):

@@ -238,9 +238,8 @@ def blocks_split_fraction(sim: nn.Module, model: nn.Module) -> float:
     total = sum(p.numel() for p in model.parameters())
     split = 0
     for path in sim.autotp_blocks:
-        block = sim.get_submodule(path)
-        serial = dict(block._serial.named_parameters())
-        split += sum(serial[n].numel() for n in block.splits() if n in serial)
+        serial = dict(model.get_submodule(path).named_parameters())
+        split += sum(serial[n].numel() for n in sim.get_submodule(path).splits() if n in serial)
     return 100.0 * split / total
 
 

@@ -171,8 +171,15 @@ def test_what_a_parallel_layer_cannot_give_is_refused() -> None:
         autotp.simulate(model, 2)
 
 
-def test_converting_dtype_after_building_is_refused() -> None:
-    sim = autotp.simulate(_model("llama", 2), 2)
+def test_converting_dtype_after_building_follows() -> None:
+    """.float() after building: the layers are traced again in the new dtype."""
+    model = _model("llama", 2)
+    sim = autotp.simulate(model, 2)
+    x = _batch()
+    sim(**x)
     sim.float()
-    with pytest.raises(autotp.AutoTPError, match="before parallelize"):
-        sim(**_batch())
+    model.float()
+    with torch.no_grad():
+        got, want = sim(**x).logits, model(**x).logits
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 1e-4

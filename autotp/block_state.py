@@ -1,0 +1,172 @@
+"""What a parallel block is as a module, apart from how it runs: the state its graphs
+depend on, read on every call (`BlockState`), the meta twin its patterns are traced from
+(`twin`), serial state_dicts cut into its shards on load (`cut_serial_state`), and the
+model-level `save_pretrained` that writes the serial checkpoint (`save_gathered`).
+
+A parallel block's submodules are what runs: with `parallelize` the block holds its rank's
+shards under the serial block's names (so `model.layers[0].mlp.up_proj.weight` is this
+rank's shard of it), with `simulate` each rank's shell sits in `block.ranks`. A user may
+edit them as in any module: weights (in place, by assignment, `load_state_dict(...,
+assign=True)`, `torch.func.functional_call`), `requires_grad_`, plain attributes (dropout
+`p`), the config the layers read (`set_attn_implementation`), the dtype. The graphs follow:
+a call whose tensors are other objects rebuilds them over the new tensors, and a call whose
+attributes, classes or dtypes differ is traced again from a twin of the block as it now is.
+What a graph cannot follow (a hook inside the block, a tensor of another shape) is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .errors import AutoTPError
+from .materialise import _fresh_module, rank_shard
+from .plan import HOOK_KINDS, _collects
+from .sharding import Shard
+
+__all__ = ["BlockState", "twin", "cut_serial_state", "SaveGathered", "SerialAttributeError"]
+
+_PLAIN = (int, float, str, bool, type(None))
+# flags that switch what calls the block, not what the block computes
+_NOT_TRACED = frozenset({"training", "gradient_checkpointing", "layer_idx"})
+
+
+class SerialAttributeError(AutoTPError, AttributeError):
+    """A simulated block's submodule or tensor reached by attribute path: each rank holds
+    its own (an AttributeError too, so `hasattr` stays a question)."""
+
+    title = "autotp: reach a simulated rank's block"
+
+
+def _is_config(v: object) -> bool:
+    return any(c.__name__ == "PretrainedConfig" and c.__module__.startswith("transformers.")
+               for c in type(v).__mro__)  # fmt: skip
+
+
+def _config_items(cfg: object) -> tuple:
+    return tuple((k, v) for k, v in vars(cfg).items() if isinstance(v, _PLAIN))
+
+
+class BlockState:
+    """One read of a parallel block's modules: `key`, what its traced graphs depend on
+    (classes, plain attributes, the config they read, tensor dtypes: a new one is traced
+    again); `binding`, the tensors the graphs run over (new ones: the graphs are rebuilt).
+    Hooks inside the block, which its one graph cannot run, are refused here."""
+
+    def __init__(self, shells: list[nn.Module], path: str, outer: nn.Module) -> None:
+        keys, binding = [], []
+        for r, shell in enumerate(shells):
+            key: list[Any] = []
+            for name, m in shell.named_modules():
+                if m is not outer and (m._forward_hooks or m._forward_pre_hooks or
+                                       m._backward_hooks or m._backward_pre_hooks):  # fmt: skip
+                    _refuse_hook(m, f"{path}.{name}" if name else path, r, len(shells))
+                key.append(m.__dict__.get("_autotp_kind", type(m)))
+                for k, v in m.__dict__.items():
+                    if k.startswith("_") or k in _NOT_TRACED:
+                        continue
+                    if isinstance(v, _PLAIN):
+                        key.append((k, v))
+                    elif isinstance(v, tuple):
+                        key.append((k, repr(v)))
+                    elif _is_config(v):
+                        key.append((k, _config_items(v)))
+                for t in (*m._parameters.values(), *m._buffers.values()):
+                    if t is not None:
+                        key.append(t.dtype)
+                        binding.append((id(t), t.requires_grad))
+            keys.append(tuple(key))
+        if any(k != keys[0] for k in keys):
+            raise AutoTPError(
+                f"the simulated ranks' copies of {path} differ (a class, an attribute or a "
+                "dtype set on some ranks only)\n  hint:   change every rank's copy alike, "
+                "e.g. through model.modules()"
+            )
+        self.key = keys[0]
+        self.binding = tuple(binding)
+
+
+def _refuse_hook(m: nn.Module, where: str, rank: int, ranks: int) -> None:
+    kinds = [a.strip("_") for a in HOOK_KINDS
+             if any(not _collects(h) for h in getattr(m, a, {}).values())]  # fmt: skip
+    if kinds:
+        shown = where if ranks == 1 else f"{where} (rank {rank}'s copy)"
+        raise AutoTPError(
+            f"{shown} has a {kinds[0].replace('_', ' ')}, but a parallel block runs as one "
+            "graph, so a hook inside it would never be called\n  hint:   register the "
+            "hook on the block itself (its inputs and outputs are the serial block's), or "
+            "on a module outside the blocks"
+        )
+
+
+def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str) -> nn.Module:
+    """The block as it now is (its classes, attributes, config, dtypes) with meta tensors
+    of the serial block's shapes: what a call pattern is traced from. `shapes`: the serial
+    shape of every tensor, by its name in the block."""
+    names: dict[int, str] = {}
+    for n, t in [*shell.named_parameters(remove_duplicate=False),
+                 *shell.named_buffers(remove_duplicate=False)]:  # fmt: skip
+        names.setdefault(id(t), n)
+
+    def stand_in(t: torch.Tensor) -> torch.Tensor:
+        name = names[id(t)]
+        if name not in shapes:
+            raise AutoTPError(
+                f"{path}.{name} was added to the parallel block after autotp built it, so "
+                "autotp holds no serial form of it to plan with\n  hint:   make such "
+                "changes (adapters, new layers) to the model before autotp.parallelize"
+            )
+        meta = torch.empty(shapes[name], dtype=t.dtype, device="meta")
+        return nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+    made: dict[int, torch.Tensor] = {}
+    root = _fresh_module(shell, lambda t: made.setdefault(id(t), stand_in(t)))
+    if type(root) is not kind:  # the parallel block itself: traced as the serial class
+        root.__class__ = kind
+        for k in [k for k in root.__dict__ if k.startswith("_autotp")]:
+            del root.__dict__[k]
+    return root
+
+
+def cut_serial_state(
+    state: dict[str, Any], prefix: str, ranks: list[int], tp: int,
+    splits: dict[str, Shard], shapes: dict[str, torch.Size], nested: bool,
+) -> None:  # fmt: skip
+    """Turn the serial tensors of a block in `state` (serial names and shapes) into the
+    shards of `ranks`, in place, so that a user can load a serial state_dict into a
+    parallel model. A tensor of another shape (a shard already) is left to load_state_dict.
+    `nested`: the shells sit under `ranks.<i>.` (simulate)."""
+    for name, shape in shapes.items():
+        key = prefix + name
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+            continue
+        if nested:
+            del state[key]
+        for i, rank in enumerate(ranks):
+            local = rank_shard(value, [key], splits.get(name), rank, tp)
+            state[f"{prefix}ranks.{i}.{name}" if nested else key] = local
+
+
+class SaveGathered:
+    """The parallel model's `save_pretrained`: transformers' own, given the serial
+    state_dict (`full(model)`: the shards gathered, a collective under `parallelize`) and
+    written by global rank 0 unless `is_main_process` says otherwise, so that
+    `from_pretrained` reads the folder back as the serial model. An object, not a closure,
+    so that a deepcopy of the model saves the copy."""
+
+    def __init__(self, model: nn.Module, full: Callable[[nn.Module], dict], rank: int) -> None:
+        self.model, self.full, self.rank = model, full, rank
+        self.__doc__ = type(model).save_pretrained.__doc__
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = self.full(self.model)
+        if "is_main_process" not in kwargs:
+            main = dist.get_rank() == 0 if dist.is_available() and dist.is_initialized() else True
+            kwargs["is_main_process"] = main and self.rank == 0
+        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
