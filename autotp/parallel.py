@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .agree import check_first_call, same_random_state
 from .block_tensors import full_tensors
 from .blocks import is_block_model, parallel_blocks
 from .comm import LocalComm, ProcessGroupComm, SimulatedComm
@@ -67,6 +68,10 @@ def parallelize(
     one built the same way, e.g. on the meta device: planning needs no weights); the
     keyword options are then the plan's. Call it on every rank of `group` (default: the
     default process group), which must have exactly `tp` ranks. `model` is not modified.
+    Every rank of the group computes the same batch: the first call checks that the ranks
+    got equal inputs (and, for a transformers model, whose own Python runs on every rank,
+    that they hold one random state: `parallelize` gives them rank 0's), and refuses
+    otherwise.
     With tp=1 no process group is needed. Dropout streams are seeded from rank 0's
     `torch.initial_seed()`. `rules`: the rules to match (default: autotp.rules'
     DEFAULT_RULES). `strict`: refuse a matched block that cannot be proven instead of
@@ -112,17 +117,24 @@ def parallelize(
         module = parallel_blocks(
             model, tp, example_inputs, [comm], seed, rules_or_default(rules), strict, source
         )
-        if isinstance(comm, ProcessGroupComm):  # each rank planned its blocks on its own
+        if isinstance(comm, ProcessGroupComm) and tp > 1:
             blocks = [module.get_submodule(b) for b in module.autotp_blocks]
+            # each rank planned its blocks on its own; the model's Python runs whole on
+            # every rank, with the random state of each
             _check_same_plan(":".join(b._autotp_patterns.first.fingerprint for b in blocks), group)
+            same_random_state(group)
+            check_first_call(module, group, random_state=True)
         return module
     p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     if isinstance(comm, ProcessGroupComm):
         _check_same_plan(p.fingerprint, group)
-    return build_rank_module(
+    module = build_rank_module(
         model, p.traced.gm, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed,
         weights=source,
     )  # fmt: skip
+    if isinstance(comm, ProcessGroupComm) and tp > 1:  # its dropout has streams of its own
+        check_first_call(module, group, random_state=False)
+    return module
 
 
 def _check_same_plan(fingerprint: str, group: dist.ProcessGroup | None) -> None:

@@ -211,13 +211,19 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def _from_config(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Token ids for a model with a Hugging Face style config (vocab_size), 2 x 8."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    """Token ids for a model with a Hugging Face style config (vocab_size), 2 x 8; an
+    encoder-decoder's decoder is given the same ids."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
         return None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids.to(device)}
+    out = {"input_ids": ids.to(device)}
+    takes = inspect.signature(model.forward).parameters
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in takes:
+        out["decoder_input_ids"] = out["input_ids"]
+    return out
 
 
 def trace(

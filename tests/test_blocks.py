@@ -183,3 +183,20 @@ def test_converting_dtype_after_building_follows() -> None:
         got, want = sim(**x).logits, model(**x).logits
     assert got.dtype == torch.float32
     assert (got - want).abs().max() < 1e-4
+
+
+def test_an_encoder_decoder_is_planned_from_nothing_but_the_model() -> None:
+    """T5 with no example inputs: its decoder is given ids too. Called as users train it
+    (labels, use_cache=False), it equals serial; the default cache is refused by name."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                                vocab_size=VOCAB, decoder_start_token_id=0)  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(cfg).double().eval()
+    sim = autotp.simulate(model, 2)
+    ids = _batch(pad=False)["input_ids"]
+    with torch.no_grad():
+        got = sim(input_ids=ids, labels=ids, use_cache=False)
+        want = model(input_ids=ids, labels=ids, use_cache=False)
+    assert (got.logits - want.logits).abs().max() < 1e-10
+    with pytest.raises(autotp.AutoTPError, match="EncoderDecoderCache"):
+        sim(input_ids=ids, labels=ids)

@@ -260,3 +260,32 @@ def test_on_gloo_ranks_a_layer_path_is_the_ranks_own(tmp_path) -> None:
         assert r["keys"] and r["shard"] == (32, 32)
         assert r["edited"] < 1e-10 and r["loaded"] < 1e-10 and r["saved"] < 1e-10
         assert "model.layers.0.mlp has a forward hook" in r["hook"]
+
+
+def _seeded_per_rank(rank: int, world: int, case: str) -> str | float:
+    model = _gpt2().train()  # dropout outside the layers too (the embeddings')
+    if case == "before":
+        torch.manual_seed(100 + rank)  # data-parallel code's habit
+    module = autotp.parallelize(model, world)
+    x = _x()
+    if case == "after":
+        torch.manual_seed(100 + rank)
+    if case == "batch":
+        x = {k: v + rank for k, v in x.items()}  # a sampler over the tensor-parallel ranks
+    try:
+        return float(module(**x).loss.detach())
+    except autotp.AutoTPError as e:
+        return str(e).splitlines()[0]
+
+
+@pytest.mark.parametrize("case", ["before", "after", "batch"])
+def test_ranks_agree_on_random_state_and_inputs_or_are_refused(case: str) -> None:
+    """Seeded per rank before building: the ranks are given rank 0's random state, and
+    compute one loss. Reseeded per rank after it, or fed different batches: the first
+    call is refused, naming what differs."""
+    got = run_on_gloo(_seeded_per_rank, 2, case)
+    if case == "before":
+        assert isinstance(got[0], float) and got[0] == got[1]
+    else:
+        what = "the random state" if case == "after" else "input_ids"
+        assert all(isinstance(g, str) and f"disagree in {what}" in g for g in got)
