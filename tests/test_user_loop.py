@@ -79,3 +79,90 @@ def test_clipped_adamw_loop_on_gloo_equals_serial(name: str) -> None:
     ref = _serial(name)
     for norms, state in run_on_gloo(_on_rank, 2, name):
         _assert_same(norms, state, *ref)
+
+
+# The loop a transformers user writes: AdamW and a warmup schedule, two micro-batches
+# accumulated per step, clipping, an evaluation in eval mode after each step, a resume
+# from the state saved after step 2, and an export that from_pretrained reads.
+HF_STEPS, ACCUM, SAVED_AT = 4, 2, 2
+
+
+def _batches() -> list[dict]:
+    out = []
+    for i in range(HF_STEPS * ACCUM + 1):
+        g = torch.Generator().manual_seed(10 + i)
+        ids = torch.randint(1, 101, (2, 8), generator=g)  # hf_models' vocabulary
+        mask = torch.ones_like(ids)
+        mask[i % 2, :3] = 0
+        out.append({"input_ids": ids, "attention_mask": mask,
+                    "labels": ids.masked_fill(mask == 0, -100)})  # fmt: skip
+    return out
+
+
+def _hf_loop(module: torch.nn.Module, start: int = 0, saved: dict | None = None) -> dict:
+    import transformers
+
+    batches = _batches()
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 1, HF_STEPS)
+    if saved is not None:
+        module.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+    out: dict = {"norms": [], "evals": []}
+    for step in range(start, HF_STEPS):
+        module.train()
+        for micro in range(ACCUM):
+            (module(**batches[step * ACCUM + micro]).loss / ACCUM).backward()
+        out["norms"].append(float(torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_NORM)))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        module.eval()
+        with torch.no_grad():
+            out["evals"].append(float(module(**batches[-1]).loss))
+        if step + 1 == SAVED_AT and saved is None:
+            out["saved"] = copy.deepcopy({"model": module.state_dict(), "opt": opt.state_dict(),
+                                          "sched": sched.state_dict()})  # fmt: skip
+    return out
+
+
+def _hf_model(seed: int = 0) -> torch.nn.Module:
+    from hf_models import build as hf_build
+
+    return hf_build("llama", kv_heads=2, seed=seed).double()
+
+
+def _hf_on_rank(rank: int, world: int, folder: str) -> dict:
+    import transformers
+
+    module = autotp.parallelize(_hf_model(), world)
+    run = _hf_loop(module)
+    full = {k: v.detach() for k, v in autotp.full_state_dict(module).items()}
+    module.save_pretrained(folder)
+    torch.distributed.barrier()
+    exported = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64)
+    resumed = autotp.parallelize(_hf_model(seed=7), world)  # a new process's model
+    rerun = _hf_loop(resumed, start=SAVED_AT, saved=run.pop("saved"))
+    ended = {k: v.detach() for k, v in autotp.full_state_dict(resumed).items()}
+    return {"run": run, "full": full, "exported": exported.state_dict(), "rerun": rerun,
+            "resumed": ended}  # fmt: skip
+
+
+def test_a_transformers_users_loop_on_gloo_equals_serial(tmp_path) -> None:
+    """Norms, evaluation losses and weights equal serial's on every rank; the export
+    from_pretrained reads is the serial model; the resumed run ends where the
+    uninterrupted one does."""
+    model = _hf_model()
+    serial = _hf_loop(model)
+    state = model.state_dict()
+    for r in run_on_gloo(_hf_on_rank, 2, str(tmp_path), timeout=240):
+        run, rerun = r["run"], r["rerun"]
+        assert run["norms"][0] > 2 * MAX_NORM  # it really clips
+        assert run["norms"] == pytest.approx(serial["norms"], rel=1e-9)
+        assert run["evals"] == pytest.approx(serial["evals"], rel=1e-9)
+        assert rerun["evals"] == pytest.approx(serial["evals"][SAVED_AT:], rel=1e-9)
+        for k, ref in state.items():
+            for got in (r["full"][k], r["exported"][k], r["resumed"][k]):
+                rel = (got - ref).norm() / ref.norm().clamp_min(1e-30)
+                assert rel <= 1e-6, (k, float(rel))
