@@ -194,6 +194,15 @@ def _install(root: nn.Module, name: str, value: torch.Tensor) -> None:
         mod.register_buffer(leaf, value)
 
 
+def _grad_mode_back(module: nn.Module, args: Any, output: Any) -> None:
+    """After a rank module's call that raised (`output` is None: a refusal at run time),
+    grad mode back on: raised inside a no_grad region of the model (its switch off and on
+    are graph nodes), it would stay off for the whole process. On is what the graph's
+    own code sets after such a region."""
+    if output is None:
+        torch._C._set_grad_enabled(True)
+
+
 def build_rank_module(
     model: nn.Module,
     source: nn.Module,
@@ -308,6 +317,7 @@ def build_rank_module(
     gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan, random, modes)
     gm.register_forward_pre_hook(lambda mod, args: check_mode(mod))
     count_norms(gm, comm, rank, splits)
+    gm.register_forward_hook(_grad_mode_back, always_call=True)
     if isinstance(comm, ProcessGroupComm) and any(
         n.op == "call_module" and site_kind(n.target) == SP_GATHER_MODULE for n in graph.nodes
     ):

@@ -99,8 +99,13 @@ class SimulatedTP(nn.Module):
         return self.ranks[0].autotp.plan
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with keep_parts() if self._gathers_sequences else contextlib.nullcontext():
-            return self._forward(*args, **kwargs)
+        grad = torch.is_grad_enabled()
+        try:
+            with keep_parts() if self._gathers_sequences else contextlib.nullcontext():
+                return self._forward(*args, **kwargs)
+        except BaseException:  # raised inside a no_grad region of the graph: not left off
+            torch._C._set_grad_enabled(grad)
+            raise
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         check_mode(self.ranks[0])

@@ -415,6 +415,8 @@ def _export(
         )
     gm = ep.module()
     gm.meta[_SHAPES] = _input_shapes(ep)
+    if widen and isinstance(getattr(gm, "_guards_fn", None), torch.nn.Module):
+        gm._guards_fn = SizeGuards(gm._guards_fn, gm.meta[_SHAPES][0])
     for n in list(gm.graph.nodes):
         if n.target is torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(n)  # it pins the device traced on: meta, for a plan without
@@ -427,6 +429,28 @@ def _export(
             gm.delete_submodule("_guards_fn")
     gm.recompile()
     return gm
+
+
+class SizeGuards(torch.nn.Module):
+    """torch.export's input guards (the sizes its graph holds for), refusing a call
+    outside them with the sizes named instead of a bare AssertionError."""
+
+    def __init__(self, guards: torch.nn.Module, shapes: dict[str, tuple]) -> None:
+        super().__init__()
+        self.guards = guards
+        self.shapes = ", ".join(f"{k}: ({', '.join(map(str, v))})" for k, v in shapes.items())
+
+    def forward(self, *args: Any) -> Any:
+        try:
+            return self.guards(*args)
+        except AssertionError as e:
+            raise ExampleInputsError(
+                f"this call's inputs are outside the sizes the plan was traced for "
+                f"({str(e).splitlines()[0]}); it holds for {self.shapes} (a size named "
+                "s<n> may vary)\n  hint:   plan with example inputs of the sizes you call "
+                "the model with (a floating input's dimensions after the batch are kept "
+                "fixed), or call it at the sizes planned"
+            ) from None
 
 
 _SHAPES = "autotp_input_shapes"

@@ -1,9 +1,13 @@
 """The structural fuzzer: random models from autotp.fuzz's grammar of structures and
-spellings. Property: for every drawn model, autotp either refuses it (AutoTPError) or
-the parallel module equals the serial one in float64 (outputs, parameter and input
-gradients, inputs mutated in place). And the generator reaches every grammar feature."""
+spellings, planned at one batch and sequence length and called at another when drawn so.
+Property: for every drawn model, autotp either refuses it (AutoTPError) or the parallel
+module equals the serial one in float64 (outputs, parameter and input gradients, inputs
+mutated in place, then the clip_grad_norm_ norms and weights of two AdamW steps). And the
+generator reaches every grammar feature."""
 
 from __future__ import annotations
+
+from itertools import islice
 
 import pytest
 import torch
@@ -56,8 +60,10 @@ def test_generator_reaches_every_feature() -> None:
 
 
 @pytest.mark.parametrize(
-    "tag", ["trap:hook:fwd", "trap:no_grad_side", "escape:return_split", "output:namedtuple"]
-)
+    "tag",
+    ["trap:hook:fwd", "trap:no_grad_side", "escape:return_split", "output:namedtuple",
+     "sizes:batch_1"],
+)  # fmt: skip
 def test_hypothesis_strategy_reaches_rare_features(tag: str) -> None:
     case = find(
         model_cases(),
@@ -99,3 +105,20 @@ def test_the_oracle_sees_a_wrong_model() -> None:
 
     assert _compare(case, case.build(0), same, case.inputs(), grads, 1e-10).kind == "equal"
     assert _compare(case, serial, other, case.inputs(), grads, 1e-10).kind == "wrong"
+
+
+def test_folded_heads_planned_at_batch_1_and_called_at_2_are_right_or_refused() -> None:
+    """fairseq's attention (heads folded into the batch, the weights returned) planned
+    with a batch of 1 and called with more: the merged dimension is the heads alone at
+    plan time and batch x heads after. The first six such cases the generator draws are
+    each refused or equal."""
+    cases = (random_case(seed) for seed in range(20000))
+    chosen = list(islice((
+        c for c in cases
+        if {"attn:bmm_folded", "escape:attn_probs"} <= c.features
+        and c.sizes[0] == 1 and c.call_sizes is not None and c.call_sizes[0] > 1
+    ), 6))  # fmt: skip
+    assert len(chosen) == 6
+    for case in chosen:
+        verdict = check_case(case)
+        assert verdict.ok, f"{verdict}\n\nreproducer:\n{case.reproducer()}"

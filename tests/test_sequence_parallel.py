@@ -216,6 +216,29 @@ def test_fuzzed_structures_refuse_or_equal_serial_with_sequence_parallelism(seed
     assert verdict.ok, f"{verdict}\n\nreproducer:\n{case.reproducer()}"
 
 
+def _refused_inside_no_grad(rank: int, world: int) -> tuple[str, bool]:
+    case = random_case(30189, tps=(2, 4))
+    module = autotp.parallelize(case.build(), world, case.inputs(), sequence_parallel=True)
+    try:
+        module(**case.inputs(sizes=(1, 1)))
+        return "ran", torch.is_grad_enabled()
+    except AutoTPError as e:
+        return str(e).splitlines()[0], torch.is_grad_enabled()
+
+
+def test_a_refusal_inside_a_no_grad_region_leaves_grad_mode_on() -> None:
+    """30189 runs a split block under no_grad; called with a sequence of 1 it is refused
+    inside that region, in simulate and on gloo ranks. Grad mode stays on (it stayed
+    off for the whole process, and every later model computed without gradients)."""
+    case = random_case(30189, tps=(2, 4))
+    sim = autotp.simulate(case.build(), 2, case.inputs(), sequence_parallel=True)
+    with pytest.raises(AutoTPError, match="multiple of tp"):
+        sim(**case.inputs(sizes=(1, 1)))
+    assert torch.is_grad_enabled()
+    for what, grad in run_on_gloo(_refused_inside_no_grad, 2):
+        assert "multiple of tp" in what and grad
+
+
 def test_a_fuzzed_structure_on_gloo_ranks_with_sequence_parallelism() -> None:
     case = random_case(9003, tps=(2,))
     verdict = check_case_gloo(case, sequence_parallel=True)

@@ -76,6 +76,8 @@ class ModelCase:
     call_mode: str = "train"  # the mode both models are switched to before running
     record: tuple[int, ...] = field(default=(), repr=False)  # Choices(replay=record)
     class_name: str = "Model"
+    sizes: tuple[int, int] = (2, 3)  # batch and sequence it is planned with
+    call_sizes: tuple[int, int] | None = None  # and then called with, when drawn apart
 
     @property
     def filename(self) -> str:
@@ -101,8 +103,10 @@ class ModelCase:
             model.eval()
         return model
 
-    def inputs(self, seed: int = 0) -> dict[str, Any]:
-        ns = {"torch": torch, "seed": seed}
+    def inputs(self, seed: int = 0, sizes: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The example inputs drawn from `seed`, of `sizes` (batch, sequence; default the
+        sizes it is planned with)."""
+        ns = {"torch": torch, "seed": seed, "sizes": sizes or self.sizes}
         exec(self.inputs_source, ns)
         return ns["inputs"]
 
@@ -119,9 +123,10 @@ class ModelCase:
             f"{self.source}\n\n\nimport copy\n\nimport autotp\n\nseed = {seed}\n"
             f"torch.manual_seed(seed)\nmodel = Model().double()\n"
             + ("model.eval()\n" if self.mode == "eval" else "")
-            + f"{self.inputs_source}\n"
+            + f"sizes = {self.sizes}\n{self.inputs_source}\n"
             f"sim = autotp.simulate(copy.deepcopy(model), {self.tp}, example_inputs=inputs)\n"
-            f"{switch}print(model(**inputs))\nprint(sim(**inputs))\n"
+            + (f"sizes = {self.call_sizes}\n{self.inputs_source}\n" if self.call_sizes else "")
+            + f"{switch}print(model(**inputs))\nprint(sim(**inputs))\n"
         )
 
 

@@ -23,6 +23,8 @@ from .tables import (
     TPS,
 )
 
+T_MAX = 6  # the longest sequence drawn: position buffers hold this many
+
 # --------------------------------------------------------------------------- generator
 
 
@@ -244,7 +246,7 @@ class _Gen:
             body.append(f"{t} = {view}{perm}")
         if hd % 2 == 0 and self.flag("attn:rotary_interleaved", 0.1):  # GPT-J: torch.stack
             self.helper("rotate_every_two")
-            cls.init.append(f'self.register_buffer("angle", torch.rand({T}, {hd}))')
+            cls.init.append(f'self.register_buffer("angle", torch.rand({T_MAX}, {hd}))')
             body += [
                 "cos, sin = self.angle[:T].cos(), self.angle[:T].sin()",
                 "q = q * cos + rotate_every_two(q) * sin",
@@ -259,7 +261,7 @@ class _Gen:
             self.helper("rotate_half")
             cls.init += [
                 f"inv = 1.0 / (10000.0 ** (torch.arange(0, {hd}, 2).double() / {hd}))",
-                f"freqs = torch.outer(torch.arange({T}).double(), inv)",
+                f"freqs = torch.outer(torch.arange({T_MAX}).double(), inv)",
                 "emb = torch.cat((freqs, freqs), dim=-1)",
                 'self.register_buffer("cos", emb.cos())',
                 'self.register_buffer("sin", emb.sin())',
@@ -283,7 +285,9 @@ class _Gen:
                 "alibi = self.slopes * (pos.view(1, -1) - pos.view(-1, 1))",
             ]
             bias_terms.append("alibi")
-        compute = self.pick("attn", ("matmul", "einsum", "sdpa"))
+        # bmm_folded: fairseq's spelling, heads folded into the batch (B * H, T, hd)
+        compute = self.pick("attn", ("matmul", "einsum", "sdpa", "bmm_folded"))
+        folded = compute == "bmm_folded"
         if gqa and compute != "sdpa":
             for t in "kv":
                 body.append(
@@ -312,10 +316,16 @@ class _Gen:
             body.append(f"y = F.scaled_dot_product_attention({args})")
         else:
             scale = self.ch.pick((f"(1.0 / math.sqrt({hd}))", "(1.0 / math.sqrt(k.size(-1)))"))
+            unfold = folded and bool(bias_terms or mask)  # biases and masks are per head
             if compute == "matmul":
                 body.append(f"att = (q @ k.transpose(-2, -1)) * {scale}")
-            else:
+            elif compute == "einsum":
                 body.append(f'att = torch.einsum("bhqd,bhkd->bhqk", q, k) * {scale}')
+            else:
+                body.append(f"q, k, v = (t.reshape(B * {H}, T, {hd}) for t in (q, k, v))")
+                body.append(f"att = torch.bmm(q, k.transpose(1, 2)) * {scale}")
+                if unfold:
+                    body.append(f"att = att.view(B, {H}, T, T)")
             for b in bias_terms:
                 body.append(f"att = att + {b}")
             if causal:
@@ -331,14 +341,19 @@ class _Gen:
             if sm == "module":
                 cls.init.append("self.softmax = nn.Softmax(dim=-1)")
             body.append(f"att = {SOFTMAXES[sm]}")
-            ctx = self.pick("context", ("matmul_op", "torch_matmul", "einsum"))
-            body.append(
-                {
-                    "matmul_op": "y = att @ v",
-                    "torch_matmul": "y = torch.matmul(att, v)",
-                    "einsum": 'y = torch.einsum("bhqk,bhkd->bhqd", att, v)',
-                }[ctx]
-            )
+            if folded:
+                if unfold:
+                    body.append(f"att = att.reshape(B * {H}, T, T)")
+                body.append(f"y = torch.bmm(att, v).view(B, {H}, T, {hd})")
+            else:
+                ctx = self.pick("context", ("matmul_op", "torch_matmul", "einsum"))
+                body.append(
+                    {
+                        "matmul_op": "y = att @ v",
+                        "torch_matmul": "y = torch.matmul(att, v)",
+                        "einsum": 'y = torch.einsum("bhqk,bhkd->bhqd", att, v)',
+                    }[ctx]
+                )
             probs_out = self.flag("escape:attn_probs", 0.08)
         body.append(f"y = {MERGES[self.pick('merge', list(MERGES))]}")
         out = self.linear(cls, "c_proj", C, C, bias=bias)
@@ -440,30 +455,30 @@ class _Gen:
 
         # inputs and the model's forward
         args: list[str] = []
-        inputs: list[str] = ["g = torch.Generator().manual_seed(seed)"]
+        inputs: list[str] = ["B, T = sizes", "g = torch.Generator().manual_seed(seed)"]
         body = model.body
         if source_kind == "x":
             args.append("x")
             inputs.append(
-                f"x = torch.randn({B}, {T}, {C}, generator=g, dtype=torch.float64).requires_grad_()"
+                f"x = torch.randn(B, T, {C}, generator=g, dtype=torch.float64).requires_grad_()"
             )
         else:
             args.append("idx")
-            inputs.append(f"idx = torch.randint(0, {V}, ({B}, {T}), generator=g)")
+            inputs.append(f"idx = torch.randint(0, {V}, (B, T), generator=g)")
             model.init.insert(0, f"self.wte = nn.Embedding({V}, {C})")
             body.append("x = self.wte(idx)")
         if self.flag("trap:inplace_input", 0.08):
             args.append("shift")
-            inputs.append(f"shift = torch.randn({B}, {T}, {C}, generator=g, dtype=torch.float64)")
+            inputs.append(f"shift = torch.randn(B, T, {C}, generator=g, dtype=torch.float64)")
             body += ["shift.add_(1.0)", "x = x + shift"]
         if mask == "additive":
             args.append("mask")
-            inputs.append(f"mask = torch.randn({B}, 1, {T}, {T}, generator=g, dtype=torch.float64)")
+            inputs.append("mask = torch.randn(B, 1, T, T, generator=g, dtype=torch.float64)")
         elif mask == "bool":
             args.append("mask")
             inputs.append(
-                f"mask = (torch.rand({B}, 1, {T}, {T}, generator=g) > 0.4) | "
-                f"torch.eye({T}, dtype=torch.bool)"
+                "mask = (torch.rand(B, 1, T, T, generator=g) > 0.4) | "
+                "torch.eye(T, dtype=torch.bool)"
             )
         if self.flag("trap:training_branch", 0.08):
             body += ["if self.training:", "    x = x * 2.0"]
@@ -511,7 +526,7 @@ class _Gen:
                 loss = True
                 kind = self.pick("loss", ("functional", "module", "sum", "flatten"))
                 args.append("targets")
-                inputs.append(f"targets = torch.randint(0, {V}, ({B}, {T}), generator=g)")
+                inputs.append(f"targets = torch.randint(0, {V}, (B, T), generator=g)")
                 if kind == "functional":
                     body.append(
                         "loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))"
@@ -583,6 +598,13 @@ class _Gen:
             ret = "Out(" + ", ".join(leaves) + ")"
         body.append(f"return {ret}")
 
+        call_sizes = None
+        if self.ch.flag(0.3):  # called at other sizes than it was planned with
+            call_sizes = (ch.pick((1, 2, 3)), ch.pick((1, 2, 4, 6)))
+            self.tags.add("sizes:apart")
+            if 1 in (B, *call_sizes):
+                self.tags.add("sizes:batch_1")
+
         parts = ["import collections", "import math", "", "import torch",
                  "import torch.nn as nn", "import torch.nn.functional as F"]  # fmt: skip
         for h in self.helpers:
@@ -602,6 +624,8 @@ class _Gen:
             mode=mode,
             call_mode=call_mode,
             record=tuple(self.ch.record),
+            sizes=(B, T),
+            call_sizes=call_sizes,
         )
 
 

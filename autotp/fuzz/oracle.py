@@ -92,8 +92,11 @@ def _compare(
     inputs: dict[str, Any],
     grads_of: Callable[[nn.Module], dict[str, torch.Tensor | None]],
     atol: float,
+    state_of: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
 ) -> Verdict:
-    """Run both, backward both, compare; `par` was built in case.mode."""
+    """Run both, backward both, compare; `par` was built in case.mode. With `state_of`
+    (the parallel model's serial state_dict), then train both as users do and compare
+    (see `_train`)."""
     if case.call_mode != case.mode:
         serial.train(case.call_mode == "train")
         par.train(case.call_mode == "train")
@@ -105,7 +108,12 @@ def _compare(
             from torch.distributed.tensor.debug import CommDebugMode
 
             tools.enter_context(CommDebugMode())
-        return _run_parallel(par, xp, serial, xs, out_s, case, grads_of, atol)
+        verdict = _run_parallel(par, xp, serial, xs, out_s, case, grads_of, atol)
+    if verdict.kind != "equal" or state_of is None:
+        return verdict
+    # outside the tools: CommDebugMode's module tracker fails a serial model's second
+    # forward when a block runs under no_grad (PyTorch's, not autotp's)
+    return _train(par, serial, inputs, state_of, verdict)
 
 
 def _run_parallel(
@@ -188,6 +196,58 @@ def _run_parallel(
     return Verdict("equal", f"largest difference {max(diffs.values(), default=0.0):.3g}")
 
 
+def _objective(out: Any) -> torch.Tensor | None:
+    """A scalar of every floating output (fixed random weights), or None."""
+    g = torch.Generator().manual_seed(1234)
+    total = None
+    for a in tree_flatten(plain_containers(out))[0]:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            term = (a * torch.randn(a.shape, generator=g, dtype=a.dtype)).sum()
+            total = term if total is None else total + term
+    return total if isinstance(total, torch.Tensor) and total.requires_grad else None
+
+
+def _train(
+    par: nn.Module, serial: nn.Module, inputs: dict[str, Any],
+    state_of: Callable[[nn.Module], dict[str, torch.Tensor]], verdict: Verdict,
+) -> Verdict:  # fmt: skip
+    """The loop users write, from the gradients both models hold: clip_grad_norm_ at half
+    serial's first norm (so it clips), an AdamW step, another forward and backward, clip,
+    step. The norms returned and the weights after must be serial's."""
+    grads = [p.grad for p in serial.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not 0.0 < float(norm) < float("inf"):
+        return verdict
+    limit = float(norm) / 2
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (serial, par)]
+    diffs: dict[str, float] = {}
+    try:
+        for step in range(2):
+            norms = []
+            for m, opt in zip((serial, par), opts, strict=True):
+                if step:
+                    torch.manual_seed(4321)
+                    loss = _objective(m(**_clone(inputs)))
+                    if loss is None:
+                        return verdict
+                    loss.backward()
+                norms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), limit)))
+                opt.step()
+                opt.zero_grad()
+            diffs[f"clip_norm:{step}"] = abs(norms[0] - norms[1]) / max(norms[0], 1e-30)
+        state = state_of(par)
+    except AutoTPError as e:
+        return Verdict("refused", f"in the training loop: {str(e).splitlines()[0]}")
+    except Exception as e:  # noqa: BLE001
+        return Verdict("crash", "in the training loop: " + _exc_text(e))
+    for name, t in serial.state_dict().items():
+        diffs[f"trained:{name}"] = _diff(t, state.get(name))
+    bad = {k: v for k, v in diffs.items() if not v <= 1e-8}
+    if bad:
+        return Verdict("wrong", "after training steps", bad)
+    return verdict
+
+
 def _types(o: Any) -> Any:
     """The container types of `o`, as a nested structure of type names."""
     if isinstance(o, dict):
@@ -209,7 +269,7 @@ def check_case(
     """Simulate `case` at case.tp and compare with the serial model in float64. Raises
     only when the serial model itself fails (a generator bug). `sequence_parallel`: plan
     it so (autotp.plan's option)."""
-    from ..parallel import full_grads, simulate
+    from ..parallel import full_grads, full_state_dict, simulate
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -224,13 +284,14 @@ def check_case(
             return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
         except Exception as e:  # noqa: BLE001 - every other exception is the verdict
             return Verdict("crash", _exc_text(e))
-        return _compare(case, serial, sim, inputs, full_grads, atol)
+        called = case.inputs(seed, case.call_sizes) if case.call_sizes else inputs
+        return _compare(case, serial, sim, called, full_grads, atol, full_state_dict)
 
 
 def _gloo_rank(
     rank: int, world: int, case: ModelCase, seed: int, atol: float, sequence_parallel: bool
 ) -> Verdict:
-    from ..parallel import full_grads, parallelize
+    from ..parallel import full_grads, full_state_dict, parallelize
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -245,7 +306,8 @@ def _gloo_rank(
             return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
         except Exception as e:  # noqa: BLE001
             return Verdict("crash", _exc_text(e))
-        return _compare(case, serial, module, inputs, full_grads, atol)
+        called = case.inputs(seed, case.call_sizes) if case.call_sizes else inputs
+        return _compare(case, serial, module, called, full_grads, atol, full_state_dict)
 
 
 def check_case_gloo(

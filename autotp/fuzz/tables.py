@@ -138,7 +138,8 @@ def _all_features() -> frozenset[str]:
     tags |= {f"qkv_split:{s}" for s in QKV_SPLITS} | {f"heads:{s}" for s in HEADS}
     tags |= {f"softmax:{s}" for s in SOFTMAXES} | {f"merge:{s}" for s in MERGES}
     tags |= {f"context:{s}" for s in ("matmul_op", "torch_matmul", "einsum")}
-    tags |= {f"attn:{s}" for s in ("matmul", "einsum", "sdpa", "causal", "rotary")}
+    tags |= {f"attn:{s}" for s in ("matmul", "einsum", "sdpa", "bmm_folded", "causal", "rotary")}
+    tags |= {"sizes:apart", "sizes:batch_1"}  # called at other sizes than planned
     tags |= {"attn:per_head_scale", "attn:alibi", "escape:attn_probs", "attn:qkv_per_head"}
     tags |= {"attn:rotary_interleaved", "attn:qk_norm", "attn:gqa"}
     tags |= {f"mask:{m}" for m in ("additive", "bool")}
