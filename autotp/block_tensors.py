@@ -4,12 +4,16 @@ of a block-form model's state and gradients (`full_tensors`)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
 from .materialise import _fresh_module, as_like, gather_over, rank_shard
 from .sharding import Shard
-from .weights import Weights, fill_buffers
+from .weights import Weights, fill_buffers, init_missing
+
+_log = logging.getLogger("autotp")
 
 __all__ = ["shell", "load_outside", "full_tensors"]
 
@@ -40,6 +44,13 @@ def load_outside(
     time. Buffers the file lacks (rotary frequencies: not saved) are made first, by the
     model's own initialiser (`fill_buffers`), so that it cannot touch a loaded weight."""
     fill_buffers(copied, weights)
+    fresh = init_missing(copied, weights, skip)
+    if fresh:  # as from_pretrained says it
+        _log.warning(
+            "Some weights of %s were not in %s and were initialised by the model's own "
+            "initialiser, as from_pretrained does: %s. Train the model before using it.",
+            type(model).__name__, weights.path, fresh,
+        )  # fmt: skip
     names: dict[int, list[str]] = {}
     every = [*copied.named_parameters(remove_duplicate=False),
              *copied.named_buffers(remove_duplicate=False)]  # fmt: skip

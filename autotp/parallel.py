@@ -97,7 +97,7 @@ def parallelize(
                 f"tp ranks (e.g. torch.distributed.new_group(ranks)) or tp={size}"
             )
         comm, rank = ProcessGroupComm(group), dist.get_rank(group)
-    source = Weights(weights) if weights is not None else None
+    source = _weights(model, weights)
     meta = [n for n, t in model.named_parameters() if t.is_meta]
     if meta and source is None:
         raise AutoTPError(
@@ -137,6 +137,15 @@ def parallelize(
     return module
 
 
+def _weights(model: nn.Module, path: str | os.PathLike | None) -> Weights | None:
+    """The weights to read, with the model's base-model prefix (a task model over a base
+    model's checkpoint, and the other way round)."""
+    if path is None:
+        return None
+    prefix = getattr(model, "base_model_prefix", "")
+    return Weights(path, prefix=prefix if isinstance(prefix, str) else "")
+
+
 def _check_same_plan(fingerprint: str, group: dist.ProcessGroup | None) -> None:
     """Every rank planned on its own: refuse unless all planned the same."""
     prints: list[str | None] = [None] * dist.get_world_size(group)
@@ -169,7 +178,7 @@ def simulate(
     local (`VocabOptions(gather_outputs=False)`) are shown whole: the ranks' slices
     concatenated and trimmed. `form`, `weights` and `sequence_parallel` as in
     `parallelize`."""
-    source = Weights(weights) if weights is not None else None
+    source = _weights(model, weights)
     if _blocks(model, tp, form, vocab, sequence_parallel):
         seed = torch.initial_seed() % 2**62
         comms = [SimulatedComm(tp, r) for r in range(tp)]  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ import torch
 from .errors import AutoTPError
 from .sharding import Shard
 
-__all__ = ["Weights", "fill_buffers"]
+__all__ = ["Weights", "fill_buffers", "init_missing"]
 
 _INDEX = "model.safetensors.index.json"
 
@@ -26,8 +26,13 @@ _INDEX = "model.safetensors.index.json"
 class Weights:
     """The tensors of a safetensors file or folder, by name, read slice by slice."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, prefix: str = "") -> None:
+        """`prefix`: the model's base-model prefix (transformers' `base_model_prefix`,
+        e.g. "bert"): a task model reads a base model's file and the other way round, as
+        `from_pretrained` does."""
         from safetensors import safe_open
+
+        self.prefix = prefix
 
         path = Path(path)
         if path.is_dir():
@@ -99,8 +104,14 @@ class Weights:
         return _owned(parts[0] if len(parts) == 1 else torch.cat(parts, dim=d), dtype)
 
     def find(self, names: list[str]) -> str | None:
-        """The first of a tensor's names (tied weights have several) the file holds."""
-        return next((n for n in names if n in self._where), None)
+        """The first of a tensor's names (tied weights have several) the file holds, as
+        given or with the base-model prefix taken off or put on."""
+        found = next((n for n in names if n in self._where), None)
+        if found is not None or not self.prefix:
+            return found
+        head = self.prefix + "."
+        other = [n.removeprefix(head) if n.startswith(head) else head + n for n in names]
+        return next((n for n in other if n in self._where), None)
 
     def missing(self, name: str) -> AutoTPError:
         """The error for a tensor on the meta device that these weights do not hold."""
@@ -147,3 +158,46 @@ def fill_buffers(model: torch.nn.Module, weights: Weights) -> None:
                 f"({type(model).__name__}._init_weights) does not compute it\n  hint:   build "
                 "the model with real buffers (only its parameters on the meta device)"
             )
+
+
+def init_missing(model: torch.nn.Module, weights: Weights, skip: tuple[str, ...]) -> list[str]:
+    """Give `model`'s parameters on the meta device that `weights` lacks (a task head over
+    a base model's checkpoint: a classifier, a pooler) the values transformers'
+    `from_pretrained` gives them: the model's own `_init_weights(module)`, on the CPU,
+    module by module. Parameters under `skip` are left. Returns the names initialised;
+    without an initialiser, or where it leaves a value unset, refuses."""
+    init = getattr(model, "_init_weights", None)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    owners: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.is_meta and not name.startswith(skip) and weights.find(names[id(p)]) is None:
+            owner, _, leaf = name.rpartition(".")
+            owners.setdefault(owner, []).append(leaf)
+    done = []
+    for owner, leaves in owners.items():
+        mod = model.get_submodule(owner)
+        if init is None:
+            raise weights.missing(f"{owner}.{leaves[0]}")
+        for leaf in leaves:
+            p = mod._parameters[leaf]
+            fresh = torch.full(p.shape, float("nan"), dtype=p.dtype)
+            mod._parameters[leaf] = torch.nn.Parameter(fresh, requires_grad=p.requires_grad)
+        for name, t in mod.named_parameters(recurse=False):  # the others: not theirs to set
+            if t.is_meta:
+                mod._parameters[name] = torch.nn.Parameter(
+                    torch.empty(t.shape, dtype=t.dtype), requires_grad=t.requires_grad
+                )
+        with torch.no_grad():
+            init(mod)
+        for leaf in leaves:
+            if bool(mod._parameters[leaf].isnan().any()):
+                raise AutoTPError(
+                    f"{owner}.{leaf} is not in {weights.path}, and the model's initialiser "
+                    f"({type(model).__name__}._init_weights) does not set it\n  hint:   "
+                    "pass weights= a checkpoint holding it, or build the model with real "
+                    "tensors"
+                )
+            done.append(f"{owner}.{leaf}")
+    return done

@@ -149,3 +149,39 @@ def test_runner_init_from_reads_saved_weights(tmp_path) -> None:
     for row in rows:
         assert abs(row["start_loss"] - want) < 1e-5
         assert tuple(row["params"]["model.layers.0.self_attn.q_proj.weight"]) == (16, 32)
+
+
+def _bert_config():
+    return transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, vocab_size=97, num_labels=3,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("saved_as", ["BertForMaskedLM", "BertModel"])
+def test_a_task_head_over_a_base_checkpoint_starts_as_from_pretrained(saved_as, tmp_path) -> None:
+    """The first step of every fine-tune: a classifier over a masked-LM's (or a bare
+    encoder's, saved without the "bert." prefix) checkpoint. The checkpoint's tensors are
+    read under either name; the pooler and classifier it lacks are initialised by the
+    model's own _init_weights (std 0.02, zero bias), as from_pretrained does; the
+    parallel model equals a serial one holding the same weights."""
+    cfg = _bert_config()
+    torch.manual_seed(0)
+    getattr(transformers, saved_as)(cfg).double().save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = transformers.BertForSequenceClassification(cfg).double().eval()
+    sim = autotp.simulate(model, 2, weights=tmp_path)
+    full = autotp.full_state_dict(sim)
+    reference = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path, dtype=torch.float64
+    )
+    for name, t in reference.state_dict().items():
+        if not name.startswith(("classifier.", "bert.pooler.")):
+            assert torch.equal(full[name], t), name
+    assert 0.01 < float(full["classifier.weight"].std()) < 0.03
+    assert float(full["classifier.bias"].abs().max()) == 0.0
+    serial = transformers.BertForSequenceClassification(cfg).double().eval()
+    serial.load_state_dict(full)
+    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (sim(input_ids=ids).logits - serial(input_ids=ids).logits).abs().max() < 1e-12
