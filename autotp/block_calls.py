@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .errors import AutoTPError
 
 __all__ = ["BlockCall", "PAST", "Recorder", "cache_index", "call_module", "dynamic_sizes",
-           "is_cache", "modes", "take_apart"]  # fmt: skip
+           "is_cache", "is_encoder_decoder", "modes", "self_cache", "take_apart"]  # fmt: skip
 
 PAST = ("past_key", "past_value")
 
@@ -28,11 +28,20 @@ def modes(block: nn.Module) -> tuple[bool, ...]:
 
 
 def is_cache(v: object) -> bool:
-    return (
-        type(v).__module__.startswith("transformers.")
-        and hasattr(v, "update")
-        and hasattr(v, "layers")
-    )
+    """A transformers cache: a DynamicCache, or an encoder-decoder's pair of them."""
+    if not type(v).__module__.startswith("transformers."):
+        return False
+    return (hasattr(v, "update") and hasattr(v, "layers")) or is_encoder_decoder(v)
+
+
+def is_encoder_decoder(v: object) -> bool:
+    """transformers' EncoderDecoderCache: a self-attention and a cross-attention cache."""
+    return hasattr(v, "self_attention_cache") and hasattr(v, "cross_attention_cache")
+
+
+def self_cache(cache: Any) -> Any:
+    """The cache of a block's own keys and values (an encoder-decoder's self-attention)."""
+    return cache.self_attention_cache if is_encoder_decoder(cache) else cache
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class BlockCall:
         leaves = [tensors[s] if isinstance(s, str) else s[1] for s in self.slots]
         args, kwargs = tree_unflatten(leaves, self.spec)
         if self.cache_at is not None:
-            where, at = self.cache_at
+            where, at = self.cache_at[:2]
             if where == "arg":
                 args = (*args[:at], cache, *args[at + 1 :])
             else:
@@ -62,10 +71,10 @@ def take_apart(args: tuple, kwargs: dict, past: tuple | None, training: tuple) -
     args, kwargs = list(args), dict(kwargs)
     for i, a in enumerate(args):
         if is_cache(a):
-            cache_at, args[i] = ("arg", i), None
+            cache_at, args[i] = ("arg", i, is_encoder_decoder(a)), None
     for k, v in kwargs.items():
         if is_cache(v):
-            cache_at, kwargs[k] = ("kwarg", k), None
+            cache_at, kwargs[k] = ("kwarg", k, is_encoder_decoder(v)), None
     leaves, spec = tree_flatten((tuple(args), kwargs))
     slots, tensors, consts = [], {}, []
     for i, leaf in enumerate(leaves):
@@ -107,10 +116,15 @@ class Recorder:
             return key, value
         return (torch.cat([self.past[0], key], dim=-2), torch.cat([self.past[1], value], dim=-2))
 
+    def get_seq_length(self, *a: Any, **k: Any) -> int:
+        """The length of the past (T5's relative positions start there)."""
+        return 0 if self.past[0] is None else self.past[0].shape[-2]
+
     def __getattr__(self, name: str) -> Any:
         raise AutoTPError(
             f"the block calls its cache's `{name}`, which autotp does not model (it models "
-            "`update`, as DynamicCache does)\n  hint:   call the model with use_cache=False"
+            "`update` and `get_seq_length`, as DynamicCache does)\n  hint:   call the model with "
+            "use_cache=False"
         )
 
 
@@ -122,10 +136,12 @@ def call_module(block: nn.Module, call: BlockCall) -> nn.Module:
     names = list(call.tensors)
 
     def forward(**tensors: torch.Tensor) -> Any:
-        rec = None
+        rec = given = None
         if call.cache_at is not None:
-            rec = Recorder(tensors.pop(PAST[0], None), tensors.pop(PAST[1], None))
-        args, kwargs = call.rebuild(tensors, rec)
+            rec = given = Recorder(tensors.pop(PAST[0], None), tensors.pop(PAST[1], None))
+            if call.cache_at[2]:
+                given = _encoder_decoder(rec)
+        args, kwargs = call.rebuild(tensors, given)
         # its forward, not its hooks: a hook on the serial block belongs to the serial
         # model's Python; the parallel model calls the BlockTP's own
         out = holder.layer.forward(*args, **kwargs)
@@ -141,6 +157,33 @@ def call_module(block: nn.Module, call: BlockCall) -> nn.Module:
     )
     holder.forward = forward  # type: ignore[method-assign]
     return holder
+
+
+class _CrossRecorder:
+    """An encoder-decoder cache's cross-attention half while a block is traced: never
+    updated before, so the block computes the encoder's keys and values from its states
+    on every call (a parallel block keeps no cross-attention cache: what it would hold is
+    recomputed, each rank its own heads)."""
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *a: Any, **k: Any) -> tuple:
+        return key, value
+
+    def __getattr__(self, name: str) -> Any:
+        raise AutoTPError(
+            f"the block reads its cross-attention cache's `{name}`, which autotp does not "
+            "model\n  hint:   call the model with use_cache=False"
+        )
+
+
+def _encoder_decoder(rec: Recorder) -> Any:
+    """An EncoderDecoderCache (an instance of its class, as the layers check) whose
+    self-attention half is `rec` and whose cross-attention half is never filled."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    obj = EncoderDecoderCache.__new__(EncoderDecoderCache)
+    obj.__dict__.update(self_attention_cache=rec, cross_attention_cache=_CrossRecorder(),
+                        is_updated={})  # fmt: skip
+    return obj
 
 
 def dynamic_sizes(call: BlockCall, batch: int, seqs: set[int]) -> dict[str, Any]:

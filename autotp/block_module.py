@@ -12,7 +12,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .block_calls import BlockCall, cache_index, call_module, is_cache, modes, take_apart
+from .block_calls import (
+    BlockCall,
+    cache_index,
+    call_module,
+    is_cache,
+    modes,
+    self_cache,
+    take_apart,
+)  # fmt: skip
 from .block_state import BlockState, SerialAttributeError, cut_serial_state, twin
 from .comm import Comm
 from .errors import AutoTPError
@@ -200,7 +208,7 @@ class BlockTP(nn.Module):
         if cache is None:
             return out
         out, new_key, new_value = out  # simulate shows them whole: its cache holds all heads
-        cache.update(new_key, new_value, self._autotp_index)
+        self_cache(cache).update(new_key, new_value, self._autotp_index)
         return out
 
     def _past(self, cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -212,7 +220,7 @@ class BlockTP(nn.Module):
                 "of the cache's layers is its own\n  hint:   call the model with "
                 "use_cache=False"
             )
-        layers = getattr(cache, "layers", None)
+        layers = getattr(self_cache(cache), "layers", None)
         layer = layers[index] if layers is not None and len(layers) > index else None
         if layers is None or (layer is not None and (
             type(layer).__name__ not in _CACHE_LAYERS or getattr(layer, "record_past", False)

@@ -185,18 +185,48 @@ def test_converting_dtype_after_building_follows() -> None:
     assert (got - want).abs().max() < 1e-4
 
 
-def test_an_encoder_decoder_is_planned_from_nothing_but_the_model() -> None:
-    """T5 with no example inputs: its decoder is given ids too. Called as users train it
-    (labels, use_cache=False), it equals serial; the default cache is refused by name."""
+def _encoder_decoder(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
-                                vocab_size=VOCAB, decoder_start_token_id=0)  # fmt: skip
-    model = transformers.T5ForConditionalGeneration(cfg).double().eval()
+    if name == "t5":
+        cfg = transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                                    vocab_size=VOCAB, decoder_start_token_id=0)  # fmt: skip
+        return transformers.T5ForConditionalGeneration(cfg).double().eval()
+    cfg = transformers.BartConfig(
+        d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.BartForConditionalGeneration(cfg).double().eval()
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_an_encoder_decoder_with_its_default_cache_equals_serial(name: str) -> None:
+    """Planned from nothing but the model (its decoder is given ids too); called as users
+    train it (labels, the default EncoderDecoderCache) and generating greedily and with
+    beams, it gives the serial model's logits and tokens. Each rank's cache holds its own
+    heads of the decoder's keys; the encoder's are recomputed at each step."""
+    model = _encoder_decoder(name)
     sim = autotp.simulate(model, 2)
     ids = _batch(pad=False)["input_ids"]
     with torch.no_grad():
-        got = sim(input_ids=ids, labels=ids, use_cache=False)
-        want = model(input_ids=ids, labels=ids, use_cache=False)
+        got, want = sim(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
     assert (got.logits - want.logits).abs().max() < 1e-10
-    with pytest.raises(autotp.AutoTPError, match="EncoderDecoderCache"):
-        sim(input_ids=ids, labels=ids)
+    for beams in (1, 2):
+        kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "num_beams": beams}
+        assert torch.equal(sim.generate(ids, **kw), model.generate(ids, **kw))
+
+
+def _encoder_decoder_on_rank(rank: int, world: int) -> tuple:
+    model = _encoder_decoder("bart")
+    module = autotp.parallelize(model, world)
+    ids = _batch(pad=False)["input_ids"]
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    out = module.generate(ids, return_dict_in_generate=True, **kw)
+    keys = out.past_key_values.self_attention_cache.layers[0].keys
+    return out.sequences.tolist(), model.generate(ids, **kw).tolist(), tuple(keys.shape)
+
+
+def test_an_encoder_decoder_generates_on_gloo_ranks() -> None:
+    for got, want, keys in run_on_gloo(_encoder_decoder_on_rank, 2):
+        assert got == want and len(set(got[0])) > 1  # the serial tokens, not one repeated
+        assert keys[1] == 2  # this rank's 2 of the 4 heads
