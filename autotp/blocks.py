@@ -51,10 +51,21 @@ from .weights import Weights
 __all__ = ["find_blocks", "is_block_model", "BlockTP", "parallel_blocks"]
 
 
-def is_block_model(model: nn.Module) -> bool:
-    """A transformers model (its Python builds masks, caches and outputs around blocks)."""
+def _is_pretrained(m: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
-               for c in type(model).__mro__)  # fmt: skip
+               for c in type(m).__mro__)  # fmt: skip
+
+
+def transformers_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The transformers model `model` is or wraps (a SentenceTransformer holds one), with
+    its path, or None."""
+    return next(((p, m) for p, m in model.named_modules() if _is_pretrained(m)), None)
+
+
+def is_block_model(model: nn.Module) -> bool:
+    """A transformers model, or a module wrapping one (its Python builds masks, caches and
+    outputs around blocks)."""
+    return transformers_model(model) is not None
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -299,8 +310,12 @@ def parallel_blocks(
             f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of layers) "
             "to parallelize one by one\n  hint:   pass example_inputs to plan the whole model"
         )
-    inputs = bind_inputs(model, example_inputs)
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    inner_path, inner = transformers_model(model) or ("", model)
+    # a wrapper (a SentenceTransformer) without example inputs: its transformers model is
+    # run on inputs made from its config, which shows how the blocks are called
+    runner = model if inner is model or example_inputs is not None else inner
+    inputs = bind_inputs(runner, example_inputs)
+    if "use_cache" in inspect.signature(runner.forward).parameters:
         inputs.setdefault("use_cache", False)
     calls: dict[str, tuple[tuple, dict]] = {}
     hooks = [
@@ -309,7 +324,7 @@ def parallel_blocks(
         for p in paths
     ]  # fmt: skip
     try:
-        _run_once(model, inputs)
+        _run_once(runner, inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -351,9 +366,12 @@ def parallel_blocks(
             block, patterns, shells, comms, randoms, path
         )
     copied.autotp_blocks = tuple(paths)
-    if callable(getattr(copied, "save_pretrained", None)):  # the serial checkpoint, gathered
-        copied.save_pretrained = SaveGathered(copied, lambda m: full_tensors(m, grads=False),
-                                              comms[0].rank)  # fmt: skip
+    saver = copied.get_submodule(inner_path)  # the serial checkpoint, gathered
+    if inner_path:  # what a wrapper saves through its transformers model
+        saver.autotp_blocks = tuple(p.removeprefix(inner_path + ".") for p in paths)
+    if _is_pretrained(saver):
+        saver.save_pretrained = SaveGathered(saver, lambda m: full_tensors(m, grads=False),
+                                             comms[0].rank)  # fmt: skip
     return copied
 
 

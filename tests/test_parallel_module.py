@@ -289,3 +289,29 @@ def test_ranks_agree_on_random_state_and_inputs_or_are_refused(case: str) -> Non
     else:
         what = "the random state" if case == "after" else "input_ids"
         assert all(isinstance(g, str) and f"disagree in {what}" in g for g in got)
+
+
+def test_a_sentence_transformer_passed_whole(tmp_path) -> None:
+    """A SentenceTransformer (a transformers encoder inside sentence-transformers'
+    modules): its encoder's layers are made parallel, encode() gives the serial
+    embeddings, and save() writes a folder that loads back as the serial model."""
+    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers.models as st_models
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(92)]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=len(words))  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    modules = [st_models.Transformer(str(tmp_path / "bert")), st_models.Pooling(32)]
+    serial = st.SentenceTransformer(modules=modules, device="cpu").double().eval()
+    sentences = ["w1 w2 w3 w4", "w5 w6"]
+    want = serial.encode(sentences, convert_to_tensor=True)
+    sim = autotp.simulate(serial, 2)
+    assert _close(sim.encode(sentences, convert_to_tensor=True), want)
+    sim.save(str(tmp_path / "saved"))
+    back = st.SentenceTransformer(str(tmp_path / "saved"), device="cpu").double()
+    assert _close(back.encode(sentences, convert_to_tensor=True), want)
