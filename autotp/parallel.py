@@ -17,6 +17,7 @@ from .block_tensors import full_tensors
 from .blocks import is_block_model, parallel_blocks
 from .comm import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
+from .hf_keys import Conversions
 from .materialise import RankInfo, build_rank_module, gather_over
 from .plan import Plan, check_tp, plan, rules_or_default
 from .rule import Rule
@@ -143,7 +144,8 @@ def _weights(model: nn.Module, path: str | os.PathLike | None) -> Weights | None
     if path is None:
         return None
     prefix = getattr(model, "base_model_prefix", "")
-    return Weights(path, prefix=prefix if isinstance(prefix, str) else "")
+    prefix = prefix if isinstance(prefix, str) else ""
+    return Weights(path, prefix=prefix, conversions=Conversions.of(model))
 
 
 def _check_same_plan(fingerprint: str, group: dist.ProcessGroup | None) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import AutoTPError
+from .hf_keys import Conversions, Source
 from .sharding import Shard
 
 __all__ = ["Weights", "fill_buffers", "init_missing"]
@@ -26,13 +27,18 @@ _INDEX = "model.safetensors.index.json"
 class Weights:
     """The tensors of a safetensors file or folder, by name, read slice by slice."""
 
-    def __init__(self, path: str | os.PathLike, prefix: str = "") -> None:
+    def __init__(
+        self, path: str | os.PathLike, prefix: str = "", conversions: Conversions | None = None
+    ) -> None:
         """`prefix`: the model's base-model prefix (transformers' `base_model_prefix`,
         e.g. "bert"): a task model reads a base model's file and the other way round, as
-        `from_pretrained` does."""
+        `from_pretrained` does. `conversions`: the model's checkpoint key conversion
+        (tensors stored under other names, or in parts)."""
         from safetensors import safe_open
 
         self.prefix = prefix
+        self.conversions = conversions
+        self._converted: dict[str, Source] = {}
 
         path = Path(path)
         if path.is_dir():
@@ -64,6 +70,8 @@ class Weights:
         return name in self._where
 
     def _slice(self, name: str):
+        if name in self._converted:  # made whole from the file's parts, then cut as one
+            return _Whole(self._converted[name].build(lambda k: self._slice(k)[:]))
         from safetensors import safe_open
 
         file = self._where[name]
@@ -81,9 +89,10 @@ class Weights:
         sl = self._slice(name)
         stored = tuple(sl.get_shape())
         if shape is not None and stored != shape:
+            where = self._where.get(name, "its parts" if name in self._converted else "?")
             raise AutoTPError(
-                f"{name} is {list(stored)} in {self._where[name]} but {list(shape)} in the "
-                "model\n  hint:   pass the weights saved from this model's configuration"
+                f"{name} is {list(stored)} in {where} but {list(shape)} in the model\n"
+                "  hint:   pass the weights saved from this model's configuration"
             )
         shape = stored
         if spec is None:
@@ -105,13 +114,28 @@ class Weights:
 
     def find(self, names: list[str]) -> str | None:
         """The first of a tensor's names (tied weights have several) the file holds, as
-        given or with the base-model prefix taken off or put on."""
+        given, with the base-model prefix taken off or put on, or as the model's
+        conversion stores it (renamed, or in parts: then a name `read` makes whole)."""
         found = next((n for n in names if n in self._where), None)
-        if found is not None or not self.prefix:
+        if found is not None:
             return found
-        head = self.prefix + "."
-        other = [n.removeprefix(head) if n.startswith(head) else head + n for n in names]
-        return next((n for n in other if n in self._where), None)
+        if self.prefix:
+            head = self.prefix + "."
+            names = names + [n.removeprefix(head) if n.startswith(head) else head + n
+                             for n in names]  # fmt: skip
+            found = next((n for n in names if n in self._where), None)
+        if found is not None or self.conversions is None:
+            return found
+        for n in names:  # stored under another name, or in parts
+            renamed = next((c for c in self.conversions.names(n) if c in self._where), None)
+            if renamed is not None:
+                return renamed
+            source = self.conversions.source(n, self._where)
+            if source is not None:
+                key = f"converted:{n}"
+                self._converted[key] = source
+                return key
+        return None
 
     def missing(self, name: str) -> AutoTPError:
         """The error for a tensor on the meta device that these weights do not hold."""
@@ -120,6 +144,19 @@ class Weights:
             "a file or folder holding every tensor of the model (what save_pretrained of "
             "this model class writes), or build the model with real tensors"
         )
+
+
+class _Whole:
+    """A tensor read like a safetensors slice (its shape, then an index)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def get_shape(self) -> list[int]:
+        return list(self.t.shape)
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        return self.t[index]
 
 
 def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -185,3 +185,29 @@ def test_a_task_head_over_a_base_checkpoint_starts_as_from_pretrained(saved_as, 
     ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (sim(input_ids=ids).logits - serial(input_ids=ids).logits).abs().max() < 1e-12
+
+
+def test_a_checkpoint_stored_under_transformers_conversion_is_read_as_from_pretrained(
+    tmp_path,
+) -> None:
+    """Mixtral's save_pretrained writes one tensor per expert under `block_sparse_moe`
+    where the model holds one fused tensor under `mlp`: read through transformers' own
+    conversion mapping (renamed, stacked, concatenated), each rank cutting its slice."""
+    cfg = transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=97, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, experts_implementation="batched_mm",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).double().eval()
+    model.save_pretrained(tmp_path)
+    assert not any("experts.gate_up_proj" in k for k in Weights(tmp_path)._where)
+    with torch.device("meta"):
+        meta = transformers.MixtralForCausalLM(cfg).double().eval()
+    sim = autotp.simulate(meta, 2, weights=tmp_path)
+    full = autotp.full_state_dict(sim)
+    for name, t in model.state_dict().items():
+        assert torch.equal(full[name], t), name
+    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (sim(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 1e-12
