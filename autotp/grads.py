@@ -129,9 +129,12 @@ def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) ->
     """Make the gradients of a rank module's parameters SplitGrads where their norm must
     count otherwise than their own (see the module), after every accumulation: split ones
     over the process group, a simulated replica (rank > 0) as zero. A parameter several
-    rank modules share (a block's call patterns) is hooked once."""
+    rank modules share (a block's call patterns) is hooked once. A frozen one (torch
+    hooks no tensor that needs no gradient) is hooked at the first call after it is
+    unfrozen."""
+    frozen = []
     for name, p in gm.named_parameters():
-        if _HOOKED.get(id(p)) is p or not p.requires_grad:
+        if _HOOKED.get(id(p)) is p:
             continue
         if isinstance(comm, ProcessGroupComm) and comm.size > 1 and name in splits:
             group: Comm | None = comm
@@ -139,10 +142,26 @@ def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) ->
             group = None
         else:
             continue
+        if p.requires_grad:
+            _hook(p, group)
+        else:
+            frozen.append((p, group))
+    if frozen:  # checked before each call (simulate runs its ranks' graphs itself)
 
-        def hook(param: torch.Tensor, comm: Comm | None = group) -> None:
-            if param.grad is not None:
-                param.grad = _as_split(param.grad, comm)
+        def unfrozen(*_: Any) -> None:
+            for p, group in frozen:
+                if p.requires_grad and _HOOKED.get(id(p)) is not p:
+                    _hook(p, group)
+            frozen[:] = [f for f in frozen if not f[0].requires_grad]
 
-        p.register_post_accumulate_grad_hook(hook)
-        _HOOKED[id(p)] = p
+        gm.autotp_unfrozen = unfrozen
+        gm.register_forward_pre_hook(unfrozen)
+
+
+def _hook(p: torch.Tensor, group: Comm | None) -> None:
+    def hook(param: torch.Tensor) -> None:
+        if param.grad is not None:
+            param.grad = _as_split(param.grad, group)
+
+    p.register_post_accumulate_grad_hook(hook)
+    _HOOKED[id(p)] = p

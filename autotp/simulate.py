@@ -109,6 +109,10 @@ class SimulatedTP(nn.Module):
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         check_mode(self.ranks[0])
+        for r in self.ranks:  # what a rank module's own call checks first (grads.py)
+            unfrozen = r.__dict__.get("autotp_unfrozen")
+            if unfrozen is not None:
+                unfrozen()
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         ranks = list(self.ranks)

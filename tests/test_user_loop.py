@@ -166,3 +166,37 @@ def test_a_transformers_users_loop_on_gloo_equals_serial(tmp_path) -> None:
             for got in (r["full"][k], r["exported"][k], r["resumed"][k]):
                 rel = (got - ref).norm() / ref.norm().clamp_min(1e-30)
                 assert rel <= 1e-6, (k, float(rel))
+
+
+def test_a_weight_frozen_when_built_and_unfrozen_later_counts_in_the_norm() -> None:
+    """Built with a split and a replicated weight frozen (gpt2-tiny, the graph form),
+    unfrozen before the loop: clip_grad_norm_ returns serial's norm (the split one counts
+    over the ranks, the replicated one once)."""
+    model, x = _model("gpt2-tiny")
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
+    model.transformer.h[0].ln_1.weight.requires_grad_(False)
+    sim = autotp.simulate(model, 2, x)
+    for p in (*sim.parameters(), *model.parameters()):
+        p.requires_grad_(True)
+    norms = []
+    for m in (sim, model):
+        _loss(m(**x)).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM)))
+    assert norms[0] == pytest.approx(norms[1], rel=1e-9)
+
+
+def _unfrozen_on_rank(rank: int, world: int) -> float:
+    model, x = _model("gpt2-tiny")
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
+    module = autotp.parallelize(model, world, x)
+    for p in module.parameters():
+        p.requires_grad_(True)
+    _loss(module(**x)).backward()
+    return float(torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_NORM))
+
+
+def test_a_weight_unfrozen_after_building_counts_over_gloo_ranks() -> None:
+    model, x = _model("gpt2-tiny")
+    _loss(model(**x)).backward()
+    want = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+    assert run_on_gloo(_unfrozen_on_rank, 2) == pytest.approx([want, want], rel=1e-9)
