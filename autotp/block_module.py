@@ -22,7 +22,8 @@ from .block_calls import (
     take_apart,
 )  # fmt: skip
 from .block_state import BlockState, SerialAttributeError, cut_serial_state, twin
-from .comm import Comm
+from .comm import Comm, ProcessGroupComm
+from .dcp_shards import shard_states
 from .errors import AutoTPError
 from .materialise import build_rank_module
 from .plan import Plan
@@ -84,6 +85,10 @@ class BlockTP(nn.Module):
                                [*serial.named_parameters(), *serial.named_buffers()]}  # fmt: skip
         d["_autotp_index"] = cache_index(serial)
         self._register_load_state_dict_pre_hook(self._cut_serial)
+        comm = comms[0]
+        if shells[0] is self and isinstance(comm, ProcessGroupComm) and comm.size > 1:
+            # DCP sees which chunks of the serial tensors this rank holds
+            shard_states(self, self.splits(), self._autotp_shapes, comm.rank, comm.size)
 
     def __getattr__(self, name: str) -> Any:
         shells = self.__dict__.get("_autotp_shells")

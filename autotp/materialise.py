@@ -34,6 +34,7 @@ from .collectives import (
     keep_parts,
 )
 from .comm import ProcessGroupComm
+from .dcp_shards import shard_states
 from .errors import AutoTPError
 from .grads import count_norms
 from .random import RankRandom, StreamDropout
@@ -318,6 +319,8 @@ def build_rank_module(
     gm.register_forward_pre_hook(lambda mod, args: check_mode(mod))
     count_norms(gm, comm, rank, splits)
     gm.register_forward_hook(_grad_mode_back, always_call=True)
+    if isinstance(comm, ProcessGroupComm) and comm.size > 1:  # DCP sees this rank's chunks
+        shard_states(gm, splits, {n: own[n].shape for n in splits if n in own}, rank, tp)
     if isinstance(comm, ProcessGroupComm) and any(
         n.op == "call_module" and site_kind(n.target) == SP_GATHER_MODULE for n in graph.nodes
     ):

@@ -315,3 +315,68 @@ def test_a_sentence_transformer_passed_whole(tmp_path) -> None:
     sim.save(str(tmp_path / "saved"))
     back = st.SentenceTransformer(str(tmp_path / "saved"), device="cpu").double()
     assert _close(back.encode(sentences, convert_to_tensor=True), want)
+
+
+def _dcp_on_rank(rank: int, world: int, folder: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    trained = _llama(seed=1)
+    module = autotp.parallelize(trained, world)
+    state = module.state_dict()
+    dcp.save(state, checkpoint_id=folder)  # each rank its chunks of the serial tensors
+    fresh = autotp.parallelize(_llama(seed=2), world)
+    into = fresh.state_dict()
+    dcp.load(into, checkpoint_id=folder)
+    fresh.load_state_dict(into)
+    serial = _llama(seed=3)  # a serial model reads the same folder
+    whole = serial.state_dict()
+    dcp.load(whole, checkpoint_id=folder)
+    serial.load_state_dict(whole)
+    return {
+        "reloaded": float((_logits(fresh) - _logits(trained)).abs().max()),
+        "serial": max(float((whole[k] - v).abs().max()) for k, v in trained.state_dict().items()),
+    }
+
+
+def test_dcp_of_a_parallel_models_state_dict_is_the_serial_checkpoint(tmp_path) -> None:
+    """torch.distributed.checkpoint on module.state_dict(): each rank writes its chunks
+    of the serial tensors (plain tensors of one name would be taken as replicated: rank
+    0's shard written alone, and loaded on every rank). A parallel model and a serial
+    one both load it back."""
+    for r in run_on_gloo(_dcp_on_rank, 2, str(tmp_path)):
+        assert r["reloaded"] < 1e-10 and r["serial"] == 0.0
+
+
+def _dcp_graph_on_rank(rank: int, world: int, folder: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    from autotp.models import build
+
+    def model(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return build("gpt2-tiny", n_layer=2, dropout=0.0).double()
+
+    trained = model(1)
+    x = trained.example_inputs()
+    module = autotp.parallelize(trained, world, x)
+    dcp.save(module.state_dict(), checkpoint_id=folder)
+    fresh = autotp.parallelize(model(2), world, x)
+    into = fresh.state_dict()
+    dcp.load(into, checkpoint_id=folder)
+    fresh.load_state_dict(into)
+    serial = model(3)
+    whole = serial.state_dict()
+    dcp.load(whole, checkpoint_id=folder)
+    path = f"{folder}/rank{rank}.pt"
+    torch.save(module.state_dict(), path)  # a plain tensor per name, as before
+    again = torch.load(path, weights_only=True)
+    return {
+        "reloaded": float((fresh(**x)[0] - trained(**x)[0]).detach().abs().max()),
+        "serial": max(float((whole[k] - v).abs().max()) for k, v in trained.state_dict().items()),
+        "saved": all(type(v) is torch.Tensor for v in again.values()),
+    }
+
+
+def test_dcp_of_a_whole_graph_parallel_module(tmp_path) -> None:
+    for r in run_on_gloo(_dcp_graph_on_rank, 2, str(tmp_path)):
+        assert r["reloaded"] < 1e-10 and r["serial"] == 0.0 and r["saved"]
