@@ -272,16 +272,18 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 class _VocabParallelCE(torch.autograd.Function):
-    """Megatron's vocab-parallel cross-entropy (mean over rows): three all-reduces of one
-    number per row; the backward is local (softmax minus one-hot on this rank's slice)."""
+    """Megatron's vocab-parallel cross-entropy (mean over the rows whose target is not
+    -100): three all-reduces of one number per row; the backward is local (softmax minus
+    one-hot on this rank's slice)."""
 
     @staticmethod
     def forward(ctx, logits, target, start, group):  # noqa: ANN001
         row_max = logits.max(dim=-1).values
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - row_max.unsqueeze(-1)
+        valid = target != -100
         local = target - start
-        mine = (local >= 0) & (local < logits.size(-1))
+        mine = (local >= 0) & (local < logits.size(-1)) & valid
         local = local.clamp(0, logits.size(-1) - 1)
         picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1) * mine
         dist.all_reduce(picked, group=group)
@@ -289,15 +291,16 @@ class _VocabParallelCE(torch.autograd.Function):
         sum_exp = exp.sum(dim=-1)
         dist.all_reduce(sum_exp, group=group)
         softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local, mine)
-        return (sum_exp.log() - picked).mean()
+        count = valid.sum().clamp_min(1)
+        ctx.save_for_backward(softmax, local, mine, valid, count)
+        return ((sum_exp.log() - picked) * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
-        softmax, local, mine = ctx.saved_tensors
-        g = softmax.clone()
+        softmax, local, mine, valid, count = ctx.saved_tensors
+        g = softmax * valid.to(softmax.dtype).unsqueeze(-1)
         g.scatter_add_(-1, local.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
-        return g * (grad / local.numel()), None, None, None
+        return g * (grad / count), None, None, None
 
 
 def _cut(t: torch.Tensor, dim: int, rank: int, tp: int) -> nn.Parameter:
@@ -363,6 +366,85 @@ class MegatronGPT2(nn.Module):
         loss = _VocabParallelCE.apply(
             logits.flatten(0, 1), targets.flatten(), self.start, self.group
         )
+        return logits, loss
+
+
+class _MegatronBertLayer(nn.Module):
+    """A post-LN BERT layer: separate Q, K and V column-parallel (this rank's heads of
+    each), the attention output and the MLP's second linear row-parallel."""
+
+    def __init__(self, layer: nn.Module, rank: int, tp: int, group: Any) -> None:
+        super().__init__()
+        att, self.group = layer.attention, group
+        self.n_head, self.head_dim = att.self.num_heads // tp, att.self.head_dim
+        for name in ("query", "key", "value"):
+            lin = getattr(att.self, name)
+            setattr(self, f"{name}_w", _cut(lin.weight, 0, rank, tp))
+            setattr(self, f"{name}_b", _cut(lin.bias, 0, rank, tp))
+        self.ao_w = _cut(att.output.dense.weight, 1, rank, tp)
+        self.ao_b = nn.Parameter(att.output.dense.bias.detach().clone())
+        self.ln_a = copy.deepcopy(att.output.LayerNorm)
+        self.fc_w = _cut(layer.intermediate.dense.weight, 0, rank, tp)
+        self.fc_b = _cut(layer.intermediate.dense.bias, 0, rank, tp)
+        self.out_w = _cut(layer.output.dense.weight, 1, rank, tp)
+        self.out_b = nn.Parameter(layer.output.dense.bias.detach().clone())
+        self.ln_o = copy.deepcopy(layer.output.LayerNorm)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        h = _CopyToTP.apply(x, self.group)
+        q, k, v = (
+            F.linear(h, getattr(self, f"{n}_w"), getattr(self, f"{n}_b"))
+            .view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+            for n in ("query", "key", "value")
+        )  # fmt: skip
+        att = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask, dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, -1)
+        y = _ReduceFromTP.apply(F.linear(y, self.ao_w), self.group)
+        a = self.ln_a(x + y + self.ao_b)
+        h = F.gelu(F.linear(_CopyToTP.apply(a, self.group), self.fc_w, self.fc_b))
+        h = _ReduceFromTP.apply(F.linear(h, self.out_w), self.group)
+        return self.ln_o(a + h + self.out_b)
+
+
+class MegatronBERT(nn.Module):
+    """This rank's shard of the reference BERT for masked LM (post-LN, tied decoder, no
+    dropout), written the Megatron-LM way: `forward(input_ids, labels) -> (local logits,
+    loss)`, the vocabulary split for the embedding, the decoder and the loss."""
+
+    def __init__(self, model: nn.Module, rank: int, tp: int, group: Any = None) -> None:
+        super().__init__()
+        cfg = model.config
+        if cfg.dropout or cfg.pre_ln or not cfg.tie_word_embeddings or cfg.vocab_size % tp:
+            raise ValueError("MegatronBERT: post-LN, tied, no dropout, vocab % tp == 0")
+        emb, head = model.bert.embeddings, model.cls.predictions
+        self.group, self.start = group, rank * cfg.vocab_size // tp
+        self.wte = _cut(emb.word_embeddings.weight, 0, rank, tp)  # vocab-parallel, tied
+        self.wpe = copy.deepcopy(emb.position_embeddings)
+        self.tte = copy.deepcopy(emb.token_type_embeddings)
+        self.ln_e = copy.deepcopy(emb.LayerNorm)
+        self.layers = nn.ModuleList(
+            _MegatronBertLayer(layer, rank, tp, group) for layer in model.bert.encoder.layer
+        )
+        self.dense = copy.deepcopy(head.transform.dense)
+        self.ln_h = copy.deepcopy(head.transform.LayerNorm)
+        self.bias = _cut(head.bias, 0, rank, tp)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.wte.size(0))
+        x = F.embedding(local.masked_fill(outside, 0), self.wte)
+        x = _ReduceFromTP.apply(x.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
+        T = input_ids.size(1)
+        x = x + self.wpe(torch.arange(T, device=x.device))
+        x = self.ln_e(x + self.tte(torch.zeros_like(input_ids)))
+        mask = x.new_zeros(x.size(0), 1, 1, T)  # no padding: every key attended
+        for layer in self.layers:
+            x = layer(x, mask)
+        h = _CopyToTP.apply(self.ln_h(F.gelu(self.dense(x))), self.group)
+        logits = F.linear(h, self.wte) + self.bias  # (B, T, vocab / tp)
+        loss = _VocabParallelCE.apply(logits.flatten(0, 1), labels.flatten(), self.start,
+                                      self.group)  # fmt: skip
         return logits, loss
 
 

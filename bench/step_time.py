@@ -2,13 +2,14 @@
 parallel (hand-written Colwise/Rowwise plan), against Megatron-style TP written by hand
 (plain tensors, one f per block input; bench/peers.py) and against the serial model.
 
-Every rank builds all four from one serial GPT-2 and runs them interleaved, in a rotating
+Every rank builds all four from one serial model (the reference GPT-2, fused Q|K|V; or
+with --model bert the reference BERT, separate Q, K and V) and runs them interleaved, in a rotating
 order, one forward + backward each per round; a step's time is the slowest rank's, between
 barriers. Medians of --steps rounds after --warmup. One thread per rank (so tp=4 shares
 this machine's 2 cores between 4 ranks; only ratios from one run mean anything). Targets:
 autotp within 3% of hand-written and faster than DTensor.
 
-    python bench/step_time.py [--tps 2 4] [--steps 10]
+    python bench/step_time.py [--tps 2 4] [--steps 10] [--model bert --hidden 256]
 """
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ def _timed(module: torch.nn.Module, x: dict, run: bool, dtensor: bool) -> tuple[
     return elapsed.item(), loss
 
 
-def _rank(rank: int, world: int, sizes: comm.Sizes, warmup: int, steps: int):
+def _rank(rank: int, world: int, kind: str, sizes: comm.Sizes, warmup: int, steps: int):
     from torch.distributed.device_mesh import init_device_mesh
 
-    model, x = comm.make("gpt2", sizes)
+    model, x = comm.make(kind, sizes)
     vocab = autotp.VocabOptions(gather_outputs=False)  # the peers keep logits split too
     mesh = init_device_mesh("cpu", (world,))
+    by_hand = peers.MegatronGPT2 if kind == "gpt2" else peers.MegatronBERT
     modules = {
         "serial": model,  # on rank 0; the others wait at the barrier
         "autotp": autotp.parallelize(model, world, x, vocab=vocab),
-        "DTensor": peers.dtensor_model("gpt2", model, mesh),
-        "by hand": peers.MegatronGPT2(model, rank, world),
+        "DTensor": peers.dtensor_model(kind, model, mesh),
+        "by hand": by_hand(model, rank, world),
     }
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     losses: dict[str, float] = {}
@@ -72,6 +74,12 @@ def _rank(rank: int, world: int, sizes: comm.Sizes, warmup: int, steps: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tps", type=int, nargs="+", default=[2, 4])
+    ap.add_argument(
+        "--model",
+        choices=["gpt2", "bert"],
+        default="gpt2",
+        help="bert: separate Q, K and V linears (post-LN, masked LM)",
+    )
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
@@ -84,7 +92,8 @@ def main() -> None:
     sizes = comm.Sizes(layers=args.layers, hidden=args.hidden, heads=args.heads,
                        vocab=args.vocab, batch=args.batch, seq=args.seq)  # fmt: skip
     start = time.perf_counter()
-    print(f"GPT-2, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocabulary "
+    name = {"gpt2": "GPT-2 (fused Q|K|V)", "bert": "BERT (separate Q, K, V)"}[args.model]
+    print(f"{name}, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocabulary "
           f"{args.vocab}, float32, batch {args.batch} x seq {args.seq}; forward + backward; "
           f"gloo, 1 thread per rank on {os.cpu_count()} cores; "
           f"medians of {args.steps} steps after {args.warmup}")  # fmt: skip
@@ -93,7 +102,7 @@ def main() -> None:
           + "  |loss - serial| autotp, DTensor, by hand")  # fmt: skip
     summary = []
     for tp in args.tps:
-        ranks = run_on_gloo(_rank, tp, sizes, args.warmup, args.steps, timeout=600)
+        ranks = run_on_gloo(_rank, tp, args.model, sizes, args.warmup, args.steps, timeout=600)
         med, losses = ranks[0]
         hand, dt = med["autotp"] / med["by hand"], med["autotp"] / med["DTensor"]
         speedup = med["serial"] / med["autotp"]
