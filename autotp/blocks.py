@@ -25,9 +25,10 @@ cache with its own `update`. So each rank's cache holds its own heads only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -255,15 +256,24 @@ def _new_keys_placement(p: Plan) -> Shard | None:
     return p.propagation.gathers.get(leaves[0], (None, 0))[0]
 
 
-def _run_once(model: nn.Module, inputs: dict[str, Any]) -> None:
-    """Run the model once so that its blocks show how it calls them: really where it has
-    weights (no grad; a small batch), else (on the meta device, where the model's Python
-    cannot read a value) under torch.export, which the model's Python recognises as
-    tracing and whose fake tensors the hooks see."""
+def _run_once(model: nn.Module, inputs: dict[str, Any], paths: list[str]) -> None:
+    """Run the model once so that its blocks (at `paths`) show how it calls them: really
+    where it has weights (no grad; a small batch), else (on the meta device, where the
+    model's Python cannot read a value) under torch.export, which the model's Python
+    recognises as tracing and whose fake tensors the hooks see. Traced, only the first
+    block of each list runs its own forward; the others return what it returned (one
+    class, one output structure), so the trace holds one block, not all, while the
+    model's Python still calls each block as it would. Where that fails, all run."""
     if not any(t.is_meta for t in model.parameters()):
         with torch.no_grad():
             model(**inputs)
         return
+    try:
+        with _first_block_only(model, paths):
+            torch.export.export(model, (), inputs, strict=False)
+        return
+    except Exception:  # noqa: BLE001 - every block runs its own forward below
+        pass
     try:
         torch.export.export(model, (), inputs, strict=False)
     except Exception as e:  # noqa: BLE001 - becomes an actionable error
@@ -273,6 +283,29 @@ def _run_once(model: nn.Module, inputs: dict[str, Any]) -> None:
             "real tensors (its weights are then replaced by weights=), or pass "
             "example_inputs= it takes"
         ) from e
+
+
+@contextlib.contextmanager
+def _first_block_only(model: nn.Module, paths: list[str]) -> Iterator[None]:
+    """Every block but the first of its list returns the first one's output."""
+    lists: dict[str, list[nn.Module]] = {}
+    for p in paths:
+        lists.setdefault(p.rpartition(".")[0], []).append(model.get_submodule(p))
+    outputs: dict[str, Any] = {}
+    handles, stubbed = [], []
+    for name, blocks in lists.items():
+        handles.append(blocks[0].register_forward_hook(
+            lambda m, a, out, name=name: outputs.setdefault(name, out)))  # fmt: skip
+        for b in blocks[1:]:
+            b.__dict__["forward"] = lambda *a, name=name, **k: outputs[name]
+            stubbed.append(b)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for b in stubbed:
+            del b.__dict__["forward"]
 
 
 def _drop_collectors(model: nn.Module) -> None:
@@ -314,6 +347,7 @@ def parallel_blocks(
     # a wrapper (a SentenceTransformer) without example inputs: its transformers model is
     # run on inputs made from its config, which shows how the blocks are called
     runner = model if inner is model or example_inputs is not None else inner
+    prefix = inner_path + "." if runner is inner and inner_path else ""
     inputs = bind_inputs(runner, example_inputs)
     if "use_cache" in inspect.signature(runner.forward).parameters:
         inputs.setdefault("use_cache", False)
@@ -324,7 +358,7 @@ def parallel_blocks(
         for p in paths
     ]  # fmt: skip
     try:
-        _run_once(runner, inputs)
+        _run_once(runner, inputs, [p.removeprefix(prefix) for p in paths])
     finally:
         for h in hooks:
             h.remove()
