@@ -16,6 +16,8 @@ What a graph cannot follow (a hook inside the block, a tensor of another shape) 
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +44,14 @@ class SerialAttributeError(AutoTPError, AttributeError):
     title = "autotp: reach a simulated rank's block"
 
 
-def _is_config(v: object) -> bool:
+@functools.cache
+def _is_config_type(kind: type) -> bool:
     return any(c.__name__ == "PretrainedConfig" and c.__module__.startswith("transformers.")
-               for c in type(v).__mro__)  # fmt: skip
+               for c in kind.__mro__)  # fmt: skip
+
+
+def _is_config(v: object) -> bool:
+    return _is_config_type(type(v))
 
 
 def _config_items(cfg: object) -> tuple:
@@ -61,14 +68,15 @@ class BlockState:
         keys, binding = [], []
         for r, shell in enumerate(shells):
             key: list[Any] = []
-            for name, m in shell.named_modules():
+            for m in shell.modules():
                 if m is not outer and (m._forward_hooks or m._forward_pre_hooks or
                                        m._backward_hooks or m._backward_pre_hooks):  # fmt: skip
+                    name = next(n for n, x in shell.named_modules() if x is m)
                     _refuse_hook(m, f"{path}.{name}" if name else path, r, len(shells))
-                key.append(m.__dict__.get("_autotp_kind", type(m)))
-                for k, v in m.__dict__.items():
-                    if k.startswith("_") or k in _NOT_TRACED:
-                        continue
+                d = m.__dict__
+                key.append(d.get("_autotp_kind", type(m)))
+                for k in _public(m, d):
+                    v = d[k]
                     if isinstance(v, _PLAIN):
                         key.append((k, v))
                     elif isinstance(v, tuple):
@@ -88,6 +96,21 @@ class BlockState:
             )
         self.key = keys[0]
         self.binding = tuple(binding)
+
+
+_PUBLIC: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[str, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _public(m: nn.Module, d: dict) -> tuple[str, ...]:
+    """The names of `m`'s own attributes a traced graph may depend on, kept per module
+    while its __dict__ keeps its size (read on every call: no string tests then)."""
+    cached = _PUBLIC.get(m)
+    if cached is None or cached[0] != len(d):
+        names = tuple(k for k in d if not k.startswith("_") and k not in _NOT_TRACED)
+        cached = _PUBLIC[m] = (len(d), names)
+    return cached[1]
 
 
 def _refuse_hook(m: nn.Module, where: str, rank: int, ranks: int) -> None:
