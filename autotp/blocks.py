@@ -14,13 +14,19 @@ traced with torch.export once, batch and sequence dynamic, and planned: the firs
 of a block with rule matching, the later ones with the first's splits, proven again on
 their own graph. All patterns of a block share one set of shards; blocks that are one
 program (the same structure, the same ops with the same numbers, the same hooks) share
-their plans. A pattern's graph holds for the sizes export allowed (`trace.accepts`);
+their plans. A pattern's graph holds for the sizes export allowed (`exported.accepts`);
 a call outside them is a new pattern.
 
 The cache (transformers' DynamicCache) stays outside the graph: a pattern with a past
 takes the past keys and values as inputs (each rank's own heads, the placement the block's
 keys have) and returns the new ones as outputs, which the block appends to the model's
-cache with its own `update`. So each rank's cache holds its own heads only.
+cache with its own `update`. So each rank's cache holds its own heads only. An
+encoder-decoder's EncoderDecoderCache keeps its self-attention half so; its cross-attention
+half stays empty, and the encoder's keys are recomputed at each step.
+
+A module that wraps a transformers model (a SentenceTransformer) is made parallel the same
+way: the blocks are its transformers model's. The parallel block itself, and what a user
+may change of it, are in block_module and block_state.
 """
 
 from __future__ import annotations
@@ -41,12 +47,13 @@ from .block_state import BlockState, SaveGathered, twin
 from .block_tensors import full_tensors, load_outside, shell
 from .comm import Comm
 from .errors import AutoTPError
+from .exported import accepts
 from .plan import HOOK_KINDS, Plan, _collects, _plan
 from .random import RankRandom
 from .rule import Rule
 from .sharding import Shard, VocabOptions
 from .tools import tools_aside
-from .trace import _dispatched, accepts
+from .trace import _dispatched
 from .weights import Weights
 
 __all__ = ["find_blocks", "is_block_model", "BlockTP", "parallel_blocks"]

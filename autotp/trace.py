@@ -46,6 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import AutoTPError, ExampleInputsError, describe_node
+from .exported import _GUARDS, _SHAPES, SizeGuards, _input_shapes
 from .tools import tools_aside
 
 __all__ = ["Traced", "trace", "bind_inputs"]
@@ -429,90 +430,6 @@ def _export(
             gm.delete_submodule("_guards_fn")
     gm.recompile()
     return gm
-
-
-class SizeGuards(torch.nn.Module):
-    """torch.export's input guards (the sizes its graph holds for), refusing a call
-    outside them with the sizes named instead of a bare AssertionError."""
-
-    def __init__(self, guards: torch.nn.Module, shapes: dict[str, tuple]) -> None:
-        super().__init__()
-        self.guards = guards
-        self.shapes = ", ".join(f"{k}: ({', '.join(map(str, v))})" for k, v in shapes.items())
-
-    def forward(self, *args: Any) -> Any:
-        try:
-            return self.guards(*args)
-        except AssertionError as e:
-            raise ExampleInputsError(
-                f"this call's inputs are outside the sizes the plan was traced for "
-                f"({str(e).splitlines()[0]}); it holds for {self.shapes} (a size named "
-                "s<n> may vary)\n  hint:   plan with example inputs of the sizes you call "
-                "the model with (a floating input's dimensions after the batch are kept "
-                "fixed), or call it at the sizes planned"
-            ) from None
-
-
-_SHAPES = "autotp_input_shapes"
-_GUARDS = "autotp_input_guards"
-
-
-def _input_shapes(ep: torch.export.ExportedProgram) -> tuple[dict[str, tuple], dict]:
-    """Each tensor input's shape as export holds it (ints and sympy expressions of the
-    dynamic sizes), and the ranges of those sizes."""
-    user = set(ep.graph_signature.user_inputs)
-    shapes = {}
-    for n in ep.graph.nodes:
-        v = n.meta.get("val")
-        if n.op == "placeholder" and n.name in user and isinstance(v, torch.Tensor):
-            shapes[n.name] = tuple(
-                d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in v.shape
-            )
-    return shapes, dict(ep.range_constraints)
-
-
-def accepts(gm: fx.GraphModule, inputs: dict[str, Any]) -> bool:
-    """Whether the exported `gm` holds for `inputs` (its tensor inputs, or their shapes,
-    by name): every
-    static size equal, every dynamic size in its range, every derived size (e.g. a past
-    and a new length summed) what its expression gives. A graph from fx holds for none."""
-    if _SHAPES not in gm.meta:
-        return False
-    shapes, ranges = gm.meta[_SHAPES]
-    tensors = {k: tuple(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    if set(tensors) != set(shapes):
-        return False
-    bound: dict[Any, int] = {}
-    derived = []
-    for name, dims in shapes.items():
-        actual = tensors[name]
-        if len(actual) != len(dims):
-            return False
-        for want, have in zip(dims, actual, strict=True):
-            if isinstance(want, int):
-                if want != have:
-                    return False
-            elif getattr(want, "is_Symbol", False):
-                if bound.setdefault(want, have) != have:
-                    return False
-                r = ranges.get(want)
-                if r is not None and not (r.lower <= have <= r.upper):
-                    return False
-            else:
-                derived.append((want, have))
-    try:
-        if not all(int(e.subs(bound)) == have for e, have in derived):
-            return False
-    except TypeError:  # a symbol no input carries alone
-        return False
-    guards, names = gm.meta.get(_GUARDS, (None, []))
-    if guards is not None:
-        try:
-            guards(*[torch.empty(inputs[n].shape, dtype=inputs[n].dtype, device="meta")
-                     for n in names])  # fmt: skip
-        except Exception:  # noqa: BLE001 - a guard that fails: another graph is needed
-            return False
-    return True
 
 
 def _fx_trace(model: torch.nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
