@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import _anon  # noqa: E402
+from memory import anon_peak  # noqa: E402
 
 from autotp.testing import run_on_gloo  # noqa: E402
 
@@ -50,32 +49,21 @@ def _load(rank: int, world: int, who: str, size: str, folder: str) -> dict:
     import transformers
 
     cfg = _config(size)
-    base, peak, stop = _anon(), [0], threading.Event()
+    with anon_peak() as peak:
+        t0 = time.perf_counter()
+        if who == "transformers":
+            from transformers.distributed import DistributedConfig
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _anon())
-            time.sleep(0.002)
+            model = transformers.LlamaForCausalLM.from_pretrained(
+                folder, distributed_config=DistributedConfig(tp_size=world)
+            )
+        else:
+            import autotp
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    if who == "transformers":
-        from transformers.distributed import DistributedConfig
-
-        model = transformers.LlamaForCausalLM.from_pretrained(
-            folder, distributed_config=DistributedConfig(tp_size=world)
-        )
-    else:
-        import autotp
-
-        with torch.device("meta"):
-            meta = transformers.LlamaForCausalLM(cfg).eval()
-        model = autotp.parallelize(meta, world, weights=folder)
-    took = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
-    peak[0] = max(peak[0], _anon())
+            with torch.device("meta"):
+                meta = transformers.LlamaForCausalLM(cfg).eval()
+            model = autotp.parallelize(meta, world, weights=folder)
+        took = time.perf_counter() - t0
     local = [getattr(p, "to_local", lambda p=p: p)() for p in model.parameters()]
     held = sum(t.numel() * t.element_size() for t in {id(t): t for t in local}.values())
     model.eval()
@@ -89,7 +77,7 @@ def _load(rank: int, world: int, who: str, size: str, folder: str) -> dict:
         t3 = time.perf_counter()
         model(input_ids=ids, use_cache=True)  # the same prompt again: planned
         t4 = time.perf_counter()
-    return {"load": took, "peak": peak[0] - base, "held": held, "prompt": t2 - t1,
+    return {"load": took, "peak": peak[0], "held": held, "prompt": t2 - t1,
             "decode": t3 - t2, "again": t4 - t3}  # fmt: skip
 
 

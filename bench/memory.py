@@ -24,10 +24,12 @@ part (an FSDP DTensor's own shard), a tied tensor once. The largest rank is prin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -97,6 +99,28 @@ def _anon() -> int:
     return 0
 
 
+@contextlib.contextmanager
+def anon_peak() -> Iterator[list[int]]:
+    """The peak anonymous resident memory while the body runs, above what the process
+    held before (sampled every 2 ms): `[bytes]`, filled in when the body ends."""
+    base, peak, stop = _anon(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _anon())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = [0]
+    try:
+        yield out
+    finally:
+        stop.set()
+        sampler.join()
+        out[0] = max(peak[0], _anon()) - base
+
+
 def _config(name: str):
     import transformers
 
@@ -117,24 +141,13 @@ def _load_rank(rank: int, world: int, name: str, folder: str) -> tuple:
     cfg, cls = _config(name)
     with torch.device("meta"):
         model = cls(cfg).eval()
-    base, peak, stop = _anon(), [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _anon())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    module = autotp.parallelize(model, world, weights=folder)
-    took = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
-    peak[0] = max(peak[0], _anon())
+    with anon_peak() as peak:
+        t0 = time.perf_counter()
+        module = autotp.parallelize(model, world, weights=folder)
+        took = time.perf_counter() - t0
     held = sum(t.numel() * t.element_size() for t in
                {id(t): t for t in [*module.parameters(), *module.buffers()]}.values())  # fmt: skip
-    return peak[0] - base, held, took
+    return peak[0], held, took
 
 
 def weights_main(name: str) -> None:
