@@ -60,17 +60,20 @@ class BlockTP(nn.Module):
 
     def __init__(
         self, serial: nn.Module, patterns: Any, shells: list[nn.Module],
-        comms: list[Comm], randoms: list[RankRandom], path: str,
+        comms: list[Comm], randoms: list[RankRandom], path: str, shapes: dict[str, torch.Size],
     ) -> None:  # fmt: skip
+        """`shapes`: the serial shape of each of the block's tensors (`tensor_shapes`)."""
         nn.Module.__init__(self)  # not the block class's: its tensors are the shells'
-        fresh = set(self.__dict__) - {"training", "_parameters", "_buffers", "_modules",
-                                      "_non_persistent_buffers_set"}  # fmt: skip
-        if len(shells) == 1:  # this rank's shell is the block: its own hooks stay empty
-            self.__dict__.update({k: v for k, v in shells[0].__dict__.items() if k not in fresh})
+        own = set(self.__dict__)  # what nn.Module.__init__ set: hook dicts, tensors, children
+        if len(shells) == 1:  # parallelize: the block is this rank's shell, but its hooks
+            own -= {"training", "_parameters", "_buffers", "_modules",
+                    "_non_persistent_buffers_set"}  # fmt: skip
+        else:  # simulate: the shells in `ranks`; the block takes their plain attributes
+            own -= {"training"}
+        self.__dict__.update({k: v for k, v in shells[0].__dict__.items() if k not in own})
+        if len(shells) == 1:
             shells = [self]
-        else:  # the ranks' shells in `ranks`, the block's plain attributes its own
-            own = fresh | {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
-            self.__dict__.update({k: v for k, v in shells[0].__dict__.items() if k not in own})
+        else:
             self.ranks = nn.ModuleList(shells)
         d = self.__dict__
         d["_autotp_kind"] = type(serial)
@@ -81,8 +84,7 @@ class BlockTP(nn.Module):
         d["_autotp_randoms"] = randoms  # each rank's dropout streams: every block's
         d["_autotp_graphs"] = {}  # per plan, over the tensors of `_autotp_binding`
         d["_autotp_binding"] = None
-        d["_autotp_shapes"] = {n: t.shape for n, t in
-                               [*serial.named_parameters(), *serial.named_buffers()]}  # fmt: skip
+        d["_autotp_shapes"] = shapes
         d["_autotp_index"] = cache_index(serial)
         self._register_load_state_dict_pre_hook(self._cut_serial)
         comm = comms[0]

@@ -1,7 +1,7 @@
 """What a parallel block is as a module, apart from how it runs: the state its graphs
 depend on, read on every call (`BlockState`), the meta twin its patterns are traced from
 (`twin`), serial state_dicts cut into its shards on load (`cut_serial_state`), and the
-model-level `save_pretrained` that writes the serial checkpoint (`save_gathered`).
+model-level `save_pretrained` that writes the serial checkpoint (`SaveGathered`).
 
 A parallel block's submodules are what runs: with `parallelize` the block holds its rank's
 shards under the serial block's names (so `model.layers[0].mlp.up_proj.weight` is this
@@ -30,7 +30,8 @@ from .materialise import _fresh_module, rank_shard
 from .plan import HOOK_KINDS, _collects
 from .sharding import Shard
 
-__all__ = ["BlockState", "twin", "cut_serial_state", "SaveGathered", "SerialAttributeError"]
+__all__ = ["BlockState", "twin", "tensor_shapes", "cut_serial_state", "SaveGathered",
+           "SerialAttributeError"]  # fmt: skip
 
 _PLAIN = (int, float, str, bool, type(None))
 # flags that switch what calls the block, not what the block computes
@@ -153,6 +154,11 @@ def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str)
         for k in [k for k in root.__dict__ if k.startswith("_autotp")]:
             del root.__dict__[k]
     return root
+
+
+def tensor_shapes(block: nn.Module) -> dict[str, torch.Size]:
+    """The shape of every parameter and buffer of `block`, by its name in the block."""
+    return {n: t.shape for n, t in [*block.named_parameters(), *block.named_buffers()]}
 
 
 def cut_serial_state(

@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .block_calls import PAST, BlockCall, cache_index, call_module, dynamic_sizes, modes, take_apart
 from .block_module import BlockTP
-from .block_state import BlockState, SaveGathered, twin
+from .block_state import BlockState, SaveGathered, tensor_shapes, twin
 from .block_tensors import full_tensors, load_outside, shell
 from .comm import Comm
 from .errors import AutoTPError
@@ -393,7 +393,7 @@ def parallel_blocks(
         call = take_apart(a, k, None, modes(block))
         patterns = by_structure.setdefault(_program(block, call), _Patterns(tp, rules, strict))
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
-        shapes = {n: t.shape for n, t in [*block.named_parameters(), *block.named_buffers()]}
+        shapes = tensor_shapes(block)
         with torch.no_grad():
             patterns.plan(lambda b=block, s=shapes, p=path: twin(b, type(b), s, p), call, seqs,
                           local=False, state=BlockState([block], path, block).key)  # fmt: skip
@@ -404,7 +404,7 @@ def parallel_blocks(
             _repoint(s, memo)
         parent, _, leaf = path.rpartition(".")
         copied.get_submodule(parent)._modules[leaf] = BlockTP.of(
-            block, patterns, shells, comms, randoms, path
+            block, patterns, shells, comms, randoms, path, shapes
         )
     copied.autotp_blocks = tuple(paths)
     saver = copied.get_submodule(inner_path)  # the serial checkpoint, gathered

@@ -165,6 +165,24 @@ def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
+def _unset_value(dtype: torch.dtype) -> float | int:
+    """A value no initialiser writes: NaN, or -128 for integers (a bool cannot tell)."""
+    return float("nan") if dtype.is_floating_point else 0 if dtype == torch.bool else -(2**7)
+
+
+def _unset_like(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor of `t`'s shape and dtype holding the unset value, for the model's
+    initialiser to overwrite (see `_left_unset`)."""
+    return torch.full(t.shape, _unset_value(t.dtype), dtype=t.dtype)
+
+
+def _left_unset(t: torch.Tensor) -> bool:
+    """Whether an initialiser left any of `_unset_like`'s values in `t`."""
+    if t.dtype == torch.bool:
+        return False
+    return bool((t.isnan() if t.is_floating_point() else t == _unset_value(t.dtype)).any())
+
+
 def fill_buffers(model: torch.nn.Module, weights: Weights) -> None:
     """Give `model`'s buffers on the meta device that `weights` lacks (save_pretrained does
     not store non-persistent ones, e.g. rotary inverse frequencies) their values from the
@@ -182,14 +200,9 @@ def fill_buffers(model: torch.nn.Module, weights: Weights) -> None:
                 "holds no value for it\n  hint:   build the model with real buffers (only "
                 "its parameters on the meta device), or save the buffer with the weights"
             )
-        fresh = torch.empty_like(b, device="cpu")
-        floating = fresh.is_floating_point()
-        unset = float("nan") if floating else 0 if fresh.dtype == torch.bool else -(2**7)
-        mod._buffers[leaf] = fresh.fill_(unset)
+        mod._buffers[leaf] = _unset_like(b)
         init(mod)  # what its __init__ computed (rotary frequencies)
-        value = mod._buffers[leaf]
-        left = value.isnan() if floating else value == unset
-        if fresh.dtype != torch.bool and bool(left.any()):
+        if _left_unset(mod._buffers[leaf]):
             raise AutoTPError(
                 f"buffer {name} is not in {weights.path}, and the model's initialiser "
                 f"({type(model).__name__}._init_weights) does not compute it\n  hint:   build "
@@ -219,8 +232,7 @@ def init_missing(model: torch.nn.Module, weights: Weights, skip: tuple[str, ...]
             raise weights.missing(f"{owner}.{leaves[0]}")
         for leaf in leaves:
             p = mod._parameters[leaf]
-            fresh = torch.full(p.shape, float("nan"), dtype=p.dtype)
-            mod._parameters[leaf] = torch.nn.Parameter(fresh, requires_grad=p.requires_grad)
+            mod._parameters[leaf] = torch.nn.Parameter(_unset_like(p), p.requires_grad)
         for name, t in mod.named_parameters(recurse=False):  # the others: not theirs to set
             if t.is_meta:
                 mod._parameters[name] = torch.nn.Parameter(
@@ -229,7 +241,7 @@ def init_missing(model: torch.nn.Module, weights: Weights, skip: tuple[str, ...]
         with torch.no_grad():
             init(mod)
         for leaf in leaves:
-            if bool(mod._parameters[leaf].isnan().any()):
+            if _left_unset(mod._parameters[leaf]):
                 raise AutoTPError(
                     f"{owner}.{leaf} is not in {weights.path}, and the model's initialiser "
                     f"({type(model).__name__}._init_weights) does not set it\n  hint:   "
