@@ -163,19 +163,11 @@ def _run_parallel(
         diffs[f"input_after:{name}"] = _diff(v, xp[name])
     if any(v == float("inf") for k, v in diffs.items() if k.startswith("output:")):
         return Verdict("wrong", "an output differs in shape or by inf", diffs)
-    g = torch.Generator().manual_seed(1234)
-    floats = [(a, b) for a, b in zip(leaves_s, leaves_p, strict=True)
-              if isinstance(a, torch.Tensor) and a.is_floating_point()]  # fmt: skip
-    weights = [torch.randn(a.shape, generator=g, dtype=a.dtype) for a, _ in floats]
-    total_s: Any = None
-    total_p: Any = None
-    for (a, b), w in zip(floats, weights, strict=True):
-        total_s = (a * w).sum() if total_s is None else total_s + (a * w).sum()
-        total_p = (b * w).sum() if total_p is None else total_p + (b * w).sum()
-    if isinstance(total_s, torch.Tensor) and total_s.requires_grad:
+    total_s, total_p = _objective(out_s), _objective(out_p)  # one weighting of both
+    if total_s is not None:
         total_s.backward()
     try:
-        if isinstance(total_p, torch.Tensor) and total_p.requires_grad:
+        if total_p is not None:
             total_p.backward()
         grads_p = grads_of(par)
     except AutoTPError as e:
@@ -197,7 +189,8 @@ def _run_parallel(
 
 
 def _objective(out: Any) -> torch.Tensor | None:
-    """A scalar of every floating output (fixed random weights), or None."""
+    """A scalar of every floating output (fixed random weights: the same for two outputs
+    of one structure), or None where nothing in it needs a gradient."""
     g = torch.Generator().manual_seed(1234)
     total = None
     for a in tree_flatten(plain_containers(out))[0]:
