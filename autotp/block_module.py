@@ -133,7 +133,17 @@ class BlockTP(nn.Module):
         first = self._autotp_patterns.first
         if first is None:
             return {}
-        return {k.removeprefix("layer."): v for k, v in first.splits.items()}
+        named = {k.removeprefix("layer."): v for k, v in first.splits.items()}
+        by_tensor: dict[int, list[str]] = {}  # a tensor under two names (BERT's head bias)
+        shell = self._autotp_shells[0]
+        for n, t in [*shell.named_parameters(remove_duplicate=False),
+                     *shell.named_buffers(remove_duplicate=False)]:  # fmt: skip
+            by_tensor.setdefault(id(t), []).append(n)
+        for aliases in by_tensor.values():
+            spec = next((named[n] for n in aliases if n in named), None)
+            if spec is not None:
+                named.update(dict.fromkeys(aliases, spec))
+        return named
 
     def _apply(self, fn: Callable, recurse: bool = True) -> BlockTP:  # .to(), .double()
         self._autotp_graphs.clear()  # rebuilt over the converted tensors

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .errors import AutoTPError
 from .materialise import _fresh_module, rank_shard
-from .plan import HOOK_KINDS, _collects
+from .plan import _HOOKS, HOOK_KINDS, _collects
 from .sharding import Shard
 
 __all__ = ["BlockState", "twin", "tensor_shapes", "cut_serial_state", "SaveGathered",
@@ -115,12 +115,12 @@ def _public(m: nn.Module, d: dict) -> tuple[str, ...]:
 
 
 def _refuse_hook(m: nn.Module, where: str, rank: int, ranks: int) -> None:
-    kinds = [a.strip("_") for a in HOOK_KINDS
+    kinds = [_HOOKS[a] for a in HOOK_KINDS
              if any(not _collects(h) for h in getattr(m, a, {}).values())]  # fmt: skip
     if kinds:
         shown = where if ranks == 1 else f"{where} (rank {rank}'s copy)"
         raise AutoTPError(
-            f"{shown} has a {kinds[0].replace('_', ' ')}, but a parallel block runs as one "
+            f"{shown} has a {kinds[0]}, but a parallel block runs as one "
             "graph, so a hook inside it would never be called\n  hint:   register the "
             "hook on the block itself (its inputs and outputs are the serial block's), or "
             "on a module outside the blocks"
@@ -158,7 +158,8 @@ def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str)
 
 def tensor_shapes(block: nn.Module) -> dict[str, torch.Size]:
     """The shape of every parameter and buffer of `block`, by its name in the block."""
-    return {n: t.shape for n, t in [*block.named_parameters(), *block.named_buffers()]}
+    return {n: t.shape for n, t in [*block.named_parameters(remove_duplicate=False),
+                                    *block.named_buffers(remove_duplicate=False)]}  # fmt: skip
 
 
 def cut_serial_state(

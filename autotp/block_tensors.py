@@ -9,6 +9,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from .errors import AutoTPError
 from .materialise import _fresh_module, as_like, gather_over, rank_shard
 from .sharding import Shard
 from .weights import Weights, fill_buffers, init_missing
@@ -21,18 +22,38 @@ __all__ = ["shell", "load_outside", "full_tensors"]
 def shell(
     block: nn.Module, splits: dict[str, Shard], rank: int, tp: int,
     weights: Weights | None = None, path: str = "",
+    shared: dict[int, tuple[Shard | None, torch.Tensor]] | None = None,
+    names_of: dict[int, list[str]] | None = None,
 ) -> nn.Module:  # fmt: skip
     """A copy of `block` holding rank `rank`'s shards of its tensors, cut from the block's
-    or read from `weights` (the block at `path` of the model)."""
-    made: dict[int, torch.Tensor] = {}
-    names = {id(t): n for n, t in [*block.named_parameters(), *block.named_buffers()]}
+    or read from `weights` (the block at `path` of the model). `shared`: this rank's
+    tensors already made for other blocks, by the serial tensor's id, so that a tensor two
+    blocks hold (a tied embedding and output head) stays one; it must be split alike.
+    `names_of`: every name of a serial tensor in the model (the file may hold any)."""
+    made: dict[int, tuple[Shard | None, torch.Tensor]] = {} if shared is None else shared
+    names: dict[int, str] = {}
+    for n, t in [*block.named_parameters(remove_duplicate=False),
+                 *block.named_buffers(remove_duplicate=False)]:  # fmt: skip
+        names.setdefault(id(t), n)
+    specs = {id(t): splits.get(n) for n, t in [
+        *block.named_parameters(remove_duplicate=False),
+        *block.named_buffers(remove_duplicate=False)] if splits.get(n) is not None}  # fmt: skip
 
     def new_tensor(t: torch.Tensor) -> torch.Tensor:
+        spec = specs.get(id(t))
         if id(t) not in made:
-            name = names.get(id(t), "")
-            local = rank_shard(t, [f"{path}.{name}"], splits.get(name), rank, tp, weights)
-            made[id(t)] = as_like(t, local)
-        return made[id(t)]
+            name = f"{path}.{names.get(id(t), '')}"
+            every = (names_of or {}).get(id(t)) or [name]
+            local = rank_shard(t, every, spec, rank, tp, weights)
+            made[id(t)] = (spec, as_like(t, local))
+        elif made[id(t)][0] != spec:
+            raise AutoTPError(
+                f"{path}.{names.get(id(t))} is split {spec or 'not at all'} here but "
+                f"{made[id(t)][0] or 'not at all'} where the model holds it too (a tied "
+                "tensor): its blocks must split it alike\n  hint:   untie the weights, or "
+                "report it"
+            )
+        return made[id(t)][1]
 
     return _fresh_module(block, new_tensor)
 
@@ -90,7 +111,7 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
     for path, block in blocks.items():
         splits = block.splits()
         per_rank = [
-            {n: p.grad for n, p in shell.named_parameters()} if grads
+            {n: p.grad for n, p in shell.named_parameters(remove_duplicate=False)} if grads
             else shell.state_dict(keep_vars=True)
             for shell in block.shells
         ]  # fmt: skip
@@ -100,5 +121,7 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
                 out[f"{path}.{name}"] = None
             else:
                 comm = block._autotp_comms[0]
-                out[f"{path}.{name}"] = gather_over(local, splits.get(name), block.tp, comm)
+                spec = splits.get(name)
+                size = block._autotp_shapes[name][spec.dim] if spec is not None else None
+                out[f"{path}.{name}"] = gather_over(local, spec, block.tp, comm, size)
     return out

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .adapter import VocabRegions, _is_pretrained, is_block_model, transformers_model, vocab_regions
 from .block_calls import PAST, BlockCall, cache_index, call_module, dynamic_sizes, modes, take_apart
 from .block_module import BlockTP
 from .block_state import BlockState, SaveGathered, tensor_shapes, twin
@@ -57,23 +58,6 @@ from .trace import _dispatched
 from .weights import Weights
 
 __all__ = ["find_blocks", "is_block_model", "BlockTP", "parallel_blocks"]
-
-
-def _is_pretrained(m: nn.Module) -> bool:
-    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
-               for c in type(m).__mro__)  # fmt: skip
-
-
-def transformers_model(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The transformers model `model` is or wraps (a SentenceTransformer holds one), with
-    its path, or None."""
-    return next(((p, m) for p, m in model.named_modules() if _is_pretrained(m)), None)
-
-
-def is_block_model(model: nn.Module) -> bool:
-    """A transformers model, or a module wrapping one (its Python builds masks, caches and
-    outputs around blocks)."""
-    return transformers_model(model) is not None
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -130,8 +114,10 @@ _UNKNOWN = object()
 class _Patterns:
     """The plans of one block structure, by call pattern, shared by its blocks."""
 
-    def __init__(self, tp: int, rules: tuple[Rule, ...], strict: bool) -> None:
-        self.tp, self.rules, self.strict = tp, rules, strict
+    def __init__(
+        self, tp: int, rules: tuple[Rule, ...], strict: bool, tables: frozenset[str] = frozenset()
+    ) -> None:
+        self.tp, self.rules, self.strict, self.tables = tp, rules, strict, tables
         self.first: Plan | None = None
         self.plans: dict[tuple, list[tuple[Plan, Shard | None]]] = {}
         self.seen: dict[tuple, tuple[Plan, Shard | None]] = {}  # exact sizes -> plan
@@ -184,7 +170,7 @@ class _Patterns:
         # the new keys and values stay each rank's own (its cache); anything else split
         # that the layer returns (attention weights) is gathered, as the graph form does
         opts = VocabOptions(local_outputs=(-2, -1) if call.cache_at is not None else ())
-        common = dict(dims=dynamic_sizes(call, batch, seqs), like=self.first)
+        common = dict(dims=dynamic_sizes(call, batch, seqs), like=self.first, tables=self.tables)
         if call.key[3]:  # a past: given as the keys are placed
             if self.kv is _UNKNOWN and local and self.tp > 1:
                 raise AutoTPError(
@@ -338,10 +324,11 @@ def parallel_blocks(
     model: nn.Module, tp: int, example_inputs: Any, comms: list[Comm], seed: int,
     rules: tuple[Rule, ...], strict: bool, weights: Weights | None = None,
 ) -> nn.Module:  # fmt: skip
-    """A copy of `model` with every block replaced by a BlockTP holding the shards of the
-    ranks of `comms` (one for `parallelize`, every rank for `simulate`). With `weights`,
-    every tensor comes from there, each rank reading its slices (`model` may be on the
-    meta device); else from `model`."""
+    """A copy of `model` with every block (its repeated layers, and its input embedding
+    and output head, split along the vocabulary) replaced by a BlockTP holding the shards
+    of the ranks of `comms` (one for `parallelize`, every rank for `simulate`). With
+    `weights`, every tensor comes from there, each rank reading its slices (`model` may be
+    on the meta device); else from `model`."""
     from .trace import bind_inputs
 
     paths = find_blocks(model)
@@ -350,6 +337,7 @@ def parallel_blocks(
             f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of layers) "
             "to parallelize one by one\n  hint:   pass example_inputs to plan the whole model"
         )
+    vocab = vocab_regions(model, paths)
     inner_path, inner = transformers_model(model) or ("", model)
     # a wrapper (a SentenceTransformer) without example inputs: its transformers model is
     # run on inputs made from its config, which shows how the blocks are called
@@ -358,32 +346,22 @@ def parallel_blocks(
     inputs = bind_inputs(runner, example_inputs)
     if "use_cache" in inspect.signature(runner.forward).parameters:
         inputs.setdefault("use_cache", False)
-    calls: dict[str, tuple[tuple, dict]] = {}
-    hooks = [
-        model.get_submodule(p).register_forward_pre_hook(
-            lambda m, a, k, p=p: calls.setdefault(p, (a, k)), with_kwargs=True)
-        for p in paths
-    ]  # fmt: skip
-    try:
-        _run_once(runner, inputs, [p.removeprefix(prefix) for p in paths])
-    finally:
-        for h in hooks:
-            h.remove()
-    calls = {p: tree_map(_zeros_like_fake, c) for p, c in calls.items()}
-    blocks = {p: model.get_submodule(p) for p in paths}
-    memo = {id(b): None for b in blocks.values()}
-    for path, block in blocks.items():
-        kinds = [a for a in HOOK_KINDS if any(not _collects(h) for h in getattr(block, a).values())]
-        if kinds:
-            raise AutoTPError(
-                f"block {path} ({type(block).__name__}) has a hook ({kinds[0].strip('_')}): "
-                "the parallel model calls its own copy of the block\n  hint:   register the "
-                "hook on the parallel model's block instead (same inputs and outputs)"
-            )
+    calls = _calls(model, runner, inputs, paths, vocab.regions, prefix)
+    if any(p not in calls for p in vocab.regions):  # not called (inputs_embeds given)
+        vocab = VocabRegions(None, None, {}, "the example call did not use the vocabulary")
+    regions = [*paths, *vocab.regions]
+    blocks = {p: model.get_submodule(p) for p in regions}
+    memo: dict[int, Any] = {id(b): None for b in blocks.values()}
+    hooks = {p: _carry_hooks(b, memo) for p, b in blocks.items()}
     copied = copy.deepcopy(model, memo)  # everything but the blocks: those are replaced
     _drop_collectors(copied)
     if weights is not None:
-        load_outside(copied, model, weights, tuple(p + "." for p in paths))
+        load_outside(copied, model, weights, tuple(p + "." for p in regions))
+    names_of: dict[int, list[str]] = {}  # every name of a tensor: a file may hold any
+    for n, t in [*model.named_parameters(remove_duplicate=False),
+                 *model.named_buffers(remove_duplicate=False)]:  # fmt: skip
+        names_of.setdefault(id(t), []).append(n)
+    shared: list[dict] = [{} for _ in comms]  # per rank: a tensor two blocks hold is one
     by_structure: dict[tuple, _Patterns] = {}
     randoms = [RankRandom(seed, c.rank) for c in comms]  # one stream set per rank, shared
     for path, block in blocks.items():
@@ -391,29 +369,74 @@ def parallel_blocks(
             raise AutoTPError(f"the model did not call its block {path} on the example inputs")
         a, k = calls[path]
         call = take_apart(a, k, None, modes(block))
-        patterns = by_structure.setdefault(_program(block, call), _Patterns(tp, rules, strict))
+        tables = vocab.tables.get(path, frozenset())
+        patterns = by_structure.setdefault((_program(block, call), tables),
+                                           _Patterns(tp, rules, strict, tables))  # fmt: skip
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
         shapes = tensor_shapes(block)
         with torch.no_grad():
             patterns.plan(lambda b=block, s=shapes, p=path: twin(b, type(b), s, p), call, seqs,
                           local=False, state=BlockState([block], path, block).key)  # fmt: skip
         splits = {n.removeprefix("layer."): s for n, s in patterns.first.splits.items()}
-        shells = [shell(block, splits, c.rank, tp, weights, path) for c in comms]
+        shells = [shell(block, splits, c.rank, tp, weights, path, shared[i], names_of)
+                  for i, c in enumerate(comms)]  # fmt: skip
         for s in shells:  # the layers read the parallel model's config, not the user's
             _drop_collectors(s)
+            s.__dict__.update({a: type(getattr(s, a))() for a in _HOOK_DICTS})  # the block's
             _repoint(s, memo)
         parent, _, leaf = path.rpartition(".")
-        copied.get_submodule(parent)._modules[leaf] = BlockTP.of(
-            block, patterns, shells, comms, randoms, path, shapes
-        )
-    copied.autotp_blocks = tuple(paths)
+        owner = copied.get_submodule(parent) if parent else copied
+        parallel = BlockTP.of(block, patterns, shells, comms, randoms, path, shapes)
+        parallel.__dict__.update(hooks[path])
+        owner._modules[leaf] = parallel
+    copied.autotp_blocks = tuple(regions)
+    copied.autotp_vocab = vocab
     saver = copied.get_submodule(inner_path)  # the serial checkpoint, gathered
     if inner_path:  # what a wrapper saves through its transformers model
-        saver.autotp_blocks = tuple(p.removeprefix(inner_path + ".") for p in paths)
+        saver.autotp_blocks = tuple(p.removeprefix(inner_path + ".") for p in regions)
     if _is_pretrained(saver):
         saver.save_pretrained = SaveGathered(saver, lambda m: full_tensors(m, grads=False),
                                              comms[0].rank)  # fmt: skip
     return copied
+
+
+_HOOK_DICTS = (*HOOK_KINDS, "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs")  # fmt: skip
+
+
+def _carry_hooks(block: nn.Module, memo: dict[int, Any]) -> dict[str, dict]:
+    """The hooks on `block` itself (not those transformers installs to collect outputs,
+    which it installs again), for its parallel block: it takes the same inputs and
+    returns the same outputs. Handles the user holds, copied with the model, remove
+    them from the parallel block (`memo` maps each dict to its copy)."""
+    out: dict[str, dict] = {}
+    for attr in _HOOK_DICTS:
+        given = getattr(block, attr)
+        keep = type(given)(
+            (k, v) for k, v in given.items() if attr not in HOOK_KINDS or not _collects(v)
+        )
+        memo[id(given)] = out[attr] = keep
+    return out
+
+
+def _calls(
+    model: nn.Module, runner: nn.Module, inputs: dict[str, Any], layers: list[str],
+    vocab: tuple[str, ...], prefix: str,
+) -> dict[str, tuple[tuple, dict]]:  # fmt: skip
+    """How the model calls each of its blocks (the layers at `layers`, the vocabulary's
+    at `vocab`), from one run of `runner` on `inputs`; captured tensors as zeros."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+    hooks = [
+        model.get_submodule(p).register_forward_pre_hook(
+            lambda m, a, k, p=p: calls.setdefault(p, (a, k)), with_kwargs=True)
+        for p in [*layers, *vocab]
+    ]  # fmt: skip
+    try:
+        _run_once(runner, inputs, [p.removeprefix(prefix) for p in layers])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {p: tree_map(_zeros_like_fake, c) for p, c in calls.items()}
 
 
 def _repoint(shell: nn.Module, memo: dict) -> None:

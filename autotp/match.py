@@ -81,6 +81,10 @@ class Context:
     gm: fx.GraphModule
     embeddings: dict[fx.Node, EmbeddingInfo]
     accepted: list[Match]
+    # weights the model itself declares as its vocabulary tables (a transformers model's
+    # input and output embeddings), by their name in gm: a region holding one alone
+    # shows no other evidence of a vocabulary
+    tables: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -385,8 +389,10 @@ def match(
     gm: fx.GraphModule,
     rules: Sequence[Rule],
     linears: dict[fx.Node, LinearInfo] | None = None,
+    tables: frozenset[str] = frozenset(),
 ) -> list[Match]:
-    """Matches of `rules` in `gm`, earlier rules first; each layer is claimed at most once."""
+    """Matches of `rules` in `gm`, earlier rules first; each layer is claimed at most once.
+    `tables`: see Context."""
     linears = find_linears(gm) if linears is None else linears
     embeddings = find_embeddings(gm)
     layers: dict[fx.Node, Layer] = {**embeddings, **linears}
@@ -394,7 +400,7 @@ def match(
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     claimed: set[fx.Node] = set()
     found: list[Match] = []
-    ctx = Context(gm, embeddings, found)
+    ctx = Context(gm, embeddings, found, tables)
     for rule in rules:
         candidates: list[Match] = []
         for pat in rule.patterns:

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .adapter import is_block_model
 from .agree import check_first_call, same_random_state
 from .block_tensors import full_tensors
-from .blocks import is_block_model, parallel_blocks
+from .blocks import parallel_blocks
 from .comm import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .hf_keys import Conversions

@@ -217,8 +217,10 @@ def _plan(
     inputs: dict[str, Any] | None = None,
     like: Plan | None = None,
     sequence_parallel: bool = False,
+    tables: frozenset[str] = frozenset(),
 ) -> Plan:
-    """The pipeline. `dims` and `inputs`: see `trace` and `propagate`. `like`: a plan of
+    """The pipeline. `dims` and `inputs`: see `trace` and `propagate`; `tables`: see
+    match.Context. `like`: a plan of
     another capture of the same module (another way of calling it) whose splits this one
     must keep: its layers are split as there, found by weight name, and proven again here;
     nothing is matched and nothing narrowed (the shards already exist)."""
@@ -228,7 +230,7 @@ def _plan(
     linears = find_linears(gm)
     vocab = vocab or VocabOptions()
     if like is None:
-        matches = match(gm, rules, linears)
+        matches = match(gm, rules, linears, tables)
         prop, matches, replicated = _propagate(
             gm, tp, linears, matches, vocab, strict, inputs, sequence_parallel
         )

@@ -10,9 +10,10 @@ are never gathered. Logits the model returns are gathered (or kept local on requ
 The weight may be tied to the input embedding: the same shard serves both.
 An output layer is recognised by what it feeds (a cross-entropy, or the model's output)
 and by its vocabulary: a cross-entropy's classes, or a weight tied to or as wide as a
-table the model's inputs index (BERT's pooler, hidden -> hidden, is no output layer), and
-nothing but the logits reaches the region between it and the loss or the output (a
-projection added to the residual stream is no output layer, however wide).
+table the model's inputs index, or declared by the model as its output embedding
+(BERT's pooler, hidden -> hidden, is no output layer), and nothing but the logits
+reaches the region between it and the loss or the output (a projection added to the
+residual stream is no output layer, however wide).
 Motivated by GPT-2's `lm_head` and BERT's `cls.predictions.decoder`.
 """
 
@@ -28,7 +29,8 @@ def _over_a_vocabulary(m: Match, ctx: Context) -> bool:
     tables = [e for e in ctx.embeddings.values() if e.input in inputs]
     tied = {id(ctx.gm.get_parameter(e.weight)) for e in tables}
     return (
-        "loss" in m.nodes
+        head.weight in ctx.tables  # the model declares it its output embedding
+        or "loss" in m.nodes
         or id(ctx.gm.get_parameter(head.weight)) in tied
         or head.out_features in {e.num_embeddings for e in tables}
     )

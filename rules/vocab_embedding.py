@@ -6,7 +6,9 @@
 Rank r holds rows [r*V/tp, (r+1)*V/tp) of the (padded) table, looks up the ids in its
 range, writes zeros for the others, and one all-reduce sums the rows. Only the token
 embedding is split: an embedding is taken when an output layer over the same vocabulary
-was (tied or untied); position and token-type tables stay replicated.
+was (tied or untied), or when the model declares it its vocabulary table (a
+transformers model's input embedding, planned as a region of its own); position and
+token-type tables stay replicated.
 Motivated by GPT-2's `transformer.wte` and BERT's `word_embeddings`.
 """
 
@@ -15,7 +17,10 @@ from autotp.rule import Rule, pattern, vocab
 
 
 def _same_vocabulary_as_a_head(m: Match, ctx: Context) -> bool:
+    """A head over its vocabulary was taken, or the model declares it its input table."""
     emb = m.layers["table"]
+    if emb.weight in ctx.tables:
+        return True
     heads = [mm.layers["head"] for mm in ctx.accepted if mm.rule.name == "lm_head"]
     tied = {id(ctx.gm.get_parameter(h.weight)) for h in heads}
     return any(h.out_features == emb.num_embeddings for h in heads) or (

@@ -107,15 +107,20 @@ def test_generate_greedy_and_sampled_equal_serial(name, tp, kv) -> None:
 
 
 def test_collectives_per_layer_are_megatrons() -> None:
-    """Two all-reduces forward and two backward per decoder layer, nothing else."""
+    """Two all-reduces forward and two backward per decoder layer; the vocabulary-split
+    embedding adds one forward (its rows summed), the head one backward (f) and the
+    logits' gather; nothing else, each of batch x seq x hidden elements but the gather."""
     model = _model("llama", 2)
     sim = autotp.simulate(model, 2)
     x = _batch()
     x["labels"] = x["input_ids"]
     with autotp.count_collectives() as log:
         sim(**x).loss.backward()
-    assert log.count("forward", "all_reduce") == 2 * 2
-    assert log.count("backward", "all_reduce") == 2 * 2
+    assert log.count("forward", "all_reduce") == 2 * 2 + 1
+    assert log.count("backward", "all_reduce") == 2 * 2 + 1
+    assert log.count("forward", "all_gather") == 1
+    assert len(log.events) == 11
+    assert {n for kind, _, n in log.events if kind == "all_reduce"} == {2 * 6 * 32}
 
 
 def _generate_on_rank(rank: int, world: int, name: str, kv: int) -> tuple:
@@ -159,16 +164,38 @@ def test_train_mode_set_after_parallelizing_turns_dropout_on() -> None:
 
 
 def test_what_a_parallel_layer_cannot_give_is_refused() -> None:
-    """Attentions collected from inside a layer, a hook on a layer, an encoder-decoder
-    cache: each refused with what to do, never silently missing."""
+    """Attentions collected from inside a layer: refused with what to do, never silently
+    missing."""
     model = _model("llama", 2)
     model.config._attn_implementation = "eager"
     sim = autotp.simulate(model, 2)
     with pytest.raises(autotp.AutoTPError, match="output_attentions"):
         sim(**_batch(), output_attentions=True)
-    model.model.layers[1].register_forward_hook(lambda *a: None)
-    with pytest.raises(autotp.AutoTPError, match=r"(?s)model\.layers\.1.*hook"):
-        autotp.simulate(model, 2)
+
+
+def test_hooks_on_a_layer_and_the_embedding_come_along() -> None:
+    """A hook on a layer or on the input embedding (gradient checkpointing's, which makes
+    the embedding's output require grad) sees what it sees in the serial model, and the
+    handle the user holds removes it from the parallel model too."""
+    model = _model("llama", 2)
+    seen: dict[str, list[torch.Tensor]] = {"serial": [], "parallel": []}
+    where = ["serial"]
+    handle = model.model.layers[1].register_forward_hook(
+        lambda m, a, out: seen[where[0]].append(out[0] if isinstance(out, tuple) else out)
+    )
+    model.enable_input_require_grads()
+    sim = autotp.simulate(model, 2)
+    x = _batch()
+    model(**x)
+    where[0] = "parallel"
+    out = sim(**x)
+    assert len(seen["parallel"]) == 1
+    assert (seen["serial"][-1] - seen["parallel"][0]).abs().max() < 1e-12
+    assert out.logits.requires_grad
+    sim.disable_input_require_grads()
+    sim.model.layers[1]._forward_hooks.clear()
+    assert len(model.model.layers[1]._forward_hooks) == 1  # the user's model keeps its own
+    handle.remove()
 
 
 def test_converting_dtype_after_building_follows() -> None:

@@ -119,11 +119,13 @@ def _first_calls_under_comm_debug_mode(rank: int, world: int, name: str) -> dict
 def test_first_call_under_comm_debug_mode_equals_later_calls(name: str) -> None:
     """A transformers model's first call plans its blocks; inside CommDebugMode the hooks
     it installs on every module are not traced as the model's, and the counts are the
-    later calls': 2 all-reduces per layer forward, 2 backward (the block form)."""
+    later calls': 2 all-reduces per layer forward, 2 backward (the block form), with the
+    vocabulary-split embedding's all-reduce forward, the head's backward and the logits'
+    all-gather."""
     for r in run_on_gloo(_first_calls_under_comm_debug_mode, 2, name):
         for forward, total, loss in r["runs"]:
-            assert forward == {"allreduce_": 2 * LAYERS}
-            assert total == {"allreduce_": 4 * LAYERS}
+            assert forward == {"allreduce_": 2 * LAYERS + 1, "allgather_": 1}
+            assert total == {"allreduce_": 4 * LAYERS + 2, "allgather_": 1}
             assert loss == pytest.approx(r["serial"], rel=1e-6)
 
 

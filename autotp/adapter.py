@@ -1,0 +1,125 @@
+"""What autotp knows of transformers models, in one place: whether a module is (or wraps)
+one, and which of its modules are the vocabulary's (the input embedding and the output
+head, as the model itself declares them), so that the region machinery can split them
+along the vocabulary without guessing from names or sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+__all__ = ["transformers_model", "is_block_model", "VocabRegions", "vocab_regions"]
+
+
+def _is_pretrained(m: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(m).__mro__)  # fmt: skip
+
+
+def transformers_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The transformers model `model` is or wraps (a SentenceTransformer holds one), with
+    its path, or None."""
+    return next(((p, m) for p, m in model.named_modules() if _is_pretrained(m)), None)
+
+
+def is_block_model(model: nn.Module) -> bool:
+    """A transformers model, or a module wrapping one (its Python builds masks, caches and
+    outputs around blocks)."""
+    return transformers_model(model) is not None
+
+
+@dataclass(frozen=True)
+class VocabRegions:
+    """The model's vocabulary modules as regions: `embedding` (the input embedding's path)
+    and `head` (the smallest module holding the output head and every other name of its
+    tensors, e.g. BERT's `cls.predictions`, whose bias is the head's; None without a head
+    or when it cannot be isolated). `tables`: per region, the weights (by their name in
+    the region) that the model declares as vocabulary tables. `note`: why a part stays
+    whole."""
+
+    embedding: str | None
+    head: str | None
+    tables: dict[str, frozenset[str]]
+    note: str = ""
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.embedding, self.head) if p is not None)
+
+
+def _paths(model: nn.Module, target: nn.Module) -> list[str]:
+    return [p for p, m in model.named_modules(remove_duplicate=False) if m is target]
+
+
+def _inside(name: str, path: str) -> bool:
+    return name.startswith(path + ".")
+
+
+def _common(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    out = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
+    """The vocabulary regions of `model` (a transformers model, or a module wrapping one),
+    given the paths of its repeated layers: a region holds none of them, and every name
+    of a tensor it splits lies in a vocabulary region."""
+    found = transformers_model(model)
+    if found is None:
+        return VocabRegions(None, None, {}, "not a transformers model")
+    inner_path, inner = found
+    prefix = inner_path + "." if inner_path else ""
+    emb = inner.get_input_embeddings()
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(emb, nn.Embedding):
+        return VocabRegions(None, None, {}, "the input embedding is not an nn.Embedding")
+    emb_paths = _paths(model, emb)
+    if len(emb_paths) != 1:
+        return VocabRegions(
+            None, None, {}, f"the input embedding is reached by {len(emb_paths)} paths "
+            f"({', '.join(emb_paths)}): it stays whole"
+        )  # fmt: skip
+    embedding = emb_paths[0]
+    names: dict[int, list[str]] = {}
+    for n, t in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(t), []).append(n)
+    tables = {embedding: frozenset({"layer.weight"})}
+    head_path = None
+    note = ""
+    if isinstance(head, nn.Linear) and head.out_features == emb.num_embeddings:
+        paths = _paths(model, head)
+        if len(paths) == 1:
+            outside = [
+                n for t in head.parameters() for n in names[id(t)]
+                if not _inside(n, paths[0]) and not _inside(n, embedding)
+            ]  # fmt: skip
+            region = _common([paths[0], *[n.rpartition(".")[0] for n in outside]])
+            if (
+                region
+                and region.startswith(prefix)
+                and not any(_inside(p, region) or p == region for p in layers)
+            ):
+                head_path = region
+                rel = paths[0].removeprefix(region).lstrip(".")
+                tables[region] = frozenset({f"layer.{rel}.weight" if rel else "layer.weight"})
+            else:
+                note = "the output head shares tensors with modules around the layers"
+        else:
+            note = f"the output head is reached by {len(paths)} paths"
+    elif head is not None:
+        note = f"the output head ({type(head).__name__}) is not a linear over the vocabulary"
+    # a tensor of a region that is also named outside every region stays whole: the
+    # regions' split copies would leave the other name holding the serial one
+    regions = [p for p in (embedding, head_path) if p is not None]
+    for path in regions:
+        for t in model.get_submodule(path).parameters():
+            stray = [n for n in names[id(t)] if not any(_inside(n, r) for r in regions)]
+            if stray:
+                return VocabRegions(None, None, {}, f"{stray[0]} is a vocabulary tensor too")
+    return VocabRegions(embedding, head_path, tables, note)
