@@ -1,6 +1,6 @@
 """autotp: automatic Megatron-style tensor parallelism for unmodified PyTorch models.
 
-    plan = autotp.plan(model, tp=8)             # graph work only: what splits, where
+    plan = autotp.plan(model, tp=8)             # what parallelize runs: what splits, where
     module = autotp.parallelize(model, tp=8)    # this rank's module (torch.distributed)
     sim = autotp.simulate(model, tp=8)          # all ranks in one process, for checking
 
@@ -10,8 +10,9 @@ materialise; collectives holds f and g; render draws plans in the terminal.
 
 from .comm import count_collectives
 from .errors import AutoTPError
-from .parallel import full_grads, full_state_dict, parallelize, simulate
-from .plan import Plan, plan
+from .parallel import full_grads, full_state_dict, parallelize, plan, simulate
+from .plan import Plan
+from .regions import RegionPlan
 from .sharding import VocabOptions
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "full_state_dict",
     "parallelize",
     "plan",
+    "RegionPlan",
     "simulate",
     "VocabOptions",
 ]

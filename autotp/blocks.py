@@ -49,15 +49,16 @@ from .block_tensors import full_tensors, load_outside, shell
 from .comm import Comm
 from .errors import AutoTPError
 from .exported import accepts
-from .plan import HOOK_KINDS, Plan, _collects, _plan
+from .plan import HOOK_KINDS, Plan, _collects, _plan, model_signature
 from .random import RankRandom
+from .regions import Region, RegionPlan
 from .rule import Rule
 from .sharding import Shard, VocabOptions
 from .tools import tools_aside
 from .trace import _dispatched
 from .weights import Weights
 
-__all__ = ["find_blocks", "is_block_model", "BlockTP", "parallel_blocks"]
+__all__ = ["find_blocks", "is_block_model", "BlockTP", "plan_regions", "build_regions"]
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -320,15 +321,12 @@ def _zeros_like_fake(x: Any) -> Any:
     return x
 
 
-def parallel_blocks(
-    model: nn.Module, tp: int, example_inputs: Any, comms: list[Comm], seed: int,
-    rules: tuple[Rule, ...], strict: bool, weights: Weights | None = None,
-) -> nn.Module:  # fmt: skip
-    """A copy of `model` with every block (its repeated layers, and its input embedding
-    and output head, split along the vocabulary) replaced by a BlockTP holding the shards
-    of the ranks of `comms` (one for `parallelize`, every rank for `simulate`). With
-    `weights`, every tensor comes from there, each rank reading its slices (`model` may be
-    on the meta device); else from `model`."""
+def plan_regions(
+    model: nn.Module, tp: int, example_inputs: Any, rules: tuple[Rule, ...], strict: bool
+) -> RegionPlan:
+    """The regions of `model` (its repeated layers, and its input embedding and output
+    head, split along the vocabulary) and their plans, from one run of the model that
+    shows how it calls each (on the meta device, traced). Reads no values."""
     from .trace import bind_inputs
 
     paths = find_blocks(model)
@@ -349,24 +347,13 @@ def parallel_blocks(
     calls = _calls(model, runner, inputs, paths, vocab.regions, prefix)
     if any(p not in calls for p in vocab.regions):  # not called (inputs_embeds given)
         vocab = VocabRegions(None, None, {}, "the example call did not use the vocabulary")
-    regions = [*paths, *vocab.regions]
-    blocks = {p: model.get_submodule(p) for p in regions}
-    memo: dict[int, Any] = {id(b): None for b in blocks.values()}
-    hooks = {p: _carry_hooks(b, memo) for p, b in blocks.items()}
-    copied = copy.deepcopy(model, memo)  # everything but the blocks: those are replaced
-    _drop_collectors(copied)
-    if weights is not None:
-        load_outside(copied, model, weights, tuple(p + "." for p in regions))
-    names_of: dict[int, list[str]] = {}  # every name of a tensor: a file may hold any
-    for n, t in [*model.named_parameters(remove_duplicate=False),
-                 *model.named_buffers(remove_duplicate=False)]:  # fmt: skip
-        names_of.setdefault(id(t), []).append(n)
-    shared: list[dict] = [{} for _ in comms]  # per rank: a tensor two blocks hold is one
+    kinds = {vocab.embedding: "embedding", vocab.head: "head"}
     by_structure: dict[tuple, _Patterns] = {}
-    randoms = [RankRandom(seed, c.rank) for c in comms]  # one stream set per rank, shared
-    for path, block in blocks.items():
+    regions = []
+    for path in [*paths, *vocab.regions]:
         if path not in calls:
             raise AutoTPError(f"the model did not call its block {path} on the example inputs")
+        block = model.get_submodule(path)
         a, k = calls[path]
         call = take_apart(a, k, None, modes(block))
         tables = vocab.tables.get(path, frozenset())
@@ -377,23 +364,62 @@ def parallel_blocks(
         with torch.no_grad():
             patterns.plan(lambda b=block, s=shapes, p=path: twin(b, type(b), s, p), call, seqs,
                           local=False, state=BlockState([block], path, block).key)  # fmt: skip
-        splits = {n.removeprefix("layer."): s for n, s in patterns.first.splits.items()}
-        shells = [shell(block, splits, c.rank, tp, weights, path, shared[i], names_of)
+        regions.append(Region(path, kinds.get(path, "layer"), type(block), patterns, shapes,
+                              _aliases(block)))  # fmt: skip
+    return RegionPlan(type(model).__name__, tp, tuple(regions), vocab, model_signature(model))
+
+
+def _aliases(block: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """The names of each tensor of `block` that has several."""
+    names: dict[int, list[str]] = {}
+    for n, t in [*block.named_parameters(remove_duplicate=False),
+                 *block.named_buffers(remove_duplicate=False)]:  # fmt: skip
+        names.setdefault(id(t), []).append(n)
+    return tuple(tuple(v) for v in names.values() if len(v) > 1)
+
+
+def build_regions(
+    model: nn.Module, plan: RegionPlan, comms: list[Comm], seed: int,
+    weights: Weights | None = None,
+) -> nn.Module:  # fmt: skip
+    """A copy of `model` with every region of `plan` replaced by a BlockTP holding the
+    shards of the ranks of `comms` (one for `parallelize`, every rank for `simulate`).
+    With `weights`, every tensor comes from there, each rank reading its slices (`model`
+    may be on the meta device); else from `model`."""
+    plan.check_fits(model)
+    tp = plan.tp
+    inner_path, _ = transformers_model(model) or ("", model)
+    blocks = {r.path: model.get_submodule(r.path) for r in plan.regions}
+    memo: dict[int, Any] = {id(b): None for b in blocks.values()}
+    hooks = {p: _carry_hooks(b, memo) for p, b in blocks.items()}
+    copied = copy.deepcopy(model, memo)  # everything but the blocks: those are replaced
+    _drop_collectors(copied)
+    if weights is not None:
+        load_outside(copied, model, weights, tuple(p + "." for p in blocks))
+    names_of: dict[int, list[str]] = {}  # every name of a tensor: a file may hold any
+    for n, t in [*model.named_parameters(remove_duplicate=False),
+                 *model.named_buffers(remove_duplicate=False)]:  # fmt: skip
+        names_of.setdefault(id(t), []).append(n)
+    shared: list[dict] = [{} for _ in comms]  # per rank: a tensor two blocks hold is one
+    randoms = [RankRandom(seed, c.rank) for c in comms]  # one stream set per rank, shared
+    for region in plan.regions:
+        path, block = region.path, blocks[region.path]
+        shells = [shell(block, region.splits, c.rank, tp, weights, path, shared[i], names_of)
                   for i, c in enumerate(comms)]  # fmt: skip
         for s in shells:  # the layers read the parallel model's config, not the user's
             _drop_collectors(s)
             s.__dict__.update({a: type(getattr(s, a))() for a in _HOOK_DICTS})  # the block's
             _repoint(s, memo)
-        parent, _, leaf = path.rpartition(".")
-        owner = copied.get_submodule(parent) if parent else copied
-        parallel = BlockTP.of(block, patterns, shells, comms, randoms, path, shapes)
+        parallel = BlockTP.of(block, region.patterns, shells, comms, randoms, path,
+                              region.shapes)  # fmt: skip
         parallel.__dict__.update(hooks[path])
-        owner._modules[leaf] = parallel
-    copied.autotp_blocks = tuple(regions)
-    copied.autotp_vocab = vocab
+        parent, _, leaf = path.rpartition(".")
+        (copied.get_submodule(parent) if parent else copied)._modules[leaf] = parallel
+    copied.autotp_blocks = tuple(blocks)
+    copied.autotp_plan = plan
     saver = copied.get_submodule(inner_path)  # the serial checkpoint, gathered
     if inner_path:  # what a wrapper saves through its transformers model
-        saver.autotp_blocks = tuple(p.removeprefix(inner_path + ".") for p in regions)
+        saver.autotp_blocks = tuple(p.removeprefix(inner_path + ".") for p in blocks)
     if _is_pretrained(saver):
         saver.save_pretrained = SaveGathered(saver, lambda m: full_tensors(m, grads=False),
                                              comms[0].rank)  # fmt: skip

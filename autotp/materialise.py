@@ -35,7 +35,7 @@ from .collectives import (
 )
 from .comm import ProcessGroupComm
 from .dcp_shards import shard_states
-from .errors import AutoTPError
+from .errors import AutoTPError, node_error
 from .grads import count_norms
 from .random import RankRandom, StreamDropout
 from .sharding import Shard
@@ -182,6 +182,13 @@ def _fresh_module(mod: nn.Module, new_tensor) -> nn.Module:
     return m
 
 
+def _unknown_constant(t: Any, names_of: dict[int, list[str]], device: Any) -> bool:
+    """A constant of the graph (no tensor of the model) traced on meta, for a module that
+    runs on a real device: its value was never computed."""
+    real = device is not None and torch.device(device).type != "meta"
+    return isinstance(t, torch.Tensor) and t.is_meta and id(t) not in names_of and real
+
+
 def _install(root: nn.Module, name: str, value: torch.Tensor) -> None:
     *path, leaf = name.split(".")
     mod = root
@@ -298,6 +305,16 @@ def build_rank_module(
             t = _lookup(source, n.target)
             if isinstance(t, nn.Module):  # a higher-order op's body (export's no_grad region)
                 root[n.target] = _fresh_module(t, new_tensor)  # each rank its own
+            elif _unknown_constant(t, names_of, device):
+                raise node_error(
+                    next(iter(n.users), n),
+                    "this op reads a tensor the forward makes from a Python value (e.g. "
+                    "torch.tensor(finfo.min, device=x.device)); autotp traced the block on "
+                    "the meta device, where that value is lost",
+                    "report it: autotp cannot yet carry such a constant into a parallel "
+                    'block; the model\'s other form (form="graph", traced with its weights) '
+                    "keeps it",
+                )
             else:
                 root[n.target] = new_tensor(t) if isinstance(t, torch.Tensor) else t
     gm = fx.GraphModule(root, graph, class_name)

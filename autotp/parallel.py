@@ -15,18 +15,46 @@ import torch.nn as nn
 from .adapter import is_block_model
 from .agree import check_first_call, same_random_state
 from .block_tensors import full_tensors
-from .blocks import parallel_blocks
+from .blocks import build_regions, plan_regions
 from .comm import LocalComm, ProcessGroupComm, SimulatedComm
 from .errors import AutoTPError
 from .hf_keys import Conversions
 from .materialise import RankInfo, build_rank_module, gather_over
-from .plan import Plan, check_tp, plan, rules_or_default
+from .plan import Plan, check_tp, rules_or_default
+from .plan import plan as graph_plan
+from .regions import RegionPlan
 from .rule import Rule
 from .sharding import VocabOptions
 from .simulate import SimulatedTP
 from .weights import Weights
 
-__all__ = ["parallelize", "simulate", "full_state_dict", "full_grads"]
+__all__ = ["plan", "parallelize", "simulate", "full_state_dict", "full_grads"]
+
+
+def plan(
+    model: nn.Module,
+    tp: int,
+    example_inputs: Any = None,
+    *,
+    rules: Sequence[Rule] | None = None,
+    vocab: VocabOptions | None = None,
+    frontend: str = "auto",
+    strict: bool = False,
+    sequence_parallel: bool = False,
+    form: str = "auto",
+) -> Plan | RegionPlan:
+    """What `parallelize(model, tp, ...)` with the same arguments runs, planned without
+    weights (the meta device will do) and without a process group. For a model that
+    keeps its own Python around its layers (a transformers model, `form="auto"` or
+    `"blocks"`) it is a RegionPlan: its layers, input embedding and output head, each
+    planned on its own; else (`form="graph"`) a Plan of the whole traced graph (see
+    `autotp.plan.plan` for the options). Print it to read it; pass it to `parallelize`
+    or `simulate` in place of tp."""
+    check_tp(tp)
+    if _blocks(model, tp, form, vocab, sequence_parallel):
+        return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict)
+    return graph_plan(model, tp, example_inputs, rules=rules, vocab=vocab, frontend=frontend,
+                      strict=strict, sequence_parallel=sequence_parallel)  # fmt: skip
 
 
 def _the_plan(
@@ -35,8 +63,9 @@ def _the_plan(
 ) -> Plan:  # fmt: skip
     """`tp` as given (a Plan, checked to fit `model`) or the plan of `model` at tp ranks."""
     if not isinstance(tp, Plan):
-        return plan(model, tp, example_inputs, rules=rules, vocab=vocab, frontend=frontend,
-                    strict=strict, sequence_parallel=sequence_parallel)  # fmt: skip
+        return graph_plan(model, tp, example_inputs, rules=rules, vocab=vocab,
+                          frontend=frontend, strict=strict,
+                          sequence_parallel=sequence_parallel)  # fmt: skip
     given = {
         "example_inputs": example_inputs is not None, "rules": rules is not None,
         "vocab": vocab is not None, "frontend": frontend != "auto", "strict": strict,
@@ -49,9 +78,23 @@ def _the_plan(
     return tp
 
 
+def _the_regions(
+    model: nn.Module, tp: int | RegionPlan, example_inputs: Any,
+    rules: Sequence[Rule] | None, strict: bool,
+) -> RegionPlan:  # fmt: skip
+    """`tp` as given (a RegionPlan; `build_regions` checks it fits) or the regions of
+    `model` planned at tp ranks."""
+    if not isinstance(tp, RegionPlan):
+        return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict)
+    if example_inputs is not None or rules is not None or strict:
+        raise AutoTPError("a RegionPlan already fixes example_inputs, rules and strict: "
+                          "pass them to autotp.plan, not here")  # fmt: skip
+    return tp
+
+
 def parallelize(
     model: nn.Module,
-    tp: int | Plan,
+    tp: int | Plan | RegionPlan,
     example_inputs: Any = None,
     group: dist.ProcessGroup | None = None,
     *,
@@ -81,7 +124,7 @@ def parallelize(
     whole-graph form (the model's own Python between the blocks would see a split
     sequence), so `form="auto"` chooses it.
     """
-    given, tp = tp, tp.tp if isinstance(tp, Plan) else tp
+    given, tp = tp, tp.tp if isinstance(tp, (Plan, RegionPlan)) else tp
     check_tp(tp)
     if tp == 1 and (not dist.is_available() or not dist.is_initialized()):
         comm, rank = LocalComm(), 0
@@ -115,15 +158,14 @@ def parallelize(
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
-    if _blocks(model, given, form, vocab, sequence_parallel):
-        module = parallel_blocks(
-            model, tp, example_inputs, [comm], seed, rules_or_default(rules), strict, source
-        )
+    if isinstance(given, RegionPlan) or _blocks(model, given, form, vocab, sequence_parallel):
+        regions = _the_regions(model, given, example_inputs, rules, strict)
         if isinstance(comm, ProcessGroupComm) and tp > 1:
-            blocks = [module.get_submodule(b) for b in module.autotp_blocks]
-            # each rank planned its blocks on its own; the model's Python runs whole on
-            # every rank, with the random state of each
-            _check_same_plan(":".join(b._autotp_patterns.first.fingerprint for b in blocks), group)
+            # each rank planned on its own; the model's Python runs whole on every rank,
+            # with the random state of each
+            _check_same_plan(regions.fingerprint, group)
+        module = build_regions(model, regions, [comm], seed, source)
+        if isinstance(comm, ProcessGroupComm) and tp > 1:
             same_random_state(group)
             check_first_call(module, group, random_state=True)
         return module
@@ -165,7 +207,7 @@ def _check_same_plan(fingerprint: str, group: dist.ProcessGroup | None) -> None:
 
 def simulate(
     model: nn.Module,
-    tp: int | Plan,
+    tp: int | Plan | RegionPlan,
     example_inputs: Any = None,
     *,
     rules: Sequence[Rule] | None = None,
@@ -182,12 +224,11 @@ def simulate(
     concatenated and trimmed. `form`, `weights` and `sequence_parallel` as in
     `parallelize`."""
     source = _weights(model, weights)
-    if _blocks(model, tp, form, vocab, sequence_parallel):
+    if isinstance(tp, RegionPlan) or _blocks(model, tp, form, vocab, sequence_parallel):
+        regions = _the_regions(model, tp, example_inputs, rules, strict)
         seed = torch.initial_seed() % 2**62
-        comms = [SimulatedComm(tp, r) for r in range(tp)]  # type: ignore[arg-type]
-        return parallel_blocks(
-            model, tp, example_inputs, comms, seed, rules_or_default(rules), strict, source
-        )
+        comms = [SimulatedComm(regions.tp, r) for r in range(regions.tp)]  # type: ignore[arg-type]
+        return build_regions(model, regions, comms, seed, source)
     p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     tp = p.tp
     seed = torch.initial_seed() % 2**62

@@ -26,7 +26,7 @@ from .sharding import Propagation, Shard, VocabOptions, is_split, propagate
 from .sites import record
 from .trace import Traced, trace
 
-__all__ = ["Plan", "plan", "model_signature"]
+__all__ = ["Plan", "plan", "model_signature", "check_signature"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,23 +51,7 @@ class Plan:
     def check_fits(self, model: nn.Module) -> None:
         """Refuse `model` unless it has the tensors this plan was made for (names, shapes,
         ties): a plan made on one instance (e.g. on the meta device) serves any other."""
-        shapes, ties = model_signature(model)
-        mine, theirs = dict(self.signature[0]), dict(shapes)
-        for name in sorted(set(mine) | set(theirs)):
-            if mine.get(name) != theirs.get(name):
-                have = "absent" if name not in theirs else f"shape {list(theirs[name])}"
-                want = "absent" if name not in mine else f"shape {list(mine[name])}"
-                raise AutoTPError(
-                    f"this plan was made for a {self.model_name} whose tensor {name} is "
-                    f"{want}, but the model given has it {have}\n  hint:   plan the model "
-                    "you parallelize (autotp.plan(model, tp)), or build it the same way"
-                )
-        if self.signature[1] != ties:
-            raise AutoTPError(
-                f"this plan was made for a {self.model_name} whose tied weights differ from "
-                "the model given (e.g. an output layer tied to the embedding in one only)"
-                "\n  hint:   plan the model you parallelize"
-            )
+        check_signature(self.model_name, self.signature, model)
 
     @functools.cached_property
     def splits(self) -> dict[str, Shard]:
@@ -129,6 +113,27 @@ class Plan:
         return to_text(self.__rich__())
 
     __repr__ = __str__
+
+
+def check_signature(model_name: str, signature: tuple, model: nn.Module) -> None:
+    """Refuse `model` unless its tensors (names, shapes, ties) are `signature`'s."""
+    shapes, ties = model_signature(model)
+    mine, theirs = dict(signature[0]), dict(shapes)
+    for name in sorted(set(mine) | set(theirs)):
+        if mine.get(name) != theirs.get(name):
+            have = "absent" if name not in theirs else f"shape {list(theirs[name])}"
+            want = "absent" if name not in mine else f"shape {list(mine[name])}"
+            raise AutoTPError(
+                f"this plan was made for a {model_name} whose tensor {name} is "
+                f"{want}, but the model given has it {have}\n  hint:   plan the model "
+                "you parallelize (autotp.plan(model, tp)), or build it the same way"
+            )
+    if signature[1] != ties:
+        raise AutoTPError(
+            f"this plan was made for a {model_name} whose tied weights differ from "
+            "the model given (e.g. an output layer tied to the embedding in one only)"
+            "\n  hint:   plan the model you parallelize"
+        )
 
 
 def model_signature(model: nn.Module) -> tuple:

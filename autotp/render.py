@@ -27,8 +27,8 @@ from .report import KIND_STYLE
 from .sites import NodeRecord, record, site_kind
 
 __all__ = [
-    "to_text", "plan_summary", "summary", "graph_view", "diff_view", "unmatched_view",
-    "error_view",
+    "to_text", "plan_summary", "region_summary", "summary", "graph_view", "diff_view",
+    "unmatched_view", "error_view",
 ]  # fmt: skip
 
 
@@ -284,6 +284,46 @@ def plan_summary(plan: Any) -> Group:
     ]
     if plan.unmatched:
         parts.append(unmatched_view(plan))
+    return Group(*parts)
+
+
+def region_summary(plan: Any) -> Group:
+    """The view of a RegionPlan: each region (repeated layers of one program on one
+    line) with its rules, what is split, the placements at its boundary and its
+    collective sites; then the model's split fraction, collectives and notes."""
+    t = Table(title="regions (the model's own Python runs between them, replicated)",
+              title_justify="left")  # fmt: skip
+    t.add_column("region", overflow="fold")
+    t.add_column("rules", overflow="fold")
+    t.add_column("split")
+    t.add_column("in -> out", overflow="fold")
+    t.add_column("f/g/gather")
+    for group in plan.groups():
+        r = group[0]
+        where = r.path if len(group) == 1 else f"{r.path} .. {group[-1].path} (x{len(group)})"
+        rules = sorted({m.rule.name for m in r.plan.matches}) or ["-"]
+        ins, outs = r.boundary()
+        c = r.plan.collectives()
+        t.add_row(f"{where}\n{r.cls.__name__}", ", ".join(rules),
+                  f"{len(r.splits)} of {len(r.shapes)}",
+                  f"{', '.join(ins)} -> {', '.join(outs)}",
+                  f"{c['f']}/{c['g']}/{c['gather']}")  # fmt: skip
+    coll = plan.collectives()
+    parts: list[Any] = [
+        Text(
+            f"autotp plan: {plan.model_name} over tp={plan.tp}, {len(plan.regions)} regions "
+            f"(fingerprint {plan.fingerprint})",
+            style="bold",
+        ),  # fmt: skip
+        t,
+        Text(f"split: {plan.split_fraction():.1%} of the parameter elements"),
+        Text(
+            f"collective sites per forward: {coll['g']} all-reduce forward (g), {coll['f']} "
+            f"all-reduce backward (f; none on a value without gradient), {coll['gather']} "
+            "all-gather forward (outputs)"
+        ),  # fmt: skip
+    ]
+    parts += [Text(f"note: {note}") for note in plan.notes()]
     return Group(*parts)
 
 

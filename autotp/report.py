@@ -271,3 +271,29 @@ def to_json(plan: Any) -> dict[str, Any]:
             for m, why in getattr(plan, "replicated", ())
         ],
     }
+
+
+def regions_json(plan: Any) -> dict[str, Any]:
+    """A RegionPlan as plain data, for scripts: each region with its plan's own JSON."""
+    programs: dict[int, int] = {}
+    regions = []
+    for r in plan.regions:
+        ins, outs = r.boundary()
+        regions.append({
+            "path": r.path,
+            "kind": r.kind,
+            "class": r.cls.__name__,
+            "program": programs.setdefault(id(r.patterns), len(programs)),
+            "splits": {n: str(s) for n, s in sorted(r.splits.items())},
+            "in": ins,
+            "out": outs,
+            "plan": to_json(r.plan),
+        })  # fmt: skip
+    return {
+        "model": plan.model_name,
+        "tp": plan.tp,
+        "fingerprint": plan.fingerprint,
+        "split_fraction": plan.split_fraction(),
+        "regions": regions,
+        "notes": plan.notes(),
+    }

@@ -2,15 +2,20 @@
 `model.safetensors`, or a folder of shards with `model.safetensors.index.json`) or any
 `.safetensors` file keyed by the model's state_dict names.
 
-Each rank reads only its own slice of a split tensor (safetensors maps the file and copies
-out the rows or columns asked for), one tensor at a time, so a rank's memory while loading
-stays near its own shard plus one tensor, never the whole model.
+Each rank reads only its own slice of a split tensor, one tensor at a time, so a rank's
+memory while loading stays near its own shard plus one tensor, never the whole model. A
+shard that is one run of rows (or a whole tensor) in the file's dtype is not copied: it is
+a private, copy-on-write map of exactly its bytes, which costs no private memory until
+written; columns are copied out through safetensors.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -65,6 +70,7 @@ class Weights:
         self.path = path
         self._where: dict[str, Path] = where
         self._open: dict[Path, object] = {}
+        self._layouts: dict[Path, _Layout] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -95,6 +101,9 @@ class Weights:
                 "  hint:   pass the weights saved from this model's configuration"
             )
         shape = stored
+        rows = self._rows(name, spec, rank, tp, shape, dtype)
+        if rows is not None:
+            return rows
         if spec is None:
             out = sl[:] if shape else sl[()]
             return _owned(out, dtype)
@@ -111,6 +120,33 @@ class Weights:
                 part = torch.cat([part, part.new_zeros(pad)], dim=d)
             parts.append(part)
         return _owned(parts[0] if len(parts) == 1 else torch.cat(parts, dim=d), dtype)
+
+    def _rows(
+        self, name: str, spec: Shard | None, rank: int, tp: int, shape: tuple[int, ...],
+        dtype: torch.dtype | None,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """A whole tensor, or a shard that is one run of rows, in the file's dtype: mapped
+        privately (copy-on-write) rather than copied, so that it costs no private memory
+        until written, as transformers' own TP loads such shards. None otherwise."""
+        if name in self._converted or not shape:
+            return None
+        lo, hi = 0, shape[0]
+        if spec is not None:
+            pieces = spec.pieces(spec.padded or shape[0])
+            if spec.dim != 0 or len(pieces) != 1:
+                return None
+            start, length = pieces[0]
+            lo = start + rank * (length // tp)
+            hi = lo + length // tp
+            if hi > shape[0]:  # padded vocabulary rows: made, not read
+                return None
+        file = self._where[name]
+        if file not in self._layouts:
+            self._layouts[file] = _Layout(file)
+        out = self._layouts[file].rows(name, lo, hi)
+        if out is None or (dtype is not None and out.dtype != dtype):
+            return None
+        return out
 
     def find(self, names: list[str]) -> str | None:
         """The first of a tensor's names (tied weights have several) the file holds, as
@@ -157,6 +193,45 @@ class _Whole:
 
     def __getitem__(self, index: object) -> torch.Tensor:
         return self.t[index]
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class _Layout:
+    """Where each tensor's bytes lie in a safetensors file (its header: the format's 8-byte
+    length, then JSON of dtype, shape and data offsets), to map a run of rows alone."""
+
+    def __init__(self, file: Path) -> None:
+        with open(file, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            self.header = json.loads(f.read(size))
+        self.file, self.start = file, 8 + size
+
+    def rows(self, name: str, lo: int, hi: int) -> torch.Tensor | None:
+        """Rows [lo, hi) of `name` (its first dimension) as a tensor over a private
+        (copy-on-write) map of exactly their bytes, or None where its dtype is not plain."""
+        entry = self.header[name]
+        dtype = _DTYPES.get(entry["dtype"])
+        shape = entry["shape"]
+        if dtype is None or not shape or hi <= lo:
+            return None
+        row = math.prod(shape[1:]) * dtype.itemsize
+        offset = self.start + entry["data_offsets"][0] + lo * row
+        length = (hi - lo) * row
+        if length == 0:
+            return None
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with open(self.file, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), offset - aligned + length, offset=aligned,
+                               access=mmap.ACCESS_COPY)  # fmt: skip
+        flat = torch.frombuffer(mapped, dtype=dtype, count=length // dtype.itemsize,
+                                offset=offset - aligned)  # fmt: skip
+        return flat.view(hi - lo, *shape[1:])
 
 
 def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -6,12 +6,12 @@ left replicated, the front-end used, and whether transformers ships a tp_plan fo
 Then the totals per verdict, the details of every row that needs a look, and the sizes.
 
     python bench/hf_coverage.py [--tp 2 4] [--only gpt2 llama ...] [--markdown]
-                                [--form graph|blocks]
+                                [--form blocks|graph]
 
---form graph (default): the whole-graph form (vocabulary split too); --form blocks: the
-form `parallelize` gives a transformers model by default (each repeated layer replaced,
-the model's own Python kept): the split share is then of the layers' parameters alone,
-and the plan columns are of the whole-graph plan, for reference.
+--form blocks (default): the plan `autotp.plan` and `parallelize` give a transformers
+model (its regions: each repeated layer, the input embedding and the output head, the
+model's own Python kept between them); the plan columns sum over the regions. --form
+graph: the whole-graph form.
 
 Verdicts: split (some parameter split, equal to serial), replicated (planned, nothing
 split), refused (an AutoTPError), build failed (the model could not be built or run
@@ -201,20 +201,32 @@ def build(arch: str) -> tuple[nn.Module, dict[str, torch.Tensor], Any]:
     return model, x, cfg
 
 
-def split_fraction(plan: autotp.Plan, model: nn.Module) -> float:
+def split_fraction(plan: autotp.Plan | autotp.RegionPlan, model: nn.Module) -> float:
     """Numel of the split parameters over all parameters (tied ones counted once), in %."""
     total = sum(p.numel() for p in model.parameters())
+    if isinstance(plan, autotp.RegionPlan):
+        params = dict(model.named_parameters(remove_duplicate=False))
+        split = {id(params[n]): params[n].numel() for n in plan.splits if n in params}
+        return 100.0 * sum(split.values()) / total
     gm = plan.traced.gm
     split = {id(p): p.numel() for p in (gm.get_parameter(n) for n in plan.propagation.params)}
     return 100.0 * sum(split.values()) / total
 
 
-def computes_float32(plan: autotp.Plan) -> bool:
+def _plans(plan: autotp.Plan | autotp.RegionPlan) -> list[autotp.Plan]:
+    """The graph plans a plan is made of: its own, or each region's."""
+    if isinstance(plan, autotp.RegionPlan):
+        return [r.plan for r in plan.regions]
+    return [plan]
+
+
+def computes_float32(plan: autotp.Plan | autotp.RegionPlan) -> bool:
     """Whether any value in the traced float64 model is float32 (an upcast inside HF)."""
-    for node in plan.traced.gm.graph.nodes:
-        for v in tree_flatten(node.meta.get("val"))[0]:
-            if isinstance(v, torch.Tensor) and v.dtype == torch.float32:
-                return True
+    for p in _plans(plan):
+        for node in p.traced.gm.graph.nodes:
+            for v in tree_flatten(node.meta.get("val"))[0]:
+                if isinstance(v, torch.Tensor) and v.dtype == torch.float32:
+                    return True
     return False
 
 
@@ -233,16 +245,6 @@ def failure(e: Exception) -> tuple[str, str]:
     return f"crash: {type(e).__name__}", traceback.format_exc(limit=-4)
 
 
-def blocks_split_fraction(sim: nn.Module, model: nn.Module) -> float:
-    """The block form's split parameters over all parameters, in %."""
-    total = sum(p.numel() for p in model.parameters())
-    split = 0
-    for path in sim.autotp_blocks:
-        serial = dict(model.get_submodule(path).named_parameters())
-        split += sum(serial[n].numel() for n in sim.get_submodule(path).splits() if n in serial)
-    return 100.0 * split / total
-
-
 def run_row(arch: str, tp: int, form: str = "graph") -> Row:
     row = Row(arch, tp)
     try:
@@ -256,26 +258,24 @@ def run_row(arch: str, tp: int, form: str = "graph") -> Row:
     row.tp_plan = bool(getattr(cfg, "base_model_tp_plan", None))
     try:
         t = time.perf_counter()
-        plan = autotp.plan(model, tp, x)
+        plan = autotp.plan(model, tp, x, form=form)
         row.plan_s = time.perf_counter() - t
     except Exception as e:  # noqa: BLE001 - a row, not the table
         row.verdict, row.detail = failure(e)
         return row
-    row.frontend = plan.traced.frontend
-    row.matched, row.replicated = len(plan.matches), len(plan.replicated)
-    row.unmatched = len(plan.unmatched)
+    plans = _plans(plan)
+    row.frontend = ",".join(sorted({p.traced.frontend for p in plans}))
+    row.matched = sum(len(p.matches) for p in plans)
+    row.replicated = sum(len(p.replicated) for p in plans)
+    row.unmatched = sum(len(p.unmatched) for p in plans)
     row.split_pct = split_fraction(plan, model)
     f32 = computes_float32(plan)
-    made: list[nn.Module] = []
 
     def parallel(m: nn.Module, t: int, xs: Any) -> nn.Module:
-        made.append(autotp.simulate(m, t, xs, form=form))
-        return made[-1]
+        return autotp.simulate(m, plan)
 
     try:
         report = assert_equivalent(model, x, tp, atol=1.0, parallel=parallel)  # report only
-        if form == "blocks":
-            row.split_pct = blocks_split_fraction(made[-1], model)
     except AssertionError as e:  # beyond atol=1: wrong by a lot
         row.diff = float("inf")
         row.verdict, row.detail = "WRONG: > 1", str(e)
@@ -294,8 +294,9 @@ def run_row(arch: str, tp: int, form: str = "graph") -> Row:
         row.verdict = f"WRONG: {row.diff:.2g}"
         worst = ", ".join(f"{k} {v:.3g}" for k, v in report.worst(5))
         row.detail = f"largest differences: {worst}" + (" (float32 inside)" if f32 else "")
-    if not row.verdict.startswith("WRONG") and plan.replicated:
-        row.detail = "\n".join("left replicated: " + why for _, why in plan.replicated)
+    replicated = [why for p in plans for _, why in p.replicated]
+    if not row.verdict.startswith("WRONG") and replicated:
+        row.detail = "\n".join("left replicated: " + why for why in replicated)
     return row
 
 
@@ -343,7 +344,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--only", nargs="+", metavar="NAME", choices=ARCHS, default=list(ARCHS))
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    ap.add_argument("--form", choices=("graph", "blocks"), default="graph")
+    ap.add_argument("--form", choices=("blocks", "graph"), default="blocks")
     args = ap.parse_args()
 
     import transformers

@@ -29,7 +29,7 @@ BLOCK_RULES = {
 def test_equals_serial_float64(name: str, tp: int) -> None:
     model = build(name, heads=8, kv_heads=4 if name == "llama" else None).double()
     x = inputs(name)
-    plan = autotp.plan(model, tp, x)  # planned once, on the float64 model it checks
+    plan = autotp.plan(model, tp, x, form="graph")  # planned once, on the float64 model it checks
     assert plan.traced.frontend == "export"  # transformers 5 cannot be fx-traced
     rules = [m.rule.name for m in plan.matches]
     assert [r for r in rules if r in BLOCK_RULES[name]] == BLOCK_RULES[name] * 2
@@ -55,12 +55,12 @@ def test_grouped_query_attention_with_fewer_kv_heads_than_ranks() -> None:
     model = build("llama", heads=4, kv_heads=2)
     assert_equivalent(model, inputs("llama"), 2, atol=1e-10, rtol=1e-6)  # 1 KV head each
     with pytest.raises(autotp.AutoTPError, match="key/value heads") as e:
-        autotp.plan(model, 4, inputs("llama"), strict=True)
+        autotp.plan(model, 4, inputs("llama"), strict=True, form="graph")
     assert "size 2" in str(e.value) and "modeling_llama.py" in str(e.value)
     # without strict: K and V stay replicated (Megatron's choice), named with the reason;
     # Q, the output projection and the MLPs split
     model = model.double()
-    plan = autotp.plan(model, 4, inputs("llama"))
+    plan = autotp.plan(model, 4, inputs("llama"), form="graph")
     assert plan.replicated and all("self.k_proj(" in why for _, why in plan.replicated)
     assert all(sorted(m.layers) == ["k", "v"] for m, _ in plan.replicated)
     attention = [m for m in plan.matches if m.rule.name == "attention_separate_qkv"]
@@ -82,7 +82,7 @@ def test_other_batch_sizes_and_lengths_run() -> None:
 def test_without_example_inputs() -> None:
     """Inputs synthesised from the config: token ids of the vocabulary."""
     for name in ("bert", "llama"):  # an encoder and a decoder config
-        plan = autotp.plan(build(name), 2)
+        plan = autotp.plan(build(name), 2, form="graph")
         assert plan.traced.inputs["input_ids"].shape == (2, 8)
     mod = autotp.parallelize(build("bert"), 1)
     assert mod(input_ids=torch.ones(1, 4, dtype=torch.long)).last_hidden_state.shape == (1, 4, 32)
@@ -176,7 +176,7 @@ def test_more_architectures_split_and_equal_serial(name: str, blocks: list, g: i
     model = _more(name).double()
     ids = torch.randint(1, 101, (2, 8), generator=torch.Generator().manual_seed(1))
     x = {"input_ids": ids, "labels": ids}
-    plan = autotp.plan(model, 2, x)
+    plan = autotp.plan(model, 2, x, form="graph")
     assert not plan.replicated
     assert all([m.rule.name for m in plan.matches].count(b) == 2 for b in blocks)
     assert plan.collectives()["g"] == g
@@ -191,4 +191,4 @@ def test_default_moe_kernel_is_refused_naming_the_option_that_splits_it() -> Non
                           vocab_size=101, use_cache=False)  # fmt: skip
     ids = torch.randint(1, 101, (2, 8), generator=torch.Generator().manual_seed(1))
     with pytest.raises(autotp.AutoTPError, match='experts_implementation="batched_mm"'):
-        autotp.plan(t.MixtralForCausalLM(cfg), 2, {"input_ids": ids})
+        autotp.plan(t.MixtralForCausalLM(cfg), 2, {"input_ids": ids}, form="graph")

@@ -33,7 +33,8 @@ from rich.console import Console
 
 from .. import render, report
 from ..errors import AutoTPError, ExampleInputsError, UsageError
-from ..plan import plan
+from ..parallel import plan
+from ..regions import RegionPlan
 from .config import UsageParser
 from .metrics import say as _say
 from .resolve import build, canonical, example_inputs, input_specs, logits
@@ -73,6 +74,18 @@ def _show(args: argparse.Namespace, console: Console) -> int:
             p = plan(model, args.tp, inputs, strict=args.strict, sequence_parallel=args.sp)
         except ExampleInputsError as e:  # in the words of this command: its flags
             raise _in_flags(e, args) from e
+    if isinstance(p, RegionPlan):  # a model that keeps its own Python: what parallelize runs
+        if args.json:
+            console.print_json(json.dumps(report.regions_json(p)))
+            return 0
+        if not (args.diff or args.graph or args.unmatched):
+            console.print(render.region_summary(p))
+            return 0
+        k = args.layer or 0  # the graph views: of region K (the first decoder layer)
+        if not 0 <= k < len(p.regions):
+            raise UsageError(f"--layer {k}: the plan has regions 0..{len(p.regions) - 1}")
+        p = p.regions[k].plan
+        args.layer = None
     if args.json:
         console.print_json(json.dumps(report.to_json(p)))
         return 0
@@ -129,7 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     views.add_argument("--diff", action="store_true", help="serial and rewritten layer K")
     views.add_argument("--unmatched", action="store_true", help="layers left replicated, why")
     views.add_argument("--json", action="store_true", help="the plan as JSON")
-    show.add_argument("--layer", type=int, default=None, help="layer K for --diff / --graph")
+    show.add_argument("--layer", type=int, default=None,
+                      help="layer K for --diff / --graph (of a transformers model: its "
+                      "region K, in the order the summary lists them)")  # fmt: skip
     show.add_argument("--svg", metavar="FILE", help="also save the view as an SVG picture")
     show.add_argument("--width", type=int, default=None, help="terminal width")
     show.add_argument("--strict", action="store_true",

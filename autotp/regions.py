@@ -1,0 +1,186 @@
+"""A RegionPlan: the plan of a model that keeps its own Python (a transformers model),
+made of regions. A region is a module whose forward is traced, matched, proven and
+rewritten on its own (a decoder layer, the input embedding, the output head), with the
+placements at its boundary: what comes in and what goes out. Between regions the model's
+own Python runs, replicated on every rank. Regions that are one program (the same
+structure, the same ops with the same numbers, the same hooks) share one plan.
+
+`autotp.plan` returns one for such a model, and `parallelize`/`simulate` build from it
+(the plan they run is the plan printed: same fingerprint). Planning reads no values, so a
+plan made on the meta device serves a model with weights built the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from .adapter import VocabRegions
+from .plan import Plan, check_signature
+from .sharding import Partial, Shard, is_split
+
+__all__ = ["Region", "RegionPlan", "RegionKind"]
+
+RegionKind = Literal["layer", "embedding", "head"]
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    """One region: its module path, what it is, and its plans by call pattern (shared by
+    the regions of one program; `plan` is the first, made from the model's own call)."""
+
+    path: str
+    kind: RegionKind
+    cls: type
+    patterns: Any  # blocks._Patterns: the plans of its program, by call pattern
+    shapes: dict[str, torch.Size]  # serial shape of each tensor, by its name in the region
+    aliases: tuple[tuple[str, ...], ...]  # the names of one tensor, where it has several
+
+    @property
+    def plan(self) -> Plan:
+        return self.patterns.first
+
+    @property
+    def splits(self) -> dict[str, Shard]:
+        """Split tensors by their name in the region (every name of a tied tensor)."""
+        named = {k.removeprefix("layer."): v for k, v in self.plan.splits.items()}
+        for names in self.aliases:
+            spec = next((named[n] for n in names if n in named), None)
+            if spec is not None:
+                named.update(dict.fromkeys(names, spec))
+        return named
+
+    def boundary(self) -> tuple[list[str], list[str]]:
+        """The placements of the region's inputs and outputs in its first plan: R
+        (replicated: the same on every rank), or a split each rank holds its own part
+        of (a layer's new keys and values, for its rank's cache). Split outputs the
+        model's Python reads are gathered, and shown as R (gathered)."""
+        p = self.plan
+        places = p.propagation.placements
+        ins = [_shown(places.get(n)) for n in p.traced.gm.graph.nodes if n.op == "placeholder"]
+        out = p.traced.gm.graph.output_node()
+        outs = []
+        for n in tree_flatten(out.args[0])[0]:
+            placement = places.get(n) if isinstance(n, fx.Node) else None
+            if not isinstance(n, fx.Node):
+                outs.append("const")
+            elif n in p.propagation.gathers and _gathered(p, n):
+                outs.append("R (gathered)")
+            elif isinstance(placement, Partial):  # summed (g) before it leaves
+                outs.append("R (summed)")
+            else:
+                outs.append(_shown(placement))
+        return ins, outs
+
+
+def _shown(placement: Any) -> str:
+    return "R" if placement is None or not is_split(placement) else str(placement)
+
+
+def _gathered(p: Plan, node: fx.Node) -> bool:
+    out = p.traced.gm.graph.output_node()
+    leaves = tree_flatten(out.args[0])[0]
+    position = leaves.index(node) - len(leaves)
+    return p.propagation.gather_outputs and position not in p.propagation.local_outputs
+
+
+@dataclass(frozen=True, eq=False)
+class RegionPlan:
+    """How a model that keeps its own Python splits over `tp` ranks, region by region.
+    Build it with `autotp.plan`; pass it to `autotp.parallelize` or `autotp.simulate`."""
+
+    model_name: str
+    tp: int
+    regions: tuple[Region, ...]
+    vocab: VocabRegions
+    signature: tuple  # plan.model_signature of the model planned
+
+    def __deepcopy__(self, memo: dict) -> RegionPlan:
+        return self  # pure data about the model, never changed: a copied module shares it
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of every region's path and plan: equal in every process that planned
+        the same model the same way (`parallelize` checks it across ranks)."""
+        h = hashlib.sha256(repr(self.tp).encode())
+        for r in self.regions:
+            h.update(f"{r.path}:{r.plan.fingerprint};".encode())
+        return h.hexdigest()[:16]
+
+    @property
+    def splits(self) -> dict[str, Shard]:
+        """Every split tensor by its name in the model."""
+        return {f"{r.path}.{n}": s for r in self.regions for n, s in r.splits.items()}
+
+    def split_fraction(self) -> float:
+        """The fraction of the model's parameter and buffer elements that are split."""
+        shapes = dict(self.signature[0])
+        total = sum(_numel(s) for s in shapes.values())
+        split = sum(_numel(shapes[n]) for n in self.splits if n in shapes)
+        return split / total if total else 0.0
+
+    def check_fits(self, model: nn.Module) -> None:
+        """Refuse `model` unless it has the tensors this plan was made for."""
+        check_signature(self.model_name, self.signature, model)
+
+    def collectives(self) -> dict[str, int]:
+        """Collective call sites in one forward from the model's own call: each region's
+        first plan, counted once per region (f, g, max, gather). An f on a value that
+        needs no gradient (rotary tables) communicates nothing."""
+        out: dict[str, int] = {}
+        for r in self.regions:
+            for k, v in r.plan.collectives().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def groups(self) -> list[list[Region]]:
+        """The regions in order, consecutive regions of one program together."""
+        out: list[list[Region]] = []
+        for r in self.regions:
+            if out and out[-1][0].patterns is r.patterns:
+                out[-1].append(r)
+            else:
+                out.append([r])
+        return out
+
+    def notes(self) -> list[str]:
+        """What the plan leaves whole or computes otherwise than Megatron, and why."""
+        out = []
+        if self.vocab.note:
+            out.append(f"vocabulary: {self.vocab.note}")
+        if self.vocab.head is not None:
+            out.append(
+                "loss: the model's own loss function, on the gathered logits (not the "
+                "vocabulary-parallel cross-entropy: the model computes its loss outside "
+                "the head)"
+            )
+        for r in self.regions:
+            for m, why in r.plan.replicated:
+                out.append(f"{r.path}: {m.rule.name} left replicated: {why.splitlines()[0]}")
+        return out
+
+    def __rich__(self) -> Any:
+        from .render import region_summary
+
+        return region_summary(self)
+
+    def __str__(self) -> str:
+        from .render import to_text
+
+        return to_text(self.__rich__())
+
+    __repr__ = __str__
+
+
+def _numel(shape: tuple[int, ...] | torch.Size) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
