@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import autotp
 from autotp.run import cli
 from autotp.run.checkpoint import Checkpoints
-from autotp.run.generate import sample
+from autotp.run.generate import CachedLogits, sample
 from autotp.run.train import TrainConfig, Trainer
 from autotp.testing import run_on_gloo
 
@@ -93,3 +94,70 @@ def test_generate_mistakes_are_one_panel(run: Path, capsys: pytest.CaptureFixtur
         assert says in text and "Traceback" not in text, (argv, text)
     assert cli.main(["generate", str(run.parent / "nothing"), "--prompt", "x"]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+HF_BYTES = """
+import transformers
+
+
+def tiny():  # a transformers GPT-2 over bytes, 64 positions; training turns its cache off
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  vocab_size=256, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0, use_cache=False)
+    return transformers.GPT2LMHeadModel(cfg)
+"""
+
+
+def _whole_window(model: torch.nn.Module):
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids).logits
+
+    return logits
+
+
+def test_a_transformers_model_continues_from_its_cache() -> None:
+    """Each new token runs alone against the KV cache (each rank's own heads), and the
+    continuation is the one the whole window gives, across the crop at the model's 64
+    positions too (where the cache starts over)."""
+    pytest.importorskip("transformers")
+    namespace: dict = {}
+    exec(HF_BYTES, namespace)  # noqa: S102 - the factory a run would name
+    torch.manual_seed(0)
+    model = namespace["tiny"]().double().eval()
+    sim = autotp.simulate(model, 2)
+    lengths: list[int] = []
+    sim.register_forward_pre_hook(
+        lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True
+    )
+    prompt = list(b"def main(")
+    with torch.no_grad():
+        want = sample(_whole_window(model), prompt, tokens=70, temperature=0, context=64)
+        got = sample(CachedLogits(sim), prompt, tokens=70, temperature=0, context=64)
+    assert got == want
+    assert lengths[0] == len(prompt) and lengths[1:55] == [1] * 54  # until the crop
+
+
+def test_generate_of_a_transformers_run_uses_the_cache(tmp_path: Path, capfd) -> None:
+    """A run of a transformers model (trained in the whole-graph form) generates through
+    the plan autotp.plan gives it, with the cache: the greedy text equals the one the
+    serial model gives over the whole window."""
+    pytest.importorskip("transformers")
+    from autotp.run.checkpoint import serial_model
+
+    (tmp_path / "hf_bytes.py").write_text(HF_BYTES)
+    cfg = TrainConfig(model=f"{tmp_path}/hf_bytes.py:tiny", tp=1, steps=2, batch=4, seq=32,
+                      warmup=1, lr=1e-2, dtype="float64", progress=False, eval_batches=0,
+                      ckpt_dir=str(tmp_path / "run"))  # fmt: skip
+    run_on_gloo(_fit, 1, cfg)
+    capfd.readouterr()
+    argv = ["generate", str(tmp_path / "run"), "--prompt", "import ", "--tokens", "12",
+            "--temperature", "0"]  # fmt: skip
+    assert cli.main(argv) == 0
+    text = capfd.readouterr().out
+    model, _ = serial_model(str(tmp_path / "run"), say=lambda line: None)
+    with torch.no_grad():
+        drawn = sample(_whole_window(model.eval()), list(b"import "), tokens=12,
+                       temperature=0, context=64)  # fmt: skip
+    want = "import " + bytes(drawn).decode("utf-8", errors="replace")
+    assert text.rstrip("\n") == want

@@ -9,9 +9,11 @@ tp=1, over `--tp` processes started through torchrun (`torchrun -m autotp.run.ge
 otherwise, each rank building its shards with `autotp.parallelize`. The prompt is encoded
 as bytes; each new token is drawn from the last position's logits (only the byte ids
 0..255: the run trained on bytes), by a torch.Generator seeded from `--seed` on every rank,
-so every rank draws the same token; `--temperature 0` is greedy. There is no KV cache:
-each step runs the model over the whole window again (the last `context` ids, the
-model's positions), which is simple and, for the small models trained here, fast enough.
+so every rank draws the same token; `--temperature 0` is greedy. A transformers model keeps
+its KV cache (each rank its own heads): each new token runs alone against it, so a token
+costs the same at any context, until the window reaches the model's positions and is
+cropped (the cache then starts over). autotp's own models keep no cache: each step runs
+the model over the whole window again (the last `context` ids).
 
 Rank 0 prints the prompt and then the continuation as it is drawn, decoded as UTF-8 with
 undecodable bytes replaced. A masked-LM (`--objective mlm`) run cannot continue a prompt
@@ -31,7 +33,7 @@ import torch
 from ..errors import UsageError
 from .config import UsageParser, _Help
 
-__all__ = ["parser", "sample", "check", "generate", "main", "run"]
+__all__ = ["parser", "sample", "check", "generate", "main", "run", "CachedLogits"]
 
 BYTES = 256  # the ids a byte-level run's text is made of
 
@@ -41,8 +43,9 @@ def parser() -> argparse.ArgumentParser:
         prog="autotp generate",
         description="Continue a prompt with a trained run's model, split over --tp ranks "
         "(any tp, whatever the run was trained at). Byte-level runs of a causal LM only. "
-        "No KV cache: every new token runs the model over the whole window again (the "
-        "prompt and what was drawn, cropped to the model's positions).",
+        "A transformers model runs each new token against its KV cache; autotp's own "
+        "models run the whole window again (the prompt and what was drawn, cropped to the "
+        "model's positions).",
         formatter_class=_Help,
     )
     ap.add_argument("run", metavar="RUN_DIR", help="a run's --ckpt-dir (its latest "
@@ -156,7 +159,7 @@ def check(args: argparse.Namespace, *, split: bool = True) -> None:
     """Everything that can be checked before any weight is read or torchrun starts a
     worker: the options, the run, its objective and data, and (`split`) that --tp splits
     the model, planned on the meta device."""
-    from ..plan import plan
+    from ..parallel import plan
     from .checkpoint import find_checkpoint
     from .metrics import say
     from .resolve import build, trusted_factory
@@ -190,12 +193,16 @@ def generate(
     )
     p = autotp.plan(model, args.tp, _inputs(model, 2, min(8, context)))
     module = autotp.parallelize(model, p).to(device)
+    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    if isinstance(p, autotp.RegionPlan) and _takes_cache(module):
+        logits_fn = CachedLogits(module)
+    else:
 
-    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-        out = module(ids)
-        if hasattr(out, "logits"):
-            return out.logits
-        return out[0] if isinstance(out, (tuple, list)) else out
+        def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+            out = module(ids)
+            if hasattr(out, "logits"):
+                return out.logits
+            return out[0] if isinstance(out, (tuple, list)) else out
 
     prompt = list(args.prompt.encode())
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -217,6 +224,42 @@ def generate(
     if write is not None:
         write(tail + "\n")
     return "".join(pieces)
+
+
+def _takes_cache(model: torch.nn.Module) -> bool:
+    """A transformers model that can keep a KV cache (whatever its config's use_cache,
+    which training turns off)."""
+    import inspect
+
+    takes = inspect.signature(model.forward).parameters
+    return "use_cache" in takes and ("cache" in takes or "past_key_values" in takes)
+
+
+class CachedLogits:
+    """`logits_fn` over a transformers model's KV cache: a window that extends the last one
+    runs only its new ids against the cache, so a token costs the same at any context;
+    any other window (the first, or one cropped to the model's positions) starts a new
+    cache from the whole window. The logits are of the ids run (the last one last)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        import inspect
+
+        self.module = module
+        params = inspect.signature(module.forward).parameters
+        self.key = "cache" if "cache" in params else "past_key_values"
+        self.cache: object = None
+        self.seen: list[int] = []
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        ids = window[0].tolist()
+        n = len(self.seen)
+        if self.cache is not None and len(ids) > n and ids[:n] == self.seen:
+            out = self.module(input_ids=window[:, n:], use_cache=True, **{self.key: self.cache})
+        else:
+            out = self.module(input_ids=window, use_cache=True)
+        self.cache = getattr(out, self.key, None)
+        self.seen = ids
+        return out.logits
 
 
 def _stdout(text: str) -> None:
