@@ -116,9 +116,11 @@ class _Patterns:
     """The plans of one block structure, by call pattern, shared by its blocks."""
 
     def __init__(
-        self, tp: int, rules: tuple[Rule, ...], strict: bool, tables: frozenset[str] = frozenset()
-    ) -> None:
+        self, tp: int, rules: tuple[Rule, ...], strict: bool, tables: frozenset[str] = frozenset(),
+        sequence: bool = False,
+    ) -> None:  # fmt: skip
         self.tp, self.rules, self.strict, self.tables = tp, rules, strict, tables
+        self.sequence = sequence  # sequence parallelism inside the block
         self.first: Plan | None = None
         self.plans: dict[tuple, list[tuple[Plan, Shard | None]]] = {}
         self.seen: dict[tuple, tuple[Plan, Shard | None]] = {}  # exact sizes -> plan
@@ -171,7 +173,8 @@ class _Patterns:
         # the new keys and values stay each rank's own (its cache); anything else split
         # that the layer returns (attention weights) is gathered, as the graph form does
         opts = VocabOptions(local_outputs=(-2, -1) if call.cache_at is not None else ())
-        common = dict(dims=dynamic_sizes(call, batch, seqs), like=self.first, tables=self.tables)
+        common = dict(dims=dynamic_sizes(call, batch, seqs), like=self.first, tables=self.tables,
+                      sequence_parallel=self.sequence)  # fmt: skip
         if call.key[3]:  # a past: given as the keys are placed
             if self.kv is _UNKNOWN and local and self.tp > 1:
                 raise AutoTPError(
@@ -322,7 +325,12 @@ def _zeros_like_fake(x: Any) -> Any:
 
 
 def plan_regions(
-    model: nn.Module, tp: int, example_inputs: Any, rules: tuple[Rule, ...], strict: bool
+    model: nn.Module,
+    tp: int,
+    example_inputs: Any,
+    rules: tuple[Rule, ...],
+    strict: bool,
+    sequence_parallel: bool = False,
 ) -> RegionPlan:
     """The regions of `model` (its repeated layers, and its input embedding and output
     head, split along the vocabulary) and their plans, from one run of the model that
@@ -357,8 +365,11 @@ def plan_regions(
         a, k = calls[path]
         call = take_apart(a, k, None, modes(block))
         tables = vocab.tables.get(path, frozenset())
-        patterns = by_structure.setdefault((_program(block, call), tables),
-                                           _Patterns(tp, rules, strict, tables))  # fmt: skip
+        sequence = sequence_parallel and path not in vocab.regions
+        patterns = by_structure.setdefault(
+            (_program(block, call), tables, sequence),
+            _Patterns(tp, rules, strict, tables, sequence),
+        )
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
         shapes = tensor_shapes(block)
         with torch.no_grad():
@@ -366,7 +377,8 @@ def plan_regions(
                           local=False, state=BlockState([block], path, block).key)  # fmt: skip
         regions.append(Region(path, kinds.get(path, "layer"), type(block), patterns, shapes,
                               _aliases(block)))  # fmt: skip
-    return RegionPlan(type(model).__name__, tp, tuple(regions), vocab, model_signature(model))
+    return RegionPlan(type(model).__name__, tp, tuple(regions), vocab, model_signature(model),
+                      sequence_parallel)  # fmt: skip
 
 
 def _aliases(block: nn.Module) -> tuple[tuple[str, ...], ...]:

@@ -52,7 +52,8 @@ def plan(
     or `simulate` in place of tp."""
     check_tp(tp)
     if _blocks(model, tp, form, vocab, sequence_parallel):
-        return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict)
+        return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict,
+                            sequence_parallel)  # fmt: skip
     return graph_plan(model, tp, example_inputs, rules=rules, vocab=vocab, frontend=frontend,
                       strict=strict, sequence_parallel=sequence_parallel)  # fmt: skip
 
@@ -80,15 +81,16 @@ def _the_plan(
 
 def _the_regions(
     model: nn.Module, tp: int | RegionPlan, example_inputs: Any,
-    rules: Sequence[Rule] | None, strict: bool,
+    rules: Sequence[Rule] | None, strict: bool, sequence_parallel: bool,
 ) -> RegionPlan:  # fmt: skip
     """`tp` as given (a RegionPlan; `build_regions` checks it fits) or the regions of
     `model` planned at tp ranks."""
     if not isinstance(tp, RegionPlan):
-        return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict)
-    if example_inputs is not None or rules is not None or strict:
-        raise AutoTPError("a RegionPlan already fixes example_inputs, rules and strict: "
-                          "pass them to autotp.plan, not here")  # fmt: skip
+        return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict,
+                            sequence_parallel)  # fmt: skip
+    if example_inputs is not None or rules is not None or strict or sequence_parallel:
+        raise AutoTPError("a RegionPlan already fixes example_inputs, rules, strict and "
+                          "sequence_parallel: pass them to autotp.plan, not here")  # fmt: skip
     return tp
 
 
@@ -159,7 +161,7 @@ def parallelize(
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
     if isinstance(given, RegionPlan) or _blocks(model, given, form, vocab, sequence_parallel):
-        regions = _the_regions(model, given, example_inputs, rules, strict)
+        regions = _the_regions(model, given, example_inputs, rules, strict, sequence_parallel)
         if isinstance(comm, ProcessGroupComm) and tp > 1:
             # each rank planned on its own; the model's Python runs whole on every rank,
             # with the random state of each
@@ -225,7 +227,7 @@ def simulate(
     `parallelize`."""
     source = _weights(model, weights)
     if isinstance(tp, RegionPlan) or _blocks(model, tp, form, vocab, sequence_parallel):
-        regions = _the_regions(model, tp, example_inputs, rules, strict)
+        regions = _the_regions(model, tp, example_inputs, rules, strict, sequence_parallel)
         seed = torch.initial_seed() % 2**62
         comms = [SimulatedComm(regions.tp, r) for r in range(regions.tp)]  # type: ignore[arg-type]
         return build_regions(model, regions, comms, seed, source)
@@ -257,13 +259,15 @@ def _blocks(
     """Whether to parallelize `model` block by block (see `parallelize`'s `form`)."""
     if form not in ("auto", "graph", "blocks"):
         raise AutoTPError(f'form must be "auto", "graph" or "blocks", got {form!r}')
-    graph_only = isinstance(tp, Plan) or vocab is not None or sequence
+    graph_only = isinstance(tp, Plan) or vocab is not None
     if form == "blocks" and graph_only:
         raise AutoTPError(
-            'form="blocks" splits each block on its own: a Plan, vocab= and '
-            "sequence_parallel=True are of the whole graph (the vocabulary split, a sequence "
-            'split between the blocks): pass tp, or use form="graph"'
+            'form="blocks" splits each block on its own: a Plan and vocab= are of the whole '
+            'graph: pass tp (or a RegionPlan), or use form="graph"'
         )
+    # sequence parallelism by default in the whole-graph form, which hands the sequence
+    # split over between the layers; the block form keeps their boundaries whole
+    graph_only = graph_only or sequence
     return form == "blocks" or (form == "auto" and not graph_only and is_block_model(model))
 
 

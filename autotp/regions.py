@@ -101,6 +101,7 @@ class RegionPlan:
     regions: tuple[Region, ...]
     vocab: VocabRegions
     signature: tuple  # plan.model_signature of the model planned
+    sequence_parallel: bool = False  # inside each layer; its boundaries stay whole
 
     def __deepcopy__(self, memo: dict) -> RegionPlan:
         return self  # pure data about the model, never changed: a copied module shares it
@@ -153,6 +154,12 @@ class RegionPlan:
     def notes(self) -> list[str]:
         """What the plan leaves whole or computes otherwise than Megatron, and why."""
         out = []
+        if self.sequence_parallel:
+            out.append(
+                "sequence parallel inside each layer, whose input and output stay whole "
+                "(the model's own Python runs between the layers): an all-gather ends each "
+                'layer; form="graph" hands the split sequence over between layers'
+            )
         if self.vocab.note:
             out.append(f"vocabulary: {self.vocab.note}")
         if self.vocab.head is not None:

@@ -323,6 +323,12 @@ def region_summary(plan: Any) -> Group:
             "all-gather forward (outputs)"
         ),  # fmt: skip
     ]
+    if plan.sequence_parallel:
+        parts.append(Text(
+            f"sequence parallel: {coll.get('reduce_scatter', 0)} reduce-scatter forward, "
+            f"{coll.get('sp_gather', 0)} all-gather for split compute, "
+            f"{coll.get('sequence_gather', 0)} sequence read whole"
+        ))  # fmt: skip
     parts += [Text(f"note: {note}") for note in plan.notes()]
     return Group(*parts)
 

@@ -166,10 +166,64 @@ def test_a_sequence_not_divisible_by_tp_is_refused_with_a_hint() -> None:
         sim(idx=ids, targets=ids)
 
 
-def test_the_block_form_refuses_sequence_parallelism() -> None:
-    model = build("gpt2-tiny", n_layer=1)
-    with pytest.raises(AutoTPError, match="sequence_parallel"):
-        autotp.simulate(model, 2, form="blocks", sequence_parallel=True)
+def _llama_sp() -> torch.nn.Module:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
+def _block_sp_on_rank(rank: int, world: int) -> tuple[float, float]:
+    model = _llama_sp()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
+    module = autotp.parallelize(model, world, form="blocks", sequence_parallel=True)
+    loss = module(input_ids=ids, labels=ids).loss
+    loss.backward()
+    norm = torch.stack([g.norm() ** 2 for g in autotp.full_grads(module).values()
+                        if g is not None]).sum().sqrt()  # fmt: skip
+    return loss.item(), norm.item()
+
+
+def test_the_block_form_runs_sequence_parallel_inside_each_layer() -> None:
+    """form="blocks" with sequence_parallel=True (a transformers model keeps its own
+    Python, its keywords and generate()): each layer is sequence-parallel between its two
+    sums, its input and output whole; equal to serial in simulate and on gloo, the
+    collectives counted, and the plan says where the sequence stays whole."""
+    pytest.importorskip("transformers")
+    model = _llama_sp()
+    plan = autotp.plan(model, 2, form="blocks", sequence_parallel=True)
+    assert isinstance(plan, autotp.RegionPlan) and plan.sequence_parallel
+    assert any("sequence parallel inside each layer" in n for n in plan.notes())
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    assert_equivalent(model, x, 2, atol=1e-10, rtol=1e-6,
+                      parallel=lambda m, t, xs: autotp.simulate(m, plan))  # fmt: skip
+    sim = autotp.simulate(model, plan)
+    with autotp.count_collectives() as log:
+        sim(**x).loss.backward()
+    # per layer forward: the attention's sum reduce-scattered, the sequence gathered for
+    # the MLP, the MLP's sum all-reduced (the layer's output is whole); the embedding's
+    # all-reduce and the logits' gather
+    assert log.count("forward", "reduce_scatter") == 2
+    assert log.count("forward", "all_gather") == 2 + 1
+    assert log.count("forward", "all_reduce") == 2 + 1
+    assert log.count("backward", "reduce_scatter") == 2
+    assert log.count("backward", "all_gather") == 3 * 2
+    assert log.count("backward", "all_reduce") == 2 * 2 + 1  # with the norm weights'
+    prompt = {"input_ids": ids[:, :4], "attention_mask": torch.ones_like(ids[:, :4])}
+    want = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(sim.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+    serial = model(input_ids=ids, labels=ids).loss
+    serial.backward()
+    norm = torch.stack([p.grad.norm() ** 2 for p in model.parameters()]).sum().sqrt()
+    for loss, grad_norm in run_on_gloo(_block_sp_on_rank, 2):
+        assert loss == pytest.approx(serial.item(), rel=1e-9)
+        assert grad_norm == pytest.approx(norm.item(), rel=1e-9)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
