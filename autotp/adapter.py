@@ -1,15 +1,66 @@
 """What autotp knows of transformers models, in one place: whether a module is (or wraps)
-one, and which of its modules are the vocabulary's (the input embedding and the output
-head, as the model itself declares them), so that the region machinery can split them
-along the vocabulary without guessing from names or sizes."""
+one; which of its modules are the vocabulary's (the input embedding and the output head,
+as the model itself declares them), so that the region machinery can split them along
+the vocabulary without guessing from names or sizes; its cache objects; and the hooks it
+installs to collect outputs. The region machinery asks these questions and knows nothing
+else of transformers; a model that is not a transformers model answers none."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["transformers_model", "is_block_model", "VocabRegions", "vocab_regions"]
+__all__ = [
+    "transformers_model", "is_block_model", "VocabRegions", "vocab_regions", "is_cache",
+    "is_encoder_decoder", "self_cache", "collects", "collecting_inside", "drop_collectors",
+]  # fmt: skip
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def is_cache(v: object) -> bool:
+    """A transformers cache: a DynamicCache, or an encoder-decoder's pair of them."""
+    if not type(v).__module__.startswith("transformers."):
+        return False
+    return (hasattr(v, "update") and hasattr(v, "layers")) or is_encoder_decoder(v)
+
+
+def is_encoder_decoder(v: object) -> bool:
+    """transformers' EncoderDecoderCache: a self-attention and a cross-attention cache."""
+    return hasattr(v, "self_attention_cache") and hasattr(v, "cross_attention_cache")
+
+
+def self_cache(cache: Any) -> Any:
+    """The cache of a block's own keys and values (an encoder-decoder's self-attention)."""
+    return cache.self_attention_cache if is_encoder_decoder(cache) else cache
+
+
+def collects(hook: object) -> bool:
+    """A hook transformers installs to collect hidden states or attentions."""
+    return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
+
+
+def collecting_inside() -> str | None:
+    """What transformers is collecting from inside the blocks (attentions, router logits)
+    in the current forward, or None: hooks inside a block never run in its parallel form."""
+    capture = sys.modules.get("transformers.utils.output_capturing")
+    active = getattr(getattr(capture, "_active_collector", None), "get", lambda: None)()
+    inside = [k for k in (active or {}) if not k.startswith("_") and k != "hidden_states"]
+    return inside[0] if inside else None
+
+
+def drop_collectors(model: nn.Module) -> None:
+    """Remove the hooks transformers installed to collect outputs (copied with the serial
+    model): it installs them again on the parallel model, on its blocks."""
+    for m in model.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(m, attr)
+            for key in [k for k, h in hooks.items() if collects(h)]:
+                del hooks[key]
+        m.__dict__.pop("_output_capturing_hooks_installed", None)
 
 
 def _is_pretrained(m: nn.Module) -> bool:

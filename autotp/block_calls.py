@@ -13,10 +13,11 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .adapter import is_cache, is_encoder_decoder
 from .errors import AutoTPError
 
 __all__ = ["BlockCall", "PAST", "Recorder", "cache_index", "call_module", "dynamic_sizes",
-           "is_cache", "is_encoder_decoder", "modes", "self_cache", "take_apart"]  # fmt: skip
+           "modes", "take_apart"]  # fmt: skip
 
 PAST = ("past_key", "past_value")
 
@@ -25,23 +26,6 @@ def modes(block: nn.Module) -> tuple[bool, ...]:
     """Every module's train/eval flag: what a traced graph froze (Python reading
     self.training, dropout on or off)."""
     return tuple(m.training for m in block.modules())
-
-
-def is_cache(v: object) -> bool:
-    """A transformers cache: a DynamicCache, or an encoder-decoder's pair of them."""
-    if not type(v).__module__.startswith("transformers."):
-        return False
-    return (hasattr(v, "update") and hasattr(v, "layers")) or is_encoder_decoder(v)
-
-
-def is_encoder_decoder(v: object) -> bool:
-    """transformers' EncoderDecoderCache: a self-attention and a cross-attention cache."""
-    return hasattr(v, "self_attention_cache") and hasattr(v, "cross_attention_cache")
-
-
-def self_cache(cache: Any) -> Any:
-    """The cache of a block's own keys and values (an encoder-decoder's self-attention)."""
-    return cache.self_attention_cache if is_encoder_decoder(cache) else cache
 
 
 @dataclass(frozen=True)

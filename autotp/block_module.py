@@ -5,22 +5,14 @@ of the block's own class, and runs a traced graph per call pattern over its rank
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .block_calls import (
-    BlockCall,
-    cache_index,
-    call_module,
-    is_cache,
-    modes,
-    self_cache,
-    take_apart,
-)  # fmt: skip
+from .adapter import collecting_inside, is_cache, self_cache
+from .block_calls import BlockCall, cache_index, call_module, modes, take_apart
 from .block_state import BlockState, SerialAttributeError, cut_serial_state, twin
 from .comm import Comm, ProcessGroupComm
 from .dcp_shards import shard_states
@@ -162,7 +154,7 @@ class BlockTP(nn.Module):
 
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[Plan, BlockCall, Any]:
         """The plan of this call, made if new, with the call taken apart and its cache."""
-        inside = _collecting_inside()
+        inside = collecting_inside()
         if inside is not None:
             raise AutoTPError(
                 f"the model asks for {inside}, which transformers collects from inside each "
@@ -291,12 +283,3 @@ def _drops(p: Plan) -> bool:
             if prob != 0.0:
                 return True
     return False
-
-
-def _collecting_inside() -> str | None:
-    """What transformers is collecting from inside the blocks (attentions, router logits)
-    in the current forward, or None: hooks inside a block never run in its parallel form."""
-    capture = sys.modules.get("transformers.utils.output_capturing")
-    active = getattr(getattr(capture, "_active_collector", None), "get", lambda: None)()
-    inside = [k for k in (active or {}) if not k.startswith("_") and k != "hidden_states"]
-    return inside[0] if inside else None

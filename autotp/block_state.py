@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .adapter import collects as _collects
 from .errors import AutoTPError
 from .materialise import _fresh_module, rank_shard
-from .plan import _HOOKS, HOOK_KINDS, _collects
+from .plan import _HOOKS, HOOK_KINDS
 from .sharding import Shard
 
 __all__ = ["BlockState", "twin", "tensor_shapes", "cut_serial_state", "SaveGathered",
@@ -128,9 +129,9 @@ def _refuse_hook(m: nn.Module, where: str, rank: int, ranks: int) -> None:
 
 
 def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str) -> nn.Module:
-    """The block as it now is (its classes, attributes, config, dtypes) with meta tensors
-    of the serial block's shapes: what a call pattern is traced from. `shapes`: the serial
-    shape of every tensor, by its name in the block."""
+    """The block as it now is (its classes, attributes, config, dtypes) with unfilled
+    tensors of the serial block's shapes (`_unfilled`): what a call pattern is traced
+    from. `shapes`: the serial shape of every tensor, by its name in the block."""
     names: dict[int, str] = {}
     for n, t in [*shell.named_parameters(remove_duplicate=False),
                  *shell.named_buffers(remove_duplicate=False)]:  # fmt: skip
@@ -144,8 +145,8 @@ def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str)
                 "autotp holds no serial form of it to plan with\n  hint:   make such "
                 "changes (adapters, new layers) to the model before autotp.parallelize"
             )
-        meta = torch.empty(shapes[name], dtype=t.dtype, device="meta")
-        return nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        empty = _unfilled(shapes[name], t.dtype)
+        return nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
 
     made: dict[int, torch.Tensor] = {}
     root = _fresh_module(shell, lambda t: made.setdefault(id(t), stand_in(t)))
@@ -154,6 +155,14 @@ def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str)
         for k in [k for k in root.__dict__ if k.startswith("_autotp")]:
             del root.__dict__[k]
     return root
+
+
+def _unfilled(shape: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor never written: its pages are never touched, so it costs no memory.
+    Tracing (torch.export fakes every input and weight) reads no value of it, and a
+    tensor the block makes from a Python number while traced (torch.tensor(finfo.min,
+    device=x.device)) keeps its value, which a meta tensor would lose."""
+    return torch.empty(shape, dtype=dtype, device="cpu")
 
 
 def tensor_shapes(block: nn.Module) -> dict[str, torch.Size]:

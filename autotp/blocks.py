@@ -41,15 +41,25 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .adapter import VocabRegions, _is_pretrained, is_block_model, transformers_model, vocab_regions
+from .adapter import (
+    VocabRegions,
+    _is_pretrained,
+    drop_collectors,
+    is_block_model,
+    transformers_model,
+    vocab_regions,
+)
+from .adapter import (
+    collects as _collects,
+)
 from .block_calls import PAST, BlockCall, cache_index, call_module, dynamic_sizes, modes, take_apart
 from .block_module import BlockTP
-from .block_state import BlockState, SaveGathered, tensor_shapes, twin
+from .block_state import BlockState, SaveGathered, _unfilled, tensor_shapes, twin
 from .block_tensors import full_tensors, load_outside, shell
 from .comm import Comm
 from .errors import AutoTPError
 from .exported import accepts
-from .plan import HOOK_KINDS, Plan, _collects, _plan, model_signature
+from .plan import HOOK_KINDS, Plan, _plan, model_signature
 from .random import RankRandom
 from .regions import Region, RegionPlan
 from .rule import Rule
@@ -153,16 +163,14 @@ class _Patterns:
 
     def _serial(self, tensors: dict[str, torch.Tensor], kv: Any, local: bool) -> dict:
         """The call's inputs as the serial block would get them (a local past widened),
-        as meta tensors: planning reads no values."""
-        out: dict[str, Any] = {
-            n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in tensors.items()
-        }
+        as unfilled CPU tensors (see block_state.twin): planning reads no values."""
+        out: dict[str, Any] = {n: _unfilled(t.shape, t.dtype) for n, t in tensors.items()}
         if local and isinstance(kv, Shard) and self.tp > 1:
             for n in PAST:
                 if n in tensors:
                     size = list(tensors[n].shape)
                     size[kv.dim] *= self.tp
-                    out[n] = out[n].new_zeros(size)
+                    out[n] = _unfilled(size, tensors[n].dtype)
         return out
 
     def _plan(
@@ -305,17 +313,6 @@ def _first_block_only(model: nn.Module, paths: list[str]) -> Iterator[None]:
             del b.__dict__["forward"]
 
 
-def _drop_collectors(model: nn.Module) -> None:
-    """Remove the hooks transformers installed to collect hidden states (copied with the
-    serial model): it installs them again on the parallel model, on its blocks."""
-    for m in model.modules():
-        for attr in HOOK_KINDS:
-            hooks = getattr(m, attr)
-            for key in [k for k, h in hooks.items() if _collects(h)]:
-                del hooks[key]
-        m.__dict__.pop("_output_capturing_hooks_installed", None)
-
-
 def _zeros_like_fake(x: Any) -> Any:
     """A captured tensor (real, or export's fake one) as zeros of its shape, dtype and
     device: tracing reads no values, and nothing of the run is kept."""
@@ -405,7 +402,7 @@ def build_regions(
     memo: dict[int, Any] = {id(b): None for b in blocks.values()}
     hooks = {p: _carry_hooks(b, memo) for p, b in blocks.items()}
     copied = copy.deepcopy(model, memo)  # everything but the blocks: those are replaced
-    _drop_collectors(copied)
+    drop_collectors(copied)
     if weights is not None:
         load_outside(copied, model, weights, tuple(p + "." for p in blocks))
     names_of: dict[int, list[str]] = {}  # every name of a tensor: a file may hold any
@@ -419,7 +416,7 @@ def build_regions(
         shells = [shell(block, region.splits, c.rank, tp, weights, path, shared[i], names_of)
                   for i, c in enumerate(comms)]  # fmt: skip
         for s in shells:  # the layers read the parallel model's config, not the user's
-            _drop_collectors(s)
+            drop_collectors(s)
             s.__dict__.update({a: type(getattr(s, a))() for a in _HOOK_DICTS})  # the block's
             _repoint(s, memo)
         parallel = BlockTP.of(block, region.patterns, shells, comms, randoms, path,

@@ -275,6 +275,8 @@ def build_rank_module(
             fill = init if isinstance(t, nn.Parameter) else None  # buffers are not drawn
             local = rank_shard(src, names or ["a constant of the graph"], spec, rank, tp, weights,
                                fill)  # fmt: skip
+            if not names and device is not None and local.device != torch.device(device):
+                local = local.to(device)  # a constant traced on the CPU, for this device
             made[key] = (
                 nn.Parameter(local, requires_grad=src.requires_grad)
                 if isinstance(t, nn.Parameter)

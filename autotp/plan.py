@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ops
+from .adapter import collects as _collects
 from .errors import AutoTPError, module_path, source_line
 from .match import LinearInfo, Match, find_embeddings, find_linears, match
 from .rewrite import rewrite
@@ -330,11 +331,6 @@ _HOOKS = {  # a module's hook dicts, and what each holds
     "_backward_hooks": "backward hook",
 }
 HOOK_KINDS = tuple(_HOOKS)
-
-
-def _collects(hook: object) -> bool:
-    """A hook transformers installs to collect hidden states or attentions."""
-    return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
 
 
 def _check_hooks(model: nn.Module, gm: fx.GraphModule, prop: Propagation) -> None:
