@@ -73,7 +73,8 @@ def _load(rank: int, world: int, who: str, size: str, folder: str) -> dict:
         out = model(input_ids=ids, use_cache=True)
         t2 = time.perf_counter()
         token = out.logits[:, -1:].argmax(-1)
-        model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        key = "cache" if hasattr(out, "cache") else "past_key_values"  # transformers >= 5.25
+        model(input_ids=token, use_cache=True, **{key: getattr(out, key)})
         t3 = time.perf_counter()
         model(input_ids=ids, use_cache=True)  # the same prompt again: planned
         t4 = time.perf_counter()
