@@ -126,8 +126,11 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
         return VocabRegions(None, None, {}, "not a transformers model")
     inner_path, inner = found
     prefix = inner_path + "." if inner_path else ""
-    emb = inner.get_input_embeddings()
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    try:  # a model without a token vocabulary (audio, vision) raises NotImplementedError
+        emb = inner.get_input_embeddings()
+        head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    except (NotImplementedError, AttributeError):
+        return VocabRegions(None, None, {}, "the model declares no input embedding")
     if not isinstance(emb, nn.Embedding):
         return VocabRegions(None, None, {}, "the input embedding is not an nn.Embedding")
     emb_paths = _paths(model, emb)

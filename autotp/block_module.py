@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .adapter import collecting_inside, is_cache, self_cache
 from .block_calls import BlockCall, cache_index, call_module, modes, take_apart
-from .block_state import BlockState, SerialAttributeError, cut_serial_state, twin
+from .block_state import TRACED_ON, BlockState, SerialAttributeError, cut_serial_state, twin
 from .comm import Comm, ProcessGroupComm
 from .dcp_shards import shard_states
 from .errors import AutoTPError
@@ -270,6 +270,7 @@ class BlockTP(nn.Module):
                     module, plan.traced.gm, plan.graph, plan.splits, comm.rank, self.tp, comm, plan,
                     self._class_name(comm.rank), random.seed, local=local, random=random,
                     device=next(iter(local.values())).device if local else None,
+                    traced_on=TRACED_ON,
                 ))  # fmt: skip
             graphs[key] = ranks[0] if len(ranks) == 1 else SimulatedTP(ranks)
         return graphs[key]

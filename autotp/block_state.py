@@ -157,12 +157,15 @@ def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str)
     return root
 
 
+TRACED_ON = torch.device("cpu")  # where a block's call patterns are traced (`_unfilled`)
+
+
 def _unfilled(shape: Any, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor never written: its pages are never touched, so it costs no memory.
     Tracing (torch.export fakes every input and weight) reads no value of it, and a
     tensor the block makes from a Python number while traced (torch.tensor(finfo.min,
     device=x.device)) keeps its value, which a meta tensor would lose."""
-    return torch.empty(shape, dtype=dtype, device="cpu")
+    return torch.empty(shape, dtype=dtype, device=TRACED_ON)
 
 
 def tensor_shapes(block: nn.Module) -> dict[str, torch.Size]:

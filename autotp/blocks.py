@@ -437,20 +437,25 @@ def build_regions(
 
 _HOOK_DICTS = (*HOOK_KINDS, "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks_with_kwargs")  # fmt: skip
+_HOOK_FLAGS = ("_is_full_backward_hook",)  # which backward hooks nn.Module calls
 
 
-def _carry_hooks(block: nn.Module, memo: dict[int, Any]) -> dict[str, dict]:
-    """The hooks on `block` itself (not those transformers installs to collect outputs,
-    which it installs again), for its parallel block: it takes the same inputs and
-    returns the same outputs. Handles the user holds, copied with the model, remove
-    them from the parallel block (`memo` maps each dict to its copy)."""
-    out: dict[str, dict] = {}
+def _carry_hooks(block: nn.Module, memo: dict[int, Any]) -> dict[str, Any]:
+    """The forward and backward hooks on `block` itself (not those transformers installs
+    to collect outputs, which it installs again), for its parallel block: it takes the
+    same inputs and returns the same outputs. Handles stored in the model (copied with
+    it) remove them from the parallel block (`memo` maps each dict to its copy); a
+    handle the user holds acts on the user's model only."""
+    out: dict[str, Any] = {}
     for attr in _HOOK_DICTS:
         given = getattr(block, attr)
         keep = type(given)(
             (k, v) for k, v in given.items() if attr not in HOOK_KINDS or not _collects(v)
         )
         memo[id(given)] = out[attr] = keep
+    for attr in _HOOK_FLAGS:
+        if attr in block.__dict__:
+            out[attr] = block.__dict__[attr]
     return out
 
 

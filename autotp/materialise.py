@@ -227,6 +227,7 @@ def build_rank_module(
     device: torch.device | None = None,
     random: RankRandom | None = None,
     init: Callable[[str, torch.Tensor], None] | None = None,
+    traced_on: torch.device | None = None,
 ) -> fx.GraphModule:
     """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors.
     `source` is the traced graph module (sharing `model`'s tensors): the graph's module and
@@ -236,9 +237,10 @@ def build_rank_module(
     `init`: a model on the meta device without weights has each tensor filled whole by
     `init(name, tensor)` (e.g. its `init_parameter`) and cut, one at a time.
     `device`: where the rank runs (default: the model's; the CPU for a model on the meta
-    device): tensors a graph traced on meta creates are created there instead."""
+    device): tensors a graph traced on meta (or on `traced_on`) creates are created there
+    instead."""
     device = device or _device_of(model)
-    graph = _created_on(graph, device)
+    graph = _created_on(graph, device, traced_on)
     given = local or {}
     # the tensors to cut, by name: `model`'s own, also when the plan's graph module shares
     # the tensors of another instance it was planned on (a plan made on the meta device)
@@ -381,22 +383,28 @@ def _copy_modes(model: nn.Module, gm: fx.GraphModule) -> None:
             gm.get_submodule(str(n.target)).training = serial[owner].training
 
 
-def _created_on(graph: fx.Graph, device: torch.device) -> fx.Graph:
-    """`graph`, or a copy whose ops that create or move tensors onto the meta device
-    (torch.export writes the device it traced on into `arange`, `full`, `to`) use
-    `device` instead."""
-    meta = torch.device("meta")
+def _created_on(
+    graph: fx.Graph, device: torch.device, traced_on: torch.device | None = None
+) -> fx.Graph:
+    """`graph`, or a copy whose ops that create or move tensors onto the meta device, or
+    onto `traced_on` (torch.export writes the device it traced on into `arange`, `full`,
+    `to`), use `device` instead."""
+    device = torch.device(device)
+    swapped = {torch.device("meta"), *([torch.device(traced_on)] if traced_on else [])}
+    swapped.discard(device)
 
     def on_meta(n: fx.Node) -> bool:
-        return any(a == meta for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.device))
+        return any(
+            a in swapped for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.device)
+        )
 
-    if device == meta or not any(on_meta(n) for n in graph.nodes):
+    if not swapped or not any(on_meta(n) for n in graph.nodes):
         return graph
     out = fx.Graph()
     out._codegen = graph._codegen
     env: dict[fx.Node, fx.Node] = {}
     out.output(out.graph_copy(graph, env))
-    swap = lambda a: device if isinstance(a, torch.device) and a == meta else a  # noqa: E731
+    swap = lambda a: device if isinstance(a, torch.device) and a in swapped else a  # noqa: E731
     for n in out.nodes:
         if on_meta(n):
             n.args = tuple(swap(a) for a in n.args)

@@ -94,6 +94,18 @@ def _the_regions(
     return tp
 
 
+def _region_options(form: str, vocab: VocabOptions | None, frontend: str) -> None:
+    """Refuse options a RegionPlan cannot take (it is the block form's plan)."""
+    given = {"form": form not in ("auto", "blocks"), "vocab": vocab is not None,
+             "frontend": frontend != "auto"}  # fmt: skip
+    if any(given.values()):
+        names = ", ".join(k for k, v in given.items() if v)
+        raise AutoTPError(
+            f"a RegionPlan is the block form's plan: {names} cannot apply to it\n  hint:   "
+            'plan with autotp.plan(model, tp, form="graph", ...) for the whole-graph form'
+        )
+
+
 def parallelize(
     model: nn.Module,
     tp: int | Plan | RegionPlan,
@@ -160,6 +172,8 @@ def parallelize(
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
+    if isinstance(given, RegionPlan):
+        _region_options(form, vocab, frontend)
     if isinstance(given, RegionPlan) or _blocks(model, given, form, vocab, sequence_parallel):
         regions = _the_regions(model, given, example_inputs, rules, strict, sequence_parallel)
         if isinstance(comm, ProcessGroupComm) and tp > 1:
@@ -226,6 +240,8 @@ def simulate(
     concatenated and trimmed. `form`, `weights` and `sequence_parallel` as in
     `parallelize`."""
     source = _weights(model, weights)
+    if isinstance(tp, RegionPlan):
+        _region_options(form, vocab, frontend)
     if isinstance(tp, RegionPlan) or _blocks(model, tp, form, vocab, sequence_parallel):
         regions = _the_regions(model, tp, example_inputs, rules, strict, sequence_parallel)
         seed = torch.initial_seed() % 2**62

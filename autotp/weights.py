@@ -16,6 +16,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -128,8 +129,8 @@ class Weights:
         """A whole tensor, or a shard that is one run of rows, in the file's dtype: mapped
         privately (copy-on-write) rather than copied, so that it costs no private memory
         until written, as transformers' own TP loads such shards. None otherwise."""
-        if name in self._converted or not shape:
-            return None
+        if name in self._converted or not shape or sys.byteorder != "little":
+            return None  # safetensors stores little-endian bytes
         lo, hi = 0, shape[0]
         if spec is not None:
             pieces = spec.pieces(spec.padded or shape[0])
@@ -226,9 +227,12 @@ class _Layout:
         if length == 0:
             return None
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with open(self.file, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), offset - aligned + length, offset=aligned,
-                               access=mmap.ACCESS_COPY)  # fmt: skip
+        try:
+            with open(self.file, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), offset - aligned + length, offset=aligned,
+                                   access=mmap.ACCESS_COPY)  # fmt: skip
+        except OSError:  # out of maps (vm.max_map_count): copied instead
+            return None
         flat = torch.frombuffer(mapped, dtype=dtype, count=length // dtype.itemsize,
                                 offset=offset - aligned)  # fmt: skip
         return flat.view(hi - lo, *shape[1:])

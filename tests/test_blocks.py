@@ -174,28 +174,55 @@ def test_what_a_parallel_layer_cannot_give_is_refused() -> None:
 
 
 def test_hooks_on_a_layer_and_the_embedding_come_along() -> None:
-    """A hook on a layer or on the input embedding (gradient checkpointing's, which makes
-    the embedding's output require grad) sees what it sees in the serial model, and the
-    handle the user holds removes it from the parallel model too."""
+    """A forward hook on a layer, a full backward hook on a layer and on the head, and the
+    hook gradient checkpointing puts on the input embedding (its output then requires
+    grad) see in the parallel model what they see in the serial one. The handle stored in
+    the model (transformers') removes its hook from the parallel model; the dicts are
+    the parallel model's own."""
     model = _model("llama", 2)
     seen: dict[str, list[torch.Tensor]] = {"serial": [], "parallel": []}
     where = ["serial"]
-    handle = model.model.layers[1].register_forward_hook(
+    model.model.layers[1].register_forward_hook(
         lambda m, a, out: seen[where[0]].append(out[0] if isinstance(out, tuple) else out)
     )
+    for module in (model.model.layers[1], model.lm_head):
+        module.register_full_backward_hook(lambda m, gi, go: seen[where[0]].append(go[0]))
     model.enable_input_require_grads()
     sim = autotp.simulate(model, 2)
     x = _batch()
-    model(**x)
+    seen["serial"].clear()
+    model(**x).logits.sum().backward()
     where[0] = "parallel"
     out = sim(**x)
-    assert len(seen["parallel"]) == 1
-    assert (seen["serial"][-1] - seen["parallel"][0]).abs().max() < 1e-12
+    out.logits.sum().backward()
+    assert len(seen["parallel"]) == len(seen["serial"]) == 3  # forward, head, layer
+    for a, b in zip(seen["serial"], seen["parallel"], strict=True):
+        assert (a - b).abs().max() < 1e-12
     assert out.logits.requires_grad
-    sim.disable_input_require_grads()
+    sim.disable_input_require_grads()  # the handle copied with the model
+    assert not sim.model.embed_tokens._forward_hooks
+    assert model.model.embed_tokens._forward_hooks  # the user's model keeps its own
     sim.model.layers[1]._forward_hooks.clear()
-    assert len(model.model.layers[1]._forward_hooks) == 1  # the user's model keeps its own
-    handle.remove()
+    assert len(model.model.layers[1]._forward_hooks) == 1
+
+
+def test_a_transformers_model_without_a_vocabulary() -> None:
+    """An audio encoder (no token embedding: get_input_embeddings raises) is split layer
+    by layer, and its plan says why nothing is split along a vocabulary."""
+    torch.manual_seed(0)
+    cfg = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, hidden_dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0,
+    )  # fmt: skip
+    model = transformers.Wav2Vec2Model(cfg).double().eval()
+    x = {"input_values": torch.randn(2, 400, dtype=torch.double)}
+    plan = autotp.plan(model, 2, x)
+    assert [r.kind for r in plan.regions] == ["layer", "layer"]
+    assert any("no input embedding" in n for n in plan.notes())
+    assert_equivalent(model, x, 2, atol=1e-10,
+                      parallel=lambda m, t, xs: autotp.simulate(m, plan))  # fmt: skip
 
 
 def test_converting_dtype_after_building_follows() -> None:
@@ -257,3 +284,24 @@ def test_an_encoder_decoder_generates_on_gloo_ranks() -> None:
     for got, want, keys in run_on_gloo(_encoder_decoder_on_rank, 2):
         assert got == want and len(set(got[0])) > 1  # the serial tokens, not one repeated
         assert keys[1] == 2  # this rank's 2 of the 4 heads
+
+
+def test_tensors_a_layer_creates_follow_it_to_its_device() -> None:
+    """A layer is traced on the CPU (unfilled tensors: no memory), so its graph creates
+    T5's relative-position buckets with device=cpu; built for another device, every such
+    op creates there instead (checked on the graph: no GPU here)."""
+    from autotp.block_state import TRACED_ON
+    from autotp.materialise import _created_on
+
+    plan = autotp.plan(_encoder_decoder("t5"), 2)
+    graph = plan.regions[0].plan.graph
+
+    def devices(g: torch.fx.Graph) -> set[torch.device]:
+        return {a for n in g.nodes for a in (*n.args, *n.kwargs.values())
+                if isinstance(a, torch.device)}  # fmt: skip
+
+    assert TRACED_ON in devices(graph)
+    assert devices(_created_on(graph, torch.device("cuda", 0), TRACED_ON)) == {
+        torch.device("cuda", 0)
+    }
+    assert _created_on(graph, TRACED_ON, TRACED_ON) is graph  # where it runs: unchanged
