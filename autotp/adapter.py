@@ -82,21 +82,26 @@ def is_block_model(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class VocabRegions:
-    """The model's vocabulary modules as regions: `embedding` (the input embedding's path)
-    and `head` (the smallest module holding the output head and every other name of its
+    """The model's vocabulary modules as regions: `embeddings` (every nn.Embedding holding
+    the input embedding's table: an encoder-decoder's shared table sits in three) and
+    `head` (the smallest module holding the output head and every other name of its
     tensors, e.g. BERT's `cls.predictions`, whose bias is the head's; None without a head
     or when it cannot be isolated). `tables`: per region, the weights (by their name in
     the region) that the model declares as vocabulary tables. `note`: why a part stays
     whole."""
 
-    embedding: str | None
+    embeddings: tuple[str, ...]
     head: str | None
     tables: dict[str, frozenset[str]]
     note: str = ""
 
     @property
     def regions(self) -> tuple[str, ...]:
-        return tuple(p for p in (self.embedding, self.head) if p is not None)
+        return (*self.embeddings, *([self.head] if self.head is not None else []))
+
+
+def _whole(note: str) -> VocabRegions:
+    return VocabRegions((), None, {}, note)
 
 
 def _paths(model: nn.Module, target: nn.Module) -> list[str]:
@@ -123,27 +128,28 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
     of a tensor it splits lies in a vocabulary region."""
     found = transformers_model(model)
     if found is None:
-        return VocabRegions(None, None, {}, "not a transformers model")
+        return _whole("not a transformers model")
     inner_path, inner = found
     prefix = inner_path + "." if inner_path else ""
     try:  # a model without a token vocabulary (audio, vision) raises NotImplementedError
         emb = inner.get_input_embeddings()
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     except (NotImplementedError, AttributeError):
-        return VocabRegions(None, None, {}, "the model declares no input embedding")
+        return _whole("the model declares no input embedding")
     if not isinstance(emb, nn.Embedding):
-        return VocabRegions(None, None, {}, "the input embedding is not an nn.Embedding")
-    emb_paths = _paths(model, emb)
-    if len(emb_paths) != 1:
-        return VocabRegions(
-            None, None, {}, f"the input embedding is reached by {len(emb_paths)} paths "
-            f"({', '.join(emb_paths)}): it stays whole"
-        )  # fmt: skip
-    embedding = emb_paths[0]
+        return _whole("the input embedding is not an nn.Embedding")
+    holders = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is emb.weight]
+    embeddings = []
+    for m in holders:  # an encoder-decoder's shared table: one module per user, one weight
+        paths = _paths(model, m)
+        if len(paths) != 1:
+            return _whole(f"an embedding is reached by {len(paths)} paths ({', '.join(paths)})")
+        embeddings.append(paths[0])
     names: dict[int, list[str]] = {}
     for n, t in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(t), []).append(n)
-    tables = {embedding: frozenset({"layer.weight"})}
+    tables = {e: frozenset({"layer.weight"}) for e in embeddings}
+    in_embedding = lambda n: any(_inside(n, e) for e in embeddings)  # noqa: E731
     head_path = None
     note = ""
     if isinstance(head, nn.Linear) and head.out_features == emb.num_embeddings:
@@ -151,7 +157,7 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
         if len(paths) == 1:
             outside = [
                 n for t in head.parameters() for n in names[id(t)]
-                if not _inside(n, paths[0]) and not _inside(n, embedding)
+                if not _inside(n, paths[0]) and not in_embedding(n)
             ]  # fmt: skip
             region = _common([paths[0], *[n.rpartition(".")[0] for n in outside]])
             if (
@@ -170,10 +176,10 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
         note = f"the output head ({type(head).__name__}) is not a linear over the vocabulary"
     # a tensor of a region that is also named outside every region stays whole: the
     # regions' split copies would leave the other name holding the serial one
-    regions = [p for p in (embedding, head_path) if p is not None]
+    regions = [*embeddings, *([head_path] if head_path else [])]
     for path in regions:
         for t in model.get_submodule(path).parameters():
             stray = [n for n in names[id(t)] if not any(_inside(n, r) for r in regions)]
             if stray:
-                return VocabRegions(None, None, {}, f"{stray[0]} is a vocabulary tensor too")
-    return VocabRegions(embedding, head_path, tables, note)
+                return _whole(f"{stray[0]} is a vocabulary tensor too")
+    return VocabRegions(tuple(embeddings), head_path, tables, note)

@@ -350,13 +350,14 @@ def plan_regions(
     if "use_cache" in inspect.signature(runner.forward).parameters:
         inputs.setdefault("use_cache", False)
     calls = _calls(model, runner, inputs, paths, vocab.regions, prefix)
-    if any(p not in calls for p in vocab.regions):  # not called (inputs_embeds given)
-        vocab = VocabRegions(None, None, {}, "the example call did not use the vocabulary")
-    kinds = {vocab.embedding: "embedding", vocab.head: "head"}
+    vocab = _called(vocab, calls, model)
+    kinds = {**dict.fromkeys(vocab.embeddings, "embedding"), vocab.head: "head"}
     by_structure: dict[tuple, _Patterns] = {}
     regions = []
     for path in [*paths, *vocab.regions]:
         if path not in calls:
+            if path in vocab.embeddings:  # a holder of the table the model never calls
+                continue
             raise AutoTPError(f"the model did not call its block {path} on the example inputs")
         block = model.get_submodule(path)
         a, k = calls[path]
@@ -374,8 +375,28 @@ def plan_regions(
                           local=False, state=BlockState([block], path, block).key)  # fmt: skip
         regions.append(Region(path, kinds.get(path, "layer"), type(block), patterns, shapes,
                               _aliases(block)))  # fmt: skip
+    for path in vocab.embeddings:  # planned like a called holder of one structure
+        if path not in calls:
+            block = model.get_submodule(path)
+            like = next(r for r in regions if r.kind == "embedding" and
+                        _structure(model.get_submodule(r.path)) == _structure(block))  # fmt: skip
+            regions.append(Region(path, "embedding", type(block), like.patterns,
+                                  tensor_shapes(block), _aliases(block)))  # fmt: skip
     return RegionPlan(type(model).__name__, tp, tuple(regions), vocab, model_signature(model),
                       sequence_parallel)  # fmt: skip
+
+
+def _called(vocab: VocabRegions, calls: dict, model: nn.Module) -> VocabRegions:
+    """`vocab` if the example call used it: its head, and an embedding holding the table
+    of each structure among them (another holder is then planned like it, and plans its
+    own call if the model ever makes one); else nothing split along the vocabulary."""
+    if vocab.head is not None and vocab.head not in calls:
+        return VocabRegions((), None, {}, "the example call did not use the output head")
+    shapes = {_structure(model.get_submodule(p)) for p in vocab.embeddings}
+    used = {_structure(model.get_submodule(p)) for p in vocab.embeddings if p in calls}
+    if vocab.embeddings and shapes != used:  # inputs_embeds given, or a holder unlike them
+        return VocabRegions((), None, {}, "the example call did not use the input embedding")
+    return vocab
 
 
 def _aliases(block: nn.Module) -> tuple[tuple[str, ...], ...]:

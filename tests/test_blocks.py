@@ -258,13 +258,22 @@ def test_an_encoder_decoder_with_its_default_cache_equals_serial(name: str) -> N
     """Planned from nothing but the model (its decoder is given ids too); called as users
     train it (labels, the default EncoderDecoderCache) and generating greedily and with
     beams, it gives the serial model's logits and tokens. Each rank's cache holds its own
-    heads of the decoder's keys; the encoder's are recomputed at each step."""
+    heads of the decoder's keys; the encoder's are recomputed at each step. The shared
+    vocabulary table (the model's, the encoder's and the decoder's embedding, and the
+    tied head) is one shard per rank."""
     model = _encoder_decoder(name)
     sim = autotp.simulate(model, 2)
+    base = sim.model if name == "bart" else sim
+    tables = [base.shared, base.encoder.embed_tokens, base.decoder.embed_tokens, sim.lm_head]
+    for r in range(2):
+        assert len({id(t.ranks[r].weight) for t in tables}) == 1
+        assert tables[0].ranks[r].weight.shape[0] == 256 // 2  # 97 padded to 128 x tp
     ids = _batch(pad=False)["input_ids"]
     with torch.no_grad():
         got, want = sim(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
     assert (got.logits - want.logits).abs().max() < 1e-10
+    full = autotp.full_state_dict(sim)
+    assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
     for beams in (1, 2):
         kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "num_beams": beams}
         assert torch.equal(sim.generate(ids, **kw), model.generate(ids, **kw))
