@@ -139,17 +139,17 @@ def test_a_transformers_model_continues_from_its_cache() -> None:
 
 
 def test_generate_of_a_transformers_run_uses_the_cache(tmp_path: Path, capfd) -> None:
-    """A run of a transformers model (trained in the whole-graph form) generates through
-    the plan autotp.plan gives it, with the cache: the greedy text equals the one the
-    serial model gives over the whole window."""
+    """A run of a transformers model (trained at tp=2 with sequence parallelism, in the
+    whole-graph form) generates through the plan autotp.plan gives it, with the cache:
+    the greedy text equals the one the serial model gives over the whole window."""
     pytest.importorskip("transformers")
     from autotp.run.checkpoint import serial_model
 
     (tmp_path / "hf_bytes.py").write_text(HF_BYTES)
-    cfg = TrainConfig(model=f"{tmp_path}/hf_bytes.py:tiny", tp=1, steps=2, batch=4, seq=32,
-                      warmup=1, lr=1e-2, dtype="float64", progress=False, eval_batches=0,
-                      ckpt_dir=str(tmp_path / "run"))  # fmt: skip
-    run_on_gloo(_fit, 1, cfg)
+    cfg = TrainConfig(model=f"{tmp_path}/hf_bytes.py:tiny", tp=2, sp=True, steps=2, batch=4,
+                      seq=32, warmup=1, lr=1e-2, dtype="float64", progress=False,
+                      eval_batches=0, ckpt_dir=str(tmp_path / "run"))  # fmt: skip
+    run_on_gloo(_fit, 2, cfg)
     capfd.readouterr()
     argv = ["generate", str(tmp_path / "run"), "--prompt", "import ", "--tokens", "12",
             "--temperature", "0"]  # fmt: skip
