@@ -6,7 +6,7 @@ left replicated, the front-end used, and whether transformers ships a tp_plan fo
 Then the totals per verdict, the details of every row that needs a look, and the sizes.
 
     python bench/hf_coverage.py [--tp 2 4] [--only gpt2 llama ...] [--markdown]
-                                [--form blocks|graph]
+                                [--form blocks|graph] [--sp]
 
 --form blocks (default): the plan `autotp.plan` and `parallelize` give a transformers
 model (its regions: each repeated layer, the input embedding and the output head, the
@@ -245,7 +245,7 @@ def failure(e: Exception) -> tuple[str, str]:
     return f"crash: {type(e).__name__}", traceback.format_exc(limit=-4)
 
 
-def run_row(arch: str, tp: int, form: str = "graph") -> Row:
+def run_row(arch: str, tp: int, form: str = "graph", sp: bool = False) -> Row:
     row = Row(arch, tp)
     try:
         model, x, cfg = build(arch)
@@ -258,7 +258,7 @@ def run_row(arch: str, tp: int, form: str = "graph") -> Row:
     row.tp_plan = bool(getattr(cfg, "base_model_tp_plan", None))
     try:
         t = time.perf_counter()
-        plan = autotp.plan(model, tp, x, form=form)
+        plan = autotp.plan(model, tp, x, form=form, sequence_parallel=sp)
         row.plan_s = time.perf_counter() - t
     except Exception as e:  # noqa: BLE001 - a row, not the table
         row.verdict, row.detail = failure(e)
@@ -345,6 +345,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", metavar="NAME", choices=ARCHS, default=list(ARCHS))
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--form", choices=("blocks", "graph"), default="blocks")
+    ap.add_argument("--sp", action="store_true", help="plan with sequence_parallel=True")
     args = ap.parse_args()
 
     import transformers
@@ -354,7 +355,7 @@ def main() -> None:
     rows = []
     for arch in args.only:
         for tp in args.tp:
-            rows.append(run_row(arch, tp, args.form))
+            rows.append(run_row(arch, tp, args.form, args.sp))
             print(f"  {arch} tp={tp}: {rows[-1].verdict}", flush=True)
     print()
     print_table(rows, args.markdown)

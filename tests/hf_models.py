@@ -10,7 +10,7 @@ transformers.logging.set_verbosity_error()
 # HF casts to float32 inside the model (GPT-2's and Llama's loss upcast logits with
 # .float(); Llama's RMSNorm computes in float32), so in float64 those values carry float32
 # rounding in the serial model too: compare them relatively at float32 precision.
-RTOL_FLOAT32_INSIDE = {"gpt2": 1e-6, "llama": 1e-6, "bert": 0.0, "bert-mlm": 0.0}
+RTOL_FLOAT32_INSIDE = {"gpt2": 1e-6, "llama": 1e-6, "qwen2": 1e-6, "bert": 0.0, "bert-mlm": 0.0}
 
 
 def build(name: str, *, layers: int = 2, heads: int = 4, kv_heads: int | None = None,
@@ -39,6 +39,13 @@ def build(name: str, *, layers: int = 2, heads: int = 4, kv_heads: int | None = 
             max_position_embeddings=64, use_cache=False, **common,
         )  # fmt: skip
         return transformers.LlamaForCausalLM(cfg)
+    if name == "qwen2":
+        cfg = transformers.Qwen2Config(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+            max_position_embeddings=64, use_cache=False, **common,
+        )  # fmt: skip
+        return transformers.Qwen2ForCausalLM(cfg)
     raise ValueError(name)
 
 

@@ -178,6 +178,25 @@ def _llama_sp() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config).double().eval()
 
 
+@pytest.mark.parametrize(
+    ("name", "tp", "kv"),
+    [("gpt2", 2, None), ("llama", 4, 2), ("qwen2", 2, 2), ("bert-mlm", 2, None)],
+)
+def test_the_block_form_with_sequence_parallelism_equals_serial(name, tp, kv) -> None:
+    """GPT-2, Llama with fewer key/value heads than ranks, Qwen2 and BERT-MLM, planned by
+    regions with sequence parallelism inside each layer: outputs, loss, every gradient and
+    a step equal serial in float64 (float32 inside some of them, as serially)."""
+    pytest.importorskip("transformers")
+    from hf_models import RTOL_FLOAT32_INSIDE, build, inputs
+
+    model = build(name, kv_heads=kv).double()
+    x = inputs(name)
+    plan = autotp.plan(model, tp, x, form="blocks", sequence_parallel=True)
+    assert plan.sequence_parallel and {r.kind for r in plan.regions} >= {"layer", "embedding"}
+    assert_equivalent(model, x, tp, atol=1e-10, rtol=RTOL_FLOAT32_INSIDE[name],
+                      parallel=lambda m, t, xs: autotp.simulate(m, plan))  # fmt: skip
+
+
 def _block_sp_on_rank(rank: int, world: int) -> tuple[float, float]:
     model = _llama_sp()
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
