@@ -1,11 +1,13 @@
-"""The block form: a model that keeps its own Python, with each repeated block (a
-transformers model's decoder layers) replaced by its tensor-parallel form.
+"""The block form: a model that keeps its own Python, with each of its regions (the
+blocks: a transformers model's decoder layers, and its input embedding and output head,
+split along the vocabulary: see adapter.vocab_regions) replaced by its tensor-parallel
+form. `plan_regions` makes the RegionPlan (regions.py), `build_regions` the module.
 
 `parallelize` and `simulate` use it for Hugging Face models: everything around the blocks
-(embeddings, masks, the cache, the loss, the output type, `generate()`) stays the model's
-own code, replicated, so the parallel model takes every keyword the serial one takes and
-returns what it returns. Inside a block everything is as in the graph form: traced,
-matched, proven, rewritten.
+(position tables, masks, the cache, the loss, the output type, `generate()`) stays the
+model's own code, replicated, so the parallel model takes every keyword the serial one
+takes and returns what it returns. Inside a block everything is as in the graph form:
+traced, matched, proven, rewritten.
 
 A block is called in several ways: with or without a cache, with a mask or none, one new
 token or a prompt. Each way (a *call pattern*: which arguments are given, their constant
