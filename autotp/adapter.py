@@ -13,6 +13,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from .tensor_names import names_by_tensor
+
 __all__ = [
     "transformers_model", "is_block_model", "VocabRegions", "vocab_regions", "is_cache",
     "is_encoder_decoder", "self_cache", "collects", "collecting_inside", "drop_collectors",
@@ -145,9 +147,7 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
         if len(paths) != 1:
             return _whole(f"an embedding is reached by {len(paths)} paths ({', '.join(paths)})")
         embeddings.append(paths[0])
-    names: dict[int, list[str]] = {}
-    for n, t in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(t), []).append(n)
+    names = names_by_tensor(model, buffers=False)
     tables = {e: frozenset({"layer.weight"}) for e in embeddings}
     in_embedding = lambda n: any(_inside(n, e) for e in embeddings)  # noqa: E731
     head_path = None

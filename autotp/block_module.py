@@ -23,6 +23,7 @@ from .random import RankRandom
 from .sharding import Shard
 from .simulate import SimulatedTP
 from .sites import record
+from .tensor_names import names_by_tensor, with_every_name
 
 __all__ = ["BlockTP"]
 
@@ -126,16 +127,8 @@ class BlockTP(nn.Module):
         if first is None:
             return {}
         named = {k.removeprefix("layer."): v for k, v in first.splits.items()}
-        by_tensor: dict[int, list[str]] = {}  # a tensor under two names (BERT's head bias)
-        shell = self._autotp_shells[0]
-        for n, t in [*shell.named_parameters(remove_duplicate=False),
-                     *shell.named_buffers(remove_duplicate=False)]:  # fmt: skip
-            by_tensor.setdefault(id(t), []).append(n)
-        for aliases in by_tensor.values():
-            spec = next((named[n] for n in aliases if n in named), None)
-            if spec is not None:
-                named.update(dict.fromkeys(aliases, spec))
-        return named
+        # a tensor under two names (BERT's head bias) is split under both
+        return with_every_name(named, names_by_tensor(self._autotp_shells[0]).values())
 
     def _apply(self, fn: Callable, recurse: bool = True) -> BlockTP:  # .to(), .double()
         self._autotp_graphs.clear()  # rebuilt over the converted tensors

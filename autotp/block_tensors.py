@@ -12,6 +12,7 @@ import torch.nn as nn
 from .errors import AutoTPError
 from .materialise import _fresh_module, as_like, gather_over, rank_shard
 from .sharding import Shard
+from .tensor_names import names_by_tensor
 from .weights import Weights, fill_buffers, init_missing
 
 _log = logging.getLogger("autotp")
@@ -31,24 +32,19 @@ def shell(
     blocks hold (a tied embedding and output head) stays one; it must be split alike.
     `names_of`: every name of a serial tensor in the model (the file may hold any)."""
     made: dict[int, tuple[Shard | None, torch.Tensor]] = {} if shared is None else shared
-    names: dict[int, str] = {}
-    for n, t in [*block.named_parameters(remove_duplicate=False),
-                 *block.named_buffers(remove_duplicate=False)]:  # fmt: skip
-        names.setdefault(id(t), n)
-    specs = {id(t): splits.get(n) for n, t in [
-        *block.named_parameters(remove_duplicate=False),
-        *block.named_buffers(remove_duplicate=False)] if splits.get(n) is not None}  # fmt: skip
+    names = names_by_tensor(block)
 
     def new_tensor(t: torch.Tensor) -> torch.Tensor:
-        spec = specs.get(id(t))
+        mine = names.get(id(t), [""])
+        spec = next((splits[n] for n in mine if n in splits), None)
         if id(t) not in made:
-            name = f"{path}.{names.get(id(t), '')}"
+            name = f"{path}.{mine[0]}"
             every = (names_of or {}).get(id(t)) or [name]
             local = rank_shard(t, every, spec, rank, tp, weights)
             made[id(t)] = (spec, as_like(t, local))
         elif made[id(t)][0] != spec:
             raise AutoTPError(
-                f"{path}.{names.get(id(t))} is split {spec or 'not at all'} here but "
+                f"{path}.{mine[0]} is split {spec or 'not at all'} here but "
                 f"{made[id(t)][0] or 'not at all'} where the model holds it too (a tied "
                 "tensor): its blocks must split it alike\n  hint:   untie the weights, or "
                 "report it"

@@ -66,6 +66,7 @@ from .random import RankRandom
 from .regions import Region, RegionPlan
 from .rule import Rule
 from .sharding import Shard, VocabOptions
+from .tensor_names import names_by_tensor
 from .tools import tools_aside
 from .trace import _dispatched
 from .weights import Weights
@@ -403,11 +404,7 @@ def _called(vocab: VocabRegions, calls: dict, model: nn.Module) -> VocabRegions:
 
 def _aliases(block: nn.Module) -> tuple[tuple[str, ...], ...]:
     """The names of each tensor of `block` that has several."""
-    names: dict[int, list[str]] = {}
-    for n, t in [*block.named_parameters(remove_duplicate=False),
-                 *block.named_buffers(remove_duplicate=False)]:  # fmt: skip
-        names.setdefault(id(t), []).append(n)
-    return tuple(tuple(v) for v in names.values() if len(v) > 1)
+    return tuple(tuple(v) for v in names_by_tensor(block).values() if len(v) > 1)
 
 
 def build_regions(
@@ -428,10 +425,7 @@ def build_regions(
     drop_collectors(copied)
     if weights is not None:
         load_outside(copied, model, weights, tuple(p + "." for p in blocks))
-    names_of: dict[int, list[str]] = {}  # every name of a tensor: a file may hold any
-    for n, t in [*model.named_parameters(remove_duplicate=False),
-                 *model.named_buffers(remove_duplicate=False)]:  # fmt: skip
-        names_of.setdefault(id(t), []).append(n)
+    names_of = names_by_tensor(model)  # every name of a tensor: a file may hold any
     shared: list[dict] = [{} for _ in comms]  # per rank: a tensor two blocks hold is one
     randoms = [RankRandom(seed, c.rank) for c in comms]  # one stream set per rank, shared
     for region in plan.regions:

@@ -94,18 +94,6 @@ def _the_regions(
     return tp
 
 
-def _region_options(form: str, vocab: VocabOptions | None, frontend: str) -> None:
-    """Refuse options a RegionPlan cannot take (it is the block form's plan)."""
-    given = {"form": form not in ("auto", "blocks"), "vocab": vocab is not None,
-             "frontend": frontend != "auto"}  # fmt: skip
-    if any(given.values()):
-        names = ", ".join(k for k, v in given.items() if v)
-        raise AutoTPError(
-            f"a RegionPlan is the block form's plan: {names} cannot apply to it\n  hint:   "
-            'plan with autotp.plan(model, tp, form="graph", ...) for the whole-graph form'
-        )
-
-
 def parallelize(
     model: nn.Module,
     tp: int | Plan | RegionPlan,
@@ -172,9 +160,7 @@ def parallelize(
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
-    if isinstance(given, RegionPlan):
-        _region_options(form, vocab, frontend)
-    if isinstance(given, RegionPlan) or _blocks(model, given, form, vocab, sequence_parallel):
+    if _blocks(model, given, form, vocab, sequence_parallel, frontend):
         regions = _the_regions(model, given, example_inputs, rules, strict, sequence_parallel)
         if isinstance(comm, ProcessGroupComm) and tp > 1:
             # each rank planned on its own; the model's Python runs whole on every rank,
@@ -240,9 +226,7 @@ def simulate(
     concatenated and trimmed. `form`, `weights` and `sequence_parallel` as in
     `parallelize`."""
     source = _weights(model, weights)
-    if isinstance(tp, RegionPlan):
-        _region_options(form, vocab, frontend)
-    if isinstance(tp, RegionPlan) or _blocks(model, tp, form, vocab, sequence_parallel):
+    if _blocks(model, tp, form, vocab, sequence_parallel, frontend):
         regions = _the_regions(model, tp, example_inputs, rules, strict, sequence_parallel)
         seed = torch.initial_seed() % 2**62
         comms = [SimulatedComm(regions.tp, r) for r in range(regions.tp)]  # type: ignore[arg-type]
@@ -270,11 +254,23 @@ def simulate(
 
 
 def _blocks(
-    model: nn.Module, tp: int | Plan, form: str, vocab: VocabOptions | None, sequence: bool
-) -> bool:
-    """Whether to parallelize `model` block by block (see `parallelize`'s `form`)."""
+    model: nn.Module, tp: int | Plan | RegionPlan, form: str, vocab: VocabOptions | None,
+    sequence: bool, frontend: str = "auto",
+) -> bool:  # fmt: skip
+    """Whether to parallelize `model` block by block (see `parallelize`'s `form`): always
+    from a RegionPlan, which refuses the whole graph's options."""
     if form not in ("auto", "graph", "blocks"):
         raise AutoTPError(f'form must be "auto", "graph" or "blocks", got {form!r}')
+    if isinstance(tp, RegionPlan):
+        given = {"form": form == "graph", "vocab": vocab is not None,
+                 "frontend": frontend != "auto"}  # fmt: skip
+        if any(given.values()):
+            names = ", ".join(k for k, v in given.items() if v)
+            raise AutoTPError(
+                f"a RegionPlan is the block form's plan: {names} cannot apply to it\n  hint:   "
+                'plan with autotp.plan(model, tp, form="graph", ...) for the whole-graph form'
+            )
+        return True
     graph_only = isinstance(tp, Plan) or vocab is not None
     if form == "blocks" and graph_only:
         raise AutoTPError(

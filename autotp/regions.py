@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 from .adapter import VocabRegions
 from .plan import Plan, check_signature
 from .sharding import Partial, Shard, is_split
+from .tensor_names import with_every_name
 
 __all__ = ["Region", "RegionPlan", "RegionKind"]
 
@@ -51,11 +52,7 @@ class Region:
     def splits(self) -> dict[str, Shard]:
         """Split tensors by their name in the region (every name of a tied tensor)."""
         named = {k.removeprefix("layer."): v for k, v in self.plan.splits.items()}
-        for names in self.aliases:
-            spec = next((named[n] for n in names if n in named), None)
-            if spec is not None:
-                named.update(dict.fromkeys(names, spec))
-        return named
+        return with_every_name(named, self.aliases)
 
     def boundary(self) -> tuple[list[str], list[str]]:
         """The placements of the region's inputs and outputs in its first plan: R
@@ -63,32 +60,29 @@ class Region:
         of (a layer's new keys and values, for its rank's cache). Split outputs the
         model's Python reads are gathered, and shown as R (gathered)."""
         p = self.plan
-        places = p.propagation.placements
+        prop = p.propagation
+        places = prop.placements
         ins = [_shown(places.get(n)) for n in p.traced.gm.graph.nodes if n.op == "placeholder"]
-        out = p.traced.gm.graph.output_node()
+        leaves = tree_flatten(p.traced.gm.graph.output_node().args[0])[0]
         outs = []
-        for n in tree_flatten(out.args[0])[0]:
-            placement = places.get(n) if isinstance(n, fx.Node) else None
+        for i, n in enumerate(leaves):
             if not isinstance(n, fx.Node):
                 outs.append("const")
-            elif n in p.propagation.gathers and _gathered(p, n):
+            elif (
+                n in prop.gathers
+                and prop.gather_outputs
+                and (i - len(leaves) not in prop.local_outputs)
+            ):
                 outs.append("R (gathered)")
-            elif isinstance(placement, Partial):  # summed (g) before it leaves
+            elif isinstance(places.get(n), Partial):  # summed (g) before it leaves
                 outs.append("R (summed)")
             else:
-                outs.append(_shown(placement))
+                outs.append(_shown(places.get(n)))
         return ins, outs
 
 
 def _shown(placement: Any) -> str:
     return "R" if placement is None or not is_split(placement) else str(placement)
-
-
-def _gathered(p: Plan, node: fx.Node) -> bool:
-    out = p.traced.gm.graph.output_node()
-    leaves = tree_flatten(out.args[0])[0]
-    position = leaves.index(node) - len(leaves)
-    return p.propagation.gather_outputs and position not in p.propagation.local_outputs
 
 
 @dataclass(frozen=True, eq=False)

@@ -329,7 +329,8 @@ class _OpRecorder(TorchDispatchMode):
 def _dispatched(model: torch.nn.Module, inputs: dict[str, Any]) -> list[str]:
     """The ops one forward dispatches, run on fake tensors (nothing computed); for a
     model on the meta device, on meta tensors, which is several times cheaper."""
-    if all(t.is_meta for t in model.parameters()) and any(True for _ in model.parameters()):
+    params = list(model.parameters())
+    if params and all(t.is_meta for t in params):
         try:
             return _dispatched_on_meta(model, inputs)
         except Exception:  # noqa: BLE001 - its Python reads a value: run it on fake tensors

@@ -102,17 +102,21 @@ class Weights:
                 "  hint:   pass the weights saved from this model's configuration"
             )
         shape = stored
-        rows = self._rows(name, spec, rank, tp, shape, dtype)
-        if rows is not None:
-            return rows
+        if spec is None:
+            d, ranges = 0, [(0, shape[0])] if shape else []
+        else:
+            d, size = spec.dim, shape[spec.dim]
+            ranges = [(start + rank * (length // tp), start + (rank + 1) * (length // tp))
+                      for start, length in spec.pieces(spec.padded or size)]  # fmt: skip
+        if d == 0 and len(ranges) == 1 and ranges[0][1] <= shape[0]:  # one run of rows
+            rows = self._rows(name, *ranges[0], dtype)
+            if rows is not None:
+                return rows
         if spec is None:
             out = sl[:] if shape else sl[()]
             return _owned(out, dtype)
-        d, size = spec.dim, shape[spec.dim]
         parts = []
-        for start, length in spec.pieces(spec.padded or size):
-            lo = start + rank * (length // tp)
-            hi = lo + length // tp
+        for lo, hi in ranges:
             index = (slice(None),) * d + (slice(min(lo, size), min(hi, size)),)
             part = sl[index]
             if part.shape[d] < hi - lo:  # padded vocabulary rows: zero
@@ -122,32 +126,16 @@ class Weights:
             parts.append(part)
         return _owned(parts[0] if len(parts) == 1 else torch.cat(parts, dim=d), dtype)
 
-    def _rows(
-        self, name: str, spec: Shard | None, rank: int, tp: int, shape: tuple[int, ...],
-        dtype: torch.dtype | None,
-    ) -> torch.Tensor | None:  # fmt: skip
-        """A whole tensor, or a shard that is one run of rows, in the file's dtype: mapped
-        privately (copy-on-write) rather than copied, so that it costs no private memory
+    def _rows(self, name: str, lo: int, hi: int, dtype: torch.dtype | None) -> torch.Tensor | None:
+        """Rows [lo, hi) of `name` in the file's dtype (`dtype`, if given): mapped
+        privately (copy-on-write) rather than copied, so that they cost no private memory
         until written, as transformers' own TP loads such shards. None otherwise."""
-        if name in self._converted or not shape or sys.byteorder != "little":
+        if name in self._converted or sys.byteorder != "little":
             return None  # safetensors stores little-endian bytes
-        lo, hi = 0, shape[0]
-        if spec is not None:
-            pieces = spec.pieces(spec.padded or shape[0])
-            if spec.dim != 0 or len(pieces) != 1:
-                return None
-            start, length = pieces[0]
-            lo = start + rank * (length // tp)
-            hi = lo + length // tp
-            if hi > shape[0]:  # padded vocabulary rows: made, not read
-                return None
         file = self._where[name]
         if file not in self._layouts:
             self._layouts[file] = _Layout(file)
-        out = self._layouts[file].rows(name, lo, hi)
-        if out is None or (dtype is not None and out.dtype != dtype):
-            return None
-        return out
+        return self._layouts[file].rows(name, lo, hi, dtype)
 
     def find(self, names: list[str]) -> str | None:
         """The first of a tensor's names (tied weights have several) the file holds, as
@@ -213,13 +201,16 @@ class _Layout:
             self.header = json.loads(f.read(size))
         self.file, self.start = file, 8 + size
 
-    def rows(self, name: str, lo: int, hi: int) -> torch.Tensor | None:
+    def rows(
+        self, name: str, lo: int, hi: int, want: torch.dtype | None = None
+    ) -> torch.Tensor | None:
         """Rows [lo, hi) of `name` (its first dimension) as a tensor over a private
-        (copy-on-write) map of exactly their bytes, or None where its dtype is not plain."""
+        (copy-on-write) map of exactly their bytes, or None where its dtype is not plain
+        or not `want`."""
         entry = self.header[name]
         dtype = _DTYPES.get(entry["dtype"])
         shape = entry["shape"]
-        if dtype is None or not shape or hi <= lo:
+        if dtype is None or (want is not None and dtype != want) or not shape or hi <= lo:
             return None
         row = math.prod(shape[1:]) * dtype.itemsize
         offset = self.start + entry["data_offsets"][0] + lo * row

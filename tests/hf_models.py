@@ -32,20 +32,16 @@ def build(name: str, *, layers: int = 2, heads: int = 4, kv_heads: int | None = 
         )  # fmt: skip
         cls = transformers.BertForMaskedLM if name == "bert-mlm" else transformers.BertModel
         return cls(cfg)
-    if name == "llama":
-        cfg = transformers.LlamaConfig(
+    decoders = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}  # fmt: skip
+    if name in decoders:
+        config_cls, model_cls = (getattr(transformers, c) for c in decoders[name])
+        cfg = config_cls(
             hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
             max_position_embeddings=64, use_cache=False, **common,
         )  # fmt: skip
-        return transformers.LlamaForCausalLM(cfg)
-    if name == "qwen2":
-        cfg = transformers.Qwen2Config(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-            max_position_embeddings=64, use_cache=False, **common,
-        )  # fmt: skip
-        return transformers.Qwen2ForCausalLM(cfg)
+        return model_cls(cfg)
     raise ValueError(name)
 
 
