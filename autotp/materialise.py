@@ -313,11 +313,10 @@ def build_rank_module(
                 raise node_error(
                     next(iter(n.users), n),
                     "this op reads a tensor the forward makes from a Python value (e.g. "
-                    "torch.tensor(finfo.min, device=x.device)); autotp traced the block on "
-                    "the meta device, where that value is lost",
-                    "report it: autotp cannot yet carry such a constant into a parallel "
-                    'block; the model\'s other form (form="graph", traced with its weights) '
-                    "keeps it",
+                    "torch.tensor(finfo.min, device=x.device)); autotp traced it on the meta "
+                    "device, where that value is lost",
+                    "plan a model built with real tensors (weights= then replaces them), "
+                    "or report it",
                 )
             else:
                 root[n.target] = new_tensor(t) if isinstance(t, torch.Tensor) else t

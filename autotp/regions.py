@@ -115,8 +115,12 @@ class RegionPlan:
         return {f"{r.path}.{n}": s for r in self.regions for n, s in r.splits.items()}
 
     def split_fraction(self) -> float:
-        """The fraction of the model's parameter and buffer elements that are split."""
+        """The fraction of the model's parameter and buffer elements that are split, a
+        tied tensor counted once."""
         shapes = dict(self.signature[0])
+        for names in self.signature[1]:  # a tied tensor: its first name only
+            for n in names[1:]:
+                shapes.pop(n, None)
         total = sum(_numel(s) for s in shapes.values())
         split = sum(_numel(shapes[n]) for n in self.splits if n in shapes)
         return split / total if total else 0.0

@@ -316,7 +316,7 @@ def region_summary(plan: Any) -> Group:
             style="bold",
         ),  # fmt: skip
         t,
-        Text(f"split: {plan.split_fraction():.1%} of the parameter elements"),
+        Text(f"split: {plan.split_fraction():.1%} of the parameter and buffer elements"),
         Text(
             f"collective sites per forward: {coll['g']} all-reduce forward (g), {coll['f']} "
             f"all-reduce backward (f; none on a value without gradient), {coll['gather']} "
