@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from . import plan_cache
 from .adapter import (
     VocabRegions,
     _is_pretrained,
@@ -162,6 +163,7 @@ class _Patterns:
             made = self._plan(block, call, seqs, local)
         self.plans.setdefault(key, []).append(made)
         self.seen[sizes] = made
+        plan_cache.grew(self)  # a stored plan keeps its new pattern
         return made
 
     def _serial(self, tensors: dict[str, torch.Tensor], kv: Any, local: bool) -> dict:
@@ -352,6 +354,10 @@ def plan_regions(
     inputs = bind_inputs(runner, example_inputs)
     if "use_cache" in inspect.signature(runner.forward).parameters:
         inputs.setdefault("use_cache", False)
+    key = plan_cache.program_key(model, tp, inputs, rules, strict, sequence_parallel)
+    stored = plan_cache.load(key, rules)
+    if stored is not None:
+        return stored
     calls = _calls(model, runner, inputs, paths, vocab.regions, prefix)
     vocab = _called(vocab, calls, model)
     kinds = {**dict.fromkeys(vocab.embeddings, "embedding"), vocab.head: "head"}
@@ -385,8 +391,10 @@ def plan_regions(
                         _structure(model.get_submodule(r.path)) == _structure(block))  # fmt: skip
             regions.append(Region(path, "embedding", type(block), like.patterns,
                                   tensor_shapes(block), _aliases(block)))  # fmt: skip
-    return RegionPlan(type(model).__name__, tp, tuple(regions), vocab, model_signature(model),
+    made = RegionPlan(type(model).__name__, tp, tuple(regions), vocab, model_signature(model),
                       sequence_parallel)  # fmt: skip
+    plan_cache.store(key, made)
+    return made
 
 
 def _called(vocab: VocabRegions, calls: dict, model: nn.Module) -> VocabRegions:

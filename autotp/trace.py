@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import AutoTPError, ExampleInputsError, describe_node
 from .exported import _GUARDS, _SHAPES, SizeGuards, _input_shapes
+from .plan_cache import keeping_guard_source
 from .tools import tools_aside
 
 __all__ = ["Traced", "trace", "bind_inputs"]
@@ -429,7 +430,8 @@ def _export(
             f"{cls.__module__}.{cls.__qualname__}: torch.export keeps only its forward, so "
             f"its backward would be lost.\n  hint:   {hint}"
         )
-    gm = ep.module()
+    with keeping_guard_source():  # so that a plan holding it can be stored
+        gm = ep.module()
     gm.meta[_SHAPES] = _input_shapes(ep)
     if widen and isinstance(getattr(gm, "_guards_fn", None), torch.nn.Module):
         gm._guards_fn = SizeGuards(gm._guards_fn, gm.meta[_SHAPES][0])

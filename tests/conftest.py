@@ -7,3 +7,7 @@ from hypothesis import settings
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True, database=None)
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# plans are not kept between tests (nor in the user's cache folder): each test plans what
+# it tests; test_plan_cache.py turns the cache on in a folder of its own
+os.environ["AUTOTP_PLAN_CACHE"] = "off"
