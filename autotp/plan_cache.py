@@ -60,7 +60,7 @@ def directory() -> Path | None:
     return Path(base) / "autotp" / "plans"
 
 
-_OBJECTS: contextvars.ContextVar[dict[int, Any]] = contextvars.ContextVar("autotp_key_objects")
+_OBJECTS: contextvars.ContextVar[dict[Any, Any]] = contextvars.ContextVar("autotp_key_objects")
 
 
 class _Uncacheable(Exception):
@@ -174,9 +174,31 @@ def _code(obj: Any) -> tuple:
     return (*name, _file_digest(os.path.realpath(file)))
 
 
-@functools.lru_cache(maxsize=1024)  # a class reloaded (edited) is another class
 def _class(kind: type) -> tuple:
+    """A class: each class of its MRO by name and file, and what may be patched at run
+    time without a file changing (a library that swaps a class's forward or a module's
+    function, as kernel libraries do): the functions each class and its module hold now."""
+    return _files(kind), tuple(_patchable(c) for c in kind.__mro__ if c not in (object, nn.Module))
+
+
+@functools.lru_cache(maxsize=1024)  # a class reloaded (edited) is another class
+def _files(kind: type) -> tuple:
     return tuple(_code(c) for c in kind.__mro__ if c not in (object, nn.Module))
+
+
+def _patchable(kind: type) -> tuple:
+    memo = _OBJECTS.get()
+    module = sys.modules.get(kind.__module__)
+    key = ("module", kind.__module__)
+    if key not in memo:
+        names = vars(module).items() if module is not None else ()
+        memo[key] = tuple(sorted((k, _named(v)) for k, v in names if inspect.isfunction(v)))
+    methods = tuple(sorted((k, _named(v)) for k, v in vars(kind).items() if inspect.isfunction(v)))
+    return methods, memo[key]
+
+
+def _named(f: Any) -> tuple[str, str]:
+    return getattr(f, "__module__", None) or "", getattr(f, "__qualname__", "")
 
 
 _MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "training"})

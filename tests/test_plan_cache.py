@@ -67,12 +67,29 @@ def test_a_stored_plan_is_used_only_for_the_same_program(cache):
         _key(build("gpt2").eval().to(torch.float64)),  # other dtypes
         _key(build("gpt2").train()),  # another mode
     ]
-    assert key not in changed and len(set(changed)) == len(changed)
+    assert None not in changed and key not in changed and len(set(changed)) == len(changed)
     # another class with another forward, written in this file
     edited = build("llama").eval()
     mlp = edited.model.layers[0].mlp
     mlp.__class__ = type("EditedMLP", (type(mlp),), {"forward": lambda self, x: 2 * x})
     assert _key(edited) not in (None, _key(build("llama").eval()))
+
+
+def test_a_forward_or_function_patched_at_run_time_is_another_program(cache, monkeypatch):
+    """As kernel libraries patch transformers: no file changes, the program does."""
+    from transformers.models.gpt2 import modeling_gpt2
+
+    model = build("gpt2").eval()
+    key = _key(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_gpt2.GPT2MLP, "forward", lambda self, x: x)
+        patched_forward = _key(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_gpt2, "eager_attention_forward", lambda *a, **k: None)
+        patched_function = _key(model)
+    assert _key(model) == key
+    assert None not in (key, patched_forward, patched_function)
+    assert len({key, patched_forward, patched_function}) == 3
 
 
 def test_what_the_key_cannot_hold_is_never_cached(cache):
