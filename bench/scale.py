@@ -3,7 +3,8 @@ on the meta device) for the paper's 1.2B, 2.5B, 4.2B and 8.3B configurations at 
 4 and 8: wall time and peak RSS, each in a fresh process so RSS is its own.
 Target: 8.3B at tp=8 planned in under 5 s and under 1 GiB RSS. Then transformers' Llama
 7B config (`hf:llama`) planned as `autotp.plan` plans a transformers model (its regions:
-32 layers of one program, the embedding, the head) at tp 2 and 8; target under 3 s.
+32 layers of one program, the embedding, the head) at tp 2 and 8; target under 3 s
+(planned anew: the plan cache is off here).
 
     python bench/scale.py [--hf-only]
 """
@@ -40,7 +41,8 @@ print(json.dumps({"build": t1 - t0, "plan": t2 - t1, "meta_ranks": t3 - t2, "rss
 
 
 HF_CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
+os.environ["AUTOTP_PLAN_CACHE"] = "off"  # planning measured, not a stored plan read back
 import torch
 import autotp
 from autotp.run.resolve import build
