@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .tensor_names import names_by_tensor
+from .tensor_names import common_prefix, names_by_tensor
 
 __all__ = [
     "transformers_model", "is_block_model", "VocabRegions", "vocab_regions", "is_cache",
@@ -114,16 +114,6 @@ def _inside(name: str, path: str) -> bool:
     return name.startswith(path + ".")
 
 
-def _common(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    out = []
-    for level in zip(*parts, strict=False):
-        if len(set(level)) != 1:
-            break
-        out.append(level[0])
-    return ".".join(out)
-
-
 def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
     """The vocabulary regions of `model` (a transformers model, or a module wrapping one),
     given the paths of its repeated layers: a region holds none of them, and every name
@@ -159,7 +149,7 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
                 n for t in head.parameters() for n in names[id(t)]
                 if not _inside(n, paths[0]) and not in_embedding(n)
             ]  # fmt: skip
-            region = _common([paths[0], *[n.rpartition(".")[0] for n in outside]])
+            region = common_prefix([paths[0], *[n.rpartition(".")[0] for n in outside]])
             if (
                 region
                 and region.startswith(prefix)

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import inspect
 import io
+import operator
 import os
 import pickle
 import sys
@@ -45,6 +46,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .rule import Rule
+from .tensor_names import names_by_tensor
 
 __all__ = ["directory", "program_key", "load", "store", "grew", "keeping_guard_source"]
 
@@ -359,9 +361,7 @@ def _twins(plan: Any) -> set[int]:
         patterns = region.patterns
         plans = [patterns.first, *(p for made in patterns.plans.values() for p, _ in made)]
         for p in plans:
-            gm = p.traced.gm
-            out.update(id(t) for _, t in gm.named_parameters(remove_duplicate=False))
-            out.update(id(t) for _, t in gm.named_buffers(remove_duplicate=False))
+            out.update(names_by_tensor(p.traced.gm))
     return out
 
 
@@ -409,25 +409,16 @@ def _spec(t: torch.Tensor) -> tuple:
 def _graph_module_state(gm: fx.GraphModule) -> tuple:
     root: dict[str, Any] = dict(gm.named_parameters(remove_duplicate=False))
     root.update(gm.named_buffers(remove_duplicate=False))
-    for n in gm.graph.nodes:
+    for n in gm.graph.nodes:  # constants, and the guards a widened export calls
         if n.op in ("get_attr", "call_module") and n.target not in root:
             with contextlib.suppress(AttributeError):
-                root[n.target] = _attribute(gm, n.target)
+                root[n.target] = operator.attrgetter(n.target)(gm)
     plain = {
         k: v
         for k, v in vars(gm).items()
         if not k.startswith("_") and k not in ("training", "graph") and not callable(v)
     }
-    guards = getattr(gm, "_guards_fn", None)
-    if guards is not None:
-        root["_guards_fn"] = guards
     return gm.graph, root, gm.meta, type(gm).__name__, plain
-
-
-def _attribute(obj: Any, target: str) -> Any:
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _same(v: Any) -> Any:
@@ -441,8 +432,6 @@ def _new_graph_module() -> fx.GraphModule:
 def _fill_graph_module(gm: fx.GraphModule, state: tuple) -> None:
     graph, root, meta, name, plain = state
     fx.GraphModule.__init__(gm, root, graph, name)
-    if "_guards_fn" in root and not hasattr(gm, "_guards_fn"):
-        gm._guards_fn = root["_guards_fn"]
     gm.meta.update(meta)
     for k, v in plain.items():
         gm.__dict__.setdefault(k, v)

@@ -25,6 +25,7 @@ from . import report
 from .errors import AutoTPError
 from .report import KIND_STYLE
 from .sites import NodeRecord, record, site_kind
+from .tensor_names import common_prefix
 
 __all__ = [
     "to_text", "plan_summary", "region_summary", "summary", "graph_view", "diff_view",
@@ -70,7 +71,7 @@ def module_tree(plan: Any) -> Tree:
     rules_at: dict[str, str] = {}
     for m in plan.matches:
         paths = [li.weight.rsplit(".", 1)[0] for li in m.layers.values()]
-        rules_at[_common_prefix(paths)] = m.rule.name
+        rules_at[common_prefix(paths)] = m.rule.name
     shown = {""}  # module paths that appear in the tree (those holding parameters)
     for r in rows:
         parts = r.name.split(".")[:-1]
@@ -99,16 +100,6 @@ def module_tree(plan: Any) -> Tree:
         tree.add(Text(f"◆ {marker}  (loss)", style=KIND_STYLE["collective"]))
     _fill(tree, root, "", rules_at, colls)
     return tree
-
-
-def _common_prefix(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    out = []
-    for seg in zip(*parts, strict=False):
-        if len(set(seg)) != 1:
-            break
-        out.append(seg[0])
-    return ".".join(out)
 
 
 def _label(name: str, path: str, rules_at: dict[str, str], colls: dict[str, list[str]]) -> Text:

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import torch.nn as nn
 
-__all__ = ["names_by_tensor", "with_every_name"]
+__all__ = ["names_by_tensor", "with_every_name", "common_prefix"]
 
 V = TypeVar("V")
 
@@ -35,3 +35,13 @@ def with_every_name(by_name: dict[str, V], groups: Iterable[Iterable[str]]) -> d
         if value is not None:
             out.update(dict.fromkeys(names, value))
     return out
+
+
+def common_prefix(paths: Iterable[str]) -> str:
+    """The longest dotted path every one of `paths` starts with ("" if none)."""
+    out = []
+    for level in zip(*(p.split(".") for p in paths), strict=False):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
