@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 transformers = __import__("pytest").importorskip("transformers")
@@ -43,6 +45,19 @@ def build(name: str, *, layers: int = 2, heads: int = 4, kv_heads: int | None = 
         )  # fmt: skip
         return model_cls(cfg)
     raise ValueError(name)
+
+
+def llama(*, vocab: int, hidden: int = 32, meta: bool = False) -> torch.nn.Module:
+    """A float64 Llama in eval mode with 2 key/value heads for 4 query heads, as
+    transformers' config gives it otherwise (use_cache on); on the meta device when
+    `meta` (a program without weights, to plan or to fill from a folder)."""
+    cfg = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, vocab_size=vocab,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return transformers.LlamaForCausalLM(cfg).double().eval()
 
 
 def inputs(name: str, vocab: int = 101, batch: int = 2, seq: int = 8) -> dict:

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from hf_models import llama
 
 import autotp
 from autotp.report import regions_json
@@ -21,15 +22,7 @@ VOCAB = 256  # a multiple of 128 x tp: no padded rows, as in the models people l
 
 
 def _llama(hidden: int = 32, meta: bool = False) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, vocab_size=VOCAB,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    if meta:
-        with torch.device("meta"):
-            return transformers.LlamaForCausalLM(cfg).double().eval()
-    return transformers.LlamaForCausalLM(cfg).double().eval()
+    return llama(vocab=VOCAB, hidden=hidden, meta=meta)
 
 
 def _batch() -> dict[str, torch.Tensor]:

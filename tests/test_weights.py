@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_models import llama
 
 import autotp
 from autotp.testing import assert_equivalent, run_on_gloo
@@ -15,15 +16,7 @@ transformers.logging.set_verbosity_error()
 
 
 def _llama(meta: bool = False) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    if meta:
-        with torch.device("meta"):
-            return transformers.LlamaForCausalLM(cfg).double().eval()
-    return transformers.LlamaForCausalLM(cfg).double().eval()
+    return llama(vocab=97, meta=meta)
 
 
 @pytest.fixture(scope="module")
