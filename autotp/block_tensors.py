@@ -8,6 +8,7 @@ import logging
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from .errors import AutoTPError
 from .materialise import _fresh_module, as_like, gather_over, rank_shard
@@ -93,7 +94,8 @@ def load_outside(
 
 
 def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | None]:
-    """The serial state_dict (or gradients) of a block-form model, shards gathered."""
+    """The serial state_dict (or gradients) of a block-form model, shards gathered (and
+    first, where data parallelism sharded them further, a DTensor's full tensor)."""
     out: dict[str, torch.Tensor | None] = {}
     blocks = {p: module.get_submodule(p) for p in module.autotp_blocks}
     skip = tuple(p + "." for p in blocks)
@@ -103,7 +105,7 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
         own = dict(module.state_dict(keep_vars=True))
     for name, t in own.items():
         if not name.startswith(skip):
-            out[name] = None if t is None else t.detach()
+            out[name] = None if t is None else _whole(t).detach()
     for path, block in blocks.items():
         splits = block.splits()
         per_rank = [
@@ -112,7 +114,7 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
             for shell in block.shells
         ]  # fmt: skip
         for name in per_rank[0]:
-            local = [r[name] for r in per_rank]
+            local = [None if r[name] is None else _whole(r[name]) for r in per_rank]
             if local[0] is None:
                 out[f"{path}.{name}"] = None
             else:
@@ -121,3 +123,8 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
                 size = block._autotp_shapes[name][spec.dim] if spec is not None else None
                 out[f"{path}.{name}"] = gather_over(local, spec, block.tp, comm, size)
     return out
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """`t` as one tensor: an FSDP DTensor (sharded over data parallelism) gathered."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -211,6 +211,22 @@ def _grad_mode_back(module: nn.Module, args: Any, output: Any) -> None:
         torch._C._set_grad_enabled(True)
 
 
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `model.state_dict(keep_vars=True)` holds (every name of a tied tensor), read
+    without running its hooks: a block builds its graphs inside the model's forward,
+    where FSDP's state_dict hook would put its sharded parameters back."""
+    out: dict[str, torch.Tensor] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for name, p in m._parameters.items():
+            if p is not None:
+                out[prefix + name] = p
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out[prefix + name] = b
+    return out
+
+
 def build_rank_module(
     model: nn.Module,
     source: nn.Module,
@@ -323,8 +339,8 @@ def build_rank_module(
     gm = fx.GraphModule(root, graph, class_name)
     # Everything else the serial state_dict holds, so full_state_dict has every key, and
     # nothing it does not hold (fx registers every get_attr tensor as a persistent buffer).
-    serial_state = model.state_dict(keep_vars=True)
-    have = set(gm.state_dict(keep_vars=True))
+    serial_state = _state_tensors(model)  # inside a forward: no state_dict hooks (FSDP's)
+    have = set(_state_tensors(gm))
     for name, t in serial_state.items():
         if name not in have:
             _install(gm, name, new_tensor(t))

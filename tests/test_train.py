@@ -27,13 +27,18 @@ BASE = TrainConfig(steps=5, batch=8, seq=32, accum=2, warmup=2, progress=False, 
 
 
 def serial_training(
-    cfg: TrainConfig, losses: list[float] | None = None, states: dict | None = None
-) -> dict[str, torch.Tensor]:
+    cfg: TrainConfig, losses: list[float] | None = None, states: dict | None = None,
+    model: torch.nn.Module | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """The same run on the unmodified model in one process: the oracle. Each step's loss
     (the mean over its micro-batches) is appended to `losses`, and the weights after step
-    N are kept in `states[N]` for each N it holds, when given."""
-    torch.manual_seed(cfg.seed)
-    model = build(cfg.model).to(getattr(torch, cfg.dtype))
+    N are kept in `states[N]` for each N it holds, when given. `model`: a transformers
+    model built from the seed (it shifts its labels itself), else cfg.model's."""
+    hf = model is not None
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = build(cfg.model)
+    model = model.to(getattr(torch, cfg.dtype))
     train, _ = data_mod.load(cfg.data).split(0.05)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -44,7 +49,7 @@ def serial_training(
         for micro in range(cfg.accum):
             x, y = data_mod.batch(train, step, cfg.batch, cfg.seq, seed=cfg.seed, micro=micro,
                                   micro_steps=cfg.accum)  # fmt: skip
-            _, loss = model(x, y)
+            loss = model(input_ids=x, labels=x).loss if hf else model(x, y)[1]
             (loss / cfg.accum).backward()
             total += loss.item() / cfg.accum
         if losses is not None:
@@ -72,7 +77,8 @@ def _run(rank: int, world: int, cfg: TrainConfig, ckpt: str | None = None,
         if ck and trainer.step in save_at:
             ck.save(trainer)
     final = {k: v.clone() for k, v in trainer.serial_state().items()}
-    return {"start": start, "final": final, "losses": trainer.losses}
+    kinds = sorted({type(m).__name__ for m in trainer.module.modules()})
+    return {"start": start, "final": final, "losses": trainer.losses, "kinds": kinds}
 
 
 def _largest(a: dict, b: dict) -> float:
@@ -256,6 +262,14 @@ def with_spare():
     return WithSpare()
 
 
+def tiny_hf_gpt2():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=256, n_positions=64, use_cache=False))
+
+
 def tiny_llama():
     import transformers
 
@@ -280,18 +294,59 @@ def test_user_factories_and_hf_models_train(tmp_path: Path, factory: str) -> Non
     path.write_text(FACTORIES)
     cfg = dataclasses.replace(BASE, model=f"{path}:{factory}", tp=2, accum=1, dtype="float64")
     got = run_on_gloo(_first_loss, 2, cfg)[0]
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("factories", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    torch.manual_seed(cfg.seed)
-    model = getattr(mod, factory)().double()
+    model = _factory(path, factory, cfg.seed).double()
     train, _ = data_mod.load(None).split(0.05)
     x, y = data_mod.batch(train, 0, cfg.batch, cfg.seq, seed=cfg.seed)
     with torch.no_grad():
         want = model(input_ids=x, labels=x).loss if factory == "tiny_llama" else model(x, y)[1]
     assert abs(got - want.item()) <= 1e-6  # Llama's loss is float32 inside the model
+
+
+def _factory(path: Path, name: str, seed: int) -> torch.nn.Module:
+    """What `--model path:name` builds, from `seed`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("factories", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(seed)
+    return getattr(mod, name)()
+
+
+def test_a_transformers_model_trains_in_the_region_form_equal_to_serial(tmp_path: Path) -> None:
+    """`autotp train --model <a transformers model>` builds what `autotp.parallelize` gives a
+    library user: its layers, embedding and head as parallel regions, the model's own
+    Python between them. A Llama with 2 KV heads at tp=2 x dp=2 under FSDP2: 3 clipped,
+    accumulated AdamW steps leave the serial model's weights."""
+    path = tmp_path / "factories.py"
+    path.write_text(FACTORIES)
+    cfg = dataclasses.replace(BASE, model=f"{path}:tiny_llama", tp=2, dp=2, fsdp=True, steps=3,
+                              dtype="float64")  # fmt: skip
+    results = run_on_gloo(_run, 4, cfg)
+    want = serial_training(cfg, model=_factory(path, "tiny_llama", cfg.seed))
+    assert {"ParallelLlamaDecoderLayer", "ParallelEmbedding", "ParallelLinear"} <= set(
+        results[0]["kinds"]
+    )
+    for r in results:
+        assert _largest(r["final"], want) <= 1e-10
+
+
+def test_a_region_form_run_resumes_exactly_with_its_dropout(tmp_path: Path) -> None:
+    """A transformers GPT-2 (dropout 0.1 inside its layers and between them, tied head) at
+    tp=2: stopped after 2 steps and resumed, its losses and weights are the uninterrupted
+    run's, bit for bit: the checkpoint holds the layers' dropout streams and the random
+    state the model's own Python draws from."""
+    path = tmp_path / "factories.py"
+    path.write_text(FACTORIES)
+    cfg = dataclasses.replace(BASE, model=f"{path}:tiny_hf_gpt2", tp=2, steps=4, accum=1,
+                              dtype="float64")  # fmt: skip
+    whole = run_on_gloo(_run, 2, cfg)[0]
+    ckpt = str(tmp_path / "run")
+    first = run_on_gloo(_run, 2, dataclasses.replace(cfg, steps=2), ckpt, False, (2,))[0]
+    again = run_on_gloo(_run, 2, cfg, ckpt, True)[0]
+    assert "ParallelGPT2Block" in whole["kinds"]
+    assert first["losses"] + again["losses"] == whole["losses"]
+    assert _largest(again["final"], whole["final"]) == 0.0
 
 
 def _two_steps(rank: int, world: int, cfg: TrainConfig) -> dict:

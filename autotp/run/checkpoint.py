@@ -115,7 +115,7 @@ class Checkpoints:
                     state[f"optim/{key}/{moment}"] = st[moment]
             if "step" in st:
                 state[f"optim/{key}/step"] = st["step"]
-        rng = trainer.module.autotp.random.get_state()
+        rng = trainer.rank.random.get_state()
         for (stream, device), s in rng.items():
             state[f"rng/rank{m.rank}/{stream}/{device}"] = s
         return state
@@ -314,7 +314,7 @@ class Checkpoints:
                 if key.startswith(f"rng/rank{m.rank}/"):
                     _, _, stream, device = key.split("/", 3)
                     rng[(stream, torch.device(device))] = value
-            trainer.module.autotp.random.set_state(rng)
+            trainer.rank.random.set_state(rng)
         trainer.step = meta["step"]
 
 

@@ -300,7 +300,7 @@ def check(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainConfig:
         shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         check_compatible(resume[1], resume[0], cfg.model, shapes, tied_names(model),
                          objective=cfg.objective)  # fmt: skip
-    from ..plan import plan
+    from .rank_module import planned, split_blocks
 
     if cfg.sp and cfg.seq % cfg.tp:
         raise UsageError(
@@ -310,10 +310,7 @@ def check(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainConfig:
     rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
 
     def blocks_split(tp: int) -> int:
-        p = plan(model, tp, example_inputs(model, rows, cfg.seq), strict=cfg.strict,
-                 sequence_parallel=cfg.sp)  # fmt: skip
-        left = {id(m) for m, _ in p.replicated}
-        return sum(m.rule.name not in _VOCAB_RULES and id(m) not in left for m in p.matches)
+        return split_blocks(planned(model, tp, example_inputs(model, rows, cfg.seq), cfg))
 
     if not blocks_split(cfg.tp) and cfg.tp > 1 and not cfg.allow_unsplit:
         works = [t for t in range(2, 9) if t != cfg.tp and _plans(blocks_split, t)]
@@ -325,9 +322,6 @@ def check(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainConfig:
             + ", or add --allow-unsplit to run it anyway"
         )
     return cfg
-
-
-_VOCAB_RULES = ("vocab_embedding", "lm_head")
 
 
 def _plans(blocks_split: Callable[[int], int], tp: int) -> bool:

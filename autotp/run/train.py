@@ -4,10 +4,13 @@
     torchrun --nproc-per-node 4 -m autotp.run.train --tp 2 --dp 2 ...     (the same, by hand)
 
 With no arguments it trains the small byte-level GPT-2 `gpt2-bytes` at tp=2 on the Python
-standard library's own source files, which every machine has. The model is built on the
-meta device and materialised one parameter at a time: each rank fills only its shards,
-cut from the same full initialisation a serial model would get (models/init.py), so no
-rank ever holds the whole model. Data parallelism is PyTorch's own over the mesh's "dp"
+standard library's own source files, which every machine has. Each rank's module is what
+`autotp.plan` and `autotp.parallelize` give a library user (autotp.run.rank_module): a
+transformers model keeps its own Python, its layers, embedding and head split as regions;
+other models are one rewritten graph, built on the meta device and materialised one
+parameter at a time: each rank fills only its shards, cut from the same full
+initialisation a serial model would get (models/init.py), so no rank ever holds the
+whole model. Data parallelism is PyTorch's own over the mesh's "dp"
 dimension: replicate (DDP) of each rank's TP module, or with --fsdp FSDP2's fully_shard of
 it (parameters, gradients and AdamW's state sharded over dp). AdamW, warmup then cosine
 learning rate, gradient accumulation, clipping by the true global gradient norm, a data
@@ -35,10 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..comm import ProcessGroupComm
 from ..errors import AutoTPError, TrainingStopped, UsageError
-from ..materialise import build_rank_module, gather_over
-from ..plan import plan
 from ..weights import Weights, fill_buffers
 from . import data as data_mod
 from .checkpoint import tied_names
@@ -53,6 +53,7 @@ from .config import (
 from .mesh import Mesh, make_mesh
 from .metrics import MetricsLog, Reporter
 from .objective import mlm_batch, mlm_val_batch
+from .rank_module import RankModule, left_replicated, planned
 from .resolve import build, canonical, example_inputs, is_hf
 
 __all__ = ["TrainConfig", "Trainer", "main", "lr_at", "resume"]
@@ -105,17 +106,15 @@ class Trainer:
         rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
         example = example_inputs(self.model, rows, cfg.seq)
         self.inputs = tuple(example) if isinstance(example, dict) else ()  # mlm's keywords
-        self.plan = plan(self.model, cfg.tp, example, strict=cfg.strict, sequence_parallel=cfg.sp)
+        # what a library user gets: autotp.plan's form, parallelize's module for it
+        self.plan = planned(self.model, cfg.tp, example, cfg)
         m = self.mesh
-        comm = ProcessGroupComm(m.tp_group)
         # each rank's shards: read from the file, or drawn whole one tensor at a time by
         # the model's own initialiser and cut (a meta model), or cut from the real model
         init = self.model.init_parameter if on_meta and source is None else None
-        self.module = build_rank_module(
-            self.model, self.plan.traced.gm, self.plan.graph, self.plan.splits, m.tp_rank,
-            cfg.tp, comm, self.plan, self.plan.model_name, seed=cfg.seed, weights=source,
-            device=self.device, init=init,
-        )  # fmt: skip
+        self.rank = RankModule.build(self.model, self.plan, m, cfg.seed, source, init,
+                                     self.device)  # fmt: skip
+        self.module = self.rank.module
         _refuse_meta(self.module)
         self.module.to(device=self.device, dtype=self.dtype)
         if not on_meta:  # shards were cut from the real model; drop the whole copy
@@ -157,7 +156,7 @@ class Trainer:
 
             # DDP stops at a parameter that gets no gradient; one the graph never reads
             # (kept for the state_dict only) is frozen: AdamW would skip it anyway
-            for param in _unread_parameters(self.module):
+            for param in self.rank.unread_parameters():
                 param.requires_grad_(False)
             # buffers are equal across a dp group (the rank buffer holds the TP rank): no
             # broadcast before every forward
@@ -165,14 +164,8 @@ class Trainer:
 
     def serial_state(self) -> dict[str, torch.Tensor]:
         """The serial model's state_dict from this run's rank modules (a collective: every
-        rank calls it): FSDP's shards gathered over dp, then TP's over tp."""
-        info = self.module.autotp
-        out = {}
-        for key, t in self.module.state_dict(keep_vars=True).items():
-            whole = t.full_tensor() if isinstance(t, DTensor) else t  # over dp
-            out[key] = gather_over([whole.detach()], info.splits.get(key), info.tp, info.comm,
-                                   info.plan.serial_sizes.get(key)).clone()  # fmt: skip
-        return out
+        rank calls it)."""
+        return self.rank.serial_state()
 
     # -- one optimizer step -----------------------------------------------------------------
     def _micro(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,7 +359,7 @@ class Trainer:
             if checkpoints and self.step > first and saved != self.step:
                 checkpoints.save(self)
         validate = c.eval_batches > 0
-        if validate and self.plan.traced.mode_dependent:
+        if validate and not self.rank.evaluates:
             validate = False
             report.say("no validation: this model's traced graph depends on train/eval mode, "
                        "so the parallel module runs in train mode only; `autotp eval "
@@ -407,20 +400,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
         return t
     with torch.no_grad():  # the local tensor itself, not an autograd view of it
         return t.to_local()
-
-
-def _unread_parameters(gm: torch.fx.GraphModule) -> list[torch.nn.Parameter]:
-    """The parameters of a rank module its graph never reads (neither an attribute it
-    gets nor one of a module it calls): they can have no gradient."""
-    read: set[int] = set()
-    for n in gm.graph.nodes:
-        if n.op not in ("get_attr", "call_module"):
-            continue
-        owner, _, leaf = str(n.target).rpartition(".")
-        got = getattr(gm.get_submodule(owner), leaf)
-        tensors = got.parameters() if isinstance(got, torch.nn.Module) else [got]
-        read.update(id(t) for t in tensors)
-    return [p for p in dict.fromkeys(gm.parameters()) if id(p) not in read]
 
 
 def _refuse_meta(module: torch.nn.Module) -> None:
@@ -567,8 +546,9 @@ def _train(cfg: TrainConfig) -> None:
     lead = dist.get_rank() == 0
     say = print if lead and cfg.progress else (lambda line: None)
     trainer = Trainer(cfg)
-    if trainer.plan.replicated:
-        left, why = len(trainer.plan.replicated), trainer.plan.replicated[0][1]
+    replicated = left_replicated(trainer.plan)
+    if replicated:
+        left, why = len(replicated), replicated[0][1]
         say(f"{left} matched blocks stay replicated (--strict refuses them); the first: {why}")
     ckpt = metrics = None
     if cfg.ckpt_dir:
