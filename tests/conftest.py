@@ -11,3 +11,10 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 # plans are not kept between tests (nor in the user's cache folder): each test plans what
 # it tests; test_plan_cache.py turns the cache on in a folder of its own
 os.environ["AUTOTP_PLAN_CACHE"] = "off"
+
+# the suite runs on two pytest-xdist workers (pyproject's addopts), one per core: torch's
+# own intra-op threads would make each worker fight the other for both cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
