@@ -183,11 +183,12 @@ def parallelize(
     return module
 
 
-def _weights(model: nn.Module, path: str | os.PathLike | None) -> Weights | None:
+def _weights(model: nn.Module, path: str | os.PathLike | Weights | None) -> Weights | None:
     """The weights to read, with the model's base-model prefix (a task model over a base
-    model's checkpoint, and the other way round)."""
-    if path is None:
-        return None
+    model's checkpoint, and the other way round); a source already made (a Weights, or an
+    object read the same way: `find`, `read`, `missing`, `path`) as it is."""
+    if path is None or hasattr(path, "find"):
+        return path  # type: ignore[return-value]
     prefix = getattr(model, "base_model_prefix", "")
     prefix = prefix if isinstance(prefix, str) else ""
     return Weights(path, prefix=prefix, conversions=Conversions.of(model))

@@ -33,7 +33,6 @@ from ..parallel import plan as public_plan
 from ..plan import Plan
 from ..random import RankRandom
 from ..regions import RegionPlan
-from ..weights import Weights
 from .mesh import Mesh
 
 __all__ = ["RankModule", "planned", "split_blocks", "left_replicated"]
@@ -107,16 +106,16 @@ class RankModule:
     @classmethod
     def build(
         cls, model: nn.Module, plan: Plan | RegionPlan, mesh: Mesh, seed: int,
-        source: Weights | None, init: Any, device: torch.device,
+        source: Any, init: Any, device: torch.device,
     ) -> RankModule:  # fmt: skip
-        """The module of this rank's TP shards: from `source` (a checkpoint file) when
-        given, else drawn by `init` (a meta model's initialiser, graph form) or cut from
-        `model`'s own weights."""
+        """The module of this rank's TP shards: from `source` (a checkpoint file's
+        Weights, or the Drawn values of a model built from the seed) when given, else
+        drawn by `init` (a meta model's initialiser, graph form) or cut from `model`'s own
+        weights."""
         comm = ProcessGroupComm(mesh.tp_group)
         if isinstance(plan, RegionPlan):
             # the public path: checks the ranks planned alike and share one random state
-            module = parallelize(model, plan, group=mesh.tp_group,
-                                 weights=None if source is None else source.path)  # fmt: skip
+            module = parallelize(model, plan, group=mesh.tp_group, weights=source)
             blocks = [module.get_submodule(p) for p in module.autotp_blocks]
             randoms = blocks[0]._autotp_randoms[0] if blocks else None
             return cls(module, plan, _RegionRandom(randoms), comm)

@@ -50,6 +50,7 @@ from .config import (
     check_run_folder,
     config_from_args,
 )
+from .drawn import draw
 from .mesh import Mesh, make_mesh
 from .metrics import MetricsLog, Reporter
 from .objective import mlm_batch, mlm_val_batch
@@ -86,12 +87,18 @@ class Trainer:
         tokens = data_mod.load(cfg.data)
         self.train_data, self.val_data = tokens.split(0.05)
         # named configurations are initialised parameter by parameter from the meta device;
-        # the others are built whole from the seed on every rank, which keeps its shards;
+        # hf: and factory models are built from the seed without their large tensors, which
+        # each rank draws its shards of (autotp.run.drawn), or whole where that cannot be;
         # with --init-from every model is a meta program and each rank reads its slices
-        source = Weights(cfg.init_from) if cfg.init_from else None
-        on_meta = cfg.model in CONFIGS or source is not None
-        self.model = build(cfg.model, meta=on_meta, seed=cfg.seed)
-        if source is not None:
+        source: Any = Weights(cfg.init_from) if cfg.init_from else None
+        built = source is not None or cfg.model in CONFIGS or cfg.model == "minilm"
+        drawn = None if built else draw(cfg.model, cfg.seed)
+        on_meta = cfg.model in CONFIGS or source is not None or drawn is not None
+        if drawn is not None:  # large tensors drawn one at a time, each rank keeping its shards
+            self.model, source = drawn.model, drawn
+        else:
+            self.model = build(cfg.model, meta=on_meta, seed=cfg.seed)
+        if isinstance(source, Weights):
             fill_buffers(self.model, source)  # what the file does not store (rotary tables)
         self.objective = check_model(self.model, cfg, tokens.vocab_size)
         self.cfg = cfg = dataclasses.replace(cfg, objective=self.objective)
@@ -104,10 +111,13 @@ class Trainer:
         self.tied = tied_names(self.model)
         self.hf = is_hf(self.model)
         rows = max(cfg.batch // (cfg.dp * cfg.accum), 2)
-        example = example_inputs(self.model, rows, cfg.seq)
+        # planned on the meta device where the model is partly there (planning reads no
+        # values; a model with some real tensors would mix devices)
+        planning = drawn.on_meta() if drawn is not None else self.model
+        example = example_inputs(planning, rows, cfg.seq)
         self.inputs = tuple(example) if isinstance(example, dict) else ()  # mlm's keywords
         # what a library user gets: autotp.plan's form, parallelize's module for it
-        self.plan = planned(self.model, cfg.tp, example, cfg)
+        self.plan = planned(planning, cfg.tp, example, cfg)
         m = self.mesh
         # each rank's shards: read from the file, or drawn whole one tensor at a time by
         # the model's own initialiser and cut (a meta model), or cut from the real model
