@@ -45,6 +45,21 @@ LARGE = 1 << 16  # elements: a tensor this large is drawn when read, not kept
 _META = torch.device("meta")
 
 
+class _Scratch:
+    """One buffer per dtype that every replay writes into, grown to the largest storage:
+    no allocation per tensor (the C allocator would keep the freed memory)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        have = self._buffers.get(dtype)
+        if have is None or have.numel() < numel:
+            self._buffers.pop(dtype, None)
+            have = self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return have[:numel]
+
+
 def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -82,8 +97,8 @@ class _Recording(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.storages: dict[int, _Storage] = {}
-        self.unknown: dict[int, str] = {}  # meta results with no recorded value, and why
         self.refusal: str | None = None
+        self.scratch = _Scratch()
 
     def _ours(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and t.is_meta and _key(t) in self.storages
@@ -135,7 +150,7 @@ class _Recording(TorchDispatchMode):
         if created:
             store.writes[-1].kwargs["_created"] = _layout(target)
         if random:  # the generator moves on as in the serial build (this mode is off here)
-            _replay(store.writes[-1], torch.empty(store.numel, dtype=store.dtype))
+            _replay(store.writes[-1], self.scratch.get(store.numel, store.dtype))
 
     def _refuse(self, why: str) -> None:
         self.refusal = self.refusal or why
@@ -187,6 +202,7 @@ class Drawn:
         self.model = model
         self.path = Path("<drawn from the seed>")
         self._storages = storages
+        self._scratch = _Scratch()
         self._tensors: dict[str, torch.Tensor] = {}
         for name, t in [*model.named_parameters(remove_duplicate=False),
                         *model.named_buffers(remove_duplicate=False)]:  # fmt: skip
@@ -231,12 +247,12 @@ class Drawn:
 
     def whole(self, name: str) -> torch.Tensor:
         """The serial value of `name`, drawn anew (the global generator is left as it
-        was)."""
+        was): a view of a scratch buffer, valid until the next read."""
         t = self._tensors[name]
         store = self._storages[_key(t)]
         state = torch.get_rng_state()
         try:
-            base = torch.empty(store.numel, dtype=store.dtype)
+            base = self._scratch.get(store.numel, store.dtype)
             for write in store.writes:
                 _replay(write, base)
         finally:
