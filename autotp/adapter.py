@@ -1,24 +1,35 @@
 """What autotp knows of transformers models, in one place: whether a module is (or wraps)
-one; which of its modules are the vocabulary's (the input embedding and the output head,
-as the model itself declares them), so that the region machinery can split them along
-the vocabulary without guessing from names or sizes; its cache objects; and the hooks it
-installs to collect outputs. The region machinery asks these questions and knows nothing
-else of transformers; a model that is not a transformers model answers none."""
+one, and whether an attribute is its config; which of its modules are the vocabulary's
+(the input embedding and the output head, as the model itself declares them), so that the
+region machinery can split them along the vocabulary without guessing from names or
+sizes; its cache objects (which ones, a layer's past keys and values, an encoder-decoder
+cache of the layers' own making); the hooks it installs to collect outputs; and its
+`save_pretrained`, given the gathered serial state. The region machinery asks these
+questions and knows nothing else of transformers; a model that is not a transformers
+model answers none. (How a checkpoint's keys map to the model's is in hf_keys.)"""
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 
+from .errors import AutoTPError
 from .tensor_names import common_prefix, names_by_tensor
 
 __all__ = [
     "transformers_model", "is_block_model", "VocabRegions", "vocab_regions", "is_cache",
     "is_encoder_decoder", "self_cache", "collects", "collecting_inside", "drop_collectors",
+    "is_config", "past_of", "encoder_decoder_cache", "SaveGathered", "gathering_save",
 ]  # fmt: skip
+
+_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # update = cat along seq
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
@@ -38,6 +49,50 @@ def is_encoder_decoder(v: object) -> bool:
 def self_cache(cache: Any) -> Any:
     """The cache of a block's own keys and values (an encoder-decoder's self-attention)."""
     return cache.self_attention_cache if is_encoder_decoder(cache) else cache
+
+
+def past_of(cache: Any, index: int, block: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The past keys and values of layer `index` (of class `block`) in the model's cache,
+    or None before its first token; refused for a cache whose layers autotp cannot keep
+    split by heads."""
+    layers = getattr(self_cache(cache), "layers", None)
+    layer = layers[index] if layers is not None and len(layers) > index else None
+    if layers is None or (layer is not None and (
+        type(layer).__name__ not in _CACHE_LAYERS or getattr(layer, "record_past", False)
+    )):  # fmt: skip
+        kind = type(layer).__name__ if layer is not None else "no layers"
+        raise AutoTPError(
+            f"{type(cache).__name__} ({kind}) is not a cache autotp can keep split by "
+            f"heads for {block} (it keeps DynamicCache's dynamic and sliding-window "
+            "layers)\n  hint:   use the default cache, or call the model with use_cache=False"
+        )
+    if layer is None or not getattr(layer, "is_initialized", False):
+        return None
+    if layer.keys.shape[-2] == 0:
+        return None
+    return layer.keys, layer.values
+
+
+def encoder_decoder_cache(own: Any, cross: Any) -> Any:
+    """An EncoderDecoderCache (an instance of its class, as the layers check) of two
+    caches of the caller's making: the layers' own keys and values, and the cross
+    attention's."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    obj = EncoderDecoderCache.__new__(EncoderDecoderCache)
+    obj.__dict__.update(self_attention_cache=own, cross_attention_cache=cross, is_updated={})
+    return obj
+
+
+@functools.cache
+def _is_config_type(kind: type) -> bool:
+    return any(c.__name__ == "PretrainedConfig" and c.__module__.startswith("transformers.")
+               for c in kind.__mro__)  # fmt: skip
+
+
+def is_config(v: object) -> bool:
+    """A transformers config (its plain values are what a layer reads of it)."""
+    return _is_config_type(type(v))
 
 
 def collects(hook: object) -> bool:
@@ -173,3 +228,30 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
             if stray:
                 return _whole(f"{stray[0]} is a vocabulary tensor too")
     return VocabRegions(tuple(embeddings), head_path, tables, note)
+
+
+class SaveGathered:
+    """The parallel model's `save_pretrained`: transformers' own, given the serial
+    state_dict (`full(model)`: the shards gathered, a collective under `parallelize`) and
+    written by global rank 0 unless `is_main_process` says otherwise, so that
+    `from_pretrained` reads the folder back as the serial model. An object, not a closure,
+    so that a deepcopy of the model saves the copy."""
+
+    def __init__(self, model: nn.Module, full: Callable[[nn.Module], dict], rank: int) -> None:
+        self.model, self.full, self.rank = model, full, rank
+        self.__doc__ = type(model).save_pretrained.__doc__
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = self.full(self.model)
+        if "is_main_process" not in kwargs:
+            main = dist.get_rank() == 0 if dist.is_available() and dist.is_initialized() else True
+            kwargs["is_main_process"] = main and self.rank == 0
+        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+
+
+def gathering_save(model: nn.Module, full: Callable[[nn.Module], dict], rank: int) -> None:
+    """Give `model` (the parallel model's transformers model) a `save_pretrained` that
+    writes the serial checkpoint; nothing for a model that has none."""
+    if _is_pretrained(model):
+        model.save_pretrained = SaveGathered(model, full, rank)

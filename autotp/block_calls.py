@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .adapter import is_cache, is_encoder_decoder
+from .adapter import encoder_decoder_cache, is_cache, is_encoder_decoder
 from .errors import AutoTPError
 
 __all__ = ["BlockCall", "PAST", "Recorder", "cache_index", "call_module", "dynamic_sizes",
@@ -124,7 +124,7 @@ def call_module(block: nn.Module, call: BlockCall) -> nn.Module:
         if call.cache_at is not None:
             rec = given = Recorder(tensors.pop(PAST[0], None), tensors.pop(PAST[1], None))
             if call.cache_at[2]:
-                given = _encoder_decoder(rec)
+                given = encoder_decoder_cache(rec, _CrossRecorder())
         args, kwargs = call.rebuild(tensors, given)
         # its forward, not its hooks: a hook on the serial block belongs to the serial
         # model's Python; the parallel model calls the BlockTP's own
@@ -157,17 +157,6 @@ class _CrossRecorder:
             f"the block reads its cross-attention cache's `{name}`, which autotp does not "
             "model\n  hint:   call the model with use_cache=False"
         )
-
-
-def _encoder_decoder(rec: Recorder) -> Any:
-    """An EncoderDecoderCache (an instance of its class, as the layers check) whose
-    self-attention half is `rec` and whose cross-attention half is never filled."""
-    from transformers.cache_utils import EncoderDecoderCache
-
-    obj = EncoderDecoderCache.__new__(EncoderDecoderCache)
-    obj.__dict__.update(self_attention_cache=rec, cross_attention_cache=_CrossRecorder(),
-                        is_updated={})  # fmt: skip
-    return obj
 
 
 def dynamic_sizes(call: BlockCall, batch: int, seqs: set[int]) -> dict[str, Any]:

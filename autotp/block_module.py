@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .adapter import collecting_inside, is_cache, self_cache
+from .adapter import collecting_inside, is_cache, past_of, self_cache
 from .block_calls import BlockCall, cache_index, call_module, modes, take_apart
 from .block_state import TRACED_ON, BlockState, SerialAttributeError, cut_serial_state, twin
 from .comm import Comm, ProcessGroupComm
@@ -27,7 +27,6 @@ from .tensor_names import names_by_tensor, with_every_name
 
 __all__ = ["BlockTP"]
 
-_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # update = cat along seq
 _CLASSES: dict[type, type] = {}  # block class -> its BlockTP subclass
 
 
@@ -222,22 +221,7 @@ class BlockTP(nn.Module):
                 "of the cache's layers is its own\n  hint:   call the model with "
                 "use_cache=False"
             )
-        layers = getattr(self_cache(cache), "layers", None)
-        layer = layers[index] if layers is not None and len(layers) > index else None
-        if layers is None or (layer is not None and (
-            type(layer).__name__ not in _CACHE_LAYERS or getattr(layer, "record_past", False)
-        )):  # fmt: skip
-            kind = type(layer).__name__ if layer is not None else "no layers"
-            raise AutoTPError(
-                f"{type(cache).__name__} ({kind}) is not a cache autotp can keep split by "
-                "heads (it keeps DynamicCache's dynamic and sliding-window layers)\n  hint:   "
-                "use the default cache, or call the model with use_cache=False"
-            )
-        if layer is None or not getattr(layer, "is_initialized", False):
-            return None
-        if layer.keys.shape[-2] == 0:
-            return None
-        return layer.keys, layer.values
+        return past_of(cache, index, self._autotp_kind.__name__)
 
     def _class_name(self, rank: int) -> str:
         """The class of a pattern's graph module: the block's class, its path and (when

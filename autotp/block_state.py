@@ -1,7 +1,6 @@
 """What a parallel block is as a module, apart from how it runs: the state its graphs
 depend on, read on every call (`BlockState`), the meta twin its patterns are traced from
-(`twin`), serial state_dicts cut into its shards on load (`cut_serial_state`), and the
-model-level `save_pretrained` that writes the serial checkpoint (`SaveGathered`).
+(`twin`), and serial state_dicts cut into its shards on load (`cut_serial_state`).
 
 A parallel block's submodules are what runs: with `parallelize` the block holds its rank's
 shards under the serial block's names (so `model.layers[0].mlp.up_proj.weight` is this
@@ -16,23 +15,20 @@ What a graph cannot follow (a hook inside the block, a tensor of another shape) 
 
 from __future__ import annotations
 
-import functools
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .adapter import collects as _collects
+from .adapter import is_config
 from .errors import AutoTPError
 from .materialise import _fresh_module, rank_shard
 from .plan import _HOOKS, HOOK_KINDS
 from .sharding import Shard
 
-__all__ = ["BlockState", "twin", "tensor_shapes", "cut_serial_state", "SaveGathered",
-           "SerialAttributeError"]  # fmt: skip
+__all__ = ["BlockState", "twin", "tensor_shapes", "cut_serial_state", "SerialAttributeError"]
 
 _PLAIN = (int, float, str, bool, type(None))
 # flags that switch what calls the block, not what the block computes
@@ -44,16 +40,6 @@ class SerialAttributeError(AutoTPError, AttributeError):
     its own (an AttributeError too, so `hasattr` stays a question)."""
 
     title = "autotp: reach a simulated rank's block"
-
-
-@functools.cache
-def _is_config_type(kind: type) -> bool:
-    return any(c.__name__ == "PretrainedConfig" and c.__module__.startswith("transformers.")
-               for c in kind.__mro__)  # fmt: skip
-
-
-def _is_config(v: object) -> bool:
-    return _is_config_type(type(v))
 
 
 def _config_items(cfg: object) -> tuple:
@@ -83,7 +69,7 @@ class BlockState:
                         key.append((k, v))
                     elif isinstance(v, tuple):
                         key.append((k, repr(v)))
-                    elif _is_config(v):
+                    elif is_config(v):
                         key.append((k, _config_items(v)))
                 for t in (*m._parameters.values(), *m._buffers.values()):
                     if t is not None:
@@ -192,23 +178,3 @@ def cut_serial_state(
         for i, rank in enumerate(ranks):
             local = rank_shard(value, [key], splits.get(name), rank, tp)
             state[f"{prefix}ranks.{i}.{name}" if nested else key] = local
-
-
-class SaveGathered:
-    """The parallel model's `save_pretrained`: transformers' own, given the serial
-    state_dict (`full(model)`: the shards gathered, a collective under `parallelize`) and
-    written by global rank 0 unless `is_main_process` says otherwise, so that
-    `from_pretrained` reads the folder back as the serial model. An object, not a closure,
-    so that a deepcopy of the model saves the copy."""
-
-    def __init__(self, model: nn.Module, full: Callable[[nn.Module], dict], rank: int) -> None:
-        self.model, self.full, self.rank = model, full, rank
-        self.__doc__ = type(model).save_pretrained.__doc__
-
-    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("state_dict") is None:
-            kwargs["state_dict"] = self.full(self.model)
-        if "is_main_process" not in kwargs:
-            main = dist.get_rank() == 0 if dist.is_available() and dist.is_initialized() else True
-            kwargs["is_main_process"] = main and self.rank == 0
-        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)

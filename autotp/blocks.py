@@ -46,8 +46,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import plan_cache
 from .adapter import (
     VocabRegions,
-    _is_pretrained,
     drop_collectors,
+    gathering_save,
     is_block_model,
     transformers_model,
     vocab_regions,
@@ -57,7 +57,7 @@ from .adapter import (
 )
 from .block_calls import PAST, BlockCall, cache_index, call_module, dynamic_sizes, modes, take_apart
 from .block_module import BlockTP
-from .block_state import BlockState, SaveGathered, _unfilled, tensor_shapes, twin
+from .block_state import BlockState, _unfilled, tensor_shapes, twin
 from .block_tensors import full_tensors, load_outside, shell
 from .comm import Comm
 from .errors import AutoTPError
@@ -454,9 +454,7 @@ def build_regions(
     saver = copied.get_submodule(inner_path)  # the serial checkpoint, gathered
     if inner_path:  # what a wrapper saves through its transformers model
         saver.autotp_blocks = tuple(p.removeprefix(inner_path + ".") for p in blocks)
-    if _is_pretrained(saver):
-        saver.save_pretrained = SaveGathered(saver, lambda m: full_tensors(m, grads=False),
-                                             comms[0].rank)  # fmt: skip
+    gathering_save(saver, lambda m: full_tensors(m, grads=False), comms[0].rank)
     return copied
 
 

@@ -187,8 +187,8 @@ def _weights(model: nn.Module, path: str | os.PathLike | Weights | None) -> Weig
     """The weights to read, with the model's base-model prefix (a task model over a base
     model's checkpoint, and the other way round); a source already made (a Weights, or an
     object read the same way: `find`, `read`, `missing`, `path`) as it is."""
-    if path is None or hasattr(path, "find"):
-        return path  # type: ignore[return-value]
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        return path
     prefix = getattr(model, "base_model_prefix", "")
     prefix = prefix if isinstance(prefix, str) else ""
     return Weights(path, prefix=prefix, conversions=Conversions.of(model))
