@@ -54,19 +54,46 @@ def plan(
     if _blocks(model, tp, form, vocab, sequence_parallel):
         return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict,
                             sequence_parallel)  # fmt: skip
-    return graph_plan(model, tp, example_inputs, rules=rules, vocab=vocab, frontend=frontend,
-                      strict=strict, sequence_parallel=sequence_parallel)  # fmt: skip
+    return _whole_graph(model, tp, example_inputs, rules, vocab, frontend, strict,
+                        sequence_parallel, form)  # fmt: skip
+
+
+def _whole_graph(
+    model: nn.Module, tp: int, example_inputs: Any, rules: Sequence[Rule] | None,
+    vocab: VocabOptions | None, frontend: str, strict: bool, sequence_parallel: bool,
+    form: str,
+) -> Plan:  # fmt: skip
+    """The whole-graph plan; where it was chosen for a transformers model only because
+    sequence_parallel asks to hand the split sequence over between layers, a model it
+    cannot trace (its cache returned, by default) is refused with the region form named."""
+    try:
+        return graph_plan(model, tp, example_inputs, rules=rules, vocab=vocab,
+                          frontend=frontend, strict=strict,
+                          sequence_parallel=sequence_parallel)  # fmt: skip
+    except AutoTPError as e:
+        chosen = sequence_parallel and form == "auto" and vocab is None
+        if not (chosen and is_block_model(model)):
+            raise
+        first = str(e).splitlines()[0]
+        raise AutoTPError(
+            f"sequence_parallel=True hands the split sequence over between the layers of "
+            f"{type(model).__name__}, which needs the whole model as one traced graph, and "
+            f'tracing it failed: {first}\n  hint:   pass form="blocks" for sequence '
+            "parallelism inside each layer (the model's own Python, its cache and "
+            "generate() kept), or make the whole model traceable: model.config.use_cache = "
+            "False when training\n\n" + str(e)
+        ) from e
 
 
 def _the_plan(
     model: nn.Module, tp: int | Plan, example_inputs: Any, rules: Sequence[Rule] | None,
     vocab: VocabOptions | None, frontend: str, strict: bool, sequence_parallel: bool,
+    form: str,
 ) -> Plan:  # fmt: skip
     """`tp` as given (a Plan, checked to fit `model`) or the plan of `model` at tp ranks."""
     if not isinstance(tp, Plan):
-        return graph_plan(model, tp, example_inputs, rules=rules, vocab=vocab,
-                          frontend=frontend, strict=strict,
-                          sequence_parallel=sequence_parallel)  # fmt: skip
+        return _whole_graph(model, tp, example_inputs, rules, vocab, frontend, strict,
+                            sequence_parallel, form)  # fmt: skip
     given = {
         "example_inputs": example_inputs is not None, "rules": rules is not None,
         "vocab": vocab is not None, "frontend": frontend != "auto", "strict": strict,
@@ -171,7 +198,9 @@ def parallelize(
             same_random_state(group)
             check_first_call(module, group, random_state=True)
         return module
-    p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
+    p = _the_plan(
+        model, given, example_inputs, rules, vocab, frontend, strict, sequence_parallel, form
+    )
     if isinstance(comm, ProcessGroupComm):
         _check_same_plan(p.fingerprint, group)
     module = build_rank_module(
@@ -232,7 +261,9 @@ def simulate(
         seed = torch.initial_seed() % 2**62
         comms = [SimulatedComm(regions.tp, r) for r in range(regions.tp)]  # type: ignore[arg-type]
         return build_regions(model, regions, comms, seed, source)
-    p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
+    p = _the_plan(
+        model, tp, example_inputs, rules, vocab, frontend, strict, sequence_parallel, form
+    )
     tp = p.tp
     seed = torch.initial_seed() % 2**62
     ranks = [

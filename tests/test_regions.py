@@ -70,8 +70,12 @@ def test_a_plan_for_another_model_is_refused() -> None:
         autotp.simulate(_llama(), plan, _batch())
 
 
-def test_the_graph_form_is_still_asked_for_by_name() -> None:
+def test_the_graph_form_is_asked_for_by_name_and_names_the_region_form_when_it_fails() -> None:
     model = _llama()
+    model.config.use_cache = True  # as from_pretrained gives it: the cache is returned
+    with pytest.raises(autotp.AutoTPError, match='form="blocks"') as info:
+        autotp.plan(model, 2, sequence_parallel=True)  # the whole graph: it cannot trace
+    assert "use_cache = False" in str(info.value)
     model.config.use_cache = False  # the whole graph returns no cache object
     assert isinstance(autotp.plan(model, 2, _batch(), form="graph"), autotp.Plan)
     assert isinstance(autotp.plan(model, 2, sequence_parallel=True), autotp.Plan)
