@@ -109,3 +109,37 @@ def test_a_rank_draws_its_shards_of_the_serial_initial_weights(tmp_path: Path, s
     with torch.no_grad():
         loss = serial(input_ids=x, labels=x).loss.item()
     assert abs(got["loss"] - loss) <= 1e-6  # Llama's loss is float32 inside the model
+
+
+def _step_and_save(rank: int, world: int, cfg: TrainConfig) -> dict:
+    from autotp.run.checkpoint import Checkpoints
+
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    Checkpoints(cfg.ckpt_dir).save(trainer)
+    return trainer.serial_state()
+
+
+def test_a_checkpoint_rebuilds_the_serial_model_holding_its_weights_once(tmp_path: Path) -> None:
+    """`autotp eval` and `autotp generate` rebuild the run's serial model: drawn without its
+    large tensors, which the checkpoint's replace; the trained weights, and what the
+    model computes with them, are the run's."""
+    from autotp.run.checkpoint import serial_model
+
+    path = tmp_path / "factory.py"
+    path.write_text(FACTORY)
+    cfg = TrainConfig(model=f"{path}:llama", tp=2, steps=1, batch=4, seq=32, accum=1,
+                      warmup=1, progress=False, eval_batches=0, dtype="float64",
+                      ckpt_dir=str(tmp_path / "run"))  # fmt: skip
+    trained = run_on_gloo(_step_and_save, 2, cfg)[0]
+    model, _ = serial_model(tmp_path / "run")
+    state = model.state_dict()
+    assert set(state) == set(trained)
+    assert all(torch.equal(state[n], trained[n]) for n in trained)
+    namespace: dict = {}
+    exec(FACTORY, namespace)
+    whole = namespace["llama"]().double().eval()
+    whole.load_state_dict(trained)
+    ids = torch.randint(0, 4096, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, whole(input_ids=ids).logits)

@@ -459,22 +459,35 @@ def serial_model(
 ) -> tuple[torch.nn.Module, dict]:
     """The unmodified model a checkpoint was trained from, with its weights, and the
     checkpoint's description (autotp.json). A file.py:factory model runs its file."""
+    from autotp.models import CONFIGS
+
+    from .drawn import draw
     from .resolve import build, trusted_factory
 
     say = say or (lambda line: None)
     path, meta = find_checkpoint(ckpt, say=say)
     trusted_factory(meta["model"], path, say)
-    model = build(meta["model"], seed=meta.get("seed"))
+    spec, seed = meta["model"], meta.get("seed")
+    # an hf: or factory model without its large tensors, which the checkpoint's then
+    # replace (assigned): its weights are held once, not twice
+    drawn = None if spec in CONFIGS or spec == "minilm" or seed is None else draw(spec, seed)
+    model = drawn.model if drawn is not None else build(spec, seed=seed)
     dtype = {"float64": torch.float64}.get(meta.get("dtype"), torch.float32)
     model = model.to(dtype)
     state = read_serial_state(path)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=drawn is not None)
     except RuntimeError as e:
         raise CheckpointError(
             f"{path} does not fit {meta['model']} as it is built now: {str(e)[:400]}\n"
             "  hint:   was the model's code or config changed since the run?"
         ) from e
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(
+            f"{path} does not hold {left[0]} ({len(left)} tensors in all), which "
+            f"{spec} keeps\n  hint:   was the model's code or config changed since the run?"
+        )
     return model.eval(), meta
 
 
