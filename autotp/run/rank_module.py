@@ -101,7 +101,6 @@ class RankModule:
     module: nn.Module
     plan: Plan | RegionPlan
     random: Any  # get_state() / set_state(dict): the streams a checkpoint restores
-    comm: ProcessGroupComm
 
     @classmethod
     def build(
@@ -112,18 +111,18 @@ class RankModule:
         Weights, or the Drawn values of a model built from the seed) when given, else
         drawn by `init` (a meta model's initialiser, graph form) or cut from `model`'s own
         weights."""
-        comm = ProcessGroupComm(mesh.tp_group)
         if isinstance(plan, RegionPlan):
             # the public path: checks the ranks planned alike and share one random state
             module = parallelize(model, plan, group=mesh.tp_group, weights=source)
             blocks = [module.get_submodule(p) for p in module.autotp_blocks]
             randoms = blocks[0]._autotp_randoms[0] if blocks else None
-            return cls(module, plan, _RegionRandom(randoms), comm)
+            return cls(module, plan, _RegionRandom(randoms))
         module = build_rank_module(
-            model, plan.traced.gm, plan.graph, plan.splits, mesh.tp_rank, plan.tp, comm, plan,
+            model, plan.traced.gm, plan.graph, plan.splits, mesh.tp_rank, plan.tp,
+            ProcessGroupComm(mesh.tp_group), plan,
             plan.model_name, seed=seed, weights=source, device=device, init=init,
         )  # fmt: skip
-        return cls(module, plan, module.autotp.random, comm)
+        return cls(module, plan, module.autotp.random)
 
     @property
     def regions(self) -> bool:
