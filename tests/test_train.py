@@ -195,9 +195,11 @@ def _launch(ckpt: Path, steps: int, *extra: str) -> subprocess.Popen:
                             start_new_session=True)  # fmt: skip
 
 
-def _workers() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "--", r"-m autotp\.run\.train"], capture_output=True,
-                         text=True)  # fmt: skip
+def _workers(launcher: int) -> list[int]:
+    """The training workers the launcher at pid `launcher` started (its children: other
+    tests' runs, on the other pytest worker, are not this test's to kill)."""
+    out = subprocess.run(["pgrep", "-P", str(launcher), "-f", "--", r"-m autotp\.run\.train"],
+                         capture_output=True, text=True)  # fmt: skip
     return [int(p) for p in out.stdout.split()]
 
 
@@ -216,7 +218,7 @@ def test_kill_9_of_a_rank_restarts_and_resumes(tmp_path: Path) -> None:
         while not (tmp_path / "killed" / "step_00000010").exists():
             assert time.time() < deadline and killed.poll() is None, "no checkpoint appeared"
             time.sleep(0.05)
-        victims = _workers()
+        victims = _workers(killed.pid)
         assert victims, "no worker to kill"
         os.kill(victims[-1], signal.SIGKILL)
         output = killed.communicate(timeout=300)[0]
