@@ -459,8 +459,6 @@ def serial_model(
 ) -> tuple[torch.nn.Module, dict]:
     """The unmodified model a checkpoint was trained from, with its weights, and the
     checkpoint's description (autotp.json). A file.py:factory model runs its file."""
-    from autotp.models import CONFIGS
-
     from .drawn import draw
     from .resolve import build, trusted_factory
 
@@ -470,7 +468,7 @@ def serial_model(
     spec, seed = meta["model"], meta.get("seed")
     # an hf: or factory model without its large tensors, which the checkpoint's then
     # replace (assigned): its weights are held once, not twice
-    drawn = None if spec in CONFIGS or spec == "minilm" or seed is None else draw(spec, seed)
+    drawn = None if seed is None else draw(spec, seed)
     model = drawn.model if drawn is not None else build(spec, seed=seed)
     dtype = {"float64": torch.float64}.get(meta.get("dtype"), torch.float32)
     model = model.to(dtype)

@@ -268,10 +268,16 @@ class Drawn:
 
 
 def draw(spec: str, seed: int) -> Drawn | None:
-    """The model `spec` names (autotp.run.resolve), built from `seed` with its large
-    tensors drawn when read; None where they cannot be (it is then built whole)."""
+    """The model `spec` names (autotp.run.resolve), an hf: or factory model, built from
+    `seed` with its large tensors drawn when read; None for the others (autotp's named
+    models draw each parameter on its own; minilm's weights are read from its package)
+    and where they cannot be drawn (it is then built whole)."""
+    from autotp.models import CONFIGS
+
     from .resolve import build
 
+    if spec in CONFIGS or spec == "minilm":
+        return None
     try:
         return Drawn.build(lambda: build(spec), seed)
     except AutoTPError:

@@ -91,8 +91,7 @@ class Trainer:
         # each rank draws its shards of (autotp.run.drawn), or whole where that cannot be;
         # with --init-from every model is a meta program and each rank reads its slices
         source: Any = Weights(cfg.init_from) if cfg.init_from else None
-        built = source is not None or cfg.model in CONFIGS or cfg.model == "minilm"
-        drawn = None if built else draw(cfg.model, cfg.seed)
+        drawn = None if source is not None else draw(cfg.model, cfg.seed)
         on_meta = cfg.model in CONFIGS or source is not None or drawn is not None
         if drawn is not None:  # large tensors drawn one at a time, each rank keeping its shards
             self.model, source = drawn.model, drawn
