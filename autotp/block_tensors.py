@@ -8,10 +8,9 @@ import logging
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from .errors import AutoTPError
-from .materialise import _fresh_module, as_like, gather_over, rank_shard
+from .materialise import _fresh_module, as_like, gather_over, rank_shard, whole_over_dp
 from .sharding import Shard
 from .tensor_names import names_by_tensor
 from .weights import Weights, fill_buffers, init_missing
@@ -105,7 +104,7 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
         own = dict(module.state_dict(keep_vars=True))
     for name, t in own.items():
         if not name.startswith(skip):
-            out[name] = None if t is None else _whole(t).detach()
+            out[name] = None if t is None else whole_over_dp(t).detach()
     for path, block in blocks.items():
         splits = block.splits()
         per_rank = [
@@ -114,7 +113,7 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
             for shell in block.shells
         ]  # fmt: skip
         for name in per_rank[0]:
-            local = [None if r[name] is None else _whole(r[name]) for r in per_rank]
+            local = [r[name] for r in per_rank]
             if local[0] is None:
                 out[f"{path}.{name}"] = None
             else:
@@ -123,8 +122,3 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
                 size = block._autotp_shapes[name][spec.dim] if spec is not None else None
                 out[f"{path}.{name}"] = gather_over(local, spec, block.tp, comm, size)
     return out
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """`t` as one tensor: an FSDP DTensor (sharded over data parallelism) gathered."""
-    return t.full_tensor() if isinstance(t, DTensor) else t

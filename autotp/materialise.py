@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from .collectives import (
     Comm,
@@ -141,7 +142,9 @@ def gather_over(
     serial_size: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The serial tensor from the shards at hand: every rank's (simulate), or this rank's
-    alone, all-gathered over `comm`'s group (a collective: every rank calls it)."""
+    alone, all-gathered over `comm`'s group (a collective: every rank calls it). A shard
+    that data parallelism sharded further (an FSDP DTensor) is made whole first."""
+    local = [whole_over_dp(t) for t in local]
     if spec is None:
         return local[0].detach()
     if len(local) == 1 and tp > 1:
@@ -150,6 +153,12 @@ def gather_over(
         dist.all_gather(parts, t, group=comm.group)  # type: ignore[attr-defined]
         local = parts
     return gather([t.detach() for t in local], spec, serial_size)
+
+
+def whole_over_dp(t: torch.Tensor) -> torch.Tensor:
+    """`t` as this rank holds it for tensor parallelism: an FSDP DTensor (sharded over
+    data parallelism) gathered into its full tensor (a collective), else `t` itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def gather(

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from ..comm import ProcessGroupComm
-from ..materialise import build_rank_module, gather_over
+from ..materialise import build_rank_module
 from ..parallel import full_state_dict, parallelize
 from ..parallel import plan as public_plan
 from ..plan import Plan
@@ -137,14 +136,7 @@ class RankModule:
     def serial_state(self) -> dict[str, torch.Tensor]:
         """The serial model's state_dict (a collective: every rank calls it): FSDP's
         shards gathered over dp, then TP's over tp."""
-        if self.regions:
-            return {k: v.clone() for k, v in full_state_dict(self.module).items()}
-        info = self.module.autotp
-        out = {}
-        for key, t in self.module.state_dict(keep_vars=True).items():
-            out[key] = gather_over([_whole(t).detach()], info.splits.get(key), info.tp,
-                                   info.comm, info.plan.serial_sizes.get(key)).clone()  # fmt: skip
-        return out
+        return {k: v.clone() for k, v in full_state_dict(self.module).items()}
 
     def unread_parameters(self) -> list[nn.Parameter]:
         """The parameters the module never reads (kept for its state_dict only): they can
@@ -161,8 +153,3 @@ class RankModule:
             tensors = got.parameters() if isinstance(got, nn.Module) else [got]
             read.update(id(t) for t in tensors)
         return [p for p in dict.fromkeys(gm.parameters()) if id(p) not in read]
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """`t` whole over dp: an FSDP DTensor's full tensor, else `t`."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
