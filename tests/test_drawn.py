@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import FACTORIES
 
 from autotp.errors import AutoTPError
 from autotp.run.drawn import LARGE, Drawn
@@ -16,18 +17,6 @@ from autotp.testing import run_on_gloo
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-
-FACTORY = """
-import transformers
-
-
-def llama():
-    transformers.logging.set_verbosity_error()
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=4096, hidden_size=32, intermediate_size=2048, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        use_cache=False))
-"""
 
 
 def _gpt2() -> torch.nn.Module:
@@ -84,21 +73,21 @@ def _start(rank: int, world: int, cfg: TrainConfig) -> dict:
 
 @pytest.mark.parametrize("sp", [False, True], ids=["regions", "graph-sp"])
 def test_a_rank_draws_its_shards_of_the_serial_initial_weights(tmp_path: Path, sp: bool) -> None:
-    """`--model file.py:llama` at tp=2 (the region form; with --sp the whole-graph form):
+    """`--model file.py:llama_to_draw` at tp=2 (the region form; with --sp the whole-graph form):
     the embedding, head and MLP weights are never held whole by a rank's model; gathered,
     the rank modules hold the serial build's weights bit for bit, and the first loss is the
     serial model's."""
     from autotp.run import data as data_mod
 
     path = tmp_path / "factory.py"
-    path.write_text(FACTORY)
-    cfg = TrainConfig(model=f"{path}:llama", tp=2, steps=1, batch=4, seq=32, accum=1,
+    path.write_text(FACTORIES)
+    cfg = TrainConfig(model=f"{path}:llama_to_draw", tp=2, steps=1, batch=4, seq=32, accum=1,
                       warmup=1, progress=False, eval_batches=0, dtype="float64", sp=sp)  # fmt: skip
     got = run_on_gloo(_start, 2, cfg)[0]
     namespace: dict = {}
-    exec(FACTORY, namespace)
+    exec(FACTORIES, namespace)
     torch.manual_seed(cfg.seed)
-    serial = namespace["llama"]().double()
+    serial = namespace["llama_to_draw"]().double()
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(got["meta"])
     assert got["regions"] is not sp
     want = serial.state_dict()
@@ -127,8 +116,8 @@ def test_a_checkpoint_rebuilds_the_serial_model_holding_its_weights_once(tmp_pat
     from autotp.run.checkpoint import serial_model
 
     path = tmp_path / "factory.py"
-    path.write_text(FACTORY)
-    cfg = TrainConfig(model=f"{path}:llama", tp=2, steps=1, batch=4, seq=32, accum=1,
+    path.write_text(FACTORIES)
+    cfg = TrainConfig(model=f"{path}:llama_to_draw", tp=2, steps=1, batch=4, seq=32, accum=1,
                       warmup=1, progress=False, eval_batches=0, dtype="float64",
                       ckpt_dir=str(tmp_path / "run"))  # fmt: skip
     trained = run_on_gloo(_step_and_save, 2, cfg)[0]
@@ -137,8 +126,8 @@ def test_a_checkpoint_rebuilds_the_serial_model_holding_its_weights_once(tmp_pat
     assert set(state) == set(trained)
     assert all(torch.equal(state[n], trained[n]) for n in trained)
     namespace: dict = {}
-    exec(FACTORY, namespace)
-    whole = namespace["llama"]().double().eval()
+    exec(FACTORIES, namespace)
+    whole = namespace["llama_to_draw"]().double().eval()
     whole.load_state_dict(trained)
     ids = torch.randint(0, 4096, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -272,14 +272,19 @@ def tiny_hf_gpt2():
         n_layer=2, n_embd=32, n_head=4, vocab_size=256, n_positions=64, use_cache=False))
 
 
-def tiny_llama():
+def tiny_llama(vocab=256, intermediate=64):
     import transformers
 
     transformers.logging.set_verbosity_error()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=32, intermediate_size=intermediate, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         use_cache=False))
+
+
+def llama_to_draw():
+    # embedding, head and MLP weights of 64Ki elements or more: drawn per rank
+    return tiny_llama(vocab=4096, intermediate=2048)
 """
 
 
