@@ -174,7 +174,7 @@ class _Patterns:
             for n in PAST:
                 if n in tensors:
                     size = list(tensors[n].shape)
-                    size[kv.dim] *= self.tp
+                    size[kv.dim] *= kv.slices(self.tp)
                     out[n] = _unfilled(size, tensors[n].dtype)
         return out
 

@@ -211,19 +211,50 @@ class _ReduceScatterSP(torch.autograd.Function):
 
 class _FMany(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, comm: Comm, *xs: torch.Tensor):  # type: ignore[override]
-        ctx.comm = comm
+    def forward(ctx, comm: Comm, groups: tuple[int, ...], *xs: torch.Tensor):  # type: ignore[override]
+        ctx.comm, ctx.groups = comm, groups
         ctx.set_materialize_grads(False)  # a parameter used under no_grad gets none
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
     @once_differentiable  # a collective: a second derivative would need its own
     def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
-        got = tuple(g for g in grads if g is not None)  # the same on every rank: the graph's
+        # the same on every rank: the graph's
+        got = [(g, k) for g, k in zip(grads, ctx.groups or [1] * len(grads), strict=True)
+               if g is not None]  # fmt: skip
         if not got:
-            return (None, *grads)
-        flat = ctx.comm.all_reduce(_flatten(got), "backward", inplace=True)
-        return (None, *_with_nones(_unflatten(flat, got), grads))
+            return (None, None, *grads)
+        comm = ctx.comm
+        flat = comm.all_reduce(_slotted(got, comm.rank, comm.size), "backward", inplace=True)
+        mine = _unslotted(flat, got, comm.rank, comm.size)
+        return (None, None, *_with_nones(mine, grads))
+
+
+def _slotted(got: list[tuple[torch.Tensor, int]], rank: int, tp: int) -> torch.Tensor:
+    """One flat buffer of the gradients `got` ((gradient, replicas) pairs): a gradient of
+    a tensor held by `replicas` neighbouring ranks (one of tp / replicas slices) in its
+    slice's place, zeros in the others', so that the sum over all ranks is each slice's
+    sum over its own ranks."""
+    parts = []
+    for g, k in got:
+        if k == 1:
+            parts.append(g.reshape(-1))
+            continue
+        part = g.new_zeros(tp // k, g.numel())
+        part[rank // k] = g.reshape(-1)
+        parts.append(part.reshape(-1))
+    return _flatten(tuple(parts))
+
+
+def _unslotted(
+    flat: torch.Tensor, got: list[tuple[torch.Tensor, int]], rank: int, tp: int
+) -> list[torch.Tensor]:
+    """Each gradient of `got` from the summed buffer `_slotted` made: its slice's part."""
+    sizes = [g.numel() * (tp // k if k > 1 else 1) for g, k in got]
+    out = []
+    for part, (g, k) in zip(flat.split(sizes), got, strict=True):
+        out.append((part if k == 1 else part.view(tp // k, -1)[rank // k]).view_as(g))
+    return out
 
 
 def _with_nones(got: list[torch.Tensor], grads: tuple[Any, ...]) -> list[Any]:
@@ -243,28 +274,25 @@ def _flatten(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
 
 
-def _unflatten(flat: torch.Tensor, like: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    sizes = [t.numel() for t in like]
-    return [p.view_as(t) for p, t in zip(flat.split(sizes), like, strict=True)]
-
-
 def rank_slice(
     x: torch.Tensor, dim: int, blocks: int, tp: int, rank: torch.Tensor,
-    padded: int | None = None, replicas: int = 1,
+    padded: int | None = None, replicas: int = 1, within: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """This rank's slice of a replicated tensor, split as S(dim x blocks): the
     Replicate -> Shard redistribution, with no communication (its gradient fills the
     slice, zeros elsewhere, which is why the replicated value also gets f). `padded`: the
     dimension is first padded with zeros to that size (a bias over a padded vocabulary).
     `replicas`: the dimension holds tp / replicas slices, ranks r*replicas ... share one
-    (a key/value head read by the query heads of several ranks)."""
+    (a key/value head read by the query heads of several ranks). `within`: x is not
+    replicated but a slice held by `within` neighbouring ranks, cut further among them."""
     if padded is not None and padded > x.shape[dim]:
         pad = list(x.shape)
         pad[dim] = padded - x.shape[dim]
         x = torch.cat([x, x.new_zeros(pad)], dim)
-    size, slices = x.shape[dim], tp // replicas
+    among, at = (tp, rank) if within is None else (within, rank % within)
+    size, slices = x.shape[dim], among // replicas
     parts = x.unflatten(dim, (blocks, slices, size // (blocks * slices)))
-    which = (rank.reshape(1) // replicas).to(torch.long)
+    which = (at.reshape(1) // replicas).to(torch.long)
     mine = parts.index_select(dim + 1, which).squeeze(dim + 1)
     return mine.flatten(dim, dim + 1)
 
@@ -391,14 +419,16 @@ class ReduceScatterToSP(nn.Module):
 class CopyManyToTP(nn.Module):
     """f over several tensors at once: identity forward; backward all-reduces all their
     gradients as one flat buffer (Megatron's single all-reduce of the gradients of the
-    parameters read in sequence-parallel regions). Returns a tuple."""
+    parameters read in sequence-parallel regions). Returns a tuple. `groups`: for each
+    tensor, how many neighbouring ranks hold its slice (a key/value projection shared by
+    the query heads of several ranks); their gradients are summed among those ranks."""
 
     def __init__(self, comm: Comm) -> None:
         super().__init__()
         self.comm = comm
 
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(xs) if self.comm.size == 1 else _FMany.apply(self.comm, *xs)
+    def forward(self, *xs: torch.Tensor, groups: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+        return tuple(xs) if self.comm.size == 1 else _FMany.apply(self.comm, groups, *xs)
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"
@@ -516,23 +546,25 @@ class _SimReduceScatterSP(torch.autograd.Function):
 
 class _SimFMany(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, n: int, *xs: torch.Tensor):  # type: ignore[override]
-        ctx.n = n  # xs: rank 0's n tensors, then rank 1's, ...
+    def forward(ctx, n: int, groups: tuple[int, ...], *xs: torch.Tensor):  # type: ignore[override]
+        ctx.n, ctx.groups = n, groups or (1,) * n  # xs: rank 0's n tensors, then rank 1's, ...
         ctx.set_materialize_grads(False)  # a parameter used under no_grad gets none
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
         per_rank = [grads[i : i + ctx.n] for i in range(0, len(grads), ctx.n)]
-        got = [tuple(g for g in rank if g is not None) for rank in per_rank]
+        tp = len(per_rank)
+        got = [[(g, k) for g, k in zip(rank, ctx.groups, strict=True) if g is not None]
+               for rank in per_rank]  # fmt: skip
         if not got[0]:
-            return (None, *grads)
-        flats = [_flatten(g) for g in got]
+            return (None, None, *grads)
+        flats = [_slotted(mine, r, tp) for r, mine in enumerate(got)]
         record_collective("backward", flats[0])
         total = _sum(tuple(flats))
-        return (None, *[
-            g for mine, rank in zip(got, per_rank, strict=True)
-            for g in _with_nones(_unflatten(total.clone(), mine), rank)
+        return (None, None, *[
+            g for r, (mine, rank) in enumerate(zip(got, per_rank, strict=True))
+            for g in _with_nones(_unslotted(total.clone(), mine, r, tp), rank)
         ])  # fmt: skip
 
 
@@ -570,12 +602,13 @@ def simulated_reduce_scatter_to_sp(xs: list[torch.Tensor], dim: int) -> list[tor
 
 
 def simulated_copy_many(
-    xs: list[tuple[torch.Tensor, ...]],
+    xs: list[tuple[torch.Tensor, ...]], groups: tuple[int, ...] = ()
 ) -> list[tuple[torch.Tensor, ...]]:
     """CopyManyToTP over all ranks, `xs[r]` rank r's tensors: each keeps its values;
-    backward sums the ranks' gradients, recorded as one all-reduce of them all."""
+    backward sums the ranks' gradients (those of a tensor held by `groups[i]` ranks per
+    slice among those ranks), recorded as one all-reduce of them all."""
     if len(xs) == 1:
         return [tuple(xs[0])]
     n = len(xs[0])
-    ys = _SimFMany.apply(n, *[x for rank in xs for x in rank])
+    ys = _SimFMany.apply(n, groups, *[x for rank in xs for x in rank])
     return [tuple(ys[i : i + n]) for i in range(0, len(ys), n)]

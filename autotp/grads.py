@@ -10,9 +10,11 @@ gradient's norm is what it contributes to the serial total:
 
     parallelize, split parameter     the norm over the TP group (one all-reduce of the
                                      group's norms per call, summed as p-th powers, or
-                                     the max for ord=inf)
+                                     the max for ord=inf); a slice several ranks hold
+                                     (Shard.replicas) counts once
     simulate, split parameter        its own shard's norm (the ranks' shards are all in
-                                     the list the caller passes, and add up)
+                                     the list the caller passes, and add up); zero on
+                                     all but the first rank holding a shared slice
     simulate, replicated, rank > 0   zero (rank 0's copy counts it once)
     anything else                    its own norm, as torch computes it
 
@@ -46,6 +48,7 @@ class SplitGrad(torch.Tensor):
     """A gradient whose norm is its share of the serial norm (see the module)."""
 
     _autotp_comm: Comm | None  # split over this group; None: a simulated replica (zero)
+    _autotp_replicas: int  # ranks of the group holding each slice (each counts 1/replicas)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -100,23 +103,24 @@ def _shares(grads: list[SplitGrad], norms: list[torch.Tensor], ord_: float) -> l
         comm = grads[idx[0]]._autotp_comm
         assert comm is not None
         local = torch.stack([norms[i].double() for i in idx])
+        share = torch.tensor([1.0 / grads[i]._autotp_replicas for i in idx], dtype=torch.double)
         if math.isinf(ord_):  # the largest entry of the group, or the smallest
             sign = 1.0 if ord_ > 0 else -1.0
             total = comm.all_reduce(sign * local, "step", "max") * sign
         elif ord_ == 0:  # the count of nonzero entries
-            total = comm.all_reduce(local, "step")
+            total = comm.all_reduce(local * share, "step")
         else:
-            total = comm.all_reduce(local.pow(ord_), "step").pow(1.0 / ord_)
+            total = comm.all_reduce(local.pow(ord_) * share, "step").pow(1.0 / ord_)
         for j, i in enumerate(idx):
             out[i] = total[j].to(norms[i].dtype)
     return out
 
 
-def _as_split(grad: torch.Tensor, comm: Comm | None) -> torch.Tensor:
+def _as_split(grad: torch.Tensor, comm: Comm | None, replicas: int) -> torch.Tensor:
     if isinstance(grad, SplitGrad) or grad.is_sparse:
         return grad
     out = grad.as_subclass(SplitGrad)
-    out._autotp_comm = comm
+    out._autotp_comm, out._autotp_replicas = comm, replicas
     return out
 
 
@@ -136,32 +140,35 @@ def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) ->
     for name, p in gm.named_parameters():
         if _HOOKED.get(id(p)) is p:
             continue
+        replicas = getattr(splits.get(name), "replicas", 1)
         if isinstance(comm, ProcessGroupComm) and comm.size > 1 and name in splits:
             group: Comm | None = comm
         elif isinstance(comm, SimulatedComm) and rank > 0 and name not in splits:
             group = None
+        elif isinstance(comm, SimulatedComm) and name in splits and rank % replicas:
+            group = None  # a slice rank - rank % replicas counts
         else:
             continue
         if p.requires_grad:
-            _hook(p, group)
+            _hook(p, group, replicas)
         else:
-            frozen.append((p, group))
+            frozen.append((p, group, replicas))
     if frozen:  # checked before each call (simulate runs its ranks' graphs itself)
 
         def unfrozen(*_: Any) -> None:
-            for p, group in frozen:
+            for p, group, replicas in frozen:
                 if p.requires_grad and _HOOKED.get(id(p)) is not p:
-                    _hook(p, group)
+                    _hook(p, group, replicas)
             frozen[:] = [f for f in frozen if not f[0].requires_grad]
 
         gm.autotp_unfrozen = unfrozen
         gm.register_forward_pre_hook(unfrozen)
 
 
-def _hook(p: torch.Tensor, group: Comm | None) -> None:
+def _hook(p: torch.Tensor, group: Comm | None, replicas: int) -> None:
     def hook(param: torch.Tensor) -> None:
         if param.grad is not None:
-            param.grad = _as_split(param.grad, group)
+            param.grad = _as_split(param.grad, group, replicas)
 
     p.register_post_accumulate_grad_hook(hook)
     _HOOKED[id(p)] = p

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -22,7 +22,7 @@ from networkx.algorithms import isomorphism
 
 from . import ops
 from .call import Call, canonical
-from .rule import Rule, Split
+from .rule import Column, Rule, Split
 
 __all__ = [
     "LinearInfo", "EmbeddingInfo", "Match", "find_linears", "find_embeddings", "host_graph",
@@ -96,16 +96,24 @@ class Match:
     def splits(self) -> dict[fx.Node, tuple[Split, Layer]]:
         return {li.node: (self.rule.split[k], li) for k, li in self.layers.items()}
 
-    def narrowed(self) -> tuple[Match, Match] | None:
-        """(the block split as its rule's fallback, the layers that fallback leaves
-        replicated), or None when the rule has no fallback left."""
-        fallback = self.rule.fallback
-        if not fallback:
+    def narrowed(self, tp: int) -> tuple[Match, Match] | None:
+        """(the block split as its rule's next fallback that can hold at `tp`, the layers
+        that fallback leaves replicated), or None when the rule has no fallback left."""
+        chain = list(self.rule.fallback)
+        while chain and not _fits(chain[0], tp):
+            chain.pop(0)
+        if not chain:
             return None
-        rule = dataclasses.replace(self.rule, split=fallback, fallback=None)
-        kept = {k: li for k, li in self.layers.items() if k in fallback}
-        dropped = {k: li for k, li in self.layers.items() if k not in fallback}
+        rule = dataclasses.replace(self.rule, split=chain[0], fallback=tuple(chain[1:]))
+        kept = {k: li for k, li in self.layers.items() if k in chain[0]}
+        dropped = {k: li for k, li in self.layers.items() if k not in chain[0]}
         return Match(rule, self.nodes, kept), Match(self.rule, self.nodes, dropped)
+
+
+def _fits(split: Mapping[str, Split], tp: int) -> bool:
+    """Can each slice of `split` be shared by its ranks at `tp` (at least two slices)?"""
+    shared = [s.replicas for s in split.values() if isinstance(s, Column)]
+    return all(tp % g == 0 and g < tp for g in shared)
 
 
 def _param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

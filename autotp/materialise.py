@@ -103,8 +103,9 @@ def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor
         shape = list(t.shape)
         shape[spec.dim] = spec.padded - t.shape[spec.dim]
         t = torch.cat([t, t.new_zeros(shape)], dim=spec.dim)
+    at, of = spec.slot(rank, tp)
     parts = [
-        t.narrow(spec.dim, start + rank * (length // tp), length // tp)
+        t.narrow(spec.dim, start + at * (length // of), length // of)
         for start, length in spec.pieces(t.shape[spec.dim])
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
@@ -167,6 +168,7 @@ def gather(
     """The serial tensor from every rank's shard (inverse of `cut`, padding removed)."""
     if spec is None:
         return shards[0]
+    shards = shards[:: spec.replicas]  # one rank of each slice
     tp = len(shards)
     local = [length // tp for _, length in spec.pieces(shards[0].shape[spec.dim] * tp)]
     per_rank = [s.split(local, dim=spec.dim) for s in shards]

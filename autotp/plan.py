@@ -277,6 +277,7 @@ def _propagate(
     this ends; a plan with no block left is refused with
     the first refusal, since the user asked for tensor parallelism and would get none."""
     replicated: list[tuple[Match, str]] = []
+    reasons: dict[int, str] = {}  # a narrowed block -> why its first split was refused
     first: AutoTPError | None = None
     while True:
         splits = {n: s for m in matches for n, s in m.splits().items()}
@@ -290,13 +291,17 @@ def _propagate(
             if culprit is None:
                 raise
             where = f" ({module_path(e.node)}, {source_line(e.node)})"
-            narrowed = culprit.narrowed()  # first its rule's narrower split, then nothing
+            why = reasons.pop(id(culprit), e.what + where)  # the first split's refusal
+            narrowed = culprit.narrowed(tp)  # first its rule's narrower splits, then nothing
             if narrowed is not None:
                 matches = [narrowed[0] if m is culprit else m for m in matches]
-                replicated.append((narrowed[1], e.what + where))
+                if narrowed[1].layers:
+                    replicated.append((narrowed[1], why))
+                else:  # the same layers, more ranks per slice: remembered for a later drop
+                    reasons[id(narrowed[0])] = why
                 continue
             matches = [m for m in matches if m is not culprit]
-            replicated.append((culprit, e.what + where))
+            replicated.append((culprit, why))
             if not matches:
                 raise first from None
 

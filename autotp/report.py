@@ -124,7 +124,7 @@ def params(plan: Any) -> list[ParamRow]:
         local = list(p.shape)
         if spec is not None:
             size = spec.padded or local[spec.dim]
-            local[spec.dim] = size // plan.tp
+            local[spec.dim] = size // spec.slices(plan.tp)
         rows.append(ParamRow(name, _kind_of(spec, split), rule, tuple(p.shape), tuple(local),
                              p.dtype, None if tied == name else tied))  # fmt: skip
     return rows

@@ -213,8 +213,9 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     for old in gm.graph.nodes:
         if old.op.startswith("call") and ops.op_name(old, gm) == "dropout":
             _stream_dropout(graph, gm, old, env[old], prop.placements[old])
-    if prop.scatters:
-        one_f_for_parameters(graph, gm)
+    shared = {name: s.replicas for name, s in prop.params.items() if s.replicas > 1}
+    if prop.scatters or shared:
+        one_f_for_parameters(graph, gm, shared, sequence=bool(prop.scatters))
     for old, (src, dst) in prop.guards.items():  # sizes the proof read: checked per call
         x = env[old].args[0]
         with graph.inserting_after(env[old]):
@@ -337,13 +338,14 @@ def _cut(
     with graph.inserting_before(consumer):
         rank = graph.get_attr(RANK_BUFFER)
         mine = graph.call_function(
-            rank_slice, (src, s.dim, s.blocks, tp, rank, s.padded, s.replicas)
+            rank_slice, (src, s.dim, s.blocks, tp, rank, s.padded, s.replicas, cut.within)
         )
     copy_meta(cut.consumer, mine)
     v = src.meta.get("val")
     if isinstance(v, torch.Tensor):
         mine.meta["val"] = v  # the serial value (the views show serial shapes)
-    tag(mine, placement=str(s), why="this rank's slice of a replicated value; no communication")
+    held = "a replicated value" if cut.within is None else "the slice it holds"
+    tag(mine, placement=str(s), why=f"this rank's slice of {held}; no communication")
     consumer.replace_input_with(src, mine)
 
 
@@ -443,19 +445,20 @@ def _stream_dropout(
 def _apply_edit(graph: fx.Graph, env: dict[fx.Node, fx.Node], e: ArgEdit, tp: int) -> None:
     node = graph.output_node() if e.node.op == "output" else env[e.node]
     if isinstance(e.new, (DivideByTP, MultiplyByTP)):
-        src = env[e.new.source]
+        src, by = env[e.new.source], tp
         if isinstance(e.new, DivideByTP):
+            by = tp // e.new.replicas
             op, sign, placement = operator.floordiv, "//", "local"
-            why = f"{src.name} is a serial size; the shard is 1/{tp}"
+            why = f"{src.name} is a serial size; the shard is 1/{by}"
         else:
             op, sign, placement = operator.mul, "*", "R"
             why = f"{src.name} is the local length of a split sequence"
         with graph.inserting_before(node):
-            new = graph.call_function(op, (src, tp))
+            new = graph.call_function(op, (src, by))
         new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         new.meta["stack_trace"] = node.meta.get("stack_trace")
         tag(new, placement=placement, why=why)
-        shown = f"{src.name} -> {src.name} {sign} {tp}"
+        shown = f"{src.name} -> {src.name} {sign} {by}"
     else:
         new, shown = e.new, f"{e.old} -> {e.new}"
     _set_path(node, e.path, new)

@@ -33,12 +33,17 @@ __all__ = ["Column", "Row", "Rule", "Split", "Vocab", "column", "row", "vocab", 
 @dataclass(frozen=True)
 class Column:
     """Split the output features: rank r keeps rows r/tp of the weight (of each of
-    `blocks` equal blocks, for fused projections such as Q|K|V)."""
+    `blocks` equal blocks, for fused projections such as Q|K|V). `replicas` > 1: the rows
+    are cut into tp / replicas slices, each held by that many neighbouring ranks, whose
+    gradients are summed (the key/value projections when there are fewer key/value heads
+    than ranks: each rank holds the heads its query heads read)."""
 
     blocks: int = 1
+    replicas: int = 1
 
     def __str__(self) -> str:
-        return "column" if self.blocks == 1 else f"column x{self.blocks} blocks"
+        s = "column" if self.blocks == 1 else f"column x{self.blocks} blocks"
+        return s if self.replicas == 1 else f"{s}, {self.replicas} ranks each"
 
 
 @dataclass(frozen=True)
@@ -97,14 +102,15 @@ class Rule:
     # graph's layers and the matches accepted so far (e.g. the input embedding is split
     # only if an output layer over the same vocabulary was).
     accept: Callable[[Any, Any], bool] | None = field(default=None)
-    # A narrower split to try when propagation cannot prove `split`: the layers it leaves
-    # out stay replicated (Megatron replicates the key/value projections when there are
-    # fewer key/value heads than ranks); the block is left whole only if this fails too.
-    fallback: Mapping[str, Split] | None = field(default=None)
+    # Narrower splits to try in order when propagation cannot prove `split`: fewer ranks
+    # per slice of a layer (Column.replicas), or fewer layers, those left out replicated
+    # (Megatron replicates the key/value projections when there are fewer key/value heads
+    # than ranks); the block is left whole only if the last fails too.
+    fallback: tuple[Mapping[str, Split], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.fallback is not None and not set(self.fallback) < set(self.split):
-            raise ValueError(f"rule {self.name}: fallback must split fewer of its layers")
+        if any(not set(f) <= set(self.split) for f in self.fallback):
+            raise ValueError(f"rule {self.name}: a fallback may only split its layers")
         for p in self.patterns:
             for name, how in self.split.items():
                 ops = ("linear", "embedding") if isinstance(how, Vocab) else ("linear",)

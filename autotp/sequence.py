@@ -5,6 +5,7 @@ split compute. The reduce-scatter in g's place is part of rewrite.py's reduce st
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
@@ -102,30 +103,49 @@ def functional_norm(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> fx.No
     return new
 
 
-def one_f_for_parameters(graph: fx.Graph, gm: fx.GraphModule) -> None:
-    """The f of every parameter read by split compute, as one call at the top of the graph
-    per dtype: its backward all-reduces their gradients as one buffer, once, at the end of
-    backward (Megatron-LM's all-reduce of the sequence-parallel parameters' gradients),
-    not once per parameter."""
+def one_f_for_parameters(
+    graph: fx.Graph, gm: fx.GraphModule, shared: Mapping[str, int], sequence: bool
+) -> None:  # fmt: skip
+    """The f of every parameter read by split compute (with `sequence`; else of the
+    `shared` ones only), as one call at the top of the graph per dtype: its backward
+    all-reduces their gradients as one buffer, once, at the end of backward (Megatron-LM's
+    all-reduce of the sequence-parallel parameters' gradients), not once per parameter.
+    `shared`: parameters split in slices that several ranks hold (name -> ranks per
+    slice), whose gradients are summed among those ranks in the same buffer."""
     params = dict(gm.named_parameters(remove_duplicate=False))
+    first: dict[str, fx.Node] = {}
+    for n in [n for n in graph.nodes if n.op == "get_attr" and str(n.target) in shared]:
+        if str(n.target) in first:  # one read of each: its gradient summed once
+            n.replace_all_uses_with(first[str(n.target)])
+            graph.erase_node(n)
+        else:
+            first[str(n.target)] = n
+    for n in first.values():
+        with graph.inserting_after(n):
+            f = site(graph, F_MODULE, (n,), {}, f"f_{n.name}")
+        copy_meta(n, f)
+        n.replace_all_uses_with(f, delete_user_cb=lambda user, f=f: user is not f)
     sites = [
         n for n in graph.nodes
         if n.op == "call_module" and site_kind(n.target) == F_MODULE
         and n.args[0].op == "get_attr" and str(n.args[0].target) in params
+        and (sequence or str(n.args[0].target) in shared)
     ]  # fmt: skip
     by_dtype: dict[torch.dtype, list[fx.Node]] = {}
     for f in sites:  # one buffer holds one dtype (a float32 norm in a bf16 model: two)
         by_dtype.setdefault(params[str(f.args[0].target)].dtype, []).append(f)
     anchor = next(n for n in graph.nodes if n.op != "placeholder").prev
     for dtype, group in by_dtype.items():
-        if len(group) < 2:
+        groups = tuple(shared.get(str(f.args[0].target), 1) for f in group)
+        if len(group) < 2 and groups == (1,):
             continue
         for f in group:
             anchor.append(f.args[0])  # a get_attr reads nothing: it can move to the top
             anchor = f.args[0]
         name = "f_params" if len(by_dtype) == 1 else f"f_params_{str(dtype).split('.')[-1]}"
+        kwargs = {"groups": groups} if set(groups) != {1} else {}
         with graph.inserting_after(anchor):
-            many = site(graph, F_PARAMS_MODULE, tuple(f.args[0] for f in group), {}, name)
+            many = site(graph, F_PARAMS_MODULE, tuple(f.args[0] for f in group), kwargs, name)
         many.meta["val"] = tuple(
             torch.empty(params[str(f.args[0].target)].shape, dtype=dtype, device="meta")
             for f in group

@@ -133,7 +133,8 @@ class SimulatedTP(nn.Module):
                     else:
                         env[node] = value if r == 0 else tree_map(_own_copy, value)
             elif node.op == "call_module" and site_kind(node.target) == F_PARAMS_MODULE:
-                ys = simulated_copy_many([tuple(env[a] for a in node.args) for env in envs])
+                ys = simulated_copy_many([tuple(env[a] for a in node.args) for env in envs],
+                                         node.kwargs.get("groups", ()))  # fmt: skip
                 for env, y in zip(envs, ys, strict=True):
                     env[node] = y
             elif node.op == "call_module" and site_kind(node.target) in _SIMULATED:
@@ -223,7 +224,7 @@ def _combine(outs: list[Any], splits: list[tuple[Shard, int] | None]) -> Any:
             merged.append(leaf)
         elif i < len(splits) and splits[i] is not None:  # kept split: show it whole
             shard, size = splits[i]
-            parts = [f[0][i] for f in flat]
+            parts = [f[0][i] for f in flat][:: shard.replicas]  # one rank of each slice
             merged.append(torch.cat(parts, dim=shard.dim).narrow(shard.dim, 0, size))
         else:
             merged.append(_Replicated.apply(*[f[0][i] for f in flat]))

@@ -105,8 +105,8 @@ class Weights:
         if spec is None:
             d, ranges = 0, [(0, shape[0])] if shape else []
         else:
-            d, size = spec.dim, shape[spec.dim]
-            ranges = [(start + rank * (length // tp), start + (rank + 1) * (length // tp))
+            (d, size), (at, of) = (spec.dim, shape[spec.dim]), spec.slot(rank, tp)
+            ranges = [(start + at * (length // of), start + (at + 1) * (length // of))
                       for start, length in spec.pieces(spec.padded or size)]  # fmt: skip
         if d == 0 and len(ranges) == 1 and ranges[0][1] <= shape[0]:  # one run of rows
             rows = self._rows(name, *ranges[0], dtype)

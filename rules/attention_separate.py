@@ -7,13 +7,14 @@
 Q, K and V are column-split (rank r owns heads r*h/tp ... (r+1)*h/tp - 1); the three read
 the same input through one shared f. The output projection is row-split, followed by one
 all-reduce. The score region may take further inputs (an attention mask). With fewer
-key/value heads than ranks (grouped-query attention at large tp), K and V are computed whole
-on every rank and each rank reads the heads its queries use.
+key/value heads than ranks (grouped-query attention at large tp), each key/value head is held
+by the ranks whose query heads read it (each rank computes only those; the ranks sharing
+one sum their weight gradients), else whole on every rank.
 Two spellings: explicit matmul-softmax-matmul, and F.scaled_dot_product_attention.
 Motivated by BERT's `attention.self.query/key/value` and `attention.output.dense`.
 """
 
-from autotp.rule import Rule, column, pattern, row
+from autotp.rule import Column, Rule, column, pattern, row
 
 EXPLICIT = pattern(
     {
@@ -47,8 +48,15 @@ RULE = Rule(
     name="attention_separate_qkv",
     patterns=(EXPLICIT, SDPA),
     split={"q": column, "k": column, "v": column, "out": row},
-    # fewer key/value heads than ranks: K and V stay whole on every rank (Megatron's
-    # choice) and each rank's attention reads the heads its queries use
-    fallback={"q": column, "out": row},
+    # fewer key/value heads than ranks: each key/value head is held by the ranks whose
+    # query heads read it (their gradients summed), or else K and V stay whole on every
+    # rank (Megatron's choice) and each rank's attention reads the heads its queries use
+    fallback=(
+        *(
+            {"q": column, "k": Column(replicas=g), "v": Column(replicas=g), "out": row}
+            for g in (2, 4, 8, 16, 32)
+        ),
+        {"q": column, "out": row},
+    ),
     motivation="BERT attention.self.query/key/value -> attention -> attention.output.dense",
 )

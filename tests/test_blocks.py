@@ -52,7 +52,8 @@ def _batch(seq: int = 6, pad: bool = True) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("name", "tp", "kv"), [("gpt2", 2, 4), ("llama", 2, 2), ("llama", 4, 2)])
 def test_default_config_equals_serial_with_the_keywords_people_use(name, tp, kv) -> None:
     """Planned from nothing but the model; called with input_ids, attention_mask and labels
-    (and, for llama at tp=4, two key/value heads for four ranks: kept whole)."""
+    (and, for llama at tp=4, two key/value heads for four ranks: each held by the two
+    ranks whose query heads read it)."""
     model = _model(name, kv)
     x = _batch()
     x["labels"] = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
@@ -145,6 +146,59 @@ def test_generate_on_gloo_ranks(name, kv) -> None:
         assert got == want
         assert keys[1] == kv // 2
     assert results[0][3] == results[1][3]
+
+
+def _shared_kv_on_rank(rank: int, world: int) -> dict:
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model = _model("llama", 2)  # 4 query heads, 2 key/value heads, on 4 ranks
+    module = autotp.parallelize(model, world)
+    x = _batch()
+    x["labels"] = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    module(**x)  # the first call plans the layers
+    with CommDebugMode() as cdm:
+        loss = module(**x).loss
+        loss.backward()
+    counts = {str(k).split(".")[-1]: v for k, v in cdm.get_comm_counts().items()}
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 0.5)
+    torch.optim.AdamW(module.parameters(), lr=1e-2).step()
+    full = autotp.full_state_dict(module)
+    k = dict(module.named_parameters())["model.layers.0.self_attn.k_proj.weight"]
+    out = module.generate(**_batch(), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True)  # fmt: skip
+    keys = out.past_key_values.layers[0].keys
+    return {"loss": loss.item(), "norm": norm.item(), "full": full, "counts": counts,
+            "k": k.detach().clone(), "tokens": out.sequences.tolist(),
+            "keys": tuple(keys.shape)}  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # CommDebugMode's hooks
+@pytest.mark.filterwarnings("ignore:For backward hooks to be called")
+def test_fewer_key_value_heads_than_ranks_on_gloo_ranks() -> None:
+    """2 key/value heads on 4 real ranks: each rank computes the key/value head its query
+    heads read, ranks 0-1 and 2-3 hold one each, and sum their gradients of it in one
+    all-reduce per layer (beside Megatron's 2 + 2 per layer, the embedding's forward
+    all-reduce and the head's backward one). Loss, clipped norm, the weights after an
+    AdamW step and generated tokens equal serial; a rank's cache holds its one head."""
+    model = _model("llama", 2)
+    x = _batch()
+    x["labels"] = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    loss = model(**x).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    torch.optim.AdamW(model.parameters(), lr=1e-2).step()
+    want = model.generate(**_batch(), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    results = run_on_gloo(_shared_kv_on_rank, 4)
+    for r in results:
+        assert r["counts"] == {"allreduce_": 2 * 2 + 1 + 2 * 2 + 1 + 2, "allgather_": 1}
+        assert r["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        assert r["norm"] == pytest.approx(norm.item(), rel=1e-6)
+        for name, t in model.state_dict().items():
+            assert (r["full"][name] - t).abs().max() < 1e-6, name
+        assert r["tokens"] == want.tolist() and r["keys"][1] == 1
+    assert torch.equal(results[0]["k"], results[1]["k"])
+    assert torch.equal(results[2]["k"], results[3]["k"])
+    assert not torch.equal(results[1]["k"], results[2]["k"])
 
 
 def test_train_mode_set_after_parallelizing_turns_dropout_on() -> None:

@@ -57,14 +57,18 @@ def test_grouped_query_attention_with_fewer_kv_heads_than_ranks() -> None:
     with pytest.raises(autotp.AutoTPError, match="key/value heads") as e:
         autotp.plan(model, 4, inputs("llama"), strict=True, form="graph")
     assert "size 2" in str(e.value) and "modeling_llama.py" in str(e.value)
-    # without strict: K and V stay replicated (Megatron's choice), named with the reason;
-    # Q, the output projection and the MLPs split
+    # without strict: each key/value head is held by the 2 ranks whose query heads read
+    # it; everything else splits as usual
     model = model.double()
     plan = autotp.plan(model, 4, inputs("llama"), form="graph")
-    assert plan.replicated and all("self.k_proj(" in why for _, why in plan.replicated)
-    assert all(sorted(m.layers) == ["k", "v"] for m, _ in plan.replicated)
+    assert not plan.replicated
     attention = [m for m in plan.matches if m.rule.name == "attention_separate_qkv"]
-    assert len(attention) == 2 and all(sorted(m.layers) == ["out", "q"] for m in attention)
+    assert len(attention) == 2
+    assert all(sorted(m.layers) == ["k", "out", "q", "v"] for m in attention)
+    shared = {n: s.replicas for n, s in plan.splits.items() if s.replicas > 1}
+    assert sorted(shared) == [f"model.layers.{i}.self_attn.{p}_proj.weight"
+                              for i in (0, 1) for p in "kv"]  # fmt: skip
+    assert set(shared.values()) == {2}
     assert {m.rule.name for m in plan.matches} >= {"swiglu"}
     assert_equivalent(model, inputs("llama"), 4, atol=1e-10, rtol=1e-6,
                       parallel=lambda m, t, xs: autotp.simulate(m, plan))  # fmt: skip

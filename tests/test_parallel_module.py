@@ -338,12 +338,13 @@ def _dcp_on_rank(rank: int, world: int, folder: str) -> dict:
     }
 
 
-def test_dcp_of_a_parallel_models_state_dict_is_the_serial_checkpoint(tmp_path) -> None:
+@pytest.mark.parametrize("tp", [2, 4])
+def test_dcp_of_a_parallel_models_state_dict_is_the_serial_checkpoint(tmp_path, tp) -> None:
     """torch.distributed.checkpoint on module.state_dict(): each rank writes its chunks
     of the serial tensors (plain tensors of one name would be taken as replicated: rank
     0's shard written alone, and loaded on every rank). A parallel model and a serial
-    one both load it back."""
-    for r in run_on_gloo(_dcp_on_rank, 2, str(tmp_path)):
+    one both load it back; at tp=4 two ranks hold each key/value head, the same chunk."""
+    for r in run_on_gloo(_dcp_on_rank, tp, str(tmp_path)):
         assert r["reloaded"] < 1e-10 and r["serial"] == 0.0
 
 

@@ -343,44 +343,73 @@ def test_in_place_sums_of_partial_values(reread: bool) -> None:
 
 
 class FewKVHeads(nn.Module):
-    """Grouped-query attention with 2 key/value heads for 8 query heads: `enable_gqa`, or
-    the key/value heads repeated by expand + reshape before a plain attention."""
+    """Grouped-query attention with `kv` key/value heads for 8 query heads: `enable_gqa`,
+    or the key/value heads repeated by expand + reshape before a plain attention."""
 
-    def __init__(self, gqa: bool) -> None:
+    def __init__(self, gqa: bool, kv: int = 2) -> None:
         super().__init__()
-        self.gqa, self.kv = gqa, 2
+        self.gqa, self.kv = gqa, kv
         self.q, self.o = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
-        self.k, self.v = nn.Linear(C, C // 4, bias=False), nn.Linear(C, C // 4)
+        self.k, self.v = nn.Linear(C, C // 8 * kv, bias=False), nn.Linear(C, C // 8 * kv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        hs = C // 8
+        hs, rep = C // 8, 8 // self.kv
         q = self.q(x).view(B, T, 8, hs).transpose(1, 2)
         k = self.k(x).view(B, T, self.kv, hs).transpose(1, 2)
         v = self.v(x).view(B, T, self.kv, hs).transpose(1, 2)
         if not self.gqa:
-            k = k[:, :, None].expand(B, self.kv, 4, T, hs).reshape(B, 8, T, hs)
-            v = v[:, :, None].expand(B, self.kv, 4, T, hs).reshape(B, 8, T, hs)
+            k = k[:, :, None].expand(B, self.kv, rep, T, hs).reshape(B, 8, T, hs)
+            v = v[:, :, None].expand(B, self.kv, rep, T, hs).reshape(B, 8, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
         return x + self.o(y.transpose(1, 2).reshape(B, T, C))
 
 
 @pytest.mark.parametrize("gqa", [False, True])
-def test_fewer_key_value_heads_than_ranks_keeps_them_whole(gqa: bool) -> None:
-    """Megatron's choice: K and V stay replicated; Q and the output projection split, and
-    each rank reads the key/value heads its query heads use (a slice shared by 4 / 2
-    ranks with `enable_gqa`)."""
+def test_fewer_key_value_heads_than_ranks_are_held_by_the_ranks_that_read_them(
+    gqa: bool,
+) -> None:  # fmt: skip
+    """2 key/value heads at tp 4 and 8: K and V are cut into 2 slices, each held by the
+    tp / 2 ranks whose query heads read it (repeated heads cut further on each rank); the
+    ranks holding a slice sum their weight gradients in one all-reduce, so after a step
+    they hold the same weights, which are the serial ones."""
     model = FewKVHeads(gqa).double()
     for tp in (4, 8):
         for frontend in ("fx", "export"):
             _equal(model, _x(), tp, frontend)
         plan = autotp.plan(model, tp, (_x(),))
-        assert [sorted(m.layers) for m in plan.matches] == [["out", "q"]]
-        assert [sorted(m.layers) for m, _ in plan.replicated] == [["k", "v"]]
+        assert [sorted(m.layers) for m in plan.matches] == [["k", "out", "q", "v"]]
+        assert not plan.replicated
+        for name in ("k.weight", "v.weight", "v.bias"):
+            assert plan.splits[name].replicas == tp // 2 and plan.splits[name].slices(tp) == 2
         coll = plan.collectives()
-        assert (coll["f"], coll["g"]) == (3, 1)  # f: x for q; k and v for their cuts
+        assert (coll["f"], coll["g"]) == (2, 1)  # f: x; K's and V's gradients, as one
+    sim = autotp.simulate(model, 4, (_x(),))
+    torch.optim.SGD(sim.parameters(), lr=0.1).zero_grad()
+    sim(_x()).square().sum().backward()
+    torch.optim.SGD(sim.parameters(), lr=0.1).step()
+    k = [dict(r.named_parameters())["k.weight"] for r in sim.ranks]
+    assert torch.equal(k[0].grad, k[1].grad) and torch.equal(k[2].grad, k[3].grad)
+    assert torch.equal(k[0], k[1]) and not torch.equal(k[1], k[2])
     with pytest.raises(autotp.AutoTPError, match="would move elements"):
         autotp.plan(model, 4, (_x(),), strict=True)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_one_key_value_head_stays_whole(gqa: bool) -> None:
+    """Multi-query attention (one key/value head) has nothing to cut: K and V stay
+    replicated (Megatron's choice), with the reason; Q and the output projection split,
+    and each rank reads the key/value heads its query heads use."""
+    model = FewKVHeads(gqa, kv=1).double()
+    for tp in (2, 4):
+        for frontend in ("fx", "export"):
+            _equal(model, _x(), tp, frontend)
+        plan = autotp.plan(model, tp, (_x(),))
+        assert [sorted(m.layers) for m in plan.matches] == [["out", "q"]]
+        assert [sorted(m.layers) for m, _ in plan.replicated] == [["k", "v"]]
+        assert "k(" in plan.replicated[0][1] or "attention" in plan.replicated[0][1]
+        coll = plan.collectives()
+        assert (coll["f"], coll["g"]) == (3, 1)  # f: x for q; k and v for their cuts
 
 
 class FusedQKV(nn.Module):

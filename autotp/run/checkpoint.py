@@ -68,11 +68,14 @@ def _key(name: str, spec: Shard | None, r: int, tp: int) -> str:
 
 
 def _spec_json(spec: Shard) -> list[int | None]:
-    return [spec.dim, spec.blocks, spec.padded]
+    return [spec.dim, spec.blocks, spec.padded, spec.replicas]
 
 
 def _spec_of(raw: list[int | None] | None) -> Shard | None:
-    return None if raw is None else Shard(raw[0], raw[1], raw[2])
+    if raw is None:
+        return None
+    replicas = raw[3] if len(raw) > 3 else 1  # written before shared slices: 1
+    return Shard(raw[0], raw[1], raw[2], replicas=replicas)
 
 
 _STEP = re.compile(r"step_(\d{8})")

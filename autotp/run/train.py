@@ -131,8 +131,9 @@ class Trainer:
         self.module.train()
         self._data_parallel()  # FSDP replaces the parameters (by DTensors of the same names)
         self.params = list(dict.fromkeys(self.module.parameters()))  # tied once
-        self.split_params = {
-            id(p) for n, p in self.module.named_parameters(remove_duplicate=False)
+        self.split_params = {  # id -> the ranks holding each of its slices
+            id(p): self.plan.splits[n].replicas
+            for n, p in self.module.named_parameters(remove_duplicate=False)
             if n in self.plan.splits
         }  # fmt: skip
         self.opt = torch.optim.AdamW(
@@ -307,7 +308,10 @@ class Trainer:
             if p.grad is None:
                 continue
             sq = _local(p.grad).detach().double().square().sum()
-            sums[0 if id(p) in self.split_params else 1] += sq
+            if id(p) in self.split_params:  # a slice several ranks hold counts once
+                sums[0] += sq / self.split_params[id(p)]
+            else:
+                sums[1] += sq
         if self.cfg.dp > 1:
             dist.all_reduce(sums, group=self.mesh.dp_group)
         split, repl = sums[0], sums[1]

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .. import ops
 from ..call import Call
 from .context import Ctx, check_replicated, ndim, param_names, val
-from .placement import LOCAL, LocalInt, Partial, Placement, R, Shard
+from .placement import LocalInt, Partial, Placement, R, Shard
 
 
 def _pointwise(c: Ctx, call: Call) -> Placement:
@@ -88,14 +88,15 @@ def _int_arith(c: Ctx, call: Call) -> Placement:
             n, "arithmetic on the local size of a padded vocabulary",
             "use the vocabulary size from the config, or keep the output layer replicated",
         )  # fmt: skip
-    if name in ("add", "sub") and all(isinstance(x, LocalInt) for x in a):
-        return LOCAL
+    local = next(x for x in a if isinstance(x, LocalInt))  # of one split, or refused
+    if name in ("add", "sub") and a[0] == a[1]:
+        return local
     if name == "mul" and sum(isinstance(x, LocalInt) for x in a) == 1:
-        return LOCAL
+        return local
     if name in ("floordiv", "div") and isinstance(a[0], LocalInt) and a[1] == R:
         serial, divisor = val(call["0"]), val(call["1"])
         if serial % (divisor * c.tp) == 0:
-            return LOCAL
+            return local
     raise c.refuse(
         n, f"cannot tell what '{name}' of a local size is on each rank",
         "compute sizes from replicated values (config fields, sizes of unsplit tensors)",
@@ -173,19 +174,21 @@ def _matmul(c: Ctx, call: Call) -> Placement:
             n, "matmul over a split contraction dimension would need a partial sum",
             "split the producing linear by columns so heads stay whole, or keep it replicated",
         )  # fmt: skip
-    out: Shard | None = None
+    found: dict[fx.Node, Shard] = {}
     for x, px, nx_ in ((a, pa, na), (b, pb, nb)):
         if not isinstance(px, Shard):
             continue
         if px.dim == nx_ - 2 and x is a:
-            s = replace(px, dim=no - 2)
+            found[x] = replace(px, dim=no - 2)
         elif px.dim == nx_ - 1 and x is b:
-            s = replace(px, dim=no - 1)
+            found[x] = replace(px, dim=no - 1)
         else:
-            s = replace(px, dim=px.dim + no - nx_)
-        if out is not None and out != s:
+            found[x] = replace(px, dim=px.dim + no - nx_)
+    out = min(found.values(), key=lambda s: s.replicas)  # the narrower: the other is cut
+    for x, s in found.items():
+        i = s.dim - (no - ndim(x))
+        if not c.cut_within(x, n, replace(s, dim=i), replace(out, dim=i)):
             raise c.refuse(n, f"operands split differently ({out}, {s})", "split both by heads")
-        out = s
     for x, px, nx_ in ((a, pa, na), (b, pb, nb)):
         if px == R:
             i = out.dim - (no - nx_)
@@ -203,12 +206,12 @@ def _sdpa(c: Ctx, call: Call) -> Placement:
     rank whose query heads all share one key/value head reads that one."""
     n, q, k, v = call.node, call["query"], call["key"], call["value"]
     ps = [c.p(q), c.p(k), c.p(v)]
-    shards = {p for p in ps if isinstance(p, Shard)}
+    shards = [p for p in ps if isinstance(p, Shard)]
     if not shards:
         return check_replicated(c, call, "query", "key", "value")
     nd = ndim(q)
-    split = next(iter(shards))
-    if len(shards) != 1 or split.dim >= nd - 2 or any(p not in (R, split) for p in ps):
+    split = min(shards, key=lambda p: p.replicas)
+    if split.dim >= nd - 2 or split.replicas > 1 or not _aligned(c, call, ps, split):
         raise c.refuse(
             n, f"attention inputs split as {[str(p) for p in ps]}",
             "q, k and v must all be split by heads (a dimension before the last two)",
@@ -227,6 +230,19 @@ def _sdpa(c: Ctx, call: Call) -> Placement:
         elif pm == R:
             c.needs_f(mask, n)
     return split
+
+
+def _aligned(c: Ctx, call: Call, ps: list[Placement], split: Shard) -> bool:
+    """Is each split one of q, k and v the rank's heads under `split`, or a slice of key/
+    value heads held by several ranks that holds them (then cut to them)?"""
+    for x, p in zip((call["query"], call["key"], call["value"]), ps, strict=True):
+        if p == R or p == split:
+            continue
+        if not isinstance(p, Shard) or (p.dim, p.blocks) != (split.dim, split.blocks):
+            return False
+        if not c.cut_within(x, call.node, p, _heads_of(c, call, x, split)):
+            return False
+    return True
 
 
 def _heads_of(c: Ctx, call: Call, x: fx.Node, split: Shard) -> Shard:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -189,6 +190,19 @@ class Ctx:
         if Cut(value, consumer, shard) not in self.cuts:  # an operand read twice: one cut
             self.cuts.append(Cut(value, consumer, shard))
         self.needs_f(value, consumer)
+
+    def cut_within(self, value: fx.Node, consumer: fx.Node, have: Shard, want: Shard) -> bool:
+        """`consumer` reads `value` (split as `have`) split as `want`: the same split, with
+        fewer ranks per slice, is a cut of the slice a rank holds (no communication; the
+        gradient stays a rank's share, which the ranks holding the slice sum at the
+        weights). False where `want` is no such split."""
+        if have == want:
+            return True
+        if replace(have, replicas=want.replicas) != want or have.replicas % want.replicas:
+            return False
+        if Cut(value, consumer, want, have.replicas) not in self.cuts:
+            self.cuts.append(Cut(value, consumer, want, have.replicas))
+        return True
 
     def needs_f(self, value: Any, consumer: fx.Node) -> None:
         """`value` (replicated) feeds split compute in `consumer`: its gradient is partial."""

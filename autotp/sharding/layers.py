@@ -52,21 +52,23 @@ def _linear(c: Ctx, call: Call) -> Placement:
                 n, f"a column-split linear needs a replicated input; {li.input.name} is {px}",
                 "this rule's split conflicts with the one producing the input",
             )  # fmt: skip
-        sections = _sections(c, n, feature, li.out_features, kind.blocks)
+        g = kind.replicas
+        sections = _sections(c, n, feature, li.out_features, kind.blocks) if g == 1 else ()
         blocks = 1 if sections else kind.blocks
-        if li.out_features % (blocks * c.tp):  # (each of unequal blocks: _sections)
+        if li.out_features % (blocks * c.tp // g):  # (each of unequal blocks: _sections)
             raise c.refuse(
                 n,
                 f"{li.weight} has {li.out_features} output features"
                 + (f" in {kind.blocks} blocks" if kind.blocks > 1 else "")
-                + f", not divisible by tp={c.tp}",
+                + f", not divisible by tp={c.tp}"
+                + (f" / {g} ranks per slice" if g > 1 else ""),
                 "choose tp dividing the layer's width (and its number of heads)",
             )
-        _shard_weight(c, n, li, Shard(out_axis, blocks, sections=sections))
+        _shard_weight(c, n, li, Shard(out_axis, blocks, replicas=g, sections=sections))
         if li.bias:
-            c.shard_param(n, li.bias, Shard(0, blocks, sections=sections))
+            c.shard_param(n, li.bias, Shard(0, blocks, replicas=g, sections=sections))
         c.needs_f(li.input, n)
-        return Shard(feature, blocks, sections=sections)
+        return Shard(feature, blocks, replicas=g, sections=sections)
     assert isinstance(kind, Row)
     wanted = Shard(ndim(li.input) + li.feature_dim, 1)
     if px != wanted:
@@ -191,7 +193,9 @@ def _cross_entropy(c: Ctx, call: Call) -> Placement:
 
 def _output(c: Ctx, call: Call) -> Placement:
     n = call.node
-    for a in call.leaves():
+    leaves = call.leaves()
+    local = {leaves[i] for i in c.options.local_outputs if -len(leaves) <= i < len(leaves)}
+    for a in leaves:
         if not isinstance(a, fx.Node) or not is_split(c.p(a)):
             continue
         pa = c.p(a)
@@ -202,6 +206,11 @@ def _output(c: Ctx, call: Call) -> Placement:
             raise c.refuse(
                 n, f"the model returns {a.name}, split as {pa}",
                 "only values split along one dimension can be gathered for the output",
+            )  # fmt: skip
+        if pa.replicas > 1 and a not in local:
+            raise c.refuse(
+                n, f"the model returns {a.name}, whose slices several ranks hold ({pa})",
+                "return values split by query heads, or keep the key/value projections whole",
             )  # fmt: skip
         c.gathers[a] = (pa, val(a).shape[pa.dim])
     return R

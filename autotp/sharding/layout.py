@@ -65,8 +65,10 @@ def _getattr(c: Ctx, call: Call) -> Placement:
 
 def _shape_of(c: Ctx, x: fx.Node) -> Placement:
     px = c.p(x)
-    local = LocalInt(padded=isinstance(px, Shard) and px.padded is not None)
-    return tuple(local if isinstance(px, Shard) and px.dim == i else R for i in range(ndim(x)))
+    if not isinstance(px, Shard):
+        return tuple(R for _ in range(ndim(x)))
+    local = LocalInt(padded=px.padded is not None, replicas=px.replicas)
+    return tuple(local if px.dim == i else R for i in range(ndim(x)))
 
 
 def _section(c: Ctx, call: Call, px: Shard) -> Placement:
@@ -227,7 +229,7 @@ def _squeeze(c: Ctx, call: Call) -> Placement:
     shape, d = list(val(call.input).shape), call["dim"]
     dims = range(len(shape)) if d is None else [d] if isinstance(d, int) else d
     gone = [i for i in dims if shape[i] == 1]
-    local = (px.padded or shape[px.dim]) // c.tp
+    local = (px.padded or shape[px.dim]) // px.slices(c.tp)
     if px.dim in gone or (px.dim in dims and local == 1):  # a rank's slice of size 1 goes
         raise c.refuse(
             call.node, f"squeezing the split dimension {px.dim} ({local} per rank)",
@@ -286,7 +288,7 @@ def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]
                 f"{px.dim} with other dimensions",
                 "keep the vocabulary dimension whole in reshapes (e.g. view(-1, vocab))",
             )  # fmt: skip
-        k = gi.index(px.dim)
+        k, ways = gi.index(px.dim), px.slices(c.tp)
         blocks = px.blocks * math.prod(src[d] for d in gi[:k])  # outer dims become blocks
         stuck = None
         for j, o in enumerate(gj):
@@ -296,12 +298,12 @@ def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]
             if blocks > 1 and blocks % size == 0:  # a dimension of whole blocks
                 blocks //= size
                 continue
-            if size % blocks == 0 and (size // blocks) % c.tp == 0:
+            if size % blocks == 0 and (size // blocks) % ways == 0:
                 _guard(c, n, [(d, src[d]) for d in gi[:k]], [(d, dst[d]) for d in gj[:j]])
-                return Shard(o, blocks)
+                return Shard(o, blocks, replicas=px.replicas)
             stuck = size
             break
-        if stuck is not None and stuck % c.tp:
+        if stuck is not None and stuck % ways:
             lands = f"; the split would land on a dimension of size {stuck}"
         elif stuck is not None:  # divisible by tp, but not in whole blocks of the split
             lands = f"; its {blocks} blocks do not tile the dimension of size {stuck}"
@@ -310,9 +312,9 @@ def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]
         raise c.refuse(
             n,
             f"reshape from {src} to {dst} would move elements between ranks: dimension "
-            f"{px.dim} (size {src[px.dim]}, split {c.tp} ways"
+            f"{px.dim} (size {src[px.dim]}, split {ways} ways"
             + (f" in each of {px.blocks} blocks" if px.blocks > 1 else "")
-            + f") does not map onto a dimension of {dst} divisible by {c.tp}"
+            + f") does not map onto a dimension of {dst} divisible by {ways}"
             + lands,
             "that dimension is usually the number of heads (or of key/value heads, for "
             "grouped-query attention): choose tp dividing it, or keep this layer replicated",
@@ -335,7 +337,7 @@ def _view(c: Ctx, call: Call) -> Placement:
     px = c.p(x)
     src, dst = list(val(x).shape), list(val(n).shape)
     out = _reshape_split(c, n, px, src, dst) if isinstance(px, Shard) else R
-    local = LocalInt(padded=isinstance(out, Shard) and out.padded is not None)
+    local = _local_int(out)
     want = [local if isinstance(out, Shard) and out.dim == i else R for i in range(len(dst))]
     if isinstance(sizes, fx.Node):  # a whole shape computed elsewhere, e.g. y.size()
         got = c.p(sizes)
@@ -355,15 +357,34 @@ def _view(c: Ctx, call: Call) -> Placement:
                     "compute it from replicated values",
                 )  # fmt: skip
             continue
+        if isinstance(pa, LocalInt) and pa != local:
+            raise c.refuse(
+                n, f"size {i} of the reshape is a rank's size of a dimension split otherwise",
+                "compute it from replicated values",
+            )  # fmt: skip
         if isinstance(pa, LocalInt) or a == -1:
             continue
         if out.padded is not None:  # the vocabulary is static: the local size is a constant
             c.edits.append(ArgEdit(n, path, a, out.padded // c.tp))
-        elif isinstance(a, int):
-            c.edits.append(ArgEdit(n, path, a, a // c.tp))
         else:
-            c.edits.append(ArgEdit(n, path, a, DivideByTP(a)))
+            _local_size(c, n, path, a, out)
     return out
+
+
+def _local_int(px: Placement) -> LocalInt:
+    """What a rank's size of the split dimension of a value placed `px` is."""
+    if not isinstance(px, Shard):
+        return LocalInt()
+    return LocalInt(padded=px.padded is not None, replicas=px.replicas)
+
+
+def _local_size(c: Ctx, n: fx.Node, path: tuple, a: object, px: Shard) -> None:
+    """Rewrite size argument `a` (at `path` of `n`), a serial size along the dimension
+    split as `px`, to a rank's: a literal divided, a computed one through DivideByTP."""
+    if isinstance(a, int):
+        c.edits.append(ArgEdit(n, path, a, a // px.slices(c.tp)))
+    else:
+        c.edits.append(ArgEdit(n, path, a, DivideByTP(a, px.replicas)))
 
 
 def _flatten(c: Ctx, call: Call) -> Placement:
@@ -385,7 +406,8 @@ def _split(c: Ctx, call: Call) -> Placement:
     if px.blocks % k != 0 or len(set(pieces)) != 1:
         raise c.refuse(
             n, f"{name} into {pieces} along the split dimension {dim}, whose value is split "
-            f"{c.tp} ways" + (f" in each of {px.blocks} blocks" if px.blocks > 1 else ""),
+            f"{px.slices(c.tp)} ways"
+            + (f" in each of {px.blocks} blocks" if px.blocks > 1 else ""),
             "split a fused projection into as many equal parts as it has blocks",
         )  # fmt: skip
     if name == "split":
@@ -393,15 +415,11 @@ def _split(c: Ctx, call: Call) -> Placement:
         path = call.path("split_size")
         if isinstance(size, (list, tuple)):
             for i, s in enumerate(size):
-                if isinstance(s, int):
-                    c.edits.append(ArgEdit(n, (*path, i), s, s // c.tp))
-                elif not isinstance(c.p(s), LocalInt):
-                    c.edits.append(ArgEdit(n, (*path, i), s, DivideByTP(s)))
-        elif isinstance(size, int):
-            c.edits.append(ArgEdit(n, path, size, size // c.tp))
+                if not isinstance(c.p(s), LocalInt):
+                    _local_size(c, n, (*path, i), s, px)
         elif not isinstance(c.p(size), LocalInt):
-            c.edits.append(ArgEdit(n, path, size, DivideByTP(size)))
-    return tuple(Shard(dim, px.blocks // k) for _ in range(k))
+            _local_size(c, n, path, size, px)
+    return tuple(replace(px, blocks=px.blocks // k) for _ in range(k))
 
 
 def _slice(c: Ctx, call: Call) -> Placement:
@@ -462,13 +480,14 @@ def _expand(c: Ctx, call: Call) -> Placement:
             if isinstance(pa, LocalInt):
                 raise c.refuse(n, f"size {i} is local", "expand with replicated sizes")
             continue
+        if isinstance(pa, LocalInt) and pa != _local_int(out):
+            raise c.refuse(
+                n, f"size {i} of the expand is a rank's size of a dimension split otherwise",
+                "expand with replicated sizes",
+            )  # fmt: skip
         if isinstance(pa, LocalInt) or a == -1:
             continue
-        path = call.path("size", i)
-        if isinstance(a, int):
-            c.edits.append(ArgEdit(n, path, a, a // c.tp))
-        else:
-            c.edits.append(ArgEdit(n, path, a, DivideByTP(a)))
+        _local_size(c, n, call.path("size", i), a, out)
     return out
 
 

@@ -42,12 +42,21 @@ class Shard:
     dim: int
     blocks: int = 1
     padded: int | None = None  # the dimension is padded to this serial size first (vocab)
-    # a cut only: the dimension has tp / replicas slices, each read by `replicas`
-    # neighbouring ranks (the key/value head a rank's query heads share)
+    # the dimension has tp / replicas slices, each held by `replicas` neighbouring ranks
+    # (the key/value heads a rank's query heads read: a cut of a replicated value, or a
+    # key/value projection's weight, whose ranks then sum their gradients)
     replicas: int = 1
     # unequal blocks (their serial sizes, in order; blocks stays 1): rank r holds the r-th
     # 1/tp of each, concatenated (a fused Q|K|V with fewer key/value heads than queries)
     sections: tuple[int, ...] = ()
+
+    def slices(self, tp: int) -> int:
+        """Into how many parts the dimension is cut over `tp` ranks."""
+        return tp // self.replicas
+
+    def slot(self, rank: int, tp: int) -> tuple[int, int]:
+        """(which slice rank `rank` holds, of how many)."""
+        return rank // self.replicas, tp // self.replicas
 
     def pieces(self, size: int) -> list[tuple[int, int]]:
         """(start, length) of each block of a serial dimension of `size`."""
@@ -85,6 +94,7 @@ class Partial:
 @dataclass(frozen=True)
 class LocalInt:
     padded: bool = False  # the size of a padded split dimension: padded / tp
+    replicas: int = 1  # of a dimension split into tp / replicas slices (Shard.replicas)
 
     def __str__(self) -> str:
         return "local"
@@ -136,9 +146,11 @@ Placement = Any  # Replicate | Shard | Partial | LocalInt, or a tuple for tuple 
 
 @dataclass(frozen=True)
 class DivideByTP:
-    """Edit marker: replace the argument (an int node) by `arg // tp`."""
+    """Edit marker: replace the argument (an int node) by `arg // (tp // replicas)`, its
+    size on a rank of a dimension split that way."""
 
     source: fx.Node
+    replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -163,11 +175,14 @@ class ArgEdit:
 @dataclass(frozen=True)
 class Cut:
     """Replicate -> Shard without communication: `consumer` reads this rank's slice of
-    `value`, which every rank holds whole, split as `shard` (in `value`'s dimensions)."""
+    `value`, which every rank holds whole, split as `shard` (in `value`'s dimensions).
+    `within`: `value` is already split along that dimension, each slice held by `within`
+    neighbouring ranks; the cut divides a slice among them (`shard.replicas` each)."""
 
     value: fx.Node
     consumer: fx.Node
     shard: Shard
+    within: int | None = None
 
 
 SizeFacts = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]
