@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .adapter import collecting_inside, is_cache, past_of, self_cache
 from .block_calls import BlockCall, cache_index, call_module, modes, take_apart
@@ -17,6 +18,7 @@ from .block_state import TRACED_ON, BlockState, SerialAttributeError, cut_serial
 from .comm import Comm, ProcessGroupComm
 from .dcp_shards import shard_states
 from .errors import AutoTPError
+from .handover import hand_over, taken_over
 from .materialise import build_rank_module
 from .plan import Plan
 from .random import RankRandom
@@ -159,14 +161,36 @@ class BlockTP(nn.Module):
             self._rebind(state.binding)
         cache = next((v for v in (*args, *kwargs.values()) if is_cache(v)), None)
         past = self._past(cache) if cache is not None else None
+        args, kwargs, parts = self._taken_over(args, kwargs)
         call = take_apart(args, kwargs, past, modes(shells[0]))
-        seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
+        handed = tuple(n for n, t in call.tensors.items() if any(t is p for p in parts))
+        local = len(shells) == 1
+        seqs = {t.shape[1] * (self.tp if local and n in handed else 1)
+                for n, t in call.tensors.items() if t.dim() >= 2}  # fmt: skip
         seqs |= {t.shape[-2] for t in (past or ())}
         seqs |= {a + b for a in seqs for b in seqs}
         with torch.no_grad():
-            plan, _ = self._autotp_patterns.plan(self._twin, call, seqs, len(shells) == 1,
-                                                 state.key)  # fmt: skip
+            plan, _ = self._autotp_patterns.plan(self._twin, call, seqs, local, state.key,
+                                                 handed)  # fmt: skip
         return plan, call, cache
+
+    def _taken_over(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, list[torch.Tensor]]:
+        """The call with each hidden state the previous layer handed over (HandedOver)
+        replaced by the part this block takes: the rank's part under sequence
+        parallelism (in simulate, the whole, which each rank's graph cuts), else the
+        serial tensor (gathered); and the parts so taken."""
+        parts: list[torch.Tensor] = []
+
+        def take(x: Any) -> Any:
+            part = taken_over(x)
+            if part is None:
+                return x
+            if not self._autotp_patterns.sequence:
+                return x.whole()
+            parts.append(part)
+            return part
+
+        return (tuple(take(a) for a in args), {k: take(v) for k, v in kwargs.items()}, parts)
 
     def _twin(self) -> nn.Module:
         return twin(self._autotp_shells[0], self._autotp_kind, self._autotp_shapes,
@@ -206,11 +230,22 @@ class BlockTP(nn.Module):
                 "training, or call model.gradient_checkpointing_disable()"
             )
         out = self._runner(plan, call)(**call.tensors)
-        if cache is None:
+        if cache is not None:
+            out, new_key, new_value = out  # simulate shows them whole: its cache: all heads
+            self_cache(cache).update(new_key, new_value, self._autotp_index)
+        return self._hand_over(plan, out)
+
+    def _hand_over(self, plan: Plan, out: Any) -> Any:
+        """`out` with its hidden state (the first output) as a HandedOver where the plan
+        leaves it split along the sequence, for the next layer."""
+        leaves = tree_flatten(plan.traced.gm.graph.output_node().args[0])[0]
+        if -len(leaves) not in plan.propagation.local_outputs:
             return out
-        out, new_key, new_value = out  # simulate shows them whole: its cache holds all heads
-        self_cache(cache).update(new_key, new_value, self._autotp_index)
-        return out
+        flat, spec = tree_flatten(out)
+        local = len(self._autotp_shells) == 1
+        size = flat[0].shape[1] * (self.tp if local else 1)
+        flat[0] = hand_over(flat[0], 1, size, self._autotp_comms[0] if local else None, self.tp)
+        return tree_unflatten(flat, spec)
 
     def _past(self, cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The past keys and values of this block in the model's cache, or None."""

@@ -142,50 +142,62 @@ class _Patterns:
 
     def plan(
         self, twin: Callable[[], nn.Module], call: BlockCall, seqs: set[int], local: bool,
-        state: tuple = (),
+        state: tuple = (), handed: tuple[str, ...] = (),
     ) -> tuple[Plan, Shard | None]:  # fmt: skip
         """The plan for `call` and how its keys are placed, traced (when no plan of the
         block's `state` accepts the call) from `twin()`: the block as it now is, on meta.
         `local`: the call's past is this rank's own (parallelize), not the whole
-        (simulate)."""
-        key = (*call.key, state)
+        (simulate). `handed`: inputs the previous layer handed over split along the
+        sequence (this rank's part, when `local`)."""
+        key = (*call.key, state, handed)
         sizes = (key, local, tuple((n, tuple(t.shape)) for n, t in call.tensors.items()))
         if sizes in self.seen:  # these very sizes were accepted before
             return self.seen[sizes]
         for p, kv in self.plans.get(key, []):
-            if accepts(p.traced.gm, self._serial(call.tensors, kv, local)):
+            if accepts(p.traced.gm, self._serial(call.tensors, kv, local, handed)):
                 self.seen[sizes] = (p, kv)
                 return p, kv
         block = twin()
         for m, flag in zip(block.modules(), call.key[-1], strict=True):
             m.training = flag  # traced in the modes the call holds
         with tools_aside():  # CommDebugMode's or a profiler's hooks are not the block's
-            made = self._plan(block, call, seqs, local)
+            made = self._plan(block, call, seqs, local, handed)
         self.plans.setdefault(key, []).append(made)
         self.seen[sizes] = made
         plan_cache.grew(self)  # a stored plan keeps its new pattern
         return made
 
-    def _serial(self, tensors: dict[str, torch.Tensor], kv: Any, local: bool) -> dict:
-        """The call's inputs as the serial block would get them (a local past widened),
-        as unfilled CPU tensors (see block_state.twin): planning reads no values."""
+    def _serial(
+        self, tensors: dict[str, torch.Tensor], kv: Any, local: bool, handed: tuple[str, ...]
+    ) -> dict:  # fmt: skip
+        """The call's inputs as the serial block would get them (a local past, a local
+        part of the sequence widened), as unfilled CPU tensors (see block_state.twin):
+        planning reads no values."""
         out: dict[str, Any] = {n: _unfilled(t.shape, t.dtype) for n, t in tensors.items()}
-        if local and isinstance(kv, Shard) and self.tp > 1:
-            for n in PAST:
+        widen = {n: (kv.dim, kv.slices(self.tp)) for n in PAST if isinstance(kv, Shard)}
+        widen.update(dict.fromkeys(handed, (1, self.tp)))
+        if local and self.tp > 1:
+            for n, (dim, ways) in widen.items():
                 if n in tensors:
                     size = list(tensors[n].shape)
-                    size[kv.dim] *= kv.slices(self.tp)
+                    size[dim] *= ways
                     out[n] = _unfilled(size, tensors[n].dtype)
         return out
 
     def _plan(
-        self, block: nn.Module, call: BlockCall, seqs: set[int], local: bool
-    ) -> tuple[Plan, Shard | None]:
+        self, block: nn.Module, call: BlockCall, seqs: set[int], local: bool,
+        handed: tuple[str, ...],
+    ) -> tuple[Plan, Shard | None]:  # fmt: skip
         batch = next(iter(call.tensors.values())).shape[0]
         module = call_module(block, call)
         # the new keys and values stay each rank's own (its cache); anything else split
-        # that the layer returns (attention weights) is gathered, as the graph form does
-        opts = VocabOptions(local_outputs=(-2, -1) if call.cache_at is not None else ())
+        # that the layer returns (attention weights) is gathered, as the graph form does;
+        # with sequence parallelism the hidden state (the first output) is handed over to
+        # the next layer split along the sequence, and one handed over is taken as it is
+        opts = VocabOptions(
+            local_outputs=(-2, -1) if call.cache_at is not None else (),
+            sequence_inputs=handed, hand_over=(0,) if self.sequence else (),
+        )  # fmt: skip
         common = dict(dims=dynamic_sizes(call, batch, seqs), like=self.first, tables=self.tables,
                       sequence_parallel=self.sequence)  # fmt: skip
         if call.key[3]:  # a past: given as the keys are placed
@@ -198,7 +210,7 @@ class _Patterns:
             errors = []
             for kv in (Shard(1), None) if self.kv is _UNKNOWN else (self.kv,):
                 inputs = dict.fromkeys(PAST, kv) if kv is not None else None
-                tensors = self._serial(call.tensors, kv, local)
+                tensors = self._serial(call.tensors, kv, local, handed)
                 try:
                     p = _plan(module, self.tp, tensors, self.rules, opts, "export", True,
                               inputs=inputs, **common)  # fmt: skip
@@ -218,7 +230,7 @@ class _Patterns:
                     "past ones can be given (split by heads, or whole)"
                 )
             )
-        tensors = self._serial(call.tensors, None, local)
+        tensors = self._serial(call.tensors, None, local, handed)
         p = _plan(module, self.tp, tensors, self.rules, opts, "export", self.strict, **common)
         _check_index(block, module)
         self._check(p)

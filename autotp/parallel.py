@@ -79,9 +79,9 @@ def _whole_graph(
             f"sequence_parallel=True hands the split sequence over between the layers of "
             f"{type(model).__name__}, which needs the whole model as one traced graph, and "
             f'tracing it failed: {first}\n  hint:   pass form="blocks" for sequence '
-            "parallelism inside each layer (the model's own Python, its cache and "
-            "generate() kept), or make the whole model traceable: model.config.use_cache = "
-            "False when training\n\n" + str(e)
+            "parallelism by layers (the model's own Python, its cache and generate() kept, "
+            "the split sequence handed from layer to layer through it), or make the whole "
+            "model traceable: model.config.use_cache = False when training\n\n" + str(e)
         ) from e
 
 

@@ -95,7 +95,7 @@ class RegionPlan:
     regions: tuple[Region, ...]
     vocab: VocabRegions
     signature: tuple  # plan.model_signature of the model planned
-    sequence_parallel: bool = False  # inside each layer; its boundaries stay whole
+    sequence_parallel: bool = False  # the hidden state handed over split between layers
 
     def __deepcopy__(self, memo: dict) -> RegionPlan:
         return self  # pure data about the model, never changed: a copied module shares it
@@ -154,9 +154,10 @@ class RegionPlan:
         out = []
         if self.sequence_parallel:
             out.append(
-                "sequence parallel inside each layer, whose input and output stay whole "
-                "(the model's own Python runs between the layers): an all-gather ends each "
-                'layer; form="graph" hands the split sequence over between layers'
+                "sequence parallel: each layer hands its hidden state to the next split "
+                "along the sequence, through the model's own Python (which passes it on; "
+                "where it reads it, an all-gather); the first layer's input arrives whole, "
+                "each later one is planned at its first call"
             )
         if self.vocab.note:
             out.append(f"vocabulary: {self.vocab.note}")

@@ -197,10 +197,11 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         env[old] = _vocab_parallel_loss(graph, env[old], info)
     out_node = graph.output_node()
     leaves = tree_flatten(gm.graph.output_node().args[0])[0]
+    now = dict(zip(leaves, tree_flatten(out_node.args[0])[0], strict=True))  # after the sums
     local = {leaves[i] for i in prop.local_outputs if -len(leaves) <= i < len(leaves)}
     for old, (shard, size) in prop.gathers.items():
         if not prop.gather_outputs or old in local:
-            tag(env[old], split_output=(shard, size))
+            tag(now.get(old, env[old]), split_output=(shard, size))
             continue
         with graph.inserting_before(out_node):
             gather = site(

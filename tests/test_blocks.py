@@ -201,6 +201,75 @@ def test_fewer_key_value_heads_than_ranks_on_gloo_ranks() -> None:
     assert not torch.equal(results[1]["k"], results[2]["k"])
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_sequence_parallel_hands_the_split_sequence_over_between_layers(name) -> None:
+    """form="blocks", sequence_parallel=True: each layer returns its hidden state split
+    along the sequence (a HandedOver of the serial shape, holding the rank's part), the
+    model's Python passes it on and the next layer takes the part as it is; the final
+    norm (or head) reads it gathered. Equal to serial in float64 at tp 2 and 4 (outputs,
+    loss, every gradient, a step); per layer forward Megatron's 2 all-gathers and 2
+    reduce-scatters (the first layer's input arrives whole: its part is cut), one
+    all-gather where the model's Python reads the last layer's output."""
+    model = _model(name, 2 if name == "llama" else 4)
+    x = _batch(seq=8)
+    x["labels"] = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    for tp in (2, 4):
+        assert_equivalent(model, x, tp, atol=1e-10, rtol=1e-6,
+                          parallel=lambda m, t, _: autotp.simulate(
+                              m, t, form="blocks", sequence_parallel=True))  # fmt: skip
+    sim = autotp.simulate(model, 2, form="blocks", sequence_parallel=True)
+    layers = {"gpt2": lambda: sim.transformer.h, "bert": lambda: sim.bert.encoder.layer,
+              "llama": lambda: sim.model.layers}[name]()  # fmt: skip
+    seen = []
+    layers[1].register_forward_pre_hook(lambda m, a: seen.append(type(a[0]).__name__))
+    with autotp.count_collectives() as log:
+        sim(**x).loss.backward()
+    assert seen == ["HandedOver"]
+    if name != "bert":  # the vocabulary-split embedding's all-reduce, the logits' gather
+        assert log.count("forward", "all_reduce") == 1
+        assert log.count("forward", "reduce_scatter") == 2 * 2
+        assert log.count("forward", "all_gather") == 1 + 2 + 1 + 1
+
+
+def _handed_over_on_rank(rank: int, world: int) -> dict:
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model = _model("llama", 2)
+    module = autotp.parallelize(model, world, form="blocks", sequence_parallel=True)
+    x = _batch(seq=8)
+    x["labels"] = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    module(**x)  # the first call plans the layers' patterns
+    with CommDebugMode() as cdm:
+        loss = module(**x).loss
+        forward = {str(k).split(".")[-1]: v for k, v in cdm.get_comm_counts().items()}
+        loss.backward()
+    grads = autotp.full_grads(module)
+    tokens = module.generate(**_batch(seq=8), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    return {"loss": loss.item(), "forward": forward, "grads": grads, "tokens": tokens.tolist()}
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # CommDebugMode's hooks
+@pytest.mark.filterwarnings("ignore:For backward hooks to be called")
+def test_sequence_parallel_between_layers_on_gloo_ranks() -> None:
+    """Real ranks, under CommDebugMode (whose module hooks see the hand-over's part):
+    loss, every gradient and greedy tokens equal serial; forward 1 all-reduce (the
+    embedding), 4 reduce-scatters and 5 all-gathers (2 layers, the last layer's output
+    read by the final norm, the logits)."""
+    model = _model("llama", 2)
+    x = _batch(seq=8)
+    x["labels"] = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    loss = model(**x).loss
+    loss.backward()
+    want = model.generate(**_batch(seq=8), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for r in run_on_gloo(_handed_over_on_rank, 2):
+        assert r["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        gathers = r["forward"].pop("_allgather_base_", 0) + r["forward"].pop("allgather_", 0)
+        assert (r["forward"], gathers) == ({"allreduce_": 1, "_reduce_scatter_base_": 4}, 5)
+        for n, p in model.named_parameters():
+            assert (r["grads"][n] - p.grad).abs().max() < 1e-6, n
+        assert r["tokens"] == want.tolist()
+
+
 def test_train_mode_set_after_parallelizing_turns_dropout_on() -> None:
     """Planned in eval mode (equal to serial); after .train() the layers drop out (two
     calls differ), as the serial model's would: the mode is part of a call's pattern."""

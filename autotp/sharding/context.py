@@ -54,6 +54,7 @@ class Ctx:
         self.reads: dict[tuple[fx.Node, fx.Node], Placement] = {}  # (value, reader) -> seen
         self.sequence_gathers: dict[fx.Node, list[fx.Node]] = {}
         self.functional_norms: set[fx.Node] = set()
+        self.handed: list[int] = []  # output leaves handed over split along the sequence
         self.whole_readers: set[fx.Node] = set()  # read the sums of partial values whole
         self.guards: dict[fx.Node, Any] = {}  # reshape -> sizes its proof read (Propagation)
 
@@ -213,7 +214,7 @@ class Ctx:
 _STATE = (
     "f_inputs", "reduces", "sequence_gathers", "losses", "gathers", "pl", "params",
     "param_users", "deferred", "scatters", "reads", "edits", "cuts", "split_uses",
-    "functional_norms", "whole_readers", "guards",
+    "functional_norms", "whole_readers", "guards", "handed",
 )  # fmt: skip
 
 

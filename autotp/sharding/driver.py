@@ -71,6 +71,9 @@ def propagate(
         c.grad[n] = _carries_grad(gm, n, c.grad)
         if n.op == "placeholder":
             c.pl[n] = (inputs or {}).get(n.name) or replicated_like(value)
+            if c.sequence and n.name in c.options.sequence_inputs:
+                c.pl[n] = Shard(1)  # the previous layer's hidden state, handed over
+                c.seq.add(n)
             continue
         if n.op == "get_attr":
             c.pl[n] = R
@@ -108,7 +111,8 @@ def propagate(
             c.sequence_gathers.pop(a, None)
     return Propagation(
         c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users, c.losses, c.gathers,
-        c.options.gather_outputs, c.reduces, c.deferred, c.cuts, c.options.local_outputs,
+        c.options.gather_outputs, c.reduces, c.deferred, c.cuts,
+        c.options.local_outputs + tuple(c.handed),
         c.scatters, c.sequence_gathers, c.functional_norms, c.guards,
     )  # fmt: skip
 

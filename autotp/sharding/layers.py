@@ -195,10 +195,14 @@ def _output(c: Ctx, call: Call) -> Placement:
     n = call.node
     leaves = call.leaves()
     local = {leaves[i] for i in c.options.local_outputs if -len(leaves) <= i < len(leaves)}
-    for a in leaves:
+    for i, a in enumerate(leaves):
         if not isinstance(a, fx.Node) or not is_split(c.p(a)):
             continue
         pa = c.p(a)
+        if c.reads_sequence(a, n) and i in c.options.hand_over:  # to the next layer
+            c.handed.append(i - len(leaves))
+            c.gathers[a] = (pa, val(a).shape[pa.dim])
+            continue
         if c.reads_sequence(a, n):  # read whole (the sequence gathered), not as an output
             raise c.refuse(n, f"the model returns {a.name}, split along the sequence",
                            "read it whole")  # fmt: skip

@@ -114,11 +114,18 @@ class VocabOptions:
     local_outputs: positions of output leaves (negative from the end) kept each rank's
         own even when the rest is gathered (a decoder layer's new keys and values, for
         its rank's cache).
+    sequence_inputs: inputs (by placeholder name) that arrive split along the sequence
+        (dimension 1), as the previous layer handed them over (sequence parallelism).
+    hand_over: positions of output leaves (from the start) returned split along the
+        sequence when they are (the layer's hidden state, for the next layer), not
+        gathered.
     """
 
     multiple: int = 128
     gather_outputs: bool = True
     local_outputs: tuple[int, ...] = ()
+    sequence_inputs: tuple[str, ...] = ()
+    hand_over: tuple[int, ...] = ()
 
     def padded(self, size: int, tp: int) -> int:
         if tp == 1:  # nothing is divided: no padding, the module keeps the serial shapes

@@ -1,0 +1,150 @@
+"""The hidden state one parallel layer hands the next under sequence parallelism, split
+along the sequence, through the model's own Python between them (Megatron-LM keeps the
+residual stream split between layers; a transformers model's loop only passes it on).
+
+A `HandedOver` is a tensor of the serial shape, dtype and device holding the rank's part
+(every rank's parts joined, in `simulate`): the next parallel layer takes the part as it
+is. Anything else the model's Python does with it (the final norm after the last layer, a
+hook, a sum of two layers' outputs) reads its metadata as the serial tensor's, or computes
+on the serial tensor, all-gathered then (once; its gradient keeps the rank's part, as the
+model's Python runs alike on every rank), so the model computes what it did serially.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._C import DisableTorchFunctionSubclass
+from torch.autograd.function import once_differentiable
+from torch.nn.modules._functions import BackwardHookFunction
+from torch.utils._pytree import tree_map
+
+from .collectives import GatherFromTP, _own_slice
+from .comm import Comm, record_collective
+from .errors import AutoTPError
+
+__all__ = ["HandedOver", "hand_over", "taken_over"]
+
+# what reads only the metadata a rank's part shares with the serial tensor's
+_METADATA = {
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.numel,
+    torch.Tensor.is_floating_point, torch.Tensor.is_complex, torch.Tensor.get_device,
+    torch.Tensor.__len__, torch.Tensor.nelement,
+    *(getattr(torch.Tensor, a).__get__ for a in (
+        "shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_meta", "layout",
+        "is_sparse", "is_quantized", "is_leaf", "grad_fn",
+    )),
+}  # fmt: skip
+
+
+class HandedOver(torch.Tensor):
+    """A hidden state split along dimension `dim` (see the module)."""
+
+    _autotp_part: torch.Tensor  # this rank's part (simulate: the whole, its parts joined)
+    _autotp_dim: int
+    _autotp_tp: int
+    _autotp_comm: Comm | None
+    _autotp_gather: GatherFromTP | None  # None: the part is the whole already (simulate)
+    _autotp_whole: torch.Tensor | None
+
+    @staticmethod
+    def __new__(
+        cls, part: torch.Tensor, dim: int, size: int, comm: Comm | None, tp: int
+    ) -> HandedOver:  # fmt: skip
+        shape = list(part.shape)
+        shape[dim] = size
+        out = torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=part.dtype, device=part.device, requires_grad=part.requires_grad
+        )
+        out._autotp_part, out._autotp_dim, out._autotp_tp = part, dim, tp
+        out._autotp_comm = comm
+        out._autotp_gather = GatherFromTP(comm) if comm is not None and comm.size > 1 else None
+        out._autotp_whole = None
+        return out
+
+    def whole(self) -> torch.Tensor:
+        """The serial tensor (gathered once)."""
+        if self._autotp_whole is None:
+            part, dim = self._autotp_part, self._autotp_dim
+            if self._autotp_gather is None:  # simulate: the parts joined already
+                chunk = part.narrow(dim, 0, part.shape[dim] // self._autotp_tp)
+                record_collective("forward", chunk, "all_gather")
+                self._autotp_whole = part
+            else:
+                self._autotp_whole = self._autotp_gather(part, dim, self.shape[dim])
+        return self._autotp_whole
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return f"HandedOver({self.whole()!r})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if func == _Wrap.apply:  # made by hand_over (autograd's Function.apply)
+            with DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if func == BackwardHookFunction.apply and not kwargs:  # module hooks (a tool's):
+            return _through_hooks(args)  # the hand-over kept, the hooks on its part
+        whole = tree_map(lambda a: a.whole() if isinstance(a, HandedOver) else a, (args, kwargs))
+        with DisableTorchFunctionSubclass():
+            return func(*whole[0], **whole[1])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        raise AutoTPError(
+            f"{func} reached a hidden state handed over between parallel layers below "
+            "Python (autotp gathers it for Python code)\n  hint:   report the model; "
+            "sequence_parallel=False avoids the hand-over"
+        )
+
+
+class _Wrap(torch.autograd.Function):
+    """part -> HandedOver, so that a gradient reaching the HandedOver itself (through an
+    op of a tool's that reads it whole, e.g. a module hook's identity Function) reaches
+    the part: the rank's slice of it, as the Python that read it runs alike on every
+    rank (in simulate, the part is the whole)."""
+
+    @staticmethod
+    def forward(ctx, part: torch.Tensor, dim: int, size: int, comm: Comm | None, tp: int):  # type: ignore[override]
+        ctx.dim, ctx.local = dim, part.shape[dim]
+        ctx.rank = comm.rank if comm is not None and comm.size > 1 else None
+        return HandedOver(part, dim, size, comm, tp)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if isinstance(grad, HandedOver):
+            grad = grad.whole()
+        if ctx.rank is not None:
+            grad = _own_slice(grad, ctx.dim, ctx.local, ctx.rank)
+        return grad, None, None, None, None
+
+
+def _through_hooks(args: tuple) -> tuple:
+    """BackwardHookFunction (the identity through which module backward hooks see the
+    gradients of a module's inputs and outputs) over the parts of the HandedOvers among
+    `args`, each handed over again: the hooks see the rank's part of the gradient."""
+    parts = [a._autotp_part if isinstance(a, HandedOver) else a for a in args]
+    with DisableTorchFunctionSubclass():
+        outs = BackwardHookFunction.apply(*parts)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return tuple(
+        hand_over(o, a._autotp_dim, a.shape[a._autotp_dim], a._autotp_comm, a._autotp_tp)
+        if isinstance(a, HandedOver) else o
+        for a, o in zip(args, outs, strict=True)
+    )  # fmt: skip
+
+
+def hand_over(part: torch.Tensor, dim: int, size: int, comm: Comm | None, tp: int) -> HandedOver:
+    """`part` (a rank's, `comm` its group; in simulate, the whole and None) as the hidden
+    state the next layer takes split along `dim` over `tp` ranks, of serial length `size`."""
+    return _Wrap.apply(part, dim, size, comm, tp)
+
+
+def taken_over(x: Any) -> torch.Tensor | None:
+    """The part a HandedOver holds, for the next parallel layer; None for anything else."""
+    return x._autotp_part if isinstance(x, HandedOver) else None
