@@ -208,16 +208,16 @@ def _block_sp_on_rank(rank: int, world: int) -> tuple[float, float]:
     return loss.item(), norm.item()
 
 
-def test_the_block_form_runs_sequence_parallel_inside_each_layer() -> None:
+def test_the_block_form_hands_the_split_sequence_from_layer_to_layer() -> None:
     """form="blocks" with sequence_parallel=True (a transformers model keeps its own
-    Python, its keywords and generate()): each layer is sequence-parallel between its two
-    sums, its input and output whole; equal to serial in simulate and on gloo, the
-    collectives counted, and the plan says where the sequence stays whole."""
+    Python, its keywords and generate()): each layer hands its hidden state to the next
+    split along the sequence; equal to serial in simulate and on gloo, the collectives
+    counted, and the plan says so."""
     pytest.importorskip("transformers")
     model = _llama_sp()
     plan = autotp.plan(model, 2, form="blocks", sequence_parallel=True)
     assert isinstance(plan, autotp.RegionPlan) and plan.sequence_parallel
-    assert any("sequence parallel inside each layer" in n for n in plan.notes())
+    assert any("hands its hidden state" in n for n in plan.notes())
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     assert_equivalent(model, x, 2, atol=1e-10, rtol=1e-6,
@@ -225,15 +225,20 @@ def test_the_block_form_runs_sequence_parallel_inside_each_layer() -> None:
     sim = autotp.simulate(model, plan)
     with autotp.count_collectives() as log:
         sim(**x).loss.backward()
-    # per layer forward: the attention's sum reduce-scattered, the sequence gathered for
-    # the MLP, the MLP's sum all-reduced (the layer's output is whole); the embedding's
-    # all-reduce and the logits' gather
-    assert log.count("forward", "reduce_scatter") == 2
-    assert log.count("forward", "all_gather") == 2 + 1
-    assert log.count("forward", "all_reduce") == 2 + 1
-    assert log.count("backward", "reduce_scatter") == 2
-    assert log.count("backward", "all_gather") == 3 * 2
-    assert log.count("backward", "all_reduce") == 2 * 2 + 1  # with the norm weights'
+    # forward, Megatron's per layer: the attention's and the MLP's sums reduce-scattered,
+    # the sequence gathered for the attention (not the first layer's: its input arrives
+    # whole) and the MLP; the embedding's all-reduce, the final norm's gather of the last
+    # layer's output and the logits' gather
+    assert log.count("forward", "reduce_scatter") == 2 * 2
+    assert log.count("forward", "all_gather") == 1 + 2 + 1 + 1
+    assert log.count("forward", "all_reduce") == 1
+    # backward: a reduce-scatter per gather for split compute; all-gathers for the
+    # forward's reduce-scatters, the parts autograd kept gathered again, the first
+    # layer's cut input; all-reduces: the head's f, the first layer's input f and the
+    # norm weights' gradients of each layer, as one
+    assert log.count("backward", "reduce_scatter") == 3
+    assert log.count("backward", "all_gather") == 9
+    assert log.count("backward", "all_reduce") == 4
     prompt = {"input_ids": ids[:, :4], "attention_mask": torch.ones_like(ids[:, :4])}
     want = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert torch.equal(sim.generate(**prompt, max_new_tokens=4, do_sample=False), want)

@@ -30,7 +30,16 @@ from ..rule import Split
 from ..trace import restore_grad, set_grad
 from . import compute, layers, layout
 from .context import Ctx, param_names, replicated_like, val
-from .placement import Partial, Placement, Propagation, R, Shard, VocabOptions, is_split
+from .placement import (
+    LocalInt,
+    Partial,
+    Placement,
+    Propagation,
+    R,
+    Shard,
+    VocabOptions,
+    is_split,
+)
 
 __all__ = ["propagate"]
 
@@ -140,6 +149,13 @@ def _place(c: Ctx, n: fx.Node) -> None:
         name = "computed linear"  # a weight that is not a parameter: no rule, as any op
     call = canonical(n, gm, name)
     partial = [a for a in n.all_input_nodes if isinstance(c.pl.get(a), Partial)]
+    if partial and c.sequence:
+        for a in n.all_input_nodes:  # a partial value's shape is serial: so must sizes be
+            if isinstance(c.seen(a, n), LocalInt) and c.reads_sequence(a, n):
+                raise c.refuse(
+                    n, f"{a.name}, a rank's length of a split sequence, shapes a whole one",
+                    "read the length from a value that is not split along the sequence",
+                )  # fmt: skip
     if partial:
         kept = _keeps_partial(c, call)
         if kept is not None:
