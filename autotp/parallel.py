@@ -55,45 +55,40 @@ def plan(
         return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict,
                             sequence_parallel)  # fmt: skip
     return _whole_graph(model, tp, example_inputs, rules, vocab, frontend, strict,
-                        sequence_parallel, form)  # fmt: skip
+                        sequence_parallel)  # fmt: skip
 
 
 def _whole_graph(
     model: nn.Module, tp: int, example_inputs: Any, rules: Sequence[Rule] | None,
     vocab: VocabOptions | None, frontend: str, strict: bool, sequence_parallel: bool,
-    form: str,
 ) -> Plan:  # fmt: skip
-    """The whole-graph plan; where it was chosen for a transformers model only because
-    sequence_parallel asks to hand the split sequence over between layers, a model it
-    cannot trace (its cache returned, by default) is refused with the region form named."""
+    """The whole-graph plan; where a model the region form takes (a transformers model)
+    fails in it (its cache returned, by default, cannot be traced), the error names the
+    region form."""
     try:
         return graph_plan(model, tp, example_inputs, rules=rules, vocab=vocab,
                           frontend=frontend, strict=strict,
                           sequence_parallel=sequence_parallel)  # fmt: skip
     except AutoTPError as e:
-        chosen = sequence_parallel and form == "auto" and vocab is None
-        if not (chosen and is_block_model(model)):
+        if vocab is not None or not is_block_model(model):
             raise
         first = str(e).splitlines()[0]
         raise AutoTPError(
-            f"sequence_parallel=True hands the split sequence over between the layers of "
-            f"{type(model).__name__}, which needs the whole model as one traced graph, and "
-            f'tracing it failed: {first}\n  hint:   pass form="blocks" for sequence '
-            "parallelism by layers (the model's own Python, its cache and generate() kept, "
-            "the split sequence handed from layer to layer through it), or make the whole "
-            "model traceable: model.config.use_cache = False when training\n\n" + str(e)
+            f"the whole-graph form of {type(model).__name__} (one traced graph) failed: "
+            f'{first}\n  hint:   pass form="blocks", the default for this model (its own '
+            "Python, its cache and generate() kept, the layers planned one by one), or make "
+            "the whole model traceable: model.config.use_cache = False when training\n\n" + str(e)
         ) from e
 
 
 def _the_plan(
     model: nn.Module, tp: int | Plan, example_inputs: Any, rules: Sequence[Rule] | None,
     vocab: VocabOptions | None, frontend: str, strict: bool, sequence_parallel: bool,
-    form: str,
 ) -> Plan:  # fmt: skip
     """`tp` as given (a Plan, checked to fit `model`) or the plan of `model` at tp ranks."""
     if not isinstance(tp, Plan):
         return _whole_graph(model, tp, example_inputs, rules, vocab, frontend, strict,
-                            sequence_parallel, form)  # fmt: skip
+                            sequence_parallel)  # fmt: skip
     given = {
         "example_inputs": example_inputs is not None, "rules": rules is not None,
         "vocab": vocab is not None, "frontend": frontend != "auto", "strict": strict,
@@ -149,9 +144,9 @@ def parallelize(
     With tp=1 no process group is needed. Dropout streams are seeded from rank 0's
     `torch.initial_seed()`. `rules`: the rules to match (default: autotp.rules'
     DEFAULT_RULES). `strict`: refuse a matched block that cannot be proven instead of
-    leaving it replicated (see `plan`). `sequence_parallel`: see `plan`; it needs the
-    whole-graph form (the model's own Python between the blocks would see a split
-    sequence), so `form="auto"` chooses it.
+    leaving it replicated (see `plan`). `sequence_parallel`: see `plan`; in the block
+    form each layer hands its hidden state to the next split along the sequence, through
+    the model's own Python (see autotp.handover).
     """
     given, tp = tp, tp.tp if isinstance(tp, (Plan, RegionPlan)) else tp
     check_tp(tp)
@@ -198,9 +193,7 @@ def parallelize(
             same_random_state(group)
             check_first_call(module, group, random_state=True)
         return module
-    p = _the_plan(
-        model, given, example_inputs, rules, vocab, frontend, strict, sequence_parallel, form
-    )
+    p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     if isinstance(comm, ProcessGroupComm):
         _check_same_plan(p.fingerprint, group)
     module = build_rank_module(
@@ -261,9 +254,7 @@ def simulate(
         seed = torch.initial_seed() % 2**62
         comms = [SimulatedComm(regions.tp, r) for r in range(regions.tp)]  # type: ignore[arg-type]
         return build_regions(model, regions, comms, seed, source)
-    p = _the_plan(
-        model, tp, example_inputs, rules, vocab, frontend, strict, sequence_parallel, form
-    )
+    p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     tp = p.tp
     seed = torch.initial_seed() % 2**62
     ranks = [
@@ -309,9 +300,6 @@ def _blocks(
             'form="blocks" splits each block on its own: a Plan and vocab= are of the whole '
             'graph: pass tp (or a RegionPlan), or use form="graph"'
         )
-    # sequence parallelism by default in the whole-graph form, which hands the sequence
-    # split over between the layers; the block form keeps their boundaries whole
-    graph_only = graph_only or sequence
     return form == "blocks" or (form == "auto" and not graph_only and is_block_model(model))
 
 

@@ -140,7 +140,7 @@ def test_a_transformers_model_continues_from_its_cache() -> None:
 
 def test_generate_of_a_transformers_run_uses_the_cache(tmp_path: Path, capfd) -> None:
     """A run of a transformers model (trained at tp=2 with sequence parallelism, in the
-    whole-graph form) generates through the plan autotp.plan gives it, with the cache:
+    region form) generates through the plan autotp.plan gives it, with the cache:
     the greedy text equals the one the serial model gives over the whole window."""
     pytest.importorskip("transformers")
     from autotp.run.checkpoint import serial_model

@@ -71,14 +71,17 @@ def test_a_plan_for_another_model_is_refused() -> None:
 
 
 def test_the_graph_form_is_asked_for_by_name_and_names_the_region_form_when_it_fails() -> None:
+    """A transformers model is planned by regions, with sequence parallelism too (the
+    split sequence handed from layer to layer); the whole-graph form only by name."""
     model = _llama()
     model.config.use_cache = True  # as from_pretrained gives it: the cache is returned
+    assert isinstance(autotp.plan(model, 2, sequence_parallel=True), autotp.RegionPlan)
     with pytest.raises(autotp.AutoTPError, match='form="blocks"') as info:
-        autotp.plan(model, 2, sequence_parallel=True)  # the whole graph: it cannot trace
+        autotp.plan(model, 2, form="graph", sequence_parallel=True)  # it cannot trace
     assert "use_cache = False" in str(info.value)
     model.config.use_cache = False  # the whole graph returns no cache object
     assert isinstance(autotp.plan(model, 2, _batch(), form="graph"), autotp.Plan)
-    assert isinstance(autotp.plan(model, 2, sequence_parallel=True), autotp.Plan)
+    assert isinstance(autotp.plan(model, 2, form="graph", sequence_parallel=True), autotp.Plan)
 
 
 def test_tied_embedding_and_head_share_one_shard() -> None:

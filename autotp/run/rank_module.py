@@ -6,9 +6,9 @@ form, and the module is what `autotp.parallelize` gives for that plan.
     rank.module, rank.random, rank.serial_state(), rank.evaluates
 
 A transformers model gets the region form (its decoder layers, input embedding and output
-head split, the model's own Python between them replicated), unless --sp asks for the
-sequence handed over split between the layers, which only the whole-graph form does
-(`autotp.plan` chooses the same). Every other model gets the whole-graph form, built on
+head split, the model's own Python between them replicated; with --sp each layer hands
+its hidden state to the next split along the sequence, as `autotp.plan` chooses too).
+Every other model gets the whole-graph form, built on
 the meta device where it can be and initialised one parameter at a time (each rank cuts
 its shards from the serial initialisation).
 
