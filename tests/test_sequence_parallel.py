@@ -28,7 +28,8 @@ pytestmark = [
 
 
 def _sp(model, tp, x):
-    return autotp.simulate(model, tp, x, sequence_parallel=True)
+    """The whole-graph form (a transformers model's is asked for by name)."""
+    return autotp.simulate(model, tp, x, sequence_parallel=True, form="graph")
 
 
 @pytest.mark.parametrize("tp", [2, 4])
