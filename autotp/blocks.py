@@ -384,7 +384,7 @@ def plan_regions(
         a, k = calls[path]
         call = take_apart(a, k, None, modes(block))
         tables = vocab.tables.get(path, frozenset())
-        sequence = sequence_parallel and path not in vocab.regions
+        sequence = sequence_parallel and path != vocab.head  # the embedding hands over too
         patterns = by_structure.setdefault(
             (_program(block, call), tables, sequence),
             _Patterns(tp, rules, strict, tables, sequence),

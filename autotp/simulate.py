@@ -225,7 +225,8 @@ def _combine(outs: list[Any], splits: list[tuple[Shard, int] | None]) -> Any:
         elif i < len(splits) and splits[i] is not None:  # kept split: show it whole
             shard, size = splits[i]
             parts = [f[0][i] for f in flat][:: shard.replicas]  # one rank of each slice
-            merged.append(torch.cat(parts, dim=shard.dim).narrow(shard.dim, 0, size))
+            whole = torch.cat(parts, dim=shard.dim)
+            merged.append(whole if size is None else whole.narrow(shard.dim, 0, size))
         else:
             merged.append(_Replicated.apply(*[f[0][i] for f in flat]))
     return tree_unflatten(merged, spec)

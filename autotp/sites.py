@@ -55,7 +55,7 @@ class NodeRecord:
     edits: list[str] = field(default_factory=list)  # shape arguments rewritten, as text
     dropout: str | None = None  # a dropout site's stream: "shared" or "rank"
     dropout_of: str | None = None  # the dropout module a site replaces
-    split_output: tuple[Shard, int] | None = None  # returned split, kept local: (split, size)
+    split_output: tuple[Shard, int | None] | None = None  # returned split, kept local
     split_input: Shard | None = None  # an input each rank is given its slice of
 
 

@@ -201,7 +201,7 @@ def _output(c: Ctx, call: Call) -> Placement:
         pa = c.p(a)
         if c.reads_sequence(a, n) and i in c.options.hand_over:  # to the next layer
             c.handed.append(i - len(leaves))
-            c.gathers[a] = (pa, val(a).shape[pa.dim])
+            c.gathers[a] = (pa, None)  # the length of each call's sequence, no padding
             continue
         if c.reads_sequence(a, n):  # read whole (the sequence gathered), not as an output
             raise c.refuse(n, f"the model returns {a.name}, split along the sequence",

@@ -206,8 +206,9 @@ class Propagation:
     splits: dict[fx.Node, tuple[Split, LinearInfo]]
     param_users: dict[str, fx.Node] = field(default_factory=dict)
     losses: dict[fx.Node, LossInfo] = field(default_factory=dict)  # -> vocab-parallel CE
-    # split values the model returns: (split, serial size); gathered unless kept local
-    gathers: dict[fx.Node, tuple[Shard, int]] = field(default_factory=dict)
+    # split values the model returns: (split, serial size: None for a sequence handed
+    # over, each call's own length); gathered unless kept local
+    gathers: dict[fx.Node, tuple[Shard, int | None]] = field(default_factory=dict)
     gather_outputs: bool = True
     # partial value -> consumers that read its sum (one g each, shared by the consumers)
     reduces: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
