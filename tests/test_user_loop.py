@@ -133,30 +133,33 @@ def _hf_model(seed: int = 0) -> torch.nn.Module:
     return hf_build("llama", kv_heads=2, seed=seed).double()
 
 
-def _hf_on_rank(rank: int, world: int, folder: str) -> dict:
+def _hf_on_rank(rank: int, world: int, folder: str, sp: bool) -> dict:
     import transformers
 
-    module = autotp.parallelize(_hf_model(), world)
+    module = autotp.parallelize(_hf_model(), world, sequence_parallel=sp)
     run = _hf_loop(module)
     full = {k: v.detach() for k, v in autotp.full_state_dict(module).items()}
     module.save_pretrained(folder)
     torch.distributed.barrier()
     exported = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64)
-    resumed = autotp.parallelize(_hf_model(seed=7), world)  # a new process's model
+    resumed = autotp.parallelize(_hf_model(seed=7), world, sequence_parallel=sp)  # a new
+    # process's model
     rerun = _hf_loop(resumed, start=SAVED_AT, saved=run.pop("saved"))
     ended = {k: v.detach() for k, v in autotp.full_state_dict(resumed).items()}
     return {"run": run, "full": full, "exported": exported.state_dict(), "rerun": rerun,
             "resumed": ended}  # fmt: skip
 
 
-def test_a_transformers_users_loop_on_gloo_equals_serial(tmp_path) -> None:
+@pytest.mark.parametrize(("world", "sp"), [(2, False), (4, True)], ids=["tp2", "tp4-sp"])
+def test_a_transformers_users_loop_on_gloo_equals_serial(tmp_path, world, sp) -> None:
     """Norms, evaluation losses and weights equal serial's on every rank; the export
     from_pretrained reads is the serial model; the resumed run ends where the
-    uninterrupted one does."""
+    uninterrupted one does. At tp=4 with sequence parallelism: 2 key/value heads, each
+    held by 2 ranks, and the split sequence handed from layer to layer."""
     model = _hf_model()
     serial = _hf_loop(model)
     state = model.state_dict()
-    for r in run_on_gloo(_hf_on_rank, 2, str(tmp_path), timeout=240):
+    for r in run_on_gloo(_hf_on_rank, world, str(tmp_path), sp, timeout=240):
         run, rerun = r["run"], r["rerun"]
         assert run["norms"][0] > 2 * MAX_NORM  # it really clips
         assert run["norms"] == pytest.approx(serial["norms"], rel=1e-9)
