@@ -1,6 +1,12 @@
 """Activation memory per rank, with and without sequence parallelism, on gloo ranks.
 
     python bench/activation_memory.py [--layers 4] [--hidden 768] [--heads 12] [--seq 512]
+                                      [--hf]
+
+--hf: transformers' GPT2LMHeadModel of the same sizes instead (residual and embedding
+dropout 0.1, sdpa attention without dropout), as autotp.parallelize gives it: by layers,
+its own Python between them, and with sequence parallelism each layer handing its hidden
+state to the next split along the sequence.
 
 Builds the reference GPT-2 (dropout 0.1, flash attention, so the attention scores are not
 stored) at tp 1, 2 and 4, parallelizes it with and without `sequence_parallel=True`, and
@@ -26,17 +32,38 @@ import torch
 from autotp.testing import run_on_gloo
 
 
-def _rank(rank: int, world: int, cfg: dict, batch: int, seq: int, sp: bool) -> int:
+def _model(cfg: dict, hf: bool) -> torch.nn.Module:
+    if not hf:
+        from autotp.models import build
+
+        return build("gpt2", **cfg)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        n_embd=cfg["n_embd"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+        vocab_size=cfg["vocab_size"], n_positions=cfg["block_size"], resid_pdrop=0.1,
+        embd_pdrop=0.1, attn_pdrop=0.0, use_cache=False,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _rank(rank: int, world: int, cfg: dict, batch: int, seq: int, sp: bool, hf: bool) -> int:
     import autotp
     import autotp.collectives as C
-    from autotp.models import build
 
     torch.manual_seed(0)
-    model = build("gpt2", **cfg)
+    model = _model(cfg, hf)
     idx = torch.randint(0, cfg["vocab_size"], (batch, seq))
-    x = {"idx": idx, "targets": idx}
-    module = autotp.parallelize(model, world, x, sequence_parallel=sp) if world > 1 else model
+    x = {"input_ids": idx, "labels": idx} if hf else {"idx": idx, "targets": idx}
+    module = model
+    if world > 1:
+        form = {"form": "blocks"} if hf else {}  # (the default for a transformers model)
+        module = autotp.parallelize(model, world, None if hf else x, sequence_parallel=sp, **form)
     module.train()
+    if hf:  # the first call plans the layers' patterns: not the one measured
+        module(**x).loss.backward()
+        module.zero_grad(set_to_none=True)
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     saved: dict[int, int] = {}
     keep = C._pack  # with sequence parallelism the rank module saves through this itself
@@ -49,13 +76,14 @@ def _rank(rank: int, world: int, cfg: dict, batch: int, seq: int, sp: bool) -> i
         return kept
 
     C._pack = pack  # counts inside the rank module's own saved-tensor hooks
-    own = any(isinstance(m, C.GatherFromSP) for m in module.modules())
+    own = (hf and sp and world > 1) or any(isinstance(m, C.GatherFromSP) for m in module.modules())
     with (
         contextlib.nullcontext()
         if own
         else torch.autograd.graph.saved_tensors_hooks(pack, C._unpack)
     ):
-        _, loss = module(**x)
+        out = module(**x)
+    loss = out.loss if hf else out[1]
     loss.backward()
     return sum(saved.values())
 
@@ -67,15 +95,18 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--hf", action="store_true", help="transformers' GPT-2, by layers")
     args = ap.parse_args()
     cfg = {
         "n_layer": args.layers, "n_embd": args.hidden, "n_head": args.heads,
         "vocab_size": 8192, "block_size": args.seq, "dropout": 0.1, "flash": True,
     }  # fmt: skip
     start = time.perf_counter()
+    which = "transformers' GPT2LMHeadModel, by layers" if args.hf else "GPT-2 (reference)"
     print(
-        f"GPT-2 (reference), hidden {args.hidden}, {args.heads} heads, vocabulary 8192, batch "
-        f"{args.batch} x seq {args.seq}, float32, dropout 0.1, flash attention; bytes autograd "
+        f"{which}, hidden {args.hidden}, {args.heads} heads, vocabulary 8192, batch "
+        f"{args.batch} x seq {args.seq}, float32, dropout 0.1, "
+        f"{'sdpa' if args.hf else 'flash'} attention; bytes autograd "
         "saves for backward on the largest rank, parameters excluded; per layer: the "
         f"difference between {args.layers} and {args.layers // 2} layers"
     )
@@ -84,7 +115,8 @@ def main() -> None:
         got = []
         for layers in (args.layers, args.layers // 2):
             c = {**cfg, "n_layer": layers}
-            got.append(max(run_on_gloo(_rank, tp, c, args.batch, args.seq, sp, timeout=600)))
+            got.append(max(run_on_gloo(_rank, tp, c, args.batch, args.seq, sp, args.hf,
+                                       timeout=600)))  # fmt: skip
         return got[0], (got[0] - got[1]) / (args.layers - args.layers // 2)
 
     base, base_layer = measure(1, False)
