@@ -18,7 +18,7 @@ from .block_state import TRACED_ON, BlockState, SerialAttributeError, cut_serial
 from .comm import Comm, ProcessGroupComm
 from .dcp_shards import shard_states
 from .errors import AutoTPError
-from .handover import hand_over, taken_over
+from .handover import HandedOver, hand_over, taken_over
 from .materialise import build_rank_module
 from .plan import Plan
 from .random import RankRandom
@@ -184,7 +184,7 @@ class BlockTP(nn.Module):
         def take(x: Any) -> Any:
             part = taken_over(x)
             if part is None:
-                return x
+                return x.whole() if isinstance(x, HandedOver) else x
             if not self._autotp_patterns.sequence:
                 return x.whole()
             parts.append(part)

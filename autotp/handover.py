@@ -47,6 +47,7 @@ class HandedOver(torch.Tensor):
     _autotp_comm: Comm | None
     _autotp_gather: GatherFromTP | None  # None: the part is the whole already (simulate)
     _autotp_whole: torch.Tensor | None
+    _autotp_changed: bool  # written in place since: the part is stale
 
     @staticmethod
     def __new__(
@@ -61,10 +62,16 @@ class HandedOver(torch.Tensor):
         out._autotp_comm = comm
         out._autotp_gather = GatherFromTP(comm) if comm is not None and comm.size > 1 else None
         out._autotp_whole = None
+        out._autotp_changed = False
         return out
 
     def whole(self) -> torch.Tensor:
-        """The serial tensor (gathered once)."""
+        """The serial tensor (gathered once; again where gradients are recorded now but
+        were not when it was gathered)."""
+        w = self._autotp_whole
+        if w is not None and torch.is_grad_enabled() and not self._autotp_changed:
+            if self._autotp_part.requires_grad and not w.requires_grad:
+                self._autotp_whole = None
         if self._autotp_whole is None:
             part, dim = self._autotp_part, self._autotp_dim
             if self._autotp_gather is None:  # simulate: the parts joined already
@@ -89,6 +96,11 @@ class HandedOver(torch.Tensor):
                 return func(*args, **kwargs)
         if func == BackwardHookFunction.apply and not kwargs:  # module hooks (a tool's):
             return _through_hooks(args)  # the hand-over kept, the hooks on its part
+        if _in_place(func, kwargs):  # the serial tensor changes: the next layer takes it
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, HandedOver) and not a._autotp_changed:
+                    a._autotp_whole = a.whole().clone()  # of its own (a gather is a view)
+                    a._autotp_changed = True
         whole = tree_map(lambda a: a.whole() if isinstance(a, HandedOver) else a, (args, kwargs))
         with DisableTorchFunctionSubclass():
             return func(*whole[0], **whole[1])
@@ -124,6 +136,17 @@ class _Wrap(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _in_place(func: Any, kwargs: dict) -> bool:
+    """Whether `func` may write into its tensor arguments (add_, +=, x[i] = ..., out=)."""
+    name = getattr(func, "__name__", "")
+    dunder = name.startswith("__")
+    return (
+        (name.endswith("_") and not dunder)
+        or name.startswith("__i")
+        or (name == "__setitem__" or "out" in kwargs)
+    )
+
+
 def _through_hooks(args: tuple) -> tuple:
     """BackwardHookFunction (the identity through which module backward hooks see the
     gradients of a module's inputs and outputs) over the parts of the HandedOvers among
@@ -146,5 +169,6 @@ def hand_over(part: torch.Tensor, dim: int, size: int, comm: Comm | None, tp: in
 
 
 def taken_over(x: Any) -> torch.Tensor | None:
-    """The part a HandedOver holds, for the next parallel layer; None for anything else."""
-    return x._autotp_part if isinstance(x, HandedOver) else None
+    """The part a HandedOver holds, for the next parallel layer; None for anything else,
+    or for one written since it was handed over (the next layer reads it whole)."""
+    return x._autotp_part if isinstance(x, HandedOver) and not x._autotp_changed else None

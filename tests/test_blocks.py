@@ -272,6 +272,29 @@ def test_sequence_parallel_between_layers_on_gloo_ranks() -> None:
         assert r["tokens"] == want.tolist()
 
 
+def _doubled(module, args, out) -> None:
+    out.mul_(2)  # a forward hook writing the layer's output in place
+
+
+def _written_on_rank(rank: int, world: int) -> float:
+    module = autotp.parallelize(_model("llama", 2), world, sequence_parallel=True)
+    module.model.layers[0].register_forward_hook(_doubled)
+    x = _batch(seq=8)
+    return module(**x, labels=x["input_ids"]).loss.item()
+
+
+def test_a_handed_over_hidden_state_written_in_place_is_read_whole_by_the_next_layer() -> None:
+    """A hook that doubles a layer's output in place writes the serial tensor (gathered,
+    a copy of its own), and the next layer reads that, not the stale part: the loss is
+    the serial model's with the same hook."""
+    model = _model("llama", 2)
+    model.model.layers[0].register_forward_hook(_doubled)
+    x = _batch(seq=8)
+    want = model(**x, labels=x["input_ids"]).loss.item()
+    for got in run_on_gloo(_written_on_rank, 2):
+        assert got == pytest.approx(want, rel=1e-9)
+
+
 def test_train_mode_set_after_parallelizing_turns_dropout_on() -> None:
     """Planned in eval mode (equal to serial); after .train() the layers drop out (two
     calls differ), as the serial model's would: the mode is part of a call's pattern."""
