@@ -7,7 +7,10 @@ A `HandedOver` is a tensor of the serial shape, dtype and device holding the ran
 is. Anything else the model's Python does with it (the final norm after the last layer, a
 hook, a sum of two layers' outputs) reads its metadata as the serial tensor's, or computes
 on the serial tensor, all-gathered then (once; its gradient keeps the rank's part, as the
-model's Python runs alike on every rank), so the model computes what it did serially.
+model's Python runs alike on every rank), so the model computes what it did serially. A
+write into it (in place) is a write into that serial tensor, which the next layer then
+reads whole; so does a layer under a full backward hook, whose identity Function reads
+its input.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Any
 import torch
 from torch._C import DisableTorchFunctionSubclass
 from torch.autograd.function import once_differentiable
-from torch.nn.modules._functions import BackwardHookFunction
 from torch.utils._pytree import tree_map
 
 from .collectives import GatherFromTP, _own_slice
@@ -91,11 +93,6 @@ class HandedOver(torch.Tensor):
         if func in _METADATA:
             with DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        if func == _Wrap.apply:  # made by hand_over (autograd's Function.apply)
-            with DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        if func == BackwardHookFunction.apply and not kwargs:  # module hooks (a tool's):
-            return _through_hooks(args)  # the hand-over kept, the hooks on its part
         if _in_place(func, kwargs):  # the serial tensor changes: the next layer takes it
             for a in (*args, *kwargs.values()):
                 if isinstance(a, HandedOver) and not a._autotp_changed:
@@ -145,21 +142,6 @@ def _in_place(func: Any, kwargs: dict) -> bool:
         or name.startswith("__i")
         or (name == "__setitem__" or "out" in kwargs)
     )
-
-
-def _through_hooks(args: tuple) -> tuple:
-    """BackwardHookFunction (the identity through which module backward hooks see the
-    gradients of a module's inputs and outputs) over the parts of the HandedOvers among
-    `args`, each handed over again: the hooks see the rank's part of the gradient."""
-    parts = [a._autotp_part if isinstance(a, HandedOver) else a for a in args]
-    with DisableTorchFunctionSubclass():
-        outs = BackwardHookFunction.apply(*parts)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    return tuple(
-        hand_over(o, a._autotp_dim, a.shape[a._autotp_dim], a._autotp_comm, a._autotp_tp)
-        if isinstance(a, HandedOver) else o
-        for a, o in zip(args, outs, strict=True)
-    )  # fmt: skip
 
 
 def hand_over(part: torch.Tensor, dim: int, size: int, comm: Comm | None, tp: int) -> HandedOver:
