@@ -182,10 +182,10 @@ class BlockTP(nn.Module):
         parts: list[torch.Tensor] = []
 
         def take(x: Any) -> Any:
+            if not isinstance(x, HandedOver):
+                return x
             part = taken_over(x)
-            if part is None:
-                return x.whole() if isinstance(x, HandedOver) else x
-            if not self._autotp_patterns.sequence:
+            if part is None or not self._autotp_patterns.sequence:
                 return x.whole()
             parts.append(part)
             return part

@@ -212,7 +212,7 @@ class _ReduceScatterSP(torch.autograd.Function):
 class _FMany(torch.autograd.Function):
     @staticmethod
     def forward(ctx, comm: Comm, groups: tuple[int, ...], *xs: torch.Tensor):  # type: ignore[override]
-        ctx.comm, ctx.groups = comm, groups
+        ctx.comm, ctx.groups = comm, groups or (1,) * len(xs)
         ctx.set_materialize_grads(False)  # a parameter used under no_grad gets none
         return tuple(x.view_as(x) for x in xs)
 
@@ -220,8 +220,7 @@ class _FMany(torch.autograd.Function):
     @once_differentiable  # a collective: a second derivative would need its own
     def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
         # the same on every rank: the graph's
-        got = [(g, k) for g, k in zip(grads, ctx.groups or [1] * len(grads), strict=True)
-               if g is not None]  # fmt: skip
+        got = [(g, k) for g, k in zip(grads, ctx.groups, strict=True) if g is not None]
         if not got:
             return (None, None, *grads)
         comm = ctx.comm

@@ -46,7 +46,6 @@ class HandedOver(torch.Tensor):
     _autotp_part: torch.Tensor  # this rank's part (simulate: the whole, its parts joined)
     _autotp_dim: int
     _autotp_tp: int
-    _autotp_comm: Comm | None
     _autotp_gather: GatherFromTP | None  # None: the part is the whole already (simulate)
     _autotp_whole: torch.Tensor | None
     _autotp_changed: bool  # written in place since: the part is stale
@@ -61,7 +60,6 @@ class HandedOver(torch.Tensor):
             cls, shape, dtype=part.dtype, device=part.device, requires_grad=part.requires_grad
         )
         out._autotp_part, out._autotp_dim, out._autotp_tp = part, dim, tp
-        out._autotp_comm = comm
         out._autotp_gather = GatherFromTP(comm) if comm is not None and comm.size > 1 else None
         out._autotp_whole = None
         out._autotp_changed = False
@@ -133,15 +131,19 @@ class _Wrap(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+_WRITING_DUNDERS = frozenset(
+    f"__i{op}__" for op in (
+        "add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "lshift",
+        "rshift", "and", "or", "xor",
+    )
+) | {"__setitem__"}  # fmt: skip
+
+
 def _in_place(func: Any, kwargs: dict) -> bool:
     """Whether `func` may write into its tensor arguments (add_, +=, x[i] = ..., out=)."""
     name = getattr(func, "__name__", "")
-    dunder = name.startswith("__")
-    return (
-        (name.endswith("_") and not dunder)
-        or name.startswith("__i")
-        or (name == "__setitem__" or "out" in kwargs)
-    )
+    method = name.endswith("_") and not name.startswith("__")
+    return method or name in _WRITING_DUNDERS or "out" in kwargs
 
 
 def hand_over(part: torch.Tensor, dim: int, size: int, comm: Comm | None, tp: int) -> HandedOver:

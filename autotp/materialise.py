@@ -103,11 +103,7 @@ def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor
         shape = list(t.shape)
         shape[spec.dim] = spec.padded - t.shape[spec.dim]
         t = torch.cat([t, t.new_zeros(shape)], dim=spec.dim)
-    at, of = spec.slot(rank, tp)
-    parts = [
-        t.narrow(spec.dim, start + at * (length // of), length // of)
-        for start, length in spec.pieces(t.shape[spec.dim])
-    ]
+    parts = [t.narrow(spec.dim, lo, hi - lo) for lo, hi in spec.ranges(t.shape[spec.dim], rank, tp)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 

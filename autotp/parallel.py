@@ -51,7 +51,7 @@ def plan(
     `autotp.plan.plan` for the options). Print it to read it; pass it to `parallelize`
     or `simulate` in place of tp."""
     check_tp(tp)
-    if _blocks(model, tp, form, vocab, sequence_parallel):
+    if _blocks(model, tp, form, vocab):
         return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict,
                             sequence_parallel)  # fmt: skip
     return _whole_graph(model, tp, example_inputs, rules, vocab, frontend, strict,
@@ -182,7 +182,7 @@ def parallelize(
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast_object_list(box, src=src, group=group)
         seed = box[0]
-    if _blocks(model, given, form, vocab, sequence_parallel, frontend):
+    if _blocks(model, given, form, vocab, frontend):
         regions = _the_regions(model, given, example_inputs, rules, strict, sequence_parallel)
         if isinstance(comm, ProcessGroupComm) and tp > 1:
             # each rank planned on its own; the model's Python runs whole on every rank,
@@ -249,7 +249,7 @@ def simulate(
     concatenated and trimmed. `form`, `weights` and `sequence_parallel` as in
     `parallelize`."""
     source = _weights(model, weights)
-    if _blocks(model, tp, form, vocab, sequence_parallel, frontend):
+    if _blocks(model, tp, form, vocab, frontend):
         regions = _the_regions(model, tp, example_inputs, rules, strict, sequence_parallel)
         seed = torch.initial_seed() % 2**62
         comms = [SimulatedComm(regions.tp, r) for r in range(regions.tp)]  # type: ignore[arg-type]
@@ -278,7 +278,7 @@ def simulate(
 
 def _blocks(
     model: nn.Module, tp: int | Plan | RegionPlan, form: str, vocab: VocabOptions | None,
-    sequence: bool, frontend: str = "auto",
+    frontend: str = "auto",
 ) -> bool:  # fmt: skip
     """Whether to parallelize `model` block by block (see `parallelize`'s `form`): always
     from a RegionPlan, which refuses the whole graph's options."""

@@ -154,10 +154,10 @@ class RegionPlan:
         out = []
         if self.sequence_parallel:
             out.append(
-                "sequence parallel: each layer hands its hidden state to the next split "
-                "along the sequence, through the model's own Python (which passes it on; "
-                "where it reads it, an all-gather); the first layer's input arrives whole, "
-                "each later one is planned at its first call"
+                "sequence parallel: each layer (and the input embedding) hands its hidden "
+                "state to the next split along the sequence, through the model's own "
+                "Python (which passes it on; where it reads it, an all-gather); a layer's "
+                "pattern with its input handed over is planned at its first call"
             )
         if self.vocab.note:
             out.append(f"vocabulary: {self.vocab.note}")

@@ -206,16 +206,16 @@ class _GlobalRNG:
             torch.cuda.set_rng_state_all(state[1])
 
 
-def _split_outputs(node: fx.Node) -> list[tuple[Shard, int] | None]:
+def _split_outputs(node: fx.Node) -> list[tuple[Shard, int | None] | None]:
     """For each output leaf: (split, serial size) if it is returned split, else None."""
     leaves = tree_flatten(node.args[0])[0]
-    out: list[tuple[Shard, int] | None] = []
+    out: list[tuple[Shard, int | None] | None] = []
     for leaf in leaves:
         out.append(record(leaf).split_output if isinstance(leaf, fx.Node) else None)
     return out
 
 
-def _combine(outs: list[Any], splits: list[tuple[Shard, int] | None]) -> Any:
+def _combine(outs: list[Any], splits: list[tuple[Shard, int | None] | None]) -> Any:
     flat = [tree_flatten(o) for o in outs]
     leaves0, spec = flat[0]
     merged = []

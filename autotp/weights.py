@@ -105,9 +105,8 @@ class Weights:
         if spec is None:
             d, ranges = 0, [(0, shape[0])] if shape else []
         else:
-            (d, size), (at, of) = (spec.dim, shape[spec.dim]), spec.slot(rank, tp)
-            ranges = [(start + at * (length // of), start + (at + 1) * (length // of))
-                      for start, length in spec.pieces(spec.padded or size)]  # fmt: skip
+            d, size = spec.dim, shape[spec.dim]
+            ranges = spec.ranges(spec.padded or size, rank, tp)
         if d == 0 and len(ranges) == 1 and ranges[0][1] <= shape[0]:  # one run of rows
             rows = self._rows(name, *ranges[0], dtype)
             if rows is not None:

@@ -65,10 +65,8 @@ def _getattr(c: Ctx, call: Call) -> Placement:
 
 def _shape_of(c: Ctx, x: fx.Node) -> Placement:
     px = c.p(x)
-    if not isinstance(px, Shard):
-        return tuple(R for _ in range(ndim(x)))
-    local = LocalInt(padded=px.padded is not None, replicas=px.replicas)
-    return tuple(local if px.dim == i else R for i in range(ndim(x)))
+    return tuple(_local_int(px) if isinstance(px, Shard) and px.dim == i else R
+                 for i in range(ndim(x)))  # fmt: skip
 
 
 def _section(c: Ctx, call: Call, px: Shard) -> Placement:

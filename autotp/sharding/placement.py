@@ -54,9 +54,12 @@ class Shard:
         """Into how many parts the dimension is cut over `tp` ranks."""
         return tp // self.replicas
 
-    def slot(self, rank: int, tp: int) -> tuple[int, int]:
-        """(which slice rank `rank` holds, of how many)."""
-        return rank // self.replicas, tp // self.replicas
+    def ranges(self, size: int, rank: int, tp: int) -> list[tuple[int, int]]:
+        """[start, stop) of rank `rank`'s part of each block of a serial dimension of
+        `size` (padded first, where `padded`): its slice of tp / replicas."""
+        at, of = rank // self.replicas, self.slices(tp)
+        return [(start + at * (length // of), start + (at + 1) * (length // of))
+                for start, length in self.pieces(size)]  # fmt: skip
 
     def pieces(self, size: int) -> list[tuple[int, int]]:
         """(start, length) of each block of a serial dimension of `size`."""
