@@ -74,12 +74,17 @@ def load_outside(
     for name, t in every:
         if not name.startswith(skip):
             names.setdefault(id(t), []).append(name)
+    unsaved = {  # non-persistent buffers: in no saved file, so not looked for
+        f"{path}.{leaf}" if path else leaf
+        for path, mod in copied.named_modules()
+        for leaf in mod._non_persistent_buffers_set
+    }
     done: dict[int, torch.Tensor] = {}
     for name, t in every:
         if name.startswith(skip):
             continue
         if id(t) not in done:
-            found = weights.find(names[id(t)])
+            found = None if name in unsaved else weights.find(names[id(t)])
             if found is None:
                 if t.is_meta:
                     raise weights.missing(name)

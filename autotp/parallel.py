@@ -177,17 +177,12 @@ def parallelize(
             "autotp.plan, which works on the meta device, for planning"
         )
     seed = torch.initial_seed() % 2**62
-    if isinstance(comm, ProcessGroupComm):  # one seed for the group: shared streams agree
-        box = [seed]
-        src = dist.get_global_rank(group, 0) if group is not None else 0
-        dist.broadcast_object_list(box, src=src, group=group)
-        seed = box[0]
     if _blocks(model, given, form, vocab, frontend):
         regions = _the_regions(model, given, example_inputs, rules, strict, sequence_parallel)
-        if isinstance(comm, ProcessGroupComm) and tp > 1:
+        if isinstance(comm, ProcessGroupComm):
             # each rank planned on its own; the model's Python runs whole on every rank,
             # with the random state of each
-            _check_same_plan(regions.fingerprint, group)
+            seed = _check_same_plan(regions.fingerprint, seed, group)
         module = build_regions(model, regions, [comm], seed, source)
         if isinstance(comm, ProcessGroupComm) and tp > 1:
             same_random_state(group)
@@ -195,7 +190,7 @@ def parallelize(
         return module
     p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     if isinstance(comm, ProcessGroupComm):
-        _check_same_plan(p.fingerprint, group)
+        seed = _check_same_plan(p.fingerprint, seed, group)
     module = build_rank_module(
         model, p.traced.gm, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed,
         weights=source,
@@ -213,13 +208,16 @@ def _weights(model: nn.Module, path: str | os.PathLike | Weights | None) -> Weig
         return path
     prefix = getattr(model, "base_model_prefix", "")
     prefix = prefix if isinstance(prefix, str) else ""
-    return Weights(path, prefix=prefix, conversions=Conversions.of(model))
+    return Weights(path, prefix=prefix, conversions=lambda: Conversions.of(model))
 
 
-def _check_same_plan(fingerprint: str, group: dist.ProcessGroup | None) -> None:
-    """Every rank planned on its own: refuse unless all planned the same."""
-    prints: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(prints, fingerprint, group=group)
+def _check_same_plan(fingerprint: str, seed: int, group: dist.ProcessGroup | None) -> int:
+    """Every rank planned on its own: refuse unless all planned the same. Returns rank
+    0's seed, the one seed of the group (shared random streams agree); one exchange
+    gives both."""
+    both: list[tuple[str, int] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(both, (fingerprint, seed), group=group)
+    prints = [b[0] if b is not None else None for b in both]
     differ = [r for r, f in enumerate(prints) if f != prints[0]]
     if differ:
         raise AutoTPError(
@@ -228,6 +226,9 @@ def _check_same_plan(fingerprint: str, group: dist.ProcessGroup | None) -> None:
             "parallelize with the same model structure, example input shapes and options "
             "(build the model the same way on every rank, e.g. after torch.manual_seed)"
         )
+    first = both[0]
+    assert first is not None
+    return first[1]
 
 
 def simulate(

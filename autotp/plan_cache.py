@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import enum
 import functools
+import gc
 import hashlib
 import inspect
 import io
@@ -304,13 +305,27 @@ def load(key: str | None, rules: tuple[Rule, ...]) -> Any:
     except OSError:
         return None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_collection():
             warnings.simplefilter("ignore")  # pytree's notes on how specs were pickled
             plan = _Reader(io.BytesIO(data), rules).load()
     except Exception:  # noqa: BLE001 - a file of another torch: plan again, store anew
         return None
     remember(key, plan)
     return plan
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """The garbage collector paused: every object a plan's read makes is kept, so a
+    collection it would set off (a full one, over everything a process with torch and
+    transformers holds, a fifth of a second) finds nothing to free."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def store(key: str | None, plan: Any) -> None:
@@ -499,9 +514,10 @@ class _Reader(pickle.Unpickler):
             return packet if pid[2] is None else getattr(packet, pid[2])
         if kind == "hop":
             return getattr(torch.ops.higher_order, pid[1])
-        _, shape, dtype, device, grad = pid  # a fake tensor
-        with self.fake:
-            t = torch.empty(shape, dtype=dtype, device=device)
+        _, shape, dtype, device, grad = pid  # a fake tensor, made directly: a fake mode's
+        # own factory call costs five times as much, and a plan holds hundreds
+        meta = torch.empty(shape, dtype=dtype, device="meta")
+        t = FakeTensor(self.fake, meta, torch.device(device))
         return t.requires_grad_(grad) if grad else t
 
 

@@ -35,6 +35,7 @@ import inspect
 import linecache
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,11 +58,37 @@ _AUTOTP_DIR = os.path.dirname(__file__)
 
 
 class _Tracer(fx.Tracer):
+    """fx's tracer, recording for each node the user's source line that made it (the
+    innermost frame outside torch, all `errors.source_line` reads). fx's own
+    `record_stack_traces` captures and formats the whole stack for every node, which is
+    most of the cost of tracing a large model."""
+
     proxy_buffer_attributes = True
 
-    def __init__(self) -> None:
+    def __init__(self, source_lines: bool = True) -> None:
         super().__init__()
-        self.record_stack_traces = True
+        self.source_lines = source_lines
+
+    def create_proxy(self, *args: Any, **kwargs: Any) -> fx.Proxy:
+        proxy = super().create_proxy(*args, **kwargs)
+        if self.source_lines and not proxy.node.stack_trace:
+            proxy.node.stack_trace = _innermost_user_frame()
+        return proxy
+
+
+def _innermost_user_frame() -> str | None:
+    """The innermost calling frame outside torch and this module, formatted as a
+    traceback entry."""
+    frame = sys._getframe(2)
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    file, line = frame.f_code.co_filename, frame.f_lineno
+    code = linecache.getline(file, line).strip()
+    return f'  File "{file}", line {line}, in {frame.f_code.co_name}\n    {code}\n'
 
 
 def set_grad(mode: bool) -> bool:
@@ -470,8 +497,7 @@ def _fx_graph(
         and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         and p.default is not inspect.Parameter.empty
     }
-    tracer = _Tracer()
-    tracer.record_stack_traces = stack_traces  # source lines for errors; costly to record
+    tracer = _Tracer(source_lines=stack_traces)
     try:
         with _keep_what_fx_drops(tracer):
             graph = tracer.trace(model, concrete_args=concrete or None)

@@ -17,6 +17,7 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,16 +35,21 @@ class Weights:
     """The tensors of a safetensors file or folder, by name, read slice by slice."""
 
     def __init__(
-        self, path: str | os.PathLike, prefix: str = "", conversions: Conversions | None = None
+        self,
+        path: str | os.PathLike,
+        prefix: str = "",
+        conversions: Conversions | Callable[[], Conversions | None] | None = None,
     ) -> None:
         """`prefix`: the model's base-model prefix (transformers' `base_model_prefix`,
         e.g. "bert"): a task model reads a base model's file and the other way round, as
         `from_pretrained` does. `conversions`: the model's checkpoint key conversion
-        (tensors stored under other names, or in parts)."""
+        (tensors stored under other names, or in parts), or a function making it, called
+        only when a name is not in the file as it is (transformers builds its mapping by
+        compiling hundreds of patterns: a file saved by the same version never needs it)."""
         from safetensors import safe_open
 
         self.prefix = prefix
-        self.conversions = conversions
+        self._conversions = conversions
         self._converted: dict[str, Source] = {}
 
         path = Path(path)
@@ -161,6 +167,13 @@ class Weights:
                 return key
         return None
 
+    @property
+    def conversions(self) -> Conversions | None:
+        """The model's key conversion, made at the first name that needs it."""
+        if callable(self._conversions):
+            self._conversions = self._conversions()
+        return self._conversions
+
     def missing(self, name: str) -> AutoTPError:
         """The error for a tensor on the meta device that these weights do not hold."""
         return AutoTPError(
@@ -259,10 +272,12 @@ def fill_buffers(model: torch.nn.Module, weights: Weights) -> None:
     `model`: call it on a model of your own (a copy, or one built for this)."""
     init = getattr(model, "_init_weights", None)
     for name, b in model.named_buffers():
-        if not b.is_meta or name in weights:
+        if not b.is_meta:
             continue
         owner, _, leaf = name.rpartition(".")
         mod = model.get_submodule(owner)
+        if leaf not in mod._non_persistent_buffers_set and name in weights:
+            continue  # a non-persistent buffer is in no saved file: not looked for
         if init is None:
             raise AutoTPError(
                 f"buffer {name} is not in {weights.path} and the model on the meta device "
