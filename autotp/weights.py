@@ -120,6 +120,11 @@ class Weights:
         if spec is None:
             out = sl[:] if shape else sl[()]
             return _owned(out, dtype)
+        if all(hi <= size for _, hi in ranges):  # columns of the mapped rows: one copy
+            whole = self._rows(name, 0, shape[0], dtype)
+            if whole is not None:
+                cut = [whole.narrow(d, lo, hi - lo) for lo, hi in ranges]
+                return torch.cat(cut, dim=d) if len(cut) > 1 else cut[0].clone()
         parts = []
         for lo, hi in ranges:
             index = (slice(None),) * d + (slice(min(lo, size), min(hi, size)),)
