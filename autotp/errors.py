@@ -6,8 +6,10 @@ path, the line of the user's source that produced the node, the rule involved, a
 
 from __future__ import annotations
 
+import linecache
 import os
 import re
+import traceback
 
 import torch
 import torch.fx as fx
@@ -22,6 +24,7 @@ __all__ = [
 ]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_AUTOTP_DIR = os.path.dirname(__file__)
 
 
 class AutoTPError(Exception):
@@ -98,6 +101,17 @@ def source_line(node: fx.Node) -> str:
     where, code = user[-1]
     m = re.match(r"(.*), line (\d+), in (.*)$", where)
     return f"{m.group(1)}:{m.group(2)}: {code}" if m else f"{where}: {code}"
+
+
+def user_frame(exc: BaseException) -> str:
+    """'file:line: code' of the innermost frame of `exc` outside torch and autotp, if any."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        fn = os.path.abspath(fr.filename)
+        if not fn.startswith(_TORCH_DIR) and not fn.startswith(_AUTOTP_DIR):
+            code = (fr.line or linecache.getline(fr.filename, fr.lineno or 0)).strip()
+            return f"{fr.filename}:{fr.lineno}: {code}"
+    return "<unknown>"
 
 
 def describe_node(node: fx.Node) -> str:

@@ -31,12 +31,13 @@ models built on the meta device trace the same way.
 from __future__ import annotations
 
 import contextlib
+import dis
+import functools
 import inspect
 import linecache
-import logging
 import os
 import sys
-import traceback
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import AutoTPError, ExampleInputsError, describe_node
+from .annotate import annotate
+from .errors import AutoTPError, user_frame
 from .exported import _GUARDS, _SHAPES, SizeGuards, _input_shapes
 from .plan_cache import keeping_guard_source
 from .tools import tools_aside
@@ -69,14 +71,45 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.source_lines = source_lines
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
     def create_proxy(self, *args: Any, **kwargs: Any) -> fx.Proxy:
         proxy = super().create_proxy(*args, **kwargs)
         if self.source_lines and not proxy.node.stack_trace:
-            proxy.node.stack_trace = _innermost_user_frame()
+            proxy.node.stack_trace = _source_frame()
         return proxy
 
 
-def _innermost_user_frame() -> str | None:
+class _Proxy(fx.Proxy):
+    """fx's Proxy, deciding `a, b = proxy` (an unpacking) from the calling code's
+    instructions read once per code object: fx disassembles the whole function at every
+    unpacking, a tenth of tracing a model of many layers."""
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        frame = sys._getframe(1)
+        n = _unpacked(frame.f_code).get(frame.f_lasti)
+        if n is not None:
+            return (self[i] for i in range(n))  # type: ignore[index]
+        return self.tracer.iter(self)
+
+
+@functools.lru_cache(maxsize=1024)
+def _unpacked(code: types.CodeType) -> dict[int, int]:
+    """Offset -> length of each UNPACK_SEQUENCE in `code`, at the offset a frame stopped
+    at when it called `__iter__` (the instruction's own, or one between it and the
+    instruction before, as fx's own test takes the first instruction at or after it)."""
+    out: dict[int, int] = {}
+    previous = -1
+    for inst in dis.get_instructions(code):
+        if inst.opname == "UNPACK_SEQUENCE":
+            for offset in range(previous + 1, inst.offset + 1):
+                out[offset] = inst.argval
+        previous = inst.offset
+    return out
+
+
+def _source_frame() -> str | None:
     """The innermost calling frame outside torch and this module, formatted as a
     traceback entry."""
     frame = sys._getframe(2)
@@ -228,17 +261,6 @@ def bind_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
-def _user_frame(exc: BaseException) -> str:
-    """'file:line: code' of the innermost frame outside torch and autotp, if any."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for fr in reversed(frames):
-        fn = os.path.abspath(fr.filename)
-        if not fn.startswith(_TORCH_DIR) and not fn.startswith(_AUTOTP_DIR):
-            code = (fr.line or linecache.getline(fr.filename, fr.lineno or 0)).strip()
-            return f"{fr.filename}:{fr.lineno}: {code}"
-    return "<unknown>"
-
-
 def _from_config(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """Token ids for a model with a Hugging Face style config (vocab_size), 2 x 8; an
     encoder-decoder's decoder is given the same ids."""
@@ -295,7 +317,7 @@ def _trace(
             frontend = "export"
     frontend = "fx" if frontend == "auto" else frontend
     dependent = _mode_dependence(model, inputs, frontend, gm)
-    _annotate(gm, inputs)
+    annotate(gm, inputs)
     return Traced(gm, inputs, frontend, dependent)
 
 
@@ -435,7 +457,7 @@ def _export(
     except Exception as e:  # noqa: BLE001 - becomes an actionable error
         raise AutoTPError(
             f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            f"\n  source: {_user_frame(e)}\n  hint:   the model must be exportable with "
+            f"\n  source: {user_frame(e)}\n  hint:   the model must be exportable with "
             "torch.export(strict=False) for the given example inputs (no data-dependent "
             "Python control flow; a cache or other non-tensor output turned off, e.g. "
             "use_cache=False)"
@@ -502,7 +524,7 @@ def _fx_graph(
         with _keep_what_fx_drops(tracer):
             graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001 - any tracing failure becomes an actionable error
-        where = _user_frame(e)
+        where = user_frame(e)
         if isinstance(e, AutoTPError):
             raise AutoTPError(f"{e}\n  source: {where}") from e
         data_dependent = isinstance(e, fx.proxy.TraceError) or "Proxy" in str(e)
@@ -519,55 +541,3 @@ def _fx_graph(
             f"  source: {where}\n  hint:   {hint}"
         ) from e
     return tracer, graph
-
-
-class _FakeRunner(fx.Interpreter):
-    """Runs a graph on fake tensors and stores each node's result in `node.meta['val']`."""
-
-    current: fx.Node | None = None
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.current = n
-        result = super().run_node(n)
-        n.meta["val"] = result
-        return result
-
-
-def _annotate(gm: fx.GraphModule, inputs: dict[str, Any]) -> None:
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    # Placeholders follow forward's parameters in order; those fixed by concrete_args keep
-    # their default value (fx guards them with an `_assert_is_none`).
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    args = [fake.get(n.target, n.args[0] if n.args else None) for n in placeholders]
-    runner = _FakeRunner(gm)
-    # a failing op is told by the error below, with the node and the user's line; fake
-    # tensors would also log it, with torch's own traceback, on stderr
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:
-        with mode:
-            runner.run(*args)
-    except Exception as e:  # noqa: BLE001
-        first = str(e).split("\n\nWhile executing")[0].strip().splitlines()
-        what = (
-            f"running the traced {gm.__class__.__name__} on the example inputs failed: "
-            f"{type(e).__name__}: {first[0] if first else ''}"
-        )
-        shapes = ", ".join(
-            f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
-            for k, v in inputs.items()
-            if isinstance(v, torch.Tensor)
-        )
-        hint = (
-            f"check that the example inputs ({shapes}) are what forward expects: a "
-            "sequence within the model's positions, the dtypes it reads"
-        )
-        node = runner.current
-        where = describe_node(node) if node is not None else f"  source: {_user_frame(e)}"
-        raise ExampleInputsError(
-            f"{what}\n{where}\n  hint:   {hint}", what=what, hint=hint, node=node
-        ) from e
-    finally:
-        quiet.setLevel(level)
