@@ -174,6 +174,7 @@ def _shared_kv_on_rank(rank: int, world: int) -> dict:
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # CommDebugMode's hooks
 @pytest.mark.filterwarnings("ignore:For backward hooks to be called")
+@pytest.mark.slow
 def test_fewer_key_value_heads_than_ranks_on_gloo_ranks() -> None:
     """2 key/value heads on 4 real ranks: each rank computes the key/value head its query
     heads read, ranks 0-1 and 2-3 hold one each, and sum their gradients of it in one
@@ -202,6 +203,7 @@ def test_fewer_key_value_heads_than_ranks_on_gloo_ranks() -> None:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+@pytest.mark.slow
 def test_sequence_parallel_hands_the_split_sequence_over_between_layers(name) -> None:
     """form="blocks", sequence_parallel=True: each layer returns its hidden state split
     along the sequence (a HandedOver of the serial shape, holding the rank's part), the
@@ -402,6 +404,7 @@ def _encoder_decoder(name: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
+@pytest.mark.slow
 def test_an_encoder_decoder_with_its_default_cache_equals_serial(name: str) -> None:
     """Planned from nothing but the model (its decoder is given ids too); called as users
     train it (labels, the default EncoderDecoderCache) and generating greedily and with
@@ -437,6 +440,7 @@ def _encoder_decoder_on_rank(rank: int, world: int) -> tuple:
     return out.sequences.tolist(), model.generate(ids, **kw).tolist(), tuple(keys.shape)
 
 
+@pytest.mark.slow
 def test_an_encoder_decoder_generates_on_gloo_ranks() -> None:
     for got, want, keys in run_on_gloo(_encoder_decoder_on_rank, 2):
         assert got == want and len(set(got[0])) > 1  # the serial tokens, not one repeated

@@ -56,6 +56,7 @@ def two_ranks() -> list[dict]:
     return run_on_gloo(_on_rank, 2)
 
 
+@pytest.mark.slow
 def test_rank_module_compiles_whole_on_two_gloo_ranks(two_ranks: list[dict]) -> None:
     """fullgraph=True: dynamo traces every collective, forward and backward, without a
     break; the compiled module's numbers are eager's exactly, and it records the same

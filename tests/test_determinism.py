@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import autotp
@@ -47,6 +48,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_plans_are_identical_whatever_the_hash_seed() -> None:
     results = []
     for seed in ("0", "12345"):

@@ -2,6 +2,7 @@
 simulated tensor-parallel model equals the serial one in float64: outputs, loss, every
 gradient and the weights after one optimiser step, to 1e-10."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 
@@ -11,6 +12,7 @@ from autotp.testing import TPCase, assert_equivalent, tp_cases
 ATOL = 1e-10
 
 
+@pytest.mark.slow
 @settings(max_examples=40)
 @given(case=tp_cases())
 def test_simulated_tp_equals_serial(case: TPCase) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 from test_train import BASE, _largest, _run, serial_training
 from torch.distributed.tensor import DTensor
 
@@ -21,6 +22,7 @@ def _close(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.slow
 def test_fsdp_trains_as_serial_and_its_checkpoints_resume_anywhere(tmp_path: Path) -> None:
     """tp 2 x dp 2 under FSDP (accum 2, clipped) equals serial training, loss by loss and
     weight by weight; its checkpoint resumes there (with sequence parallelism on), at tp 2

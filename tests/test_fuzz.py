@@ -37,6 +37,7 @@ FUZZ = settings(
 
 @FUZZ
 @given(case=model_cases())
+@pytest.mark.slow
 def test_autotp_refuses_or_equals_serial(case) -> None:
     verdict = check_case(case)
     assert verdict.ok, f"{verdict}\n\nreproducer:\n{case.reproducer()}"

@@ -138,6 +138,7 @@ def test_a_transformers_model_continues_from_its_cache() -> None:
     assert lengths[0] == len(prompt) and lengths[1:55] == [1] * 54  # until the crop
 
 
+@pytest.mark.slow
 def test_generate_of_a_transformers_run_uses_the_cache(tmp_path: Path, capfd) -> None:
     """A run of a transformers model (trained at tp=2 with sequence parallelism, in the
     region form) generates through the plan autotp.plan gives it, with the cache:

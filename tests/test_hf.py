@@ -173,6 +173,7 @@ def _more(name: str) -> torch.nn.Module:
      ("phi3", ["attention_sliced_qkv", "swiglu_fused"], 7),
      ("mixtral", ["attention_separate_qkv", "swiglu_fused"], 7)],
 )  # fmt: skip
+@pytest.mark.slow
 def test_more_architectures_split_and_equal_serial(name: str, blocks: list, g: int) -> None:
     """g counts 2 per layer where a dropout reads a biased partial output (GPT-J, NeoX),
     1 per layer for Cohere's parallel block; plus the embedding and the loss's two.

@@ -197,8 +197,8 @@ def test_a_plain_mlp_is_not_taken_for_a_fused_one() -> None:
     assert "swiglu_fused" not in names and "mlp" in names
 
 
-def test_a_users_own_rule_as_in_the_readme() -> None:
-    """The README's worked example: a structure no shipped rule matches stays replicated;
+def test_a_users_own_rule_as_in_the_docs() -> None:
+    """docs/rules.md's worked example: a structure no shipped rule matches stays replicated;
     the user's rule splits it, propagation proves it (the mask is cut per rank), and the
     result equals serial."""
     from autotp.rule import Rule, column, pattern, row

@@ -281,6 +281,7 @@ def tiny():
 """
 
 
+@pytest.mark.slow
 def test_a_tied_transformers_factory_run_exports_evaluates_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -375,6 +376,7 @@ def _autotp(*argv: str, **kw) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_worker_error_is_one_panel_and_ctrl_c_exits_130(tmp_path: Path) -> None:
     small = ["--batch", "4", "--seq", "32", "--eval-batches", "1", "--no-progress"]
     # a NaN loss, found in the workers: the launcher shows their message once, exit 2

@@ -209,6 +209,7 @@ def _block_sp_on_rank(rank: int, world: int) -> tuple[float, float]:
     return loss.item(), norm.item()
 
 
+@pytest.mark.slow
 def test_the_block_form_hands_the_split_sequence_from_layer_to_layer() -> None:
     """form="blocks" with sequence_parallel=True (a transformers model keeps its own
     Python, its keywords and generate()): each layer hands its hidden state to the next

@@ -49,6 +49,7 @@ def _x(b: int, t: int, seed: int = 0) -> torch.Tensor:
     calls=st.lists(st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([1, 3, 4])),
                    min_size=1, max_size=3),
 )  # fmt: skip
+@pytest.mark.slow
 def test_calls_at_other_sizes_are_right_or_refused(tp, weights, plan_b, plan_t, calls) -> None:
     torch.manual_seed(0)
     model = FoldedAttention(weights=weights).double()

@@ -137,6 +137,7 @@ def test_a_rank_of_8_3b_holds_one_eighth_of_the_split_weights() -> None:
     assert all(t.is_meta for t in rank.parameters())
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_reshards(tmp_path: Path) -> None:
     cfg = dataclasses.replace(BASE, tp=2, steps=6, dtype="float64")
     whole = run_on_gloo(_run, 2, cfg)[0]
@@ -163,6 +164,7 @@ def test_a_killed_save_never_replaces_the_last_good(tmp_path: Path) -> None:
     assert len(resumed[0]["losses"]) == 1  # continued from step 2
 
 
+@pytest.mark.slow
 def test_export_loads_into_the_unmodified_model(tmp_path: Path) -> None:
     cfg = dataclasses.replace(BASE, tp=2, steps=2)
     out = run_on_gloo(_run, 2, cfg, str(tmp_path / "ck"), False, (2,))[0]
@@ -208,6 +210,7 @@ def _one_thread(rank: int, world: int, cfg: TrainConfig) -> dict:
     return _run(rank, world, cfg)
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_rank_restarts_and_resumes(tmp_path: Path) -> None:
     """torchrun restarts the group after a rank dies; training resumes from the last
     checkpoint and ends with the parameters of an uninterrupted run."""
@@ -320,6 +323,7 @@ def _factory(path: Path, name: str, seed: int) -> torch.nn.Module:
     return getattr(mod, name)()
 
 
+@pytest.mark.slow
 def test_a_transformers_model_trains_in_the_region_form_equal_to_serial(tmp_path: Path) -> None:
     """`autotp train --model <a transformers model>` builds what `autotp.parallelize` gives a
     library user: its layers, embedding and head as parallel regions, the model's own
@@ -338,6 +342,7 @@ def test_a_transformers_model_trains_in_the_region_form_equal_to_serial(tmp_path
         assert _largest(r["final"], want) <= 1e-10
 
 
+@pytest.mark.slow
 def test_a_region_form_run_resumes_exactly_with_its_dropout(tmp_path: Path) -> None:
     """A transformers GPT-2 (dropout 0.1 inside its layers and between them, tied head) at
     tp=2: stopped after 2 steps and resumed, its losses and weights are the uninterrupted

@@ -151,6 +151,7 @@ def _hf_on_rank(rank: int, world: int, folder: str, sp: bool) -> dict:
 
 
 @pytest.mark.parametrize(("world", "sp"), [(2, False), (4, True)], ids=["tp2", "tp4-sp"])
+@pytest.mark.slow
 def test_a_transformers_users_loop_on_gloo_equals_serial(tmp_path, world, sp) -> None:
     """Norms, evaluation losses and weights equal serial's on every rank; the export
     from_pretrained reads is the serial model; the resumed run ends where the
