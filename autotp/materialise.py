@@ -22,16 +22,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from .collective_kinds import site_modules
 from .collectives import (
     Comm,
-    CopyManyToTP,
-    CopyToTP,
-    GatherFromSP,
-    GatherFromTP,
-    ReduceFromTP,
-    ReduceMaxTP,
-    ReduceScatterToSP,
-    ScatterToSP,
     keep_parts,
 )
 from .comm import ProcessGroupComm
@@ -42,14 +35,7 @@ from .random import RankRandom, StreamDropout
 from .sharding import Shard
 from .sites import (
     DROPOUT_MODULES,
-    F_MODULE,
-    F_PARAMS_MODULE,
-    G_MODULE,
-    GATHER_MODULE,
-    MAX_MODULE,
     RANK_BUFFER,
-    REDUCE_SCATTER_MODULE,
-    SCATTER_MODULE,
     SP_GATHER_MODULE,
     record,
     site_kind,
@@ -310,16 +296,7 @@ def build_rank_module(
         return made[key]
 
     random = random or RankRandom(seed, rank)
-    sites: dict[str, Callable[[], nn.Module]] = {
-        F_MODULE: lambda: CopyToTP(comm),
-        G_MODULE: lambda: ReduceFromTP(comm),
-        MAX_MODULE: lambda: ReduceMaxTP(comm),
-        GATHER_MODULE: lambda: GatherFromTP(comm),
-        REDUCE_SCATTER_MODULE: lambda: ReduceScatterToSP(comm),
-        SP_GATHER_MODULE: lambda: GatherFromSP(comm),
-        SCATTER_MODULE: lambda: ScatterToSP(comm),
-        F_PARAMS_MODULE: lambda: CopyManyToTP(comm),
-    }
+    sites: dict[str, Callable[[], nn.Module]] = site_modules(comm)
     for stream, name in DROPOUT_MODULES.items():
         sites[name] = lambda s=stream: StreamDropout(random, s)
     root: dict[str, object] = {RANK_BUFFER: torch.tensor(rank, device=device)}

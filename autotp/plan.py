@@ -98,10 +98,11 @@ class Plan:
         parallelism reduce_scatter (in g's place), sp_gather (in f's place),
         sequence_gather (a sequence read whole) and scatter (a replicated term cut to the
         rank's part of the sequence), where the plan has them."""
+        from .collective_kinds import ALWAYS, NAMES
+
         kinds = [record(n).collective for n in self.graph.nodes]
-        sequence = ("reduce_scatter", "sp_gather", "sequence_gather", "scatter")
-        counts = {k: kinds.count(k) for k in ("f", "g", "max", "gather", *sequence)}
-        return {k: v for k, v in counts.items() if v or k not in sequence}
+        counts = {k: kinds.count(k) for k in NAMES}
+        return {k: v for k, v in counts.items() if v or k in ALWAYS}
 
     def __rich__(self) -> Any:
         from .render import plan_summary

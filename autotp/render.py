@@ -22,6 +22,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from . import report
+from .collective_kinds import RUN_TEXT
 from .errors import AutoTPError
 from .report import KIND_STYLE
 from .sites import NodeRecord, record, site_kind
@@ -52,17 +53,6 @@ def _legend() -> Text:
     return t
 
 
-_COLL_TEXT = {
-    ("all_reduce", "forward"): "g: all-reduce forward",
-    ("all_reduce", "backward"): "f: all-reduce backward",
-    ("all_reduce_max", "forward"): "all-reduce max forward",
-    ("all_gather", "forward"): "all-gather forward",
-    ("all_gather", "backward"): "all-gather backward",
-    ("reduce_scatter", "forward"): "reduce-scatter forward",
-    ("reduce_scatter", "backward"): "reduce-scatter backward",
-}
-
-
 def module_tree(plan: Any) -> Tree:
     """Modules as a tree: each parameter coloured by placement with serial -> local shape,
     each matched block labelled with its rule, each collective at the module it follows.
@@ -78,7 +68,7 @@ def module_tree(plan: Any) -> Tree:
         shown.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     colls: dict[str, list[str]] = defaultdict(list)
     for c in report.communication(plan):
-        text = _COLL_TEXT[(c.kind, c.direction)]
+        text = RUN_TEXT[(c.kind, c.direction)]
         where = "" if c.module == "<root>" else c.module
         at = where
         while at not in shown:  # a module without parameters: mark it at its parent
@@ -202,7 +192,7 @@ def comm_table(plan: Any) -> Table:
     for c in rows:
         groups[(c.kind, c.direction, c.rule, c.elements)].append(c)
     for (kind, direction, rule, elements), cs in groups.items():
-        label = Text(_COLL_TEXT[(kind, direction)], style=KIND_STYLE["collective"])
+        label = Text(RUN_TEXT[(kind, direction)], style=KIND_STYLE["collective"])
         nbytes = _mib(sum(c.bytes for c in cs))
         t.add_row(label, rule or "-", str(len(cs)), f"{elements:,}", nbytes)
     ring = sum(c.ring_bytes(plan.tp) for c in rows)

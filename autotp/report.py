@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from . import ops
+from .collective_kinds import RUNS
 from .errors import module_path
 from .rule import Column, Row, Vocab
 from .sharding import Shard
@@ -149,32 +150,12 @@ def communication(plan: Any) -> list[CommRow]:
         tensors = [v for v in vals if isinstance(v, torch.Tensor)]
         numel = sum(v.numel() for v in tensors)
         dtype = tensors[0].dtype if tensors else torch.float32
-        for kind, direction, part in _RUNS[what]:
+        for kind, direction, part in ((r.op, r.direction, r.part) for r in RUNS[what]):
             # an all-gather sends the rank's part; a reduce-scatter its whole summand
             elements = numel // plan.tp if part else numel
             rows.append(CommRow(n.name, kind, direction, module_path(n), info.rule or "",
                                 elements, dtype))  # fmt: skip
     return rows
-
-
-# what each collective call site runs: (kind, direction, sends only the rank's part)
-_RUNS: dict[str, tuple[tuple[str, str, bool], ...]] = {
-    "f": (("all_reduce", "backward", False),),
-    "g": (("all_reduce", "forward", False),),
-    "max": (("all_reduce_max", "forward", False),),
-    "gather": (("all_gather", "forward", True),),
-    # sequence parallelism
-    "reduce_scatter": (("reduce_scatter", "forward", False), ("all_gather", "backward", True)),
-    # (and gathered again in backward, autograd keeping the rank's part: not under
-    # torch.compile or the caller's own saved-tensor hooks)
-    "sp_gather": (
-        ("all_gather", "forward", True),
-        ("all_gather", "backward", True),
-        ("reduce_scatter", "backward", False),
-    ),
-    "sequence_gather": (("all_gather", "forward", True),),
-    "scatter": (("all_gather", "backward", True),),
-}
 
 
 def unmatched_reasons(plan: Any) -> list[tuple[str, str]]:

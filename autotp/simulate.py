@@ -20,42 +20,21 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .collective_kinds import F_PARAMS, KINDS
 from .collectives import (
     keep_parts,
-    simulated_copy_many,
-    simulated_f,
-    simulated_g,
-    simulated_gather,
-    simulated_gather_from_sp,
-    simulated_max,
-    simulated_reduce_scatter_to_sp,
-    simulated_scatter_to_sp,
 )
 from .materialise import check_mode, cut
 from .sharding import Shard
 from .sites import (
-    F_MODULE,
-    F_PARAMS_MODULE,
-    G_MODULE,
-    GATHER_MODULE,
-    MAX_MODULE,
-    REDUCE_SCATTER_MODULE,
-    SCATTER_MODULE,
     SP_GATHER_MODULE,
     record,
     site_kind,
 )
 from .trace import restore_grad, set_grad
 
-_SIMULATED = {
-    F_MODULE: simulated_f,
-    G_MODULE: simulated_g,
-    MAX_MODULE: simulated_max,
-    GATHER_MODULE: simulated_gather,
-    REDUCE_SCATTER_MODULE: simulated_reduce_scatter_to_sp,
-    SP_GATHER_MODULE: simulated_gather_from_sp,
-    SCATTER_MODULE: simulated_scatter_to_sp,
-}
+# every kind but the parameters' f, whose call carries its groups (its own step below)
+_SIMULATED = {k.module: k.simulated for k in KINDS if k is not F_PARAMS}
 
 __all__ = ["SimulatedTP", "plain_containers"]
 
@@ -132,8 +111,8 @@ class SimulatedTP(nn.Module):
                         env[node] = cut(value, shard, r, len(ranks))
                     else:
                         env[node] = value if r == 0 else tree_map(_own_copy, value)
-            elif node.op == "call_module" and site_kind(node.target) == F_PARAMS_MODULE:
-                ys = simulated_copy_many([tuple(env[a] for a in node.args) for env in envs],
+            elif node.op == "call_module" and site_kind(node.target) == F_PARAMS.module:
+                ys = F_PARAMS.simulated([tuple(env[a] for a in node.args) for env in envs],
                                          node.kwargs.get("groups", ()))  # fmt: skip
                 for env, y in zip(envs, ys, strict=True):
                     env[node] = y

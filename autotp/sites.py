@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from . import collective_kinds as kinds
 from . import ops
 from .sharding import Shard
 
@@ -24,21 +25,18 @@ __all__ = [
     "COLLECTIVE_MODULES", "after_mutations",
 ]  # fmt: skip
 
-F_MODULE = "tp_f"  # identity forward, all-reduce backward
-G_MODULE = "tp_g"  # all-reduce forward, identity backward
-MAX_MODULE = "tp_max"  # all-reduce max (the vocab-parallel loss's row max)
-GATHER_MODULE = "tp_gather"  # all-gather of a split output
-# sequence parallelism (Megatron-LM's conjugate pair and its two companions)
-REDUCE_SCATTER_MODULE = "tp_reduce_scatter"  # g's place: reduce-scatter, all-gather back
-SP_GATHER_MODULE = "tp_sp_gather"  # f's place: all-gather, reduce-scatter back
-SCATTER_MODULE = "tp_scatter"  # a replicated term joins a sequence split: slice, all-gather back
-F_PARAMS_MODULE = "tp_f_params"  # f of every parameter read by split compute, at once
+# the collective sites' modules, each kind declared in collective_kinds
+F_MODULE = kinds.F.module
+G_MODULE = kinds.G.module
+MAX_MODULE = kinds.MAX.module
+GATHER_MODULE = kinds.GATHER.module
+REDUCE_SCATTER_MODULE = kinds.REDUCE_SCATTER.module
+SP_GATHER_MODULE = kinds.SP_GATHER.module
+SCATTER_MODULE = kinds.SCATTER.module
+F_PARAMS_MODULE = kinds.F_PARAMS.module
 DROPOUT_MODULES = {"shared": "tp_dropout_shared", "rank": "tp_dropout_rank"}
 RANK_BUFFER = "tp_rank"  # a 0-dim tensor holding the rank: the only per-rank constant
-COLLECTIVE_MODULES = (
-    F_MODULE, G_MODULE, MAX_MODULE, GATHER_MODULE, REDUCE_SCATTER_MODULE, SP_GATHER_MODULE,
-    SCATTER_MODULE, F_PARAMS_MODULE,
-)  # fmt: skip
+COLLECTIVE_MODULES = tuple(k.module for k in kinds.KINDS)
 
 
 @dataclass(slots=True)
@@ -48,7 +46,7 @@ class NodeRecord:
 
     rule: str | None = None  # the rule (or "propagation", "output") behind the change
     placement: str | None = None  # the value's placement, as text ("R", "S(2)", "P")
-    collective: str | None = None  # "f", "g", "max" or "gather" for a collective site
+    collective: str | None = None  # a collective site's name (collective_kinds: names)
     why: str | None = None  # one line: why this node is here
     split: str | None = None  # a split layer's split ("column", "row", "vocab", ...)
     weight: str | None = None  # a split layer's weight

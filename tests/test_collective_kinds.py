@@ -1,0 +1,34 @@
+"""Each kind of collective site is declared once (autotp.collective_kinds); every place
+that builds, simulates, counts or shows sites handles every kind it declares."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch.nn as nn
+
+from autotp import collective_kinds as kinds
+from autotp import report, sites
+from autotp.comm import LocalComm
+
+simulate = importlib.import_module("autotp.simulate")  # autotp.simulate is also a function
+
+
+def test_every_consumer_handles_every_declared_kind() -> None:
+    made = kinds.site_modules(LocalComm())
+    assert set(made) == {k.module for k in kinds.KINDS} == set(sites.COLLECTIVE_MODULES)
+    for k in kinds.KINDS:
+        assert isinstance(made[k.module](), nn.Module), k.module  # materialise builds it
+        assert k.module in simulate._SIMULATED or k is kinds.F_PARAMS  # simulate runs it
+        assert callable(k.simulated)
+        for name in k.names:  # counted by plans, sized by the report
+            assert name in kinds.NAMES and kinds.RUNS[name] == k.runs
+        for run in k.runs:  # named by the views
+            assert (run.op, run.direction) in kinds.RUN_TEXT
+    assert len(kinds.BY_MODULE) == len(kinds.KINDS)  # one declaration per module
+    assert report.RUNS is kinds.RUNS  # the report sizes what the table says
+
+
+def test_a_site_module_name_tells_its_kind() -> None:
+    for k in kinds.KINDS:
+        assert sites.site_kind(f"{k.module}.a_node") == k.module
