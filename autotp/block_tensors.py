@@ -68,12 +68,10 @@ def load_outside(
             "initialiser, as from_pretrained does: %s. Train the model before using it.",
             type(model).__name__, weights.path, fresh,
         )  # fmt: skip
-    names: dict[int, list[str]] = {}
     every = [*copied.named_parameters(remove_duplicate=False),
              *copied.named_buffers(remove_duplicate=False)]  # fmt: skip
-    for name, t in every:
-        if not name.startswith(skip):
-            names.setdefault(id(t), []).append(name)
+    names = {k: [n for n in v if not n.startswith(skip)]
+             for k, v in names_by_tensor(copied).items()}  # fmt: skip
     unsaved = {  # non-persistent buffers: in no saved file, so not looked for
         f"{path}.{leaf}" if path else leaf
         for path, mod in copied.named_modules()

@@ -25,6 +25,7 @@ from .rewrite import rewrite
 from .rule import Rule
 from .sharding import Propagation, Shard, VocabOptions, is_split, propagate
 from .sites import record
+from .tensor_names import names_by_tensor
 from .trace import Traced, trace
 
 __all__ = ["Plan", "plan", "model_signature", "check_signature"]
@@ -58,9 +59,7 @@ class Plan:
     def splits(self) -> dict[str, Shard]:
         """Parameter name -> split, for every split parameter (tied names included)."""
         out = dict(self.propagation.params)
-        by_id = {}
-        for name, p in self.traced.gm.named_parameters(remove_duplicate=False):
-            by_id.setdefault(id(p), []).append(name)
+        by_id = names_by_tensor(self.traced.gm, buffers=False)
         for name, spec in list(out.items()):
             p = self.traced.gm.get_parameter(name)
             for alias in by_id.get(id(p), []):
@@ -143,10 +142,7 @@ def model_signature(model: nn.Module) -> tuple:
     tensors = [*model.named_parameters(remove_duplicate=False),
                *model.named_buffers(remove_duplicate=False)]  # fmt: skip
     shapes = tuple(sorted((name, tuple(t.shape)) for name, t in tensors))
-    groups: dict[int, list[str]] = {}
-    for name, t in tensors:
-        groups.setdefault(id(t), []).append(name)
-    ties = tuple(sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1))
+    ties = tuple(sorted(tuple(sorted(g)) for g in names_by_tensor(model).values() if len(g) > 1))
     return shapes, ties
 
 

@@ -25,6 +25,7 @@ import torch
 from .errors import AutoTPError
 from .hf_keys import Conversions, Source
 from .sharding import Shard
+from .tensor_names import names_by_tensor
 
 __all__ = ["Weights", "fill_buffers", "init_missing"]
 
@@ -306,9 +307,7 @@ def init_missing(model: torch.nn.Module, weights: Weights, skip: tuple[str, ...]
     module by module. Parameters under `skip` are left. Returns the names initialised;
     without an initialiser, or where it leaves a value unset, refuses."""
     init = getattr(model, "_init_weights", None)
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
+    names = names_by_tensor(model, buffers=False)
     owners: dict[str, list[str]] = {}
     for name, p in model.named_parameters():
         if p.is_meta and not name.startswith(skip) and weights.find(names[id(p)]) is None:

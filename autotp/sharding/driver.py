@@ -27,6 +27,7 @@ from ..call import Call, canonical
 from ..errors import AutoTPError, node_error
 from ..match import EmbeddingInfo, LinearInfo
 from ..rule import Split
+from ..tensor_names import names_by_tensor
 from ..trace import restore_grad, set_grad
 from . import compute, layers, layout
 from .context import Ctx, param_names, replicated_like, val
@@ -306,9 +307,7 @@ def _apply_rule(c: Ctx, call: Call, rule: Callable) -> Placement:
 def _check_split_params_used_only_split(c: Ctx) -> None:
     """A split parameter must reach nothing but the ops that use its shard: any other use,
     under any of its names (tied weights), would read a shard as if it were whole."""
-    aliases: dict[int, list[str]] = {}
-    for name, p in c.gm.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
+    aliases = names_by_tensor(c.gm, buffers=False)
     readers: dict[str, list[fx.Node]] = {}  # parameter name -> nodes reading it
     for n in c.gm.graph.nodes:
         if n.op == "get_attr":
