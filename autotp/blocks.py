@@ -49,6 +49,7 @@ from .adapter import (
     drop_collectors,
     gathering_save,
     is_block_model,
+    is_cache,
     transformers_model,
     vocab_regions,
 )
@@ -139,6 +140,13 @@ class _Patterns:
         self.plans: dict[tuple, list[tuple[Plan, Shard | None]]] = {}
         self.seen: dict[tuple, tuple[Plan, Shard | None]] = {}  # exact sizes -> plan
         self.kv: Any = _UNKNOWN  # how the new keys are placed, once a cached call showed it
+
+    @property
+    def shown(self) -> Plan | None:
+        """The plan a prompt runs: the first planned with the hidden state handed over
+        (sequence parallelism), else the first."""
+        handed = next((made for key, made in self.plans.items() if key[-1]), None)
+        return handed[0][0] if handed else self.first
 
     def plan(
         self, twin: Callable[[], nn.Module], call: BlockCall, seqs: set[int], local: bool,
@@ -370,7 +378,7 @@ def plan_regions(
     stored = plan_cache.load(key, rules)
     if stored is not None:
         return stored
-    calls = _calls(model, runner, inputs, paths, vocab.regions, prefix)
+    calls, handed = _calls(model, runner, inputs, paths, vocab.regions, prefix)
     vocab = _called(vocab, calls, model)
     kinds = {**dict.fromkeys(vocab.embeddings, "embedding"), vocab.head: "head"}
     by_structure: dict[tuple, _Patterns] = {}
@@ -391,9 +399,14 @@ def plan_regions(
         )
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
         shapes = tensor_shapes(block)
+        made = lambda b=block, s=shapes, p=path: twin(b, type(b), s, p)  # noqa: E731
+        state = BlockState([block], path, block).key
         with torch.no_grad():
-            patterns.plan(lambda b=block, s=shapes, p=path: twin(b, type(b), s, p), call, seqs,
-                          local=False, state=BlockState([block], path, block).key)  # fmt: skip
+            patterns.plan(made, call, seqs, local=False, state=state)
+            if sequence and path not in kinds and handed.get(path):
+                # the pattern its calls take with the hidden state handed over, planned
+                # now so that the plan shows it (a one-token decode takes the first)
+                patterns.plan(made, call, seqs, local=False, state=state, handed=handed[path])
         regions.append(Region(path, kinds.get(path, "layer"), type(block), patterns, shapes,
                               _aliases(block)))  # fmt: skip
     for path in vocab.embeddings:  # planned like a called holder of one structure
@@ -497,21 +510,48 @@ def _carry_hooks(block: nn.Module, memo: dict[int, Any]) -> dict[str, Any]:
 def _calls(
     model: nn.Module, runner: nn.Module, inputs: dict[str, Any], layers: list[str],
     vocab: tuple[str, ...], prefix: str,
-) -> dict[str, tuple[tuple, dict]]:  # fmt: skip
+) -> tuple[dict[str, tuple[tuple, dict]], dict[str, tuple[str, ...]]]:  # fmt: skip
     """How the model calls each of its blocks (the layers at `layers`, the vocabulary's
-    at `vocab`), from one run of `runner` on `inputs`; captured tensors as zeros."""
+    at `vocab`), from one run of `runner` on `inputs`; captured tensors as zeros. And,
+    for each block, its call's inputs (by BlockCall name) that are a layer's or an input
+    embedding's first output as it returned it: what sequence parallelism hands over,
+    where the model's Python only passes it on."""
     calls: dict[str, tuple[tuple, dict]] = {}
-    hooks = [
-        model.get_submodule(p).register_forward_pre_hook(
-            lambda m, a, k, p=p: calls.setdefault(p, (a, k)), with_kwargs=True)
-        for p in [*layers, *vocab]
-    ]  # fmt: skip
+    handed: dict[str, tuple[str, ...]] = {}
+    returned: list[torch.Tensor] = []  # held, so that no id is reused meanwhile
+
+    def before(p: str, a: tuple, k: dict) -> None:
+        if p in calls:
+            return
+        calls[p] = (a, k)
+        leaves = tree_flatten(_without_cache(a, k))[0]
+        handed[p] = tuple(f"in{i}" for i, leaf in enumerate(leaves)
+                          if isinstance(leaf, torch.Tensor)
+                          and any(leaf is r for r in returned))  # fmt: skip
+
+    def after(out: Any) -> None:
+        first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
+        if first is not None:
+            returned.append(first)
+
+    hooks = []
+    for p in [*layers, *vocab]:
+        m = model.get_submodule(p)
+        hooks.append(m.register_forward_pre_hook(lambda m, a, k, p=p: before(p, a, k),
+                                                 with_kwargs=True))  # fmt: skip
+        hooks.append(m.register_forward_hook(lambda m, a, out: after(out)))
     try:
         _run_once(runner, inputs, [p.removeprefix(prefix) for p in layers])
     finally:
         for h in hooks:
             h.remove()
-    return {p: tree_map(_zeros_like_fake, c) for p, c in calls.items()}
+    return {p: tree_map(_zeros_like_fake, c) for p, c in calls.items()}, handed
+
+
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call's arguments with its cache left out, as `take_apart` names the rest."""
+    return (tuple(None if is_cache(a) else a for a in args),
+            {k: None if is_cache(v) else v for k, v in kwargs.items()})  # fmt: skip
 
 
 def _repoint(shell: nn.Module, memo: dict) -> None:

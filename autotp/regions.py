@@ -46,7 +46,7 @@ class Region:
 
     @property
     def plan(self) -> Plan:
-        return self.patterns.first
+        return self.patterns.shown
 
     @property
     def splits(self) -> dict[str, Shard]:
@@ -55,7 +55,7 @@ class Region:
         return with_every_name(named, self.aliases)
 
     def boundary(self) -> tuple[list[str], list[str]]:
-        """The placements of the region's inputs and outputs in its first plan: R
+        """The placements of the region's inputs and outputs in the plan a prompt runs: R
         (replicated: the same on every rank), or a split each rank holds its own part
         of (a layer's new keys and values, for its rank's cache). Split outputs the
         model's Python reads are gathered, and shown as R (gathered)."""
@@ -74,6 +74,12 @@ class Region:
                 and (i - len(leaves) not in prop.local_outputs)
             ):
                 outs.append("R (gathered)")
+            elif (
+                isinstance(places.get(n), Partial)
+                and n in prop.gathers
+                and (i - len(leaves) in prop.local_outputs)
+            ):  # handed over: reduce-scattered along the sequence
+                outs.append(f"{_shown(prop.gathers[n][0])} (reduce-scattered)")
             elif isinstance(places.get(n), Partial):  # summed (g) before it leaves
                 outs.append("R (summed)")
             else:
@@ -156,8 +162,8 @@ class RegionPlan:
             out.append(
                 "sequence parallel: each layer (and the input embedding) hands its hidden "
                 "state to the next split along the sequence, through the model's own "
-                "Python (which passes it on; where it reads it, an all-gather); a layer's "
-                "pattern with its input handed over is planned at its first call"
+                "Python (which passes it on; where it reads it, an all-gather); shown: each "
+                "layer's pattern with its input handed over, as a prompt runs it"
             )
         if self.vocab.note:
             out.append(f"vocabulary: {self.vocab.note}")

@@ -62,6 +62,34 @@ def test_the_printed_plan_is_the_plan_that_runs() -> None:
     assert [r["program"] for r in data["regions"]] == [0, 0, 1, 2]
 
 
+def test_with_sequence_parallelism_the_printed_plan_shows_the_handed_over_pattern() -> None:
+    """With sequence_parallel=True a prompt's layers take their input handed over split
+    along the sequence: the plan has that pattern before any call (printed, counted,
+    in the fingerprint), and a prompt then plans nothing new."""
+    model = _llama()  # with weights: planned from a run of it (on meta, from a trace)
+    plan = autotp.plan(model, 2, sequence_parallel=True)
+    layer, embedding = plan.regions[0], plan.regions[2]
+    ins, outs = layer.boundary()
+    assert (
+        ins[0]
+        == outs[0]
+        == str(
+            layer.plan.propagation.placements[
+                next(n for n in layer.plan.traced.gm.graph.nodes if n.op == "placeholder")
+            ]
+        )
+    )
+    assert ins[0].startswith("S(1") and embedding.boundary()[1][0].endswith("(reduce-scattered)")
+    assert plan.collectives()["reduce_scatter"] == 1 + 2 * 2  # Megatron's: embedding, 2 a layer
+    planned = {k: len(v) for k, v in layer.patterns.plans.items()}
+    sim = autotp.simulate(model, plan)
+    with torch.no_grad():
+        # the call planned: token ids alone (a mask or a cache is another pattern)
+        sim(input_ids=_batch()["input_ids"][:, :6], use_cache=False)
+    assert {k: len(v) for k, v in layer.patterns.plans.items()} == planned  # nothing new
+    assert "as a prompt runs it" in str(plan)
+
+
 def test_a_plan_for_another_model_is_refused() -> None:
     plan = autotp.plan(_llama(hidden=32, meta=True), 2)
     with pytest.raises(autotp.AutoTPError, match="this plan was made for"):
