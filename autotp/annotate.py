@@ -167,6 +167,8 @@ def _tensor_sig(t: torch.Tensor) -> tuple:
         device = t.device
     else:
         raise _NoKey  # a real tensor: an op may read its values (a mask)
+    if not all(type(s) is int for s in (*t.shape, *t.stride())):
+        raise _NoKey  # a symbolic size: its relations are the shape environment's
     return (tuple(t.shape), t.stride(), t.dtype, device, t.requires_grad)
 
 
