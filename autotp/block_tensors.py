@@ -13,7 +13,7 @@ from .errors import AutoTPError
 from .materialise import _fresh_module, as_like, gather_over, rank_shard, whole_over_dp
 from .sharding import Shard
 from .tensor_names import names_by_tensor
-from .weights import Weights, fill_buffers, init_missing
+from .weights import Weights, fill_buffers, init_missing, unsaved_buffers
 
 _log = logging.getLogger("autotp")
 
@@ -72,11 +72,7 @@ def load_outside(
              *copied.named_buffers(remove_duplicate=False)]  # fmt: skip
     names = {k: [n for n in v if not n.startswith(skip)]
              for k, v in names_by_tensor(copied).items()}  # fmt: skip
-    unsaved = {  # non-persistent buffers: in no saved file, so not looked for
-        f"{path}.{leaf}" if path else leaf
-        for path, mod in copied.named_modules()
-        for leaf in mod._non_persistent_buffers_set
-    }
+    unsaved = unsaved_buffers(copied)
     done: dict[int, torch.Tensor] = {}
     for name, t in every:
         if name.startswith(skip):

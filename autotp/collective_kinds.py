@@ -109,7 +109,6 @@ F_PARAMS = CollectiveKind(  # f of every parameter split compute reads, at once
 
 KINDS: tuple[CollectiveKind, ...] = (F, G, MAX, GATHER, REDUCE_SCATTER, SP_GATHER, SCATTER,
                                      F_PARAMS)  # fmt: skip
-BY_MODULE: dict[str, CollectiveKind] = {k.module: k for k in KINDS}
 # what a site recorded under a name runs (names shared by two kinds run alike)
 RUNS: dict[str, tuple[Run, ...]] = {n: k.runs for k in KINDS for n in k.names}
 # the names a plan counts, in order; those not in ALWAYS only where it has them
@@ -131,5 +130,5 @@ def site_modules(comm: Comm) -> dict[str, Callable[[], nn.Module]]:
     return {k.module: (lambda k=k: k.module_for(comm)) for k in KINDS}
 
 
-__all__ = ["BY_MODULE", "CollectiveKind", "KINDS", "NAMES", "RUNS", "RUN_TEXT", "Run",
+__all__ = ["CollectiveKind", "KINDS", "NAMES", "RUNS", "RUN_TEXT", "Run",
            "ALWAYS", "site_modules"]  # fmt: skip

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import ops
 from .adapter import collects as _collects
+from .collective_kinds import ALWAYS, NAMES
 from .errors import AutoTPError, module_path, source_line
 from .match import LinearInfo, Match, find_embeddings, find_linears, match
 from .rewrite import rewrite
@@ -97,8 +98,6 @@ class Plan:
         parallelism reduce_scatter (in g's place), sp_gather (in f's place),
         sequence_gather (a sequence read whole) and scatter (a replicated term cut to the
         rank's part of the sequence), where the plan has them."""
-        from .collective_kinds import ALWAYS, NAMES
-
         kinds = [record(n).collective for n in self.graph.nodes]
         counts = {k: kinds.count(k) for k in NAMES}
         return {k: v for k, v in counts.items() if v or k in ALWAYS}

@@ -220,7 +220,9 @@ def tp_cases(tps: tuple[int, ...] = (1, 2, 4, 8), families: tuple[str, ...] = ("
     return case()
 
 
-def _gloo_worker(fn: Callable[..., Any], rank: int, world: int, port: int, q: Any, args) -> None:
+def _gloo_worker(
+    fn: Callable[..., Any], rank: int, world: int, port: int, q: Any, args, torchrun: bool
+) -> None:  # fmt: skip
     import os
     import pickle
     import traceback
@@ -230,11 +232,17 @@ def _gloo_worker(fn: Callable[..., Any], rank: int, world: int, port: int, q: An
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
+        if torchrun:  # the rank joins the group itself, from torchrun's environment
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                              LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                              LOCAL_WORLD_SIZE=str(world))  # fmt: skip
+        else:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+            )
         result = pickle.dumps(fn(rank, world, *args))  # plain bytes: tensors copied, not shared
-        dist.barrier()  # every rank done before any tears the group down
+        if dist.is_initialized():
+            dist.barrier()  # every rank done before any tears the group down
         q.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         q.put((rank, False, traceback.format_exc()))
@@ -243,10 +251,15 @@ def _gloo_worker(fn: Callable[..., Any], rank: int, world: int, port: int, q: An
             dist.destroy_process_group()
 
 
-def run_on_gloo(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120) -> list:
+def run_on_gloo(
+    fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120, torchrun: bool = False
+) -> list:  # fmt: skip
     """Run `fn(rank, world, *args)` on `world` forked processes joined in a gloo process
     group on 127.0.0.1; return each rank's result, or raise with the failing rank's
-    traceback. `fn` and its results must be picklable or defined before the fork."""
+    traceback. `fn` and its results must be picklable or defined before the fork.
+    `torchrun=True`: no group is made; each rank gets torchrun's environment (MASTER_ADDR,
+    MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE) and `fn` joins one itself, as a script
+    under `torchrun` does (`init_process_group("gloo")`)."""
     import multiprocessing as mp
     import pickle
     import queue
@@ -258,7 +271,9 @@ def run_on_gloo(fn: Callable[..., Any], world: int, *args: Any, timeout: float =
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     procs = [
-        ctx.Process(target=_gloo_worker, args=(fn, r, world, port, q, args), daemon=True)
+        ctx.Process(
+            target=_gloo_worker, args=(fn, r, world, port, q, args, torchrun), daemon=True
+        )  # fmt: skip
         for r in range(world)
     ]
     for p in procs:

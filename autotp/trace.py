@@ -35,7 +35,6 @@ import dis
 import functools
 import inspect
 import linecache
-import os
 import sys
 import types
 from collections.abc import Iterator
@@ -48,15 +47,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .annotate import annotate
-from .errors import AutoTPError, user_frame
+from .errors import _TORCH_DIR, AutoTPError, user_frame
 from .exported import _GUARDS, _SHAPES, SizeGuards, _input_shapes
 from .plan_cache import keeping_guard_source
 from .tools import tools_aside
 
 __all__ = ["Traced", "trace", "bind_inputs"]
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_AUTOTP_DIR = os.path.dirname(__file__)
 
 
 class _Tracer(fx.Tracer):

@@ -27,7 +27,7 @@ from .hf_keys import Conversions, Source
 from .sharding import Shard
 from .tensor_names import names_by_tensor
 
-__all__ = ["Weights", "fill_buffers", "init_missing"]
+__all__ = ["Weights", "fill_buffers", "init_missing", "unsaved_buffers"]
 
 _INDEX = "model.safetensors.index.json"
 
@@ -277,13 +277,12 @@ def fill_buffers(model: torch.nn.Module, weights: Weights) -> None:
     model's own initialiser (transformers' `_init_weights(module)`), on the CPU. Modifies
     `model`: call it on a model of your own (a copy, or one built for this)."""
     init = getattr(model, "_init_weights", None)
+    unsaved = unsaved_buffers(model)
     for name, b in model.named_buffers():
-        if not b.is_meta:
+        if not b.is_meta or (name not in unsaved and name in weights):
             continue
         owner, _, leaf = name.rpartition(".")
         mod = model.get_submodule(owner)
-        if leaf not in mod._non_persistent_buffers_set and name in weights:
-            continue  # a non-persistent buffer is in no saved file: not looked for
         if init is None:
             raise AutoTPError(
                 f"buffer {name} is not in {weights.path} and the model on the meta device "
@@ -298,6 +297,16 @@ def fill_buffers(model: torch.nn.Module, weights: Weights) -> None:
                 f"({type(model).__name__}._init_weights) does not compute it\n  hint:   build "
                 "the model with real buffers (only its parameters on the meta device)"
             )
+
+
+def unsaved_buffers(model: torch.nn.Module) -> set[str]:
+    """The names of `model`'s non-persistent buffers: in no saved file, so never looked
+    for in one."""
+    return {
+        f"{path}.{leaf}" if path else leaf
+        for path, mod in model.named_modules(remove_duplicate=False)
+        for leaf in mod._non_persistent_buffers_set
+    }
 
 
 def init_missing(model: torch.nn.Module, weights: Weights, skip: tuple[str, ...]) -> list[str]:

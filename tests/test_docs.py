@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import multiprocessing as mp
-import os
 import re
 import shlex
-import socket
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from autotp.testing import run_on_gloo
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -92,46 +90,14 @@ def test_every_python_block_of_a_page_runs(
 
 
 def _on_ranks(block: Block, namespace: dict[str, Any], world: int) -> None:
-    """`block` on `world` forked processes with torchrun's environment (the page's
-    namespace so far inherited), each rank's failure reported with its traceback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
-    errors = ctx.Queue()
-    procs = [
-        ctx.Process(target=_rank, args=(block, namespace, r, world, port, errors))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    failed = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not failed and codes == [0] * world, f"{block.where}: {codes}\n" + "\n".join(failed)
+    """`block` on `world` forked gloo processes with torchrun's environment, each from
+    the page's namespace so far."""
 
-
-def _rank(
-    block: Block, namespace: dict[str, Any], rank: int, world: int, port: int, errors: Any
-) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo",
-    )  # fmt: skip
-    import torch
-
-    torch.set_num_threads(1)  # a forked process keeps one thread of its parent's pool
-    try:
+    def rank(r: int, w: int) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             exec(compile(block.code, block.where, "exec"), dict(namespace))  # noqa: S102
-    except BaseException:  # noqa: BLE001 - reported to the test, which fails
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        os._exit(1)
-    os._exit(0)
+
+    run_on_gloo(rank, world, torchrun=True)
 
 
 def _commands(block: Block) -> list[list[str]]:
