@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch._C import DisableTorchFunctionSubclass
 
 from .sharding import Shard
+from .sharding.placement import cut
 
 __all__ = ["ShardState", "as_shard_state", "shard_states"]
 
@@ -131,8 +132,6 @@ def as_shard_state(
 
 
 def _cut_positions(positions: torch.Tensor, spec: Shard, rank: int, tp: int) -> torch.Tensor:
-    from .materialise import cut
-
     return cut(positions, spec, rank, tp)
 
 

@@ -6,10 +6,13 @@ the sizes named."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from .errors import ExampleInputsError
 
@@ -98,3 +101,36 @@ def accepts(gm: fx.GraphModule, inputs: dict[str, Any]) -> bool:
         except Exception:  # noqa: BLE001 - a guard that fails: another graph is needed
             return False
     return True
+
+
+def guards_from_source(code: list[str], paths: list[Any]) -> nn.Module:
+    """torch.export's guard module made again from its code (how a stored plan holds it)."""
+    from torch.export._unlift import _convert_guards_code_to_fn
+
+    return _tagged(_convert_guards_code_to_fn(code, paths), code, paths)
+
+
+def _tagged(fn: nn.Module, code: list[str], paths: list[Any]) -> nn.Module:
+    fn._autotp_source = (list(code), list(paths))
+    return fn
+
+
+@contextlib.contextmanager
+def keeping_guard_source() -> Iterator[None]:
+    """Within it, torch.export's guard modules keep the code they were made from, which
+    stores them (they are functions compiled at run time, which pickle cannot hold)."""
+    import torch.export._unlift as unlift
+
+    made = getattr(unlift, "_convert_guards_code_to_fn", None)
+    if made is None:  # another torch: guard modules are not stored, nor plans holding them
+        yield
+        return
+
+    def keeping(code: list[str], paths: list[Any]) -> nn.Module:
+        return _tagged(made(code, paths), code, paths)
+
+    unlift._convert_guards_code_to_fn = keeping
+    try:
+        yield
+    finally:
+        unlift._convert_guards_code_to_fn = made

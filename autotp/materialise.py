@@ -33,6 +33,7 @@ from .errors import AutoTPError, node_error
 from .grads import count_norms
 from .random import RankRandom, StreamDropout
 from .sharding import Shard
+from .sharding.placement import cut
 from .sites import (
     DROPOUT_MODULES,
     RANK_BUFFER,
@@ -78,19 +79,6 @@ def check_mode(gm: nn.Module) -> None:
         "or model.eval() before autotp.parallelize / autotp.simulate, and build one parallel "
         "module per mode (they can share nothing but the serial weights)"
     )
-
-
-def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor:
-    """Rank `rank`'s shard of the serial tensor `t` (a view where possible); a padded
-    dimension is first extended with zeros to `spec.padded`."""
-    if spec is None:
-        return t
-    if spec.padded is not None and spec.padded != t.shape[spec.dim]:
-        shape = list(t.shape)
-        shape[spec.dim] = spec.padded - t.shape[spec.dim]
-        t = torch.cat([t, t.new_zeros(shape)], dim=spec.dim)
-    parts = [t.narrow(spec.dim, lo, hi - lo) for lo, hi in spec.ranges(t.shape[spec.dim], rank, tp)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 
 def rank_shard(

@@ -46,10 +46,11 @@ import torch.fx as fx
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from .exported import guards_from_source
 from .rule import Rule
 from .tensor_names import names_by_tensor
 
-__all__ = ["directory", "program_key", "load", "store", "grew", "keeping_guard_source"]
+__all__ = ["directory", "program_key", "load", "store", "grew"]
 
 FORMAT = 1  # of the files: a new one misses every older file
 
@@ -413,7 +414,7 @@ class _Writer(pickle.Pickler):
         if isinstance(obj, torch.Tensor) and id(obj) in self.twins:  # once, however named
             return (_unfilled, (_spec(obj),))
         if type(obj).__name__ == "GuardsFn" and hasattr(obj, "_autotp_source"):
-            return (_guards_fn, obj._autotp_source)
+            return (guards_from_source, obj._autotp_source)
         return NotImplemented
 
 
@@ -464,38 +465,6 @@ def _fill_graph(graph: fx.Graph, state: dict) -> None:
     graph._find_nodes_lookup_table = _FindNodesLookupTable()
     for n in graph.nodes:
         graph._find_nodes_lookup_table.insert(n)
-
-
-def _guards_fn(code: list[str], paths: list[Any]) -> nn.Module:
-    from torch.export._unlift import _convert_guards_code_to_fn
-
-    return _tagged(_convert_guards_code_to_fn(code, paths), code, paths)
-
-
-def _tagged(fn: nn.Module, code: list[str], paths: list[Any]) -> nn.Module:
-    fn._autotp_source = (list(code), list(paths))
-    return fn
-
-
-@contextlib.contextmanager
-def keeping_guard_source() -> Iterator[None]:
-    """Within it, torch.export's guard modules keep the code they were made from, which
-    stores them (they are functions compiled at run time, which pickle cannot hold)."""
-    import torch.export._unlift as unlift
-
-    made = getattr(unlift, "_convert_guards_code_to_fn", None)
-    if made is None:  # another torch: guard modules are not stored, nor plans holding them
-        yield
-        return
-
-    def keeping(code: list[str], paths: list[Any]) -> nn.Module:
-        return _tagged(made(code, paths), code, paths)
-
-    unlift._convert_guards_code_to_fn = keeping
-    try:
-        yield
-    finally:
-        unlift._convert_guards_code_to_fn = made
 
 
 class _Reader(pickle.Unpickler):

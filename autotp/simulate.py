@@ -24,8 +24,9 @@ from .collective_kinds import F_PARAMS, KINDS
 from .collectives import (
     keep_parts,
 )
-from .materialise import check_mode, cut
+from .materialise import check_mode
 from .sharding import Shard
+from .sharding.placement import cut
 from .sites import (
     SP_GATHER_MODULE,
     record,

@@ -48,8 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .annotate import annotate
 from .errors import _TORCH_DIR, AutoTPError, user_frame
-from .exported import _GUARDS, _SHAPES, SizeGuards, _input_shapes
-from .plan_cache import keeping_guard_source
+from .exported import _GUARDS, _SHAPES, SizeGuards, _input_shapes, keeping_guard_source
 from .tools import tools_aside
 
 __all__ = ["Traced", "trace", "bind_inputs"]

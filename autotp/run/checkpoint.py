@@ -45,8 +45,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import CheckpointError, UsageError
-from ..materialise import cut, gather
+from ..materialise import gather
 from ..sharding import Shard
+from ..sharding.placement import cut
 from .safe_dcp import SafeReader, problem
 
 __all__ = [

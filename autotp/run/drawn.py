@@ -36,8 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import AutoTPError
-from ..materialise import cut
 from ..sharding import Shard
+from ..sharding.placement import cut
 
 __all__ = ["Drawn", "LARGE", "draw"]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from ..match import LinearInfo
@@ -235,3 +236,16 @@ def is_split(p: Placement) -> bool:
     if isinstance(p, (Shard, Partial, LocalInt)):
         return True
     return isinstance(p, tuple) and any(is_split(x) for x in p)
+
+
+def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s shard of the serial tensor `t` (a view where possible); a padded
+    dimension is first extended with zeros to `spec.padded`."""
+    if spec is None:
+        return t
+    if spec.padded is not None and spec.padded != t.shape[spec.dim]:
+        shape = list(t.shape)
+        shape[spec.dim] = spec.padded - t.shape[spec.dim]
+        t = torch.cat([t, t.new_zeros(shape)], dim=spec.dim)
+    parts = [t.narrow(spec.dim, lo, hi - lo) for lo, hi in spec.ranges(t.shape[spec.dim], rank, tp)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
