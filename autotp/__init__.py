@@ -4,15 +4,16 @@
     module = autotp.parallelize(model, tp=8)    # this rank's module (torch.distributed)
     sim = autotp.simulate(model, tp=8)          # all ranks in one process, for checking
 
-The pipeline, one module per stage: trace -> match -> sharding (propagation) -> rewrite ->
-materialise; collectives holds f and g; render draws plans in the terminal.
+The pipeline, one package per stage: capture -> match -> sharding -> rewrite -> build;
+runtime holds f and g, show draws plans in the terminal, regions plans and builds a model
+that keeps its own Python by regions (docs/architecture.md).
 """
 
-from .comm import count_collectives
-from .errors import AutoTPError
+from .common.errors import AutoTPError
 from .parallel import full_grads, full_state_dict, parallelize, plan, simulate
-from .plan import Plan
-from .regions import RegionPlan
+from .planning.plan import Plan
+from .planning.region_plan import RegionPlan
+from .runtime.comm import count_collectives
 from .sharding import VocabOptions
 
 __all__ = [

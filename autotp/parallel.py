@@ -12,21 +12,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .adapter import is_block_model
-from .agree import check_first_call, same_random_state
-from .block_tensors import full_tensors
-from .blocks import build_regions, plan_regions
-from .comm import LocalComm, ProcessGroupComm, SimulatedComm
-from .errors import AutoTPError
-from .hf_keys import Conversions
-from .materialise import RankInfo, build_rank_module, gather_over
-from .plan import Plan, check_tp, rules_or_default
-from .plan import plan as graph_plan
-from .regions import RegionPlan
-from .rule import Rule
+from .build.materialise import RankInfo, build_rank_module, gather_over
+from .build.simulate import SimulatedTP
+from .build.weights import Weights
+from .common.errors import AutoTPError
+from .integrations.hf import is_block_model
+from .integrations.hf_keys import Conversions
+from .match.rule import Rule
+from .planning.plan import Plan, check_tp, rules_or_default
+from .planning.plan import plan as graph_plan
+from .planning.region_plan import RegionPlan
+from .regions.form import build_regions, plan_regions
+from .regions.tensors import full_tensors
+from .runtime.agree import check_first_call, same_random_state
+from .runtime.comm import LocalComm, ProcessGroupComm, SimulatedComm
 from .sharding import VocabOptions
-from .simulate import SimulatedTP
-from .weights import Weights
 
 __all__ = ["plan", "parallelize", "simulate", "full_state_dict", "full_grads"]
 

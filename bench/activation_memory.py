@@ -50,7 +50,7 @@ def _model(cfg: dict, hf: bool) -> torch.nn.Module:
 
 def _rank(rank: int, world: int, cfg: dict, batch: int, seq: int, sp: bool, hf: bool) -> int:
     import autotp
-    import autotp.collectives as C
+    import autotp.runtime.collectives as C
 
     torch.manual_seed(0)
     model = _model(cfg, hf)

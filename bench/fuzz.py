@@ -1,4 +1,4 @@
-"""Run the structural fuzzer for a while: random models from autotp.fuzz's grammar, each
+"""Run the structural fuzzer for a while: random models from autotp.testing.fuzz's grammar, each
 simulated and compared with serial in float64; verdict counts per feature, and a shrunk
 reproducer for every distinct failure.
 
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from autotp.fuzz import ModelCase, Verdict, check_case, random_case, shrink  # noqa: E402
+from autotp.testing.fuzz import ModelCase, Verdict, check_case, random_case, shrink  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ the time of its first calls (a prompt of 32 tokens into an empty cache, then one
 token), which include any planning. The largest rank's figure is shown; the last column
 is autotp / transformers. autotp runs twice, in fresh processes: on an empty plan cache
 (it traces every layer's program), then with the plans the first run stored (see
-autotp.plan_cache: a plan is used only for the same program), as a second load of the
+autotp.planning.cache: a plan is used only for the same program), as a second load of the
 same model finds them. transformers' TP needs `accelerate` (pip install accelerate).
 
 Each side runs --rounds times (alternating; each autotp round with a new, empty plan

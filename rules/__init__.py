@@ -5,7 +5,7 @@ attention structures come before the MLP, and the output layer before the input 
 (which is split only when an output layer over its vocabulary was).
 """
 
-from autotp.rule import Rule
+from autotp.match import Rule
 
 from . import (
     attention_fused,

@@ -11,7 +11,7 @@ Two spellings: explicit matmul-softmax-matmul, and F.scaled_dot_product_attentio
 Motivated by nanoGPT/GPT-2's `attn.c_attn` and `attn.c_proj`.
 """
 
-from autotp.rule import Column, Rule, pattern, row
+from autotp.match import Column, Rule, pattern, row
 
 EXPLICIT = pattern(
     {

@@ -12,8 +12,7 @@ Motivated by GPT-NeoX's and Pythia's `attention.query_key_value` (then
 `view(..., -1, 3 * head_size)` and `chunk(3, dim=-1)`) and BLOOM's `self_attention.query_key_value`.
 """
 
-from autotp import ops
-from autotp.rule import Rule, column, row
+from autotp.match import Rule, column, ops, row
 
 from .attention_fused import EXPLICIT, SDPA
 

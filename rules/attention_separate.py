@@ -14,7 +14,7 @@ Two spellings: explicit matmul-softmax-matmul, and F.scaled_dot_product_attentio
 Motivated by BERT's `attention.self.query/key/value` and `attention.output.dense`.
 """
 
-from autotp.rule import Column, Rule, column, pattern, row
+from autotp.match import Column, Rule, column, pattern, row
 
 EXPLICIT = pattern(
     {

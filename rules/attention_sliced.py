@@ -14,8 +14,7 @@ Motivated by Phi-3's `self_attn.qkv_proj`, sliced at `query_pos` and
 `query_pos + num_key_value_heads * head_dim`.
 """
 
-from autotp import ops
-from autotp.rule import Column, Rule, pattern, row
+from autotp.match import Column, Rule, ops, pattern, row
 
 _HEADS = {
     "qkv": "linear", "q_heads": "glue", "k_heads": "glue", "v_heads": "glue",

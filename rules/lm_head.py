@@ -17,8 +17,7 @@ residual stream is no output layer, however wide).
 Motivated by GPT-2's `lm_head` and BERT's `cls.predictions.decoder`.
 """
 
-from autotp.match import Context, Match, activations
-from autotp.rule import Rule, pattern, vocab
+from autotp.match import Context, Match, Rule, activations, pattern, vocab
 
 
 def _over_a_vocabulary(m: Match, ctx: Context) -> bool:

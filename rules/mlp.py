@@ -10,7 +10,7 @@ region with a single input (GeLU in any spelling, ReLU, the tanh formula...).
 Motivated by GPT-2's `mlp.c_fc`/`mlp.c_proj` and BERT's `intermediate`/`output.dense`.
 """
 
-from autotp.rule import Rule, column, pattern, row
+from autotp.match import Rule, column, pattern, row
 
 RULE = Rule(
     name="mlp",

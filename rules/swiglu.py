@@ -10,7 +10,7 @@ all-reduce completes it. gate and up read one shared f.
 Motivated by Llama's `mlp.gate_proj`, `mlp.up_proj`, `mlp.down_proj`.
 """
 
-from autotp.rule import Rule, column, pattern, row
+from autotp.match import Rule, column, pattern, row
 
 RULE = Rule(
     name="swiglu",

@@ -13,9 +13,7 @@ same shape holds for routed experts (`gate_up_proj[ids]`, Mixtral and Qwen MoE),
 along each expert's hidden features with the router replicated.
 """
 
-from autotp import ops
-from autotp.call import canonical
-from autotp.rule import Column, Rule, pattern, row
+from autotp.match import Column, Rule, canonical, ops, pattern, row
 
 
 def _halves_its_output(m, ctx) -> bool:

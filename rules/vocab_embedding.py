@@ -12,8 +12,7 @@ token-type tables stay replicated.
 Motivated by GPT-2's `transformer.wte` and BERT's `word_embeddings`.
 """
 
-from autotp.match import Context, Match
-from autotp.rule import Rule, pattern, vocab
+from autotp.match import Context, Match, Rule, pattern, vocab
 
 
 def _same_vocabulary_as_a_head(m: Match, ctx: Context) -> bool:

@@ -451,8 +451,8 @@ def test_tensors_a_layer_creates_follow_it_to_its_device() -> None:
     """A layer is traced on the CPU (unfilled tensors: no memory), so its graph creates
     T5's relative-position buckets with device=cpu; built for another device, every such
     op creates there instead (checked on the graph: no GPU here)."""
-    from autotp.block_state import TRACED_ON
-    from autotp.materialise import _created_on
+    from autotp.build.materialise import _created_on
+    from autotp.regions.state import TRACED_ON
 
     plan = autotp.plan(_encoder_decoder("t5"), 2)
     graph = plan.regions[0].plan.graph

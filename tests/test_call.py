@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autotp.call import Call, canonical
-from autotp.trace import trace
+from autotp.capture.trace import trace
+from autotp.match.call import Call, canonical
 
 
 class Spellings(nn.Module):

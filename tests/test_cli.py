@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import autotp
-from autotp import render
 from autotp.models import build
+from autotp.rewrite.sites import record
 from autotp.run import cli
-from autotp.sites import record
+from autotp.show import render
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("AUTOTP_UPDATE_GOLDEN") == "1"

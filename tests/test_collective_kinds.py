@@ -1,17 +1,15 @@
-"""Each kind of collective site is declared once (autotp.collective_kinds); every place
+"""Each kind of collective site is declared once (autotp.runtime.collective_kinds); every place
 that builds, simulates, counts or shows sites handles every kind it declares."""
 
 from __future__ import annotations
 
-import importlib
-
 import torch.nn as nn
 
-from autotp import collective_kinds as kinds
-from autotp import report, sites
-from autotp.comm import LocalComm
-
-simulate = importlib.import_module("autotp.simulate")  # autotp.simulate is also a function
+from autotp.build import simulate
+from autotp.rewrite import sites
+from autotp.runtime import collective_kinds as kinds
+from autotp.runtime.comm import LocalComm
+from autotp.show import report
 
 
 def test_every_consumer_handles_every_declared_kind() -> None:

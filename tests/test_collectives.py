@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import autotp
-import autotp.collectives as C
-from autotp.errors import AutoTPError
+import autotp.runtime.collectives as C
+from autotp.common.errors import AutoTPError
 from autotp.models import build
 from autotp.testing import run_on_gloo
 
 
-def _step(module, inputs) -> autotp.collectives.CollectiveLog:
+def _step(module, inputs) -> C.CollectiveLog:
     with autotp.count_collectives() as log:
         _, loss = module(**inputs)
         loss.backward()

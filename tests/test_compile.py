@@ -95,7 +95,7 @@ def test_rank_module_compiles_whole_with_inductor_at_tp1() -> None:
 
 
 def _every_collective(rank: int, world: int) -> tuple[tuple, tuple]:
-    import autotp.collectives as C
+    import autotp.runtime.collectives as C
 
     comm = C.ProcessGroupComm(None)
     f, g, top, gather, scatter, gather_sp, reduce_sp, many = (
@@ -136,8 +136,8 @@ def test_every_collective_compiles_on_two_gloo_ranks(two_ranks: list[dict]) -> N
 
 def test_an_indivisible_sequence_is_refused_under_compile_too() -> None:
     """The refusal breaks the graph and raises the AutoTPError from there."""
-    from autotp.collectives import simulated_scatter_to_sp
-    from autotp.errors import AutoTPError
+    from autotp.common.errors import AutoTPError
+    from autotp.runtime.collectives import simulated_scatter_to_sp
 
     torch._dynamo.reset()
     scatter = torch.compile(lambda xs: simulated_scatter_to_sp(xs, 1), backend="eager")

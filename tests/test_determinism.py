@@ -33,7 +33,7 @@ for name, over, strict in cases:
             [why for _, why in plan.replicated]]
     except autotp.AutoTPError as e:
         out[name + str(over) + str(strict)] = str(e)
-try:  # the key a transformers model's plan is stored under (autotp.plan_cache)
+try:  # the key a transformers model's plan is stored under (autotp.planning.cache)
     import os, transformers
     from autotp import plan_cache
     from autotp.plan import rules_or_default

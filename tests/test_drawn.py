@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_train import FACTORIES
 
-from autotp.errors import AutoTPError
+from autotp.common.errors import AutoTPError
 from autotp.run.drawn import LARGE, Drawn
 from autotp.run.train import TrainConfig, Trainer
 from autotp.testing import run_on_gloo

@@ -7,8 +7,8 @@ import torch
 
 import autotp
 from autotp.models import build
-from autotp.random import RankRandom, StreamDropout
-from autotp.sites import site_kind
+from autotp.rewrite.sites import site_kind
+from autotp.runtime.random import RankRandom, StreamDropout
 from autotp.testing import run_on_gloo
 
 

@@ -60,7 +60,7 @@ def test_export_keeps_channels_static_and_batch_dynamic() -> None:
     """Only the dimensions that vary are dynamic: the batch of every input, the sequence of
     token inputs; the channels of pixel_values stay static (they were dynamic, and export
     refused the model: "Constraints violated")."""
-    from autotp.trace import dynamic_dims
+    from autotp.capture.trace import dynamic_dims
 
     model = Patches().double()
     x = {"pixel_values": torch.randn(2, 4, 3, 3, dtype=torch.float64)}

@@ -402,7 +402,7 @@ def test_parallelize_refuses_a_meta_model() -> None:
 def test_a_refusal_carries_its_parts_as_fields_the_views_read() -> None:
     """What, where (node, module, source, rule) and the hint are fields of the error; the
     terminal view draws them without parsing the message."""
-    from autotp.render import error_view, to_text
+    from autotp.show.render import error_view, to_text
 
     class Leaky(nn.Module):
         def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""The structural fuzzer: random models from autotp.fuzz's grammar of structures and
+"""The structural fuzzer: random models from autotp.testing.fuzz's grammar of structures and
 spellings, planned at one batch and sequence length and called at another when drawn so.
 Property: for every drawn model, autotp either refuses it (AutoTPError) or the parallel
 module equals the serial one in float64 (outputs, parameter and input gradients, inputs
@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, find, given, settings
 
-from autotp.fuzz import (
+from autotp.testing.fuzz import (
     FEATURES,
     Choices,
     _compare,

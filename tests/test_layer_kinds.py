@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import autotp
-from autotp.sites import record
+from autotp.rewrite.sites import record
 from autotp.testing import assert_equivalent
 
 C, HIDDEN, EXPERTS, TOP_K = 8, 16, 4, 2

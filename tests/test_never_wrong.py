@@ -14,11 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import autotp
-from autotp.match import find_linears
-from autotp.rule import Split, column, row
+from autotp.capture.trace import trace
+from autotp.match.patterns import find_linears
+from autotp.match.rule import Split, column, row
 from autotp.sharding import Propagation, propagate
 from autotp.testing import assert_equivalent
-from autotp.trace import trace
 
 
 def _x(b: int = 2, t: int = 3, c: int = 8) -> torch.Tensor:
@@ -432,7 +432,7 @@ class OneBlockEscapes(nn.Module):
 
 
 def test_an_unprovable_block_stays_replicated_and_the_rest_splits() -> None:
-    from autotp import render
+    from autotp.show import render
     from autotp.testing import assert_equivalent
 
     model = OneBlockEscapes().double()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor.debug import CommDebugMode
 
 import autotp
-from autotp.collectives import rank_slice
+from autotp.runtime.collectives import rank_slice
 from autotp.testing import assert_equivalent, run_on_gloo
 
 C, H = 16, 4
@@ -294,10 +294,10 @@ class InPlaceWidens(nn.Module):
 
 
 def test_an_in_place_op_that_would_change_placement_is_refused() -> None:
-    from autotp.match import find_linears
-    from autotp.rule import Column, Row
+    from autotp.capture.trace import trace
+    from autotp.match.patterns import find_linears
+    from autotp.match.rule import Column, Row
     from autotp.sharding import propagate
-    from autotp.trace import trace
 
     gm = trace(InPlaceWidens().double(), (_x(),)).gm
     linears = find_linears(gm)

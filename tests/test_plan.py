@@ -10,7 +10,7 @@ import torch
 
 import autotp
 from autotp.models import build
-from autotp.sites import record
+from autotp.rewrite.sites import record
 
 
 def _by_target(plan, name):

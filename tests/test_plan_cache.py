@@ -9,10 +9,11 @@ import torch
 from hf_models import RTOL_FLOAT32_INSIDE, build, inputs, transformers
 
 import autotp
-from autotp import blocks, plan_cache
-from autotp.plan import rules_or_default
+from autotp.capture.trace import bind_inputs
+from autotp.planning import cache as plan_cache
+from autotp.planning.plan import rules_or_default
+from autotp.regions import form as blocks
 from autotp.testing import assert_equivalent
-from autotp.trace import bind_inputs
 
 
 @pytest.fixture

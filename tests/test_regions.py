@@ -12,7 +12,7 @@ import torch
 from hf_models import llama
 
 import autotp
-from autotp.report import regions_json
+from autotp.show.report import regions_json
 from autotp.testing import assert_equivalent, run_on_gloo
 
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import autotp
 from autotp.models import build
-from autotp.sites import record
+from autotp.rewrite.sites import record
 from autotp.testing import assert_equivalent
 
 B, T, C, H = 2, 5, 16, 4
@@ -201,7 +201,7 @@ def test_a_users_own_rule_as_in_the_docs() -> None:
     """docs/rules.md's worked example: a structure no shipped rule matches stays replicated;
     the user's rule splits it, propagation proves it (the mask is cut per rank), and the
     result equals serial."""
-    from autotp.rule import Rule, column, pattern, row
+    from autotp.match.rule import Rule, column, pattern, row
     from autotp.rules import DEFAULT_RULES
 
     class MaskedMLP(nn.Module):
@@ -250,9 +250,9 @@ def test_a_projection_added_to_the_residual_is_no_output_layer() -> None:
             x = self.wte(ids)
             return x + self.proj(torch.tanh(x))
 
-    from autotp.match import match
+    from autotp.capture.trace import trace
+    from autotp.match.patterns import match
     from autotp.rules import DEFAULT_RULES
-    from autotp.trace import trace
 
     ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
     gm = trace(Residual(), (ids,)).gm

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import autotp
-from autotp.errors import CheckpointError, TrainingStopped
+from autotp.common.errors import CheckpointError, TrainingStopped
 from autotp.run import cli
 from autotp.run.checkpoint import Checkpoints, read_serial_state
 from autotp.run.metrics import MetricsLog, Reporter, read_metrics

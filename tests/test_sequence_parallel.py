@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from torch.distributed.tensor.debug import CommDebugMode
 
 import autotp
-import autotp.collectives as C
-from autotp.errors import AutoTPError
-from autotp.fuzz import check_case, check_case_gloo, model_cases, random_case
+import autotp.runtime.collectives as C
+from autotp.common.errors import AutoTPError
 from autotp.models import build
 from autotp.sharding import Shard
 from autotp.testing import assert_equivalent, run_on_gloo
+from autotp.testing.fuzz import check_case, check_case_gloo, model_cases, random_case
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
@@ -328,7 +328,7 @@ def test_the_printed_plan_lists_the_collectives_that_run() -> None:
     by kind and direction, and sequence parallelism moves on a ring what all-reduces
     would, but for the parameters' gradients, the positions' part and the blocks' inputs
     gathered again in backward."""
-    from autotp import report
+    from autotp.show import report
 
     torch.manual_seed(0)
     model = build("gpt2-tiny", n_layer=2)

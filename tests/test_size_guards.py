@@ -83,8 +83,8 @@ def test_batch_one_plan_refuses_batch_two_naming_the_sizes() -> None:
 def test_the_usual_attention_needs_no_guard() -> None:
     """`view(B, T, H, hd)` splits the heads at every batch and length: nothing is checked
     per call, and other sizes run."""
-    from autotp.guards import check_sizes
     from autotp.models import build
+    from autotp.rewrite.guards import check_sizes
 
     model = build("gpt2-tiny")
     plan = autotp.plan(model, 2, model.example_inputs())

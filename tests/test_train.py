@@ -21,6 +21,7 @@ from autotp.models import build
 from autotp.run import data as data_mod
 from autotp.run.checkpoint import Checkpoints, read_serial_state
 from autotp.run.train import TrainConfig, Trainer, lr_at
+from autotp.runtime.comm import LocalComm
 from autotp.testing import run_on_gloo
 
 BASE = TrainConfig(steps=5, batch=8, seq=32, accum=2, warmup=2, progress=False, eval_batches=2)
@@ -122,13 +123,13 @@ def test_initial_weights_equal_a_serial_initialisation() -> None:
 
 def test_a_rank_of_8_3b_holds_one_eighth_of_the_split_weights() -> None:
     """On the meta device: what rank 3 of 8 would hold, without allocating anything."""
-    from autotp.materialise import build_rank_module
+    from autotp.build.materialise import build_rank_module
 
     with torch.device("meta"):
         model = build("megatron-8.3b")
     p = autotp.plan(model, 8, model.example_inputs(batch=1, seq=64))
     rank = build_rank_module(model, p.traced.gm, p.graph, p.splits, 3, 8,
-                             autotp.collectives.LocalComm(), p, "GPT2")  # fmt: skip
+                             LocalComm(), p, "GPT2")  # fmt: skip
     serial = dict(model.named_parameters())
     split = sum(t.numel() for n, t in serial.items() if n in p.splits)
     repl = sum(t.numel() for n, t in serial.items() if n not in p.splits)

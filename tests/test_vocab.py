@@ -115,7 +115,7 @@ def test_on_gloo(tied: bool) -> None:
 def test_ce_terms_backward_is_the_derivative(vocab) -> None:
     """The fused backward of the per-row terms equals the finite-difference derivative,
     for the logits and for the row max."""
-    from autotp.vocab import vocab_ce_terms
+    from autotp.runtime.vocab import vocab_ce_terms
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 8, dtype=torch.float64, generator=g, requires_grad=True)

@@ -8,8 +8,8 @@ import torch
 from hf_models import llama
 
 import autotp
+from autotp.build.weights import Weights
 from autotp.testing import assert_equivalent, run_on_gloo
-from autotp.weights import Weights
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

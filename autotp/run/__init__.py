@@ -6,7 +6,10 @@ rank's training loop), `rank_module` (a rank's module in either form, as
 `autotp.parallelize` builds it), `objective` (causal or BERT's masked LM), `generate` (`autotp
 generate`: sampling at any tp), `checkpoint` and `safe_dcp` (sharded checkpoints, read
 without running code), `metrics` (metrics.jsonl and the progress output), `resolve` (from
-a model name to the model, for every command), `data`, `evaluate` and `mesh`.
+a model name to the model, for every command), `drawn` (a model built from the seed, each
+large tensor drawn when read), `data`, `evaluate` and `mesh`.
 
 The library (`autotp.plan`, `parallelize`, `simulate`) never imports this package.
+
+Takes a command line; gives a trained, evaluated or exported run through the public API.
 """

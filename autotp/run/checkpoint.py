@@ -44,8 +44,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..errors import CheckpointError, UsageError
-from ..materialise import gather
+from ..build.materialise import gather
+from ..common.errors import CheckpointError, UsageError
 from ..sharding import Shard
 from ..sharding.placement import cut
 from .safe_dcp import SafeReader, problem

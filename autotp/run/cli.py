@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from .. import render, report
-from ..errors import AutoTPError, ExampleInputsError, UsageError
+from ..common.errors import AutoTPError, ExampleInputsError, UsageError
 from ..parallel import plan
-from ..regions import RegionPlan
+from ..planning.region_plan import RegionPlan
+from ..show import render, report
 from .config import UsageParser
 from .metrics import say as _say
 from .resolve import build, canonical, example_inputs, input_specs, logits

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AutoTPError, UsageError
+from ..common.errors import AutoTPError, UsageError
 
 __all__ = [
     "TrainConfig",

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AutoTPError
+from ..common.errors import AutoTPError
 
 __all__ = [
     "TokenData",

@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import AutoTPError
+from ..common.errors import AutoTPError
 from ..sharding import Shard
 from ..sharding.placement import cut
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import UsageError
+from ..common.errors import UsageError
 from .config import UsageParser, _Help
 
 __all__ = ["parser", "sample", "check", "generate", "main", "run", "CachedLogits"]

@@ -15,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Callable
 
-from ..errors import AutoTPError, CheckpointError, TrainingStopped, UsageError
+from ..common.errors import AutoTPError, CheckpointError, TrainingStopped, UsageError
 from .config import ERROR_FILE, TORCHRUN_FLAGS, check, config_from_args, parser
 
 __all__ = ["launch", "run_workers", "split_argv"]

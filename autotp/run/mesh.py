@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ..errors import AutoTPError
+from ..common.errors import AutoTPError
 
 __all__ = ["Mesh", "make_mesh"]
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..common.errors import UsageError
 from . import data as data_mod
 
 __all__ = [

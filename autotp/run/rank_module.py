@@ -25,13 +25,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..comm import ProcessGroupComm
-from ..materialise import build_rank_module
+from ..build.materialise import build_rank_module
 from ..parallel import full_state_dict, parallelize
 from ..parallel import plan as public_plan
-from ..plan import Plan
-from ..random import RankRandom
-from ..regions import RegionPlan
+from ..planning.plan import Plan
+from ..planning.region_plan import RegionPlan
+from ..runtime.comm import ProcessGroupComm
+from ..runtime.random import RankRandom
 from .mesh import Mesh
 
 __all__ = ["RankModule", "planned", "split_blocks", "left_replicated"]

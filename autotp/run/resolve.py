@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, UsageError
+from ..common.errors import CheckpointError, UsageError
 
 __all__ = [
     "HF", "canonical", "build", "example_inputs", "input_specs", "is_hf", "logits", "known",

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType
 
-from ..errors import CheckpointError
+from ..common.errors import CheckpointError
 
 __all__ = ["ALLOWED", "SafeReader", "problem"]
 

@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..errors import AutoTPError, TrainingStopped, UsageError
-from ..weights import Weights, fill_buffers
+from ..build.weights import Weights, fill_buffers
+from ..common.errors import AutoTPError, TrainingStopped, UsageError
 from . import data as data_mod
 from .checkpoint import tied_names
 from .config import (
@@ -511,7 +511,7 @@ def _report_error(e: AutoTPError) -> None:
     elif dist.get_rank() == 0:
         from rich.console import Console
 
-        from ..render import error_view
+        from ..show.render import error_view
 
         Console(stderr=True).print(error_view(e))
 

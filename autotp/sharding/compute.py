@@ -10,8 +10,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .. import ops
-from ..call import Call
+from ..match import ops
+from ..match.call import Call
 from .context import Ctx, check_replicated, ndim, param_names, val
 from .placement import LocalInt, Partial, Placement, R, Shard
 

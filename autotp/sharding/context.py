@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import ops
-from ..call import Call
-from ..errors import node_error
+from ..common.errors import node_error
+from ..match import ops
+from ..match.call import Call
 from .placement import (
     ArgEdit,
     Cut,

@@ -22,13 +22,13 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from .. import ops
-from ..call import Call, canonical
-from ..errors import AutoTPError, node_error
-from ..match import EmbeddingInfo, LinearInfo
-from ..rule import Split
-from ..tensor_names import names_by_tensor
-from ..trace import restore_grad, set_grad
+from ..capture.trace import restore_grad, set_grad
+from ..common.errors import AutoTPError, node_error
+from ..common.tensor_names import names_by_tensor
+from ..match import ops
+from ..match.call import Call, canonical
+from ..match.patterns import EmbeddingInfo, LinearInfo
+from ..match.rule import Split
 from . import compute, layers, layout
 from .context import Ctx, param_names, replicated_like, val
 from .placement import (

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from ..call import Call, canonical
-from ..match import EmbeddingInfo, LinearInfo
-from ..rule import Column, Row, Vocab
+from ..match.call import Call, canonical
+from ..match.patterns import EmbeddingInfo, LinearInfo
+from ..match.rule import Column, Row, Vocab
 from .context import Ctx, check_replicated, ndim, slice_span, val
 from .placement import LossInfo, Partial, Placement, R, Shard, is_split
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from ..call import Call
+from ..match.call import Call
 from .context import Ctx, ndim, slice_span, val
 from .placement import ArgEdit, DivideByTP, LocalInt, Placement, R, Shard, is_split
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..match import LinearInfo
-from ..rule import Split
+from ..match.patterns import LinearInfo
+from ..match.rule import Split
 
 __all__ = [
     "R", "LOCAL", "Replicate", "Shard", "Partial", "LocalInt", "Placement", "DivideByTP",

@@ -1,0 +1,7 @@
+"""Showing a plan: the facts first, then their views.
+
+report.py  placements, bytes per rank, communication per step: plain data (also --json)
+render.py  the views in the terminal (rich): summary tree, graph, diff, unmatched, errors
+
+Takes a plan; gives text. Nothing here changes a plan.
+"""
