@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .build.materialise import RankInfo, build_rank_module, gather_over
+from .build.materialise import RankInfo, RankOptions, build_rank_module, gather_over, rank_info
 from .build.simulate import SimulatedTP
 from .build.weights import Weights
 from .common.errors import AutoTPError
@@ -25,10 +25,16 @@ from .planning.region_plan import RegionPlan
 from .regions.form import build_regions, plan_regions
 from .regions.tensors import full_tensors
 from .runtime.agree import check_first_call, same_random_state
-from .runtime.comm import LocalComm, ProcessGroupComm, SimulatedComm
+from .runtime.comm import Comm, LocalComm, ProcessGroupComm, SimulatedComm
 from .sharding import VocabOptions
 
-__all__ = ["plan", "parallelize", "simulate", "full_state_dict", "full_grads"]
+__all__ = ["plan", "parallelize", "simulate", "full_state_dict", "full_grads", "Form", "Frontend"]
+
+# how a model is planned: "regions" keeps its own Python and plans its layers, embedding
+# and head one by one (a transformers model); "graph" traces it whole; "auto" picks
+Form = Literal["auto", "graph", "regions"]
+# how the whole graph is captured: torch.fx's symbolic tracing, torch.export, or fx first
+Frontend = Literal["auto", "fx", "export"]
 
 
 def plan(
@@ -38,20 +44,20 @@ def plan(
     *,
     rules: Sequence[Rule] | None = None,
     vocab: VocabOptions | None = None,
-    frontend: str = "auto",
+    frontend: Frontend = "auto",
     strict: bool = False,
     sequence_parallel: bool = False,
-    form: str = "auto",
+    form: Form = "auto",
 ) -> Plan | RegionPlan:
     """What `parallelize(model, tp, ...)` with the same arguments runs, planned without
     weights (the meta device will do) and without a process group. For a model that
     keeps its own Python around its layers (a transformers model, `form="auto"` or
-    `"blocks"`) it is a RegionPlan: its layers, input embedding and output head, each
+    `"regions"`) it is a RegionPlan: its layers, input embedding and output head, each
     planned on its own; else (`form="graph"`) a Plan of the whole traced graph (see
     `autotp.plan.plan` for the options). Print it to read it; pass it to `parallelize`
     or `simulate` in place of tp."""
     check_tp(tp)
-    if _blocks(model, tp, form, vocab):
+    if _by_regions(model, tp, form, vocab):
         return plan_regions(model, tp, example_inputs, rules_or_default(rules), strict,
                             sequence_parallel)  # fmt: skip
     return _whole_graph(model, tp, example_inputs, rules, vocab, frontend, strict,
@@ -60,7 +66,7 @@ def plan(
 
 def _whole_graph(
     model: nn.Module, tp: int, example_inputs: Any, rules: Sequence[Rule] | None,
-    vocab: VocabOptions | None, frontend: str, strict: bool, sequence_parallel: bool,
+    vocab: VocabOptions | None, frontend: Frontend, strict: bool, sequence_parallel: bool,
 ) -> Plan:  # fmt: skip
     """The whole-graph plan; where a model the region form takes (a transformers model)
     fails in it (its cache returned, by default, cannot be traced), the error names the
@@ -75,15 +81,16 @@ def _whole_graph(
         first = str(e).splitlines()[0]
         raise AutoTPError(
             f"the whole-graph form of {type(model).__name__} (one traced graph) failed: "
-            f'{first}\n  hint:   pass form="blocks", the default for this model (its own '
-            "Python, its cache and generate() kept, the layers planned one by one), or make "
-            "the whole model traceable: model.config.use_cache = False when training\n\n" + str(e)
+            f"{first}\n\n{e}",
+            hint='pass form="regions", the default for this model (its own Python, its cache '
+            "and generate() kept, the layers planned one by one), or make the whole model "
+            "traceable: model.config.use_cache = False when training",
         ) from e
 
 
 def _the_plan(
     model: nn.Module, tp: int | Plan, example_inputs: Any, rules: Sequence[Rule] | None,
-    vocab: VocabOptions | None, frontend: str, strict: bool, sequence_parallel: bool,
+    vocab: VocabOptions | None, frontend: Frontend, strict: bool, sequence_parallel: bool,
 ) -> Plan:  # fmt: skip
     """`tp` as given (a Plan, checked to fit `model`) or the plan of `model` at tp ranks."""
     if not isinstance(tp, Plan):
@@ -124,10 +131,10 @@ def parallelize(
     *,
     rules: Sequence[Rule] | None = None,
     vocab: VocabOptions | None = None,
-    frontend: str = "auto",
+    frontend: Frontend = "auto",
     strict: bool = False,
-    form: str = "auto",
-    weights: str | os.PathLike | None = None,
+    form: Form = "auto",
+    weights: str | os.PathLike[str] | None = None,
     sequence_parallel: bool = False,
 ) -> nn.Module:
     """This rank's module: the per-rank graph over new tensors holding this rank's shards,
@@ -150,6 +157,7 @@ def parallelize(
     """
     given, tp = tp, tp.tp if isinstance(tp, (Plan, RegionPlan)) else tp
     check_tp(tp)
+    comm: Comm
     if tp == 1 and (not dist.is_available() or not dist.is_initialized()):
         comm, rank = LocalComm(), 0
     else:
@@ -177,7 +185,8 @@ def parallelize(
             "autotp.plan, which works on the meta device, for planning"
         )
     seed = torch.initial_seed() % 2**62
-    if _blocks(model, given, form, vocab, frontend):
+    if _by_regions(model, given, form, vocab, frontend):
+        assert not isinstance(given, Plan)  # _by_regions refuses a Plan with form="regions"
         regions = _the_regions(model, given, example_inputs, rules, strict, sequence_parallel)
         if isinstance(comm, ProcessGroupComm):
             # each rank planned on its own; the model's Python runs whole on every rank,
@@ -188,19 +197,17 @@ def parallelize(
             same_random_state(group)
             check_first_call(module, group, random_state=True)
         return module
+    assert not isinstance(given, RegionPlan)  # _by_regions takes every RegionPlan
     p = _the_plan(model, given, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     if isinstance(comm, ProcessGroupComm):
         seed = _check_same_plan(p.fingerprint, seed, group)
-    module = build_rank_module(
-        model, p.traced.gm, p.graph, p.splits, rank, tp, comm, p, p.model_name, seed,
-        weights=source,
-    )  # fmt: skip
+    module = build_rank_module(model, p, rank, comm, RankOptions(seed=seed, weights=source))
     if isinstance(comm, ProcessGroupComm) and tp > 1:  # its dropout has streams of its own
         check_first_call(module, group, random_state=False)
     return module
 
 
-def _weights(model: nn.Module, path: str | os.PathLike | Weights | None) -> Weights | None:
+def _weights(model: nn.Module, path: str | os.PathLike[str] | Weights | None) -> Weights | None:
     """The weights to read, with the model's base-model prefix (a task model over a base
     model's checkpoint, and the other way round); a source already made (a Weights, or an
     object read the same way: `find`, `read`, `missing`, `path`) as it is."""
@@ -222,9 +229,10 @@ def _check_same_plan(fingerprint: str, seed: int, group: dist.ProcessGroup | Non
     if differ:
         raise AutoTPError(
             f"the ranks planned different splits: ranks {differ} differ from rank 0 (plan "
-            f"fingerprints {sorted(set(map(str, prints)))}).\n  hint:   every rank must call "
+            f"fingerprints {sorted(set(map(str, prints)))}).",
+            hint="every rank must call "
             "parallelize with the same model structure, example input shapes and options "
-            "(build the model the same way on every rank, e.g. after torch.manual_seed)"
+            "(build the model the same way on every rank, e.g. after torch.manual_seed)",
         )
     first = both[0]
     assert first is not None
@@ -238,10 +246,10 @@ def simulate(
     *,
     rules: Sequence[Rule] | None = None,
     vocab: VocabOptions | None = None,
-    frontend: str = "auto",
+    frontend: Frontend = "auto",
     strict: bool = False,
-    form: str = "auto",
-    weights: str | os.PathLike | None = None,
+    form: Form = "auto",
+    weights: str | os.PathLike[str] | None = None,
     sequence_parallel: bool = False,
 ) -> nn.Module:
     """All ranks in one process, collectives computed in-process and autograd-exact.
@@ -250,63 +258,52 @@ def simulate(
     concatenated and trimmed. `form`, `weights` and `sequence_parallel` as in
     `parallelize`."""
     source = _weights(model, weights)
-    if _blocks(model, tp, form, vocab, frontend):
+    if _by_regions(model, tp, form, vocab, frontend):
+        assert not isinstance(tp, Plan)  # _by_regions refuses a Plan with form="regions"
         regions = _the_regions(model, tp, example_inputs, rules, strict, sequence_parallel)
         seed = torch.initial_seed() % 2**62
-        comms = [SimulatedComm(regions.tp, r) for r in range(regions.tp)]  # type: ignore[arg-type]
+        comms: list[Comm] = [SimulatedComm(regions.tp, r) for r in range(regions.tp)]
         return build_regions(model, regions, comms, seed, source)
+    assert not isinstance(tp, RegionPlan)  # _by_regions takes every RegionPlan
     p = _the_plan(model, tp, example_inputs, rules, vocab, frontend, strict, sequence_parallel)
     tp = p.tp
     seed = torch.initial_seed() % 2**62
-    ranks = [
-        build_rank_module(
-            model,
-            p.traced.gm,
-            p.graph,
-            p.splits,
-            r,
-            tp,
-            SimulatedComm(tp, r),
-            p,
-            p.model_name,
-            seed,
-            weights=source,
-        )
-        for r in range(tp)
-    ]
+    options = RankOptions(seed=seed, weights=source)
+    ranks = [build_rank_module(model, p, r, SimulatedComm(tp, r), options) for r in range(tp)]
     return SimulatedTP(ranks)
 
 
-def _blocks(
+def _by_regions(
     model: nn.Module, tp: int | Plan | RegionPlan, form: str, vocab: VocabOptions | None,
-    frontend: str = "auto",
+    frontend: Frontend = "auto",
 ) -> bool:  # fmt: skip
-    """Whether to parallelize `model` block by block (see `parallelize`'s `form`): always
-    from a RegionPlan, which refuses the whole graph's options."""
-    if form not in ("auto", "graph", "blocks"):
-        raise AutoTPError(f'form must be "auto", "graph" or "blocks", got {form!r}')
+    """Whether to parallelize `model` region by region (see `parallelize`'s `form`):
+    always from a RegionPlan, which refuses the whole graph's options; never from a Plan
+    (or with vocab=), which refuses form="regions"."""
+    if form not in ("auto", "graph", "regions"):
+        raise AutoTPError(f'form must be "auto", "graph" or "regions", got {form!r}')
     if isinstance(tp, RegionPlan):
         given = {"form": form == "graph", "vocab": vocab is not None,
                  "frontend": frontend != "auto"}  # fmt: skip
         if any(given.values()):
             names = ", ".join(k for k, v in given.items() if v)
             raise AutoTPError(
-                f"a RegionPlan is the block form's plan: {names} cannot apply to it\n  hint:   "
-                'plan with autotp.plan(model, tp, form="graph", ...) for the whole-graph form'
+                f"a RegionPlan is the region form's plan: {names} cannot apply to it",
+                hint='plan with autotp.plan(model, tp, form="graph", ...) for the whole-graph form',
             )
         return True
     graph_only = isinstance(tp, Plan) or vocab is not None
-    if form == "blocks" and graph_only:
+    if form == "regions" and graph_only:
         raise AutoTPError(
-            'form="blocks" splits each block on its own: a Plan and vocab= are of the whole '
+            'form="regions" plans each region on its own: a Plan and vocab= are of the whole '
             'graph: pass tp (or a RegionPlan), or use form="graph"'
         )
-    return form == "blocks" or (form == "auto" and not graph_only and is_block_model(model))
+    return form == "regions" or (form == "auto" and not graph_only and is_block_model(model))
 
 
 def _rank_modules(module: nn.Module) -> tuple[list[nn.Module], RankInfo]:
     if isinstance(module, SimulatedTP):
-        return list(module.ranks), module.ranks[0].autotp
+        return list(module.ranks), rank_info(module.ranks[0])
     info = getattr(module, "autotp", None)
     if isinstance(info, RankInfo):
         return [module], info

@@ -58,7 +58,7 @@ def _rank(rank: int, world: int, cfg: dict, batch: int, seq: int, sp: bool, hf: 
     x = {"input_ids": idx, "labels": idx} if hf else {"idx": idx, "targets": idx}
     module = model
     if world > 1:
-        form = {"form": "blocks"} if hf else {}  # (the default for a transformers model)
+        form = {"form": "regions"} if hf else {}  # (the default for a transformers model)
         module = autotp.parallelize(model, world, None if hf else x, sequence_parallel=sp, **form)
     module.train()
     if hf:  # the first call plans the layers' patterns: not the one measured

@@ -6,9 +6,9 @@ left replicated, the front-end used, and whether transformers ships a tp_plan fo
 Then the totals per verdict, the details of every row that needs a look, and the sizes.
 
     python bench/hf_coverage.py [--tp 2 4] [--only gpt2 llama ...] [--markdown]
-                                [--form blocks|graph] [--sp]
+                                [--form regions|graph] [--sp]
 
---form blocks (default): the plan `autotp.plan` and `parallelize` give a transformers
+--form regions (default): the plan `autotp.plan` and `parallelize` give a transformers
 model (its regions: each repeated layer, the input embedding and the output head, the
 model's own Python kept between them); the plan columns sum over the regions. --form
 graph: the whole-graph form.
@@ -344,7 +344,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--only", nargs="+", metavar="NAME", choices=ARCHS, default=list(ARCHS))
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    ap.add_argument("--form", choices=("blocks", "graph"), default="blocks")
+    ap.add_argument("--form", choices=("regions", "graph"), default="regions")
     ap.add_argument("--sp", action="store_true", help="plan with sequence_parallel=True")
     args = ap.parse_args()
 

@@ -35,6 +35,7 @@ The megatron-bert-* sizes are the Megatron-LM paper's BERT models (its 336M, 1.3
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch.nn as nn
 
@@ -123,7 +124,7 @@ def names() -> list[str]:
     return list(CONFIGS)
 
 
-def build(name: str, **overrides: object) -> nn.Module:
+def build(name: str, **overrides: Any) -> nn.Module:
     """Build the named reference model; `overrides` replace fields of its config.
 
     >>> model = build("gpt2-tiny", dropout=0.1)

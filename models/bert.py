@@ -72,7 +72,8 @@ class BertEmbeddings(nn.Module):
         x = self.word_embeddings(input_ids)  # (B, T, C)
         x = x + self.position_embeddings(pos)  # (T, C) broadcast over B
         x = x + self.token_type_embeddings(token_type_ids)  # (B, T, C)
-        return self.dropout(self.LayerNorm(x))
+        out: torch.Tensor = self.dropout(self.LayerNorm(x))
+        return out
 
 
 class BertSelfAttention(nn.Module):
@@ -96,7 +97,7 @@ class BertSelfAttention(nn.Module):
         att = att + mask  # (B, 1, 1, T): -10000 on padded keys
         att = F.softmax(att, dim=-1)
         att = self.dropout(att)
-        y = att @ v  # (B, nh, T, hs)
+        y: torch.Tensor = att @ v  # (B, nh, T, hs)
         return y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
 
 
@@ -116,7 +117,8 @@ class BertOutput(nn.Module):
         h = self.dropout(self.dense(h))  # (B, T, C)
         if self.pre_ln:
             return residual + h
-        return self.LayerNorm(residual + h)
+        out: torch.Tensor = self.LayerNorm(residual + h)
+        return out
 
 
 class BertAttention(nn.Module):
@@ -128,7 +130,8 @@ class BertAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.output.LayerNorm(x) if self.pre_ln else x
-        return self.output(self.self(h, mask), x)
+        out: torch.Tensor = self.output(self.self(h, mask), x)
+        return out
 
 
 class BertIntermediate(nn.Module):
@@ -138,7 +141,8 @@ class BertIntermediate(nn.Module):
         self.intermediate_act_fn = nn.GELU()  # exact (erf) GELU, as in BERT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.intermediate_act_fn(self.dense(x))  # (B, T, intermediate_size)
+        out: torch.Tensor = self.intermediate_act_fn(self.dense(x))  # (B, T, intermediate_size)
+        return out
 
 
 class BertLayer(nn.Module):
@@ -152,7 +156,8 @@ class BertLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         a = self.attention(x, mask)  # (B, T, C)
         h = self.output.LayerNorm(a) if self.pre_ln else a
-        return self.output(self.intermediate(h), a)  # (B, T, C)
+        out: torch.Tensor = self.output(self.intermediate(h), a)  # (B, T, C)
+        return out
 
 
 class BertEncoder(nn.Module):
@@ -160,7 +165,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
         if config.pre_ln:
-            self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.final_layer_norm: nn.LayerNorm | None = nn.LayerNorm(
+                config.hidden_size, eps=config.layer_norm_eps
+            )
         else:
             self.final_layer_norm = None
 
@@ -184,7 +191,8 @@ class BertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
         # 1 = attend, 0 = padding; additive mask broadcast over heads and queries
         mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0  # (B, 1, 1, T)
-        return self.encoder(x, mask)
+        out: torch.Tensor = self.encoder(x, mask)
+        return out
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -195,7 +203,8 @@ class BertPredictionHeadTransform(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
+        out: torch.Tensor = self.LayerNorm(self.transform_act_fn(self.dense(x)))
+        return out
 
 
 class BertLMPredictionHead(nn.Module):
@@ -206,7 +215,8 @@ class BertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(x)) + self.bias  # (B, T, vocab_size)
+        out: torch.Tensor = self.decoder(self.transform(x)) + self.bias  # (B, T, vocab_size)
+        return out
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -215,7 +225,8 @@ class BertOnlyMLMHead(nn.Module):
         self.predictions = BertLMPredictionHead(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predictions(x)
+        out: torch.Tensor = self.predictions(x)
+        return out
 
 
 class BertForMaskedLM(nn.Module):

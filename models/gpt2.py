@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -84,7 +85,8 @@ class CausalSelfAttention(nn.Module):
             y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
 
-        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+        out: torch.Tensor = self.resid_dropout(self.c_proj(y))  # (B, T, C)
+        return out
 
 
 class MLP(nn.Module):
@@ -99,7 +101,8 @@ class MLP(nn.Module):
         x = self.c_fc(x)  # (B, T, 4C)
         x = self.gelu(x)
         x = self.c_proj(x)  # (B, T, C)
-        return self.dropout(x)
+        out: torch.Tensor = self.dropout(x)
+        return out
 
 
 class Block(nn.Module):
@@ -138,7 +141,7 @@ class GPT2(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the input embedding and the output layer share one Parameter
         if config.tie_word_embeddings:
-            self.transformer.wte.weight = self.lm_head.weight
+            cast(nn.Embedding, self.transformer.wte).weight = self.lm_head.weight
 
         for name, p in self.named_parameters():
             self.init_parameter(name, p)
@@ -165,12 +168,19 @@ class GPT2(nn.Module):
         b, t = idx.size()
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
 
-        tok_emb = self.transformer.wte(idx)  # token embeddings (b, t, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # position embeddings (t, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
+        # the ModuleDict's entries, typed (attribute access on a Module is Tensor | Module)
+        wte = cast(nn.Embedding, self.transformer.wte)
+        wpe = cast(nn.Embedding, self.transformer.wpe)
+        drop = cast(nn.Dropout, self.transformer.drop)
+        h = cast(nn.ModuleList, self.transformer.h)
+        ln_f = cast(nn.LayerNorm, self.transformer.ln_f)
+
+        tok_emb = wte(idx)  # token embeddings (b, t, n_embd)
+        pos_emb = wpe(pos)  # position embeddings (t, n_embd)
+        x = drop(tok_emb + pos_emb)
+        for block in h:
             x = block(x)
-        x = self.transformer.ln_f(x)
+        x = ln_f(x)
         logits = self.lm_head(x)  # (b, t, vocab_size)
 
         loss = None

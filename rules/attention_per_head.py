@@ -12,14 +12,14 @@ Motivated by GPT-NeoX's and Pythia's `attention.query_key_value` (then
 `view(..., -1, 3 * head_size)` and `chunk(3, dim=-1)`) and BLOOM's `self_attention.query_key_value`.
 """
 
-from autotp.match import Rule, column, ops, row
+from autotp.match import Context, Match, Rule, column, ops, row
 
 from .attention_fused import EXPLICIT, SDPA
 
 _VIEWS = {"view"}
 
 
-def _viewed_per_head(m, ctx) -> bool:
+def _viewed_per_head(m: Match, ctx: Context) -> bool:
     """The fused output is read only by views that keep the batch and sequence and cut the
     features into heads: the per-head layout (GPT-2's blocks are split first)."""
     fused = m.layers["qkv"].node

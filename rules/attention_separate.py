@@ -14,7 +14,7 @@ Two spellings: explicit matmul-softmax-matmul, and F.scaled_dot_product_attentio
 Motivated by BERT's `attention.self.query/key/value` and `attention.output.dense`.
 """
 
-from autotp.match import Column, Rule, column, pattern, row
+from autotp.match import Column, Rule, Split, column, pattern, row
 
 EXPLICIT = pattern(
     {
@@ -44,19 +44,18 @@ SDPA = pattern(
     ],
 )  # fmt: skip
 
+# fewer key/value heads than ranks: each key/value head is held by the ranks whose
+# query heads read it (their gradients summed), or else K and V stay whole on every
+# rank (Megatron's choice) and each rank's attention reads the heads its queries use
+_KV_SHARED: tuple[dict[str, Split], ...] = tuple(
+    {"q": column, "k": Column(replicas=g), "v": Column(replicas=g), "out": row}
+    for g in (2, 4, 8, 16, 32)
+)
+
 RULE = Rule(
     name="attention_separate_qkv",
     patterns=(EXPLICIT, SDPA),
     split={"q": column, "k": column, "v": column, "out": row},
-    # fewer key/value heads than ranks: each key/value head is held by the ranks whose
-    # query heads read it (their gradients summed), or else K and V stay whole on every
-    # rank (Megatron's choice) and each rank's attention reads the heads its queries use
-    fallback=(
-        *(
-            {"q": column, "k": Column(replicas=g), "v": Column(replicas=g), "out": row}
-            for g in (2, 4, 8, 16, 32)
-        ),
-        {"q": column, "out": row},
-    ),
+    fallback=(*_KV_SHARED, {"q": column, "out": row}),
     motivation="BERT attention.self.query/key/value -> attention -> attention.output.dense",
 )

@@ -14,7 +14,7 @@ Motivated by Phi-3's `self_attn.qkv_proj`, sliced at `query_pos` and
 `query_pos + num_key_value_heads * head_dim`.
 """
 
-from autotp.match import Column, Rule, ops, pattern, row
+from autotp.match import Column, Context, Match, Rule, ops, pattern, row
 
 _HEADS = {
     "qkv": "linear", "q_heads": "glue", "k_heads": "glue", "v_heads": "glue",
@@ -40,7 +40,7 @@ SDPA = pattern(
 )  # fmt: skip
 
 
-def _sliced_three_ways(m, ctx) -> bool:
+def _sliced_three_ways(m: Match, ctx: Context) -> bool:
     """The fused output is read by exactly three slices (which of its features each takes
     is checked by propagation)."""
     users = list(m.layers["qkv"].node.users)

@@ -17,13 +17,15 @@ residual stream is no output layer, however wide).
 Motivated by GPT-2's `lm_head` and BERT's `cls.predictions.decoder`.
 """
 
-from autotp.match import Context, Match, Rule, activations, pattern, vocab
+from typing import cast
+
+from autotp.match import Context, LinearInfo, Match, Rule, activations, pattern, vocab
 
 
 def _over_a_vocabulary(m: Match, ctx: Context) -> bool:
     """Feeds a cross-entropy, or is as wide as a table the model's inputs index (a token
     table, not the position table, whose ids come from arange)."""
-    head = m.layers["head"]
+    head = cast(LinearInfo, m.layers["head"])  # its pattern node is a "linear"
     inputs = activations(ctx.gm)
     tables = [e for e in ctx.embeddings.values() if e.input in inputs]
     tied = {id(ctx.gm.get_parameter(e.weight)) for e in tables}

@@ -13,10 +13,10 @@ same shape holds for routed experts (`gate_up_proj[ids]`, Mixtral and Qwen MoE),
 along each expert's hidden features with the router replicated.
 """
 
-from autotp.match import Column, Rule, canonical, ops, pattern, row
+from autotp.match import Column, Context, Match, Rule, canonical, ops, pattern, row
 
 
-def _halves_its_output(m, ctx) -> bool:
+def _halves_its_output(m: Match, ctx: Context) -> bool:
     """The fused output goes only to one chunk/split into two equal halves of its features
     (after a squeeze of a routed expert's trailing dimension, where there is one)."""
     cut = m.layers["gate_up"].node
@@ -32,7 +32,8 @@ def _halves_its_output(m, ctx) -> bool:
     if call.op not in ("chunk", "split") or val is None or call["dim"] != val.dim() - 1:
         return False  # halves of the features, not of the batch or the sequence
     if call.op == "chunk":
-        return call["chunks"] == 2
+        chunks: object = call["chunks"]
+        return chunks == 2
     parts = call["split_size"]
     return isinstance(parts, int) and 2 * parts == val.shape[-1]  # split(width // 2)
 

@@ -12,15 +12,18 @@ token-type tables stay replicated.
 Motivated by GPT-2's `transformer.wte` and BERT's `word_embeddings`.
 """
 
-from autotp.match import Context, Match, Rule, pattern, vocab
+from typing import cast
+
+from autotp.match import Context, EmbeddingInfo, LinearInfo, Match, Rule, pattern, vocab
 
 
 def _same_vocabulary_as_a_head(m: Match, ctx: Context) -> bool:
     """A head over its vocabulary was taken, or the model declares it its input table."""
-    emb = m.layers["table"]
+    emb = cast(EmbeddingInfo, m.layers["table"])  # its pattern node is an "embedding"
     if emb.weight in ctx.tables:
         return True
-    heads = [mm.layers["head"] for mm in ctx.accepted if mm.rule.name == "lm_head"]
+    heads = [cast(LinearInfo, mm.layers["head"])  # lm_head's head is a "linear"
+             for mm in ctx.accepted if mm.rule.name == "lm_head"]  # fmt: skip
     tied = {id(ctx.gm.get_parameter(h.weight)) for h in heads}
     return any(h.out_features == emb.num_embeddings for h in heads) or (
         id(ctx.gm.get_parameter(emb.weight)) in tied

@@ -205,7 +205,7 @@ def test_fewer_key_value_heads_than_ranks_on_gloo_ranks() -> None:
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 @pytest.mark.slow
 def test_sequence_parallel_hands_the_split_sequence_over_between_layers(name) -> None:
-    """form="blocks", sequence_parallel=True: each layer returns its hidden state split
+    """form="regions", sequence_parallel=True: each layer returns its hidden state split
     along the sequence (a HandedOver of the serial shape, holding the rank's part), the
     model's Python passes it on and the next layer takes the part as it is; the final
     norm (or head) reads it gathered. Equal to serial in float64 at tp 2 and 4 (outputs,
@@ -220,8 +220,8 @@ def test_sequence_parallel_hands_the_split_sequence_over_between_layers(name) ->
     for tp in (2, 4):
         assert_equivalent(model, x, tp, atol=1e-10, rtol=1e-6,
                           parallel=lambda m, t, _: autotp.simulate(
-                              m, t, form="blocks", sequence_parallel=True))  # fmt: skip
-    sim = autotp.simulate(model, 2, form="blocks", sequence_parallel=True)
+                              m, t, form="regions", sequence_parallel=True))  # fmt: skip
+    sim = autotp.simulate(model, 2, form="regions", sequence_parallel=True)
     layers = {"gpt2": lambda: sim.transformer.h, "bert": lambda: sim.bert.encoder.layer,
               "llama": lambda: sim.model.layers}[name]()  # fmt: skip
     seen = []
@@ -239,7 +239,7 @@ def _handed_over_on_rank(rank: int, world: int) -> dict:
     from torch.distributed.tensor.debug import CommDebugMode
 
     model = _model("llama", 2)
-    module = autotp.parallelize(model, world, form="blocks", sequence_parallel=True)
+    module = autotp.parallelize(model, world, form="regions", sequence_parallel=True)
     x = _batch(seq=8)
     x["labels"] = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
     module(**x)  # the first call plans the layers' patterns

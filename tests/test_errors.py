@@ -421,3 +421,30 @@ def test_a_refusal_carries_its_parts_as_fields_the_views_read() -> None:
     assert "test_errors.py" in e.where["source"]
     shown = to_text(error_view(e), width=200)
     assert e.what in shown and e.hint in shown and e.where["source"] in shown
+
+
+def test_every_hint_is_data_and_the_text_ends_with_it() -> None:
+    """No message in the library spells a hint into its text: each is passed as `hint=`
+    (a field the views read, pickled with the error), and str() adds it last, once (only
+    errors.py writes the hint line, and render.py its label)."""
+    import ast
+    import pickle
+    from pathlib import Path
+
+    from autotp.common.errors import UsageError
+    from autotp.show.render import error_view, to_text
+
+    root = Path(autotp.__file__).parent
+    spelled = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if "  hint:" in node.value and path.name not in ("errors.py", "render.py"):
+                    spelled.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert spelled == []
+    e = UsageError("--tp 3 cannot split this model\nits heads: 4", hint="use --tp 2")
+    assert str(e).endswith("\n  hint:   use --tp 2") and str(e).count("hint:") == 1
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is UsageError and back.hint == e.hint and str(back) == str(e)
+    shown = to_text(error_view(back), width=200)
+    assert "hint: use --tp 2" in shown and "its heads: 4" in shown and shown.count("hint") == 1

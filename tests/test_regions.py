@@ -104,7 +104,7 @@ def test_the_graph_form_is_asked_for_by_name_and_names_the_region_form_when_it_f
     model = _llama()
     model.config.use_cache = True  # as from_pretrained gives it: the cache is returned
     assert isinstance(autotp.plan(model, 2, sequence_parallel=True), autotp.RegionPlan)
-    with pytest.raises(autotp.AutoTPError, match='form="blocks"') as info:
+    with pytest.raises(autotp.AutoTPError, match='form="regions"') as info:
         autotp.plan(model, 2, form="graph", sequence_parallel=True)  # it cannot trace
     assert "use_cache = False" in str(info.value)
     model.config.use_cache = False  # the whole graph returns no cache object

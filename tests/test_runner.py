@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import autotp
-from autotp.common.errors import CheckpointError, TrainingStopped
+from autotp.common.errors import AutoTPError, CheckpointError, TrainingStopped
 from autotp.run import cli
 from autotp.run.checkpoint import Checkpoints, read_serial_state
 from autotp.run.metrics import MetricsLog, Reporter, read_metrics
@@ -405,3 +405,24 @@ def test_a_worker_error_is_one_panel_and_ctrl_c_exits_130(tmp_path: Path) -> Non
     latest = run / (run / "latest").read_text()
     assert problem(latest) is None
     assert read_serial_state(run)["lm_head.weight"].isfinite().all()
+
+
+def test_a_worker_that_dies_without_a_message_is_named_by_its_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that exits without leaving autotp's error file (killed, os._exit) is
+    reported by its global rank and its error file, with what to do next."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from autotp.run.launch import run_workers
+
+    def die(args: object) -> None:
+        failure = ProcessFailure(local_rank=1, pid=4242, exitcode=9, error_file="<none>")
+        raise ChildFailedError("autotp.run.train", {3: failure})
+
+    monkeypatch.setattr(torchrun, "run", die)
+    with pytest.raises(AutoTPError) as info:
+        run_workers("autotp.run.train", [], [], 4, say=lambda line: None)
+    assert "--max-restarts" in str(info.value)
+    assert "rank:   3, " in str(info.value) and "exit codes [9]" in str(info.value)

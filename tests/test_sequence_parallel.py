@@ -192,7 +192,7 @@ def test_the_block_form_with_sequence_parallelism_equals_serial(name, tp, kv) ->
 
     model = build(name, kv_heads=kv).double()
     x = inputs(name)
-    plan = autotp.plan(model, tp, x, form="blocks", sequence_parallel=True)
+    plan = autotp.plan(model, tp, x, form="regions", sequence_parallel=True)
     assert plan.sequence_parallel and {r.kind for r in plan.regions} >= {"layer", "embedding"}
     assert_equivalent(model, x, tp, atol=1e-10, rtol=RTOL_FLOAT32_INSIDE[name],
                       parallel=lambda m, t, xs: autotp.simulate(m, plan))  # fmt: skip
@@ -201,7 +201,7 @@ def test_the_block_form_with_sequence_parallelism_equals_serial(name, tp, kv) ->
 def _block_sp_on_rank(rank: int, world: int) -> tuple[float, float]:
     model = _llama_sp()
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
-    module = autotp.parallelize(model, world, form="blocks", sequence_parallel=True)
+    module = autotp.parallelize(model, world, form="regions", sequence_parallel=True)
     loss = module(input_ids=ids, labels=ids).loss
     loss.backward()
     norm = torch.stack([g.norm() ** 2 for g in autotp.full_grads(module).values()
@@ -211,13 +211,13 @@ def _block_sp_on_rank(rank: int, world: int) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_the_block_form_hands_the_split_sequence_from_layer_to_layer() -> None:
-    """form="blocks" with sequence_parallel=True (a transformers model keeps its own
+    """form="regions" with sequence_parallel=True (a transformers model keeps its own
     Python, its keywords and generate()): each layer hands its hidden state to the next
     split along the sequence; equal to serial in simulate and on gloo, the collectives
     counted, and the plan says so."""
     pytest.importorskip("transformers")
     model = _llama_sp()
-    plan = autotp.plan(model, 2, form="blocks", sequence_parallel=True)
+    plan = autotp.plan(model, 2, form="regions", sequence_parallel=True)
     assert isinstance(plan, autotp.RegionPlan) and plan.sequence_parallel
     assert any("hands its hidden state" in n for n in plan.notes())
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))

@@ -128,8 +128,7 @@ def test_a_rank_of_8_3b_holds_one_eighth_of_the_split_weights() -> None:
     with torch.device("meta"):
         model = build("megatron-8.3b")
     p = autotp.plan(model, 8, model.example_inputs(batch=1, seq=64))
-    rank = build_rank_module(model, p.traced.gm, p.graph, p.splits, 3, 8,
-                             LocalComm(), p, "GPT2")  # fmt: skip
+    rank = build_rank_module(model, p, 3, LocalComm())
     serial = dict(model.named_parameters())
     split = sum(t.numel() for n, t in serial.items() if n in p.splits)
     repl = sum(t.numel() for n, t in serial.items() if n not in p.splits)

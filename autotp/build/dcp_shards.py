@@ -15,6 +15,7 @@ a plain tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -36,19 +37,26 @@ class ShardState(torch.Tensor):
     _autotp_chunks: tuple[tuple[int, int, int], ...]  # (local start, serial start, length)
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         with DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
-    def size(self, dim: int | None = None) -> Any:  # type: ignore[override]
+    def size(self, dim: int | None = None) -> Any:
         """The serial tensor's size, as DTensor's (DCP checks it against the saved one);
         `.shape` stays this rank's."""
         return self._autotp_size if dim is None else self._autotp_size[dim]
 
     def __reduce_ex__(self, protocol: Any) -> Any:  # torch.save: a plain tensor
-        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+        # torch leaves Tensor.__reduce_ex__ unannotated
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)  # type: ignore[no-untyped-call]
 
-    def __deepcopy__(self, memo: dict) -> ShardState:  # a snapshot DCP still reads right
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardState:  # a snapshot DCP still reads right
         out = self.as_subclass(torch.Tensor).clone().as_subclass(ShardState)
         out._autotp_dim, out._autotp_size = self._autotp_dim, self._autotp_size
         out._autotp_chunks = self._autotp_chunks
@@ -142,11 +150,12 @@ def shard_states(
     """Make `module.state_dict()` give its split tensors (by name in the module, with
     their serial shapes) as ShardStates. `state_dict(keep_vars=True)` keeps Parameters."""
 
-    def hook(m: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    def hook(m: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         for name, spec in splits.items():
             value = state.get(prefix + name)
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                 if name in shapes and not isinstance(value, ShardState):
                     state[prefix + name] = as_shard_state(value, spec, rank, tp, shapes[name])
 
-    module.register_state_dict_post_hook(hook)
+    # unannotated in torch
+    module.register_state_dict_post_hook(hook)  # type: ignore[no-untyped-call]

@@ -11,10 +11,11 @@ large configurations are sized without weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from ..common.errors import AutoTPError, node_error
+from ..planning.plan import Plan
 from ..rewrite.sites import (
     DROPOUT_MODULES,
     RANK_BUFFER,
@@ -44,8 +46,8 @@ from .dcp_shards import shard_states
 from .weights import Weights
 
 __all__ = [
-    "RankInfo", "cut", "gather", "gather_over", "rank_shard", "as_like", "build_rank_module",
-    "check_mode",
+    "RankInfo", "RankOptions", "rank_info", "gather", "gather_over", "rank_shard", "as_like",
+    "build_rank_module", "check_mode",
 ]  # fmt: skip
 
 
@@ -57,27 +59,39 @@ class RankInfo:
     tp: int
     comm: Comm
     splits: dict[str, Shard]  # state_dict key -> its split; absent keys are replicated
-    plan: object  # the Plan this module was built from
+    plan: Plan  # the plan this module was built from
     random: RankRandom  # the dropout streams of this rank
     # the train/eval flag of every submodule as built, for a model whose graph depends on
     # the mode (plan.traced.mode_dependent): it runs only in that mode
     modes: tuple[bool, ...] = ()
 
 
+def rank_info(module: nn.Module) -> RankInfo:
+    """What a rank module built by `build_rank_module` knows of itself (`module.autotp`)."""
+    info = module.__dict__.get("autotp")
+    if not isinstance(info, RankInfo):
+        raise AutoTPError(
+            f"expected a module from autotp.parallelize or autotp.simulate, got "
+            f"{type(module).__name__}"
+        )
+    return info
+
+
 def check_mode(gm: nn.Module) -> None:
     """Refuse to run a rank module in another mode than it was planned in, when the
     model's traced graph depends on the mode (Python that branches on self.training)."""
-    info = gm.autotp
-    why = getattr(getattr(info.plan, "traced", None), "mode_dependent", None)
+    info = rank_info(gm)
+    why = info.plan.traced.mode_dependent
     if why is None or tuple(m.training for m in gm.modules()) == info.modes:
         return
     mode = "train" if info.modes and info.modes[0] else "eval"
     raise AutoTPError(
         f"this parallel module was planned with the model in {mode} mode (per module, as "
         f"the model was), and the model's forward depends on the mode ({why}): tracing "
-        "froze that choice, so it cannot run in another mode.\n  hint:   call model.train() "
+        "froze that choice, so it cannot run in another mode.",
+        hint="call model.train() "
         "or model.eval() before autotp.parallelize / autotp.simulate, and build one parallel "
-        "module per mode (they can share nothing but the serial weights)"
+        "module per mode (they can share nothing but the serial weights)",
     )
 
 
@@ -141,13 +155,13 @@ def gather(
     shards = shards[:: spec.replicas]  # one rank of each slice
     tp = len(shards)
     local = [length // tp for _, length in spec.pieces(shards[0].shape[spec.dim] * tp)]
-    per_rank = [s.split(local, dim=spec.dim) for s in shards]
+    per_rank = [torch.split(s, local, dim=spec.dim) for s in shards]
     blocks = [torch.cat([p[b] for p in per_rank], dim=spec.dim) for b in range(len(local))]
     full = torch.cat(blocks, dim=spec.dim)
     return full if serial_size is None else full.narrow(spec.dim, 0, serial_size)
 
 
-def _fresh_module(mod: nn.Module, new_tensor) -> nn.Module:
+def _fresh_module(mod: nn.Module, new_tensor: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
     """A shallow copy of a leaf module with its own parameters and buffers."""
     m = copy.copy(mod)
     for k, v in vars(mod).items():  # hooks and sets of its own: nothing leaks back or across
@@ -157,9 +171,11 @@ def _fresh_module(mod: nn.Module, new_tensor) -> nn.Module:
             and k not in ("_parameters", "_buffers", "_modules")
         ):
             m.__dict__[k] = copy.copy(v)
-    m._parameters = {k: None if p is None else new_tensor(p) for k, p in mod._parameters.items()}
+    m._parameters = {k: None if p is None else cast(nn.Parameter, new_tensor(p))  # of a Parameter
+                     for k, p in mod._parameters.items()}  # fmt: skip
     m._buffers = {k: None if b is None else new_tensor(b) for k, b in mod._buffers.items()}
-    m._modules = {k: _fresh_module(s, new_tensor) for k, s in mod._modules.items()}
+    m._modules = {k: None if s is None else _fresh_module(s, new_tensor)
+                  for k, s in mod._modules.items()}  # fmt: skip
     return m
 
 
@@ -208,36 +224,46 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class RankOptions:
+    """How `build_rank_module` builds a rank's module, beyond the plan and the rank.
+
+    seed: the dropout streams' seed (rank 0's, shared by the group), unless `random`
+        gives the streams themselves.
+    local: tensors, by name, that already are this rank's (shards shared by several
+        graphs of one region): used as they are.
+    weights: tensors the files hold are read from them, each rank its own slices.
+    init: a model on the meta device without weights has each tensor filled whole by
+        `init(name, tensor)` (e.g. its `init_parameter`) and cut, one at a time.
+    device: where the rank runs (default: the model's; the CPU for a model on the meta
+        device): tensors a graph traced on meta (or on `traced_on`) creates are created
+        there instead.
+    class_name: the module's class name (default: the plan's model name).
+    """
+
+    seed: int = 0
+    local: dict[str, torch.Tensor] | None = None
+    weights: Weights | None = None
+    device: torch.device | None = None
+    random: RankRandom | None = None
+    init: Callable[[str, torch.Tensor], None] | None = None
+    traced_on: torch.device | None = None
+    class_name: str | None = None
+
+
 def build_rank_module(
-    model: nn.Module,
-    source: nn.Module,
-    graph: fx.Graph,
-    splits: dict[str, Shard],
-    rank: int,
-    tp: int,
-    comm: Comm,
-    plan: object,
-    class_name: str,
-    seed: int = 0,
-    local: dict[str, torch.Tensor] | None = None,
-    weights: Weights | None = None,
-    device: torch.device | None = None,
-    random: RankRandom | None = None,
-    init: Callable[[str, torch.Tensor], None] | None = None,
-    traced_on: torch.device | None = None,
+    model: nn.Module, plan: Plan, rank: int, comm: Comm, options: RankOptions = RankOptions()
 ) -> fx.GraphModule:
-    """The module rank `rank` runs: `graph` over this rank's shards of `model`'s tensors.
-    `source` is the traced graph module (sharing `model`'s tensors): the graph's module and
-    attribute targets are looked up there. `local` holds, by name, tensors that already
-    are this rank's (shards shared by several graphs of one block): used as they are.
-    `weights`: tensors the file holds are read from it, each rank its own slices.
-    `init`: a model on the meta device without weights has each tensor filled whole by
-    `init(name, tensor)` (e.g. its `init_parameter`) and cut, one at a time.
-    `device`: where the rank runs (default: the model's; the CPU for a model on the meta
-    device): tensors a graph traced on meta (or on `traced_on`) creates are created there
-    instead."""
-    device = device or _device_of(model)
-    graph = _created_on(graph, device, traced_on)
+    """The module rank `rank` runs: `plan`'s per-rank graph over this rank's shards of
+    `model`'s tensors (`model` is the one planned, or one built the same way: the graph's
+    modules and attributes are looked up in the plan's traced module, which shares its
+    tensors or those of the instance planned)."""
+    source, graph, splits, tp = plan.traced.gm, plan.graph, plan.splits, plan.tp
+    seed, local, weights, random, init = (options.seed, options.local, options.weights,
+                                          options.random, options.init)  # fmt: skip
+    class_name = options.class_name or plan.model_name
+    device = options.device or _device_of(model)
+    graph = _created_on(graph, device, options.traced_on)
     given = local or {}
     # the tensors to cut, by name: `model`'s own, also when the plan's graph module shares
     # the tensors of another instance it was planned on (a plan made on the meta device)
@@ -286,20 +312,27 @@ def build_rank_module(
     random = random or RankRandom(seed, rank)
     sites: dict[str, Callable[[], nn.Module]] = site_modules(comm)
     for stream, name in DROPOUT_MODULES.items():
-        sites[name] = lambda s=stream: StreamDropout(random, s)
+
+        def dropout(s: str = stream) -> nn.Module:
+            return StreamDropout(random, s)
+
+        sites[name] = dropout
     root: dict[str, object] = {RANK_BUFFER: torch.tensor(rank, device=device)}
-    for n in graph.nodes:
-        if n.op == "call_module" and site_kind(n.target) in sites:
-            root[n.target] = sites[site_kind(n.target)]()
-        elif n.op == "call_module" and n.target not in root:
-            root[n.target] = _fresh_module(source.get_submodule(n.target), new_tensor)
-        elif n.op == "get_attr" and n.target not in root:
-            t = _lookup(source, n.target)
-            if isinstance(t, nn.Module):  # a higher-order op's body (export's no_grad region)
-                root[n.target] = _fresh_module(t, new_tensor)  # each rank its own
-            elif _unknown_constant(t, names_of, device):
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        target = str(node.target)  # a module path or an attribute's, for these two ops
+        if node.op == "call_module" and site_kind(target) in sites:
+            root[target] = sites[site_kind(target)]()
+        elif node.op == "call_module" and target not in root:
+            root[target] = _fresh_module(source.get_submodule(target), new_tensor)
+        elif node.op == "get_attr" and target not in root:
+            value = _lookup(source, target)
+            if isinstance(value, nn.Module):  # a higher-order op's body (export's no_grad)
+                root[target] = _fresh_module(value, new_tensor)  # each rank its own
+            elif _unknown_constant(value, names_of, device):
                 raise node_error(
-                    next(iter(n.users), n),
+                    next(iter(node.users), node),
                     "this op reads a tensor the forward makes from a Python value (e.g. "
                     "torch.tensor(finfo.min, device=x.device)); autotp traced it on the meta "
                     "device, where that value is lost",
@@ -307,7 +340,7 @@ def build_rank_module(
                     "or report it",
                 )
             else:
-                root[n.target] = new_tensor(t) if isinstance(t, torch.Tensor) else t
+                root[target] = new_tensor(value) if isinstance(value, torch.Tensor) else value
     gm = fx.GraphModule(root, graph, class_name)
     # Everything else the serial state_dict holds, so full_state_dict has every key, and
     # nothing it does not hold (fx registers every get_attr tensor as a persistent buffer).
@@ -323,7 +356,7 @@ def build_rank_module(
     gm.get_submodule("")._non_persistent_buffers_set.add(RANK_BUFFER)
     _copy_modes(model, gm)
     modes = tuple(m.training for m in gm.modules())
-    gm.autotp = RankInfo(rank, tp, comm, dict(splits), plan, random, modes)
+    gm.__dict__["autotp"] = RankInfo(rank, tp, comm, dict(splits), plan, random, modes)  # rank_info
     gm.register_forward_pre_hook(lambda mod, args: check_mode(mod))
     count_norms(gm, comm, rank, splits)
     gm.register_forward_hook(_grad_mode_back, always_call=True)
@@ -340,18 +373,18 @@ def _keep_sequence_parts(gm: fx.GraphModule) -> None:
     """The forward runs in `keep_parts()`: what the column-split linears save of an
     all-gathered sequence is the rank's part, gathered again in backward, as Megatron-LM
     does."""
-    active: list[Any] = []
+    active: list[contextlib.ExitStack] = []
 
     def enter(mod: nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling():  # traced without it (see keep_parts)
             return
-        ctx = keep_parts()
-        ctx.__enter__()
-        active.append(ctx)
+        stack = contextlib.ExitStack()
+        stack.enter_context(keep_parts())
+        active.append(stack)
 
     def leave(mod: nn.Module, args: Any, out: Any) -> None:
         if active and not torch.compiler.is_compiling():
-            active.pop().__exit__(None, None, None)
+            active.pop().close()
 
     gm.register_forward_pre_hook(enter)
     gm.register_forward_hook(leave, always_call=True)
@@ -391,7 +424,10 @@ def _created_on(
     out._codegen = graph._codegen
     env: dict[fx.Node, fx.Node] = {}
     out.output(out.graph_copy(graph, env))
-    swap = lambda a: device if isinstance(a, torch.device) and a in swapped else a  # noqa: E731
+
+    def swap(a: Any) -> Any:
+        return device if isinstance(a, torch.device) and a in swapped else a
+
     for n in out.nodes:
         if on_meta(n):
             n.args = tuple(swap(a) for a in n.args)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..capture.trace import restore_grad, set_grad
+from ..planning.plan import Plan
 from ..rewrite.sites import (
     SP_GATHER_MODULE,
     record,
@@ -32,7 +33,7 @@ from ..runtime.collectives import (
 )
 from ..sharding import Shard
 from ..sharding.placement import cut
-from .materialise import check_mode
+from .materialise import check_mode, rank_info
 
 # every kind but the parameters' f, whose call carries its groups (its own step below)
 _SIMULATED = {k.module: k.simulated for k in KINDS if k is not F_PARAMS}
@@ -47,12 +48,12 @@ class _Replicated(torch.autograd.Function):
     """Rank 0's copy of a replicated output; backward hands every rank the gradient."""
 
     @staticmethod
-    def forward(ctx, *xs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, *xs: torch.Tensor) -> torch.Tensor:
         ctx.n = len(xs)
         return xs[0].view_as(xs[0])
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    @staticmethod  # one output, so one gradient (Function's takes one per output)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         return tuple(grad for _ in range(ctx.n))
 
 
@@ -75,8 +76,8 @@ class SimulatedTP(nn.Module):
         return len(self.ranks)
 
     @property
-    def plan(self) -> Any:
-        return self.ranks[0].autotp.plan
+    def plan(self) -> Plan:
+        return rank_info(self.ranks[0]).plan
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         grad = torch.is_grad_enabled()
@@ -89,13 +90,13 @@ class SimulatedTP(nn.Module):
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         check_mode(self.ranks[0])
-        for r in self.ranks:  # what a rank module's own call checks first (grads.py)
-            unfrozen = r.__dict__.get("autotp_unfrozen")
+        for rank_module in self.ranks:  # what a rank module's own call checks first (grads.py)
+            unfrozen = rank_module.__dict__.get("autotp_unfrozen")
             if unfrozen is not None:
                 unfrozen()
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        ranks = list(self.ranks)
+        ranks = cast(list[fx.GraphModule], list(self.ranks))  # as given to __init__
         codegen = ranks[0].graph._codegen  # flattens and rebuilds pytree I/O (torch.export)
         inputs = iter(codegen.process_inputs(*bound.arguments.values()))
         interps = [fx.Interpreter(r, garbage_collect_values=False) for r in ranks]
@@ -139,6 +140,7 @@ class SimulatedTP(nn.Module):
                     if r == 1:
                         after = rng.get()
                     if r > 0:
+                        assert before is not None  # saved: more than one rank
                         rng.set(before)
                     try:
                         env[node] = it.run_node(node)
@@ -170,19 +172,25 @@ def _own_copy(x: Any) -> Any:
     return x.detach().clone().requires_grad_(x.requires_grad)
 
 
+# the CPU generator's state, and each CUDA device's (None without CUDA)
+_RNGState = tuple[torch.Tensor, list[torch.Tensor] | None]
+
+
 class _GlobalRNG:
     """The global random state (CPU, and CUDA once initialised), saved and restored around
     each node so that random ops on replicated values draw the same on every rank."""
 
     def __init__(self) -> None:
-        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        # torch leaves is_initialized unannotated
+        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
 
-    def get(self) -> tuple:
+    def get(self) -> _RNGState:
         return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if self.cuda else None)
 
-    def set(self, state: tuple) -> None:
+    def set(self, state: _RNGState) -> None:
         torch.set_rng_state(state[0])
         if self.cuda:
+            assert state[1] is not None  # get() saved them: self.cuda
             torch.cuda.set_rng_state_all(state[1])
 
 
@@ -198,15 +206,16 @@ def _split_outputs(node: fx.Node) -> list[tuple[Shard, int | None] | None]:
 def _combine(outs: list[Any], splits: list[tuple[Shard, int | None] | None]) -> Any:
     flat = [tree_flatten(o) for o in outs]
     leaves0, spec = flat[0]
-    merged = []
+    merged: list[Any] = []
     for i, leaf in enumerate(leaves0):
         if not isinstance(leaf, torch.Tensor):
             merged.append(leaf)
-        elif i < len(splits) and splits[i] is not None:  # kept split: show it whole
-            shard, size = splits[i]
+        elif i < len(splits) and (split := splits[i]) is not None:  # kept split: show it whole
+            shard, size = split
             parts = [f[0][i] for f in flat][:: shard.replicas]  # one rank of each slice
             whole = torch.cat(parts, dim=shard.dim)
             merged.append(whole if size is None else whole.narrow(shard.dim, 0, size))
         else:
-            merged.append(_Replicated.apply(*[f[0][i] for f in flat]))
+            # torch leaves Function.apply unannotated
+            merged.append(_Replicated.apply(*[f[0][i] for f in flat]))  # type: ignore[no-untyped-call]
     return tree_unflatten(merged, spec)

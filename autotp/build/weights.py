@@ -19,6 +19,7 @@ import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -37,7 +38,7 @@ class Weights:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         prefix: str = "",
         conversions: Conversions | Callable[[], Conversions | None] | None = None,
     ) -> None:
@@ -65,8 +66,8 @@ class Weights:
                 path = single
             else:
                 raise AutoTPError(
-                    f"{path} holds neither model.safetensors nor {_INDEX}\n  hint:   pass what "
-                    "save_pretrained(folder) wrote, or one .safetensors file"
+                    f"{path} holds neither model.safetensors nor {_INDEX}",
+                    hint="pass what save_pretrained(folder) wrote, or one .safetensors file",
                 )
         elif path.is_file():
             where = None
@@ -77,13 +78,13 @@ class Weights:
                 where = dict.fromkeys(f.keys(), path)
         self.path = path
         self._where: dict[str, Path] = where
-        self._open: dict[Path, object] = {}
+        self._open: dict[Path, Any] = {}  # safetensors' handles (untyped)
         self._layouts: dict[Path, _Layout] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def _slice(self, name: str):
+    def _slice(self, name: str) -> _Slice:
         if name in self._converted:  # made whole from the file's parts, then cut as one
             return _Whole(self._converted[name].build(lambda k: self._slice(k)[:]))
         from safetensors import safe_open
@@ -91,7 +92,8 @@ class Weights:
         file = self._where[name]
         if file not in self._open:  # a handle per file, kept: opening maps it once
             self._open[file] = safe_open(str(file), framework="pt")
-        return self._open[file].get_slice(name)  # type: ignore[attr-defined]
+        found: _Slice = self._open[file].get_slice(name)
+        return found
 
     def read(
         self, name: str, spec: Shard | None = None, rank: int = 0, tp: int = 1,
@@ -105,8 +107,8 @@ class Weights:
         if shape is not None and stored != shape:
             where = self._where.get(name, "its parts" if name in self._converted else "?")
             raise AutoTPError(
-                f"{name} is {list(stored)} in {where} but {list(shape)} in the model\n"
-                "  hint:   pass the weights saved from this model's configuration"
+                f"{name} is {list(stored)} in {where} but {list(shape)} in the model",
+                hint="pass the weights saved from this model's configuration",
             )
         shape = stored
         if spec is None:
@@ -183,10 +185,19 @@ class Weights:
     def missing(self, name: str) -> AutoTPError:
         """The error for a tensor on the meta device that these weights do not hold."""
         return AutoTPError(
-            f"{name} is on the meta device and not in {self.path}\n  hint:   pass weights= "
+            f"{name} is on the meta device and not in {self.path}",
+            hint="pass weights= "
             "a file or folder holding every tensor of the model (what save_pretrained of "
-            "this model class writes), or build the model with real tensors"
+            "this model class writes), or build the model with real tensors",
         )
+
+
+class _Slice(Protocol):
+    """A tensor read by parts: a safetensors slice, or a `_Whole`."""
+
+    def get_shape(self) -> list[int]: ...
+
+    def __getitem__(self, index: Any) -> torch.Tensor: ...
 
 
 class _Whole:
@@ -198,7 +209,7 @@ class _Whole:
     def get_shape(self) -> list[int]:
         return list(self.t.shape)
 
-    def __getitem__(self, index: object) -> torch.Tensor:
+    def __getitem__(self, index: Any) -> torch.Tensor:
         return self.t[index]
 
 
@@ -286,16 +297,17 @@ def fill_buffers(model: torch.nn.Module, weights: Weights) -> None:
         if init is None:
             raise AutoTPError(
                 f"buffer {name} is not in {weights.path} and the model on the meta device "
-                "holds no value for it\n  hint:   build the model with real buffers (only "
-                "its parameters on the meta device), or save the buffer with the weights"
+                "holds no value for it",
+                hint="build the model with real buffers (only "
+                "its parameters on the meta device), or save the buffer with the weights",
             )
         mod._buffers[leaf] = _unset_like(b)
         init(mod)  # what its __init__ computed (rotary frequencies)
-        if _left_unset(mod._buffers[leaf]):
+        if _left_unset(cast(torch.Tensor, mod._buffers[leaf])):  # set above, filled in place
             raise AutoTPError(
                 f"buffer {name} is not in {weights.path}, and the model's initialiser "
-                f"({type(model).__name__}._init_weights) does not compute it\n  hint:   build "
-                "the model with real buffers (only its parameters on the meta device)"
+                f"({type(model).__name__}._init_weights) does not compute it",
+                hint="build the model with real buffers (only its parameters on the meta device)",
             )
 
 
@@ -328,8 +340,9 @@ def init_missing(model: torch.nn.Module, weights: Weights, skip: tuple[str, ...]
         if init is None:
             raise weights.missing(f"{owner}.{leaves[0]}")
         for leaf in leaves:
-            p = mod._parameters[leaf]
-            mod._parameters[leaf] = torch.nn.Parameter(_unset_like(p), p.requires_grad)
+            old = mod._parameters[leaf]
+            assert old is not None  # named_parameters gave it
+            mod._parameters[leaf] = torch.nn.Parameter(_unset_like(old), old.requires_grad)
         for name, t in mod.named_parameters(recurse=False):  # the others: not theirs to set
             if t.is_meta:
                 mod._parameters[name] = torch.nn.Parameter(
@@ -338,12 +351,13 @@ def init_missing(model: torch.nn.Module, weights: Weights, skip: tuple[str, ...]
         with torch.no_grad():
             init(mod)
         for leaf in leaves:
-            if _left_unset(mod._parameters[leaf]):
+            if _left_unset(cast(torch.Tensor, mod._parameters[leaf])):  # set above
                 raise AutoTPError(
                     f"{owner}.{leaf} is not in {weights.path}, and the model's initialiser "
-                    f"({type(model).__name__}._init_weights) does not set it\n  hint:   "
+                    f"({type(model).__name__}._init_weights) does not set it",
+                    hint=""
                     "pass weights= a checkpoint holding it, or build the model with real "
-                    "tensors"
+                    "tensors",
                 )
             done.append(f"{owner}.{leaf}")
     return done

@@ -14,7 +14,7 @@ with side effects (grad mode), values fake tensors keep (a constant), symbolic s
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.fx as fx
@@ -33,6 +33,11 @@ _TORCH_OPS = frozenset({"torch", "torch.functional", "torch.nn.functional", "tor
                         "torch._C._special", "torch._C._fft"})  # fmt: skip
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.memory_format,
           torch.layout, type(Ellipsis))  # fmt: skip
+# a fake or meta tensor by what fixes a result's shapes: (shape, stride, dtype, device,
+# requires_grad)
+_TensorSig: TypeAlias = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device, bool]
+# a call by what fixes its result: (op, callee, args' and kwargs' signatures)
+_Key: TypeAlias = tuple[str, Any, Any, Any]
 
 
 class _NoKey(Exception):
@@ -74,9 +79,7 @@ def annotate(gm: fx.GraphModule, inputs: dict[str, Any]) -> None:
         )
         node = runner.current
         where = describe_node(node) if node is not None else f"  source: {user_frame(e)}"
-        raise ExampleInputsError(
-            f"{what}\n{where}\n  hint:   {hint}", what=what, hint=hint, node=node
-        ) from e
+        raise ExampleInputsError(f"{what}\n{where}", what=what, hint=hint, node=node) from e
     finally:
         quiet.setLevel(level)
 
@@ -90,7 +93,7 @@ class _FakeRunner(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode) -> None:
         super().__init__(gm)
         self.mode = mode
-        self.seen: dict[tuple, Any] = {}
+        self.seen: dict[_Key, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
@@ -109,7 +112,7 @@ class _FakeRunner(fx.Interpreter):
         n.meta["val"] = result
         return result
 
-    def _key(self, n: fx.Node, args: tuple, kwargs: dict) -> tuple | None:
+    def _key(self, n: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Key | None:
         callee = self._callee(n, args)
         if callee is None:
             return None
@@ -118,7 +121,7 @@ class _FakeRunner(fx.Interpreter):
         except _NoKey:
             return None
 
-    def _callee(self, n: fx.Node, args: tuple) -> Any:
+    def _callee(self, n: fx.Node, args: tuple[Any, ...]) -> Any:
         """What the call runs, as a key part, or None where its result may depend on
         more than its arguments or it has an effect."""
         target = n.target
@@ -143,7 +146,9 @@ class _FakeRunner(fx.Interpreter):
         return None
 
 
-def _module_key(m: torch.nn.Module) -> tuple | None:
+def _module_key(
+    m: torch.nn.Module,
+) -> tuple[type[torch.nn.Module], str, bool, tuple[tuple[str, _TensorSig | None], ...]] | None:
     """A torch.nn leaf module (no hooks, not in place) by class, settings and tensors."""
     if not type(m).__module__.startswith("torch.nn.modules.") or getattr(m, "inplace", False):
         return None
@@ -158,7 +163,7 @@ def _module_key(m: torch.nn.Module) -> tuple | None:
     return (type(m), m.extra_repr(), m.training, tensors)
 
 
-def _tensor_sig(t: torch.Tensor) -> tuple:
+def _tensor_sig(t: torch.Tensor) -> _TensorSig:
     if isinstance(t, FakeTensor):
         if t.constant is not None:
             raise _NoKey  # a value fake tensors keep: results may read it

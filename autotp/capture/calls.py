@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeAlias, cast
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ..common.errors import AutoTPError
 from ..integrations.hf import encoder_decoder_cache, is_cache, is_encoder_decoder
@@ -20,6 +20,17 @@ __all__ = ["BlockCall", "PAST", "Recorder", "cache_index", "call_module", "dynam
            "modes", "take_apart"]  # fmt: skip
 
 PAST = ("past_key", "past_value")
+
+# where a call's cache sat: ("arg", position) or ("kwarg", name), then whether it is an
+# encoder-decoder's pair of caches
+CacheAt: TypeAlias = tuple[Literal["arg"], int, bool] | tuple[Literal["kwarg"], str, bool]
+# per leaf of a call: an input name, or ("const", value)
+Slot: TypeAlias = str | tuple[str, Any]
+# what fixes a call's graph: the pytree spec (as text), each leaf's (dtype, dim, device)
+# or constant (repr), where the cache sat, whether a past is given, the modules' modes
+CallKey: TypeAlias = tuple[
+    str, tuple[tuple[torch.dtype, int, str] | str, ...], CacheAt | None, bool, tuple[bool, ...]
+]
 
 
 def modes(block: nn.Module) -> tuple[bool, ...]:
@@ -32,35 +43,44 @@ def modes(block: nn.Module) -> tuple[bool, ...]:
 class BlockCall:
     """One call of a block, taken apart: its tensors by input name, the rest fixed."""
 
-    spec: Any  # pytree spec of (args, kwargs), the cache replaced by None
-    slots: tuple  # per leaf: an input name, or ("const", value)
-    cache_at: tuple | None  # where the cache sat: ("arg", i) or ("kwarg", name)
+    spec: TreeSpec  # pytree spec of (args, kwargs), the cache replaced by None
+    slots: tuple[Slot, ...]  # per leaf: an input name, or ("const", value)
+    cache_at: CacheAt | None  # where the cache sat: ("arg", i) or ("kwarg", name)
     tensors: dict[str, torch.Tensor]
-    key: tuple
+    key: CallKey
 
-    def rebuild(self, tensors: dict[str, Any], cache: object) -> tuple[tuple, dict]:
+    def rebuild(
+        self, tensors: dict[str, Any], cache: object
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         leaves = [tensors[s] if isinstance(s, str) else s[1] for s in self.slots]
         args, kwargs = tree_unflatten(leaves, self.spec)
         if self.cache_at is not None:
-            where, at = self.cache_at[:2]
-            if where == "arg":
+            if self.cache_at[0] == "arg":
+                at = self.cache_at[1]
                 args = (*args[:at], cache, *args[at + 1 :])
             else:
-                kwargs = {**kwargs, at: cache}
+                kwargs = {**kwargs, self.cache_at[1]: cache}
         return args, kwargs
 
 
-def take_apart(args: tuple, kwargs: dict, past: tuple | None, training: tuple) -> BlockCall:
-    cache_at = None
-    args, kwargs = list(args), dict(kwargs)
-    for i, a in enumerate(args):
+def take_apart(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+    training: tuple[bool, ...],
+) -> BlockCall:
+    cache_at: CacheAt | None = None
+    items, named = list(args), dict(kwargs)
+    for i, a in enumerate(items):
         if is_cache(a):
-            cache_at, args[i] = ("arg", i, is_encoder_decoder(a)), None
-    for k, v in kwargs.items():
+            cache_at, items[i] = ("arg", i, is_encoder_decoder(a)), None
+    for k, v in named.items():
         if is_cache(v):
-            cache_at, kwargs[k] = ("kwarg", k, is_encoder_decoder(v)), None
-    leaves, spec = tree_flatten((tuple(args), kwargs))
-    slots, tensors, consts = [], {}, []
+            cache_at, named[k] = ("kwarg", k, is_encoder_decoder(v)), None
+    leaves, spec = tree_flatten((tuple(items), named))
+    slots: list[Slot] = []
+    tensors: dict[str, torch.Tensor] = {}
+    consts: list[tuple[torch.dtype, int, str] | str] = []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             name = f"in{i}"
@@ -74,12 +94,13 @@ def take_apart(args: tuple, kwargs: dict, past: tuple | None, training: tuple) -
             raise AutoTPError(
                 f"a parallel block was called with a {type(leaf).__name__}, which autotp "
                 "cannot carry into its graph (it carries tensors, numbers, strings and "
-                "transformers' DynamicCache)\n  hint:   call the model without it (e.g. "
-                "use_cache=False for an encoder-decoder cache)"
+                "transformers' DynamicCache)",
+                hint="call the model without it (e.g. "
+                "use_cache=False for an encoder-decoder cache)",
             )
     if past is not None:
         tensors.update(zip(PAST, past, strict=True))
-    key = (str(spec), tuple(consts), cache_at, past is not None, training)
+    key: CallKey = (str(spec), tuple(consts), cache_at, past is not None, training)
     return BlockCall(spec, tuple(slots), cache_at, tensors, key)
 
 
@@ -92,13 +113,17 @@ class Recorder:
         self.new: tuple[torch.Tensor, torch.Tensor] | None = None
         self.index: Any = None
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, index: Any = None, *a, **k):
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, index: Any = None, *a: Any, **k: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.new is not None:
             raise AutoTPError("the block updates its cache twice in one call: not supported")
         self.new, self.index = (key, value), index
-        if self.past[0] is None:
+        past_key, past_value = self.past
+        if past_key is None:
             return key, value
-        return (torch.cat([self.past[0], key], dim=-2), torch.cat([self.past[1], value], dim=-2))
+        assert past_value is not None  # the past keys and values come together (take_apart)
+        return (torch.cat([past_key, key], dim=-2), torch.cat([past_value, value], dim=-2))
 
     def get_seq_length(self, *a: Any, **k: Any) -> int:
         """The length of the past (T5's relative positions start there)."""
@@ -107,8 +132,8 @@ class Recorder:
     def __getattr__(self, name: str) -> Any:
         raise AutoTPError(
             f"the block calls its cache's `{name}`, which autotp does not model (it models "
-            "`update` and `get_seq_length`, as DynamicCache does)\n  hint:   call the model with "
-            "use_cache=False"
+            "`update` and `get_seq_length`, as DynamicCache does)",
+            hint="call the model with use_cache=False",
         )
 
 
@@ -116,7 +141,8 @@ def call_module(block: nn.Module, call: BlockCall) -> nn.Module:
     """A module whose forward takes the call's tensors by name and calls the block."""
     holder = nn.Module()
     holder.layer = block
-    holder.autotp_hooks_outside = ("layer",)
+    # nn.Module.__setattr__ is typed for tensors and modules only; any value is kept
+    holder.autotp_hooks_outside = ("layer",)  # type: ignore[assignment]
     names = list(call.tensors)
 
     def forward(**tensors: torch.Tensor) -> Any:
@@ -128,7 +154,7 @@ def call_module(block: nn.Module, call: BlockCall) -> nn.Module:
         args, kwargs = call.rebuild(tensors, given)
         # its forward, not its hooks: a hook on the serial block belongs to the serial
         # model's Python; the parallel model calls the BlockTP's own
-        out = holder.layer.forward(*args, **kwargs)
+        out = cast(nn.Module, holder.layer).forward(*args, **kwargs)
         if rec is None:
             return out
         if rec.new is None:
@@ -139,7 +165,7 @@ def call_module(block: nn.Module, call: BlockCall) -> nn.Module:
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names]
     )
-    holder.forward = forward  # type: ignore[method-assign]
+    holder.forward = forward
     return holder
 
 
@@ -149,13 +175,15 @@ class _CrossRecorder:
     on every call (a parallel block keeps no cross-attention cache: what it would hold is
     recomputed, each rank its own heads)."""
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, *a: Any, **k: Any) -> tuple:
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, *a: Any, **k: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return key, value
 
     def __getattr__(self, name: str) -> Any:
         raise AutoTPError(
-            f"the block reads its cross-attention cache's `{name}`, which autotp does not "
-            "model\n  hint:   call the model with use_cache=False"
+            f"the block reads its cross-attention cache's `{name}`, which autotp does not model",
+            hint="call the model with use_cache=False",
         )
 
 

@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import KeyEntry
 
 from ..common.errors import ExampleInputsError
 
 __all__ = ["SizeGuards", "accepts"]
+
+# an input's shape as export holds it: ints, and sympy expressions of the dynamic sizes
+Dims: TypeAlias = tuple[Any, ...]
 
 
 class SizeGuards(torch.nn.Module):
     """torch.export's input guards (the sizes its graph holds for), refusing a call
     outside them with the sizes named instead of a bare AssertionError."""
 
-    def __init__(self, guards: torch.nn.Module, shapes: dict[str, tuple]) -> None:
+    def __init__(self, guards: torch.nn.Module, shapes: dict[str, Dims]) -> None:
         super().__init__()
         self.guards = guards
         self.shapes = ", ".join(f"{k}: ({', '.join(map(str, v))})" for k, v in shapes.items())
@@ -35,9 +39,10 @@ class SizeGuards(torch.nn.Module):
             raise ExampleInputsError(
                 f"this call's inputs are outside the sizes the plan was traced for "
                 f"({str(e).splitlines()[0]}); it holds for {self.shapes} (a size named "
-                "s<n> may vary)\n  hint:   plan with example inputs of the sizes you call "
+                "s<n> may vary)",
+                hint="plan with example inputs of the sizes you call "
                 "the model with (a floating input's dimensions after the batch are kept "
-                "fixed), or call it at the sizes planned"
+                "fixed), or call it at the sizes planned",
             ) from None
 
 
@@ -45,16 +50,18 @@ _SHAPES = "autotp_input_shapes"
 _GUARDS = "autotp_input_guards"
 
 
-def _input_shapes(ep: torch.export.ExportedProgram) -> tuple[dict[str, tuple], dict]:
+def _input_shapes(ep: torch.export.ExportedProgram) -> tuple[dict[str, Dims], dict[Any, Any]]:
     """Each tensor input's shape as export holds it (ints and sympy expressions of the
     dynamic sizes), and the ranges of those sizes."""
     user = set(ep.graph_signature.user_inputs)
-    shapes = {}
+    shapes: dict[str, Dims] = {}
     for n in ep.graph.nodes:
         v = n.meta.get("val")
         if n.op == "placeholder" and n.name in user and isinstance(v, torch.Tensor):
+            # torch.Size is typed as ints; a fake tensor's holds SymInts for dynamic sizes
+            sizes = cast(tuple[int | torch.SymInt, ...], v.shape)
             shapes[n.name] = tuple(
-                d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in v.shape
+                d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in sizes
             )
     return shapes, dict(ep.range_constraints)
 
@@ -111,7 +118,8 @@ def guards_from_source(code: list[str], paths: list[Any]) -> nn.Module:
 
 
 def _tagged(fn: nn.Module, code: list[str], paths: list[Any]) -> nn.Module:
-    fn._autotp_source = (list(code), list(paths))
+    # nn.Module.__setattr__ is typed for tensors and modules only; any value is kept
+    fn._autotp_source = (list(code), list(paths))  # type: ignore[assignment]
     return fn
 
 
@@ -126,8 +134,10 @@ def keeping_guard_source() -> Iterator[None]:
         yield
         return
 
-    def keeping(code: list[str], paths: list[Any]) -> nn.Module:
-        return _tagged(made(code, paths), code, paths)
+    def keeping(
+        guards_code: list[str], paths_of_placeholders: list[tuple[KeyEntry, ...]]
+    ) -> nn.Module:  # the parameters named as torch's own
+        return _tagged(made(guards_code, paths_of_placeholders), guards_code, paths_of_placeholders)
 
     unlift._convert_guards_code_to_fn = keeping
     try:

@@ -37,7 +37,7 @@ import inspect
 import linecache
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,7 @@ def _unpacked(code: types.CodeType) -> dict[int, int]:
 def _source_frame() -> str | None:
     """The innermost calling frame outside torch and this module, formatted as a
     traceback entry."""
-    frame = sys._getframe(2)
+    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None and (
         frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
     ):
@@ -131,16 +131,16 @@ def restore_grad(prev: bool) -> None:
     torch._C._set_grad_enabled(prev)
 
 
-_FUNCTION_CALLS: dict[type, Any] = {}
+_FUNCTION_CALLS: dict[type[torch.autograd.Function], Callable[..., Any]] = {}
 
 
-def _function_call(cls: type) -> Any:
+def _function_call(cls: type[torch.autograd.Function]) -> Callable[..., Any]:
     """One graph target per custom autograd Function: calls `cls.apply`, so both its
     forward and its backward run in the traced module."""
     if cls not in _FUNCTION_CALLS:
 
         def apply(*args: Any, **kwargs: Any) -> Any:
-            return cls.apply(*args, **kwargs)
+            return cls.apply(*args, **kwargs)  # type: ignore[no-untyped-call]  # unannotated
 
         apply.__name__ = apply.__qualname__ = f"{cls.__name__}.apply"
         _FUNCTION_CALLS[cls] = apply
@@ -177,7 +177,7 @@ def _keep_what_fx_drops(tracer: _Tracer) -> Iterator[None]:
             regions.append((mode[0], tracer.graph.call_function(set_grad, (m,))))
         mode[0] = m
 
-    def patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+    def patched_apply(cls: type[torch.autograd.Function], /, *args: Any, **kwargs: Any) -> Any:
         found = _proxies(args, kwargs)
         if not found:
             return apply.__func__(cls, *args, **kwargs)
@@ -195,22 +195,30 @@ def _keep_what_fx_drops(tracer: _Tracer) -> Iterator[None]:
 
     grad = torch.is_grad_enabled()
     set_enabled(True)  # the traced code starts with grad on, as mode[0] says
-    torch._C._set_grad_enabled = patched_set_enabled
-    torch.autograd.Function.apply = classmethod(patched_apply)
-    torch.autograd.grad_mode.inference_mode.__enter__ = refuse(
+    _patch(torch._C, "_set_grad_enabled", patched_set_enabled)
+    _patch(torch.autograd.Function, "apply", classmethod(patched_apply))
+    refuse_inference = refuse(
         inference_enter, "inference", "call the parallel module under torch.inference_mode()"
     )
-    torch.amp.autocast_mode.autocast.__enter__ = refuse(
+    refuse_autocast = refuse(
         autocast_enter, "autocast", "call the parallel module under torch.autocast(...)"
     )
+    _patch(torch.autograd.grad_mode.inference_mode, "__enter__", refuse_inference)
+    _patch(torch.amp.autocast_mode.autocast, "__enter__", refuse_autocast)
     try:
         yield
     finally:
         set_enabled(grad)
-        torch._C._set_grad_enabled = set_enabled
-        torch.autograd.Function.apply = apply
-        torch.autograd.grad_mode.inference_mode.__enter__ = inference_enter
-        torch.amp.autocast_mode.autocast.__enter__ = autocast_enter
+        _patch(torch._C, "_set_grad_enabled", set_enabled)
+        _patch(torch.autograd.Function, "apply", apply)
+        _patch(torch.autograd.grad_mode.inference_mode, "__enter__", inference_enter)
+        _patch(torch.amp.autocast_mode.autocast, "__enter__", autocast_enter)
+
+
+def _patch(owner: object, name: str, value: object) -> None:
+    """Set `owner.name` (a torch function or method, swapped while tracing and then put
+    back): their declared types admit no replacement, so this is a plain setattr."""
+    setattr(owner, name, value)
 
 
 FRONTENDS = ("auto", "fx", "export")
@@ -356,14 +364,15 @@ def _mode_dependence(
     return None
 
 
-class _OpRecorder(TorchDispatchMode):
+# TorchDispatchMode's __init_subclass__ and __init__ are unannotated in torch
+class _OpRecorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """The aten ops a forward dispatches, with their non-tensor arguments."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.ops: list[str] = []
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         leaves = torch.utils._pytree.tree_leaves((args, kwargs))
         plain = [a for a in leaves if isinstance(a, (bool, int, float, str))]
@@ -432,15 +441,15 @@ def _export(
     widen = dims is None
     if dims is None:
         dims = {name: dynamic_dims(v) for name, v in inputs.items()}
-    functions: list[type] = []
+    functions: list[type[torch.autograd.Function]] = []
     apply = torch.autograd.Function.__dict__["apply"]
 
-    def noting_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+    def noting_apply(cls: type[torch.autograd.Function], /, *args: Any, **kwargs: Any) -> Any:
         functions.append(cls)
         return apply.__func__(cls, *args, **kwargs)
 
     try:
-        torch.autograd.Function.apply = classmethod(noting_apply)
+        _patch(torch.autograd.Function, "apply", classmethod(noting_apply))
         try:
             # with grad enabled, so that no_grad regions inside forward are recorded (a
             # wrap_with_set_grad_enabled call); under an outer no_grad they would vanish
@@ -448,14 +457,15 @@ def _export(
                 given = _widened(inputs, dims) if widen else inputs
                 ep = torch.export.export(model, (), given, dynamic_shapes=dims, strict=False)
         finally:
-            torch.autograd.Function.apply = apply
+            _patch(torch.autograd.Function, "apply", apply)
     except Exception as e:  # noqa: BLE001 - becomes an actionable error
         raise AutoTPError(
             f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            f"\n  source: {user_frame(e)}\n  hint:   the model must be exportable with "
+            f"\n  source: {user_frame(e)}",
+            hint="the model must be exportable with "
             "torch.export(strict=False) for the given example inputs (no data-dependent "
             "Python control flow; a cache or other non-tensor output turned off, e.g. "
-            "use_cache=False)"
+            "use_cache=False)",
         ) from e
     if functions:
         cls = functions[0]
@@ -472,13 +482,15 @@ def _export(
         raise AutoTPError(
             f"{type(model).__name__} calls the custom autograd Function "
             f"{cls.__module__}.{cls.__qualname__}: torch.export keeps only its forward, so "
-            f"its backward would be lost.\n  hint:   {hint}"
+            f"its backward would be lost.",
+            hint=f"{hint}",
         )
     with keeping_guard_source():  # so that a plan holding it can be stored
         gm = ep.module()
     gm.meta[_SHAPES] = _input_shapes(ep)
-    if widen and isinstance(getattr(gm, "_guards_fn", None), torch.nn.Module):
-        gm._guards_fn = SizeGuards(gm._guards_fn, gm.meta[_SHAPES][0])
+    guards = getattr(gm, "_guards_fn", None) if widen else None
+    if isinstance(guards, torch.nn.Module):
+        gm._guards_fn = SizeGuards(guards, gm.meta[_SHAPES][0])
     for n in list(gm.graph.nodes):
         if n.target is torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(n)  # it pins the device traced on: meta, for a plan without
@@ -532,7 +544,7 @@ def _fx_graph(
             else "make the forward traceable by torch.fx, or report the model"
         )
         raise AutoTPError(
-            f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}\n"
-            f"  source: {where}\n  hint:   {hint}"
+            f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}\n  source: {where}",
+            hint=f"{hint}",
         ) from e
     return tracer, graph

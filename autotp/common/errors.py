@@ -10,6 +10,7 @@ import linecache
 import os
 import re
 import traceback
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -21,6 +22,7 @@ __all__ = [
     "TrainingStopped",
     "describe_node",
     "node_error",
+    "node_place",
 ]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -40,12 +42,24 @@ class AutoTPError(Exception):
         where: dict[str, str] | None = None, hint: str | None = None,
         node: fx.Node | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(message)
+        # the hint is data (`hint`); the text every other tool sees ends with it
+        super().__init__(f"{message}\n  hint:   {hint}" if hint else message)
+        self.message = message  # without the hint
         lines = message.splitlines()
         self.what: str = what if what is not None else (lines[0] if lines else "")
         self.where: dict[str, str] = dict(where or {})  # node, module, source, rule
         self.hint: str | None = hint
         self.node: fx.Node | None = node  # the fx node a refusal is about, if there is one
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled (a worker's error sent to its parent) with its fields; the node stays
+        return (_rebuilt, (type(self), self.message, self.what, self.where, self.hint))
+
+
+def _rebuilt(
+    kind: type[AutoTPError], message: str, what: str, where: dict[str, str], hint: str | None
+) -> AutoTPError:
+    return kind(message, what=what, where=where, hint=hint)
 
 
 class ExampleInputsError(AutoTPError):
@@ -87,7 +101,7 @@ def source_line(node: fx.Node) -> str:
     trace = node.meta.get("stack_trace")
     if not trace:
         return "<unknown>"
-    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    lines = [ln.strip() for ln in str(trace).strip().splitlines()]
     # fx records 'File "x.py", line N, in fn' followed by the code. The innermost frame
     # outside torch itself is the user's statement (torch-function calls add fx frames).
     frames = [
@@ -123,13 +137,22 @@ def describe_node(node: fx.Node) -> str:
     )
 
 
+def node_place(node: fx.Node) -> dict[str, str]:
+    """Where `node` comes from, as an error's `where`: the node, its module path and the
+    user's source line."""
+    return {
+        "node": node.format_node() or node.name,
+        "module": module_path(node),
+        "source": source_line(node),
+    }
+
+
 def node_error(node: fx.Node, what: str, hint: str, rule: str | None = None) -> AutoTPError:
     """An AutoTPError whose message names `node`, its module and source line, and a hint."""
     rule_line = f"\n  rule:   {rule}" if rule else ""
-    where = {"node": node.format_node(), "module": module_path(node), "source": source_line(node)}
+    where = node_place(node)
     if rule:
         where["rule"] = rule
     return AutoTPError(
-        f"{what}\n{describe_node(node)}{rule_line}\n  hint:   {hint}",
-        what=what, where=where, hint=hint, node=node,
-    )  # fmt: skip
+        f"{what}\n{describe_node(node)}{rule_line}", what=what, where=where, hint=hint, node=node
+    )

@@ -64,7 +64,8 @@ def past_of(cache: Any, index: int, block: str) -> tuple[torch.Tensor, torch.Ten
         raise AutoTPError(
             f"{type(cache).__name__} ({kind}) is not a cache autotp can keep split by "
             f"heads for {block} (it keeps DynamicCache's dynamic and sliding-window "
-            "layers)\n  hint:   use the default cache, or call the model with use_cache=False"
+            "layers)",
+            hint="use the default cache, or call the model with use_cache=False",
         )
     if layer is None or not getattr(layer, "is_initialized", False):
         return None
@@ -92,7 +93,8 @@ def _is_config_type(kind: type) -> bool:
 
 def is_config(v: object) -> bool:
     """A transformers config (its plain values are what a layer reads of it)."""
-    return _is_config_type(type(v))
+    kind: type = type(v)
+    return _is_config_type(kind)
 
 
 def collects(hook: object) -> bool:
@@ -176,7 +178,8 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
     found = transformers_model(model)
     if found is None:
         return _whole("not a transformers model")
-    inner_path, inner = found
+    inner_path, module = found
+    inner: Any = module  # a transformers PreTrainedModel (_is_pretrained)
     prefix = inner_path + "." if inner_path else ""
     try:  # a model without a token vocabulary (audio, vision) raises NotImplementedError
         emb = inner.get_input_embeddings()
@@ -194,7 +197,10 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
         embeddings.append(paths[0])
     names = names_by_tensor(model, buffers=False)
     tables = {e: frozenset({"layer.weight"}) for e in embeddings}
-    in_embedding = lambda n: any(_inside(n, e) for e in embeddings)  # noqa: E731
+
+    def in_embedding(n: str) -> bool:
+        return any(_inside(n, e) for e in embeddings)
+
     head_path = None
     note = ""
     if isinstance(head, nn.Linear) and head.out_features == emb.num_embeddings:
@@ -230,6 +236,9 @@ def vocab_regions(model: nn.Module, layers: list[str]) -> VocabRegions:
     return VocabRegions(tuple(embeddings), head_path, tables, note)
 
 
+_State = dict[str, torch.Tensor | None]  # a state_dict, gathered (`full_tensors`)
+
+
 class SaveGathered:
     """The parallel model's `save_pretrained`: transformers' own, given the serial
     state_dict (`full(model)`: the shards gathered, a collective under `parallelize`) and
@@ -237,9 +246,10 @@ class SaveGathered:
     `from_pretrained` reads the folder back as the serial model. An object, not a closure,
     so that a deepcopy of the model saves the copy."""
 
-    def __init__(self, model: nn.Module, full: Callable[[nn.Module], dict], rank: int) -> None:
+    def __init__(self, model: nn.Module, full: Callable[[nn.Module], _State], rank: int) -> None:
         self.model, self.full, self.rank = model, full, rank
-        self.__doc__ = type(model).save_pretrained.__doc__
+        kind: Any = type(model)  # a transformers PreTrainedModel's class (gathering_save)
+        self.__doc__ = kind.save_pretrained.__doc__
 
     def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("state_dict") is None:
@@ -247,11 +257,13 @@ class SaveGathered:
         if "is_main_process" not in kwargs:
             main = dist.get_rank() == 0 if dist.is_available() and dist.is_initialized() else True
             kwargs["is_main_process"] = main and self.rank == 0
-        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        kind: Any = type(self.model)  # a transformers PreTrainedModel's class
+        return kind.save_pretrained(self.model, save_directory, *args, **kwargs)
 
 
-def gathering_save(model: nn.Module, full: Callable[[nn.Module], dict], rank: int) -> None:
+def gathering_save(model: nn.Module, full: Callable[[nn.Module], _State], rank: int) -> None:
     """Give `model` (the parallel model's transformers model) a `save_pretrained` that
     writes the serial checkpoint; nothing for a model that has none."""
     if _is_pretrained(model):
-        model.save_pretrained = SaveGathered(model, full, rank)
+        # a plain attribute of the module, in front of its class's save_pretrained
+        model.save_pretrained = SaveGathered(model, full, rank)  # type: ignore[assignment]

@@ -16,11 +16,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from ..common.errors import AutoTPError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["Conversions", "Source"]
 
@@ -65,7 +68,7 @@ class Conversions:
         except ImportError:
             return None
         try:
-            mapping = get_model_conversion_mapping(model)
+            mapping = get_model_conversion_mapping(cast("PreTrainedModel", model))
         except Exception:  # noqa: BLE001 - a model transformers cannot map: names as they are
             return None
         renames, converters = [], []
@@ -117,8 +120,8 @@ def _ops(conv: Any, name: str) -> tuple[tuple[str, int], ...]:
             out.append(("concat", int(op.dim)))
         else:
             raise AutoTPError(
-                f"{name} is stored converted by transformers' {kind}, which autotp does not "
-                "read\n  hint:   load the model with from_pretrained and pass it with its "
-                "weights (no weights=), or save it with autotp.full_state_dict"
+                f"{name} is stored converted by transformers' {kind}, which autotp does not read",
+                hint="load the model with from_pretrained and pass it with its "
+                "weights (no weights=), or save it with autotp.full_state_dict",
             )
     return tuple(out)

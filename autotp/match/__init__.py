@@ -15,10 +15,11 @@ instance) with the linears each splits.
 
 from . import ops
 from .call import Call, canonical
-from .patterns import Context, Match, activations, find_linears
+from .patterns import Context, EmbeddingInfo, LinearInfo, Match, activations, find_linears
 from .rule import Column, Row, Rule, Split, Vocab, column, pattern, row, vocab
 
 __all__ = [
-    "ops", "Call", "canonical", "Context", "Match", "activations", "find_linears",
+    "ops", "Call", "canonical", "Context", "Match", "LinearInfo", "EmbeddingInfo", "activations",
+    "find_linears",
     "Column", "Row", "Rule", "Split", "Vocab", "column", "pattern", "row", "vocab",
 ]  # fmt: skip

@@ -131,7 +131,10 @@ def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
             packet = node.target.overloadpacket.__name__
             return _ATEN.get(packet, f"aten.{packet}")
         name = _FUNCTIONS.get(node.target)
-        return name or getattr(node.target, "__name__", str(node.target))
+        if name:
+            return name
+        named: str = getattr(node.target, "__name__", str(node.target))
+        return named
     if node.op == "call_method":
         return _METHODS.get(str(node.target), str(node.target))
     return node.op

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import networkx as nx
 import torch
@@ -26,7 +27,7 @@ from .rule import Column, Rule, Split
 
 __all__ = [
     "LinearInfo", "EmbeddingInfo", "Match", "find_linears", "find_embeddings", "host_graph",
-    "match", "activations", "Context",
+    "match", "activations", "Context", "Unsplit",
 ]  # fmt: skip
 
 
@@ -110,6 +111,14 @@ class Match:
         return Match(rule, self.nodes, kept), Match(self.rule, self.nodes, dropped)
 
 
+class Unsplit(NamedTuple):
+    """A matched block a plan leaves replicated, and why (the refusal that stopped its
+    split): a plan splits the rest."""
+
+    match: Match
+    why: str
+
+
 def _fits(split: Mapping[str, Split], tp: int) -> bool:
     """Can each slice of `split` be shared by its ranks at `tp` (at least two slices)?"""
     shared = [s.replicas for s in split.values() if isinstance(s, Column)]
@@ -154,7 +163,8 @@ def _transposed_param(gm: fx.GraphModule, node: object, reader: fx.Node) -> fx.N
         key = tuple(rest[0])
     else:
         key = rest or None
-    return node.args[0] if (name, key) in _TRANSPOSES else None
+    first = node.args[0]  # the weight's get_attr (_param found a parameter there)
+    return first if (name, key) in _TRANSPOSES and isinstance(first, fx.Node) else None
 
 
 _LINEAR_OPS = frozenset({"linear", "matmul", "addmm", "conv1d"})  # what may compute one
@@ -241,7 +251,8 @@ def _routed_weight(gm: fx.GraphModule, node: object) -> fx.Node | None:
     w = _param(gm, base)
     ids = idx.meta.get("val") if isinstance(idx, fx.Node) else None
     routed = isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point()
-    return base if routed and w is not None and w.dim() == 3 else None
+    found = routed and w is not None and w.dim() == 3
+    return base if found and isinstance(base, fx.Node) else None
 
 
 def _kernel_one_conv(gm: fx.GraphModule, call: Call) -> LinearInfo | None:
@@ -311,9 +322,14 @@ def activations(gm: fx.GraphModule) -> dict[fx.Node, None]:
 
 def _arg_positions(n: fx.Node) -> list[tuple[fx.Node, int | str]]:
     out: list[tuple[fx.Node, int | str]] = []
-    positions = [*enumerate(n.args), *n.kwargs.items()]
+    positions: list[tuple[int | str, Any]] = [*enumerate(n.args), *n.kwargs.items()]
     for pos, a in positions:
-        fx.node.map_arg(a, lambda x, pos=pos: out.append((x, pos)))
+
+        def note(x: fx.Node, pos: int | str = pos) -> fx.Node:
+            out.append((x, pos))
+            return x
+
+        fx.node.map_arg(a, note)
     return out
 
 
@@ -383,14 +399,14 @@ def host_graph(gm: fx.GraphModule, linears: dict[fx.Node, LinearInfo]) -> nx.DiG
     return g
 
 
-def _node_match(host: dict, pat: dict) -> bool:
+def _node_match(host: dict[str, Any], pat: dict[str, Any]) -> bool:
     if host["op"] != pat["op"]:
         return False
     return pat["inputs"] is None or len(host["inputs"]) <= pat["inputs"]
 
 
-def _edge_match(host: dict, pat: dict) -> bool:
-    return pat["args"] <= host["args"]
+def _edge_match(host: dict[str, Any], pat: dict[str, Any]) -> bool:
+    return bool(pat["args"] <= host["args"])
 
 
 def match(

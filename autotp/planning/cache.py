@@ -39,7 +39,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.fx as fx
@@ -50,9 +50,12 @@ from ..capture.exported import guards_from_source
 from ..common.tensor_names import names_by_tensor
 from ..match.rule import Rule
 
+if TYPE_CHECKING:
+    from .region_plan import RegionPlan
+
 __all__ = ["directory", "program_key", "load", "store", "grew"]
 
-FORMAT = 1  # of the files: a new one misses every older file
+FORMAT = 2  # of the files: a new one misses every older file (2: modules by stage)
 
 
 def directory() -> Path | None:
@@ -138,7 +141,7 @@ def _user_file(name: str, file: str) -> str | None:
     return found
 
 
-def _sources() -> tuple:
+def _sources() -> tuple[tuple[str, str], ...]:
     """Digests of autotp's and its rules' sources, and of every loaded module from outside
     the installed packages and the standard library: the user's code, which a traced
     model may call."""
@@ -164,7 +167,7 @@ def _file_digest(path: str) -> str:
     return _digest_of(path, st.st_mtime_ns, st.st_size)
 
 
-def _code(obj: Any) -> tuple:
+def _code(obj: Any) -> tuple[Any, ...]:
     """A class or function by name and the digest of the file defining it."""
     try:
         file = inspect.getsourcefile(obj)
@@ -178,7 +181,7 @@ def _code(obj: Any) -> tuple:
     return (*name, _file_digest(os.path.realpath(file)))
 
 
-def _class(kind: type) -> tuple:
+def _class(kind: type) -> tuple[Any, ...]:
     """A class: each class of its MRO by name and file, and what may be patched at run
     time without a file changing (a library that swaps a class's forward or a module's
     function, as kernel libraries do): the functions each class and its module hold now."""
@@ -186,11 +189,11 @@ def _class(kind: type) -> tuple:
 
 
 @functools.lru_cache(maxsize=1024)  # a class reloaded (edited) is another class
-def _files(kind: type) -> tuple:
+def _files(kind: type) -> tuple[Any, ...]:
     return tuple(_code(c) for c in kind.__mro__ if c not in (object, nn.Module))
 
 
-def _patchable(kind: type) -> tuple:
+def _patchable(kind: type) -> tuple[Any, ...]:
     memo = _OBJECTS.get()
     module = sys.modules.get(kind.__module__)
     key = ("module", kind.__module__)
@@ -208,7 +211,7 @@ def _named(f: Any) -> tuple[str, str]:
 _MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "training"})
 
 
-def _modules(model: nn.Module) -> tuple:
+def _modules(model: nn.Module) -> tuple[Any, ...]:
     from ..integrations.hf import collects
     from .plan import HOOK_KINDS
 
@@ -221,7 +224,7 @@ def _modules(model: nn.Module) -> tuple:
     return tuple(out)
 
 
-def _module(m: nn.Module, path: tuple[int, ...]) -> tuple:
+def _module(m: nn.Module, path: tuple[int, ...]) -> tuple[Any, ...]:
     """A module's class, mode, own attributes and tensors (not its children's)."""
     attrs = tuple(
         (k, _value(v, path))
@@ -296,7 +299,7 @@ def _value(v: Any, path: tuple[int, ...]) -> Any:
 # -- storing and reading ----------------------------------------------------------------
 
 
-def load(key: str | None, rules: tuple[Rule, ...]) -> Any:
+def load(key: str | None, rules: tuple[Rule, ...]) -> RegionPlan | None:
     """The plan stored under `key`, or None."""
     folder = directory()
     if key is None or folder is None:
@@ -308,7 +311,7 @@ def load(key: str | None, rules: tuple[Rule, ...]) -> Any:
     try:
         with warnings.catch_warnings(), _no_collection():
             warnings.simplefilter("ignore")  # pytree's notes on how specs were pickled
-            plan = _Reader(io.BytesIO(data), rules).load()
+            plan = cast("RegionPlan", _Reader(io.BytesIO(data), rules).load())  # as stored
     except Exception:  # noqa: BLE001 - a file of another torch: plan again, store anew
         return None
     remember(key, plan)
@@ -329,7 +332,7 @@ def _no_collection() -> Iterator[None]:
             gc.enable()
 
 
-def store(key: str | None, plan: Any) -> None:
+def store(key: str | None, plan: RegionPlan) -> None:
     """Keep `plan` under `key` (no key: nothing); a plan that cannot be pickled is not kept."""
     folder = directory()
     if key is None or folder is None:
@@ -350,10 +353,12 @@ def store(key: str | None, plan: Any) -> None:
         return
 
 
-_OWNERS: weakref.WeakKeyDictionary[Any, tuple[str, weakref.ref]] = weakref.WeakKeyDictionary()
+_OWNERS: weakref.WeakKeyDictionary[Any, tuple[str, weakref.ref[RegionPlan]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def remember(key: str | None, plan: Any) -> None:
+def remember(key: str | None, plan: RegionPlan) -> None:
     """Store `plan` again under `key` when one of its regions plans a new call pattern."""
     if key is None:
         return
@@ -364,17 +369,19 @@ def remember(key: str | None, plan: Any) -> None:
 def grew(patterns: Any) -> None:
     """`patterns` (of a region) planned a new call pattern: store its plan with it."""
     owner = _OWNERS.get(patterns)
-    plan = owner[1]() if owner is not None else None
+    if owner is None:
+        return
+    plan = owner[1]()
     if plan is not None:
         store(owner[0], plan)
 
 
-def _twins(plan: Any) -> set[int]:
+def _twins(plan: RegionPlan) -> set[int]:
     """The tensors of the traced twins (never filled: see regions.state.twin) in `plan`'s
     graphs, which hold them as attributes and as their nodes' example values."""
     out: set[int] = set()
     for region in plan.regions:
-        patterns = region.patterns
+        patterns: Any = region.patterns  # regions.form's: every plan of its program
         plans = [patterns.first, *(p for made in patterns.plans.values() for p, _ in made)]
         for p in plans:
             out.update(names_by_tensor(p.traced.gm))
@@ -397,7 +404,8 @@ class _Writer(pickle.Pickler):
         if isinstance(obj, torch._ops.OpOverloadPacket):
             return ("op", obj._qualified_op_name, None)
         if isinstance(obj, torch._ops.HigherOrderOperator):
-            return ("hop", obj.name())
+            # unannotated in torch
+            return ("hop", obj.name())  # type: ignore[no-untyped-call]
         if isinstance(obj, FakeTensor):
             return ("fake", tuple(obj.shape), obj.dtype, str(obj.fake_device), obj.requires_grad)
         return None
@@ -418,11 +426,17 @@ class _Writer(pickle.Pickler):
         return NotImplemented
 
 
-def _spec(t: torch.Tensor) -> tuple:
+# a tensor never filled: shape, dtype, device, whether a Parameter, requires_grad
+_Spec = tuple[tuple[int, ...], torch.dtype, str, bool, bool]
+# a graph module: its graph, tensors and submodules by target, meta, class name, plain attributes
+_GraphModuleState = tuple[fx.Graph, dict[str, Any], dict[str, Any], str, dict[str, Any]]
+
+
+def _spec(t: torch.Tensor) -> _Spec:
     return tuple(t.shape), t.dtype, str(t.device), isinstance(t, nn.Parameter), t.requires_grad
 
 
-def _graph_module_state(gm: fx.GraphModule) -> tuple:
+def _graph_module_state(gm: fx.GraphModule) -> _GraphModuleState:
     root: dict[str, Any] = dict(gm.named_parameters(remove_duplicate=False))
     root.update(gm.named_buffers(remove_duplicate=False))
     for n in gm.graph.nodes:  # constants, and the guards a widened export calls
@@ -445,7 +459,7 @@ def _new_graph_module() -> fx.GraphModule:
     return fx.GraphModule.__new__(fx.GraphModule)
 
 
-def _fill_graph_module(gm: fx.GraphModule, state: tuple) -> None:
+def _fill_graph_module(gm: fx.GraphModule, state: _GraphModuleState) -> None:
     graph, root, meta, name, plain = state
     fx.GraphModule.__init__(gm, root, graph, name)
     gm.meta.update(meta)
@@ -457,7 +471,7 @@ def _new_graph() -> fx.Graph:
     return fx.Graph.__new__(fx.Graph)
 
 
-def _fill_graph(graph: fx.Graph, state: dict) -> None:
+def _fill_graph(graph: fx.Graph, state: dict[str, Any]) -> None:
     from torch.fx.graph import _FindNodesLookupTable
 
     graph.__dict__.update(state)
@@ -490,7 +504,7 @@ class _Reader(pickle.Unpickler):
         return t.requires_grad_(grad) if grad else t
 
 
-def _unfilled(spec: tuple) -> torch.Tensor:
+def _unfilled(spec: _Spec) -> torch.Tensor:
     shape, dtype, device, param, grad = spec
     t = torch.empty(shape, dtype=dtype, device=device)  # never written: costs no memory
     if param:

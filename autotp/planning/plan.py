@@ -22,7 +22,7 @@ from ..common.errors import AutoTPError, module_path, source_line
 from ..common.tensor_names import names_by_tensor
 from ..integrations.hf import collects as _collects
 from ..match import ops
-from ..match.patterns import LinearInfo, Match, find_embeddings, find_linears, match
+from ..match.patterns import LinearInfo, Match, Unsplit, find_embeddings, find_linears, match
 from ..match.rule import Rule
 from ..rewrite.graph import rewrite
 from ..rewrite.sites import record
@@ -30,6 +30,10 @@ from ..runtime.collective_kinds import ALWAYS, NAMES
 from ..sharding import Propagation, Shard, VocabOptions, is_split, propagate
 
 __all__ = ["Plan", "plan", "model_signature", "check_signature"]
+
+# a model's tensors as planning saw them: (name, shape) of each, sorted, and the groups
+# of names one tensor has (ties)
+Signature = tuple[tuple[tuple[str, tuple[int, ...]], ...], tuple[tuple[str, ...], ...]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,10 +49,10 @@ class Plan:
     graph: fx.Graph  # the per-rank graph (identical on every rank)
     rules: tuple[Rule, ...] = field(default=())
     vocab: VocabOptions = field(default_factory=VocabOptions)
-    # matched blocks propagation could not prove, left replicated: (match, why)
-    replicated: tuple[tuple[Match, str], ...] = field(default=())
+    # matched blocks propagation could not prove, left replicated, with why
+    replicated: tuple[Unsplit, ...] = field(default=())
     # the planned model's tensors: (name, shape) and groups of tied names
-    signature: tuple = field(default=())
+    signature: Signature = field(default=((), ()))
     sequence_parallel: bool = False
 
     def check_fits(self, model: nn.Module) -> None:
@@ -115,7 +119,7 @@ class Plan:
     __repr__ = __str__
 
 
-def check_signature(model_name: str, signature: tuple, model: nn.Module) -> None:
+def check_signature(model_name: str, signature: Signature, model: nn.Module) -> None:
     """Refuse `model` unless its tensors (names, shapes, ties) are `signature`'s."""
     shapes, ties = model_signature(model)
     mine, theirs = dict(signature[0]), dict(shapes)
@@ -125,18 +129,19 @@ def check_signature(model_name: str, signature: tuple, model: nn.Module) -> None
             want = "absent" if name not in mine else f"shape {list(mine[name])}"
             raise AutoTPError(
                 f"this plan was made for a {model_name} whose tensor {name} is "
-                f"{want}, but the model given has it {have}\n  hint:   plan the model "
-                "you parallelize (autotp.plan(model, tp)), or build it the same way"
+                f"{want}, but the model given has it {have}",
+                hint="plan the model "
+                "you parallelize (autotp.plan(model, tp)), or build it the same way",
             )
     if signature[1] != ties:
         raise AutoTPError(
             f"this plan was made for a {model_name} whose tied weights differ from "
-            "the model given (e.g. an output layer tied to the embedding in one only)"
-            "\n  hint:   plan the model you parallelize"
+            "the model given (e.g. an output layer tied to the embedding in one only)",
+            hint="plan the model you parallelize",
         )
 
 
-def model_signature(model: nn.Module) -> tuple:
+def model_signature(model: nn.Module) -> Signature:
     """(name, shape) of every parameter and buffer, and the groups of tied names."""
     tensors = [*model.named_parameters(remove_duplicate=False),
                *model.named_buffers(remove_duplicate=False)]  # fmt: skip
@@ -201,8 +206,9 @@ def plan(
     except Exception as e:  # noqa: BLE001 - never another exception type for a model
         raise AutoTPError(
             f"autotp failed while planning {type(model).__name__} at tp={tp}: "
-            f"{type(e).__name__}: {e}\n  hint:   this is a bug in autotp, not in your model; "
-            "please report it with the model (the model itself is untouched)"
+            f"{type(e).__name__}: {e}",
+            hint="this is a bug in autotp, not in your model; "
+            "please report it with the model (the model itself is untouched)",
         ) from e
 
 
@@ -265,14 +271,14 @@ def _propagate(
     gm: fx.GraphModule, tp: int, linears: dict[fx.Node, LinearInfo], matches: list[Match],
     vocab: VocabOptions, strict: bool, inputs: dict[str, Any] | None = None,
     sequence_parallel: bool = False,
-) -> tuple[Propagation, list[Match], list[tuple[Match, str]]]:  # fmt: skip
+) -> tuple[Propagation, list[Match], list[Unsplit]]:  # fmt: skip
     """Propagate the matched splits; when a refusal names a node, leave the block that
     split the value reaching it replicated and propagate again (feedback to matching).
     A block whose rule has a narrower fallback split (attention with its key/value
     projections replicated) gets that first. Each round narrows or drops one block, so
     this ends; a plan with no block left is refused with
     the first refusal, since the user asked for tensor parallelism and would get none."""
-    replicated: list[tuple[Match, str]] = []
+    replicated: list[Unsplit] = []
     reasons: dict[int, str] = {}  # a narrowed block -> why its first split was refused
     first: AutoTPError | None = None
     while True:
@@ -284,7 +290,7 @@ def _propagate(
         except AutoTPError as e:
             first = first or e
             culprit = None if strict else _culprit(gm, matches, e.node)
-            if culprit is None:
+            if culprit is None or e.node is None:  # no node: nothing to blame (_culprit)
                 raise
             where = f" ({module_path(e.node)}, {source_line(e.node)})"
             why = reasons.pop(id(culprit), e.what + where)  # the first split's refusal
@@ -292,12 +298,12 @@ def _propagate(
             if narrowed is not None:
                 matches = [narrowed[0] if m is culprit else m for m in matches]
                 if narrowed[1].layers:
-                    replicated.append((narrowed[1], why))
+                    replicated.append(Unsplit(narrowed[1], why))
                 else:  # the same layers, more ranks per slice: remembered for a later drop
                     reasons[id(narrowed[0])] = why
                 continue
             matches = [m for m in matches if m is not culprit]
-            replicated.append((culprit, why))
+            replicated.append(Unsplit(culprit, why))
             if not matches:
                 raise first from None
 
@@ -358,7 +364,8 @@ def _check_hooks(model: nn.Module, gm: fx.GraphModule, prop: Propagation) -> Non
             continue
         node = kept.get(path)
         split = node is not None and any(
-            is_split(prop.placements.get(a)) for a in [node, *node.all_input_nodes]
+            a in prop.placements and is_split(prop.placements[a])
+            for a in [node, *node.all_input_nodes]
         )
         if node is not None and not split:
             continue
@@ -370,7 +377,8 @@ def _check_hooks(model: nn.Module, gm: fx.GraphModule, prop: Propagation) -> Non
         )
         raise AutoTPError(
             f"module {path or '<root>'} ({type(mod).__name__}) has a {' and a '.join(kinds)}: "
-            f"{why}.\n  hint:   remove the hook before planning (handle.remove()) and, if "
+            f"{why}.",
+            hint="remove the hook before planning (handle.remove()) and, if "
             "you need it, register it on the parallel module (a forward hook on the module "
-            "autotp returns sees the same inputs and outputs as on the serial model)"
+            "autotp returns sees the same inputs and outputs as on the serial model)",
         )

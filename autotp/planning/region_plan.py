@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
@@ -25,11 +25,20 @@ from torch.utils._pytree import tree_flatten
 from ..common.tensor_names import with_every_name
 from ..integrations.hf import VocabRegions
 from ..sharding import Partial, Shard, is_split
-from .plan import Plan, check_signature
+from ..show.shown import RegionKind
+from .plan import Plan, Signature, check_signature
 
-__all__ = ["Region", "RegionPlan", "RegionKind"]
+__all__ = ["Region", "RegionPlan", "RegionKind", "Patterns"]
 
-RegionKind = Literal["layer", "embedding", "head"]
+
+class Patterns(Protocol):
+    """The plans of one region program, by call pattern (regions.form keeps them, and
+    plans a new pattern when a call needs one)."""
+
+    @property
+    def shown(self) -> Plan:
+        """The plan a prompt runs: what the region's plan prints, counts and digests."""
+        ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,13 +49,18 @@ class Region:
     path: str
     kind: RegionKind
     cls: type
-    patterns: Any  # blocks._Patterns: the plans of its program, by call pattern
+    patterns: Patterns  # the plans of its program, by call pattern
     shapes: dict[str, torch.Size]  # serial shape of each tensor, by its name in the region
     aliases: tuple[tuple[str, ...], ...]  # the names of one tensor, where it has several
 
     @property
     def plan(self) -> Plan:
         return self.patterns.shown
+
+    @property
+    def program(self) -> int:
+        """Equal for regions of one program (they share their patterns and plans)."""
+        return id(self.patterns)
 
     @property
     def splits(self) -> dict[str, Shard]:
@@ -100,10 +114,10 @@ class RegionPlan:
     tp: int
     regions: tuple[Region, ...]
     vocab: VocabRegions
-    signature: tuple  # plan.model_signature of the model planned
+    signature: Signature  # plan.model_signature of the model planned
     sequence_parallel: bool = False  # the hidden state handed over split between layers
 
-    def __deepcopy__(self, memo: dict) -> RegionPlan:
+    def __deepcopy__(self, memo: dict[int, Any]) -> RegionPlan:
         return self  # pure data about the model, never changed: a copied module shares it
 
     @functools.cached_property

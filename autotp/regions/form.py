@@ -37,7 +37,7 @@ import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -73,7 +73,7 @@ from ..integrations.hf import (
 from ..match.rule import Rule
 from ..planning import cache as plan_cache
 from ..planning.plan import HOOK_KINDS, Plan, _plan, model_signature
-from ..planning.region_plan import Region, RegionPlan
+from ..planning.region_plan import Region, RegionKind, RegionPlan
 from ..runtime.comm import Comm
 from ..runtime.random import RankRandom
 from ..sharding import Shard, VocabOptions
@@ -94,14 +94,16 @@ def find_blocks(model: nn.Module) -> list[str]:
         kinds = {type(c) for c in mod}
         if len(mod) and len(kinds) == 1 and sum(p.dim() >= 2 for p in mod[0].parameters()) >= 2:
             lists.append(name)
-    return [f"{lst}.{i}" for lst in lists for i in range(len(model.get_submodule(lst)))]
+    return [f"{lst}.{i}" for lst in lists
+            for i in range(len(cast(nn.ModuleList, model.get_submodule(lst))))]  # fmt: skip
 
 
-def _program(block: nn.Module, call: BlockCall) -> tuple:
+def _program(block: nn.Module, call: BlockCall) -> tuple[Any, ...]:
     """What makes two blocks one program, so that they share plans: their structure, the
     ops they dispatch on `call` (run on fake tensors) with every number those ops take
     (a layer index that scales a value shows there), and their hooks; a block whose ops
     cannot be listed shares with none."""
+    ops: tuple[str | int, ...]
     try:
         ops = tuple(_dispatched(call_module(block, call), call.tensors))
     except Exception:  # noqa: BLE001 - its Python reads values: plan it on its own
@@ -115,7 +117,7 @@ def _program(block: nn.Module, call: BlockCall) -> tuple:
     return _structure(block), ops, hooks
 
 
-def _structure(block: nn.Module) -> tuple:
+def _structure(block: nn.Module) -> tuple[Any, ...]:
     """Classes, tensor shapes and dtypes, and the plain attributes the blocks' Python
     reads (a layer index aside: `_program` sees where it changes a computation)."""
     out = []
@@ -145,20 +147,24 @@ class _Patterns:
         self.tp, self.rules, self.strict, self.tables = tp, rules, strict, tables
         self.sequence = sequence  # sequence parallelism inside the block
         self.first: Plan | None = None
-        self.plans: dict[tuple, list[tuple[Plan, Shard | None]]] = {}
-        self.seen: dict[tuple, tuple[Plan, Shard | None]] = {}  # exact sizes -> plan
+        self.plans: dict[tuple[Any, ...], list[tuple[Plan, Shard | None]]] = {}
+        self.seen: dict[tuple[Any, ...], tuple[Plan, Shard | None]] = {}  # exact sizes -> plan
         self.kv: Any = _UNKNOWN  # how the new keys are placed, once a cached call showed it
 
     @property
-    def shown(self) -> Plan | None:
+    def shown(self) -> Plan:
         """The plan a prompt runs: the first planned with the hidden state handed over
         (sequence parallelism), else the first."""
         handed = next((made for key, made in self.plans.items() if key[-1]), None)
-        return handed[0][0] if handed else self.first
+        if handed:
+            return handed[0][0]
+        # a region is made once plan_regions planned its model's call, which has no past
+        assert self.first is not None
+        return self.first
 
     def plan(
         self, twin: Callable[[], nn.Module], call: BlockCall, seqs: set[int], local: bool,
-        state: tuple = (), handed: tuple[str, ...] = (),
+        state: tuple[Any, ...] = (), handed: tuple[str, ...] = (),
     ) -> tuple[Plan, Shard | None]:  # fmt: skip
         """The plan for `call` and how its keys are placed, traced (when no plan of the
         block's `state` accepts the call) from `twin()`: the block as it now is, on meta.
@@ -185,7 +191,7 @@ class _Patterns:
 
     def _serial(
         self, tensors: dict[str, torch.Tensor], kv: Any, local: bool, handed: tuple[str, ...]
-    ) -> dict:  # fmt: skip
+    ) -> dict[str, Any]:  # fmt: skip
         """The call's inputs as the serial block would get them (a local past, a local
         part of the sequence widened), as unfilled CPU tensors (see state.twin):
         planning reads no values."""
@@ -214,14 +220,16 @@ class _Patterns:
             local_outputs=(-2, -1) if call.cache_at is not None else (),
             sequence_inputs=handed, hand_over=(0,) if self.sequence else (),
         )  # fmt: skip
-        common = dict(dims=dynamic_sizes(call, batch, seqs), like=self.first, tables=self.tables,
-                      sequence_parallel=self.sequence)  # fmt: skip
+        common: dict[str, Any] = dict(
+            dims=dynamic_sizes(call, batch, seqs), like=self.first, tables=self.tables,
+            sequence_parallel=self.sequence,
+        )  # fmt: skip
         if call.key[3]:  # a past: given as the keys are placed
             if self.kv is _UNKNOWN and local and self.tp > 1:
                 raise AutoTPError(
                     "the model's first cached call to a parallel block came with a past "
-                    "already in its cache: each rank's cache must hold its own heads\n"
-                    "  hint:   start generation from an empty cache (generate() does)"
+                    "already in its cache: each rank's cache must hold its own heads",
+                    hint="start generation from an empty cache (generate() does)",
                 )
             errors = []
             for kv in (Shard(1), None) if self.kv is _UNKNOWN else (self.kv,):
@@ -269,8 +277,8 @@ class _Patterns:
                 ):
                     raise AutoTPError(
                         f"{name} is split {self.first.splits.get(name) or 'not at all'} in the "
-                        f"block's first plan but {p.splits.get(name) or 'not'} in this call's"
-                        "\n  hint:   call the model as it was first called, or report it"
+                        f"block's first plan but {p.splits.get(name) or 'not'} in this call's",
+                        hint="call the model as it was first called, or report it",
                     )
 
 
@@ -280,7 +288,8 @@ def _check_index(block: nn.Module, traced: nn.Module) -> None:
     if given is not None and given != cache_index(block):
         raise AutoTPError(
             f"{type(block).__name__} updates the cache's layer {given!r}, but its layer index "
-            f"reads {cache_index(block)!r}\n  hint:   call the model with use_cache=False"
+            f"reads {cache_index(block)!r}",
+            hint="call the model with use_cache=False",
         )
 
 
@@ -317,9 +326,10 @@ def _run_once(model: nn.Module, inputs: dict[str, Any], paths: list[str]) -> Non
     except Exception as e:  # noqa: BLE001 - becomes an actionable error
         raise AutoTPError(
             f"running {type(model).__name__} on the meta device failed: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}\n  hint:   build the model with "
+            f"{str(e).splitlines()[0] if str(e) else ''}",
+            hint="build the model with "
             "real tensors (its weights are then replaced by weights=), or pass "
-            "example_inputs= it takes"
+            "example_inputs= it takes",
         ) from e
 
 
@@ -371,7 +381,8 @@ def plan_regions(
     if not paths:
         raise AutoTPError(
             f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of layers) "
-            "to parallelize one by one\n  hint:   pass example_inputs to plan the whole model"
+            "to parallelize one by one",
+            hint="pass example_inputs to plan the whole model",
         )
     vocab = vocab_regions(model, paths)
     inner_path, inner = transformers_model(model) or ("", model)
@@ -388,8 +399,9 @@ def plan_regions(
         return stored
     calls, handed = _calls(model, runner, inputs, paths, vocab.regions, prefix)
     vocab = _called(vocab, calls, model)
-    kinds = {**dict.fromkeys(vocab.embeddings, "embedding"), vocab.head: "head"}
-    by_structure: dict[tuple, _Patterns] = {}
+    kinds: dict[str | None, RegionKind] = {**dict.fromkeys(vocab.embeddings, "embedding"),
+                                            vocab.head: "head"}  # fmt: skip
+    by_structure: dict[tuple[Any, ...], _Patterns] = {}
     regions = []
     for path in [*paths, *vocab.regions]:
         if path not in calls:
@@ -424,13 +436,13 @@ def plan_regions(
                         _structure(model.get_submodule(r.path)) == _structure(block))  # fmt: skip
             regions.append(Region(path, "embedding", type(block), like.patterns,
                                   tensor_shapes(block), _aliases(block)))  # fmt: skip
-    made = RegionPlan(type(model).__name__, tp, tuple(regions), vocab, model_signature(model),
-                      sequence_parallel)  # fmt: skip
-    plan_cache.store(key, made)
-    return made
+    planned = RegionPlan(type(model).__name__, tp, tuple(regions), vocab, model_signature(model),
+                         sequence_parallel)  # fmt: skip
+    plan_cache.store(key, planned)
+    return planned
 
 
-def _called(vocab: VocabRegions, calls: dict, model: nn.Module) -> VocabRegions:
+def _called(vocab: VocabRegions, calls: dict[str, _Call], model: nn.Module) -> VocabRegions:
     """`vocab` if the example call used it: its head, and an embedding holding the table
     of each structure among them (another holder is then planned like it, and plans its
     own call if the model ever makes one); else nothing split along the vocabulary."""
@@ -467,7 +479,8 @@ def build_regions(
     if weights is not None:
         load_outside(copied, model, weights, tuple(p + "." for p in blocks))
     names_of = names_by_tensor(model)  # every name of a tensor: a file may hold any
-    shared: list[dict] = [{} for _ in comms]  # per rank: a tensor two blocks hold is one
+    # per rank: a tensor two blocks hold is one
+    shared: list[dict[int, tuple[Shard | None, torch.Tensor]]] = [{} for _ in comms]
     randoms = [RankRandom(seed, c.rank) for c in comms]  # one stream set per rank, shared
     for region in plan.regions:
         path, block = region.path, blocks[region.path]
@@ -482,11 +495,12 @@ def build_regions(
         parallel.__dict__.update(hooks[path])
         parent, _, leaf = path.rpartition(".")
         (copied.get_submodule(parent) if parent else copied)._modules[leaf] = parallel
-    copied.autotp_blocks = tuple(blocks)
-    copied.autotp_plan = plan
+    # the block form's own attributes of the model (plain values, not tensors or modules)
+    copied.autotp_blocks = tuple(blocks)  # type: ignore[assignment]
+    copied.autotp_plan = plan  # type: ignore[assignment]
     saver = copied.get_submodule(inner_path)  # the serial checkpoint, gathered
     if inner_path:  # what a wrapper saves through its transformers model
-        saver.autotp_blocks = tuple(p.removeprefix(inner_path + ".") for p in blocks)
+        saver.autotp_blocks = tuple(p.removeprefix(inner_path + ".") for p in blocks)  # type: ignore[assignment]
     gathering_save(saver, lambda m: full_tensors(m, grads=False), comms[0].rank)
     return copied
 
@@ -515,20 +529,23 @@ def _carry_hooks(block: nn.Module, memo: dict[int, Any]) -> dict[str, Any]:
     return out
 
 
+_Call = tuple[tuple[Any, ...], dict[str, Any]]  # a call's positional and keyword arguments
+
+
 def _calls(
     model: nn.Module, runner: nn.Module, inputs: dict[str, Any], layers: list[str],
     vocab: tuple[str, ...], prefix: str,
-) -> tuple[dict[str, tuple[tuple, dict]], dict[str, tuple[str, ...]]]:  # fmt: skip
+) -> tuple[dict[str, _Call], dict[str, tuple[str, ...]]]:  # fmt: skip
     """How the model calls each of its blocks (the layers at `layers`, the vocabulary's
     at `vocab`), from one run of `runner` on `inputs`; captured tensors as zeros. And,
     for each block, its call's inputs (by BlockCall name) that are a layer's or an input
     embedding's first output as it returned it: what sequence parallelism hands over,
     where the model's Python only passes it on."""
-    calls: dict[str, tuple[tuple, dict]] = {}
+    calls: dict[str, _Call] = {}
     handed: dict[str, tuple[str, ...]] = {}
     returned: list[torch.Tensor] = []  # held, so that no id is reused meanwhile
 
-    def before(p: str, a: tuple, k: dict) -> None:
+    def before(p: str, a: tuple[Any, ...], k: dict[str, Any]) -> None:
         if p in calls:
             return
         calls[p] = (a, k)
@@ -556,13 +573,13 @@ def _calls(
     return {p: tree_map(_zeros_like_fake, c) for p, c in calls.items()}, handed
 
 
-def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
     """A call's arguments with its cache left out, as `take_apart` names the rest."""
     return (tuple(None if is_cache(a) else a for a in args),
             {k: None if is_cache(v) else v for k, v in kwargs.items()})  # fmt: skip
 
 
-def _repoint(shell: nn.Module, memo: dict) -> None:
+def _repoint(shell: nn.Module, memo: dict[int, Any]) -> None:
     """Point the shell's plain attributes that the model's copy copied (its config) at
     the copy's, so that what a user sets on the parallel model (its attention
     implementation) reaches its layers, and what they set on their own model does not."""

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..build.dcp_shards import shard_states
-from ..build.materialise import build_rank_module
+from ..build.materialise import RankOptions, build_rank_module
 from ..build.simulate import SimulatedTP
 from ..capture.calls import BlockCall, cache_index, call_module, modes, take_apart
 from ..common.errors import AutoTPError
@@ -29,7 +29,20 @@ from .state import TRACED_ON, BlockState, SerialAttributeError, cut_serial_state
 
 __all__ = ["BlockTP"]
 
-_CLASSES: dict[type, type] = {}  # block class -> its BlockTP subclass
+_CLASSES: dict[type, type[BlockTP]] = {}  # block class -> its BlockTP subclass
+
+
+class _Patterns(Protocol):
+    """What a parallel block reads of its plans by call pattern (form._Patterns)."""
+
+    tp: int
+    sequence: bool
+    first: Plan | None
+
+    def plan(
+        self, twin: Callable[[], nn.Module], call: BlockCall, seqs: set[int], local: bool,
+        state: tuple[Any, ...] = (), handed: tuple[str, ...] = (),
+    ) -> tuple[Plan, Shard | None]: ...  # fmt: skip
 
 
 class BlockTP(nn.Module):
@@ -41,19 +54,31 @@ class BlockTP(nn.Module):
     Python (isinstance checks, the hooks transformers installs to return hidden states,
     gradient checkpointing's __call__) treats it as the block it replaces."""
 
+    # kept in __dict__ (set by __init__), out of nn.Module's attribute machinery
+    _autotp_kind: type
+    _autotp_shells: list[nn.Module]
+    _autotp_path: str
+    _autotp_patterns: _Patterns
+    _autotp_comms: list[Comm]
+    _autotp_randoms: list[RankRandom]
+    _autotp_graphs: dict[int, nn.Module]  # by id of the plan
+    _autotp_binding: tuple[Any, ...] | None
+    _autotp_shapes: dict[str, torch.Size]
+    _autotp_index: int | None
+
     @classmethod
     def of(cls, serial: nn.Module, *args: Any) -> BlockTP:
         kind = type(serial)
         sub = _CLASSES.get(kind)
         if sub is None:
-            sub = _CLASSES[kind] = type(f"Parallel{kind.__name__}", (cls, kind),
-                                        {"__module__": __name__})  # fmt: skip
+            made = type(f"Parallel{kind.__name__}", (cls, kind), {"__module__": __name__})
+            sub = _CLASSES[kind] = cast("type[BlockTP]", made)
         obj = sub.__new__(sub)
         BlockTP.__init__(obj, serial, *args)
         return obj
 
     def __init__(
-        self, serial: nn.Module, patterns: Any, shells: list[nn.Module],
+        self, serial: nn.Module, patterns: _Patterns, shells: list[nn.Module],
         comms: list[Comm], randoms: list[RankRandom], path: str, shapes: dict[str, torch.Size],
     ) -> None:  # fmt: skip
         """`shapes`: the serial shape of each of the block's tensors (`tensor_shapes`)."""
@@ -80,7 +105,8 @@ class BlockTP(nn.Module):
         d["_autotp_binding"] = None
         d["_autotp_shapes"] = shapes
         d["_autotp_index"] = cache_index(serial)
-        self._register_load_state_dict_pre_hook(self._cut_serial)
+        # unannotated in torch
+        self._register_load_state_dict_pre_hook(self._cut_serial)  # type: ignore[no-untyped-call]
         comm = comms[0]
         if shells[0] is self and isinstance(comm, ProcessGroupComm) and comm.size > 1:
             # DCP sees which chunks of the serial tensors this rank holds
@@ -93,13 +119,13 @@ class BlockTP(nn.Module):
             if name in first._modules or name in first._parameters or name in first._buffers:
                 path = self.__dict__["_autotp_path"]
                 raise SerialAttributeError(
-                    f"{path}.{name}: in autotp.simulate every rank holds its own copy of "
-                    f"it\n  hint:   reach rank r's as {path}.ranks[r].{name} (with "
-                    f"parallelize, {path}.{name} is the process's own rank's)"
+                    f"{path}.{name}: in autotp.simulate every rank holds its own copy of it",
+                    hint=f"reach rank r's as {path}.ranks[r].{name} (with parallelize, "
+                    f"{path}.{name} is the process's own rank's)",
                 )
         return super().__getattr__(name)
 
-    def __deepcopy__(self, memo: dict) -> BlockTP:
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlockTP:
         """A copy with its own tensors and dropout streams, sharing the plans (which hold
         no values: traced on meta); its graphs are built over its tensors when called."""
         new = type(self).__new__(type(self))
@@ -131,11 +157,15 @@ class BlockTP(nn.Module):
         # a tensor under two names (BERT's head bias) is split under both
         return with_every_name(named, names_by_tensor(self._autotp_shells[0]).values())
 
-    def _apply(self, fn: Callable, recurse: bool = True) -> BlockTP:  # .to(), .double()
+    def _apply(  # .to(), .double()
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> BlockTP:
         self._autotp_graphs.clear()  # rebuilt over the converted tensors
-        return super()._apply(fn, recurse)
+        # torch leaves _apply unannotated (it returns self)
+        out: BlockTP = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        return out
 
-    def _cut_serial(self, state: dict, prefix: str, *rest: Any) -> None:
+    def _cut_serial(self, state: dict[str, Any], prefix: str, *rest: Any) -> None:
         ranks = [c.rank for c in self._autotp_comms]
         nested = self._autotp_shells[0] is not self
         cut_serial_state(state, prefix, ranks, self.tp, self.splits(), self._autotp_shapes,
@@ -146,14 +176,16 @@ class BlockTP(nn.Module):
             self._prepare(args, kwargs)  # plan before the checkpoint: not inside it
         return super().__call__(*args, **kwargs)
 
-    def _prepare(self, args: tuple, kwargs: dict) -> tuple[Plan, BlockCall, Any]:
+    def _prepare(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Plan, BlockCall, Any]:
         """The plan of this call, made if new, with the call taken apart and its cache."""
         inside = collecting_inside()
         if inside is not None:
             raise AutoTPError(
                 f"the model asks for {inside}, which transformers collects from inside each "
-                "decoder layer, and a parallel layer runs as one graph\n  hint:   call the "
-                f"model without output_{inside}=True (hidden states are returned)"
+                "decoder layer, and a parallel layer runs as one graph",
+                hint=f"call the model without output_{inside}=True (hidden states are returned)",
             )
         shells = self._autotp_shells
         state = BlockState(shells, self._autotp_path, self)
@@ -174,7 +206,9 @@ class BlockTP(nn.Module):
                                                  handed)  # fmt: skip
         return plan, call, cache
 
-    def _taken_over(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, list[torch.Tensor]]:
+    def _taken_over(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], list[torch.Tensor]]:
         """The call with each hidden state the previous layer handed over (HandedOver)
         replaced by the part this block takes: the rank's part under sequence
         parallelism (in simulate, the whole, which each rank's graph cuts), else the
@@ -196,7 +230,7 @@ class BlockTP(nn.Module):
         return twin(self._autotp_shells[0], self._autotp_kind, self._autotp_shapes,
                     self._autotp_path)  # fmt: skip
 
-    def _rebind(self, binding: tuple) -> None:
+    def _rebind(self, binding: tuple[Any, ...]) -> None:
         """The block's tensors are other objects than its graphs run over (assigned,
         loaded with assign=True, swapped by functional_call, unfrozen): check their
         shapes and build the graphs over them."""
@@ -209,8 +243,9 @@ class BlockTP(nn.Module):
                         raise AutoTPError(
                             f"{self._autotp_path}.{name} has shape {tuple(t.shape)}, but "
                             f"{rank} holds {built[name]} of it: a parallel block's tensors "
-                            "are its rank's shards\n  hint:   load serial weights with "
-                            "load_state_dict (autotp cuts them), or set shards of these shapes"
+                            "are its rank's shards",
+                            hint="load serial weights with "
+                            "load_state_dict (autotp cuts them), or set shards of these shapes",
                         )
         else:
             shell = self._autotp_shells[0]
@@ -226,8 +261,9 @@ class BlockTP(nn.Module):
             raise AutoTPError(
                 f"gradient checkpointing of a parallel {self._autotp_kind.__name__} would "
                 "draw other dropout masks when it recomputes the layer, so its gradients "
-                "would be wrong\n  hint:   set the model's dropout to 0 for checkpointed "
-                "training, or call model.gradient_checkpointing_disable()"
+                "would be wrong",
+                hint="set the model's dropout to 0 for checkpointed "
+                "training, or call model.gradient_checkpointing_disable()",
             )
         out = self._runner(plan, call)(**call.tensors)
         if cache is not None:
@@ -253,8 +289,8 @@ class BlockTP(nn.Module):
         if index is None:
             raise AutoTPError(
                 f"{self._autotp_kind.__name__} has no layer_idx, so autotp cannot tell which "
-                "of the cache's layers is its own\n  hint:   call the model with "
-                "use_cache=False"
+                "of the cache's layers is its own",
+                hint="call the model with use_cache=False",
             )
         return past_of(cache, index, self._autotp_kind.__name__)
 
@@ -278,12 +314,15 @@ class BlockTP(nn.Module):
                 local = {f"layer.{n}": t for n, t in [
                     *shell.named_parameters(remove_duplicate=False),
                     *shell.named_buffers(remove_duplicate=False)]}  # fmt: skip
-                ranks.append(build_rank_module(
-                    module, plan.traced.gm, plan.graph, plan.splits, comm.rank, self.tp, comm, plan,
-                    self._class_name(comm.rank), random.seed, local=local, random=random,
-                    device=next(iter(local.values())).device if local else None,
+                options = RankOptions(
+                    seed=random.seed,
+                    local=local,
+                    random=random,
                     traced_on=TRACED_ON,
-                ))  # fmt: skip
+                    device=next(iter(local.values())).device if local else None,
+                    class_name=self._class_name(comm.rank),
+                )
+                ranks.append(build_rank_module(module, plan, comm.rank, comm, options))
             graphs[key] = ranks[0] if len(ranks) == 1 else SimulatedTP(ranks)
         return graphs[key]
 

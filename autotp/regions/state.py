@@ -42,7 +42,7 @@ class SerialAttributeError(AutoTPError, AttributeError):
     title = "autotp: reach a simulated rank's block"
 
 
-def _config_items(cfg: object) -> tuple:
+def _config_items(cfg: object) -> tuple[tuple[str, Any], ...]:
     return tuple((k, v) for k, v in vars(cfg).items() if isinstance(v, _PLAIN))
 
 
@@ -79,8 +79,8 @@ class BlockState:
         if any(k != keys[0] for k in keys):
             raise AutoTPError(
                 f"the simulated ranks' copies of {path} differ (a class, an attribute or a "
-                "dtype set on some ranks only)\n  hint:   change every rank's copy alike, "
-                "e.g. through model.modules()"
+                "dtype set on some ranks only)",
+                hint="change every rank's copy alike, e.g. through model.modules()",
             )
         self.key = keys[0]
         self.binding = tuple(binding)
@@ -91,7 +91,7 @@ _PUBLIC: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[str, ...]]] = (
 )
 
 
-def _public(m: nn.Module, d: dict) -> tuple[str, ...]:
+def _public(m: nn.Module, d: dict[str, Any]) -> tuple[str, ...]:
     """The names of `m`'s own attributes a traced graph may depend on, kept per module
     while its __dict__ keeps its size (read on every call: no string tests then)."""
     cached = _PUBLIC.get(m)
@@ -108,9 +108,10 @@ def _refuse_hook(m: nn.Module, where: str, rank: int, ranks: int) -> None:
         shown = where if ranks == 1 else f"{where} (rank {rank}'s copy)"
         raise AutoTPError(
             f"{shown} has a {kinds[0]}, but a parallel block runs as one "
-            "graph, so a hook inside it would never be called\n  hint:   register the "
+            "graph, so a hook inside it would never be called",
+            hint="register the "
             "hook on the block itself (its inputs and outputs are the serial block's), or "
-            "on a module outside the blocks"
+            "on a module outside the blocks",
         )
 
 
@@ -128,8 +129,9 @@ def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str)
         if name not in shapes:
             raise AutoTPError(
                 f"{path}.{name} was added to the parallel block after autotp built it, so "
-                "autotp holds no serial form of it to plan with\n  hint:   make such "
-                "changes (adapters, new layers) to the model before autotp.parallelize"
+                "autotp holds no serial form of it to plan with",
+                hint="make such "
+                "changes (adapters, new layers) to the model before autotp.parallelize",
             )
         empty = _unfilled(shapes[name], t.dtype)
         return nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty

@@ -5,6 +5,7 @@ of a block-form model's state and gradients (`full_tensors`)."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
@@ -14,6 +15,9 @@ from ..build.weights import Weights, fill_buffers, init_missing, unsaved_buffers
 from ..common.errors import AutoTPError
 from ..common.tensor_names import names_by_tensor
 from ..sharding import Shard
+
+if TYPE_CHECKING:
+    from .module import BlockTP
 
 _log = logging.getLogger("autotp")
 
@@ -46,8 +50,8 @@ def shell(
             raise AutoTPError(
                 f"{path}.{mine[0]} is split {spec or 'not at all'} here but "
                 f"{made[id(t)][0] or 'not at all'} where the model holds it too (a tied "
-                "tensor): its blocks must split it alike\n  hint:   untie the weights, or "
-                "report it"
+                "tensor): its blocks must split it alike",
+                hint="untie the weights, or report it",
             )
         return made[id(t)][1]
 
@@ -87,7 +91,11 @@ def load_outside(
             done[id(t)] = as_like(t, weights.read(found, dtype=t.dtype, shape=tuple(t.shape)))
         owner, _, leaf = name.rpartition(".")
         mod = copied.get_submodule(owner)
-        where = mod._parameters if leaf in mod._parameters else mod._buffers
+        # a Parameter's slot gets a Parameter (as_like keeps what the model's tensor is)
+        where = cast(
+            "dict[str, torch.Tensor | None]",
+            mod._parameters if leaf in mod._parameters else mod._buffers,
+        )
         where[leaf] = done[id(t)]
 
 
@@ -95,7 +103,8 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
     """The serial state_dict (or gradients) of a block-form model, shards gathered (and
     first, where data parallelism sharded them further, a DTensor's full tensor)."""
     out: dict[str, torch.Tensor | None] = {}
-    blocks = {p: module.get_submodule(p) for p in module.autotp_blocks}
+    paths = cast("tuple[str, ...]", module.autotp_blocks)  # set by form.build_regions
+    blocks = {p: cast("BlockTP", module.get_submodule(p)) for p in paths}
     skip = tuple(p + "." for p in blocks)
     if grads:
         own = {n: p.grad for n, p in module.named_parameters(remove_duplicate=False)}
@@ -119,5 +128,6 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
                 comm = block._autotp_comms[0]
                 spec = splits.get(name)
                 size = block._autotp_shapes[name][spec.dim] if spec is not None else None
-                out[f"{path}.{name}"] = gather_over(local, spec, block.tp, comm, size)
+                shards = cast("list[torch.Tensor]", local)  # every rank's, as rank 0's
+                out[f"{path}.{name}"] = gather_over(shards, spec, block.tp, comm, size)
     return out

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.node import Argument
 from torch.utils._pytree import tree_flatten
 
 from ..common.errors import describe_node, node_error
 from ..match import ops
 from ..match.call import canonical
-from ..match.patterns import EmbeddingInfo, Match
+from ..match.patterns import EmbeddingInfo, LinearInfo, Match
 from ..match.rule import Row
 from ..runtime.collectives import rank_slice
 from ..runtime.vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
@@ -86,13 +87,16 @@ def _set_path(node: fx.Node, path: tuple[int | str, ...], value: Any) -> None:
             return value
         head, tail = rest[0], rest[1:]
         if isinstance(container, slice):  # x[a:b]: head is "start", "stop" or "step"
-            parts = {k: getattr(container, k) for k in ("start", "stop", "step")}
+            parts: dict[int | str, Any] = {
+                k: getattr(container, k) for k in ("start", "stop", "step")
+            }
             parts[head] = put(parts[head], tail)
             return slice(parts["start"], parts["stop"], parts["step"])
         if isinstance(container, dict):
             new = dict(container)
             new[head] = put(container[head], tail)
             return new
+        assert isinstance(head, int), f"a list or tuple is indexed by position, not {head!r}"
         items = list(container)
         items[head] = put(items[head], tail)
         return type(container)(items) if isinstance(container, tuple) else items
@@ -168,7 +172,8 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         node.replace_all_uses_with(y)
         graph.erase_node(node)
         env[old] = y
-        _erase_unused(graph, env.get(li.weight_view))  # `x @ W.T`: the transpose of W
+        view = env.get(li.weight_view) if li.weight_view is not None else None
+        _erase_unused(graph, view)  # `x @ W.T`: the transpose of W
 
     # 3. P -> R: one g per partial value read whole, then its pending terms; R -> S: cuts.
     summed: dict[fx.Node, fx.Node] = {}  # partial value -> its sum (or sequence split)
@@ -217,10 +222,12 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     shared = {name: s.replicas for name, s in prop.params.items() if s.replicas > 1}
     if prop.scatters or shared:
         one_f_for_parameters(graph, gm, shared, sequence=bool(prop.scatters))
-    for old, (src, dst) in prop.guards.items():  # sizes the proof read: checked per call
+    for old, (src_sizes, dst_sizes) in prop.guards.items():  # sizes the proof read: per call
         x = env[old].args[0]
         with graph.inserting_after(env[old]):
-            check = graph.call_function(check_sizes, (x, env[old], src, dst, describe_node(old)))
+            check = graph.call_function(
+                check_sizes, (x, env[old], src_sizes, dst_sizes, describe_node(old))
+            )
         tag(check, rule="propagation", placement="R",
             why="the reshape's split holds for these sizes only")  # fmt: skip
 
@@ -248,7 +255,7 @@ def _reduce(
     reading |= {f_of[value]} if value in f_of else set()
     # a fresh partial (a split linear's or lookup's output, a sum of them) read only whole
     # is reduced in place; a deferred chain's links each have one reader (propagation)
-    kwargs = {"inplace": True} if set(anchor.users) <= reading else {}
+    kwargs: dict[str, Argument] = {"inplace": True} if set(anchor.users) <= reading else {}
     scatter = prop.scatters.get(value)
     with graph.inserting_after(anchor):
         if scatter is None:
@@ -289,7 +296,11 @@ def _reduce(
                      why="backward all-reduce: a bias added to a split sequence")  # fmt: skip
         elif scatter is not None and not isinstance(prop.placements[term], Shard):
             tv, sv = term.meta.get("val"), value.meta.get("val")
+            # a replicated tensor added to a partial one (propagation's _keeps_partial),
+            # whose sum is reduce-scattered: both tensors
+            assert isinstance(tv, torch.Tensor) and isinstance(sv, torch.Tensor)
             dim = scatter.dim - (sv.dim() - tv.dim())  # broadcasting aligns trailing dims
+            args: tuple[Argument, ...]
             with graph.inserting_after(out):
                 if dim >= 0 and tv.shape[dim] != 1:
                     args, kind, what = (env[term], dim), SCATTER_MODULE, "scatter"
@@ -316,7 +327,11 @@ def _reduce(
 
 def _bias_dim(prop: Propagation, bias: str) -> int:
     """The dimension a row-split layer's bias runs along (-1, or -2 for a conv)."""
-    dims = {li.feature_dim for _, li in prop.splits.values() if li.bias == bias}
+    dims = {
+        li.feature_dim
+        for _, li in prop.splits.values()
+        if isinstance(li, LinearInfo) and li.bias == bias  # an embedding has no bias
+    }
     return dims.pop() if len(dims) == 1 else -1
 
 

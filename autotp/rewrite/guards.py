@@ -19,7 +19,13 @@ from ..common.errors import AutoTPError
 __all__ = ["check_sizes"]
 
 
-def check_sizes(x: torch.Tensor, y: torch.Tensor, src: tuple, dst: tuple, where: str) -> None:
+def check_sizes(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    src: tuple[tuple[int, int], ...],
+    dst: tuple[tuple[int, int], ...],
+    where: str,
+) -> None:
     """Refuse unless `x` and `y` have the sizes (dim, size) the plan was proven for."""
     for t, facts, what in ((x, src, "input"), (y, dst, "output")):
         for dim, size in facts:
@@ -27,8 +33,11 @@ def check_sizes(x: torch.Tensor, y: torch.Tensor, src: tuple, dst: tuple, where:
                 _refuse(where, what, tuple(t.shape), dim, size)
 
 
-@torch.compiler.disable(reason="autotp: a call with sizes the plan was not proven for")
-def _refuse(where: str, what: str, shape: tuple, dim: int, size: int) -> None:
+# torch.compiler.disable is unannotated in torch: the decorated function keeps its signature
+@torch.compiler.disable(  # type: ignore[misc, no-untyped-call]
+    reason="autotp: a call with sizes the plan was not proven for"
+)
+def _refuse(where: str, what: str, shape: tuple[int, ...], dim: int, size: int) -> None:
     what_ = (
         f"a reshape's split was proven for size {size} of dimension {dim} of its {what}, "
         f"and this call has {shape[dim]} (local shape {shape}): at other sizes the split "
@@ -38,4 +47,4 @@ def _refuse(where: str, what: str, shape: tuple, dim: int, size: int) -> None:
         "plan with example inputs of the sizes you call with (a batch and a length above 1 "
         "prove the general case where it holds), or keep the sizes fixed"
     )
-    raise AutoTPError(f"{what_}\n{where}\n  hint:   {hint}", what=what_, hint=hint)
+    raise AutoTPError(f"{what_}\n{where}", what=what_, hint=hint)

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.node import Argument
 
 from ..match import ops
-from ..sharding import Propagation
+from ..sharding import Propagation, Shard
 from .sites import (
     F_MODULE,
     F_PARAMS_MODULE,
@@ -42,7 +45,9 @@ def sequence_gather(
     parallelism); otherwise an all-gather whose backward keeps the rank's part of the
     gradient, and the f (if any) after it."""
     scatter = prop.scatters.get(value)
-    dim = scatter.dim if scatter is not None else prop.placements[value].dim
+    split = scatter if scatter is not None else prop.placements[value]
+    assert isinstance(split, Shard), f"a sequence split is a Shard, not {split}"
+    dim = split.dim
     reading = {graph.output_node() if r.op == "output" else env[r] for r in readers}
     f = f_of.get(value)
     direct = {r for r in reading if src in r.all_input_nodes and r is not f}
@@ -82,8 +87,9 @@ def sequence_gather(
 def functional_norm(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """A LayerNorm module on a split value, as F.layer_norm over its own parameters, each
     behind f: each rank normalises its part, so their gradients are partial sums."""
-    mod = gm.get_submodule(str(node.target))
-    params = []
+    # only exact nn.LayerNorm modules are run in functional form (compute.py)
+    mod = cast(nn.LayerNorm, gm.get_submodule(str(node.target)))
+    params: list[fx.Node | None] = []
     with graph.inserting_before(node):
         for name in ("weight", "bias"):
             if getattr(mod, name, None) is None:
@@ -128,26 +134,26 @@ def one_f_for_parameters(
     sites = [
         n for n in graph.nodes
         if n.op == "call_module" and site_kind(n.target) == F_MODULE
-        and n.args[0].op == "get_attr" and str(n.args[0].target) in params
-        and (sequence or str(n.args[0].target) in shared)
+        and _read(n).op == "get_attr" and str(_read(n).target) in params
+        and (sequence or str(_read(n).target) in shared)
     ]  # fmt: skip
     by_dtype: dict[torch.dtype, list[fx.Node]] = {}
     for f in sites:  # one buffer holds one dtype (a float32 norm in a bf16 model: two)
-        by_dtype.setdefault(params[str(f.args[0].target)].dtype, []).append(f)
+        by_dtype.setdefault(params[str(_read(f).target)].dtype, []).append(f)
     anchor = next(n for n in graph.nodes if n.op != "placeholder").prev
     for dtype, group in by_dtype.items():
-        groups = tuple(shared.get(str(f.args[0].target), 1) for f in group)
+        groups = tuple(shared.get(str(_read(f).target), 1) for f in group)
         if len(group) < 2 and groups == (1,):
             continue
         for f in group:
-            anchor.append(f.args[0])  # a get_attr reads nothing: it can move to the top
-            anchor = f.args[0]
+            anchor.append(_read(f))  # a get_attr reads nothing: it can move to the top
+            anchor = _read(f)
         name = "f_params" if len(by_dtype) == 1 else f"f_params_{str(dtype).split('.')[-1]}"
-        kwargs = {"groups": groups} if set(groups) != {1} else {}
+        kwargs: dict[str, Argument] = {"groups": groups} if set(groups) != {1} else {}
         with graph.inserting_after(anchor):
-            many = site(graph, F_PARAMS_MODULE, tuple(f.args[0] for f in group), kwargs, name)
+            many = site(graph, F_PARAMS_MODULE, tuple(_read(f) for f in group), kwargs, name)
         many.meta["val"] = tuple(
-            torch.empty(params[str(f.args[0].target)].shape, dtype=dtype, device="meta")
+            torch.empty(params[str(_read(f).target)].shape, dtype=dtype, device="meta")
             for f in group
         )
         tag(many, collective="f", rule="propagation", placement="R",
@@ -159,6 +165,13 @@ def one_f_for_parameters(
             copy_meta(f, anchor)
             f.replace_all_uses_with(anchor)
             graph.erase_node(f)
+
+
+def _read(f: fx.Node) -> fx.Node:
+    """What an f site reads: its one argument, a node (`site(graph, F_MODULE, (x,), ...)`)."""
+    x = f.args[0]
+    assert isinstance(x, fx.Node), f"an f site reads a node, not {x!r}"
+    return x
 
 
 def _reshape_read_split(node: fx.Node, src: fx.Node) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
+from torch.fx.node import Argument
 
 from ..match import ops
 from ..runtime import collective_kinds as kinds
@@ -71,7 +72,13 @@ def tag(node: fx.Node, **info: Any) -> None:
         setattr(rec, key, value)  # slots: a misspelt field fails here
 
 
-def site(graph: fx.Graph, kind: str, args: tuple, kwargs: dict, name: str) -> fx.Node:
+def site(
+    graph: fx.Graph,
+    kind: str,
+    args: tuple[Argument, ...],
+    kwargs: dict[str, Argument],
+    name: str,
+) -> fx.Node:
     """A call of a module of its own, `kind.<node name>`: every collective and dropout call
     site has one, so module hooks and tools that track modules (CommDebugMode) see each
     module run once per forward, as in the serial model."""

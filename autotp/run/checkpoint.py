@@ -36,12 +36,14 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..build.materialise import gather
@@ -75,8 +77,9 @@ def _spec_json(spec: Shard) -> list[int | None]:
 def _spec_of(raw: list[int | None] | None) -> Shard | None:
     if raw is None:
         return None
+    # written by _spec_json: dim, blocks and replicas are ints, padded an int or None
     replicas = raw[3] if len(raw) > 3 else 1  # written before shared slices: 1
-    return Shard(raw[0], raw[1], raw[2], replicas=replicas)
+    return Shard(cast(int, raw[0]), cast(int, raw[1]), raw[2], replicas=cast(int, replicas))
 
 
 _STEP = re.compile(r"step_(\d{8})")
@@ -98,7 +101,7 @@ class Checkpoints:
     thing a user should know (which checkpoint a resume used, and why)."""
 
     def __init__(
-        self, directory: str | os.PathLike, *, keep_last: int = 0,
+        self, directory: str | os.PathLike[str], *, keep_last: int = 0,
         say: Callable[[str], None] | None = None,
     ) -> None:  # fmt: skip
         self.dir = Path(directory)
@@ -133,7 +136,7 @@ class Checkpoints:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a save that never finished
         dist.barrier()
-        dcp.save(self._state(trainer), checkpoint_id=str(tmp))
+        dcp_save(self._state(trainer), checkpoint_id=str(tmp))
         dist.barrier()
         if lead:
             cfg = trainer.cfg
@@ -208,8 +211,8 @@ class Checkpoints:
                 raise CheckpointError(
                     f"{self.dir} holds a run but no complete checkpoint to resume from\n"
                     f"  latest: {why or 'missing'}\n"
-                    f"  steps:  {found}\n"
-                    "  hint:   restore the checkpoint folders, or train into a new --ckpt-dir"
+                    f"  steps:  {found}",
+                    hint="restore the checkpoint folders, or train into a new --ckpt-dir",
                 )
             if why is not None:
                 self.say(f"{why}; resuming from {done[0].name}, the newest complete checkpoint")
@@ -233,8 +236,8 @@ class Checkpoints:
                 if i + 1 == len(found):
                     raise CheckpointError(
                         f"no checkpoint in {self.dir} could be loaded; the last tried, "
-                        f"{path.name}: {_first_failure(e)}\n"
-                        "  hint:   restore the checkpoint files, or train into a new --ckpt-dir"
+                        f"{path.name}: {_first_failure(e)}",
+                        hint="restore the checkpoint files, or train into a new --ckpt-dir",
                     ) from e
                 self.say(f"{path.name} could not be loaded ({_first_failure(e)}); "
                          f"trying {found[i + 1].name}")  # fmt: skip
@@ -268,7 +271,7 @@ class Checkpoints:
         want: dict[str, Any] = {}
         plan_keys: list[tuple[str, str, list[str]]] = []  # (name, kind, keys)
         params = dict(_unique_params(trainer))
-        stored = SafeReader(str(path)).read_metadata().state_dict_metadata
+        stored = _tensor_metadata(path)
         for name, p in params.items():
             old = old_splits.get(name)
             keys = [_key(name, old, r, old_tp) for r in range(old_tp if old else 1)]
@@ -292,7 +295,7 @@ class Checkpoints:
             for key in stored:
                 if key.startswith(f"rng/rank{m.rank}/"):
                     want[key] = torch.empty(stored[key].size, dtype=torch.uint8)
-        dcp.load(want, storage_reader=SafeReader(str(path)))
+        dcp_load(want, storage_reader=SafeReader(str(path)))
         serial_shapes = meta["shapes"]
         for name, kind, keys in plan_keys:
             old = old_splits.get(name)
@@ -313,7 +316,7 @@ class Checkpoints:
                 if step_key in want:
                     st["step"] = want[step_key].clone()
         if same_layout:
-            rng = {}
+            rng: dict[tuple[str, torch.device], torch.Tensor] = {}
             for key, value in want.items():
                 if key.startswith(f"rng/rank{m.rank}/"):
                     _, _, stream, device = key.split("/", 3)
@@ -331,6 +334,13 @@ def _placed_like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local
 
 
+def _tensor_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
+    """The DCP metadata of each key in the checkpoint at `path`: tensors only (autotp never
+    writes bytes items, and SafeReader refuses to read them)."""
+    stored = SafeReader(str(path)).read_metadata().state_dict_metadata
+    return cast("dict[str, TensorStorageMetadata]", stored)
+
+
 def _first_failure(e: CheckpointException) -> str:
     for failure in getattr(e, "failures", {}).values():
         inner = getattr(failure, "exception", failure)
@@ -339,23 +349,23 @@ def _first_failure(e: CheckpointException) -> str:
 
 
 def check_compatible(
-    meta: dict, path: Path, model: str, shapes: dict[str, list[int]], tied: dict[str, str],
-    *, objective: str | None = None,
+    meta: dict[str, Any], path: Path, model: str, shapes: dict[str, list[int]],
+    tied: dict[str, str], *, objective: str | None = None,
 ) -> None:  # fmt: skip
     """Raise CheckpointError unless the checkpoint at `path` (its autotp.json `meta`) holds
     the model `model` with these serial parameter shapes (trained for `objective`, if
     given; checkpoints from before --objective are clm)."""
     if meta.get("model") != model:
         raise CheckpointError(
-            f"{path} holds a {meta.get('model')} run; this run trains {model}\n"
-            "  hint:   train into a new --ckpt-dir, or pass the run's own --model"
+            f"{path} holds a {meta.get('model')} run; this run trains {model}",
+            hint="train into a new --ckpt-dir, or pass the run's own --model",
         )
     saved = meta.get("objective", "clm")
     if objective is not None and saved != objective:
         raise CheckpointError(
             f"{path} holds a run trained with --objective {saved}; this run asks for "
-            f"--objective {objective}\n"
-            f"  hint:   resume with --objective {saved}, or train into a new --ckpt-dir"
+            f"--objective {objective}",
+            hint=f"resume with --objective {saved}, or train into a new --ckpt-dir",
         )
     stored = meta.get("shapes", {})
     for name, shape in shapes.items():
@@ -365,8 +375,8 @@ def check_compatible(
         if old is not None and list(old) != list(shape):
             raise CheckpointError(
                 f"{path}: parameter {name} was saved with shape {list(old)}, but the model "
-                f"now has {list(shape)}\n"
-                "  hint:   resume with the model the run was started with, or use a new --ckpt-dir"
+                f"now has {list(shape)}",
+                hint="resume with the model the run was started with, or use a new --ckpt-dir",
             )
 
 
@@ -374,7 +384,7 @@ def _unique_params(trainer: Any) -> list[tuple[str, torch.nn.Parameter]]:
     """Each parameter of the rank module once, under the serial model's first name for it
     (the rank module may meet a tied tensor under another of its names first)."""
     seen: set[int] = set()
-    out = []
+    out: list[tuple[str, torch.nn.Parameter]] = []
     for name, p in trainer.module.named_parameters(remove_duplicate=False):
         if id(p) not in seen:
             seen.add(id(p))
@@ -384,7 +394,7 @@ def _unique_params(trainer: Any) -> list[tuple[str, torch.nn.Parameter]]:
 
 def tied_names(model: torch.nn.Module) -> dict[str, str]:
     first: dict[int, str] = {}
-    tied = {}
+    tied: dict[str, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in first:
             tied[name] = first[id(p)]
@@ -393,13 +403,14 @@ def tied_names(model: torch.nn.Module) -> dict[str, str]:
     return tied
 
 
-def _alias(name: str, meta: dict) -> str:
-    return meta.get("tied", {}).get(name, name)
+def _alias(name: str, meta: dict[str, Any]) -> str:
+    alias: str = meta.get("tied", {}).get(name, name)
+    return alias
 
 
 def find_checkpoint(
-    path: str | os.PathLike, say: Callable[[str], None] | None = None
-) -> tuple[Path, dict]:
+    path: str | os.PathLike[str], say: Callable[[str], None] | None = None
+) -> tuple[Path, dict[str, Any]]:
     """(folder, autotp.json) of the checkpoint `path` names: a step_N folder, or a run's
     folder (its latest complete checkpoint). CheckpointError says why when there is none."""
     path = Path(path)
@@ -413,14 +424,14 @@ def find_checkpoint(
     why = problem(path)
     if why is not None:
         raise CheckpointError(
-            f"{path} is not a complete autotp checkpoint: {why}\n"
-            "  hint:   give a run's --ckpt-dir or one of its step_N folders"
+            f"{path} is not a complete autotp checkpoint: {why}",
+            hint="give a run's --ckpt-dir or one of its step_N folders",
         )
     return path, json.loads((path / "autotp.json").read_text())
 
 
 def read_serial_state(
-    path: str | os.PathLike, say: Callable[[str], None] | None = None
+    path: str | os.PathLike[str], say: Callable[[str], None] | None = None
 ) -> dict[str, torch.Tensor]:
     """The serial model's state_dict from a checkpoint directory (a step_N folder or a
     run's folder), in one process, no process group needed. Nothing in the folder is
@@ -428,7 +439,7 @@ def read_serial_state(
     path, meta = find_checkpoint(path, say)
     tp = meta["tp"]
     tied = meta.get("tied", {})
-    stored = SafeReader(str(path)).read_metadata().state_dict_metadata
+    stored = _tensor_metadata(path)
     splits = {n: _spec_of(s) for n, s in meta["splits"].items()}
     names = [n for n in meta["shapes"] if n not in tied]
     want: dict[str, torch.Tensor] = {}
@@ -442,7 +453,7 @@ def read_serial_state(
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.simplefilter("ignore", UserWarning)
         try:
-            dcp.load(want, storage_reader=SafeReader(str(path)), no_dist=True)
+            dcp_load(want, storage_reader=SafeReader(str(path)), no_dist=True)
         except CheckpointException as e:
             raise CheckpointError(f"{path} cannot be read: {_first_failure(e)}") from e
     out: dict[str, torch.Tensor] = {}
@@ -459,8 +470,8 @@ def read_serial_state(
 
 
 def serial_model(
-    ckpt: str | os.PathLike, say: Callable[[str], None] | None = None
-) -> tuple[torch.nn.Module, dict]:
+    ckpt: str | os.PathLike[str], say: Callable[[str], None] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The unmodified model a checkpoint was trained from, with its weights, and the
     checkpoint's description (autotp.json). A file.py:factory model runs its file."""
     from .drawn import draw
@@ -474,34 +485,37 @@ def serial_model(
     # replace (assigned): its weights are held once, not twice
     drawn = None if seed is None else draw(spec, seed)
     model = drawn.model if drawn is not None else build(spec, seed=seed)
-    dtype = {"float64": torch.float64}.get(meta.get("dtype"), torch.float32)
+    dtypes: dict[str | None, torch.dtype] = {"float64": torch.float64}
+    dtype = dtypes.get(meta.get("dtype"), torch.float32)
     model = model.to(dtype)
     state = read_serial_state(path)
     try:
         model.load_state_dict(state, assign=drawn is not None)
     except RuntimeError as e:
         raise CheckpointError(
-            f"{path} does not fit {meta['model']} as it is built now: {str(e)[:400]}\n"
-            "  hint:   was the model's code or config changed since the run?"
+            f"{path} does not fit {meta['model']} as it is built now: {str(e)[:400]}",
+            hint="was the model's code or config changed since the run?",
         ) from e
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(
-            f"{path} does not hold {left[0]} ({len(left)} tensors in all), which "
-            f"{spec} keeps\n  hint:   was the model's code or config changed since the run?"
+            f"{path} does not hold {left[0]} ({len(left)} tensors in all), which {spec} keeps",
+            hint="was the model's code or config changed since the run?",
         )
     return model.eval(), meta
 
 
 def export(
-    ckpt: str | os.PathLike, out: str | os.PathLike, say: Callable[[str], None] | None = None
+    ckpt: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    say: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the serial state_dict (loads into the unmodified model): safetensors when
     `out` ends in .safetensors, torch.save otherwise."""
     out = Path(out)
     if out.is_dir():
         raise UsageError(
-            f"{out} is a folder\n  hint:   give a file name, e.g. {out}/model.safetensors"
+            f"{out} is a folder", hint=f"give a file name, e.g. {out}/model.safetensors"
         )
     state = read_serial_state(ckpt, say)
     try:
@@ -513,9 +527,9 @@ def export(
         else:
             torch.save(state, out)
     except ImportError as e:
-        raise UsageError("writing .safetensors needs the safetensors package\n"
-                         "  hint:   pip install safetensors, or write OUT.pt") from e  # fmt: skip
+        raise UsageError("writing .safetensors needs the safetensors package",
+                         hint="pip install safetensors, or write OUT.pt") from e  # fmt: skip
     except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}\n"
-                         "  hint:   choose a path you can write to") from e  # fmt: skip
+        raise UsageError(f"cannot write {out}: {e.strerror or e}",
+                         hint="choose a path you can write to") from e  # fmt: skip
     return out

@@ -60,9 +60,9 @@ def load_model(
         sig = inspect.signature(model.forward)
         raise UsageError(
             f"autotp cannot make example inputs for {type(model).__name__}.forward{sig}: it "
-            "has no example_inputs() method and no token embedding\n"
-            "  hint:   describe each input: --input NAME=SHAPE:DTYPE (repeatable), e.g. "
-            f"--input {next(iter(sig.parameters), 'x')}=2x16x64:float"
+            "has no example_inputs() method and no token embedding",
+            hint="describe each input: --input NAME=SHAPE:DTYPE (repeatable), e.g. "
+            f"--input {next(iter(sig.parameters), 'x')}=2x16x64:float",
         )
     return model, x
 
@@ -113,9 +113,7 @@ def _in_flags(e: ExampleInputsError, args: argparse.Namespace) -> ExampleInputsE
         "shorter --seq (its positions), another --batch, or describe each input with "
         "--input NAME=SHAPE:DTYPE (e.g. --input idx=2x16:long)"
     )
-    text = str(e).rsplit("\n  hint:", 1)[0]
-    return ExampleInputsError(f"{text}\n  hint:   {hint}", what=e.what, where=e.where,
-                              hint=hint, node=e.node)  # fmt: skip
+    return ExampleInputsError(e.message, what=e.what, where=e.where, hint=hint, node=e.node)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,7 +201,7 @@ def _eval(argv: list[str]) -> int:
     longest = getattr(conf, "block_size", None) or getattr(conf, "max_position_embeddings", None)
     context = args.context or meta.get("seq") or longest
     if context is None:
-        raise UsageError("the model does not say its longest input\n  hint:   pass --context N")
+        raise UsageError("the model does not say its longest input", hint="pass --context N")
     if context < 1 or (longest and context > longest):
         raise UsageError(f"--context {context}: must be in [1, {longest}], the model's positions")
     stride = context // 2 if args.stride is None else args.stride
@@ -217,8 +215,9 @@ def _eval(argv: list[str]) -> int:
     if masked and args.lambada:
         raise UsageError(
             f"{args.ckpt} holds a masked language model (--objective mlm): last-word accuracy "
-            "is a causal LM's measure\n  hint:   drop --lambada; --text FILE and the "
-            "run's validation split give its masked-token perplexity"
+            "is a causal LM's measure",
+            hint="drop --lambada; --text FILE and the "
+            "run's validation split give its masked-token perplexity",
         )
 
     def score(tokens: torch.Tensor) -> tuple[float, int]:
@@ -238,12 +237,12 @@ def _eval(argv: list[str]) -> int:
         try:
             val = data_mod.load(meta.get("data")).split(0.05)[1]
         except (AutoTPError, OSError, ValueError, RuntimeError) as e:
-            raise UsageError(f"the run's data {where} cannot be read: {e}\n"
-                             "  hint:   pass --text FILE") from e  # fmt: skip
+            raise UsageError(f"the run's data {where} cannot be read: {e}",
+                             hint="pass --text FILE") from e  # fmt: skip
         tokens = val.window(0, min(len(val), args.tokens or len(val)))
         if masked and len(tokens) < context:
             raise UsageError(f"{len(tokens)} validation tokens, fewer than one window of "
-                             f"{context}\n  hint:   pass a smaller --context")  # fmt: skip
+                             f"{context}", hint="pass a smaller --context")  # fmt: skip
         ppl, n = score(tokens)
         console.print(f"validation {kind} {ppl:.3f} over {n:,} {scored} of {where} "
                       f"(context {context}, of {len(val):,} held out)")  # fmt: skip

@@ -132,11 +132,11 @@ class UsageParser(argparse.ArgumentParser):
     usage text and exit."""
 
     def error(self, message: str) -> Any:
-        raise UsageError(f"{message}\n  hint:   {self.prog} --help lists every option")
+        raise UsageError(f"{message}", hint=f"{self.prog} --help lists every option")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or isinstance(action.default, bool):
             return action.help or ""  # "(default: None)" says nothing; flags say both forms
         return super()._get_help_string(action)
@@ -197,12 +197,12 @@ def check_args(cfg: TrainConfig) -> None:
         raise UsageError(f"--lr {cfg.lr}: must be a positive number")
     if cfg.batch % (cfg.dp * cfg.accum):
         raise UsageError(
-            f"--batch {cfg.batch} is not divisible by --dp {cfg.dp} x --accum {cfg.accum}\n"
-            "  hint:   every data-parallel rank takes the same number of rows per micro-batch"
+            f"--batch {cfg.batch} is not divisible by --dp {cfg.dp} x --accum {cfg.accum}",
+            hint="every data-parallel rank takes the same number of rows per micro-batch",
         )
     if cfg.amp and not torch.cuda.is_available():
         raise UsageError(
-            f"--amp {cfg.amp} needs a GPU; this machine has none\n  hint:   drop --amp on CPU"
+            f"--amp {cfg.amp} needs a GPU; this machine has none", hint="drop --amp on CPU"
         )
 
 
@@ -216,8 +216,8 @@ def check_model(model: torch.nn.Module, cfg: TrainConfig, vocab: int) -> str:
     size = model_vocab(model)
     if isinstance(size, int) and size < vocab:
         raise UsageError(
-            f"the data has {vocab} token ids but {cfg.model} has a vocabulary of {size}\n"
-            "  hint:   pick a model with a larger vocabulary, or other --data"
+            f"the data has {vocab} token ids but {cfg.model} has a vocabulary of {size}",
+            hint="pick a model with a larger vocabulary, or other --data",
         )
     objective = cfg.objective or default_objective(model)
     check_objective(model, objective, vocab, cfg.model)
@@ -227,20 +227,22 @@ def check_model(model: torch.nn.Module, cfg: TrainConfig, vocab: int) -> str:
         and not callable(getattr(model, "example_inputs", None))
     ):
         raise UsageError(
-            f"{cfg.model} is not a causal language model autotp train can drive\n"
-            "  hint:   train a GPT-2 configuration, hf:gpt2, hf:llama, or a factory whose "
-            "model takes (idx, targets) and returns (logits, loss)"
+            f"{cfg.model} is not a causal language model autotp train can drive",
+            hint="train a GPT-2 configuration, hf:gpt2, hf:llama, or a factory whose "
+            "model takes (idx, targets) and returns (logits, loss)",
         )
     longest = getattr(conf, "block_size", None) or getattr(conf, "max_position_embeddings", None)
     if isinstance(longest, int) and cfg.seq > longest:
         raise UsageError(
-            f"--seq {cfg.seq} exceeds {cfg.model}'s {longest} positions\n"
-            f"  hint:   --seq {longest} or less"
+            f"--seq {cfg.seq} exceeds {cfg.model}'s {longest} positions",
+            hint=f"--seq {longest} or less",
         )
     return objective
 
 
-def check_run_folder(cfg: TrainConfig, say: Callable[[str], None]) -> tuple[Path, dict] | None:
+def check_run_folder(
+    cfg: TrainConfig, say: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint a run in --ckpt-dir would resume from, as (folder, autotp.json), or
     None; raises when the folder cannot be written, or holds a run --no-resume would
     overwrite, or a run with no complete checkpoint."""
@@ -258,14 +260,14 @@ def check_run_folder(cfg: TrainConfig, say: Callable[[str], None]) -> tuple[Path
         probe.unlink()
     except OSError as e:
         raise UsageError(
-            f"--ckpt-dir {folder} cannot be written: {e.strerror or e}\n"
-            "  hint:   choose a folder you can write to; it is checked before training starts"
+            f"--ckpt-dir {folder} cannot be written: {e.strerror or e}",
+            hint="choose a folder you can write to; it is checked before training starts",
         ) from e
     if not cfg.resume:
         if step_folders(folder) or (folder / "latest").exists():
             raise UsageError(
-                f"--ckpt-dir {folder} holds a run and --no-resume would overwrite it\n"
-                "  hint:   drop --no-resume to continue it, or choose a new --ckpt-dir"
+                f"--ckpt-dir {folder} holds a run and --no-resume would overwrite it",
+                hint="drop --no-resume to continue it, or choose a new --ckpt-dir",
             )
         return None
     found = Checkpoints(folder, say=say).latest()
@@ -317,9 +319,9 @@ def check(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainConfig:
         raise UsageError(
             f"--tp {cfg.tp} splits no MLP or attention block of {cfg.model}: its heads and "
             f"widths do not divide by {cfg.tp}, so {cfg.tp} processes would each compute the "
-            "whole model but for the vocabulary\n  hint:   "
-            + (f"use --tp {' or '.join(map(str, works))}" if works else "use --tp 1")
-            + ", or add --allow-unsplit to run it anyway"
+            "whole model but for the vocabulary",
+            hint=(f"use --tp {' or '.join(map(str, works))}" if works else "use --tp 1")
+            + ", or add --allow-unsplit to run it anyway",
         )
     return cfg
 

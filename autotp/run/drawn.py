@@ -28,7 +28,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,8 @@ __all__ = ["Drawn", "LARGE", "draw"]
 
 LARGE = 1 << 16  # elements: a tensor this large is drawn when read, not kept
 _META = torch.device("meta")
+# (shape, stride, storage offset) of a tensor in its storage
+_Layout: TypeAlias = tuple[tuple[int, ...], tuple[int, ...], int | torch.SymInt]
 
 
 class _Scratch:
@@ -61,10 +63,11 @@ class _Scratch:
 
 
 def _key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
+    key: int = t.untyped_storage()._cdata
+    return key
 
 
-def _layout(t: torch.Tensor) -> tuple:
+def _layout(t: torch.Tensor) -> _Layout:
     return tuple(t.shape), tuple(t.stride()), t.storage_offset()
 
 
@@ -72,7 +75,7 @@ def _layout(t: torch.Tensor) -> tuple:
 class _Slot:
     """Where a write's drawn tensor was: its layout in the storage (a pytree leaf)."""
 
-    layout: tuple
+    layout: _Layout
 
 
 @dataclass
@@ -81,8 +84,8 @@ class _Write:
     a _Slot; `rng`: the generator's state before a random op."""
 
     func: Any
-    args: tuple
-    kwargs: dict
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     rng: torch.Tensor | None
 
 
@@ -93,9 +96,9 @@ class _Storage:
     writes: list[_Write] = field(default_factory=list)
 
 
-class _Recording(TorchDispatchMode):
+class _Recording(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch: unannotated
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.storages: dict[int, _Storage] = {}
         self.refusal: str | None = None
         self.scratch = _Scratch()
@@ -103,7 +106,10 @@ class _Recording(TorchDispatchMode):
     def _ours(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and t.is_meta and _key(t) in self.storages
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:  # fmt: skip
         kwargs = kwargs or {}
         tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         if not tensors:
@@ -122,7 +128,7 @@ class _Recording(TorchDispatchMode):
             self._refuse(f"{func} reads or writes a large tensor's value")
         return out
 
-    def _factory(self, func: Any, args: tuple, kwargs: dict) -> Any:
+    def _factory(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if "device" not in kwargs and not any(
             s.name == "device" for s in func._schema.arguments
         ):  # fmt: skip
@@ -137,8 +143,8 @@ class _Recording(TorchDispatchMode):
             self._record(func, args, kwargs, shaped, created=True)
         return shaped
 
-    def _record(self, func: Any, args: tuple, kwargs: dict, target: torch.Tensor,
-                created: bool = False) -> None:  # fmt: skip
+    def _record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                target: torch.Tensor, created: bool = False) -> None:  # fmt: skip
         store = self.storages[_key(target)]
         random = torch.Tag.nondeterministic_seeded in func.tags
         rng = torch.get_rng_state() if random else None
@@ -156,7 +162,7 @@ class _Recording(TorchDispatchMode):
         self.refusal = self.refusal or why
 
 
-def _written(func: Any, args: tuple, kwargs: dict) -> list[Any]:
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """The arguments `func` writes into (in-place and out= arguments)."""
     out = []
     for i, a in enumerate(func._schema.arguments):

@@ -27,6 +27,7 @@ import codecs
 import math
 import sys
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -114,11 +115,11 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature {args.temperature}: must be 0 (greedy) or positive")
     if not args.prompt:
         raise UsageError(
-            '--prompt is empty\n  hint:   give the text to continue, e.g. --prompt "def "'
+            "--prompt is empty", hint='give the text to continue, e.g. --prompt "def "'
         )
 
 
-def _check_run(args: argparse.Namespace, meta: dict, model: torch.nn.Module) -> None:
+def _check_run(args: argparse.Namespace, meta: dict[str, Any], model: torch.nn.Module) -> None:
     """A causal LM trained on bytes: what generate can continue a prompt with."""
     from .objective import default_objective
 
@@ -126,20 +127,20 @@ def _check_run(args: argparse.Namespace, meta: dict, model: torch.nn.Module) -> 
     if str(data).endswith(".bin"):
         raise UsageError(
             f"{args.run} was trained on the token file {data}, whose ids are not bytes: "
-            "autotp generate reads and writes byte-level text only\n"
-            "  hint:   generate from a run trained on text (--data a text file or folder)"
+            "autotp generate reads and writes byte-level text only",
+            hint="generate from a run trained on text (--data a text file or folder)",
         )
     if (meta.get("objective") or default_objective(model)) == "mlm":
         raise UsageError(
             f"{args.run} holds a masked language model ({meta['model']}, trained with "
             "--objective mlm): it fills in [MASK] positions from both sides and cannot "
-            "continue a prompt\n"
-            "  hint:   generate from a run trained with --objective clm (a GPT-style --model, "
-            "e.g. autotp train --model gpt2-bytes)"
+            "continue a prompt",
+            hint="generate from a run trained with --objective clm (a GPT-style --model, "
+            "e.g. autotp train --model gpt2-bytes)",
         )
 
 
-def _context(model: torch.nn.Module, meta: dict) -> int:
+def _context(model: torch.nn.Module, meta: dict[str, Any]) -> int:
     conf = getattr(model, "config", None)
     longest = getattr(conf, "block_size", None) or getattr(conf, "max_position_embeddings", None)
     return int(longest or meta.get("seq") or 1024)
@@ -201,8 +202,8 @@ def generate(
         def logits_fn(ids: torch.Tensor) -> torch.Tensor:
             out = module(ids)
             if hasattr(out, "logits"):
-                return out.logits
-            return out[0] if isinstance(out, (tuple, list)) else out
+                return cast(torch.Tensor, out.logits)
+            return cast(torch.Tensor, out[0] if isinstance(out, (tuple, list)) else out)
 
     prompt = list(args.prompt.encode())
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -259,7 +260,7 @@ class CachedLogits:
             out = self.module(input_ids=window, use_cache=True)
         self.cache = getattr(out, self.key, None)
         self.seen = ids
-        return out.logits
+        return cast(torch.Tensor, out.logits)
 
 
 def _stdout(text: str) -> None:
@@ -293,8 +294,8 @@ def _generate_on_rank(args: argparse.Namespace) -> None:
 
     if dist.get_world_size() != args.tp:
         raise UsageError(
-            f"--tp {args.tp}, but {dist.get_world_size()} processes were started\n"
-            f"  hint:   start --tp processes (torchrun --nproc-per-node {args.tp})"
+            f"--tp {args.tp}, but {dist.get_world_size()} processes were started",
+            hint=f"start --tp processes (torchrun --nproc-per-node {args.tp})",
         )
     with torch.no_grad():
         generate(args, write=_stdout if dist.get_rank() == 0 else None)

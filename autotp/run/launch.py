@@ -14,13 +14,17 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 from ..common.errors import AutoTPError, CheckpointError, TrainingStopped, UsageError
 from .config import ERROR_FILE, TORCHRUN_FLAGS, check, config_from_args, parser
 
 __all__ = ["launch", "run_workers", "split_argv"]
 
-_KINDS = {c.__name__: c for c in (AutoTPError, UsageError, CheckpointError, TrainingStopped)}
+# a worker's error file names its class (None where it names none)
+_KINDS: dict[str | None, type[AutoTPError]] = {
+    c.__name__: c for c in (AutoTPError, UsageError, CheckpointError, TrainingStopped)
+}
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -52,7 +56,7 @@ def _quiet_torchrun() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _worker_error(path: str) -> dict | None:
+def _worker_error(path: str) -> dict[str, Any] | None:
     try:
         with open(path) as f:
             err = json.load(f)
@@ -94,21 +98,25 @@ def run_workers(
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, minus its banner
         _quiet_torchrun()
         try:
-            args = torchrun.parse_args([*launcher, "-m", module, *argv])
-            torchrun.run(args)
+            # torch leaves torchrun's parse_args and run unannotated
+            torchrun_argv = [*launcher, "-m", module, *argv]
+            args = torchrun.parse_args(torchrun_argv)  # type: ignore[no-untyped-call]
+            torchrun.run(args)  # type: ignore[no-untyped-call]
         except ChildFailedError as e:
             err = _worker_error(error_file)
             if err is not None:
-                raise _KINDS.get(err.get("kind"), AutoTPError)(err.get("message", "")) from None
+                kind = _KINDS.get(err.get("kind"), AutoTPError)
+                raise kind(err.get("message", ""), what=err.get("what"), where=err.get("where"),
+                           hint=err.get("hint")) from None  # fmt: skip
             codes = sorted({f.exitcode for f in e.failures.values()})
             if codes == [130] or codes == [-2]:
                 return 130
-            first = next(iter(e.failures.values()))
+            rank, first = next(iter(e.failures.items()))  # by global rank
             raise AutoTPError(
                 f"a worker process failed (exit codes {codes}) without an autotp message\n"
-                f"  rank:   {first.rank}, {first.error_file or 'no error file'}\n"
-                "  hint:   its traceback is above; `autotp train --max-restarts N` restarts "
-                "a training run from its last checkpoint after a crash"
+                f"  rank:   {rank}, {first.error_file or 'no error file'}",
+                hint="its traceback is above; `autotp train --max-restarts N` restarts "
+                "a training run from its last checkpoint after a crash",
             ) from None
         except (KeyboardInterrupt, SignalException):
             say("interrupted: the last complete checkpoint is kept")

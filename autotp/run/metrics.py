@@ -35,7 +35,7 @@ def say(line: str) -> None:
 class MetricsLog:
     """Appends rows to `path` (None: a log that keeps nothing)."""
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = None if path is None else Path(path)
 
     def rewind(self, step: int) -> None:
@@ -59,7 +59,7 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
     rows = []
     for line in Path(path).read_text().splitlines():

@@ -82,15 +82,15 @@ def check_objective(model: torch.nn.Module, objective: str, data_vocab: int, spe
     if objective == "clm" and masked:
         raise UsageError(
             f"{spec} is a masked language model: it reads every position, so --objective clm "
-            "would show it the tokens it is asked to predict\n"
-            "  hint:   drop --objective clm (mlm is its default), or train a GPT-style --model"
+            "would show it the tokens it is asked to predict",
+            hint="drop --objective clm (mlm is its default), or train a GPT-style --model",
         )
     if objective == "mlm" and not (masked and is_hf(model)):
         raise UsageError(
             f"{spec} cannot be trained with --objective mlm: it is not a masked language model "
-            "(it reads only earlier positions and takes no labels with [MASK] positions)\n"
-            "  hint:   drop --objective mlm to train it as a causal LM, or pass --model "
-            "bert-base, hf:bert, or a factory returning a *ForMaskedLM"
+            "(it reads only earlier positions and takes no labels with [MASK] positions)",
+            hint="drop --objective mlm to train it as a causal LM, or pass --model "
+            "bert-base, hf:bert, or a factory returning a *ForMaskedLM",
         )
     if objective == "mlm":
         size = model_vocab(model)
@@ -98,9 +98,9 @@ def check_objective(model: torch.nn.Module, objective: str, data_vocab: int, spe
             raise UsageError(
                 f"--objective mlm needs a [MASK] id the data does not use: the data's ids are "
                 f"0..{data_vocab - 1} and {spec}'s vocabulary has {size}, so there is no id "
-                f"{data_vocab} to mask with\n"
-                f"  hint:   pick a --model whose vocabulary is larger than {data_vocab} "
-                "(bert-base, hf:bert), or other --data"
+                f"{data_vocab} to mask with",
+                hint=f"pick a --model whose vocabulary is larger than {data_vocab} "
+                "(bert-base, hf:bert), or other --data",
             )
 
 

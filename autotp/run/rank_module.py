@@ -20,12 +20,13 @@ restores (`random`), the serial state_dict (`serial_state`), and whether eval mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
-from ..build.materialise import build_rank_module
+from ..build.materialise import RankOptions, build_rank_module, rank_info
 from ..parallel import full_state_dict, parallelize
 from ..parallel import plan as public_plan
 from ..planning.plan import Plan
@@ -37,6 +38,8 @@ from .mesh import Mesh
 __all__ = ["RankModule", "planned", "split_blocks", "left_replicated"]
 
 _VOCAB_RULES = ("vocab_embedding", "lm_head")
+# (stream, device) -> a generator's state: the dropout streams a checkpoint restores
+_States: TypeAlias = dict[tuple[str, torch.device], torch.Tensor]
 
 
 def planned(model: nn.Module, tp: int, example: Any, cfg: Any) -> Plan | RegionPlan:
@@ -74,14 +77,14 @@ class _RegionRandom:
     def __init__(self, random: RankRandom | None) -> None:
         self.random = random
 
-    def get_state(self) -> dict:
+    def get_state(self) -> _States:
         state = dict(self.random.get_state()) if self.random is not None else {}
         state[("torch", torch.device("cpu"))] = torch.get_rng_state()
         if torch.cuda.is_available():
             state[("torch", torch.device("cuda"))] = torch.cuda.get_rng_state()
         return state
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: _States) -> None:
         for (stream, device), s in state.items():
             if stream != "torch":
                 continue
@@ -113,15 +116,16 @@ class RankModule:
         if isinstance(plan, RegionPlan):
             # the public path: checks the ranks planned alike and share one random state
             module = parallelize(model, plan, group=mesh.tp_group, weights=source)
-            blocks = [module.get_submodule(p) for p in module.autotp_blocks]
-            randoms = blocks[0]._autotp_randoms[0] if blocks else None
+            # what parallelize sets on a region form: its blocks' paths, and each block's
+            # ranks' dropout streams
+            paths = cast("tuple[str, ...]", module.autotp_blocks)
+            blocks = [module.get_submodule(p) for p in paths]
+            randoms = cast("list[RankRandom]", blocks[0]._autotp_randoms)[0] if blocks else None
             return cls(module, plan, _RegionRandom(randoms))
-        module = build_rank_module(
-            model, plan.traced.gm, plan.graph, plan.splits, mesh.tp_rank, plan.tp,
-            ProcessGroupComm(mesh.tp_group), plan,
-            plan.model_name, seed=seed, weights=source, device=device, init=init,
-        )  # fmt: skip
-        return cls(module, plan, module.autotp.random)
+        options = RankOptions(seed=seed, weights=source, device=device, init=init)
+        module = build_rank_module(model, plan, mesh.tp_rank, ProcessGroupComm(mesh.tp_group),
+                                   options)  # fmt: skip
+        return cls(module, plan, rank_info(module).random)
 
     @property
     def regions(self) -> bool:
@@ -131,7 +135,7 @@ class RankModule:
     def evaluates(self) -> bool:
         """Whether eval mode runs: a graph traced in train mode that depends on the mode
         runs in train mode only; a region form traces each mode it is called in."""
-        return self.regions or not self.plan.traced.mode_dependent
+        return isinstance(self.plan, RegionPlan) or not self.plan.traced.mode_dependent
 
     def serial_state(self) -> dict[str, torch.Tensor]:
         """The serial model's state_dict (a collective: every rank calls it): FSDP's
@@ -143,7 +147,7 @@ class RankModule:
         have no gradient. A region form's tensors are all its layers'."""
         if self.regions:
             return []
-        gm = self.module
+        gm = cast(fx.GraphModule, self.module)  # the whole-graph form: build_rank_module's
         read: set[int] = set()
         for n in gm.graph.nodes:
             if n.op not in ("get_attr", "call_module"):

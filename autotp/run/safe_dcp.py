@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType
 
@@ -70,8 +70,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         raise CheckpointError(
             f"{self.source} asks to load {module}.{name}, which a checkpoint's metadata "
-            "never holds: refused, nothing from the file was run\n"
-            "  hint:   only load checkpoints you trust; this one may have been tampered with"
+            "never holds: refused, nothing from the file was run",
+            hint="only load checkpoints you trust; this one may have been tampered with",
         )
 
 
@@ -93,9 +93,10 @@ class SafeReader(FileSystemReader):
             ) from e
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta: StorageMeta | None = getattr(metadata, "storage_meta", None)
+        if storage_meta is None:
+            storage_meta = metadata.storage_meta = StorageMeta()
+        storage_meta.load_id = self.load_id
         return metadata
 
     def read_data(self, plan: Any, planner: Any) -> Any:
@@ -120,7 +121,7 @@ def _described(meta: Any) -> bool:
     )
 
 
-def problem(path: str | os.PathLike) -> str | None:
+def problem(path: str | os.PathLike[str]) -> str | None:
     """Why `path` is not a complete, readable checkpoint, or None when it is: autotp.json
     and .metadata must read, and every shard file named in the metadata must exist and be
     long enough for what it is said to hold."""

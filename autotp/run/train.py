@@ -32,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,12 @@ from .rank_module import RankModule, left_replicated, planned
 from .resolve import build, canonical, example_inputs, is_hf
 
 __all__ = ["TrainConfig", "Trainer", "main", "lr_at", "resume"]
+
+
+class _GradientSync(Protocol):
+    """A module under FSDP2's fully_shard or composable replicate."""
+
+    def set_requires_gradient_sync(self, requires_gradient_sync: bool) -> None: ...
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -162,7 +168,7 @@ class Trainer:
 
             fully_shard(self.module, mesh=m.device["dp"])
         elif c.dp > 1:
-            from torch.distributed._composable import replicate
+            from torch.distributed._composable.replicate import replicate
 
             # DDP stops at a parameter that gets no gradient; one the graph never reads
             # (kept for the state_dict only) is frozen: AdamW would skip it anyway
@@ -185,6 +191,7 @@ class Trainer:
         where = {"seed": c.seed, "dp_rank": m.dp_rank, "dp_size": c.dp, "micro": micro,
                  "micro_steps": c.accum}  # fmt: skip
         if self.objective == "mlm":
+            assert self.mask_id is not None  # set for mlm
             x, y = mlm_batch(self.train_data, step, c.batch, c.seq, mask_id=self.mask_id,
                              vocab=self.vocab, **where)  # fmt: skip
         else:
@@ -203,10 +210,10 @@ class Trainer:
         for micro in range(c.accum):
             x, y = self._micro(self.step, micro)
             if c.fsdp or c.dp > 1:  # gradients are averaged over dp in the last backward
-                self.module.set_requires_gradient_sync(micro == c.accum - 1)
+                cast(_GradientSync, self.module).set_requires_gradient_sync(micro == c.accum - 1)
             with self._autocast():
                 loss = self.loss(x, y)
-            (loss / c.accum).backward()
+            (loss / c.accum).backward()  # type: ignore[no-untyped-call]  # torch: unannotated
             total += loss.detach().double().cpu() / c.accum
         if c.dp > 1:  # the mean over the global batch: the same value on every rank
             total = total.to(self.device)
@@ -233,9 +240,9 @@ class Trainer:
         where = f"--ckpt-dir {self.cfg.ckpt_dir}" if self.cfg.ckpt_dir else "no --ckpt-dir"
         raise TrainingStopped(
             f"the {what} is {value} at step {self.step + 1}: stopped before the optimizer "
-            f"step, so no checkpoint holds weights it touched ({where})\n"
-            f"  hint:   run again with a lower --lr (now {self.cfg.lr:g}), keep --clip on, or "
-            "check the data"
+            f"step, so no checkpoint holds weights it touched ({where})",
+            hint=f"run again with a lower --lr (now {self.cfg.lr:g}), keep --clip on, or "
+            "check the data",
         )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -254,9 +261,9 @@ class Trainer:
                          "")  # fmt: skip
             raise UsageError(
                 f"{self.cfg.model} has parameters its forward reads but its loss does not "
-                f"depend on, which --dp {self.cfg.dp} (DDP) refuses to average. {which}\n"
-                "  hint:   add --fsdp, which allows them, or make the loss use every "
-                "parameter the forward reads (TORCH_DISTRIBUTED_DEBUG=INFO names them)"
+                f"depend on, which --dp {self.cfg.dp} (DDP) refuses to average. {which}",
+                hint="add --fsdp, which allows them, or make the loss use every "
+                "parameter the forward reads (TORCH_DISTRIBUTED_DEBUG=INFO names them)",
             ) from e
 
     def _model_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -273,9 +280,9 @@ class Trainer:
             return _loss_of(self.module(**given))
         if self.hf:
             return _loss_of(self.module(input_ids=x, labels=x))
-        return self.module(x, y)[1]
+        return cast(torch.Tensor, self.module(x, y)[1])
 
-    def _autocast(self):
+    def _autocast(self) -> torch.autocast:
         if self.cfg.amp and self.device.type == "cuda":
             dt = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
             return torch.autocast("cuda", dtype=dt)
@@ -331,6 +338,7 @@ class Trainer:
                                        batches or self.cfg.eval_batches)  # fmt: skip
         for i, (x, y) in enumerate(windows):
             if self.objective == "mlm":  # masked-token loss, the same masks every time
+                assert self.mask_id is not None  # set for mlm
                 x, y = mlm_val_batch(x, i, seed=self.cfg.seed, mask_id=self.mask_id,
                                      vocab=self.vocab)  # fmt: skip
             loss = self.loss(x.to(self.device), y.to(self.device))
@@ -422,9 +430,8 @@ def _refuse_meta(module: torch.nn.Module) -> None:
         if t.is_meta:
             raise AutoTPError(
                 f"{name} of the rank module is still on the meta device: the model's "
-                "initialiser draws parameters only\n"
-                "  hint:   build the model on a real device, or give --init-from a file "
-                "that holds it"
+                "initialiser draws parameters only",
+                hint="build the model on a real device, or give --init-from a file that holds it",
             )
 
 
@@ -432,15 +439,15 @@ def _loss_of(out: Any) -> torch.Tensor:
     """The loss in a model's output: `.loss` (transformers), ["loss"], or the one scalar
     of a tuple ((logits, loss) of autotp.models, (loss, logits, ...) of return_dict=False)."""
     if hasattr(out, "loss"):
-        return out.loss
+        return cast(torch.Tensor, out.loss)
     if isinstance(out, dict):
-        return out["loss"]
+        return cast(torch.Tensor, out["loss"])
     scalars = [v for v in out if isinstance(v, torch.Tensor) and v.ndim == 0]
     if len(scalars) != 1:
         raise UsageError(
             f"the model returned {len(out)} values, {len(scalars)} of them scalars: autotp "
-            "train cannot tell which is the loss\n"
-            "  hint:   return (logits, loss), or an object with a .loss"
+            "train cannot tell which is the loss",
+            hint="return (logits, loss), or an object with a .loss",
         )
     return scalars[0]
 
@@ -468,12 +475,14 @@ def init_process_group(backend: str, **kwargs: Any) -> None:
     if attempt is None or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend, **kwargs)
         return
-    store = dist.TCPStore(
+    # torch.distributed re-exports TCPStore and PrefixStore without listing them in __all__
+    store = dist.TCPStore(  # type: ignore[attr-defined]
         env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
         timeout=datetime.timedelta(minutes=10),
     )  # fmt: skip
+    prefixed = dist.PrefixStore(f"autotp/attempt_{attempt}", store)  # type: ignore[attr-defined]
     dist.init_process_group(
-        backend, store=dist.PrefixStore(f"autotp/attempt_{attempt}", store),
+        backend, store=prefixed,
         rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), **kwargs,
     )  # fmt: skip
 
@@ -502,7 +511,8 @@ def _report_error(e: AutoTPError) -> None:
     if path:  # written whole under another name, then linked: the first rank's stays
         tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"kind": type(e).__name__, "title": e.title, "message": str(e)}, f)
+            json.dump({"kind": type(e).__name__, "title": e.title, "message": e.message,
+                       "what": e.what, "where": e.where, "hint": e.hint}, f)  # fmt: skip
         try:
             os.link(tmp, path)
         except FileExistsError:

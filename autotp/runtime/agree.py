@@ -30,7 +30,8 @@ def same_random_state(group: dist.ProcessGroup | None) -> None:
     """Give every rank of `group` rank 0's CPU (and current CUDA device's) random state."""
     with tools_aside():
         states = [torch.get_rng_state()]
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # torch leaves torch.cuda.is_initialized unannotated
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             states.append(torch.cuda.get_rng_state())
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast_object_list(states, src=src, group=group)
@@ -39,7 +40,7 @@ def same_random_state(group: dist.ProcessGroup | None) -> None:
             torch.cuda.set_rng_state(states[1])
 
 
-def digest(args: tuple, kwargs: dict, random_state: bool) -> dict[str, str]:
+def digest(args: tuple[Any, ...], kwargs: dict[str, Any], random_state: bool) -> dict[str, str]:
     """A short digest per input tensor (its shape, dtype and values) and of the random
     state (`random_state`): equal on two ranks exactly when what they got is equal."""
     names = [f"argument {i}" for i in range(len(args))] + list(kwargs)
@@ -63,7 +64,7 @@ def check_first_call(model: nn.Module, group: dist.ProcessGroup | None, random_s
     """On `model`'s first call, refuse unless every rank of `group` got the same inputs
     and (`random_state`) holds the same random state. Later calls pay nothing."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         handle.remove()
         mine = digest(args, kwargs, random_state)
         with tools_aside():
@@ -75,10 +76,10 @@ def check_first_call(model: nn.Module, group: dist.ProcessGroup | None, random_s
                 raise AutoTPError(
                     f"the ranks of the tensor-parallel group disagree in {differ[0]}: rank "
                     f"{rank} differs from rank 0. Every rank computes the same batch, each "
-                    "with its own shards, so their inputs and random state must be equal\n"
-                    "  hint:   give every rank of a tensor-parallel group the same batch (a "
+                    "with its own shards, so their inputs and random state must be equal",
+                    hint="give every rank of a tensor-parallel group the same batch (a "
                     "DistributedSampler over the data-parallel ranks only) and the same "
-                    "seed (torch.manual_seed(seed + data_parallel_rank))"
+                    "seed (torch.manual_seed(seed + data_parallel_rank))",
                 )
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -127,7 +127,12 @@ RUN_TEXT: dict[tuple[str, str], str] = {
 
 def site_modules(comm: Comm) -> dict[str, Callable[[], nn.Module]]:
     """Each kind's module name -> a maker of the module a rank's graph calls there."""
-    return {k.module: (lambda k=k: k.module_for(comm)) for k in KINDS}
+    return {k.module: _maker(k, comm) for k in KINDS}
+
+
+def _maker(kind: CollectiveKind, comm: Comm) -> Callable[[], nn.Module]:
+    """A maker of `kind`'s module over `comm`."""
+    return lambda: kind.module_for(comm)
 
 
 __all__ = ["CollectiveKind", "KINDS", "NAMES", "RUNS", "RUN_TEXT", "Run",

@@ -60,21 +60,39 @@ __all__ = [
 ]  # fmt: skip
 
 
+# `fn.apply(*args)` of an autograd Function of one output, and of several: torch leaves
+# `Function.apply` unannotated.
+
+
+def _apply_one(fn: type[torch.autograd.Function], *args: Any) -> torch.Tensor:
+    out: torch.Tensor = fn.apply(*args)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _apply_many(fn: type[torch.autograd.Function], *args: Any) -> tuple[torch.Tensor, ...]:
+    out: tuple[torch.Tensor, ...] = fn.apply(*args)  # type: ignore[no-untyped-call]
+    return out
+
+
+# torch types `Function.backward` as (ctx, *grad_outputs): a backward below that takes its
+# gradients by name overrides it with `type: ignore[override]`.
+
+
 class _F(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, comm: Comm) -> torch.Tensor:
         ctx.comm = comm
         return x.view_as(x)
 
     @staticmethod
     @once_differentiable  # a collective: a second derivative would need its own
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         return ctx.comm.all_reduce(grad, "backward"), None
 
 
 class _G(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm, inplace: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, comm: Comm, inplace: bool) -> torch.Tensor:
         out = comm.all_reduce(x, "forward", inplace=inplace)
         if out is x:
             ctx.mark_dirty(x)  # autograd refuses, loudly, if anything saved x for backward
@@ -82,37 +100,37 @@ class _G(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # a collective: a second derivative would need its own
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         return grad, None, None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm, dim: int, size: int):  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, comm: Comm, dim: int, size: int) -> torch.Tensor:
         ctx.comm, ctx.dim, ctx.local = comm, dim, x.shape[dim]
         return torch.cat(comm.all_gather(x, "forward"), dim=dim).narrow(dim, 0, size)
 
     @staticmethod
     @once_differentiable  # a collective: a second derivative would need its own
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         return _own_slice(grad, ctx.dim, ctx.local, ctx.comm.rank), None, None, None
 
 
 class _ScatterSP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
         ctx.comm, ctx.dim = comm, dim
         return chunk(x, dim, comm.size, comm.rank)
 
     @staticmethod
     @once_differentiable  # a collective: a second derivative would need its own
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         return ctx.comm.all_gather_dim(grad, ctx.dim, "backward"), None, None
 
 
 class _GatherSP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
         ctx.comm, ctx.dim = comm, dim
         out = comm.all_gather_dim(x, dim, "forward")
         if isinstance(comm, ProcessGroupComm) and not torch.compiler.is_compiling():
@@ -123,7 +141,7 @@ class _GatherSP(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # a collective: a second derivative would need its own
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         return ctx.comm.reduce_scatter(grad, ctx.dim, "backward"), None, None
 
 
@@ -144,7 +162,9 @@ class _Regather:
         self.saved, self.used = 0, 0
         self.whole: torch.Tensor | None = None
 
-    def view(self, size: torch.Size, stride: tuple[int, ...], offset: int) -> torch.Tensor:
+    def view(
+        self, size: torch.Size, stride: tuple[int, ...], offset: int | torch.SymInt
+    ) -> torch.Tensor:
         if self.whole is None:
             self.whole = self.gather().contiguous()
         out = self.whole.as_strided(size, stride, offset)
@@ -152,6 +172,11 @@ class _Regather:
         if self.used >= self.saved:
             self.whole = None  # a second backward (retain_graph) gathers again
         return out
+
+
+# what autograd saves of a view of a gathered sequence: its entry, the view's size, stride
+# and offset
+_Kept = tuple[_Regather, torch.Size, tuple[int, ...], int | torch.SymInt]
 
 
 def _remember(
@@ -166,7 +191,7 @@ def _remember(
         weakref.finalize(out, _GATHERED.pop, key, None)
 
 
-def _pack(t: torch.Tensor) -> Any:
+def _pack(t: torch.Tensor) -> torch.Tensor | _Kept:
     found = _GATHERED.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
     if found is None or t._version != found[1]:  # changed in place since: kept as it is
         return t
@@ -175,7 +200,7 @@ def _pack(t: torch.Tensor) -> Any:
     return (entry, t.size(), t.stride(), t.storage_offset())
 
 
-def _unpack(x: Any) -> torch.Tensor:
+def _unpack(x: torch.Tensor | _Kept) -> torch.Tensor:
     if isinstance(x, tuple):
         entry, size, stride, offset = x
         return entry.view(size, stride, offset)
@@ -191,7 +216,8 @@ def keep_parts() -> Any:
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     autograd = torch._C._autograd
-    free = autograd._saved_tensors_hooks_is_enabled()
+    # torch's stubs lack _saved_tensors_hooks_is_enabled
+    free = autograd._saved_tensors_hooks_is_enabled()  # type: ignore[attr-defined]
     if not free or autograd._top_saved_tensors_default_hooks(False) is not None:
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
@@ -199,26 +225,28 @@ def keep_parts() -> Any:
 
 class _ReduceScatterSP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
         ctx.comm, ctx.dim = comm, dim
         return comm.reduce_scatter(x, dim, "forward")
 
     @staticmethod
     @once_differentiable  # a collective: a second derivative would need its own
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         return ctx.comm.all_gather_dim(grad, ctx.dim, "backward"), None, None
 
 
 class _FMany(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, comm: Comm, groups: tuple[int, ...], *xs: torch.Tensor):  # type: ignore[override]
+    def forward(
+        ctx: Any, comm: Comm, groups: tuple[int, ...], *xs: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         ctx.comm, ctx.groups = comm, groups or (1,) * len(xs)
         ctx.set_materialize_grads(False)  # a parameter used under no_grad gets none
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
     @once_differentiable  # a collective: a second derivative would need its own
-    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         # the same on every rank: the graph's
         got = [(g, k) for g, k in zip(grads, ctx.groups, strict=True) if g is not None]
         if not got:
@@ -251,7 +279,9 @@ def _unslotted(
     """Each gradient of `got` from the summed buffer `_slotted` made: its slice's part."""
     sizes = [g.numel() * (tp // k if k > 1 else 1) for g, k in got]
     out = []
-    for part, (g, k) in zip(flat.split(sizes), got, strict=True):
+    # torch leaves Tensor.split unannotated
+    parts: tuple[torch.Tensor, ...] = flat.split(sizes)  # type: ignore[no-untyped-call]
+    for part, (g, k) in zip(parts, got, strict=True):
         out.append((part if k == 1 else part.view(tp // k, -1)[rank // k]).view_as(g))
     return out
 
@@ -290,7 +320,10 @@ def rank_slice(
         x = torch.cat([x, x.new_zeros(pad)], dim)
     among, at = (tp, rank) if within is None else (within, rank % within)
     size, slices = x.shape[dim], among // replicas
-    parts = x.unflatten(dim, (blocks, slices, size // (blocks * slices)))
+    # torch leaves Tensor.unflatten unannotated
+    parts: torch.Tensor = x.unflatten(  # type: ignore[no-untyped-call]
+        dim, (blocks, slices, size // (blocks * slices))
+    )
     which = (at.reshape(1) // replicas).to(torch.long)
     mine = parts.index_select(dim + 1, which).squeeze(dim + 1)
     return mine.flatten(dim, dim + 1)
@@ -316,7 +349,7 @@ class CopyToTP(nn.Module):
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.comm.size == 1 else _F.apply(x, self.comm)
+        return x if self.comm.size == 1 else _apply_one(_F, x, self.comm)
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"
@@ -339,7 +372,7 @@ class ReduceFromTP(nn.Module):
         # Under torch.compile never in place: the collective is then a custom op, which
         # returns a new tensor.
         inplace = inplace and not torch.compiler.is_compiling() and not x._is_view()
-        return _G.apply(x, self.comm, inplace)
+        return _apply_one(_G, x, self.comm, inplace)
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"
@@ -367,7 +400,7 @@ class GatherFromTP(nn.Module):
     def forward(self, x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
         if self.comm.size == 1:
             return x.narrow(dim, 0, size)
-        return _Gather.apply(x, self.comm, dim, size)
+        return _apply_one(_Gather, x, self.comm, dim, size)
 
 
 class ScatterToSP(nn.Module):
@@ -379,7 +412,7 @@ class ScatterToSP(nn.Module):
         self.comm = comm
 
     def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return x if self.comm.size == 1 else _ScatterSP.apply(x, self.comm, dim)
+        return x if self.comm.size == 1 else _apply_one(_ScatterSP, x, self.comm, dim)
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"
@@ -394,7 +427,7 @@ class GatherFromSP(nn.Module):
         self.comm = comm
 
     def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return x if self.comm.size == 1 else _GatherSP.apply(x, self.comm, dim)
+        return x if self.comm.size == 1 else _apply_one(_GatherSP, x, self.comm, dim)
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"
@@ -409,7 +442,7 @@ class ReduceScatterToSP(nn.Module):
         self.comm = comm
 
     def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return x if self.comm.size == 1 else _ReduceScatterSP.apply(x, self.comm, dim)
+        return x if self.comm.size == 1 else _apply_one(_ReduceScatterSP, x, self.comm, dim)
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"
@@ -427,7 +460,7 @@ class CopyManyToTP(nn.Module):
         self.comm = comm
 
     def forward(self, *xs: torch.Tensor, groups: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
-        return tuple(xs) if self.comm.size == 1 else _FMany.apply(self.comm, groups, *xs)
+        return tuple(xs) if self.comm.size == 1 else _apply_many(_FMany, self.comm, groups, *xs)
 
     def extra_repr(self) -> str:
         return f"tp={self.comm.size}"
@@ -445,11 +478,11 @@ def _sum(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 class _SimF(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, *xs: torch.Tensor):  # type: ignore[override]
+    def forward(ctx: Any, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
         record_collective("backward", grads[0])
         total = _sum(grads)
         return tuple(total.clone() for _ in grads)
@@ -457,26 +490,26 @@ class _SimF(torch.autograd.Function):
 
 class _SimG(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, *xs: torch.Tensor):  # type: ignore[override]
+    def forward(ctx: Any, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         record_collective("forward", xs[0])
         total = _sum(xs)
         return tuple(total.clone() for _ in xs)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return grads
 
 
 class _SimGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dim: int, size: int, *xs: torch.Tensor):  # type: ignore[override]
+    def forward(ctx: Any, dim: int, size: int, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         record_collective("forward", xs[0], "all_gather")
         ctx.dim, ctx.local = dim, xs[0].shape[dim]
         full = torch.cat(xs, dim=dim).narrow(dim, 0, size)
         return tuple(full.clone() for _ in xs)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         own = [_own_slice(g, ctx.dim, ctx.local, r) for r, g in enumerate(grads)]
         return (None, None, *own)
 
@@ -494,33 +527,33 @@ def simulated_gather(xs: list[torch.Tensor], dim: int, size: int) -> list[torch.
     """All-gather along `dim` over all ranks, trimmed to `size`."""
     if len(xs) == 1:
         return [xs[0].narrow(dim, 0, size)]
-    return list(_SimGather.apply(dim, size, *xs))
+    return list(_apply_many(_SimGather, dim, size, *xs))
 
 
 def simulated_f(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """f over all ranks: each keeps its value; backward sums the ranks' gradients."""
-    return list(_SimF.apply(*xs)) if len(xs) > 1 else xs
+    return list(_apply_many(_SimF, *xs)) if len(xs) > 1 else xs
 
 
 def simulated_g(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """g over all ranks: each gets the sum; backward passes each rank its own gradient."""
-    return list(_SimG.apply(*xs)) if len(xs) > 1 else xs
+    return list(_apply_many(_SimG, *xs)) if len(xs) > 1 else xs
 
 
 class _SimScatterSP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dim: int, *xs: torch.Tensor):  # type: ignore[override]
+    def forward(ctx: Any, dim: int, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.dim = dim
         return tuple(chunk(x, dim, len(xs), r) for r, x in enumerate(xs))
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return (None, *_sim_all_gather(grads, ctx.dim, "backward"))
 
 
 class _SimGatherSP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dim: int, *xs: torch.Tensor):  # type: ignore[override]
+    def forward(ctx: Any, dim: int, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.dim = dim
         outs = _sim_all_gather(xs, dim, "forward")
         parts = tuple(x.detach() for x in xs)  # kept as the real ranks keep them
@@ -528,30 +561,32 @@ class _SimGatherSP(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return (None, *_sim_reduce_scatter(grads, ctx.dim, "backward"))
 
 
 class _SimReduceScatterSP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dim: int, *xs: torch.Tensor):  # type: ignore[override]
+    def forward(ctx: Any, dim: int, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.dim = dim
         return tuple(_sim_reduce_scatter(xs, dim, "forward"))
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return (None, *_sim_all_gather(grads, ctx.dim, "backward"))
 
 
 class _SimFMany(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, n: int, groups: tuple[int, ...], *xs: torch.Tensor):  # type: ignore[override]
+    def forward(
+        ctx: Any, n: int, groups: tuple[int, ...], *xs: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         ctx.n, ctx.groups = n, groups or (1,) * n  # xs: rank 0's n tensors, then rank 1's, ...
         ctx.set_materialize_grads(False)  # a parameter used under no_grad gets none
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         per_rank = [grads[i : i + ctx.n] for i in range(0, len(grads), ctx.n)]
         tp = len(per_rank)
         got = [[(g, k) for g, k in zip(rank, ctx.groups, strict=True) if g is not None]
@@ -585,19 +620,19 @@ def _sim_reduce_scatter(
 def simulated_scatter_to_sp(xs: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
     """ScatterToSP over all ranks: rank r keeps chunk r of its value along `dim`;
     backward all-gathers the ranks' gradient chunks."""
-    return list(_SimScatterSP.apply(dim, *xs)) if len(xs) > 1 else xs
+    return list(_apply_many(_SimScatterSP, dim, *xs)) if len(xs) > 1 else xs
 
 
 def simulated_gather_from_sp(xs: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
     """GatherFromSP over all ranks: each gets the chunks joined along `dim`; backward
     hands rank r chunk r of the sum of the ranks' gradients."""
-    return list(_SimGatherSP.apply(dim, *xs)) if len(xs) > 1 else xs
+    return list(_apply_many(_SimGatherSP, dim, *xs)) if len(xs) > 1 else xs
 
 
 def simulated_reduce_scatter_to_sp(xs: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
     """ReduceScatterToSP over all ranks: rank r gets chunk r of the sum along `dim`;
     backward all-gathers the ranks' gradient chunks."""
-    return list(_SimReduceScatterSP.apply(dim, *xs)) if len(xs) > 1 else xs
+    return list(_apply_many(_SimReduceScatterSP, dim, *xs)) if len(xs) > 1 else xs
 
 
 def simulated_copy_many(
@@ -609,5 +644,5 @@ def simulated_copy_many(
     if len(xs) == 1:
         return [tuple(xs[0])]
     n = len(xs[0])
-    ys = _SimFMany.apply(n, groups, *[x for rank in xs for x in rank])
+    ys = _apply_many(_SimFMany, n, groups, *[x for rank in xs for x in rank])
     return [tuple(ys[i : i + n]) for i in range(0, len(ys), n)]

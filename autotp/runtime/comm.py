@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import _resolve_process_group
+from torch._C._distributed_c10d import _resolve_process_group
+from torch.distributed.distributed_c10d import GroupName
 
 from ..common.errors import AutoTPError
 
@@ -107,7 +108,8 @@ def check_divisible(t: torch.Tensor, dim: int, tp: int) -> None:
         _refuse_indivisible(tuple(t.shape), dim, tp)
 
 
-@torch.compiler.disable(reason="sequence parallelism: the sequence length is not a multiple of tp")
+# torch leaves torch.compiler.disable unannotated
+@torch.compiler.disable(reason="sequence parallelism: the sequence length is not a multiple of tp")  # type: ignore[misc, no-untyped-call]
 def _refuse_indivisible(shape: tuple[int, ...], dim: int, tp: int) -> None:
     raise AutoTPError(
         f"cannot split dimension {dim} of a tensor of shape {shape} into tp={tp} equal "
@@ -152,18 +154,22 @@ class ProcessGroupComm(Comm):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.group_name = (group if group is not None else dist.group.WORLD).group_name
+        world = group if group is not None else dist.group.WORLD
+        assert world is not None  # get_world_size raised above without a default group
+        self.group_name = world.group_name
 
     def all_reduce(
         self, t: torch.Tensor, direction: str, op: str = "sum", *, inplace: bool = False
     ) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a custom op returns a new tensor
-            return torch.ops.autotp.all_reduce(t, self.group_name, direction, op)
+            reduced: torch.Tensor = torch.ops.autotp.all_reduce(t, self.group_name, direction, op)
+            return reduced
         return _all_reduce(t, self.group, direction, op, inplace)
 
     def all_gather(self, t: torch.Tensor, direction: str) -> list[torch.Tensor]:
         if torch.compiler.is_compiling():
-            return torch.ops.autotp.all_gather(t, self.group_name, direction)
+            parts: list[torch.Tensor] = torch.ops.autotp.all_gather(t, self.group_name, direction)
+            return parts
         return _all_gather(t, self.group, direction)
 
     # The single-tensor collectives cut and join along dimension 0: `dim` is moved there
@@ -171,6 +177,7 @@ class ProcessGroupComm(Comm):
 
     def all_gather_dim(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
         src = t.movedim(dim, 0).contiguous()
+        out: torch.Tensor
         if torch.compiler.is_compiling():
             out = torch.ops.autotp.all_gather_single(src, self.group_name, direction)
         else:
@@ -180,6 +187,7 @@ class ProcessGroupComm(Comm):
     def reduce_scatter(self, t: torch.Tensor, dim: int, direction: str) -> torch.Tensor:
         check_divisible(t, dim, self.size)
         src = t.movedim(dim, 0).contiguous()
+        out: torch.Tensor
         if torch.compiler.is_compiling():
             out = torch.ops.autotp.reduce_scatter_single(src, self.group_name, direction)
         else:
@@ -233,7 +241,7 @@ def _reduce_scatter_single(
 
 
 def _group(name: str) -> dist.ProcessGroup:
-    return _resolve_process_group(name)
+    return _resolve_process_group(GroupName(name))
 
 
 @torch.library.custom_op("autotp::all_reduce", mutates_args=())

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from .comm import Comm, ProcessGroupComm, SimulatedComm
 
 __all__ = ["SplitGrad", "count_norms"]
 
-_NORMS: set[Callable] = {torch.linalg.vector_norm, torch.norm, torch.Tensor.norm}
+_NORMS: set[Callable[..., Any]] = {torch.linalg.vector_norm, torch.norm, torch.Tensor.norm}
 
 
 class SplitGrad(torch.Tensor):
@@ -51,7 +51,13 @@ class SplitGrad(torch.Tensor):
     _autotp_replicas: int  # ranks of the group holding each slice (each counts 1/replicas)
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         with DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
@@ -64,7 +70,9 @@ class SplitGrad(torch.Tensor):
         return out
 
 
-def _norm_args(func: Callable, args: tuple, kwargs: dict) -> tuple[float, bool]:
+def _norm_args(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[float, bool]:
     """(ord, whether the norm is over the whole tensor) of a vector_norm / norm call."""
     if func is torch.linalg.vector_norm:
         ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
@@ -77,7 +85,9 @@ def _norm_args(func: Callable, args: tuple, kwargs: dict) -> tuple[float, bool]:
     return float(ord_) if whole else 0.0, whole
 
 
-def _foreach(args: tuple, kwargs: dict, out: list[torch.Tensor]) -> list[torch.Tensor]:
+def _foreach(
+    args: tuple[Any, ...], kwargs: dict[str, Any], out: list[torch.Tensor]
+) -> list[torch.Tensor]:
     tensors = list(args[0])
     ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
     if not isinstance(ord_, (int, float)):
@@ -161,7 +171,8 @@ def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) ->
                     _hook(p, group, replicas)
             frozen[:] = [f for f in frozen if not f[0].requires_grad]
 
-        gm.autotp_unfrozen = unfrozen
+        # torch types a module's attributes as tensors and modules only
+        gm.autotp_unfrozen = unfrozen  # type: ignore[assignment]
         gm.register_forward_pre_hook(unfrozen)
 
 
@@ -170,5 +181,5 @@ def _hook(p: torch.Tensor, group: Comm | None, replicas: int) -> None:
         if param.grad is not None:
             param.grad = _as_split(param.grad, group, replicas)
 
-    p.register_post_accumulate_grad_hook(hook)
+    p.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]  # torch: unannotated
     _HOOKED[id(p)] = p

@@ -15,6 +15,7 @@ its input.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -82,11 +83,18 @@ class HandedOver(torch.Tensor):
                 self._autotp_whole = self._autotp_gather(part, dim, self.shape[dim])
         return self._autotp_whole
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
+    # torch's Tensor.__repr__ is typed without self
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return f"HandedOver({self.whole()!r})"
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func in _METADATA:
             with DisableTorchFunctionSubclass():
@@ -101,11 +109,17 @@ class HandedOver(torch.Tensor):
             return func(*whole[0], **whole[1])
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(
+        cls,
+        func: Any,
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         raise AutoTPError(
             f"{func} reached a hidden state handed over between parallel layers below "
-            "Python (autotp gathers it for Python code)\n  hint:   report the model; "
-            "sequence_parallel=False avoids the hand-over"
+            "Python (autotp gathers it for Python code)",
+            hint="report the model; sequence_parallel=False avoids the hand-over",
         )
 
 
@@ -116,14 +130,17 @@ class _Wrap(torch.autograd.Function):
     rank (in simulate, the part is the whole)."""
 
     @staticmethod
-    def forward(ctx, part: torch.Tensor, dim: int, size: int, comm: Comm | None, tp: int):  # type: ignore[override]
+    def forward(
+        ctx: Any, part: torch.Tensor, dim: int, size: int, comm: Comm | None, tp: int
+    ) -> HandedOver:
         ctx.dim, ctx.local = dim, part.shape[dim]
         ctx.rank = comm.rank if comm is not None and comm.size > 1 else None
         return HandedOver(part, dim, size, comm, tp)
 
+    # torch types backward as (ctx, *grad_outputs)
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # type: ignore[override]
         if isinstance(grad, HandedOver):
             grad = grad.whole()
         if ctx.rank is not None:
@@ -139,7 +156,7 @@ _WRITING_DUNDERS = frozenset(
 ) | {"__setitem__"}  # fmt: skip
 
 
-def _in_place(func: Any, kwargs: dict) -> bool:
+def _in_place(func: Any, kwargs: dict[str, Any]) -> bool:
     """Whether `func` may write into its tensor arguments (add_, +=, x[i] = ..., out=)."""
     name = getattr(func, "__name__", "")
     method = name.endswith("_") and not name.startswith("__")
@@ -149,7 +166,9 @@ def _in_place(func: Any, kwargs: dict) -> bool:
 def hand_over(part: torch.Tensor, dim: int, size: int, comm: Comm | None, tp: int) -> HandedOver:
     """`part` (a rank's, `comm` its group; in simulate, the whole and None) as the hidden
     state the next layer takes split along `dim` over `tp` ranks, of serial length `size`."""
-    return _Wrap.apply(part, dim, size, comm, tp)
+    # torch leaves Function.apply unannotated
+    out: HandedOver = _Wrap.apply(part, dim, size, comm, tp)  # type: ignore[no-untyped-call]
+    return out
 
 
 def taken_over(x: Any) -> torch.Tensor | None:

@@ -35,10 +35,10 @@ class RankRandom:
             self._gens[key] = torch.Generator(device=device).manual_seed(self.stream_seed(stream))
         return self._gens[key]
 
-    def get_state(self) -> dict:
+    def get_state(self) -> dict[tuple[str, torch.device], torch.Tensor]:
         return {k: g.get_state() for k, g in self._gens.items()}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict[tuple[str, torch.device], torch.Tensor]) -> None:
         for (stream, device), s in state.items():
             self.generator(stream, device).set_state(s)
 

@@ -16,6 +16,8 @@ the real vocabulary (padding) are -inf: they never win the max or add to the sum
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +67,14 @@ class _CETerms(torch.autograd.Function):
     kept from the forward, and the target logit's gradient is one scatter."""
 
     @staticmethod
-    def forward(ctx, logits, row_max, target, rank, vocab):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        row_max: torch.Tensor,
+        target: torch.Tensor,
+        rank: torch.Tensor,
+        vocab: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = logits.shape[-1]
         z = logits - row_max.unsqueeze(-1)
         if vocab is not None:
@@ -80,12 +89,17 @@ class _CETerms(torch.autograd.Function):
         ctx.save_for_backward(exp, local, inside, sum_exp)
         return target_logit, sum_exp
 
+    # torch types backward as (ctx, *grad_outputs)
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_t, grad_s):  # type: ignore[override]
-        exp, local, inside, sum_exp = ctx.saved_tensors
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_t: torch.Tensor, grad_s: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        saved: tuple[torch.Tensor, ...] = ctx.saved_tensors
+        exp, local, inside, sum_exp = saved
         grad_t = torch.where(inside, grad_t, torch.zeros_like(grad_t))
-        grad = grad_max = None
+        grad: torch.Tensor | None = None
+        grad_max: torch.Tensor | None = None
         if ctx.needs_input_grad[0]:
             grad = exp * grad_s.unsqueeze(-1)
             grad.scatter_add_(-1, local, grad_t.unsqueeze(-1))
@@ -104,7 +118,11 @@ def vocab_ce_terms(
     """This rank's share of the target logit (0 unless the target is in its slice) and of
     the sum of exponentials, both shifted by the global row max. `vocab` None: no rank
     holds padding columns, so none is masked."""
-    return _CETerms.apply(logits, row_max, target, rank, vocab)
+    # torch leaves Function.apply unannotated
+    out: tuple[torch.Tensor, torch.Tensor] = _CETerms.apply(  # type: ignore[no-untyped-call]
+        logits, row_max, target, rank, vocab
+    )
+    return out
 
 
 def vocab_ce_reduce(

@@ -11,6 +11,8 @@ import torch.fx as fx
 from ..common.errors import node_error
 from ..match import ops
 from ..match.call import Call
+from ..match.patterns import EmbeddingInfo, LinearInfo
+from ..match.rule import Split
 from .placement import (
     ArgEdit,
     Cut,
@@ -21,18 +23,26 @@ from .placement import (
     Placement,
     R,
     Shard,
+    SizeFacts,
     VocabOptions,
     is_split,
 )
 
 
 class Ctx:
-    def __init__(self, gm: fx.GraphModule, tp: int, splits, linears, options) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        tp: int,
+        splits: dict[fx.Node, tuple[Split, LinearInfo | EmbeddingInfo]],
+        linears: dict[fx.Node, LinearInfo],
+        options: VocabOptions,
+    ) -> None:
         self.gm, self.tp, self.splits, self.linears = gm, tp, splits, linears
-        self.options: VocabOptions = options
+        self.options = options
         self.rule_names: dict[fx.Node, str] = {}
         self.losses: dict[fx.Node, LossInfo] = {}
-        self.gathers: dict[fx.Node, tuple[Shard, int]] = {}
+        self.gathers: dict[fx.Node, tuple[Shard, int | None]] = {}
         self.pl: dict[fx.Node, Placement] = {}
         self.params: dict[str, Shard] = {}
         self.param_users: dict[str, fx.Node] = {}
@@ -56,7 +66,7 @@ class Ctx:
         self.functional_norms: set[fx.Node] = set()
         self.handed: list[int] = []  # output leaves handed over split along the sequence
         self.whole_readers: set[fx.Node] = set()  # read the sums of partial values whole
-        self.guards: dict[fx.Node, Any] = {}  # reshape -> sizes its proof read (Propagation)
+        self.guards: dict[fx.Node, SizeFacts] = {}  # reshape -> sizes its proof read
 
     # -- helpers -------------------------------------------------------------------------
     def p(self, a: Any) -> Placement:
@@ -295,14 +305,16 @@ def replicated_like(val: Any) -> Placement:
 
 
 def param_names(gm: fx.GraphModule) -> set[str]:
-    names = getattr(gm, "_autotp_param_names", None)
+    names: set[str] | None = getattr(gm, "_autotp_param_names", None)
     if names is None:
         names = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
-        gm._autotp_param_names = names  # cached on the traced (private) graph module
+        # cached on the traced (private) graph module; nn.Module.__setattr__ is typed for
+        # tensors and modules only, though any value is kept as a plain attribute
+        gm._autotp_param_names = names  # type: ignore[assignment]
     return names
 
 
-def check_replicated(c: Ctx, call: Call, *split_ok: str, consumer_split: bool = False):
+def check_replicated(c: Ctx, call: Call, *split_ok: str, consumer_split: bool = False) -> Placement:
     """Every argument but `split_ok` must be replicated; with `consumer_split`, those
     feeding this split compute get f."""
     for a in call.others(*split_ok):

@@ -119,11 +119,12 @@ def propagate(
         if shard is None or set(c.reduces[a]) <= set(c.sequence_gathers.get(a, ())):
             del c.scatters[a]
             c.sequence_gathers.pop(a, None)
+    scatters = {a: shard for a, shard in c.scatters.items() if shard is not None}  # all, now
     return Propagation(
         c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users, c.losses, c.gathers,
         c.options.gather_outputs, c.reduces, c.deferred, c.cuts,
         c.options.local_outputs + tuple(c.handed),
-        c.scatters, c.sequence_gathers, c.functional_norms, c.guards,
+        scatters, c.sequence_gathers, c.functional_norms, c.guards,
     )  # fmt: skip
 
 
@@ -222,9 +223,10 @@ def _keeps_partial(c: Ctx, call: Call) -> Partial | None:
     if name == "add_" and (not isinstance(n.args[0], fx.Node) or len(n.args[0].users) != 1):
         return None  # x += y where x is read again: the change must be seen there
     out = val(n)
-    if not isinstance(out, torch.Tensor) or not all(isinstance(a, fx.Node) for a in n.args):
+    nodes = [a for a in n.args if isinstance(a, fx.Node)]
+    if not isinstance(out, torch.Tensor) or len(nodes) != len(n.args):
         return None
-    a, b = n.args
+    a, b = nodes
     if c.region[a] != c.region[n] or c.region[b] != c.region[n]:
         return None  # the sum, and a linear's bias, stay in the grad mode they ran in
     pa, pb = c.pl[a], c.pl[b]
@@ -267,9 +269,11 @@ def _linear_of_partial(c: Ctx, call: Call) -> Partial | None:
     if len(x.users) != 1:  # read elsewhere too: one sum there serves both
         return None
     if px.pending:  # biases over the features, which a reshape keeping them leaves alone
-        biases = {li.bias: li.feature_dim for li in c.linears.values() if li.bias}
+        biases: dict[str | fx.Node, int] = {
+            li.bias: li.feature_dim for li in c.linears.values() if li.bias
+        }
         keeps = name in ("view", "flatten") and val(n).shape[-1:] == val(x).shape[-1:]
-        if keeps and all(biases.get(t) == -1 for t in px.pending):  # type: ignore[arg-type]
+        if keeps and all(biases.get(t) == -1 for t in px.pending):
             return Partial(px.pending)  # Conv1D's addmm on [B*T, C], viewed as [B, T, C]
         return None
     if name not in _LINEAR and name not in ("mul", "div"):
@@ -287,7 +291,7 @@ def _linear_of_partial(c: Ctx, call: Call) -> Partial | None:
     return Partial()
 
 
-def _apply_rule(c: Ctx, call: Call, rule: Callable) -> Placement:
+def _apply_rule(c: Ctx, call: Call, rule: Callable[[Ctx, Call], Placement]) -> Placement:
     """A table entry's placement for the call. An entry that cannot read this spelling of
     the call (an argument form it does not know) refuses the node rather than crash."""
     n, name = call.node, call.op

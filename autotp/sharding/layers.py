@@ -4,6 +4,7 @@ logits, and the model's outputs."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -140,7 +141,8 @@ def _padding(c: Ctx, vocab: int) -> int | None:
 def _embedding(c: Ctx, call: Call) -> Placement:
     n = call.node
     split = c.splits.get(n)
-    info: EmbeddingInfo | None = split[1] if split else None  # type: ignore[assignment]
+    # an embedding's split holds its EmbeddingInfo (a linear's, its LinearInfo)
+    info = cast("EmbeddingInfo | None", split[1] if split else None)
     if is_split(c.p(call.input)):
         raise c.refuse(n, "embedding lookup with split ids", "look up replicated ids")
     if info is None:
@@ -201,7 +203,9 @@ def _output(c: Ctx, call: Call) -> Placement:
         pa = c.p(a)
         if c.reads_sequence(a, n) and i in c.options.hand_over:  # to the next layer
             c.handed.append(i - len(leaves))
-            c.gathers[a] = (pa, None)  # the length of each call's sequence, no padding
+            # the length of each call's sequence, no padding (a value split along the
+            # sequence: a Shard, as Propagation.gathers holds)
+            c.gathers[a] = (cast(Shard, pa), None)
             continue
         if c.reads_sequence(a, n):  # read whole (the sequence gathered), not as an output
             raise c.refuse(n, f"the model returns {a.name}, split along the sequence",

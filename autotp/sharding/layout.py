@@ -63,7 +63,7 @@ def _getattr(c: Ctx, call: Call) -> Placement:
     )  # fmt: skip
 
 
-def _shape_of(c: Ctx, x: fx.Node) -> Placement:
+def _shape_of(c: Ctx, x: fx.Node) -> tuple[Placement, ...]:
     px = c.p(x)
     return tuple(_local_int(px) if isinstance(px, Shard) and px.dim == i else R
                  for i in range(ndim(x)))  # fmt: skip
@@ -93,8 +93,9 @@ def _section(c: Ctx, call: Call, px: Shard) -> Placement:
         bounds = {"start": items[k].start, "end": items[k].stop}
         where = {"start": (*at, "start"), "end": (*at, "stop")}
     for key, b in bounds.items():
-        if isinstance(b, int) and 0 < b < size and where[key] is not None:
-            c.edits.append(ArgEdit(n, where[key], b, b // c.tp))
+        at_key = where[key]
+        if isinstance(b, int) and 0 < b < size and at_key is not None:
+            c.edits.append(ArgEdit(n, at_key, b, b // c.tp))
     return Shard(px.dim)
 
 
@@ -120,6 +121,8 @@ def _getitem(c: Ctx, call: Call) -> Placement:
         if any(isinstance(x, fx.Node) and is_split(c.p(x)) for x in call.others("input")):
             raise c.refuse(n, "indexing with a split index", "index with replicated values")
         return R
+    # a tensor read split (a partial one is read as its sum: the driver reduces it first)
+    assert isinstance(pb, Shard), f"a split tensor is a Shard, not {pb}"
     # A split tensor: ints, slices, None and ..., plus at most one 1-D integer index (a
     # list of ints, or a replicated integer tensor: its result dimension stays in place);
     # only full slices may touch the split dimension.
@@ -362,6 +365,8 @@ def _view(c: Ctx, call: Call) -> Placement:
             )  # fmt: skip
         if isinstance(pa, LocalInt) or a == -1:
             continue
+        # want[i] is R at every i unless `out` is a split (then local at its dim)
+        assert isinstance(out, Shard)
         if out.padded is not None:  # the vocabulary is static: the local size is a constant
             c.edits.append(ArgEdit(n, path, a, out.padded // c.tp))
         else:
@@ -376,7 +381,9 @@ def _local_int(px: Placement) -> LocalInt:
     return LocalInt(padded=px.padded is not None, replicas=px.replicas)
 
 
-def _local_size(c: Ctx, n: fx.Node, path: tuple, a: object, px: Shard) -> None:
+def _local_size(
+    c: Ctx, n: fx.Node, path: tuple[int | str, ...], a: int | fx.Node, px: Shard
+) -> None:
     """Rewrite size argument `a` (at `path` of `n`), a serial size along the dimension
     split as `px`, to a rank's: a literal divided, a computed one through DivideByTP."""
     if isinstance(a, int):
@@ -439,7 +446,8 @@ def _cat(c: Ctx, call: Call) -> Placement:
     if not any(isinstance(p, Shard) for p in ps):
         return R
     dim = call["dim"]
-    if len(set(ps)) != 1 or ps[0].dim == dim:
+    s = ps[0]  # all alike, one a Shard: all Shards
+    if len(set(ps)) != 1 or not isinstance(s, Shard) or s.dim == dim:
         raise c.refuse(
             call.node,
             f"concatenating values split as {[str(p) for p in ps]} along dimension {dim}",
@@ -454,12 +462,13 @@ def _stack(c: Ctx, call: Call) -> Placement:
     ps = [c.p(t) for t in call["tensors"]]
     if not any(isinstance(p, Shard) for p in ps):
         return R
-    if len(set(ps)) != 1:
+    s = ps[0]  # all alike, one a Shard: all Shards
+    if len(set(ps)) != 1 or not isinstance(s, Shard):
         raise c.refuse(
             call.node, f"stacking values split as {[str(p) for p in ps]}",
             "stack values split alike (all from the same split block)",
         )  # fmt: skip
-    new, s = call["dim"], ps[0]
+    new = call["dim"]
     return replace(s, dim=s.dim + 1 if new <= s.dim else s.dim)
 
 

@@ -18,12 +18,12 @@ the gradient side of R read by split compute is f (all-reduce backward).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import torch
 import torch.fx as fx
 
-from ..match.patterns import LinearInfo
+from ..match.patterns import EmbeddingInfo, LinearInfo
 from ..match.rule import Split
 
 __all__ = [
@@ -145,14 +145,16 @@ class LossInfo:
     vocab: int
     padded: int
     ignore_index: int
-    reduction: str
+    reduction: Literal["mean", "sum", "none"]  # torch's cross_entropy reduction
     logits_at: tuple[int | str, ...]  # where the logits and the targets sit in the call
     target_at: tuple[int | str, ...]
 
 
 R = Replicate()
 LOCAL = LocalInt()
-Placement = Any  # Replicate | Shard | Partial | LocalInt, or a tuple for tuple values
+# a value's placement; a tuple value (a split's outputs, an attention's (out, weights)) has
+# a tuple of its items' placements
+Placement: TypeAlias = Replicate | Shard | Partial | LocalInt | tuple["Placement", ...]
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,7 @@ class Propagation:
     params: dict[str, Shard]  # qualified parameter name -> its split (absent: replicated)
     f_inputs: dict[fx.Node, list[fx.Node]]  # value needing f -> consumers that read it split
     edits: list[ArgEdit]
-    splits: dict[fx.Node, tuple[Split, LinearInfo]]
+    splits: dict[fx.Node, tuple[Split, LinearInfo | EmbeddingInfo]]
     param_users: dict[str, fx.Node] = field(default_factory=dict)
     losses: dict[fx.Node, LossInfo] = field(default_factory=dict)  # -> vocab-parallel CE
     # split values the model returns: (split, serial size: None for a sequence handed

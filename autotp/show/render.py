@@ -27,6 +27,7 @@ from ..rewrite.sites import NodeRecord, record, site_kind
 from ..runtime.collective_kinds import RUN_TEXT
 from . import report
 from .report import KIND_STYLE
+from .shown import ShownPlan, ShownRegionPlan
 
 __all__ = [
     "to_text", "plan_summary", "region_summary", "summary", "graph_view", "diff_view",
@@ -53,7 +54,7 @@ def _legend() -> Text:
     return t
 
 
-def module_tree(plan: Any) -> Tree:
+def module_tree(plan: ShownPlan) -> Tree:
     """Modules as a tree: each parameter coloured by placement with serial -> local shape,
     each matched block labelled with its rule, each collective at the module it follows.
     Consecutive layers identical to the one before are folded into one line."""
@@ -109,7 +110,7 @@ def _leaf(name: str, r: report.ParamRow) -> Text:
     return Text(f"{name} {shape} {r.kind}{tied}", style=KIND_STYLE[r.kind])
 
 
-def _signature(node: Any, path: str, rules_at: dict, colls: dict) -> Any:
+def _signature(node: Any, path: str, rules_at: dict[str, str], colls: dict[str, list[str]]) -> Any:
     if isinstance(node, report.ParamRow):
         return (node.kind, node.serial_shape, node.local_shape, node.rule, bool(node.tied_to))
     return (
@@ -120,7 +121,13 @@ def _signature(node: Any, path: str, rules_at: dict, colls: dict) -> Any:
     )  # fmt: skip
 
 
-def _fill(tree: Tree, node: dict, path: str, rules_at: dict, colls: dict) -> None:
+def _fill(
+    tree: Tree,
+    node: dict[str, Any],
+    path: str,
+    rules_at: dict[str, str],
+    colls: dict[str, list[str]],
+) -> None:
     keys = list(node)
     i = 0
     while i < len(keys):
@@ -161,7 +168,7 @@ def _strip_index(sig: Any, index: str) -> str:
     return re.sub(rf"\b{index}\b", "#", repr(sig))
 
 
-def params_table(plan: Any) -> Table:
+def params_table(plan: ShownPlan) -> Table:
     rows = [r for r in report.params(plan) if r.tied_to is None]
     t = Table(title=f"parameters per rank (tp={plan.tp})", title_justify="left")
     for col in ("placement", "tensors", "serial", "per rank"):
@@ -180,7 +187,7 @@ def params_table(plan: Any) -> Table:
     return t
 
 
-def comm_table(plan: Any) -> Table:
+def comm_table(plan: ShownPlan) -> Table:
     rows = report.communication(plan)
     shape = plan.traced.inputs
     dims = next((tuple(v.shape) for v in shape.values() if hasattr(v, "shape")), ())
@@ -188,7 +195,7 @@ def comm_table(plan: Any) -> Table:
               title_justify="left")  # fmt: skip
     for col in ("collective", "where", "calls", "elements each", "bytes"):
         t.add_column(col, justify="right" if col in ("calls", "elements each", "bytes") else "left")
-    groups: dict[tuple, list[report.CommRow]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, int], list[report.CommRow]] = defaultdict(list)
     for c in rows:
         groups[(c.kind, c.direction, c.rule, c.elements)].append(c)
     for (kind, direction, rule, elements), cs in groups.items():
@@ -203,12 +210,12 @@ def comm_table(plan: Any) -> Table:
     return t
 
 
-def collectives_line(plan: Any) -> Text:
+def collectives_line(plan: ShownPlan) -> Text:
     coll = plan.collectives()
     extra = ""
     if coll["max"] or coll["gather"]:
         extra = f", {coll['max']} all-reduce max (loss), {coll['gather']} all-gather (outputs)"
-    if getattr(plan, "sequence_parallel", False) and plan.tp > 1 and "reduce_scatter" not in coll:
+    if plan.sequence_parallel and plan.tp > 1 and "reduce_scatter" not in coll:
         extra += (
             "; sequence parallel asked for, but no sum could be split along a sequence "
             "(none has one whose length tp divides): all-reduces instead"
@@ -226,12 +233,12 @@ def collectives_line(plan: Any) -> Text:
     )
 
 
-def unmatched_view(plan: Any) -> Table | Text:
+def unmatched_view(plan: ShownPlan) -> Table | Text:
     reasons = report.unmatched_reasons(plan)
     if not reasons:
         return Text("every linear layer is split; nothing left replicated")
     title = "left replicated (no rule matched"
-    title += ", or its split not proven)" if getattr(plan, "replicated", ()) else ")"
+    title += ", or its split not proven)" if plan.replicated else ")"
     t = Table(title=title, title_justify="left")
     t.add_column("linear", overflow="fold")
     t.add_column("shape", no_wrap=True)
@@ -242,7 +249,7 @@ def unmatched_view(plan: Any) -> Table | Text:
     return t
 
 
-def plan_summary(plan: Any) -> Group:
+def plan_summary(plan: ShownPlan) -> Group:
     """The default view: rules, the module tree, bytes per rank, communication."""
     matched = Table(title="matched structures", title_justify="left")
     for col in ("rule", "count", "split"):
@@ -268,7 +275,7 @@ def plan_summary(plan: Any) -> Group:
     return Group(*parts)
 
 
-def region_summary(plan: Any) -> Group:
+def region_summary(plan: ShownRegionPlan) -> Group:
     """The view of a RegionPlan: each region (repeated layers of one program on one
     line) with its rules, what is split, the placements at its boundary and its
     collective sites; then the model's split fraction, collectives and notes."""
@@ -364,7 +371,7 @@ def _node_table(nodes: list[fx.Node], title: str, highlight: bool) -> Table:
     return t
 
 
-def graph_view(plan: Any, layer: int | None = None) -> Table:
+def graph_view(plan: ShownPlan, layer: int | None = None) -> Table:
     """The per-rank graph (identical on every rank), node by node; new collectives,
     split layers and rewritten shape constants highlighted."""
     nodes = list(plan.graph.nodes) if layer is None else report.layer_nodes(plan.graph, layer)
@@ -372,7 +379,7 @@ def graph_view(plan: Any, layer: int | None = None) -> Table:
     return _node_table(nodes, f"per-rank graph (tp={plan.tp}{where})", highlight=True)
 
 
-def diff_view(plan: Any, layer: int) -> Columns:
+def diff_view(plan: ShownPlan, layer: int) -> Columns:
     """Layer `layer`, serial graph beside the rewritten one."""
     serial = report.layer_nodes(plan.traced.gm.graph, layer)
     rewritten = report.layer_nodes(plan.graph, layer)
@@ -390,26 +397,24 @@ def diff_view(plan: Any, layer: int) -> Columns:
 
 def error_view(err: Exception) -> Panel:
     """An AutoTPError as a person should see it: what, where, what to do, under a title
-    that says which kind of problem it is."""
+    that says which kind of problem it is. Read from the error's fields (what, where,
+    hint), never from its text; another exception shows its text."""
     text = Text()
-    where = getattr(err, "where", None)
-    if where:  # a refusal with its fields: no parsing
-        text.append(err.what + "\n", style="bold red")  # type: ignore[attr-defined]
-        for key, value in where.items():
+    if not isinstance(err, AutoTPError):
+        lines = str(err).splitlines() or [type(err).__name__]
+        text.append(lines[0] + "\n", style="bold red")
+        text.append("".join(line + "\n" for line in lines[1:]))
+        return Panel(text, title=AutoTPError.title, border_style="red")
+    if err.where:
+        text.append(err.what + "\n", style="bold red")
+        for key, value in err.where.items():
             text.append(f"{key:>7s}: ", style="bold")
             text.append(value + "\n")
-        if err.hint:  # type: ignore[attr-defined]
-            text.append("   hint: ", style="bold")
-            text.append(err.hint + "\n", style="green")  # type: ignore[attr-defined]
-        return Panel(text, title=getattr(err, "title", AutoTPError.title), border_style="red")
-    for i, line in enumerate(str(err).splitlines()):
-        m = re.match(r"^(\s+)(node|module|source|rule|hint):(\s+)(.*)$", line)
-        if i == 0:
-            text.append(line + "\n", style="bold red")
-        elif m:
-            text.append(f"{m.group(2):>7s}: ", style="bold")
-            text.append(m.group(4) + "\n", style="green" if m.group(2) == "hint" else "")
-        else:
-            text.append(line + "\n")
-    title = getattr(err, "title", AutoTPError.title)
-    return Panel(text, title=title, border_style="red")
+    else:
+        lines = err.message.splitlines() or [""]
+        text.append(lines[0] + "\n", style="bold red")
+        text.append("".join(line + "\n" for line in lines[1:]))
+    if err.hint:
+        text.append("   hint: ", style="bold")
+        text.append(err.hint + "\n", style="green")
+    return Panel(text, title=err.title, border_style="red")

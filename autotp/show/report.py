@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -19,13 +19,18 @@ from ..common.errors import module_path
 from ..match import ops
 from ..match.rule import Column, Row, Vocab
 from ..rewrite.sites import record
-from ..runtime.collective_kinds import RUNS
+from ..runtime.collective_kinds import RUNS, Direction, Op
 from ..sharding import Shard
+from .shown import ShownPlan, ShownRegionPlan
 
 __all__ = [
     "ParamRow", "CommRow", "params", "communication", "unmatched_reasons", "layer_nodes",
     "to_json", "KIND_STYLE",
 ]  # fmt: skip
+
+# How a parameter is held: split by columns (output features), by rows, along the
+# vocabulary, or whole on every rank
+ParamKind = Literal["column", "row", "vocab", "replicated"]
 
 # The colour of each placement, everywhere a placement is drawn.
 KIND_STYLE = {
@@ -41,7 +46,7 @@ KIND_STYLE = {
 @dataclass(frozen=True)
 class ParamRow:
     name: str
-    kind: str  # column | row | vocab | replicated
+    kind: ParamKind
     rule: str | None
     serial_shape: tuple[int, ...]
     local_shape: tuple[int, ...]
@@ -60,8 +65,8 @@ class ParamRow:
 @dataclass(frozen=True)
 class CommRow:
     node: str
-    kind: str  # "all_reduce" | "all_reduce_max" | "all_gather" | "reduce_scatter"
-    direction: str  # "forward" | "backward"
+    kind: Op
+    direction: Direction
     module: str
     rule: str
     elements: int  # per rank, sent into the collective
@@ -93,7 +98,7 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype, device="meta").element_size()
 
 
-def _kind_of(spec: Shard | None, split: object) -> str:
+def _kind_of(spec: Shard | None, split: object) -> ParamKind:
     if spec is None:
         return "replicated"
     if isinstance(split, Vocab) or spec.padded is not None:
@@ -103,7 +108,7 @@ def _kind_of(spec: Shard | None, split: object) -> str:
     return "column"
 
 
-def params(plan: Any) -> list[ParamRow]:
+def params(plan: ShownPlan) -> list[ParamRow]:
     """Every parameter in model order; a tied tensor's other names follow as rows with
     `tied_to` set (bytes counted once)."""
     gm = plan.traced.gm
@@ -131,12 +136,12 @@ def params(plan: Any) -> list[ParamRow]:
     return rows
 
 
-def _rule_of_param(plan: Any, name: str) -> str | None:
+def _rule_of_param(plan: ShownPlan, name: str) -> str | None:
     user = plan.propagation.param_users.get(name)
     return record(user).rule if user is not None else None
 
 
-def communication(plan: Any) -> list[CommRow]:
+def communication(plan: ShownPlan) -> list[CommRow]:
     """The collectives one training step runs on each rank, in graph order."""
     rows = []
     for n in plan.graph.nodes:
@@ -158,7 +163,7 @@ def communication(plan: Any) -> list[CommRow]:
     return rows
 
 
-def unmatched_reasons(plan: Any) -> list[tuple[str, str]]:
+def unmatched_reasons(plan: ShownPlan) -> list[tuple[str, str]]:
     """(weight, why) for each linear layer left whole."""
     gm = plan.traced.gm
     proven_not = {
@@ -200,7 +205,7 @@ def layer_nodes(graph: fx.Graph, k: int) -> list[fx.Node]:
     return out
 
 
-def to_json(plan: Any) -> dict[str, Any]:
+def to_json(plan: ShownPlan) -> dict[str, Any]:
     """The plan as plain data, for scripts."""
     edits = []
     for n in plan.graph.nodes:
@@ -254,7 +259,7 @@ def to_json(plan: Any) -> dict[str, Any]:
     }
 
 
-def regions_json(plan: Any) -> dict[str, Any]:
+def regions_json(plan: ShownRegionPlan) -> dict[str, Any]:
     """A RegionPlan as plain data, for scripts: each region with its plan's own JSON."""
     programs: dict[int, int] = {}
     regions = []
@@ -264,7 +269,7 @@ def regions_json(plan: Any) -> dict[str, Any]:
             "path": r.path,
             "kind": r.kind,
             "class": r.cls.__name__,
-            "program": programs.setdefault(id(r.patterns), len(programs)),
+            "program": programs.setdefault(r.program, len(programs)),
             "splits": {n: str(s) for n, s in sorted(r.splits.items())},
             "in": ins,
             "out": outs,

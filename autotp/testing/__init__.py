@@ -23,13 +23,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..parallel import full_grads, full_state_dict, simulate
+
+if TYPE_CHECKING:
+    from hypothesis.strategies import SearchStrategy
 
 __all__ = ["Report", "assert_equivalent", "TPCase", "tp_cases", "run_on_gloo"]
 
@@ -75,7 +78,9 @@ def _call(module: nn.Module, inputs: Any) -> Any:
     return module(**inputs) if isinstance(inputs, dict) else module(*inputs)
 
 
-def _scalar(outputs: Any, weights: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
+def _scalar(
+    outputs: Any, weights: list[torch.Tensor] | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A loss touching every floating output: scalars as they are, others weighted by fixed
     random tensors (the same for both models), so every output's gradient is checked."""
     leaves = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
@@ -84,7 +89,7 @@ def _scalar(outputs: Any, weights: list[torch.Tensor] | None) -> tuple[torch.Ten
         g = torch.Generator().manual_seed(1234)
         weights = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in leaves]
     total = sum((t * w.to(t.device)).sum() for t, w in zip(leaves, weights, strict=True))
-    return total, weights
+    return cast(torch.Tensor, total), weights  # the int 0 only where no output is floating
 
 
 def _record(report: Report, key: str, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
@@ -136,8 +141,8 @@ def assert_equivalent(
             _record(report, f"{kind}:{i}", a, b)
     loss_s, weights = _scalar(out_s, None)
     loss_p, _ = _scalar(out_p, weights)
-    loss_s.backward()
-    loss_p.backward()
+    loss_s.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    loss_p.backward()  # type: ignore[no-untyped-call]
 
     grads_p = full_grads(par)
     for name, p in serial.named_parameters():
@@ -186,22 +191,26 @@ class TPCase:
         from autotp.models import build
 
         torch.manual_seed(seed)
-        return build(self.name, **self.overrides)
+        model: nn.Module = build(self.name, **self.overrides)
+        return model
 
     def inputs(self, model: nn.Module) -> dict[str, Any]:
+        example_inputs = cast("Callable[..., dict[str, Any]]", model.example_inputs)
         if self.name.startswith("bert"):
-            return model.example_inputs(batch=self.batch, seq=self.seq, mask=self.mask)
-        return model.example_inputs(batch=self.batch, seq=self.seq)
+            return example_inputs(batch=self.batch, seq=self.seq, mask=self.mask)
+        return example_inputs(batch=self.batch, seq=self.seq)
 
 
-def tp_cases(tps: tuple[int, ...] = (1, 2, 4, 8), families: tuple[str, ...] = ("gpt2", "bert")):
+def tp_cases(
+    tps: tuple[int, ...] = (1, 2, 4, 8), families: tuple[str, ...] = ("gpt2", "bert")
+) -> SearchStrategy[TPCase]:
     """A hypothesis strategy of TPCase over small GPT-2 and BERT configurations: layers,
     heads (a multiple of tp), head width, MLP width, vocabulary, batch, sequence length,
     pre-/post-LN, explicit or SDPA attention, with and without an attention mask."""
     from hypothesis import strategies as st
 
     @st.composite
-    def case(draw: Any) -> TPCase:
+    def case(draw: st.DrawFn) -> TPCase:
         tp = draw(st.sampled_from(tps))
         family = draw(st.sampled_from(families))
         heads = tp * draw(st.sampled_from([1, 2]))
@@ -226,7 +235,8 @@ def tp_cases(tps: tuple[int, ...] = (1, 2, 4, 8), families: tuple[str, ...] = ("
 
 
 def _gloo_worker(
-    fn: Callable[..., Any], rank: int, world: int, port: int, q: Any, args, torchrun: bool
+    fn: Callable[..., Any], rank: int, world: int, port: int, q: Any, args: tuple[Any, ...],
+    torchrun: bool,
 ) -> None:  # fmt: skip
     import os
     import pickle
@@ -258,7 +268,7 @@ def _gloo_worker(
 
 def run_on_gloo(
     fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120, torchrun: bool = False
-) -> list:  # fmt: skip
+) -> list[Any]:  # fmt: skip
     """Run `fn(rank, world, *args)` on `world` forked processes joined in a gloo process
     group on 127.0.0.1; return each rank's result, or raise with the failing rank's
     traceback. `fn` and its results must be picklable or defined before the fork.

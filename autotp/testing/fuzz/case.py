@@ -98,7 +98,7 @@ class ModelCase:
     def build(self, seed: int = 0) -> nn.Module:
         """The serial model in float64, parameters drawn from `seed`, in `mode`."""
         torch.manual_seed(seed)
-        model = self.namespace()[self.class_name]().double()
+        model: nn.Module = self.namespace()[self.class_name]().double()
         if self.mode == "eval":
             model.eval()
         return model
@@ -106,9 +106,10 @@ class ModelCase:
     def inputs(self, seed: int = 0, sizes: tuple[int, int] | None = None) -> dict[str, Any]:
         """The example inputs drawn from `seed`, of `sizes` (batch, sequence; default the
         sizes it is planned with)."""
-        ns = {"torch": torch, "seed": seed, "sizes": sizes or self.sizes}
+        ns: dict[str, Any] = {"torch": torch, "seed": seed, "sizes": sizes or self.sizes}
         exec(self.inputs_source, ns)
-        return ns["inputs"]
+        inputs: dict[str, Any] = ns["inputs"]
+        return inputs
 
     def reproducer(self, seed: int = 0) -> str:
         """A self-contained script: the model, its inputs, and the comparison."""

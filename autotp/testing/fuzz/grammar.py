@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .case import Choices, ModelCase, _HypothesisChoices
 from .tables import (
@@ -22,6 +22,9 @@ from .tables import (
     SOFTMAXES,
     TPS,
 )
+
+if TYPE_CHECKING:
+    from hypothesis.strategies import SearchStrategy
 
 T_MAX = 6  # the longest sequence drawn: position buffers hold this many
 
@@ -163,7 +166,9 @@ class _Gen:
                 body.append("h = F.dropout(h, 0.5, self.training)")
                 self.model_init.append(f"self.{{path}}.eval()  # {cls.name}: no dropout")
             else:
-                body.append(DROPOUTS[drop])
+                dropout = DROPOUTS[drop]
+                assert dropout is not None  # only p05_self_training_eval's is None
+                body.append(dropout)
         if allow_eval_sub and drop is None and self.flag("trap:eval_submodule", 0.07):
             cls.init.append("self.drop = nn.Dropout(0.5)")
             body.append("h = self.drop(h)")
@@ -298,7 +303,7 @@ class _Gen:
         if compute == "sdpa":
             if mask == "bool" and bias_terms:
                 body.append("m = torch.zeros_like(alibi).masked_fill(~mask, float('-inf'))")
-                attn_mask = "m + alibi"
+                attn_mask: str | None = "m + alibi"
             else:
                 attn_mask = " + ".join(bias_terms + (["mask"] if mask else [])) or None
             if attn_mask and causal:  # SDPA takes one or the other: build the causal part
@@ -412,7 +417,13 @@ class _Gen:
             call_args = {attr: ", mask" if attr == "attn" and mask else "" for attr, _, _ in subs}
 
             def call(
-                attr: str, x: str, extra: bool, blk=blk, call_args=call_args, i=i, extras=extras
+                attr: str,
+                x: str,
+                extra: bool,
+                blk: _Cls = blk,
+                call_args: dict[str, str] = call_args,
+                i: int = i,
+                extras: list[str] = extras,
             ) -> str:
                 res = f"self.{attr}({x}{call_args[attr]})"
                 if extra:
@@ -567,8 +578,8 @@ class _Gen:
             self.tags.add("tool:comm_debug_mode")
 
         # the output container
-        extras = "{" + ", ".join(f"**{e}" for e in extras_vars) + "}" if extras_vars else None
-        leaves = [out_name] + (["loss"] if loss else []) + ([extras] if extras else [])
+        extras_dict = "{" + ", ".join(f"**{e}" for e in extras_vars) + "}" if extras_vars else None
+        leaves = [out_name] + (["loss"] if loss else []) + ([extras_dict] if extras_dict else [])
         container = self.ch.pick(("tuple", "tensor", "dict", "nested", "list", "namedtuple"))
         if container == "tensor" and len(leaves) > 1:
             container = "tuple"
@@ -593,7 +604,7 @@ class _Gen:
             inner = f"[{', '.join(leaves[1:])}]"
             ret = f'{{"out": ({out_name}, {inner}), "n": {T}}}'
         else:
-            names = [out_name] + (["loss"] if loss else []) + (["extra"] if extras else [])
+            names = [out_name] + (["loss"] if loss else []) + (["extra"] if extras_dict else [])
             self.helpers.append(f"Out:{names!r}")
             ret = "Out(" + ", ".join(leaves) + ")"
         body.append(f"return {ret}")
@@ -634,12 +645,12 @@ def generate(ch: Choices, tps: Sequence[int] = TPS) -> ModelCase:
     return _Gen(ch).case(tps)
 
 
-def model_cases(tps: Sequence[int] = TPS):
+def model_cases(tps: Sequence[int] = TPS) -> SearchStrategy[ModelCase]:
     """A hypothesis strategy of ModelCase; shrinks towards the simplest structures."""
     from hypothesis import strategies as st
 
     @st.composite
-    def case(draw: Any) -> ModelCase:
+    def case(draw: st.DrawFn) -> ModelCase:
         return generate(_HypothesisChoices(draw), tps)
 
     return case()

@@ -107,7 +107,7 @@ def _compare(
         if "tool:comm_debug_mode" in case.features:
             from torch.distributed.tensor.debug import CommDebugMode
 
-            tools.enter_context(CommDebugMode())
+            tools.enter_context(CommDebugMode())  # type: ignore[no-untyped-call]  # torch
         verdict = _run_parallel(par, xp, serial, xs, out_s, case, grads_of, atol)
     if verdict.kind != "equal" or state_of is None:
         return verdict
@@ -164,11 +164,12 @@ def _run_parallel(
     if any(v == float("inf") for k, v in diffs.items() if k.startswith("output:")):
         return Verdict("wrong", "an output differs in shape or by inf", diffs)
     total_s, total_p = _objective(out_s), _objective(out_p)  # one weighting of both
+    # torch leaves Tensor.backward unannotated
     if total_s is not None:
-        total_s.backward()
+        total_s.backward()  # type: ignore[no-untyped-call]
     try:
         if total_p is not None:
-            total_p.backward()
+            total_p.backward()  # type: ignore[no-untyped-call]
         grads_p = grads_of(par)
     except AutoTPError as e:
         return Verdict("refused", f"in backward: {str(e).splitlines()[0]}")
@@ -192,7 +193,7 @@ def _objective(out: Any) -> torch.Tensor | None:
     """A scalar of every floating output (fixed random weights: the same for two outputs
     of one structure), or None where nothing in it needs a gradient."""
     g = torch.Generator().manual_seed(1234)
-    total = None
+    total: torch.Tensor | None = None
     for a in tree_flatten(plain_containers(out))[0]:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             term = (a * torch.randn(a.shape, generator=g, dtype=a.dtype)).sum()
@@ -223,7 +224,7 @@ def _train(
                     loss = _objective(m(**_clone(inputs)))
                     if loss is None:
                         return verdict
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]  # torch: unannotated
                 norms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), limit)))
                 opt.step()
                 opt.zero_grad()
@@ -313,7 +314,7 @@ def check_case_gloo(
 
     case.namespace()  # compile before the fork: every rank inherits the classes
     try:
-        verdicts = run_on_gloo(
+        verdicts: list[Verdict] = run_on_gloo(
             _gloo_rank, case.tp, case, seed, atol, sequence_parallel, timeout=timeout
         )
     except AssertionError as e:
