@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 from ..common.errors import ExampleInputsError, describe_node, user_frame
+from ..common.hooks import has_hooks
 
 # operator functions that write into their first argument
 _WRITES = frozenset(
@@ -152,9 +153,7 @@ def _module_key(
     """A torch.nn leaf module (no hooks, not in place) by class, settings and tensors."""
     if not type(m).__module__.startswith("torch.nn.modules.") or getattr(m, "inplace", False):
         return None
-    hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-             m._backward_pre_hooks)  # fmt: skip
-    if any(hooks) or m._modules:
+    if has_hooks(m) or m._modules:
         return None
     tensors = tuple(  # by shape: a leaf module's result never reads its tensors' values
         (k, None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad))

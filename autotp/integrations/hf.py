@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..common.errors import AutoTPError
+from ..common.hooks import HOOKS
 from ..common.tensor_names import common_prefix, names_by_tensor
 
 __all__ = [
@@ -30,8 +31,6 @@ __all__ = [
 ]  # fmt: skip
 
 _CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # update = cat along seq
-
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
 def is_cache(v: object) -> bool:
@@ -115,7 +114,7 @@ def drop_collectors(model: nn.Module) -> None:
     """Remove the hooks transformers installed to collect outputs (copied with the serial
     model): it installs them again on the parallel model, on its blocks."""
     for m in model.modules():
-        for attr in _HOOK_DICTS:
+        for attr in HOOKS:
             hooks = getattr(m, attr)
             for key in [k for k, h in hooks.items() if collects(h)]:
                 del hooks[key]

@@ -47,6 +47,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ..capture.exported import guards_from_source
+from ..common.hooks import has_hooks
 from ..common.tensor_names import names_by_tensor
 from ..match.rule import Rule
 
@@ -213,13 +214,11 @@ _MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "training"})
 
 def _modules(model: nn.Module) -> tuple[Any, ...]:
     from ..integrations.hf import collects
-    from .plan import HOOK_KINDS
 
     out = []
     for path, m in model.named_modules(remove_duplicate=False):
-        for attr in (*HOOK_KINDS, "_forward_pre_hooks_with_kwargs"):
-            if any(not collects(h) for h in getattr(m, attr, {}).values()):
-                raise _Uncacheable(f"a hook on {path}")
+        if has_hooks(m, collects):
+            raise _Uncacheable(f"a hook on {path}")
         out.append((path, *_module(m, ())))
     return tuple(out)
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..capture.trace import Traced, trace
 from ..common.errors import AutoTPError, module_path, source_line
+from ..common.hooks import hooks_of
 from ..common.tensor_names import names_by_tensor
 from ..integrations.hf import collects as _collects
 from ..match import ops
@@ -331,15 +332,6 @@ def _culprit(gm: fx.GraphModule, matches: list[Match], node: fx.Node | None) -> 
     return best
 
 
-_HOOKS = {  # a module's hook dicts, and what each holds
-    "_forward_pre_hooks": "forward pre-hook",
-    "_forward_hooks": "forward hook",
-    "_backward_pre_hooks": "backward pre-hook",
-    "_backward_hooks": "backward hook",
-}
-HOOK_KINDS = tuple(_HOOKS)
-
-
 def _check_hooks(model: nn.Module, gm: fx.GraphModule, prop: Propagation) -> None:
     """Module hooks survive only on a module the per-rank graph still calls, whole, on
     replicated values: fx inlines every other module (its hooks would silently not run),
@@ -355,11 +347,8 @@ def _check_hooks(model: nn.Module, gm: fx.GraphModule, prop: Propagation) -> Non
             kept.setdefault(str(n.target), n)
     for path, mod in model.named_modules():
         inside = any(path.startswith(o + ".") for o in outside)
-        kinds = [
-            what
-            for attr, what in _HOOKS.items()
-            if any(not (inside and _collects(h)) for h in getattr(mod, attr, {}).values())
-        ]
+        ignore = _collects if inside else (lambda hook: False)
+        kinds = list(dict.fromkeys(what for _, what, _ in hooks_of(mod, ignore)))
         if not kinds or path in outside:
             continue
         node = kept.get(path)

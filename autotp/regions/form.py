@@ -56,6 +56,7 @@ from ..capture.calls import (
 from ..capture.exported import accepts
 from ..capture.trace import _dispatched
 from ..common.errors import AutoTPError
+from ..common.hooks import HOOK_DICTS, HOOK_FLAGS, HOOKS, hooks_of
 from ..common.tensor_names import names_by_tensor
 from ..common.tools import tools_aside
 from ..integrations.hf import (
@@ -72,7 +73,7 @@ from ..integrations.hf import (
 )
 from ..match.rule import Rule
 from ..planning import cache as plan_cache
-from ..planning.plan import HOOK_KINDS, Plan, _plan, model_signature
+from ..planning.plan import Plan, _plan, model_signature
 from ..planning.region_plan import Region, RegionKind, RegionPlan
 from ..runtime.comm import Comm
 from ..runtime.random import RankRandom
@@ -111,8 +112,7 @@ def _program(block: nn.Module, call: BlockCall) -> tuple[Any, ...]:
     hooks = tuple(
         (path, attr, len(getattr(m, attr)))
         for path, m in block.named_modules()
-        for attr in HOOK_KINDS
-        if any(not _collects(h) for h in getattr(m, attr).values())
+        for attr in dict.fromkeys(a for a, _, _ in hooks_of(m, _collects))
     )
     return _structure(block), ops, hooks
 
@@ -488,7 +488,7 @@ def build_regions(
                   for i, c in enumerate(comms)]  # fmt: skip
         for s in shells:  # the layers read the parallel model's config, not the user's
             drop_collectors(s)
-            s.__dict__.update({a: type(getattr(s, a))() for a in _HOOK_DICTS})  # the block's
+            s.__dict__.update({a: type(getattr(s, a))() for a in HOOK_DICTS})  # the block's
             _repoint(s, memo)
         parallel = BlockTP.of(block, region.patterns, shells, comms, randoms, path,
                               region.shapes)  # fmt: skip
@@ -505,11 +505,6 @@ def build_regions(
     return copied
 
 
-_HOOK_DICTS = (*HOOK_KINDS, "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks_with_kwargs")  # fmt: skip
-_HOOK_FLAGS = ("_is_full_backward_hook",)  # which backward hooks nn.Module calls
-
-
 def _carry_hooks(block: nn.Module, memo: dict[int, Any]) -> dict[str, Any]:
     """The forward and backward hooks on `block` itself (not those transformers installs
     to collect outputs, which it installs again), for its parallel block: it takes the
@@ -517,13 +512,13 @@ def _carry_hooks(block: nn.Module, memo: dict[int, Any]) -> dict[str, Any]:
     it) remove them from the parallel block (`memo` maps each dict to its copy); a
     handle the user holds acts on the user's model only."""
     out: dict[str, Any] = {}
-    for attr in _HOOK_DICTS:
+    for attr in HOOK_DICTS:
         given = getattr(block, attr)
         keep = type(given)(
-            (k, v) for k, v in given.items() if attr not in HOOK_KINDS or not _collects(v)
+            (k, v) for k, v in given.items() if attr not in HOOKS or not _collects(v)
         )
         memo[id(given)] = out[attr] = keep
-    for attr in _HOOK_FLAGS:
+    for attr in HOOK_FLAGS:
         if attr in block.__dict__:
             out[attr] = block.__dict__[attr]
     return out

@@ -23,9 +23,9 @@ import torch.nn as nn
 
 from ..build.materialise import _fresh_module, rank_shard
 from ..common.errors import AutoTPError
+from ..common.hooks import has_hooks, hooks_of
 from ..integrations.hf import collects as _collects
 from ..integrations.hf import is_config
-from ..planning.plan import _HOOKS, HOOK_KINDS
 from ..sharding import Shard
 
 __all__ = ["BlockState", "twin", "tensor_shapes", "cut_serial_state", "SerialAttributeError"]
@@ -57,8 +57,7 @@ class BlockState:
         for r, shell in enumerate(shells):
             key: list[Any] = []
             for m in shell.modules():
-                if m is not outer and (m._forward_hooks or m._forward_pre_hooks or
-                                       m._backward_hooks or m._backward_pre_hooks):  # fmt: skip
+                if m is not outer and has_hooks(m):
                     name = next(n for n, x in shell.named_modules() if x is m)
                     _refuse_hook(m, f"{path}.{name}" if name else path, r, len(shells))
                 d = m.__dict__
@@ -102,8 +101,7 @@ def _public(m: nn.Module, d: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _refuse_hook(m: nn.Module, where: str, rank: int, ranks: int) -> None:
-    kinds = [_HOOKS[a] for a in HOOK_KINDS
-             if any(not _collects(h) for h in getattr(m, a, {}).values())]  # fmt: skip
+    kinds = [what for _, what, _ in hooks_of(m, _collects)]
     if kinds:
         shown = where if ranks == 1 else f"{where} (rank {rank}'s copy)"
         raise AutoTPError(
