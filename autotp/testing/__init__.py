@@ -34,7 +34,7 @@ from ..parallel import full_grads, full_state_dict, simulate
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
-__all__ = ["Report", "assert_equivalent", "TPCase", "tp_cases", "run_on_gloo"]
+__all__ = ["Report", "assert_equivalent", "difference", "TPCase", "tp_cases", "run_on_gloo"]
 
 
 @dataclass
@@ -93,18 +93,36 @@ def _scalar(
 
 
 def _record(report: Report, key: str, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-    report.diffs[key] = _diff(a, b)
+    report.diffs[key] = difference(a, b)
     report.scales[key] = a.detach().abs().max().item() if a is not None and a.numel() else 0.0
 
 
-def _diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
-    if a is None and b is None:
+def difference(a: Any, b: Any, *, relative: bool = False) -> float:
+    """How far a parallel value `b` is from the serial value `a`: the largest difference
+    of two tensors (relative to the serial magnitude, absolute below 1, with `relative`);
+    inf where they cannot be equal (one missing, other shapes or dtypes, NaN or inf in
+    other places, unequal integers or non-tensors); 0 for equal non-tensors (None
+    included). The one comparator of assert_equivalent and the fuzzer's oracle."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return float("inf")
+        return 0.0 if a == b else float("inf")
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return float("inf")
+    if a.numel() == 0:
         return 0.0
-    if a is None or b is None:
+    a, b = a.detach(), b.detach().to(a.device)
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
+    if not bool((torch.isnan(a) == torch.isnan(b)).all()):
         return float("inf")
-    if a.shape != b.shape:
+    a, b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
+    if not torch.equal(inf_a, inf_b) or not torch.equal(a[inf_a], b[inf_b]):
         return float("inf")
-    return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
+    a, b = a.masked_fill(inf_a, 0.0), b.masked_fill(inf_b, 0.0)
+    d = (a.double() - b.double()).abs().max().item()
+    return d / max(1.0, a.abs().max().item()) if relative else d
 
 
 def assert_equivalent(

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from ...build.simulate import plain_containers
 from ...common.errors import AutoTPError
+from .. import difference
 from .case import ModelCase
 
 
@@ -62,27 +63,7 @@ def _clone(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _diff(a: Any, b: Any) -> float:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            return float("inf")
-        return 0.0 if a == b else float("inf")
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return float("inf")
-    if a.numel() == 0:
-        return 0.0
-    a, b = a.detach(), b.detach()
-    if not a.is_floating_point():
-        return 0.0 if torch.equal(a, b) else float("inf")
-    same_nan = torch.isnan(a) == torch.isnan(b)
-    if not bool(same_nan.all()):
-        return float("inf")
-    a, b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
-    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
-    if not torch.equal(inf_a, inf_b) or not torch.equal(a[inf_a], b[inf_b]):
-        return float("inf")
-    d = (a.masked_fill(inf_a, 0.0) - b.masked_fill(inf_b, 0.0)).abs().max().item()
-    scale = max(1.0, a.masked_fill(inf_a, 0.0).abs().max().item())
-    return d / scale  # relative to the value's magnitude, or absolute below 1
+    return difference(a, b, relative=True)
 
 
 def _compare(
