@@ -153,7 +153,7 @@ def parallelize(
     DEFAULT_RULES). `strict`: refuse a matched block that cannot be proven instead of
     leaving it replicated (see `plan`). `sequence_parallel`: see `plan`; in the block
     form each layer hands its hidden state to the next split along the sequence, through
-    the model's own Python (see autotp.handover).
+    the model's own Python (see autotp.runtime.handover).
     """
     given, tp = tp, tp.tp if isinstance(tp, (Plan, RegionPlan)) else tp
     check_tp(tp)

@@ -4,6 +4,7 @@ checks that the ranks agree and names the ones that do not."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,16 +35,18 @@ for name, over, strict in cases:
     except autotp.AutoTPError as e:
         out[name + str(over) + str(strict)] = str(e)
 try:  # the key a transformers model's plan is stored under (autotp.planning.cache)
-    import os, transformers
-    from autotp import plan_cache
-    from autotp.plan import rules_or_default
+    import transformers
+except ImportError:  # the hf extra is not installed: no key to compare
+    transformers = None
+if transformers is not None:
+    import os
+    from autotp.planning import cache as plan_cache
+    from autotp.planning.plan import rules_or_default
     os.environ["AUTOTP_PLAN_CACHE"] = "unused"
     cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=101)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     given = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "use_cache": False}
     out["key"] = plan_cache.program_key(hf, 2, given, rules_or_default(None), False, False)
-except ImportError:
-    pass
 print(json.dumps(out))
 """
 
@@ -58,7 +61,8 @@ def test_plans_are_identical_whatever_the_hash_seed() -> None:
         )
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert results[0] == results[1]
-    assert results[0].get("key", "") is not None  # a stored plan is found by any process
+    if importlib.util.find_spec("transformers") is not None:  # a stored plan is found by
+        assert results[0]["key"]  # any process: its key is a digest, the same in both
     assert any(isinstance(v, str) for v in results[0].values())  # a refusal, named alike
     assert any(isinstance(v, list) and v[2] for v in results[0].values())  # blocks left whole
 

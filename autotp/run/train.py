@@ -292,7 +292,7 @@ class Trainer:
         """The serial model's gradient norm, and the gradients scaled to at most `max_norm`
         when given (checked finite first). Without FSDP this is what a user's loop does:
         torch's own get_total_norm / clip_grad_norm_ on the rank module's parameters (their
-        gradients count as the serial model's, autotp.grads). Under FSDP each rank holds
+        gradients count as the serial model's, autotp.runtime.grads). Under FSDP each rank holds
         1/dp of every gradient (dp's DTensors): split and replicated squares are summed over
         dp, the split ones over tp, by hand."""
         if not self.cfg.fsdp:
