@@ -19,12 +19,14 @@ def test_every_consumer_handles_every_declared_kind() -> None:
         assert isinstance(made[k.module](), nn.Module), k.module  # materialise builds it
         assert k.module in simulate._SIMULATED or k is kinds.F_PARAMS  # simulate runs it
         assert callable(k.simulated)
-        for name in k.names:  # counted by plans, sized by the report
+        for name in k.names:  # counted by plans, sized by the report, shown in the summary
             assert name in kinds.NAMES and kinds.RUNS[name] == k.runs
+            assert name in kinds.SHOWN
         for run in k.runs:  # named by the views
             assert (run.op, run.direction) in kinds.RUN_TEXT
     assert len({k.module for k in kinds.KINDS}) == len(kinds.KINDS)  # one declaration per module
     assert report.RUNS is kinds.RUNS  # the report sizes what the table says
+    assert set(kinds.SHOWN) == set(kinds.NAMES)  # the one-line summary names every count
 
 
 def test_a_site_module_name_tells_its_kind() -> None:

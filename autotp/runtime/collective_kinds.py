@@ -8,7 +8,7 @@ the module a rank's graph calls, and its in-process version over every rank's va
 - simulate runs `simulated` (the parameters' f, whose call carries its groups, has its
   own step there);
 - `Plan.collectives` counts the record names, the report sizes `runs`, and the views
-  name each run by `RUN_TEXT`.
+  name each run by `RUN_TEXT` and each record name's count by `SHOWN`.
 
 Adding a kind is adding an entry here; `tests/test_collective_kinds.py` checks that
 every consumer handles every entry.
@@ -125,6 +125,22 @@ RUN_TEXT: dict[tuple[str, str], str] = {
 }
 
 
+# how the plan's one-line summary names each record name's count, in the order it shows
+# them, by group: every plan's own f and g, the loss and output collectives where a plan
+# has them, sequence parallelism's where it has them
+Group = Literal["tensor", "loss", "sequence"]
+SHOWN: dict[str, tuple[Group, str]] = {
+    "g": ("tensor", "all-reduce forward (g)"),
+    "f": ("tensor", "all-reduce backward (f)"),
+    "max": ("loss", "all-reduce max (loss)"),
+    "gather": ("loss", "all-gather (outputs)"),
+    "reduce_scatter": ("sequence", "reduce-scatter forward (all-gather backward)"),
+    "sp_gather": ("sequence", "all-gather forward (reduce-scatter backward)"),
+    "sequence_gather": ("sequence", "sequence read whole"),
+    "scatter": ("sequence", "scattered term"),
+}
+
+
 def site_modules(comm: Comm) -> dict[str, Callable[[], nn.Module]]:
     """Each kind's module name -> a maker of the module a rank's graph calls there."""
     return {k.module: _maker(k, comm) for k in KINDS}
@@ -135,5 +151,5 @@ def _maker(kind: CollectiveKind, comm: Comm) -> Callable[[], nn.Module]:
     return lambda: kind.module_for(comm)
 
 
-__all__ = ["CollectiveKind", "KINDS", "NAMES", "RUNS", "RUN_TEXT", "Run",
+__all__ = ["CollectiveKind", "KINDS", "NAMES", "RUNS", "RUN_TEXT", "SHOWN", "Run",
            "ALWAYS", "site_modules"]  # fmt: skip

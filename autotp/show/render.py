@@ -24,7 +24,7 @@ from rich.tree import Tree
 from ..common.errors import AutoTPError
 from ..common.tensor_names import common_prefix
 from ..rewrite.sites import NodeRecord, record, site_kind
-from ..runtime.collective_kinds import RUN_TEXT
+from ..runtime.collective_kinds import RUN_TEXT, SHOWN
 from . import report
 from .report import KIND_STYLE
 from .shown import ShownPlan, ShownRegionPlan
@@ -211,26 +211,26 @@ def comm_table(plan: ShownPlan) -> Table:
 
 
 def collectives_line(plan: ShownPlan) -> Text:
+    """The plan's collectives per step in one line, each count named as the registry
+    says (`SHOWN`): f and g always, the loss's and the outputs' where the plan has any,
+    sequence parallelism's where it has them."""
     coll = plan.collectives()
-    extra = ""
-    if coll["max"] or coll["gather"]:
-        extra = f", {coll['max']} all-reduce max (loss), {coll['gather']} all-gather (outputs)"
-    if plan.sequence_parallel and plan.tp > 1 and "reduce_scatter" not in coll:
-        extra += (
+
+    def group(name: str) -> str:
+        return ", ".join(f"{coll.get(n, 0)} {text}" for n, (g, text) in SHOWN.items() if g == name)
+
+    line = f"collectives per step: {group('tensor')}"
+    if any(coll.get(n) for n, (g, _) in SHOWN.items() if g == "loss"):
+        line += f", {group('loss')}"
+    sequence = [n for n, (g, _) in SHOWN.items() if g == "sequence"]
+    if plan.sequence_parallel and plan.tp > 1 and not any(n in coll for n in sequence):
+        line += (
             "; sequence parallel asked for, but no sum could be split along a sequence "
             "(none has one whose length tp divides): all-reduces instead"
         )
-    if "reduce_scatter" in coll or "sp_gather" in coll:  # sequence parallelism
-        extra += (
-            f"; sequence parallel: {coll.get('reduce_scatter', 0)} reduce-scatter forward"
-            f" (all-gather backward), {coll.get('sp_gather', 0)} all-gather forward "
-            f"(reduce-scatter backward), {coll.get('sequence_gather', 0)} sequence read "
-            f"whole, {coll.get('scatter', 0)} scattered term"
-        )
-    return Text(
-        f"collectives per step: {coll['g']} all-reduce forward (g), "
-        f"{coll['f']} all-reduce backward (f){extra}"
-    )
+    elif any(n in coll for n in sequence):
+        line += f"; sequence parallel: {group('sequence')}"
+    return Text(line)
 
 
 def unmatched_view(plan: ShownPlan) -> Table | Text:
