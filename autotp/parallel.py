@@ -16,7 +16,7 @@ from .build.materialise import RankInfo, RankOptions, build_rank_module, gather_
 from .build.simulate import SimulatedTP
 from .build.weights import Weights
 from .common.errors import AutoTPError
-from .integrations.hf import is_block_model
+from .integrations.hf import is_region_model
 from .integrations.hf_keys import Conversions
 from .match.rule import Rule
 from .planning.plan import Plan, check_tp, rules_or_default
@@ -76,7 +76,7 @@ def _whole_graph(
                           frontend=frontend, strict=strict,
                           sequence_parallel=sequence_parallel)  # fmt: skip
     except AutoTPError as e:
-        if vocab is not None or not is_block_model(model):
+        if vocab is not None or not is_region_model(model):
             raise
         first = str(e).splitlines()[0]
         raise AutoTPError(
@@ -298,7 +298,7 @@ def _by_regions(
             'form="regions" plans each region on its own: a Plan and vocab= are of the whole '
             'graph: pass tp (or a RegionPlan), or use form="graph"'
         )
-    return form == "regions" or (form == "auto" and not graph_only and is_block_model(model))
+    return form == "regions" or (form == "auto" and not graph_only and is_region_model(model))
 
 
 def _rank_modules(module: nn.Module) -> tuple[list[nn.Module], RankInfo]:
@@ -332,7 +332,7 @@ def _assemble(
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The serial model's state_dict (keys and shapes) from a parallel module. For a module
     from `parallelize` this is a collective: call it on every rank."""
-    if hasattr(module, "autotp_blocks"):
+    if hasattr(module, "autotp_regions"):
         return full_tensors(module, grads=False)  # type: ignore[return-value]
     ranks, _ = _rank_modules(module)
     keys = list(ranks[0].state_dict(keep_vars=True))
@@ -342,7 +342,7 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def full_grads(module: nn.Module) -> dict[str, torch.Tensor | None]:
     """Every parameter's gradient in the serial model's form (None where none was
     computed), keyed by every name the parameter has. A collective for `parallelize`."""
-    if hasattr(module, "autotp_blocks"):
+    if hasattr(module, "autotp_regions"):
         return full_tensors(module, grads=True)
     ranks, _ = _rank_modules(module)
     keys = [n for n, _ in ranks[0].named_parameters(remove_duplicate=False)]

@@ -16,7 +16,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from ..common.errors import AutoTPError
 from ..integrations.hf import encoder_decoder_cache, is_cache, is_encoder_decoder
 
-__all__ = ["BlockCall", "PAST", "Recorder", "cache_index", "call_module", "dynamic_sizes",
+__all__ = ["RegionCall", "PAST", "Recorder", "cache_index", "call_module", "dynamic_sizes",
            "modes", "take_apart"]  # fmt: skip
 
 PAST = ("past_key", "past_value")
@@ -40,7 +40,7 @@ def modes(block: nn.Module) -> tuple[bool, ...]:
 
 
 @dataclass(frozen=True)
-class BlockCall:
+class RegionCall:
     """One call of a block, taken apart: its tensors by input name, the rest fixed."""
 
     spec: TreeSpec  # pytree spec of (args, kwargs), the cache replaced by None
@@ -68,7 +68,7 @@ def take_apart(
     kwargs: dict[str, Any],
     past: tuple[torch.Tensor, torch.Tensor] | None,
     training: tuple[bool, ...],
-) -> BlockCall:
+) -> RegionCall:
     cache_at: CacheAt | None = None
     items, named = list(args), dict(kwargs)
     for i, a in enumerate(items):
@@ -101,7 +101,7 @@ def take_apart(
     if past is not None:
         tensors.update(zip(PAST, past, strict=True))
     key: CallKey = (str(spec), tuple(consts), cache_at, past is not None, training)
-    return BlockCall(spec, tuple(slots), cache_at, tensors, key)
+    return RegionCall(spec, tuple(slots), cache_at, tensors, key)
 
 
 class Recorder:
@@ -137,7 +137,7 @@ class Recorder:
         )
 
 
-def call_module(block: nn.Module, call: BlockCall) -> nn.Module:
+def call_module(block: nn.Module, call: RegionCall) -> nn.Module:
     """A module whose forward takes the call's tensors by name and calls the block."""
     holder = nn.Module()
     holder.layer = block
@@ -153,7 +153,7 @@ def call_module(block: nn.Module, call: BlockCall) -> nn.Module:
                 given = encoder_decoder_cache(rec, _CrossRecorder())
         args, kwargs = call.rebuild(tensors, given)
         # its forward, not its hooks: a hook on the serial block belongs to the serial
-        # model's Python; the parallel model calls the BlockTP's own
+        # model's Python; the parallel model calls the RegionTP's own
         out = cast(nn.Module, holder.layer).forward(*args, **kwargs)
         if rec is None:
             return out
@@ -187,7 +187,7 @@ class _CrossRecorder:
         )
 
 
-def dynamic_sizes(call: BlockCall, batch: int, seqs: set[int]) -> dict[str, Any]:
+def dynamic_sizes(call: RegionCall, batch: int, seqs: set[int]) -> dict[str, Any]:
     """Dynamic dimensions: the batch (a leading size equal to it) and every size equal to a
     sequence length (new tokens, past, or both); export keeps static what the code fixes."""
     auto = torch.export.Dim.AUTO

@@ -25,7 +25,7 @@ from ..common.hooks import HOOKS
 from ..common.tensor_names import common_prefix, names_by_tensor
 
 __all__ = [
-    "transformers_model", "is_block_model", "VocabRegions", "vocab_regions", "is_cache",
+    "transformers_model", "is_region_model", "VocabRegions", "vocab_regions", "is_cache",
     "is_encoder_decoder", "self_cache", "collects", "collecting_inside", "drop_collectors",
     "is_config", "past_of", "encoder_decoder_cache", "SaveGathered", "gathering_save",
 ]  # fmt: skip
@@ -132,7 +132,7 @@ def transformers_model(model: nn.Module) -> tuple[str, nn.Module] | None:
     return next(((p, m) for p, m in model.named_modules() if _is_pretrained(m)), None)
 
 
-def is_block_model(model: nn.Module) -> bool:
+def is_region_model(model: nn.Module) -> bool:
     """A transformers model, or a module wrapping one (its Python builds masks, caches and
     outputs around blocks)."""
     return transformers_model(model) is not None

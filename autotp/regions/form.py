@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..build.weights import Weights
 from ..capture.calls import (
     PAST,
-    BlockCall,
+    RegionCall,
     cache_index,
     call_module,
     dynamic_sizes,
@@ -63,8 +63,8 @@ from ..integrations.hf import (
     VocabRegions,
     drop_collectors,
     gathering_save,
-    is_block_model,
     is_cache,
+    is_region_model,
     transformers_model,
     vocab_regions,
 )
@@ -78,11 +78,11 @@ from ..planning.region_plan import Region, RegionKind, RegionPlan
 from ..runtime.comm import Comm
 from ..runtime.random import RankRandom
 from ..sharding import Shard, VocabOptions
-from .module import BlockTP
-from .state import BlockState, _unfilled, tensor_shapes, twin
+from .module import RegionTP
+from .state import RegionState, _unfilled, tensor_shapes, twin
 from .tensors import full_tensors, load_outside, shell
 
-__all__ = ["find_blocks", "is_block_model", "BlockTP", "plan_regions", "build_regions"]
+__all__ = ["find_blocks", "is_region_model", "RegionTP", "plan_regions", "build_regions"]
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -99,7 +99,7 @@ def find_blocks(model: nn.Module) -> list[str]:
             for i in range(len(cast(nn.ModuleList, model.get_submodule(lst))))]  # fmt: skip
 
 
-def _program(block: nn.Module, call: BlockCall) -> tuple[Any, ...]:
+def _program(block: nn.Module, call: RegionCall) -> tuple[Any, ...]:
     """What makes two blocks one program, so that they share plans: their structure, the
     ops they dispatch on `call` (run on fake tensors) with every number those ops take
     (a layer index that scales a value shows there), and their hooks; a block whose ops
@@ -163,7 +163,7 @@ class _Patterns:
         return self.first
 
     def plan(
-        self, twin: Callable[[], nn.Module], call: BlockCall, seqs: set[int], local: bool,
+        self, twin: Callable[[], nn.Module], call: RegionCall, seqs: set[int], local: bool,
         state: tuple[Any, ...] = (), handed: tuple[str, ...] = (),
     ) -> tuple[Plan, Shard | None]:  # fmt: skip
         """The plan for `call` and how its keys are placed, traced (when no plan of the
@@ -207,7 +207,7 @@ class _Patterns:
         return out
 
     def _plan(
-        self, block: nn.Module, call: BlockCall, seqs: set[int], local: bool,
+        self, block: nn.Module, call: RegionCall, seqs: set[int], local: bool,
         handed: tuple[str, ...],
     ) -> tuple[Plan, Shard | None]:  # fmt: skip
         batch = next(iter(call.tensors.values())).shape[0]
@@ -420,7 +420,7 @@ def plan_regions(
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
         shapes = tensor_shapes(block)
         made = lambda b=block, s=shapes, p=path: twin(b, type(b), s, p)  # noqa: E731
-        state = BlockState([block], path, block).key
+        state = RegionState([block], path, block).key
         with torch.no_grad():
             patterns.plan(made, call, seqs, local=False, state=state)
             if sequence and path not in kinds and handed.get(path):
@@ -464,7 +464,7 @@ def build_regions(
     model: nn.Module, plan: RegionPlan, comms: list[Comm], seed: int,
     weights: Weights | None = None,
 ) -> nn.Module:  # fmt: skip
-    """A copy of `model` with every region of `plan` replaced by a BlockTP holding the
+    """A copy of `model` with every region of `plan` replaced by a RegionTP holding the
     shards of the ranks of `comms` (one for `parallelize`, every rank for `simulate`).
     With `weights`, every tensor comes from there, each rank reading its slices (`model`
     may be on the meta device); else from `model`."""
@@ -490,17 +490,17 @@ def build_regions(
             drop_collectors(s)
             s.__dict__.update({a: type(getattr(s, a))() for a in HOOK_DICTS})  # the block's
             _repoint(s, memo)
-        parallel = BlockTP.of(block, region.patterns, shells, comms, randoms, path,
+        parallel = RegionTP.of(block, region.patterns, shells, comms, randoms, path,
                               region.shapes)  # fmt: skip
         parallel.__dict__.update(hooks[path])
         parent, _, leaf = path.rpartition(".")
         (copied.get_submodule(parent) if parent else copied)._modules[leaf] = parallel
     # the block form's own attributes of the model (plain values, not tensors or modules)
-    copied.autotp_blocks = tuple(blocks)  # type: ignore[assignment]
+    copied.autotp_regions = tuple(blocks)  # type: ignore[assignment]
     copied.autotp_plan = plan  # type: ignore[assignment]
     saver = copied.get_submodule(inner_path)  # the serial checkpoint, gathered
     if inner_path:  # what a wrapper saves through its transformers model
-        saver.autotp_blocks = tuple(p.removeprefix(inner_path + ".") for p in blocks)  # type: ignore[assignment]
+        saver.autotp_regions = tuple(p.removeprefix(inner_path + ".") for p in blocks)  # type: ignore[assignment]
     gathering_save(saver, lambda m: full_tensors(m, grads=False), comms[0].rank)
     return copied
 
@@ -533,7 +533,7 @@ def _calls(
 ) -> tuple[dict[str, _Call], dict[str, tuple[str, ...]]]:  # fmt: skip
     """How the model calls each of its blocks (the layers at `layers`, the vocabulary's
     at `vocab`), from one run of `runner` on `inputs`; captured tensors as zeros. And,
-    for each block, its call's inputs (by BlockCall name) that are a layer's or an input
+    for each block, its call's inputs (by RegionCall name) that are a layer's or an input
     embedding's first output as it returned it: what sequence parallelism hands over,
     where the model's Python only passes it on."""
     calls: dict[str, _Call] = {}

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..build.dcp_shards import shard_states
 from ..build.materialise import RankOptions, build_rank_module
 from ..build.simulate import SimulatedTP
-from ..capture.calls import BlockCall, cache_index, call_module, modes, take_apart
+from ..capture.calls import RegionCall, cache_index, call_module, modes, take_apart
 from ..common.errors import AutoTPError
 from ..common.tensor_names import names_by_tensor, with_every_name
 from ..integrations.hf import collecting_inside, is_cache, past_of, self_cache
@@ -25,11 +25,11 @@ from ..runtime.comm import Comm, ProcessGroupComm
 from ..runtime.handover import HandedOver, hand_over, taken_over
 from ..runtime.random import RankRandom
 from ..sharding import Shard
-from .state import TRACED_ON, BlockState, SerialAttributeError, cut_serial_state, twin
+from .state import TRACED_ON, RegionState, SerialAttributeError, cut_serial_state, twin
 
-__all__ = ["BlockTP"]
+__all__ = ["RegionTP"]
 
-_CLASSES: dict[type, type[BlockTP]] = {}  # block class -> its BlockTP subclass
+_CLASSES: dict[type, type[RegionTP]] = {}  # block class -> its RegionTP subclass
 
 
 class _Patterns(Protocol):
@@ -40,17 +40,17 @@ class _Patterns(Protocol):
     first: Plan | None
 
     def plan(
-        self, twin: Callable[[], nn.Module], call: BlockCall, seqs: set[int], local: bool,
+        self, twin: Callable[[], nn.Module], call: RegionCall, seqs: set[int], local: bool,
         state: tuple[Any, ...] = (), handed: tuple[str, ...] = (),
     ) -> tuple[Plan, Shard | None]: ...  # fmt: skip
 
 
-class BlockTP(nn.Module):
+class RegionTP(nn.Module):
     """A block replaced by its tensor-parallel form. With `parallelize` it is its rank's
     shell: the serial block's modules and attributes over this rank's shards, under the
     serial names; with `simulate` every rank's shell sits in `ranks`. Its forward runs a
     graph per call pattern over those tensors (see `state` for what may change).
-    Made by `BlockTP.of`, as an instance of the block's own class too, so that the model's
+    Made by `RegionTP.of`, as an instance of the block's own class too, so that the model's
     Python (isinstance checks, the hooks transformers installs to return hidden states,
     gradient checkpointing's __call__) treats it as the block it replaces."""
 
@@ -67,14 +67,14 @@ class BlockTP(nn.Module):
     _autotp_index: int | None
 
     @classmethod
-    def of(cls, serial: nn.Module, *args: Any) -> BlockTP:
+    def of(cls, serial: nn.Module, *args: Any) -> RegionTP:
         kind = type(serial)
         sub = _CLASSES.get(kind)
         if sub is None:
             made = type(f"Parallel{kind.__name__}", (cls, kind), {"__module__": __name__})
-            sub = _CLASSES[kind] = cast("type[BlockTP]", made)
+            sub = _CLASSES[kind] = cast("type[RegionTP]", made)
         obj = sub.__new__(sub)
-        BlockTP.__init__(obj, serial, *args)
+        RegionTP.__init__(obj, serial, *args)
         return obj
 
     def __init__(
@@ -125,7 +125,7 @@ class BlockTP(nn.Module):
                 )
         return super().__getattr__(name)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> BlockTP:
+    def __deepcopy__(self, memo: dict[int, Any]) -> RegionTP:
         """A copy with its own tensors and dropout streams, sharing the plans (which hold
         no values: traced on meta); its graphs are built over its tensors when called."""
         new = type(self).__new__(type(self))
@@ -159,10 +159,10 @@ class BlockTP(nn.Module):
 
     def _apply(  # .to(), .double()
         self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
-    ) -> BlockTP:
+    ) -> RegionTP:
         self._autotp_graphs.clear()  # rebuilt over the converted tensors
         # torch leaves _apply unannotated (it returns self)
-        out: BlockTP = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        out: RegionTP = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         return out
 
     def _cut_serial(self, state: dict[str, Any], prefix: str, *rest: Any) -> None:
@@ -178,7 +178,7 @@ class BlockTP(nn.Module):
 
     def _prepare(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[Plan, BlockCall, Any]:
+    ) -> tuple[Plan, RegionCall, Any]:
         """The plan of this call, made if new, with the call taken apart and its cache."""
         inside = collecting_inside()
         if inside is not None:
@@ -188,7 +188,7 @@ class BlockTP(nn.Module):
                 hint=f"call the model without output_{inside}=True (hidden states are returned)",
             )
         shells = self._autotp_shells
-        state = BlockState(shells, self._autotp_path, self)
+        state = RegionState(shells, self._autotp_path, self)
         if state.binding != self._autotp_binding:
             self._rebind(state.binding)
         cache = next((v for v in (*args, *kwargs.values()) if is_cache(v)), None)
@@ -303,7 +303,7 @@ class BlockTP(nn.Module):
         rank_part = f"_rank{rank}" if len(self._autotp_shells) > 1 else ""
         return f"{self._autotp_kind.__name__}_{path}{rank_part}"
 
-    def _runner(self, plan: Plan, call: BlockCall) -> nn.Module:
+    def _runner(self, plan: Plan, call: RegionCall) -> nn.Module:
         graphs = self._autotp_graphs
         key = id(plan)
         if key not in graphs:

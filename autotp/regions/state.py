@@ -1,5 +1,5 @@
 """What a parallel block is as a module, apart from how it runs: the state its graphs
-depend on, read on every call (`BlockState`), the meta twin its patterns are traced from
+depend on, read on every call (`RegionState`), the meta twin its patterns are traced from
 (`twin`), and serial state_dicts cut into its shards on load (`cut_serial_state`).
 
 A parallel block's submodules are what runs: with `parallelize` the block holds its rank's
@@ -28,7 +28,7 @@ from ..integrations.hf import collects as _collects
 from ..integrations.hf import is_config
 from ..sharding import Shard
 
-__all__ = ["BlockState", "twin", "tensor_shapes", "cut_serial_state", "SerialAttributeError"]
+__all__ = ["RegionState", "twin", "tensor_shapes", "cut_serial_state", "SerialAttributeError"]
 
 _PLAIN = (int, float, str, bool, type(None))
 # flags that switch what calls the block, not what the block computes
@@ -46,7 +46,7 @@ def _config_items(cfg: object) -> tuple[tuple[str, Any], ...]:
     return tuple((k, v) for k, v in vars(cfg).items() if isinstance(v, _PLAIN))
 
 
-class BlockState:
+class RegionState:
     """One read of a parallel block's modules: `key`, what its traced graphs depend on
     (classes, plain attributes, the config they read, tensor dtypes: a new one is traced
     again); `binding`, the tensors the graphs run over (new ones: the graphs are rebuilt).

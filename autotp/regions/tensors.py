@@ -17,7 +17,7 @@ from ..common.tensor_names import names_by_tensor
 from ..sharding import Shard
 
 if TYPE_CHECKING:
-    from .module import BlockTP
+    from .module import RegionTP
 
 _log = logging.getLogger("autotp")
 
@@ -103,8 +103,8 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
     """The serial state_dict (or gradients) of a block-form model, shards gathered (and
     first, where data parallelism sharded them further, a DTensor's full tensor)."""
     out: dict[str, torch.Tensor | None] = {}
-    paths = cast("tuple[str, ...]", module.autotp_blocks)  # set by form.build_regions
-    blocks = {p: cast("BlockTP", module.get_submodule(p)) for p in paths}
+    paths = cast("tuple[str, ...]", module.autotp_regions)  # set by form.build_regions
+    blocks = {p: cast("RegionTP", module.get_submodule(p)) for p in paths}
     skip = tuple(p + "." for p in blocks)
     if grads:
         own = {n: p.grad for n, p in module.named_parameters(remove_duplicate=False)}

@@ -118,7 +118,7 @@ class RankModule:
             module = parallelize(model, plan, group=mesh.tp_group, weights=source)
             # what parallelize sets on a region form: its blocks' paths, and each block's
             # ranks' dropout streams
-            paths = cast("tuple[str, ...]", module.autotp_blocks)
+            paths = cast("tuple[str, ...]", module.autotp_regions)
             blocks = [module.get_submodule(p) for p in paths]
             randoms = cast("list[RankRandom]", blocks[0]._autotp_randoms)[0] if blocks else None
             return cls(module, plan, _RegionRandom(randoms))
