@@ -9,8 +9,10 @@ settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # plans are not kept between tests (nor in the user's cache folder): each test plans what
-# it tests; test_plan_cache.py turns the cache on in a folder of its own
-os.environ["AUTOTP_PLAN_CACHE"] = "off"
+# it tests; test_plan_cache.py turns the cache on in a folder of its own.
+# AUTOTP_TEST_PLAN_CACHE=DIR runs the whole suite through a plan cache in DIR instead: a
+# repeated program is then read back from its file, so every test checks stored plans too
+os.environ["AUTOTP_PLAN_CACHE"] = os.environ.get("AUTOTP_TEST_PLAN_CACHE", "off")
 
 # the suite runs on two pytest-xdist workers (pyproject's addopts), one per core: torch's
 # own intra-op threads would make each worker fight the other for both cores

@@ -51,6 +51,27 @@ def test_a_stored_plan_is_the_plan_made_and_equals_serial(cache, monkeypatch):
                       parallel=lambda m, t, x: autotp.simulate(m, stored))  # fmt: skip
 
 
+def test_a_stored_plan_keeps_a_narrowed_split_and_plans_new_patterns_like_it(cache):
+    """At tp=4 with 2 key/value heads the attention rule narrows to its fallback (K and V
+    slices held by 2 ranks each): the stored plan keeps that split, so a later call
+    pattern (decoding with the cache) planned like it is proven and equals serial."""
+    model = build("llama", kv_heads=2).double().eval()
+    made = autotp.plan(model, 4)
+    stored = autotp.plan(model, 4)  # read back from the file
+    assert stored is not made and stored.fingerprint == made.fingerprint
+
+    def splits(plan):
+        return [(m.rule.name, m.rule.split) for r in plan.regions for m in r.plan.matches]
+
+    assert splits(stored) == splits(made)
+    assert any(getattr(s, "replicas", 1) > 1 for _, split in splits(stored) for s in split.values())
+    ids = inputs("llama")["input_ids"]
+    serial = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    parallel = autotp.simulate(model, stored).generate(ids, max_new_tokens=3, do_sample=False,
+                                                       pad_token_id=0)  # fmt: skip
+    assert torch.equal(parallel, serial)
+
+
 def test_a_stored_plan_is_used_only_for_the_same_program(cache):
     model = build("gpt2").eval()
     key = _key(model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import enum
 import functools
 import gc
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["directory", "program_key", "load", "store", "grew"]
 
-FORMAT = 2  # of the files: a new one misses every older file (2: modules by stage)
+FORMAT = 3  # of the files: a new one misses every older file (3: narrowed rules kept)
 
 
 def directory() -> Path | None:
@@ -396,8 +397,9 @@ class _Writer(pickle.Pickler):
         self.twins = twins
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, Rule):
-            return ("rule", obj.name)
+        if isinstance(obj, Rule):  # by name, with its split: a block's rule may have been
+            # narrowed to a fallback (fewer key/value heads than ranks)
+            return ("rule", obj.name, obj.split, obj.fallback)
         if isinstance(obj, torch._ops.OpOverload):
             return ("op", obj._schema.name, obj._overloadname)
         if isinstance(obj, torch._ops.OpOverloadPacket):
@@ -489,7 +491,10 @@ class _Reader(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         kind = pid[0]
         if kind == "rule":
-            return self.rules[pid[1]]
+            rule, split, fallback = self.rules[pid[1]], pid[2], pid[3]
+            if rule.split == split and rule.fallback == fallback:
+                return rule
+            return dataclasses.replace(rule, split=split, fallback=fallback)
         if kind == "op":
             namespace, _, name = pid[1].partition("::")
             packet = getattr(getattr(torch.ops, namespace), name)
