@@ -8,11 +8,21 @@ settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-# plans are not kept between tests (nor in the user's cache folder): each test plans what
-# it tests; test_plan_cache.py turns the cache on in a folder of its own.
-# AUTOTP_TEST_PLAN_CACHE=DIR runs the whole suite through a plan cache in DIR instead: a
-# repeated program is then read back from its file, so every test checks stored plans too
-os.environ["AUTOTP_PLAN_CACHE"] = os.environ.get("AUTOTP_TEST_PLAN_CACHE", "off")
+# The suite runs as a user's process does, through a plan cache: one new folder per run
+# (never the user's cache folder), made by the first process and shared by the xdist
+# workers it starts, so a program several tests plan is planned once and read back from
+# its file after (test_plan_cache.py proves a stored plan is the plan made, and uses a
+# folder of its own). AUTOTP_TEST_PLAN_CACHE=off plans everything in every test;
+# =DIR keeps the plans in DIR.
+if "AUTOTP_TEST_PLAN_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _plans = tempfile.mkdtemp(prefix="autotp-test-plans-")
+    os.environ["AUTOTP_TEST_PLAN_CACHE"] = _plans
+    atexit.register(shutil.rmtree, _plans, ignore_errors=True)
+os.environ["AUTOTP_PLAN_CACHE"] = os.environ["AUTOTP_TEST_PLAN_CACHE"]
 
 # the suite runs on two pytest-xdist workers (pyproject's addopts), one per core: torch's
 # own intra-op threads would make each worker fight the other for both cores

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["directory", "program_key", "load", "store", "grew"]
 
-FORMAT = 3  # of the files: a new one misses every older file (3: narrowed rules kept)
+FORMAT = 4  # of the files: a new one misses every older file (4: Propagation.handed_over)
 
 
 def directory() -> Path | None:

@@ -91,7 +91,7 @@ class Region:
             elif (
                 isinstance(places.get(n), Partial)
                 and n in prop.gathers
-                and (i - len(leaves) in prop.local_outputs)
+                and (i - len(leaves) in prop.handed_over)
             ):  # handed over: reduce-scattered along the sequence
                 outs.append(f"{_shown(prop.gathers[n][0])} (reduce-scattered)")
             elif isinstance(places.get(n), Partial):  # summed (g) before it leaves

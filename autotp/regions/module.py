@@ -275,7 +275,7 @@ class RegionTP(nn.Module):
         """`out` with its hidden state (the first output) as a HandedOver where the plan
         leaves it split along the sequence, for the next layer."""
         leaves = tree_flatten(plan.traced.gm.graph.output_node().args[0])[0]
-        if -len(leaves) not in plan.propagation.local_outputs:
+        if -len(leaves) not in plan.propagation.handed_over:
             return out
         flat, spec = tree_flatten(out)
         local = len(self._autotp_shells) == 1

@@ -124,7 +124,7 @@ def propagate(
         c.pl, c.params, c.f_inputs, c.edits, splits, c.param_users, c.losses, c.gathers,
         c.options.gather_outputs, c.reduces, c.deferred, c.cuts,
         c.options.local_outputs + tuple(c.handed),
-        scatters, c.sequence_gathers, c.functional_norms, c.guards,
+        scatters, c.sequence_gathers, c.functional_norms, c.guards, tuple(c.handed),
     )  # fmt: skip
 
 

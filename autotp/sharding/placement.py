@@ -231,6 +231,9 @@ class Propagation:
     # reshape -> the sizes its proof read, checked on every call: ((dim, size), ...) of its
     # input, then of its output (heads folded into a batch of 1 are a split at batch 1 only)
     guards: dict[fx.Node, SizeFacts] = field(default_factory=dict)
+    # sequence parallelism between layers: output leaf positions (negative, from the end;
+    # among local_outputs) returned split along the sequence, for the next layer
+    handed_over: tuple[int, ...] = ()
 
 
 def is_split(p: Placement) -> bool:
