@@ -80,3 +80,17 @@ def test_public_api() -> None:
     assert issubclass(autotp.AutoTPError, Exception)
     for name in ("assert_equivalent", "tp_cases", "run_on_gloo"):
         assert callable(getattr(autotp.testing, name)), name
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject's package list names every folder with an __init__.py (a clean install
+    ships only those), and rules/ and models/ under their autotp names."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {
+        ".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "autotp").rglob("__init__.py")
+    }
+    assert listed == folders | {"autotp.rules", "autotp.models"}
