@@ -15,6 +15,7 @@ import torch.nn as nn
 from .build.materialise import RankInfo, RankOptions, build_rank_module, gather_over, rank_info
 from .build.simulate import SimulatedTP
 from .build.weights import Weights
+from .capture.trace import Frontend
 from .common.errors import AutoTPError
 from .integrations.hf import is_region_model
 from .integrations.hf_keys import Conversions
@@ -33,8 +34,6 @@ __all__ = ["plan", "parallelize", "simulate", "full_state_dict", "full_grads", "
 # how a model is planned: "regions" keeps its own Python and plans its layers, embedding
 # and head one by one (a transformers model); "graph" traces it whole; "auto" picks
 Form = Literal["auto", "graph", "regions"]
-# how the whole graph is captured: torch.fx's symbolic tracing, torch.export, or fx first
-Frontend = Literal["auto", "fx", "export"]
 
 
 def plan(

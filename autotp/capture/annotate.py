@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
-from ..common.errors import ExampleInputsError, describe_node, user_frame
+from ..common.errors import ExampleInputsError, describe_place, node_place, user_frame
 from ..common.hooks import has_hooks
 
 # operator functions that write into their first argument
@@ -79,8 +79,9 @@ def annotate(gm: fx.GraphModule, inputs: dict[str, Any]) -> None:
             "sequence within the model's positions, the dtypes it reads"
         )
         node = runner.current
-        where = describe_node(node) if node is not None else f"  source: {user_frame(e)}"
-        raise ExampleInputsError(f"{what}\n{where}", what=what, hint=hint, node=node) from e
+        where = node_place(node) if node is not None else {"source": user_frame(e)}
+        raise ExampleInputsError(f"{what}\n{describe_place(where)}", what=what, where=where,
+                                 hint=hint, node=node) from e  # fmt: skip
     finally:
         quiet.setLevel(level)
 

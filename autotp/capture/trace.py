@@ -39,7 +39,7 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.fx as fx
@@ -221,7 +221,9 @@ def _patch(owner: object, name: str, value: object) -> None:
     setattr(owner, name, value)
 
 
-FRONTENDS = ("auto", "fx", "export")
+# how the whole graph is captured: torch.fx's symbolic tracing, torch.export, or fx first
+Frontend = Literal["auto", "fx", "export"]
+FRONTENDS: tuple[Frontend, ...] = get_args(Frontend)
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,7 @@ def _from_config(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def trace(
-    model: torch.nn.Module, example_inputs: Any = None, frontend: str = "auto",
+    model: torch.nn.Module, example_inputs: Any = None, frontend: Frontend = "auto",
     dims: dict[str, Any] | None = None,
 ) -> Traced:  # fmt: skip
     """Trace `model` and annotate every node with its example value.

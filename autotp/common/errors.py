@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "TrainingStopped",
     "describe_node",
+    "describe_place",
     "node_error",
     "node_place",
 ]
@@ -130,11 +131,12 @@ def user_frame(exc: BaseException) -> str:
 
 def describe_node(node: fx.Node) -> str:
     """Multi-line description of where `node` comes from."""
-    return (
-        f"  node:   {node.format_node()}\n"
-        f"  module: {module_path(node)}\n"
-        f"  source: {source_line(node)}"
-    )
+    return describe_place(node_place(node))
+
+
+def describe_place(where: dict[str, str]) -> str:
+    """An error's `where` as the lines its text shows ("  node:   ...", "  module: ...")."""
+    return "\n".join(f"  {key + ':':<8}{value}" for key, value in where.items())
 
 
 def node_place(node: fx.Node) -> dict[str, str]:
@@ -149,10 +151,8 @@ def node_place(node: fx.Node) -> dict[str, str]:
 
 def node_error(node: fx.Node, what: str, hint: str, rule: str | None = None) -> AutoTPError:
     """An AutoTPError whose message names `node`, its module and source line, and a hint."""
-    rule_line = f"\n  rule:   {rule}" if rule else ""
     where = node_place(node)
     if rule:
         where["rule"] = rule
-    return AutoTPError(
-        f"{what}\n{describe_node(node)}{rule_line}", what=what, where=where, hint=hint, node=node
-    )
+    return AutoTPError(f"{what}\n{describe_place(where)}", what=what, where=where, hint=hint,
+                       node=node)  # fmt: skip

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..capture.trace import Traced, trace
+from ..capture.trace import Frontend, Traced, trace
 from ..common.errors import AutoTPError, module_path, source_line
 from ..common.hooks import hooks_of
 from ..common.tensor_names import names_by_tensor
@@ -173,7 +173,7 @@ def plan(
     *,
     rules: Sequence[Rule] | None = None,
     vocab: VocabOptions | None = None,
-    frontend: str = "auto",
+    frontend: Frontend = "auto",
     strict: bool = False,
     sequence_parallel: bool = False,
 ) -> Plan:
@@ -219,7 +219,7 @@ def _plan(
     example_inputs: Any,
     rules: Sequence[Rule],
     vocab: VocabOptions | None,
-    frontend: str,
+    frontend: Frontend,
     strict: bool,
     *,
     dims: dict[str, Any] | None = None,
