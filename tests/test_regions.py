@@ -84,10 +84,30 @@ def test_with_sequence_parallelism_the_printed_plan_shows_the_handed_over_patter
     planned = {k: len(v) for k, v in layer.patterns.plans.items()}
     sim = autotp.simulate(model, plan)
     with torch.no_grad():
-        # the call planned: token ids alone (a mask or a cache is another pattern)
-        sim(input_ids=_batch()["input_ids"][:, :6], use_cache=False)
+        # the call planned: token ids alone, with the model's own defaults (its cache on;
+        # use_cache=False or a padding mask is another pattern)
+        sim(input_ids=_batch()["input_ids"][:, :6])
     assert {k: len(v) for k, v in layer.patterns.plans.items()} == planned  # nothing new
     assert "as a prompt runs it" in str(plan)
+
+
+def test_a_model_planned_on_meta_plans_nothing_at_its_first_call() -> None:
+    """On meta the model's Python is traced, where transformers cannot read a value and
+    so builds a full mask, and the planning run keeps the model's own defaults (its cache
+    on): the layers' pattern planned there is the one a real call of token ids (with an
+    all-ones mask, as a tokenizer gives) makes, so that call plans nothing new and is
+    equal to serial."""
+    plan = autotp.plan(_llama(meta=True), 2)
+    layer = plan.regions[0]
+    planned = {k: len(v) for k, v in layer.patterns.plans.items()}
+    model = _llama()
+    sim = autotp.simulate(model, plan)
+    batch = _batch()
+    with torch.no_grad():
+        got = sim(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert {k: len(v) for k, v in layer.patterns.plans.items()} == planned  # nothing new
+    assert (got.logits - want.logits).abs().max() < 1e-10
 
 
 def test_a_plan_for_another_model_is_refused() -> None:

@@ -26,10 +26,12 @@ PAST = ("past_key", "past_value")
 CacheAt: TypeAlias = tuple[Literal["arg"], int, bool] | tuple[Literal["kwarg"], str, bool]
 # per leaf of a call: an input name, or ("const", value)
 Slot: TypeAlias = str | tuple[str, Any]
-# what fixes a call's graph: the pytree spec (as text), each leaf's (dtype, dim, device)
-# or constant (repr), where the cache sat, whether a past is given, the modules' modes
+# what fixes a call's graph: the pytree spec (as text), each leaf's (dtype, dim) or
+# constant (repr), where the cache sat, whether a past is given, the modules' modes. Not
+# the device: every pattern is traced on the CPU (state.TRACED_ON) and its graph built on
+# the rank's device, so a model planned on meta plans no call again on the CPU or a GPU
 CallKey: TypeAlias = tuple[
-    str, tuple[tuple[torch.dtype, int, str] | str, ...], CacheAt | None, bool, tuple[bool, ...]
+    str, tuple[tuple[torch.dtype, int] | str, ...], CacheAt | None, bool, tuple[bool, ...]
 ]
 
 
@@ -80,13 +82,13 @@ def take_apart(
     leaves, spec = tree_flatten((tuple(items), named))
     slots: list[Slot] = []
     tensors: dict[str, torch.Tensor] = {}
-    consts: list[tuple[torch.dtype, int, str] | str] = []
+    consts: list[tuple[torch.dtype, int] | str] = []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             name = f"in{i}"
             slots.append(name)
             tensors[name] = leaf
-            consts.append((leaf.dtype, leaf.dim(), leaf.device.type))
+            consts.append((leaf.dtype, leaf.dim()))
         elif leaf is None or isinstance(leaf, (bool, int, float, str, torch.dtype)):
             slots.append(("const", leaf))
             consts.append(repr(leaf))

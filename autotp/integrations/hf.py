@@ -4,15 +4,17 @@ one, and whether an attribute is its config; which of its modules are the vocabu
 region machinery can split them along the vocabulary without guessing from names or
 sizes; its cache objects (which ones, a layer's past keys and values, an encoder-decoder
 cache of the layers' own making); the hooks it installs to collect outputs; and its
-`save_pretrained`, given the gathered serial state. The region machinery asks these
-questions and knows nothing else of transformers; a model that is not a transformers
+`save_pretrained`, given the gathered serial state; and how its masks are decided while
+it runs on meta under torch.export to show how it calls its layers. The region machinery
+asks these questions and knows nothing else of transformers; a model that is not a transformers
 model answers none. (How a checkpoint's keys map to the model's is in hf_keys.)"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ __all__ = [
     "transformers_model", "is_region_model", "VocabRegions", "vocab_regions", "is_cache",
     "is_encoder_decoder", "self_cache", "collects", "collecting_inside", "drop_collectors",
     "is_config", "past_of", "encoder_decoder_cache", "SaveGathered", "gathering_save",
+    "eager_masks",
 ]  # fmt: skip
 
 _CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # update = cat along seq
@@ -38,6 +41,33 @@ def is_cache(v: object) -> bool:
     if not type(v).__module__.startswith("transformers."):
         return False
     return (hasattr(v, "update") and hasattr(v, "layers")) or is_encoder_decoder(v)
+
+
+@contextlib.contextmanager
+def eager_masks() -> Iterator[None]:
+    """transformers' mask functions decide as in an eager call of the usual kind while the
+    model runs under torch.export on meta (to show how it calls its layers), where they
+    cannot read a value and so build a full mask: position ids are taken as one sequence
+    per row (not packed), and with no padding mask the causal mask is left to SDPA (None).
+    A padding mask given (its values unknown) is still built. This only predicts which
+    call pattern to plan ahead, so that the model's first real call plans nothing again;
+    a real call of another pattern (padding, packed rows) is planned when it comes."""
+    masking = sys.modules.get("transformers.masking_utils")
+    eager: dict[str, Callable[..., Any]] = {
+        "is_torchdynamo_exporting": lambda: False,
+        "find_packed_sequence_indices": lambda position_ids: None,
+    }
+    if masking is None or not all(hasattr(masking, n) for n in eager):  # another version
+        yield
+        return
+    saved = {n: getattr(masking, n) for n in eager}
+    for n, f in eager.items():
+        setattr(masking, n, f)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(masking, n, f)
 
 
 def is_encoder_decoder(v: object) -> bool:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -62,6 +61,7 @@ from ..common.tools import tools_aside
 from ..integrations.hf import (
     VocabRegions,
     drop_collectors,
+    eager_masks,
     gathering_save,
     is_cache,
     is_region_model,
@@ -316,13 +316,14 @@ def _run_once(model: nn.Module, inputs: dict[str, Any], paths: list[str]) -> Non
             model(**inputs)
         return
     try:
-        with _first_block_only(model, paths):
-            torch.export.export(model, (), inputs, strict=False)
+        with _first_block_only(model, paths), eager_masks():
+            torch.export.export(_Ran(model), (), inputs, strict=False)
         return
     except Exception:  # noqa: BLE001 - every block runs its own forward below
         pass
     try:
-        torch.export.export(model, (), inputs, strict=False)
+        with eager_masks():
+            torch.export.export(_Ran(model), (), inputs, strict=False)
     except Exception as e:  # noqa: BLE001 - becomes an actionable error
         raise AutoTPError(
             f"running {type(model).__name__} on the meta device failed: {type(e).__name__}: "
@@ -331,6 +332,19 @@ def _run_once(model: nn.Module, inputs: dict[str, Any], paths: list[str]) -> Non
             "real tensors (its weights are then replaced by weights=), or pass "
             "example_inputs= it takes",
         ) from e
+
+
+class _Ran(nn.Module):
+    """The model, run for its calls only: it returns nothing (its outputs may hold objects
+    torch.export cannot return, such as a transformers cache)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Any) -> tuple[()]:
+        self.model(**inputs)
+        return ()
 
 
 @contextlib.contextmanager
@@ -391,8 +405,6 @@ def plan_regions(
     runner = model if inner is model or example_inputs is not None else inner
     prefix = inner_path + "." if runner is inner and inner_path else ""
     inputs = bind_inputs(runner, example_inputs)
-    if "use_cache" in inspect.signature(runner.forward).parameters:
-        inputs.setdefault("use_cache", False)
     key = plan_cache.program_key(model, tp, inputs, rules, strict, sequence_parallel)
     stored = plan_cache.load(key, rules)
     if stored is not None:
