@@ -150,7 +150,7 @@ def parallelize(
     With tp=1 no process group is needed. Dropout streams are seeded from rank 0's
     `torch.initial_seed()`. `rules`: the rules to match (default: autotp.rules'
     DEFAULT_RULES). `strict`: refuse a matched block that cannot be proven instead of
-    leaving it replicated (see `plan`). `sequence_parallel`: see `plan`; in the block
+    leaving it replicated (see `plan`). `sequence_parallel`: see `plan`; in the region
     form each layer hands its hidden state to the next split along the sequence, through
     the model's own Python (see autotp.runtime.handover).
     """

@@ -1,6 +1,6 @@
 """generate() through autotp against the serial model, for every decoder-only architecture
 of bench/hf_coverage.py (small configs, float64, a left-padded batch of two prompts):
-greedy decoding, 5 new tokens, `autotp.simulate(model, tp)` in the block form with the
+greedy decoding, 5 new tokens, `autotp.simulate(model, tp)` in the region form with the
 model's default cache (each rank's cache holding its own key/value heads).
 
     python bench/hf_generate.py [--tp 2 4] [--only llama gpt2 ...]

@@ -2,8 +2,8 @@
 
     x -> [c_attn] -> split(C) -> q, k, v -> heads -> softmax(q k^T) v -> merge -> [c_proj]
 
-The fused weight's output is three blocks [Q | K | V]. A contiguous column split would
-give rank 0 all of Q, so each block is split by heads and the
+The fused weight's output is three parts [Q | K | V]. A contiguous column split would
+give rank 0 all of Q, so each part is split by heads and the
 rank's pieces concatenated: rank r holds [Q_r | K_r | V_r] and the graph's `split(C)`
 becomes `split(C/tp)` (decided by propagation, not by this rule). Attention per head is
 independent; `c_proj` is row-split and followed by one all-reduce.
@@ -36,6 +36,6 @@ SDPA = pattern(
 RULE = Rule(
     name="attention_fused_qkv",
     patterns=(EXPLICIT, SDPA),
-    split={"qkv": Column(blocks=3), "out": row},
+    split={"qkv": Column(parts=3), "out": row},
     motivation="GPT-2 attn.c_attn (fused Q|K|V) -> attention -> attn.c_proj",
 )

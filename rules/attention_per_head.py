@@ -5,7 +5,7 @@
     f(x) -> [qkv_r] -> view(B, T, H/tp, 3 hd) -> ... -> [out_r] -> g            rank r
 
 Each head's q, k and v are adjacent in the fused weight's output, so a plain column split
-gives rank r whole heads (all of their q, k and v), unlike GPT-2's [Q | K | V] blocks. The
+gives rank r whole heads (all of their q, k and v), unlike GPT-2's [Q | K | V] parts. The
 view that exposes the heads is the first thing to read the fused output; its head count
 becomes H/tp (propagation decides, from where the split lands). `out` is row-split.
 Motivated by GPT-NeoX's and Pythia's `attention.query_key_value` (then
@@ -21,7 +21,7 @@ _VIEWS = {"view"}
 
 def _viewed_per_head(m: Match, ctx: Context) -> bool:
     """The fused output is read only by views that keep the batch and sequence and cut the
-    features into heads: the per-head layout (GPT-2's blocks are split first)."""
+    features into heads: the per-head layout (GPT-2's parts are split first)."""
     fused = m.layers["qkv"].node
     out = fused.meta.get("val")
     users = list(fused.users)
@@ -35,7 +35,7 @@ def _viewed_per_head(m: Match, ctx: Context) -> bool:
             return False  # not (..., heads, per-head features)
         new = tuple(v.shape[out.dim() - 1 :])
         if len(new) >= 3 and new[0] == 3 and new[1] != 3:
-            return False  # (..., 3, heads, head_dim): [Q | K | V] blocks (ModernBERT)
+            return False  # (..., 3, heads, head_dim): [Q | K | V] parts (ModernBERT)
     return True
 
 

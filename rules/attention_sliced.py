@@ -1,4 +1,4 @@
-"""Self-attention with a fused Q|K|V projection sliced into blocks of unequal widths.
+"""Self-attention with a fused Q|K|V projection sliced into parts of unequal widths.
 
     x -> [qkv] -> qkv[..., :q] -> heads -> q  \\
                -> qkv[..., q:q+kv] -> heads -> k   > attention -> merge -> [out]
@@ -6,10 +6,10 @@
     f(x) -> [qkv_r] -> qkv_r[..., :q/tp], [q/tp:(q+kv)/tp], [(q+kv)/tp:] -> ...
          -> [out_r] -> g                                                       rank r
 
-With grouped-query attention the K and V blocks are narrower than Q, so GPT-2's three
-equal blocks do not fit: each block is split by heads and the rank's pieces concatenated,
+With grouped-query attention the K and V parts are narrower than Q, so GPT-2's three
+equal parts do not fit: each part is split by heads and the rank's pieces concatenated,
 [Q_r | K_r | V_r], and the slices' bounds become the local ones (propagation finds the
-blocks from the slices and rewrites them). `out` is row-split.
+parts from the slices and rewrites them). `out` is row-split.
 Motivated by Phi-3's `self_attn.qkv_proj`, sliced at `query_pos` and
 `query_pos + num_key_value_heads * head_dim`.
 """
@@ -50,7 +50,7 @@ def _sliced_three_ways(m: Match, ctx: Context) -> bool:
 RULE = Rule(
     name="attention_sliced_qkv",
     patterns=(EXPLICIT, SDPA),
-    split={"qkv": Column(blocks=3), "out": row},
+    split={"qkv": Column(parts=3), "out": row},
     motivation="Phi-3 self_attn.qkv_proj -> [:q], [q:q+kv], [q+kv:] -> attention -> o_proj",
     accept=_sliced_three_ways,
 )

@@ -4,8 +4,8 @@
     f(x) -> [gate_up_r] -> chunk(2) -> gate_r, up_r -> silu(gate_r) * up_r
          -> [down_r] -> g -> y                                                    rank r
 
-The fused weight's output is two blocks [gate | up]. A contiguous column split would give
-rank 0 all of gate and rank 1 all of up, so each block is split alike and the rank's
+The fused weight's output is two parts [gate | up]. A contiguous column split would give
+rank 0 all of gate and rank 1 all of up, so each part is split alike and the rank's
 pieces concatenated: rank r holds [gate_r | up_r], its chunk(2) halves pair the same
 features, and `down` is split by input features with one all-reduce after it.
 Motivated by Phi-3's `mlp.gate_up_proj` and ModernBERT's `mlp.Wi` (then `chunk(2)`); the
@@ -34,8 +34,8 @@ def _halves_its_output(m: Match, ctx: Context) -> bool:
     if call.op == "chunk":
         chunks: object = call["chunks"]
         return chunks == 2
-    parts = call["split_size"]
-    return isinstance(parts, int) and 2 * parts == val.shape[-1]  # split(width // 2)
+    half = call["split_size"]
+    return isinstance(half, int) and 2 * half == val.shape[-1]  # split(width // 2)
 
 
 RULE = Rule(
@@ -46,7 +46,7 @@ RULE = Rule(
             [("gate_up", "act", None), ("act", "down", 0)],
         ),
     ),
-    split={"gate_up": Column(blocks=2), "down": row},
+    split={"gate_up": Column(parts=2), "down": row},
     motivation="Phi-3 mlp.gate_up_proj -> chunk(2) -> silu(gate) * up -> mlp.down_proj",
     accept=_halves_its_output,
 )

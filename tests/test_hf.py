@@ -153,7 +153,7 @@ def _more(name: str) -> torch.nn.Module:
         return t.GPTJForCausalLM(cfg)
     gqa = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "intermediate_size": 64, **small}  # fmt: skip
-    if name == "phi3":  # fused q|k|v sliced into unequal blocks; fused gate|up
+    if name == "phi3":  # fused q|k|v sliced into unequal parts; fused gate|up
         return t.Phi3ForCausalLM(t.Phi3Config(pad_token_id=0, **gqa))
     if name == "mixtral":  # routed experts: bmm(gate_up_proj[ids], x), router replicated
         # transformers' default grouped_mm kernel is a custom op without float64 (and

@@ -184,12 +184,12 @@ def test_per_head_replicated_values_are_cut_to_the_ranks_heads(sdpa: bool) -> No
             _equal(model, _x(), tp, frontend)
 
 
-def test_rank_slice_is_the_ranks_block_of_every_chunk() -> None:
+def test_rank_slice_is_the_ranks_slice_of_every_part() -> None:
     x = torch.arange(2 * 12 * 3.0).view(2, 12, 3)
-    for blocks, tp in ((1, 2), (1, 4), (3, 2), (2, 3)):
+    for parts, tp in ((1, 2), (1, 4), (3, 2), (2, 3)):
         for rank in range(tp):
-            want = torch.cat([b.chunk(tp, 1)[rank] for b in x.chunk(blocks, 1)], 1)
-            got = rank_slice(x, 1, blocks, tp, torch.tensor(rank))
+            want = torch.cat([b.chunk(tp, 1)[rank] for b in x.chunk(parts, 1)], 1)
+            got = rank_slice(x, 1, parts, tp, torch.tensor(rank))
             assert torch.equal(got, want)
 
 
@@ -413,7 +413,7 @@ def test_one_key_value_head_stays_whole(gqa: bool) -> None:
 
 
 class FusedQKV(nn.Module):
-    """One fused Q|K|V projection, read two ways: sliced into blocks of unequal widths
+    """One fused Q|K|V projection, read two ways: sliced into parts of unequal widths
     (Phi-3, 8 query heads and 4 key/value heads), or viewed as (B, T, 3, H, hd) and
     unbound (ModernBERT)."""
 
@@ -437,8 +437,8 @@ class FusedQKV(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["sliced", "unbind"])
-def test_fused_qkv_sliced_into_unequal_blocks_or_unbound(how: str) -> None:
-    """Each block split by heads, the slices' bounds made local: rank r reads
+def test_fused_qkv_sliced_into_unequal_parts_or_unbound(how: str) -> None:
+    """Each part split by heads, the slices' bounds made local: rank r reads
     qkv_r[..., :C/tp], [C/tp : 1.5C/tp], [1.5C/tp:]."""
     model = FusedQKV(how).double()
     for tp in (2, 4):
@@ -448,6 +448,6 @@ def test_fused_qkv_sliced_into_unequal_blocks_or_unbound(how: str) -> None:
         rule = "attention_sliced_qkv" if how == "sliced" else "attention_fused_qkv"
         assert [m.rule.name for m in plan.matches] == [rule] and not plan.replicated
     if how == "sliced":
-        assert str(plan.splits["qkv.weight"]) == "S(0 in blocks 16|8|8)"
+        assert str(plan.splits["qkv.weight"]) == "S(0 in parts 16|8|8)"
         edits = sorted((e.old, e.new) for e in plan.propagation.edits if e.node.op != "get_attr")
         assert (16, 4) in edits and (24, 6) in edits  # slice bounds C and 1.5 C, at tp=4

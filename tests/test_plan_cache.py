@@ -12,7 +12,7 @@ import autotp
 from autotp.capture.trace import bind_inputs
 from autotp.planning import cache as plan_cache
 from autotp.planning.plan import rules_or_default
-from autotp.regions import form as blocks
+from autotp.regions import form
 from autotp.testing import assert_equivalent
 
 
@@ -28,8 +28,8 @@ def _no_tracing(monkeypatch):
     def traced(*a, **k):
         raise AssertionError("planned again")
 
-    monkeypatch.setattr(blocks, "_calls", traced)
-    monkeypatch.setattr(blocks._Patterns, "_plan", traced)
+    monkeypatch.setattr(form, "_calls", traced)
+    monkeypatch.setattr(form._Patterns, "_plan", traced)
 
 
 def _key(model, tp=2, example=None, rules=None):

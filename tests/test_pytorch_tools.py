@@ -31,9 +31,9 @@ def _gpt2_under_tools(rank: int, world: int) -> dict:
     x = model.example_inputs()
     module = autotp.parallelize(model, world, x)
     fired = []
-    block = module.get_submodule("transformer.h.0.ln_1")
-    block.register_full_backward_hook(lambda *a: fired.append("backward"))
-    block.register_forward_hook(lambda *a: fired.append("forward"))
+    norm = module.get_submodule("transformer.h.0.ln_1")
+    norm.register_full_backward_hook(lambda *a: fired.append("backward"))
+    norm.register_forward_hook(lambda *a: fired.append("forward"))
     with CommDebugMode() as cdm:
         _, loss = module(**x)
         forward = _counts(cdm)
@@ -106,7 +106,7 @@ def _first_calls_under_comm_debug_mode(rank: int, world: int, name: str) -> dict
     ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(1))
     module = autotp.parallelize(model, world)
     runs = []
-    for _ in range(3):  # the first call plans its blocks inside CommDebugMode
+    for _ in range(3):  # the first call plans its regions inside CommDebugMode
         with CommDebugMode() as cdm:
             out = module(input_ids=ids, labels=ids)
             forward = _counts(cdm)
@@ -117,9 +117,9 @@ def _first_calls_under_comm_debug_mode(rank: int, world: int, name: str) -> dict
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_first_call_under_comm_debug_mode_equals_later_calls(name: str) -> None:
-    """A transformers model's first call plans its blocks; inside CommDebugMode the hooks
+    """A transformers model's first call plans its regions; inside CommDebugMode the hooks
     it installs on every module are not traced as the model's, and the counts are the
-    later calls': 2 all-reduces per layer forward, 2 backward (the block form), with the
+    later calls': 2 all-reduces per layer forward, 2 backward (the region form), with the
     vocabulary-split embedding's all-reduce forward, the head's backward and the logits'
     all-gather."""
     for r in run_on_gloo(_first_calls_under_comm_debug_mode, 2, name):
@@ -132,7 +132,7 @@ def test_first_call_under_comm_debug_mode_equals_later_calls(name: str) -> None:
 @pytest.mark.parametrize("tool", ["global_hook", "profiler"])
 def test_first_call_under_a_global_hook_or_the_profiler(tool: str) -> None:
     """Global module hooks and the profiler around a first call are neither traced into
-    a block nor refused; the hook sees the parallel model's modules run."""
+    a region nor refused; the hook sees the parallel model's modules run."""
     from torch.nn.modules.module import register_module_forward_hook
 
     model = _hf_default("gpt2").double().eval()

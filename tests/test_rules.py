@@ -151,7 +151,7 @@ def test_row_bias_added_after_all_reduce() -> None:
     assert add.args[1].op == "get_attr" and add.args[1].target == "c_proj.bias"
 
 
-def test_fused_qkv_is_split_by_heads_per_block() -> None:
+def test_fused_qkv_is_split_by_heads_per_part() -> None:
     """rank r holds [Q_r | K_r | V_r], not a contiguous third."""
     model = build("gpt2-tiny", n_layer=1)
     sim = autotp.simulate(model, 2)
@@ -186,7 +186,7 @@ def test_fused_gate_up_splits_each_half(spelling: str) -> None:
     x = (torch.randn(2, 3, 8, dtype=torch.float64),)
     plan = autotp.plan(model, 2, x)
     assert [m.rule.name for m in plan.matches] == ["swiglu_fused"]
-    assert plan.splits["gate_up_proj.weight"].blocks == 2 and not plan.replicated
+    assert plan.splits["gate_up_proj.weight"].parts == 2 and not plan.replicated
     for tp in (2, 4):
         assert_equivalent(model, x, tp=tp)
 

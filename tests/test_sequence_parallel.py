@@ -183,7 +183,7 @@ def _llama_sp() -> torch.nn.Module:
     ("name", "tp", "kv"),
     [("gpt2", 2, None), ("llama", 4, 2), ("qwen2", 2, 2), ("bert-mlm", 2, None)],
 )
-def test_the_block_form_with_sequence_parallelism_equals_serial(name, tp, kv) -> None:
+def test_the_region_form_with_sequence_parallelism_equals_serial(name, tp, kv) -> None:
     """GPT-2, Llama with fewer key/value heads than ranks, Qwen2 and BERT-MLM, planned by
     regions with sequence parallelism inside each layer: outputs, loss, every gradient and
     a step equal serial in float64 (float32 inside some of them, as serially)."""
@@ -198,7 +198,7 @@ def test_the_block_form_with_sequence_parallelism_equals_serial(name, tp, kv) ->
                       parallel=lambda m, t, xs: autotp.simulate(m, plan))  # fmt: skip
 
 
-def _block_sp_on_rank(rank: int, world: int) -> tuple[float, float]:
+def _region_sp_on_rank(rank: int, world: int) -> tuple[float, float]:
     model = _llama_sp()
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
     module = autotp.parallelize(model, world, form="regions", sequence_parallel=True)
@@ -210,7 +210,7 @@ def _block_sp_on_rank(rank: int, world: int) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_the_block_form_hands_the_split_sequence_from_layer_to_layer() -> None:
+def test_the_region_form_hands_the_split_sequence_from_layer_to_layer() -> None:
     """form="regions" with sequence_parallel=True (a transformers model keeps its own
     Python, its keywords and generate()): each layer hands its hidden state to the next
     split along the sequence; equal to serial in simulate and on gloo, the collectives
@@ -245,7 +245,7 @@ def test_the_block_form_hands_the_split_sequence_from_layer_to_layer() -> None:
     serial = model(input_ids=ids, labels=ids).loss
     serial.backward()
     norm = torch.stack([p.grad.norm() ** 2 for p in model.parameters()]).sum().sqrt()
-    for loss, grad_norm in run_on_gloo(_block_sp_on_rank, 2):
+    for loss, grad_norm in run_on_gloo(_region_sp_on_rank, 2):
         assert loss == pytest.approx(serial.item(), rel=1e-9)
         assert grad_norm == pytest.approx(norm.item(), rel=1e-9)
 

@@ -56,7 +56,7 @@ def test_calls_at_other_sizes_are_right_or_refused(tp, weights, plan_b, plan_t, 
     try:
         sim = autotp.simulate(model, tp, (_x(plan_b, plan_t),))
     except AutoTPError:
-        return  # refused while planning (weights split in blocks cannot be returned)
+        return  # refused while planning (weights split in parts cannot be returned)
     for b, t in calls:
         x = _x(b, t, seed=1)
         try:

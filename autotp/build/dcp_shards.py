@@ -117,7 +117,7 @@ def as_shard_state(
 ) -> ShardState:
     """`t`, this rank's shard of a serial tensor of shape `serial` cut by `spec`, as a
     ShardState. Its chunks are found by cutting the serial positions as the tensor was
-    cut (blocks, sections, replicas and padding alike); padded rows are in no chunk."""
+    cut (parts, sections, replicas and padding alike); padded rows are in no chunk."""
     positions = torch.arange(1, serial[spec.dim] + 1)  # 0: a padded row
     mine = _cut_positions(positions, replace(spec, dim=0), rank, tp).tolist()
     chunks: list[list[int]] = []

@@ -156,8 +156,8 @@ def gather(
     tp = len(shards)
     local = [length // tp for _, length in spec.pieces(shards[0].shape[spec.dim] * tp)]
     per_rank = [torch.split(s, local, dim=spec.dim) for s in shards]
-    blocks = [torch.cat([p[b] for p in per_rank], dim=spec.dim) for b in range(len(local))]
-    full = torch.cat(blocks, dim=spec.dim)
+    parts = [torch.cat([p[b] for p in per_rank], dim=spec.dim) for b in range(len(local))]
+    full = torch.cat(parts, dim=spec.dim)
     return full if serial_size is None else full.narrow(spec.dim, 0, serial_size)
 
 
@@ -210,7 +210,7 @@ def _grad_mode_back(module: nn.Module, args: Any, output: Any) -> None:
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """What `model.state_dict(keep_vars=True)` holds (every name of a tied tensor), read
-    without running its hooks: a block builds its graphs inside the model's forward,
+    without running its hooks: a region builds its graphs inside the model's forward,
     where FSDP's state_dict hook would put its sharded parameters back."""
     out: dict[str, torch.Tensor] = {}
     for path, m in model.named_modules(remove_duplicate=False):

@@ -100,7 +100,7 @@ class Weights:
         dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Tensor `name`, or rank `rank`'s shard of it under `spec` (as
-        materialise.cut gives: padded rows zero, blocks concatenated), read alone.
+        materialise.cut gives: padded rows zero, parts' slices concatenated), read alone.
         `shape`: the model's, which the stored tensor must have."""
         sl = self._slice(name)
         stored = tuple(sl.get_shape())

@@ -1,6 +1,6 @@
-"""How a model calls one of its blocks, taken apart for tracing: the call's tensors by
+"""How a model calls one of its regions, taken apart for tracing: the call's tensors by
 name and the rest fixed (`take_apart`), a module whose forward takes those tensors and
-calls the block (`call_module`), the cache the block sees meanwhile (`Recorder`), and the
+calls the region (`call_module`), the cache the layer sees meanwhile (`Recorder`), and the
 sizes that may vary between calls (`dynamic_sizes`)."""
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ CallKey: TypeAlias = tuple[
 ]
 
 
-def modes(block: nn.Module) -> tuple[bool, ...]:
+def modes(region: nn.Module) -> tuple[bool, ...]:
     """Every module's train/eval flag: what a traced graph froze (Python reading
     self.training, dropout on or off)."""
-    return tuple(m.training for m in block.modules())
+    return tuple(m.training for m in region.modules())
 
 
 @dataclass(frozen=True)
 class RegionCall:
-    """One call of a block, taken apart: its tensors by input name, the rest fixed."""
+    """One call of a region, taken apart: its tensors by input name, the rest fixed."""
 
     spec: TreeSpec  # pytree spec of (args, kwargs), the cache replaced by None
     slots: tuple[Slot, ...]  # per leaf: an input name, or ("const", value)
@@ -94,7 +94,7 @@ def take_apart(
             consts.append(repr(leaf))
         else:  # an object the graph would bake in, and whose changes it would miss
             raise AutoTPError(
-                f"a parallel block was called with a {type(leaf).__name__}, which autotp "
+                f"a parallel region was called with a {type(leaf).__name__}, which autotp "
                 "cannot carry into its graph (it carries tensors, numbers, strings and "
                 "transformers' DynamicCache)",
                 hint="call the model without it (e.g. "
@@ -107,7 +107,7 @@ def take_apart(
 
 
 class Recorder:
-    """The cache a block sees while traced: it returns the past and new keys and values
+    """The cache a layer sees while traced: it returns the past and new keys and values
     joined along the sequence (what DynamicCache.update returns) and keeps the new ones."""
 
     def __init__(self, key: torch.Tensor | None, value: torch.Tensor | None) -> None:
@@ -119,7 +119,7 @@ class Recorder:
         self, key: torch.Tensor, value: torch.Tensor, index: Any = None, *a: Any, **k: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.new is not None:
-            raise AutoTPError("the block updates its cache twice in one call: not supported")
+            raise AutoTPError("the layer updates its cache twice in one call: not supported")
         self.new, self.index = (key, value), index
         past_key, past_value = self.past
         if past_key is None:
@@ -133,16 +133,16 @@ class Recorder:
 
     def __getattr__(self, name: str) -> Any:
         raise AutoTPError(
-            f"the block calls its cache's `{name}`, which autotp does not model (it models "
+            f"the layer calls its cache's `{name}`, which autotp does not model (it models "
             "`update` and `get_seq_length`, as DynamicCache does)",
             hint="call the model with use_cache=False",
         )
 
 
-def call_module(block: nn.Module, call: RegionCall) -> nn.Module:
-    """A module whose forward takes the call's tensors by name and calls the block."""
+def call_module(region: nn.Module, call: RegionCall) -> nn.Module:
+    """A module whose forward takes the call's tensors by name and calls the region."""
     holder = nn.Module()
-    holder.layer = block
+    holder.layer = region
     # nn.Module.__setattr__ is typed for tensors and modules only; any value is kept
     holder.autotp_hooks_outside = ("layer",)  # type: ignore[assignment]
     names = list(call.tensors)
@@ -154,13 +154,13 @@ def call_module(block: nn.Module, call: RegionCall) -> nn.Module:
             if call.cache_at[2]:
                 given = encoder_decoder_cache(rec, _CrossRecorder())
         args, kwargs = call.rebuild(tensors, given)
-        # its forward, not its hooks: a hook on the serial block belongs to the serial
+        # its forward, not its hooks: a hook on the serial region belongs to the serial
         # model's Python; the parallel model calls the RegionTP's own
         out = cast(nn.Module, holder.layer).forward(*args, **kwargs)
         if rec is None:
             return out
         if rec.new is None:
-            raise AutoTPError("the block was given a cache but did not update it")
+            raise AutoTPError("the layer was given a cache but did not update it")
         holder.index = rec.index
         return out, rec.new[0], rec.new[1]
 
@@ -172,9 +172,9 @@ def call_module(block: nn.Module, call: RegionCall) -> nn.Module:
 
 
 class _CrossRecorder:
-    """An encoder-decoder cache's cross-attention half while a block is traced: never
-    updated before, so the block computes the encoder's keys and values from its states
-    on every call (a parallel block keeps no cross-attention cache: what it would hold is
+    """An encoder-decoder cache's cross-attention half while a layer is traced: never
+    updated before, so the layer computes the encoder's keys and values from its states
+    on every call (a parallel layer keeps no cross-attention cache: what it would hold is
     recomputed, each rank its own heads)."""
 
     def update(
@@ -184,7 +184,7 @@ class _CrossRecorder:
 
     def __getattr__(self, name: str) -> Any:
         raise AutoTPError(
-            f"the block reads its cross-attention cache's `{name}`, which autotp does not model",
+            f"the layer reads its cross-attention cache's `{name}`, which autotp does not model",
             hint="call the model with use_cache=False",
         )
 
@@ -204,10 +204,10 @@ def dynamic_sizes(call: RegionCall, batch: int, seqs: set[int]) -> dict[str, Any
     return out
 
 
-def cache_index(block: nn.Module) -> int | None:
-    """The block's place in the model's cache: the first int its modules hold under a
+def cache_index(layer: nn.Module) -> int | None:
+    """The layer's place in the model's cache: the first int its modules hold under a
     layer index's usual names, or None."""
-    for m in block.modules():
+    for m in layer.modules():
         for name in ("layer_idx", "layer_id", "layer_index"):
             value = m.__dict__.get(name)
             if isinstance(value, int) and not isinstance(value, bool):

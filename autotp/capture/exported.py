@@ -1,6 +1,6 @@
 """What a graph from torch.export holds for: the shapes of its inputs (ints, and
 expressions of the sizes that may vary) with their ranges, and export's input guards.
-`accepts` checks a call's inputs against them (the block form picks a pattern's graph so);
+`accepts` checks a call's inputs against them (the region form picks a pattern's graph so);
 `SizeGuards` keeps export's guards in a graph that runs, refusing a call outside them with
 the sizes named."""
 

@@ -1,7 +1,7 @@
 """A module's own hooks, named once: the dicts nn.Module keeps them in, what each holds,
 and the one scan every stage makes of them (planning refuses or keeps them, the plan
-cache will not store a model with one, the region form carries a block's own to its
-parallel block, annotation never memoises a hooked module)."""
+cache will not store a model with one, the region form carries a region's own to its
+parallel region, annotation never memoises a hooked module)."""
 
 from __future__ import annotations
 

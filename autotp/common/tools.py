@@ -2,7 +2,7 @@
 
 `CommDebugMode`, `torch.profiler`'s module tracking, FSDP's and a user's *global* module
 hooks (`torch.nn.modules.module.register_module_forward_hook` and its kin) fire for every
-module that runs, the ones torch.export runs while it traces a block too. Traced, they
+module that runs, the ones torch.export runs while it traces a region too. Traced, they
 would become part of the model (a full backward hook's `BackwardHookFunction`, which
 export cannot keep), and their bookkeeping would count modules that never run. While a
 model is traced or planned, the global hooks are emptied and restored after, and the

@@ -76,12 +76,12 @@ def is_encoder_decoder(v: object) -> bool:
 
 
 def self_cache(cache: Any) -> Any:
-    """The cache of a block's own keys and values (an encoder-decoder's self-attention)."""
+    """The cache of a layer's own keys and values (an encoder-decoder's self-attention)."""
     return cache.self_attention_cache if is_encoder_decoder(cache) else cache
 
 
-def past_of(cache: Any, index: int, block: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The past keys and values of layer `index` (of class `block`) in the model's cache,
+def past_of(cache: Any, index: int, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The past keys and values of layer `index` (of class `kind`) in the model's cache,
     or None before its first token; refused for a cache whose layers autotp cannot keep
     split by heads."""
     layers = getattr(self_cache(cache), "layers", None)
@@ -89,10 +89,10 @@ def past_of(cache: Any, index: int, block: str) -> tuple[torch.Tensor, torch.Ten
     if layers is None or (layer is not None and (
         type(layer).__name__ not in _CACHE_LAYERS or getattr(layer, "record_past", False)
     )):  # fmt: skip
-        kind = type(layer).__name__ if layer is not None else "no layers"
+        held = type(layer).__name__ if layer is not None else "no layers"
         raise AutoTPError(
-            f"{type(cache).__name__} ({kind}) is not a cache autotp can keep split by "
-            f"heads for {block} (it keeps DynamicCache's dynamic and sliding-window "
+            f"{type(cache).__name__} ({held}) is not a cache autotp can keep split by "
+            f"heads for {kind} (it keeps DynamicCache's dynamic and sliding-window "
             "layers)",
             hint="use the default cache, or call the model with use_cache=False",
         )
@@ -132,8 +132,8 @@ def collects(hook: object) -> bool:
 
 
 def collecting_inside() -> str | None:
-    """What transformers is collecting from inside the blocks (attentions, router logits)
-    in the current forward, or None: hooks inside a block never run in its parallel form."""
+    """What transformers is collecting from inside the regions (attentions, router logits)
+    in the current forward, or None: hooks inside a region never run in its parallel form."""
     capture = sys.modules.get("transformers.utils.output_capturing")
     active = getattr(getattr(capture, "_active_collector", None), "get", lambda: None)()
     inside = [k for k in (active or {}) if not k.startswith("_") and k != "hidden_states"]
@@ -142,7 +142,7 @@ def collecting_inside() -> str | None:
 
 def drop_collectors(model: nn.Module) -> None:
     """Remove the hooks transformers installed to collect outputs (copied with the serial
-    model): it installs them again on the parallel model, on its blocks."""
+    model): it installs them again on the parallel model, on its regions."""
     for m in model.modules():
         for attr in HOOKS:
             hooks = getattr(m, attr)
@@ -164,7 +164,7 @@ def transformers_model(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 def is_region_model(model: nn.Module) -> bool:
     """A transformers model, or a module wrapping one (its Python builds masks, caches and
-    outputs around blocks)."""
+    outputs around regions)."""
     return transformers_model(model) is not None
 
 

@@ -33,16 +33,16 @@ __all__ = ["Column", "Row", "Rule", "Split", "Vocab", "column", "row", "vocab", 
 @dataclass(frozen=True)
 class Column:
     """Split the output features: rank r keeps rows r/tp of the weight (of each of
-    `blocks` equal blocks, for fused projections such as Q|K|V). `replicas` > 1: the rows
+    `parts` equal parts, for fused projections such as Q|K|V). `replicas` > 1: the rows
     are cut into tp / replicas slices, each held by that many neighbouring ranks, whose
     gradients are summed (the key/value projections when there are fewer key/value heads
     than ranks: each rank holds the heads its query heads read)."""
 
-    blocks: int = 1
+    parts: int = 1
     replicas: int = 1
 
     def __str__(self) -> str:
-        s = "column" if self.blocks == 1 else f"column x{self.blocks} blocks"
+        s = "column" if self.parts == 1 else f"column ({self.parts} parts)"
         return s if self.replicas == 1 else f"{s}, {self.replicas} ranks each"
 
 

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["directory", "program_key", "load", "store", "grew"]
 
-FORMAT = 5  # of the files: a new one misses every older file (5: call keys without device)
+FORMAT = 6  # of the files: a new one misses every older file (6: Shard.parts)
 
 
 def directory() -> Path | None:

@@ -337,9 +337,9 @@ def _check_hooks(model: nn.Module, gm: fx.GraphModule, prop: Propagation) -> Non
     replicated values: fx inlines every other module (its hooks would silently not run),
     the rewrite replaces split layers and dropouts, and a hook on a split value would see
     a shard. Anything else with a hook is refused, but for the modules `model` names in
-    `autotp_hooks_outside`, whose own hooks run outside the graph (a block's, around it),
+    `autotp_hooks_outside`, whose own hooks run outside the graph (a region's, around it),
     and, inside those, the hooks transformers installs to collect outputs (the parallel
-    model's block collects them)."""
+    model's region collects them)."""
     outside = set(getattr(model, "autotp_hooks_outside", ()))
     kept: dict[str, fx.Node] = {}
     for n in gm.graph.nodes:

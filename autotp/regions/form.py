@@ -1,33 +1,33 @@
-"""The block form: a model that keeps its own Python, with each of its regions (the
-blocks: a transformers model's decoder layers, and its input embedding and output head,
-split along the vocabulary: see integrations.hf.vocab_regions) replaced by its tensor-parallel
+"""The region form: a model that keeps its own Python, with each of its regions (a
+transformers model's decoder layers, and its input embedding and output head, split
+along the vocabulary: see integrations.hf.vocab_regions) replaced by its tensor-parallel
 form. `plan_regions` makes the RegionPlan (planning.region_plan), `build_regions` the module.
 
-`parallelize` and `simulate` use it for Hugging Face models: everything around the blocks
+`parallelize` and `simulate` use it for Hugging Face models: everything around the regions
 (position tables, masks, the cache, the loss, the output type, `generate()`) stays the
 model's own code, replicated, so the parallel model takes every keyword the serial one
-takes and returns what it returns. Inside a block everything is as in the graph form:
+takes and returns what it returns. Inside a region everything is as in the graph form:
 traced, matched, proven, rewritten.
 
-A block is called in several ways: with or without a cache, with a mask or none, one new
+A region is called in several ways: with or without a cache, with a mask or none, one new
 token or a prompt. Each way (a *call pattern*: which arguments are given, their constant
 values, and the sizes torch.export could not keep dynamic, such as a single token) is
 traced with torch.export once, batch and sequence dynamic, and planned: the first pattern
-of a block with rule matching, the later ones with the first's splits, proven again on
-their own graph. All patterns of a block share one set of shards; blocks that are one
+of a region with rule matching, the later ones with the first's splits, proven again on
+their own graph. All patterns of a region share one set of shards; regions that are one
 program (the same structure, the same ops with the same numbers, the same hooks) share
 their plans. A pattern's graph holds for the sizes export allowed (`exported.accepts`);
 a call outside them is a new pattern.
 
 The cache (transformers' DynamicCache) stays outside the graph: a pattern with a past
-takes the past keys and values as inputs (each rank's own heads, the placement the block's
-keys have) and returns the new ones as outputs, which the block appends to the model's
+takes the past keys and values as inputs (each rank's own heads, the placement the layer's
+keys have) and returns the new ones as outputs, which the layer appends to the model's
 cache with its own `update`. So each rank's cache holds its own heads only. An
 encoder-decoder's EncoderDecoderCache keeps its self-attention half so; its cross-attention
 half stays empty, and the encoder's keys are recomputed at each step.
 
 A module that wraps a transformers model (a SentenceTransformer) is made parallel the same
-way: the blocks are its transformers model's. The parallel block itself, and what a user
+way: the regions are its transformers model's. The parallel region itself, and what a user
 may change of it, are in module.py and state.py.
 """
 
@@ -82,11 +82,11 @@ from .module import RegionTP
 from .state import RegionState, _unfilled, tensor_shapes, twin
 from .tensors import full_tensors, load_outside, shell
 
-__all__ = ["find_blocks", "is_region_model", "RegionTP", "plan_regions", "build_regions"]
+__all__ = ["find_layers", "is_region_model", "RegionTP", "plan_regions", "build_regions"]
 
 
-def find_blocks(model: nn.Module) -> list[str]:
-    """Paths of the repeated blocks: the children of each outermost nn.ModuleList whose
+def find_layers(model: nn.Module) -> list[str]:
+    """Paths of the repeated layers: the children of each outermost nn.ModuleList whose
     children are of one class and hold weight matrices (decoder and encoder layers)."""
     lists: list[str] = []
     for name, mod in model.named_modules():
@@ -99,29 +99,29 @@ def find_blocks(model: nn.Module) -> list[str]:
             for i in range(len(cast(nn.ModuleList, model.get_submodule(lst))))]  # fmt: skip
 
 
-def _program(block: nn.Module, call: RegionCall) -> tuple[Any, ...]:
-    """What makes two blocks one program, so that they share plans: their structure, the
+def _program(region: nn.Module, call: RegionCall) -> tuple[Any, ...]:
+    """What makes two regions one program, so that they share plans: their structure, the
     ops they dispatch on `call` (run on fake tensors) with every number those ops take
-    (a layer index that scales a value shows there), and their hooks; a block whose ops
+    (a layer index that scales a value shows there), and their hooks; a region whose ops
     cannot be listed shares with none."""
     ops: tuple[str | int, ...]
     try:
-        ops = tuple(_dispatched(call_module(block, call), call.tensors))
+        ops = tuple(_dispatched(call_module(region, call), call.tensors))
     except Exception:  # noqa: BLE001 - its Python reads values: plan it on its own
-        ops = (id(block),)
+        ops = (id(region),)
     hooks = tuple(
         (path, attr, len(getattr(m, attr)))
-        for path, m in block.named_modules()
+        for path, m in region.named_modules()
         for attr in dict.fromkeys(a for a, _, _ in hooks_of(m, _collects))
     )
-    return _structure(block), ops, hooks
+    return _structure(region), ops, hooks
 
 
-def _structure(block: nn.Module) -> tuple[Any, ...]:
-    """Classes, tensor shapes and dtypes, and the plain attributes the blocks' Python
+def _structure(region: nn.Module) -> tuple[Any, ...]:
+    """Classes, tensor shapes and dtypes, and the plain attributes the regions' Python
     reads (a layer index aside: `_program` sees where it changes a computation)."""
     out = []
-    for path, m in block.named_modules():
+    for path, m in region.named_modules():
         attrs = []
         for k, v in sorted(vars(m).items()):
             if k.startswith("_") or k in ("training", "layer_idx"):
@@ -138,14 +138,14 @@ _UNKNOWN = object()
 
 
 class _Patterns:
-    """The plans of one block structure, by call pattern, shared by its blocks."""
+    """The plans of one region structure, by call pattern, shared by its regions."""
 
     def __init__(
         self, tp: int, rules: tuple[Rule, ...], strict: bool, tables: frozenset[str] = frozenset(),
         sequence: bool = False,
     ) -> None:  # fmt: skip
         self.tp, self.rules, self.strict, self.tables = tp, rules, strict, tables
-        self.sequence = sequence  # sequence parallelism inside the block
+        self.sequence = sequence  # sequence parallelism inside the region
         self.first: Plan | None = None
         self.plans: dict[tuple[Any, ...], list[tuple[Plan, Shard | None]]] = {}
         self.seen: dict[tuple[Any, ...], tuple[Plan, Shard | None]] = {}  # exact sizes -> plan
@@ -167,7 +167,7 @@ class _Patterns:
         state: tuple[Any, ...] = (), handed: tuple[str, ...] = (),
     ) -> tuple[Plan, Shard | None]:  # fmt: skip
         """The plan for `call` and how its keys are placed, traced (when no plan of the
-        block's `state` accepts the call) from `twin()`: the block as it now is, on meta.
+        region's `state` accepts the call) from `twin()`: the region as it now is, on meta.
         `local`: the call's past is this rank's own (parallelize), not the whole
         (simulate). `handed`: inputs the previous layer handed over split along the
         sequence (this rank's part, when `local`)."""
@@ -179,11 +179,11 @@ class _Patterns:
             if accepts(p.traced.gm, self._serial(call.tensors, kv, local, handed)):
                 self.seen[sizes] = (p, kv)
                 return p, kv
-        block = twin()
-        for m, flag in zip(block.modules(), call.key[-1], strict=True):
+        region = twin()
+        for m, flag in zip(region.modules(), call.key[-1], strict=True):
             m.training = flag  # traced in the modes the call holds
-        with tools_aside():  # CommDebugMode's or a profiler's hooks are not the block's
-            made = self._plan(block, call, seqs, local, handed)
+        with tools_aside():  # CommDebugMode's or a profiler's hooks are not the region's
+            made = self._plan(region, call, seqs, local, handed)
         self.plans.setdefault(key, []).append(made)
         self.seen[sizes] = made
         plan_cache.grew(self)  # a stored plan keeps its new pattern
@@ -192,7 +192,7 @@ class _Patterns:
     def _serial(
         self, tensors: dict[str, torch.Tensor], kv: Any, local: bool, handed: tuple[str, ...]
     ) -> dict[str, Any]:  # fmt: skip
-        """The call's inputs as the serial block would get them (a local past, a local
+        """The call's inputs as the serial region would get them (a local past, a local
         part of the sequence widened), as unfilled CPU tensors (see state.twin):
         planning reads no values."""
         out: dict[str, Any] = {n: _unfilled(t.shape, t.dtype) for n, t in tensors.items()}
@@ -207,11 +207,11 @@ class _Patterns:
         return out
 
     def _plan(
-        self, block: nn.Module, call: RegionCall, seqs: set[int], local: bool,
+        self, region: nn.Module, call: RegionCall, seqs: set[int], local: bool,
         handed: tuple[str, ...],
     ) -> tuple[Plan, Shard | None]:  # fmt: skip
         batch = next(iter(call.tensors.values())).shape[0]
-        module = call_module(block, call)
+        module = call_module(region, call)
         # the new keys and values stay each rank's own (its cache); anything else split
         # that the layer returns (attention weights) is gathered, as the graph form does;
         # with sequence parallelism the hidden state (the first output) is handed over to
@@ -227,7 +227,7 @@ class _Patterns:
         if call.key[3]:  # a past: given as the keys are placed
             if self.kv is _UNKNOWN and local and self.tp > 1:
                 raise AutoTPError(
-                    "the model's first cached call to a parallel block came with a past "
+                    "the model's first cached call to a parallel layer came with a past "
                     "already in its cache: each rank's cache must hold its own heads",
                     hint="start generation from an empty cache (generate() does)",
                 )
@@ -242,7 +242,7 @@ class _Patterns:
                     errors.append(e)
                     continue
                 if _new_keys_placement(p) == kv:
-                    _check_index(block, module)
+                    _check_index(region, module)
                     self._check(p)
                     self.kv = kv
                     return p, kv
@@ -250,13 +250,13 @@ class _Patterns:
                 errors[0]
                 if errors
                 else AutoTPError(
-                    f"{type(block).__name__}: its new keys and values are not placed as its "
+                    f"{type(region).__name__}: its new keys and values are not placed as its "
                     "past ones can be given (split by heads, or whole)"
                 )
             )
         tensors = self._serial(call.tensors, None, local, handed)
         p = _plan(module, self.tp, tensors, self.rules, opts, "export", self.strict, **common)
-        _check_index(block, module)
+        _check_index(region, module)
         self._check(p)
         if self.first is None:
             self.first = p
@@ -266,7 +266,7 @@ class _Patterns:
         return p, self.kv
 
     def _check(self, p: Plan) -> None:
-        """Refuse a plan whose graph reads a tensor split otherwise than the block's shards
+        """Refuse a plan whose graph reads a tensor split otherwise than the region's shards
         are."""
         gm = p.traced.gm
         if self.first is not None:
@@ -277,18 +277,18 @@ class _Patterns:
                 ):
                     raise AutoTPError(
                         f"{name} is split {self.first.splits.get(name) or 'not at all'} in the "
-                        f"block's first plan but {p.splits.get(name) or 'not'} in this call's",
+                        f"region's first plan but {p.splits.get(name) or 'not'} in this call's",
                         hint="call the model as it was first called, or report it",
                     )
 
 
-def _check_index(block: nn.Module, traced: nn.Module) -> None:
-    """The index the block gave its cache while traced must be the one found for it."""
+def _check_index(layer: nn.Module, traced: nn.Module) -> None:
+    """The index the layer gave its cache while traced must be the one found for it."""
     given = traced.__dict__.get("index")
-    if given is not None and given != cache_index(block):
+    if given is not None and given != cache_index(layer):
         raise AutoTPError(
-            f"{type(block).__name__} updates the cache's layer {given!r}, but its layer index "
-            f"reads {cache_index(block)!r}",
+            f"{type(layer).__name__} updates the cache's layer {given!r}, but its layer index "
+            f"reads {cache_index(layer)!r}",
             hint="call the model with use_cache=False",
         )
 
@@ -299,27 +299,27 @@ def _new_keys_placement(p: Plan) -> Shard | None:
     leaves = tree_flatten(out.args[0])[0][-2:]
     found = {str(p.propagation.gathers.get(n, (None,))[0]) for n in leaves}
     if len(found) != 1:
-        raise AutoTPError("the block's new keys and values are placed differently")
+        raise AutoTPError("the layer's new keys and values are placed differently")
     return p.propagation.gathers.get(leaves[0], (None, 0))[0]
 
 
 def _run_once(model: nn.Module, inputs: dict[str, Any], paths: list[str]) -> None:
-    """Run the model once so that its blocks (at `paths`) show how it calls them: really
+    """Run the model once so that its layers (at `paths`) show how it calls them: really
     where it has weights (no grad; a small batch), else (on the meta device, where the
     model's Python cannot read a value) under torch.export, which the model's Python
     recognises as tracing and whose fake tensors the hooks see. Traced, only the first
-    block of each list runs its own forward; the others return what it returned (one
-    class, one output structure), so the trace holds one block, not all, while the
-    model's Python still calls each block as it would. Where that fails, all run."""
+    layer of each list runs its own forward; the others return what it returned (one
+    class, one output structure), so the trace holds one layer, not all, while the
+    model's Python still calls each layer as it would. Where that fails, all run."""
     if not any(t.is_meta for t in model.parameters()):
         with torch.no_grad():
             model(**inputs)
         return
     try:
-        with _first_block_only(model, paths), eager_masks():
+        with _first_layer_only(model, paths), eager_masks():
             torch.export.export(_Ran(model), (), inputs, strict=False)
         return
-    except Exception:  # noqa: BLE001 - every block runs its own forward below
+    except Exception:  # noqa: BLE001 - every layer runs its own forward below
         pass
     try:
         with eager_masks():
@@ -348,17 +348,17 @@ class _Ran(nn.Module):
 
 
 @contextlib.contextmanager
-def _first_block_only(model: nn.Module, paths: list[str]) -> Iterator[None]:
-    """Every block but the first of its list returns the first one's output."""
+def _first_layer_only(model: nn.Module, paths: list[str]) -> Iterator[None]:
+    """Every layer but the first of its list returns the first one's output."""
     lists: dict[str, list[nn.Module]] = {}
     for p in paths:
         lists.setdefault(p.rpartition(".")[0], []).append(model.get_submodule(p))
     outputs: dict[str, Any] = {}
     handles, stubbed = [], []
-    for name, blocks in lists.items():
-        handles.append(blocks[0].register_forward_hook(
+    for name, layers in lists.items():
+        handles.append(layers[0].register_forward_hook(
             lambda m, a, out, name=name: outputs.setdefault(name, out)))  # fmt: skip
-        for b in blocks[1:]:
+        for b in layers[1:]:
             b.__dict__["forward"] = lambda *a, name=name, **k: outputs[name]
             stubbed.append(b)
     try:
@@ -391,17 +391,17 @@ def plan_regions(
     shows how it calls each (on the meta device, traced). Reads no values."""
     from ..capture.trace import bind_inputs
 
-    paths = find_blocks(model)
+    paths = find_layers(model)
     if not paths:
         raise AutoTPError(
-            f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of layers) "
+            f"{type(model).__name__} has no repeated layers (an nn.ModuleList of them) "
             "to parallelize one by one",
             hint="pass example_inputs to plan the whole model",
         )
     vocab = vocab_regions(model, paths)
     inner_path, inner = transformers_model(model) or ("", model)
     # a wrapper (a SentenceTransformer) without example inputs: its transformers model is
-    # run on inputs made from its config, which shows how the blocks are called
+    # run on inputs made from its config, which shows how the regions are called
     runner = model if inner is model or example_inputs is not None else inner
     prefix = inner_path + "." if runner is inner and inner_path else ""
     inputs = bind_inputs(runner, example_inputs)
@@ -419,35 +419,35 @@ def plan_regions(
         if path not in calls:
             if path in vocab.embeddings:  # a holder of the table the model never calls
                 continue
-            raise AutoTPError(f"the model did not call its block {path} on the example inputs")
-        block = model.get_submodule(path)
+            raise AutoTPError(f"the model did not call its region {path} on the example inputs")
+        module = model.get_submodule(path)
         a, k = calls[path]
-        call = take_apart(a, k, None, modes(block))
+        call = take_apart(a, k, None, modes(module))
         tables = vocab.tables.get(path, frozenset())
         sequence = sequence_parallel and path != vocab.head  # the embedding hands over too
         patterns = by_structure.setdefault(
-            (_program(block, call), tables, sequence),
+            (_program(module, call), tables, sequence),
             _Patterns(tp, rules, strict, tables, sequence),
         )
         seqs = {t.shape[1] for t in call.tensors.values() if t.dim() >= 2}
-        shapes = tensor_shapes(block)
-        made = lambda b=block, s=shapes, p=path: twin(b, type(b), s, p)  # noqa: E731
-        state = RegionState([block], path, block).key
+        shapes = tensor_shapes(module)
+        made = lambda m=module, s=shapes, p=path: twin(m, type(m), s, p)  # noqa: E731
+        state = RegionState([module], path, module).key
         with torch.no_grad():
             patterns.plan(made, call, seqs, local=False, state=state)
             if sequence and path not in kinds and handed.get(path):
                 # the pattern its calls take with the hidden state handed over, planned
                 # now so that the plan shows it (a one-token decode takes the first)
                 patterns.plan(made, call, seqs, local=False, state=state, handed=handed[path])
-        regions.append(Region(path, kinds.get(path, "layer"), type(block), patterns, shapes,
-                              _aliases(block)))  # fmt: skip
+        regions.append(Region(path, kinds.get(path, "layer"), type(module), patterns, shapes,
+                              _aliases(module)))  # fmt: skip
     for path in vocab.embeddings:  # planned like a called holder of one structure
         if path not in calls:
-            block = model.get_submodule(path)
+            module = model.get_submodule(path)
             like = next(r for r in regions if r.kind == "embedding" and
-                        _structure(model.get_submodule(r.path)) == _structure(block))  # fmt: skip
-            regions.append(Region(path, "embedding", type(block), like.patterns,
-                                  tensor_shapes(block), _aliases(block)))  # fmt: skip
+                        _structure(model.get_submodule(r.path)) == _structure(module))  # fmt: skip
+            regions.append(Region(path, "embedding", type(module), like.patterns,
+                                  tensor_shapes(module), _aliases(module)))  # fmt: skip
     planned = RegionPlan(type(model).__name__, tp, tuple(regions), vocab, model_signature(model),
                          sequence_parallel)  # fmt: skip
     plan_cache.store(key, planned)
@@ -467,9 +467,9 @@ def _called(vocab: VocabRegions, calls: dict[str, _Call], model: nn.Module) -> V
     return vocab
 
 
-def _aliases(block: nn.Module) -> tuple[tuple[str, ...], ...]:
-    """The names of each tensor of `block` that has several."""
-    return tuple(tuple(v) for v in names_by_tensor(block).values() if len(v) > 1)
+def _aliases(region: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """The names of each tensor of `region` that has several."""
+    return tuple(tuple(v) for v in names_by_tensor(region).values() if len(v) > 1)
 
 
 def build_regions(
@@ -483,56 +483,56 @@ def build_regions(
     plan.check_fits(model)
     tp = plan.tp
     inner_path, _ = transformers_model(model) or ("", model)
-    blocks = {r.path: model.get_submodule(r.path) for r in plan.regions}
-    memo: dict[int, Any] = {id(b): None for b in blocks.values()}
-    hooks = {p: _carry_hooks(b, memo) for p, b in blocks.items()}
-    copied = copy.deepcopy(model, memo)  # everything but the blocks: those are replaced
+    modules = {r.path: model.get_submodule(r.path) for r in plan.regions}
+    memo: dict[int, Any] = {id(m): None for m in modules.values()}
+    hooks = {p: _carry_hooks(m, memo) for p, m in modules.items()}
+    copied = copy.deepcopy(model, memo)  # everything but the regions: those are replaced
     drop_collectors(copied)
     if weights is not None:
-        load_outside(copied, model, weights, tuple(p + "." for p in blocks))
+        load_outside(copied, model, weights, tuple(p + "." for p in modules))
     names_of = names_by_tensor(model)  # every name of a tensor: a file may hold any
-    # per rank: a tensor two blocks hold is one
+    # per rank: a tensor two regions hold is one
     shared: list[dict[int, tuple[Shard | None, torch.Tensor]]] = [{} for _ in comms]
     randoms = [RankRandom(seed, c.rank) for c in comms]  # one stream set per rank, shared
     for region in plan.regions:
-        path, block = region.path, blocks[region.path]
-        shells = [shell(block, region.splits, c.rank, tp, weights, path, shared[i], names_of)
+        path, module = region.path, modules[region.path]
+        shells = [shell(module, region.splits, c.rank, tp, weights, path, shared[i], names_of)
                   for i, c in enumerate(comms)]  # fmt: skip
         for s in shells:  # the layers read the parallel model's config, not the user's
             drop_collectors(s)
-            s.__dict__.update({a: type(getattr(s, a))() for a in HOOK_DICTS})  # the block's
+            s.__dict__.update({a: type(getattr(s, a))() for a in HOOK_DICTS})  # the region's
             _repoint(s, memo)
-        parallel = RegionTP.of(block, region.patterns, shells, comms, randoms, path,
+        parallel = RegionTP.of(module, region.patterns, shells, comms, randoms, path,
                               region.shapes)  # fmt: skip
         parallel.__dict__.update(hooks[path])
         parent, _, leaf = path.rpartition(".")
         (copied.get_submodule(parent) if parent else copied)._modules[leaf] = parallel
-    # the block form's own attributes of the model (plain values, not tensors or modules)
-    copied.autotp_regions = tuple(blocks)  # type: ignore[assignment]
+    # the region form's own attributes of the model (plain values, not tensors or modules)
+    copied.autotp_regions = tuple(modules)  # type: ignore[assignment]
     copied.autotp_plan = plan  # type: ignore[assignment]
     saver = copied.get_submodule(inner_path)  # the serial checkpoint, gathered
     if inner_path:  # what a wrapper saves through its transformers model
-        saver.autotp_regions = tuple(p.removeprefix(inner_path + ".") for p in blocks)  # type: ignore[assignment]
+        saver.autotp_regions = tuple(p.removeprefix(inner_path + ".") for p in modules)  # type: ignore[assignment]
     gathering_save(saver, lambda m: full_tensors(m, grads=False), comms[0].rank)
     return copied
 
 
-def _carry_hooks(block: nn.Module, memo: dict[int, Any]) -> dict[str, Any]:
-    """The forward and backward hooks on `block` itself (not those transformers installs
-    to collect outputs, which it installs again), for its parallel block: it takes the
+def _carry_hooks(region: nn.Module, memo: dict[int, Any]) -> dict[str, Any]:
+    """The forward and backward hooks on `region` itself (not those transformers installs
+    to collect outputs, which it installs again), for its parallel region: it takes the
     same inputs and returns the same outputs. Handles stored in the model (copied with
-    it) remove them from the parallel block (`memo` maps each dict to its copy); a
+    it) remove them from the parallel region (`memo` maps each dict to its copy); a
     handle the user holds acts on the user's model only."""
     out: dict[str, Any] = {}
     for attr in HOOK_DICTS:
-        given = getattr(block, attr)
+        given = getattr(region, attr)
         keep = type(given)(
             (k, v) for k, v in given.items() if attr not in HOOKS or not _collects(v)
         )
         memo[id(given)] = out[attr] = keep
     for attr in HOOK_FLAGS:
-        if attr in block.__dict__:
-            out[attr] = block.__dict__[attr]
+        if attr in region.__dict__:
+            out[attr] = region.__dict__[attr]
     return out
 
 
@@ -543,9 +543,9 @@ def _calls(
     model: nn.Module, runner: nn.Module, inputs: dict[str, Any], layers: list[str],
     vocab: tuple[str, ...], prefix: str,
 ) -> tuple[dict[str, _Call], dict[str, tuple[str, ...]]]:  # fmt: skip
-    """How the model calls each of its blocks (the layers at `layers`, the vocabulary's
+    """How the model calls each of its regions (the layers at `layers`, the vocabulary's
     at `vocab`), from one run of `runner` on `inputs`; captured tensors as zeros. And,
-    for each block, its call's inputs (by RegionCall name) that are a layer's or an input
+    for each region, its call's inputs (by RegionCall name) that are a layer's or an input
     embedding's first output as it returned it: what sequence parallelism hands over,
     where the model's Python only passes it on."""
     calls: dict[str, _Call] = {}

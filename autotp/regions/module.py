@@ -1,6 +1,7 @@
-"""The parallel block: a module that stands where the model's block stood, as an instance
-of the block's own class, and runs a traced graph per call pattern over its ranks' shards
-(see `form` for how the patterns are planned, `state` for what a user may change)."""
+"""The parallel region: a module that stands where the model's region stood, as an
+instance of the region's own class, and runs a traced graph per call pattern over its
+ranks' shards (see `form` for how the patterns are planned, `state` for what a user may
+change)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ from .state import TRACED_ON, RegionState, SerialAttributeError, cut_serial_stat
 
 __all__ = ["RegionTP"]
 
-_CLASSES: dict[type, type[RegionTP]] = {}  # block class -> its RegionTP subclass
+_CLASSES: dict[type, type[RegionTP]] = {}  # region class -> its RegionTP subclass
 
 
 class _Patterns(Protocol):
-    """What a parallel block reads of its plans by call pattern (form._Patterns)."""
+    """What a parallel region reads of its plans by call pattern (form._Patterns)."""
 
     tp: int
     sequence: bool
@@ -46,13 +47,13 @@ class _Patterns(Protocol):
 
 
 class RegionTP(nn.Module):
-    """A block replaced by its tensor-parallel form. With `parallelize` it is its rank's
-    shell: the serial block's modules and attributes over this rank's shards, under the
+    """A region replaced by its tensor-parallel form. With `parallelize` it is its rank's
+    shell: the serial region's modules and attributes over this rank's shards, under the
     serial names; with `simulate` every rank's shell sits in `ranks`. Its forward runs a
     graph per call pattern over those tensors (see `state` for what may change).
-    Made by `RegionTP.of`, as an instance of the block's own class too, so that the model's
+    Made by `RegionTP.of`, as an instance of the region's own class too, so that the model's
     Python (isinstance checks, the hooks transformers installs to return hidden states,
-    gradient checkpointing's __call__) treats it as the block it replaces."""
+    gradient checkpointing's __call__) treats it as the region it replaces."""
 
     # kept in __dict__ (set by __init__), out of nn.Module's attribute machinery
     _autotp_kind: type
@@ -81,13 +82,13 @@ class RegionTP(nn.Module):
         self, serial: nn.Module, patterns: _Patterns, shells: list[nn.Module],
         comms: list[Comm], randoms: list[RankRandom], path: str, shapes: dict[str, torch.Size],
     ) -> None:  # fmt: skip
-        """`shapes`: the serial shape of each of the block's tensors (`tensor_shapes`)."""
-        nn.Module.__init__(self)  # not the block class's: its tensors are the shells'
+        """`shapes`: the serial shape of each of the region's tensors (`tensor_shapes`)."""
+        nn.Module.__init__(self)  # not the region class's: its tensors are the shells'
         own = set(self.__dict__)  # what nn.Module.__init__ set: hook dicts, tensors, children
-        if len(shells) == 1:  # parallelize: the block is this rank's shell, but its hooks
+        if len(shells) == 1:  # parallelize: the region is this rank's shell, but its hooks
             own -= {"training", "_parameters", "_buffers", "_modules",
                     "_non_persistent_buffers_set"}  # fmt: skip
-        else:  # simulate: the shells in `ranks`; the block takes their plain attributes
+        else:  # simulate: the shells in `ranks`; the region takes their plain attributes
             own -= {"training"}
         self.__dict__.update({k: v for k, v in shells[0].__dict__.items() if k not in own})
         if len(shells) == 1:
@@ -100,7 +101,7 @@ class RegionTP(nn.Module):
         d["_autotp_path"] = path  # in the model: names its pattern graphs and errors
         d["_autotp_patterns"] = patterns
         d["_autotp_comms"] = comms
-        d["_autotp_randoms"] = randoms  # each rank's dropout streams: every block's
+        d["_autotp_randoms"] = randoms  # each rank's dropout streams: every region's
         d["_autotp_graphs"] = {}  # per plan, over the tensors of `_autotp_binding`
         d["_autotp_binding"] = None
         d["_autotp_shapes"] = shapes
@@ -145,11 +146,11 @@ class RegionTP(nn.Module):
 
     @property
     def shells(self) -> list[nn.Module]:
-        """The ranks' shells: this block (parallelize), or every rank's (simulate)."""
+        """The ranks' shells: this region (parallelize), or every rank's (simulate)."""
         return self._autotp_shells
 
     def splits(self) -> dict[str, Shard]:
-        """Split tensors by their name in the block."""
+        """Split tensors by their name in the region."""
         first = self._autotp_patterns.first
         if first is None:
             return {}
@@ -210,7 +211,7 @@ class RegionTP(nn.Module):
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any], list[torch.Tensor]]:
         """The call with each hidden state the previous layer handed over (HandedOver)
-        replaced by the part this block takes: the rank's part under sequence
+        replaced by the part this region takes: the rank's part under sequence
         parallelism (in simulate, the whole, which each rank's graph cuts), else the
         serial tensor (gathered); and the parts so taken."""
         parts: list[torch.Tensor] = []
@@ -231,7 +232,7 @@ class RegionTP(nn.Module):
                     self._autotp_path)  # fmt: skip
 
     def _rebind(self, binding: tuple[Any, ...]) -> None:
-        """The block's tensors are other objects than its graphs run over (assigned,
+        """The region's tensors are other objects than its graphs run over (assigned,
         loaded with assign=True, swapped by functional_call, unfrozen): check their
         shapes and build the graphs over them."""
         built = self.__dict__.get("_autotp_local_shapes")
@@ -242,7 +243,7 @@ class RegionTP(nn.Module):
                         rank = f"rank {r}" if len(self._autotp_shells) > 1 else "this rank"
                         raise AutoTPError(
                             f"{self._autotp_path}.{name} has shape {tuple(t.shape)}, but "
-                            f"{rank} holds {built[name]} of it: a parallel block's tensors "
+                            f"{rank} holds {built[name]} of it: a parallel region's tensors "
                             "are its rank's shards",
                             hint="load serial weights with "
                             "load_state_dict (autotp cuts them), or set shards of these shapes",
@@ -284,7 +285,7 @@ class RegionTP(nn.Module):
         return tree_unflatten(flat, spec)
 
     def _past(self, cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The past keys and values of this block in the model's cache, or None."""
+        """The past keys and values of this layer in the model's cache, or None."""
         index = self._autotp_index
         if index is None:
             raise AutoTPError(
@@ -295,7 +296,7 @@ class RegionTP(nn.Module):
         return past_of(cache, index, self._autotp_kind.__name__)
 
     def _class_name(self, rank: int) -> str:
-        """The class of a pattern's graph module: the block's class, its path and (when
+        """The class of a pattern's graph module: the region's class, its path and (when
         simulated) its rank. Unique per graph that runs, as PyTorch's module tracker
         (CommDebugMode's) needs of modules that are not children of the model: it names
         them by their class, and leaks the hooks of two it names alike."""

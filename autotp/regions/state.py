@@ -1,16 +1,16 @@
-"""What a parallel block is as a module, apart from how it runs: the state its graphs
+"""What a parallel region is as a module, apart from how it runs: the state its graphs
 depend on, read on every call (`RegionState`), the meta twin its patterns are traced from
 (`twin`), and serial state_dicts cut into its shards on load (`cut_serial_state`).
 
-A parallel block's submodules are what runs: with `parallelize` the block holds its rank's
-shards under the serial block's names (so `model.layers[0].mlp.up_proj.weight` is this
-rank's shard of it), with `simulate` each rank's shell sits in `block.ranks`. A user may
+A parallel region's submodules are what runs: with `parallelize` the region holds its
+rank's shards under the serial region's names (so `model.layers[0].mlp.up_proj.weight` is this
+rank's shard of it), with `simulate` each rank's shell sits in `region.ranks`. A user may
 edit them as in any module: weights (in place, by assignment, `load_state_dict(...,
 assign=True)`, `torch.func.functional_call`), `requires_grad_`, plain attributes (dropout
 `p`), the config the layers read (`set_attn_implementation`), the dtype. The graphs follow:
 a call whose tensors are other objects rebuilds them over the new tensors, and a call whose
-attributes, classes or dtypes differ is traced again from a twin of the block as it now is.
-What a graph cannot follow (a hook inside the block, a tensor of another shape) is refused.
+attributes, classes or dtypes differ is traced again from a twin of the region as it now is.
+What a graph cannot follow (a hook inside the region, a tensor of another shape) is refused.
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ from ..sharding import Shard
 __all__ = ["RegionState", "twin", "tensor_shapes", "cut_serial_state", "SerialAttributeError"]
 
 _PLAIN = (int, float, str, bool, type(None))
-# flags that switch what calls the block, not what the block computes
+# flags that switch what calls the region, not what the region computes
 _NOT_TRACED = frozenset({"training", "gradient_checkpointing", "layer_idx"})
 
 
 class SerialAttributeError(AutoTPError, AttributeError):
-    """A simulated block's submodule or tensor reached by attribute path: each rank holds
+    """A simulated region's submodule or tensor reached by attribute path: each rank holds
     its own (an AttributeError too, so `hasattr` stays a question)."""
 
-    title = "autotp: reach a simulated rank's block"
+    title = "autotp: reach a simulated rank's region"
 
 
 def _config_items(cfg: object) -> tuple[tuple[str, Any], ...]:
@@ -47,10 +47,10 @@ def _config_items(cfg: object) -> tuple[tuple[str, Any], ...]:
 
 
 class RegionState:
-    """One read of a parallel block's modules: `key`, what its traced graphs depend on
+    """One read of a parallel region's modules: `key`, what its traced graphs depend on
     (classes, plain attributes, the config they read, tensor dtypes: a new one is traced
     again); `binding`, the tensors the graphs run over (new ones: the graphs are rebuilt).
-    Hooks inside the block, which its one graph cannot run, are refused here."""
+    Hooks inside the region, which its one graph cannot run, are refused here."""
 
     def __init__(self, shells: list[nn.Module], path: str, outer: nn.Module) -> None:
         keys, binding = [], []
@@ -105,18 +105,18 @@ def _refuse_hook(m: nn.Module, where: str, rank: int, ranks: int) -> None:
     if kinds:
         shown = where if ranks == 1 else f"{where} (rank {rank}'s copy)"
         raise AutoTPError(
-            f"{shown} has a {kinds[0]}, but a parallel block runs as one "
+            f"{shown} has a {kinds[0]}, but a parallel region runs as one "
             "graph, so a hook inside it would never be called",
             hint="register the "
-            "hook on the block itself (its inputs and outputs are the serial block's), or "
-            "on a module outside the blocks",
+            "hook on the region itself (its inputs and outputs are the serial region's), or "
+            "on a module outside the regions",
         )
 
 
 def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str) -> nn.Module:
-    """The block as it now is (its classes, attributes, config, dtypes) with unfilled
-    tensors of the serial block's shapes (`_unfilled`): what a call pattern is traced
-    from. `shapes`: the serial shape of every tensor, by its name in the block."""
+    """The region as it now is (its classes, attributes, config, dtypes) with unfilled
+    tensors of the serial region's shapes (`_unfilled`): what a call pattern is traced
+    from. `shapes`: the serial shape of every tensor, by its name in the region."""
     names: dict[int, str] = {}
     for n, t in [*shell.named_parameters(remove_duplicate=False),
                  *shell.named_buffers(remove_duplicate=False)]:  # fmt: skip
@@ -126,7 +126,7 @@ def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str)
         name = names[id(t)]
         if name not in shapes:
             raise AutoTPError(
-                f"{path}.{name} was added to the parallel block after autotp built it, so "
+                f"{path}.{name} was added to the parallel region after autotp built it, so "
                 "autotp holds no serial form of it to plan with",
                 hint="make such "
                 "changes (adapters, new layers) to the model before autotp.parallelize",
@@ -136,35 +136,35 @@ def twin(shell: nn.Module, kind: type, shapes: dict[str, torch.Size], path: str)
 
     made: dict[int, torch.Tensor] = {}
     root = _fresh_module(shell, lambda t: made.setdefault(id(t), stand_in(t)))
-    if type(root) is not kind:  # the parallel block itself: traced as the serial class
+    if type(root) is not kind:  # the parallel region itself: traced as the serial class
         root.__class__ = kind
         for k in [k for k in root.__dict__ if k.startswith("_autotp")]:
             del root.__dict__[k]
     return root
 
 
-TRACED_ON = torch.device("cpu")  # where a block's call patterns are traced (`_unfilled`)
+TRACED_ON = torch.device("cpu")  # where a region's call patterns are traced (`_unfilled`)
 
 
 def _unfilled(shape: Any, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor never written: its pages are never touched, so it costs no memory.
     Tracing (torch.export fakes every input and weight) reads no value of it, and a
-    tensor the block makes from a Python number while traced (torch.tensor(finfo.min,
+    tensor the region makes from a Python number while traced (torch.tensor(finfo.min,
     device=x.device)) keeps its value, which a meta tensor would lose."""
     return torch.empty(shape, dtype=dtype, device=TRACED_ON)
 
 
-def tensor_shapes(block: nn.Module) -> dict[str, torch.Size]:
-    """The shape of every parameter and buffer of `block`, by its name in the block."""
-    return {n: t.shape for n, t in [*block.named_parameters(remove_duplicate=False),
-                                    *block.named_buffers(remove_duplicate=False)]}  # fmt: skip
+def tensor_shapes(region: nn.Module) -> dict[str, torch.Size]:
+    """The shape of every parameter and buffer of `region`, by its name in the region."""
+    return {n: t.shape for n, t in [*region.named_parameters(remove_duplicate=False),
+                                    *region.named_buffers(remove_duplicate=False)]}  # fmt: skip
 
 
 def cut_serial_state(
     state: dict[str, Any], prefix: str, ranks: list[int], tp: int,
     splits: dict[str, Shard], shapes: dict[str, torch.Size], nested: bool,
 ) -> None:  # fmt: skip
-    """Turn the serial tensors of a block in `state` (serial names and shapes) into the
+    """Turn the serial tensors of a region in `state` (serial names and shapes) into the
     shards of `ranks`, in place, so that a user can load a serial state_dict into a
     parallel model. A tensor of another shape (a shard already) is left to load_state_dict.
     `nested`: the shells sit under `ranks.<i>.` (simulate)."""

@@ -1,6 +1,6 @@
-"""The block form's tensors: each rank's shards of a block (`shell`), the parts of the
-model outside its blocks loaded from saved weights (`load_outside`), and the serial view
-of a block-form model's state and gradients (`full_tensors`)."""
+"""The region form's tensors: each rank's shards of a region (`shell`), the parts of the
+model outside its regions loaded from saved weights (`load_outside`), and the serial view
+of a region-form model's state and gradients (`full_tensors`)."""
 
 from __future__ import annotations
 
@@ -25,18 +25,18 @@ __all__ = ["shell", "load_outside", "full_tensors"]
 
 
 def shell(
-    block: nn.Module, splits: dict[str, Shard], rank: int, tp: int,
+    region: nn.Module, splits: dict[str, Shard], rank: int, tp: int,
     weights: Weights | None = None, path: str = "",
     shared: dict[int, tuple[Shard | None, torch.Tensor]] | None = None,
     names_of: dict[int, list[str]] | None = None,
 ) -> nn.Module:  # fmt: skip
-    """A copy of `block` holding rank `rank`'s shards of its tensors, cut from the block's
-    or read from `weights` (the block at `path` of the model). `shared`: this rank's
-    tensors already made for other blocks, by the serial tensor's id, so that a tensor two
-    blocks hold (a tied embedding and output head) stays one; it must be split alike.
+    """A copy of `region` holding rank `rank`'s shards of its tensors, cut from the
+    region's or read from `weights` (the region at `path` of the model). `shared`: this
+    rank's tensors already made for other regions, by the serial tensor's id, so that a
+    tensor two regions hold (a tied embedding and output head) stays one; it must be split alike.
     `names_of`: every name of a serial tensor in the model (the file may hold any)."""
     made: dict[int, tuple[Shard | None, torch.Tensor]] = {} if shared is None else shared
-    names = names_by_tensor(block)
+    names = names_by_tensor(region)
 
     def new_tensor(t: torch.Tensor) -> torch.Tensor:
         mine = names.get(id(t), [""])
@@ -50,18 +50,18 @@ def shell(
             raise AutoTPError(
                 f"{path}.{mine[0]} is split {spec or 'not at all'} here but "
                 f"{made[id(t)][0] or 'not at all'} where the model holds it too (a tied "
-                "tensor): its blocks must split it alike",
+                "tensor): its regions must split it alike",
                 hint="untie the weights, or report it",
             )
         return made[id(t)][1]
 
-    return _fresh_module(block, new_tensor)
+    return _fresh_module(region, new_tensor)
 
 
 def load_outside(
     copied: nn.Module, model: nn.Module, weights: Weights, skip: tuple[str, ...]
 ) -> None:
-    """Give `copied`'s tensors outside the blocks their values from `weights`, one at a
+    """Give `copied`'s tensors outside the regions their values from `weights`, one at a
     time. Buffers the file lacks (rotary frequencies: not saved) are made first, by the
     model's own initialiser (`fill_buffers`), so that it cannot touch a loaded weight."""
     fill_buffers(copied, weights)
@@ -100,12 +100,12 @@ def load_outside(
 
 
 def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | None]:
-    """The serial state_dict (or gradients) of a block-form model, shards gathered (and
+    """The serial state_dict (or gradients) of a region-form model, shards gathered (and
     first, where data parallelism sharded them further, a DTensor's full tensor)."""
     out: dict[str, torch.Tensor | None] = {}
     paths = cast("tuple[str, ...]", module.autotp_regions)  # set by form.build_regions
-    blocks = {p: cast("RegionTP", module.get_submodule(p)) for p in paths}
-    skip = tuple(p + "." for p in blocks)
+    regions = {p: cast("RegionTP", module.get_submodule(p)) for p in paths}
+    skip = tuple(p + "." for p in regions)
     if grads:
         own = {n: p.grad for n, p in module.named_parameters(remove_duplicate=False)}
     else:
@@ -113,21 +113,21 @@ def full_tensors(module: nn.Module, grads: bool) -> dict[str, torch.Tensor | Non
     for name, t in own.items():
         if not name.startswith(skip):
             out[name] = None if t is None else whole_over_dp(t).detach()
-    for path, block in blocks.items():
-        splits = block.splits()
+    for path, region in regions.items():
+        splits = region.splits()
         per_rank = [
             {n: p.grad for n, p in shell.named_parameters(remove_duplicate=False)} if grads
             else shell.state_dict(keep_vars=True)
-            for shell in block.shells
+            for shell in region.shells
         ]  # fmt: skip
         for name in per_rank[0]:
             local = [r[name] for r in per_rank]
             if local[0] is None:
                 out[f"{path}.{name}"] = None
             else:
-                comm = block._autotp_comms[0]
+                comm = region._autotp_comms[0]
                 spec = splits.get(name)
-                size = block._autotp_shapes[name][spec.dim] if spec is not None else None
+                size = region._autotp_shapes[name][spec.dim] if spec is not None else None
                 shards = cast("list[torch.Tensor]", local)  # every rank's, as rank 0's
-                out[f"{path}.{name}"] = gather_over(shards, spec, block.tp, comm, size)
+                out[f"{path}.{name}"] = gather_over(shards, spec, region.tp, comm, size)
     return out

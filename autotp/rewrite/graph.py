@@ -354,7 +354,7 @@ def _cut(
     with graph.inserting_before(consumer):
         rank = graph.get_attr(RANK_BUFFER)
         mine = graph.call_function(
-            rank_slice, (src, s.dim, s.blocks, tp, rank, s.padded, s.replicas, cut.within)
+            rank_slice, (src, s.dim, s.parts, tp, rank, s.padded, s.replicas, cut.within)
         )
     copy_meta(cut.consumer, mine)
     v = src.meta.get("val")

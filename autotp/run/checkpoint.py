@@ -71,13 +71,13 @@ def _key(name: str, spec: Shard | None, r: int, tp: int) -> str:
 
 
 def _spec_json(spec: Shard) -> list[int | None]:
-    return [spec.dim, spec.blocks, spec.padded, spec.replicas]
+    return [spec.dim, spec.parts, spec.padded, spec.replicas]
 
 
 def _spec_of(raw: list[int | None] | None) -> Shard | None:
     if raw is None:
         return None
-    # written by _spec_json: dim, blocks and replicas are ints, padded an int or None
+    # written by _spec_json: dim, parts and replicas are ints, padded an int or None
     replicas = raw[3] if len(raw) > 3 else 1  # written before shared slices: 1
     return Shard(cast(int, raw[0]), cast(int, raw[1]), raw[2], replicas=cast(int, replicas))
 

@@ -116,11 +116,11 @@ class RankModule:
         if isinstance(plan, RegionPlan):
             # the public path: checks the ranks planned alike and share one random state
             module = parallelize(model, plan, group=mesh.tp_group, weights=source)
-            # what parallelize sets on a region form: its blocks' paths, and each block's
+            # what parallelize sets on a region form: its regions' paths, and each region's
             # ranks' dropout streams
             paths = cast("tuple[str, ...]", module.autotp_regions)
-            blocks = [module.get_submodule(p) for p in paths]
-            randoms = cast("list[RankRandom]", blocks[0]._autotp_randoms)[0] if blocks else None
+            regions = [module.get_submodule(p) for p in paths]
+            randoms = cast("list[RankRandom]", regions[0]._autotp_randoms)[0] if regions else None
             return cls(module, plan, _RegionRandom(randoms))
         options = RankOptions(seed=seed, weights=source, device=device, init=init)
         module = build_rank_module(model, plan, mesh.tp_rank, ProcessGroupComm(mesh.tp_group),

@@ -304,10 +304,10 @@ def _flatten(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def rank_slice(
-    x: torch.Tensor, dim: int, blocks: int, tp: int, rank: torch.Tensor,
+    x: torch.Tensor, dim: int, parts: int, tp: int, rank: torch.Tensor,
     padded: int | None = None, replicas: int = 1, within: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """This rank's slice of a replicated tensor, split as S(dim x blocks): the
+    """This rank's slice of a replicated tensor, split as S(dim x parts): the
     Replicate -> Shard redistribution, with no communication (its gradient fills the
     slice, zeros elsewhere, which is why the replicated value also gets f). `padded`: the
     dimension is first padded with zeros to that size (a bias over a padded vocabulary).
@@ -321,11 +321,11 @@ def rank_slice(
     among, at = (tp, rank) if within is None else (within, rank % within)
     size, slices = x.shape[dim], among // replicas
     # torch leaves Tensor.unflatten unannotated
-    parts: torch.Tensor = x.unflatten(  # type: ignore[no-untyped-call]
-        dim, (blocks, slices, size // (blocks * slices))
+    grid: torch.Tensor = x.unflatten(  # type: ignore[no-untyped-call]
+        dim, (parts, slices, size // (parts * slices))
     )
     which = (at.reshape(1) // replicas).to(torch.long)
-    mine = parts.index_select(dim + 1, which).squeeze(dim + 1)
+    mine = grid.index_select(dim + 1, which).squeeze(dim + 1)
     return mine.flatten(dim, dim + 1)
 
 

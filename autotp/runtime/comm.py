@@ -56,7 +56,7 @@ _LOGS: list[CollectiveLog] = []
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[CollectiveLog]:
-    """Record every autotp collective that runs inside the block (forward and backward).
+    """Record every autotp collective that runs inside its `with` (forward and backward).
 
     Compiled modules record too: the custom op a compiled graph calls runs the same
     Python that records."""

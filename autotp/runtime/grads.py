@@ -143,7 +143,7 @@ def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) ->
     """Make the gradients of a rank module's parameters SplitGrads where their norm must
     count otherwise than their own (see the module), after every accumulation: split ones
     over the process group, a simulated replica (rank > 0) as zero. A parameter several
-    rank modules share (a block's call patterns) is hooked once. A frozen one (torch
+    rank modules share (a region's call patterns) is hooked once. A frozen one (torch
     hooks no tensor that needs no gradient) is hooked at the first call after it is
     unfrozen."""
     frozen = []

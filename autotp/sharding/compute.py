@@ -238,7 +238,7 @@ def _aligned(c: Ctx, call: Call, ps: list[Placement], split: Shard) -> bool:
     for x, p in zip((call["query"], call["key"], call["value"]), ps, strict=True):
         if p == R or p == split:
             continue
-        if not isinstance(p, Shard) or (p.dim, p.blocks) != (split.dim, split.blocks):
+        if not isinstance(p, Shard) or (p.dim, p.parts) != (split.dim, split.parts):
             return False
         if not c.cut_within(x, call.node, p, _heads_of(c, call, x, split)):
             return False
@@ -250,10 +250,10 @@ def _heads_of(c: Ctx, call: Call, x: fx.Node, split: Shard) -> Shard:
     others: its own heads, or with grouped-query attention the key/value heads its query
     heads read."""
     heads, q_heads = val(x).shape[split.dim], val(call["query"]).shape[split.dim]
-    if split.blocks == 1 and heads % c.tp == 0:
+    if split.parts == 1 and heads % c.tp == 0:
         return split
     gqa = call["enable_gqa"] and x is not call["query"] and q_heads % heads == 0
-    if gqa and split.blocks == 1 and c.tp % heads == 0 and q_heads % c.tp == 0:
+    if gqa and split.parts == 1 and c.tp % heads == 0 and q_heads % c.tp == 0:
         return replace(split, replicas=c.tp // heads)
     raise c.refuse(
         call.node, f"{x.name} has {heads} heads, which cannot follow the split of the "

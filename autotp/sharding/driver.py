@@ -131,7 +131,7 @@ def propagate(
 def _place_sequence(c: Ctx, n: fx.Node) -> None:
     """_place, for a node reading a sequence split: what stays split along the sequence
     must stay one plain split, which an all-gather can undo (a reshape of [B, T/tp] into
-    [B*T] holds B blocks of the rank's tokens: read the whole sequence there instead)."""
+    [B*T] holds B parts of the rank's tokens: read the whole sequence there instead)."""
     _place(c, n)
     if not any(c.reads_sequence(a, n) for a in n.all_input_nodes):
         return
@@ -172,11 +172,11 @@ def _place(c: Ctx, n: fx.Node) -> None:
         for a in partial:  # P -> R: this node reads the sum
             c.reduce(a, n)
     args_split = any(is_split(c.p(a)) for a in call.leaves())
-    blocks = [a for a in n.all_input_nodes if getattr(c.pl.get(a), "sections", ())]
-    if blocks and name not in ("getitem", "slice"):  # only _section knows them
+    unequal = [a for a in n.all_input_nodes if getattr(c.pl.get(a), "sections", ())]
+    if unequal and name not in ("getitem", "slice"):  # only _section knows them
         raise c.refuse(
-            n, f"{blocks[0].name}, split in unequal blocks ({c.pl[blocks[0]]}), "
-            f"reaches '{name}'", "slice the fused output into its blocks first",
+            n, f"{unequal[0].name}, split in unequal parts ({c.pl[unequal[0]]}), "
+            f"reaches '{name}'", "slice the fused output into its parts first",
         )  # fmt: skip
     rule = _TABLE.get(name)
     if (

@@ -54,22 +54,22 @@ def _linear(c: Ctx, call: Call) -> Placement:
                 "this rule's split conflicts with the one producing the input",
             )  # fmt: skip
         g = kind.replicas
-        sections = _sections(c, n, feature, li.out_features, kind.blocks) if g == 1 else ()
-        blocks = 1 if sections else kind.blocks
-        if li.out_features % (blocks * c.tp // g):  # (each of unequal blocks: _sections)
+        sections = _sections(c, n, feature, li.out_features, kind.parts) if g == 1 else ()
+        parts = 1 if sections else kind.parts
+        if li.out_features % (parts * c.tp // g):  # (each of unequal parts: _sections)
             raise c.refuse(
                 n,
                 f"{li.weight} has {li.out_features} output features"
-                + (f" in {kind.blocks} blocks" if kind.blocks > 1 else "")
+                + (f" in {kind.parts} parts" if kind.parts > 1 else "")
                 + f", not divisible by tp={c.tp}"
                 + (f" / {g} ranks per slice" if g > 1 else ""),
                 "choose tp dividing the layer's width (and its number of heads)",
             )
-        _shard_weight(c, n, li, Shard(out_axis, blocks, replicas=g, sections=sections))
+        _shard_weight(c, n, li, Shard(out_axis, parts, replicas=g, sections=sections))
         if li.bias:
-            c.shard_param(n, li.bias, Shard(0, blocks, replicas=g, sections=sections))
+            c.shard_param(n, li.bias, Shard(0, parts, replicas=g, sections=sections))
         c.needs_f(li.input, n)
-        return Shard(feature, blocks, replicas=g, sections=sections)
+        return Shard(feature, parts, replicas=g, sections=sections)
     assert isinstance(kind, Row)
     wanted = Shard(ndim(li.input) + li.feature_dim, 1)
     if px != wanted:
@@ -87,12 +87,12 @@ def _linear(c: Ctx, call: Call) -> Placement:
     return Partial((li.bias,) if li.bias else ())  # the bias is added once, after the sum
 
 
-def _sections(c: Ctx, n: fx.Node, dim: int, size: int, blocks: int) -> tuple[int, ...]:
-    """The serial sizes of a fused output's blocks when everything reading it slices it
-    along `dim` into `blocks` contiguous parts (Phi-3's `qkv[..., :q]`, `[..., q:q + kv]`,
+def _sections(c: Ctx, n: fx.Node, dim: int, size: int, parts: int) -> tuple[int, ...]:
+    """The serial sizes of a fused output's parts when everything reading it slices it
+    along `dim` into `parts` contiguous parts (Phi-3's `qkv[..., :q]`, `[..., q:q + kv]`,
     `[..., q + kv:]`), each divisible by tp; () when it is read otherwise (split, chunk,
-    view: equal blocks) or there is a single block."""
-    if blocks == 1:
+    view: equal parts) or there is a single part."""
+    if parts == 1:
         return ()
     spans = []
     for call in _readers(c, n):
@@ -103,11 +103,11 @@ def _sections(c: Ctx, n: fx.Node, dim: int, size: int, blocks: int) -> tuple[int
     spans = sorted(set(spans))
     tiled = [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == size
     sizes = tuple(b - a for a, b in spans)
-    if not tiled or len(sizes) != blocks or any(x % c.tp for x in sizes):
-        if tiled and len(sizes) == blocks:
+    if not tiled or len(sizes) != parts or any(x % c.tp for x in sizes):
+        if tiled and len(sizes) == parts:
             raise c.refuse(
-                n, f"a fused projection read as blocks {sizes}, not all divisible by "
-                f"tp={c.tp}", "choose tp dividing every block (the heads of each)",
+                n, f"a fused projection read as parts {sizes}, not all divisible by "
+                f"tp={c.tp}", "choose tp dividing every part (the heads of each)",
             )  # fmt: skip
         return ()
     return sizes
@@ -173,7 +173,7 @@ def _cross_entropy(c: Ctx, call: Call) -> Placement:
     opts.update({k: call[k] for k in ("size_average", "reduce") if call[k] is not None})
     nd = ndim(logits)
     ok = (
-        nd == 2 and px.dim == 1 and px.blocks == 1 and ndim(target) == 1
+        nd == 2 and px.dim == 1 and px.parts == 1 and ndim(target) == 1
         and opts["weight"] is None and not opts["label_smoothing"]
         and opts["reduction"] in ("mean", "sum", "none") and c.p(target) == R
         and "size_average" not in opts and "reduce" not in opts  # legacy: use reduction=
@@ -210,7 +210,7 @@ def _output(c: Ctx, call: Call) -> Placement:
         if c.reads_sequence(a, n):  # read whole (the sequence gathered), not as an output
             raise c.refuse(n, f"the model returns {a.name}, split along the sequence",
                            "read it whole")  # fmt: skip
-        if not isinstance(pa, Shard) or pa.blocks != 1:
+        if not isinstance(pa, Shard) or pa.parts != 1:
             raise c.refuse(
                 n, f"the model returns {a.name}, split as {pa}",
                 "only values split along one dimension can be gathered for the output",

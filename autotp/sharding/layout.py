@@ -70,16 +70,16 @@ def _shape_of(c: Ctx, x: fx.Node) -> tuple[Placement, ...]:
 
 
 def _section(c: Ctx, call: Call, px: Shard) -> Placement:
-    """A slice that is exactly one block of a fused output split in unequal blocks: this
-    rank's part of that block, with the slice bounds made local (each block before it
+    """A slice that is exactly one part of a fused output split in unequal parts: this
+    rank's slice of that part, with the slice bounds made local (each part before it
     holds 1/tp of its size on every rank)."""
     n, size = call.node, val(call.input).shape[px.dim]
     span = slice_span(c, call, px.dim, size)
     pieces = px.pieces(size)
     if span is None or (span[0], span[1] - span[0]) not in pieces:
         raise c.refuse(
-            n, f"a value split as {px} is read other than one of its blocks",
-            "slice the fused output into its blocks (q, k, v) before anything else",
+            n, f"a value split as {px} is read other than one of its parts",
+            "slice the fused output into its parts (q, k, v) before anything else",
         )  # fmt: skip
     if call.op == "slice":
         where = {"start": call.path("start") if "start" in call.paths else None,
@@ -290,31 +290,31 @@ def _reshape_split(c: Ctx, n: fx.Node, px: Shard, src: list[int], dst: list[int]
                 "keep the vocabulary dimension whole in reshapes (e.g. view(-1, vocab))",
             )  # fmt: skip
         k, ways = gi.index(px.dim), px.slices(c.tp)
-        blocks = px.blocks * math.prod(src[d] for d in gi[:k])  # outer dims become blocks
+        parts = px.parts * math.prod(src[d] for d in gi[:k])  # outer dims become parts
         stuck = None
         for j, o in enumerate(gj):
             size = dst[o]
             if size == 1:  # holds nothing to split (x.view(B, 1, C) for one token)
                 continue
-            if blocks > 1 and blocks % size == 0:  # a dimension of whole blocks
-                blocks //= size
+            if parts > 1 and parts % size == 0:  # a dimension of whole parts
+                parts //= size
                 continue
-            if size % blocks == 0 and (size // blocks) % ways == 0:
+            if size % parts == 0 and (size // parts) % ways == 0:
                 _guard(c, n, [(d, src[d]) for d in gi[:k]], [(d, dst[d]) for d in gj[:j]])
-                return Shard(o, blocks, replicas=px.replicas)
+                return Shard(o, parts, replicas=px.replicas)
             stuck = size
             break
         if stuck is not None and stuck % ways:
             lands = f"; the split would land on a dimension of size {stuck}"
-        elif stuck is not None:  # divisible by tp, but not in whole blocks of the split
-            lands = f"; its {blocks} blocks do not tile the dimension of size {stuck}"
+        elif stuck is not None:  # divisible by tp, but not in whole parts of the split
+            lands = f"; its {parts} parts do not tile the dimension of size {stuck}"
         else:
             lands = ""
         raise c.refuse(
             n,
             f"reshape from {src} to {dst} would move elements between ranks: dimension "
             f"{px.dim} (size {src[px.dim]}, split {ways} ways"
-            + (f" in each of {px.blocks} blocks" if px.blocks > 1 else "")
+            + (f" in each of {px.parts} parts" if px.parts > 1 else "")
             + f") does not map onto a dimension of {dst} divisible by {ways}"
             + lands,
             "that dimension is usually the number of heads (or of key/value heads, for "
@@ -408,12 +408,12 @@ def _split(c: Ctx, call: Call) -> Placement:
     if dim != px.dim:
         return tuple(px for _ in range(k))
     pieces = [v.shape[dim] for v in val(n)]
-    if px.blocks % k != 0 or len(set(pieces)) != 1:
+    if px.parts % k != 0 or len(set(pieces)) != 1:
         raise c.refuse(
             n, f"{name} into {pieces} along the split dimension {dim}, whose value is split "
             f"{px.slices(c.tp)} ways"
-            + (f" in each of {px.blocks} blocks" if px.blocks > 1 else ""),
-            "split a fused projection into as many equal parts as it has blocks",
+            + (f" in each of {px.parts} parts" if px.parts > 1 else ""),
+            "split a fused projection into as many equal pieces as it has parts",
         )  # fmt: skip
     if name == "split":
         size = call["split_size"]
@@ -424,7 +424,7 @@ def _split(c: Ctx, call: Call) -> Placement:
                     _local_size(c, n, (*path, i), s, px)
         elif not isinstance(c.p(size), LocalInt):
             _local_size(c, n, path, size, px)
-    return tuple(replace(px, blocks=px.blocks // k) for _ in range(k))
+    return tuple(replace(px, parts=px.parts // k) for _ in range(k))
 
 
 def _slice(c: Ctx, call: Call) -> Placement:
@@ -511,8 +511,8 @@ RULES: dict[str, Callable[[Ctx, Call], Placement]] = {
     "unsqueeze": _unsqueeze,  # the split shifts
     "unbind": _unbind,  # one value per index of a replicated dimension
     "squeeze": _squeeze,  # the split shifts past the size-1 dimensions removed before it
-    "split": _split,  # along the split dim: one part per block, split size / tp
-    "chunk": _split,  # along the split dim: one part per block
+    "split": _split,  # along the split dim: one piece per part, split size / tp
+    "chunk": _split,  # along the split dim: one piece per part
     "slice": _slice,  # along a replicated dimension only
     "cat": _cat,  # values split alike, along a replicated dimension
     "stack": _stack,  # values split alike: the split shifts past a new dimension before it

@@ -3,7 +3,7 @@
 Each value gets a placement:
   R             the full value, identical on every rank (ints: the serial value)
   S(d)          split along dimension d: rank r holds the r-th of tp equal slices
-  S(d x b)      split along d inside each of b equal blocks (a fused Q|K|V output)
+  S(d x b)      split along d inside each of b equal parts (a fused Q|K|V output)
   P             partial: each rank holds a summand and the value is their sum (a row-split
                 linear's output, a vocabulary-split lookup), with replicated terms to add
                 once after the sum (its bias, a residual)
@@ -41,38 +41,38 @@ class Replicate:
 @dataclass(frozen=True)
 class Shard:
     dim: int
-    blocks: int = 1
+    parts: int = 1
     padded: int | None = None  # the dimension is padded to this serial size first (vocab)
     # the dimension has tp / replicas slices, each held by `replicas` neighbouring ranks
     # (the key/value heads a rank's query heads read: a cut of a replicated value, or a
     # key/value projection's weight, whose ranks then sum their gradients)
     replicas: int = 1
-    # unequal blocks (their serial sizes, in order; blocks stays 1): rank r holds the r-th
+    # unequal parts (their serial sizes, in order; parts stays 1): rank r holds the r-th
     # 1/tp of each, concatenated (a fused Q|K|V with fewer key/value heads than queries)
     sections: tuple[int, ...] = ()
 
     def slices(self, tp: int) -> int:
-        """Into how many parts the dimension is cut over `tp` ranks."""
+        """Into how many slices the dimension is cut over `tp` ranks."""
         return tp // self.replicas
 
     def ranges(self, size: int, rank: int, tp: int) -> list[tuple[int, int]]:
-        """[start, stop) of rank `rank`'s part of each block of a serial dimension of
+        """[start, stop) of rank `rank`'s slice of each part of a serial dimension of
         `size` (padded first, where `padded`): its slice of tp / replicas."""
         at, of = rank // self.replicas, self.slices(tp)
         return [(start + at * (length // of), start + (at + 1) * (length // of))
                 for start, length in self.pieces(size)]  # fmt: skip
 
     def pieces(self, size: int) -> list[tuple[int, int]]:
-        """(start, length) of each block of a serial dimension of `size`."""
+        """(start, length) of each part of a serial dimension of `size`."""
         if not self.sections:
-            return [(b * (size // self.blocks), size // self.blocks) for b in range(self.blocks)]
+            return [(b * (size // self.parts), size // self.parts) for b in range(self.parts)]
         starts = [sum(self.sections[:i]) for i in range(len(self.sections))]
         return list(zip(starts, self.sections, strict=True))
 
     def __str__(self) -> str:
         if self.sections:
-            return f"S({self.dim} in blocks {'|'.join(map(str, self.sections))})"
-        s = f"S({self.dim})" if self.blocks == 1 else f"S({self.dim}x{self.blocks})"
+            return f"S({self.dim} in parts {'|'.join(map(str, self.sections))})"
+        s = f"S({self.dim})" if self.parts == 1 else f"S({self.dim}x{self.parts})"
         if self.replicas > 1:
             s = f"{s[:-1]}, {self.replicas} ranks each)"
         return s if self.padded is None else f"{s[:-1]}, pad {self.padded})"
@@ -252,5 +252,5 @@ def cut(t: torch.Tensor, spec: Shard | None, rank: int, tp: int) -> torch.Tensor
         shape = list(t.shape)
         shape[spec.dim] = spec.padded - t.shape[spec.dim]
         t = torch.cat([t, t.new_zeros(shape)], dim=spec.dim)
-    parts = [t.narrow(spec.dim, lo, hi - lo) for lo, hi in spec.ranges(t.shape[spec.dim], rank, tp)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
+    cuts = [t.narrow(spec.dim, lo, hi - lo) for lo, hi in spec.ranges(t.shape[spec.dim], rank, tp)]
+    return cuts[0] if len(cuts) == 1 else torch.cat(cuts, dim=spec.dim)

@@ -218,7 +218,7 @@ class _Gen:
         body.append(self.ch.pick(("B, T, C = x.size()", "B, T, C = x.shape")))
         per_head = False
         # grouped-query: half as many key/value heads (Llama, Mistral; Phi-3 slices a fused
-        # Q|K|V into unequal blocks); sdpa with enable_gqa, or K and V repeated by expand
+        # Q|K|V into unequal parts); sdpa with enable_gqa, or K and V repeated by expand
         gqa = H % 2 == 0 and self.flag("attn:gqa", 0.15)
         KV, kvC = (H // 2, C // 2) if gqa else (H, C)
         if kind == "attn_fused" and gqa:

@@ -9,7 +9,7 @@ TPS = (2, 4)
 LINEARS = (
     "module", "functional", "module_kw", "functional_kw", "matmul", "torch_matmul",
     "matmul_T", "matmul_t",  # x @ W.T and torch.matmul(x, W.t()) with W [out, in] (Falcon)
-    "conv1d",  # a kernel-1 nn.Conv1d over x.transpose(1, 2) (speech and TTS blocks)
+    "conv1d",  # a kernel-1 nn.Conv1d over x.transpose(1, 2) (speech and TTS models)
 )  # fmt: skip
 # activation kind -> form -> (init expression or None, call template on {h})
 ACTS: dict[str, dict[str, tuple[str | None, str]]] = {

@@ -1,5 +1,5 @@
 """transformers models as users hold them: default configs (use_cache=True), every keyword
-of the model's forward, its output types, and generate(), through the block form (each
+of the model's forward, its output types, and generate(), through the region form (each
 decoder layer replaced by its parallel form, the model's own Python kept around it)."""
 
 from __future__ import annotations
