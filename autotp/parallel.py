@@ -16,7 +16,7 @@ from .build.materialise import RankInfo, RankOptions, build_rank_module, gather_
 from .build.simulate import SimulatedTP
 from .build.weights import Weights
 from .capture.trace import Frontend
-from .common.errors import AutoTPError
+from .common.errors import AutoTPError, first_line
 from .integrations.hf import is_region_model
 from .integrations.hf_keys import Conversions
 from .match.rule import Rule
@@ -77,10 +77,9 @@ def _whole_graph(
     except AutoTPError as e:
         if vocab is not None or not is_region_model(model):
             raise
-        first = str(e).splitlines()[0]
         raise AutoTPError(
             f"the whole-graph form of {type(model).__name__} (one traced graph) failed: "
-            f"{first}\n\n{e}",
+            f"{first_line(e)}\n\n{e}",
             hint='pass form="regions", the default for this model (its own Python, its cache '
             "and generate() kept, the layers planned one by one), or make the whole model "
             "traceable: model.config.use_cache = False when training",

@@ -448,3 +448,20 @@ def test_every_hint_is_data_and_the_text_ends_with_it() -> None:
     assert type(back) is UsageError and back.hint == e.hint and str(back) == str(e)
     shown = to_text(error_view(back), width=200)
     assert "hint: use --tp 2" in shown and "its heads: 4" in shown and shown.count("hint") == 1
+
+
+def test_an_error_quoting_another_keeps_its_first_line_even_when_it_has_none() -> None:
+    """Every error that quotes another (an export failure, a fuzz verdict, a checkpoint
+    problem) keeps the first line of its text through one helper; an exception with no
+    text gives "", not an IndexError in the middle of reporting."""
+    from autotp.common.errors import first_line
+
+    assert first_line(RuntimeError("shape mismatch\n  at line 3")) == "shape mismatch"
+    assert first_line(AssertionError()) == ""
+    assert first_line("") == ""
+    from pathlib import Path
+
+    root = Path(autotp.__file__).parent
+    quoting = [str(f.relative_to(root)) for f in root.rglob("*.py")
+               if "splitlines()[0]" in f.read_text()]  # fmt: skip
+    assert quoting == [], "use common.errors.first_line"

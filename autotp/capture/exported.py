@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import KeyEntry
 
-from ..common.errors import ExampleInputsError
+from ..common.errors import ExampleInputsError, first_line
 
 __all__ = ["SizeGuards", "accepts"]
 
@@ -38,7 +38,7 @@ class SizeGuards(torch.nn.Module):
         except AssertionError as e:
             raise ExampleInputsError(
                 f"this call's inputs are outside the sizes the plan was traced for "
-                f"({str(e).splitlines()[0]}); it holds for {self.shapes} (a size named "
+                f"({first_line(e)}); it holds for {self.shapes} (a size named "
                 "s<n> may vary)",
                 hint="plan with example inputs of the sizes you call "
                 "the model with (a floating input's dimensions after the batch are kept "

@@ -46,7 +46,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..common.errors import _TORCH_DIR, AutoTPError, user_frame
+from ..common.errors import _TORCH_DIR, AutoTPError, first_line, user_frame
 from ..common.tools import tools_aside
 from .annotate import annotate
 from .exported import _GUARDS, _SHAPES, SizeGuards, _input_shapes, keeping_guard_source
@@ -462,8 +462,7 @@ def _export(
             _patch(torch.autograd.Function, "apply", apply)
     except Exception as e:  # noqa: BLE001 - becomes an actionable error
         raise AutoTPError(
-            f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            f"\n  source: {user_frame(e)}",
+            f"torch.export failed: {type(e).__name__}: {first_line(e)}\n  source: {user_frame(e)}",
             hint="the model must be exportable with "
             "torch.export(strict=False) for the given example inputs (no data-dependent "
             "Python control flow; a cache or other non-tensor output turned off, e.g. "

@@ -22,6 +22,7 @@ __all__ = [
     "TrainingStopped",
     "describe_node",
     "describe_place",
+    "first_line",
     "node_error",
     "node_place",
 ]
@@ -116,6 +117,13 @@ def source_line(node: fx.Node) -> str:
     where, code = user[-1]
     m = re.match(r"(.*), line (\d+), in (.*)$", where)
     return f"{m.group(1)}:{m.group(2)}: {code}" if m else f"{where}: {code}"
+
+
+def first_line(e: BaseException | str) -> str:
+    """The first line of an exception's text (or of a text), "" when it has none: what an
+    error that quotes another keeps of it."""
+    lines = str(e).splitlines()
+    return lines[0] if lines else ""
 
 
 def user_frame(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from ..common.errors import first_line
 from ..common.tensor_names import with_every_name
 from ..integrations.hf import VocabRegions
 from ..sharding import Partial, Shard, is_split
@@ -189,7 +190,7 @@ class RegionPlan:
             )
         for r in self.regions:
             for m, why in r.plan.replicated:
-                out.append(f"{r.path}: {m.rule.name} left replicated: {why.splitlines()[0]}")
+                out.append(f"{r.path}: {m.rule.name} left replicated: {first_line(why)}")
         return out
 
     def __rich__(self) -> Any:

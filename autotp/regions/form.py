@@ -54,7 +54,7 @@ from ..capture.calls import (
 )
 from ..capture.exported import accepts
 from ..capture.trace import _dispatched
-from ..common.errors import AutoTPError
+from ..common.errors import AutoTPError, first_line
 from ..common.hooks import HOOK_DICTS, HOOK_FLAGS, HOOKS, hooks_of
 from ..common.tensor_names import names_by_tensor
 from ..common.tools import tools_aside
@@ -327,7 +327,7 @@ def _run_once(model: nn.Module, inputs: dict[str, Any], paths: list[str]) -> Non
     except Exception as e:  # noqa: BLE001 - becomes an actionable error
         raise AutoTPError(
             f"running {type(model).__name__} on the meta device failed: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}",
+            f"{first_line(e)}",
             hint="build the model with "
             "real tensors (its weights are then replaced by weights=), or pass "
             "example_inputs= it takes",

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType
 
-from ..common.errors import CheckpointError
+from ..common.errors import CheckpointError, first_line
 
 __all__ = ["ALLOWED", "SafeReader", "problem"]
 
@@ -141,7 +141,7 @@ def problem(path: str | os.PathLike[str]) -> str | None:
     try:
         metadata = SafeReader(str(path)).read_metadata()
     except CheckpointError as e:
-        return str(e).splitlines()[0]
+        return first_line(e)
     ends: dict[str, int] = {}
     storage = metadata.storage_data
     if not isinstance(storage, dict) or not isinstance(metadata.state_dict_metadata, dict):

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from ...build.simulate import plain_containers
-from ...common.errors import AutoTPError
+from ...common.errors import AutoTPError, first_line
 from .. import difference
 from .case import ModelCase
 
@@ -111,7 +111,7 @@ def _run_parallel(
         torch.manual_seed(4321)
         out_p = par(**xp)
     except AutoTPError as e:
-        return Verdict("refused", f"at run time: {str(e).splitlines()[0]}")
+        return Verdict("refused", f"at run time: {first_line(e)}")
     except Exception as e:  # noqa: BLE001 - every other exception is the verdict
         return Verdict("crash", _exc_text(e))
     diffs: dict[str, float] = {}
@@ -153,7 +153,7 @@ def _run_parallel(
             total_p.backward()  # type: ignore[no-untyped-call]
         grads_p = grads_of(par)
     except AutoTPError as e:
-        return Verdict("refused", f"in backward: {str(e).splitlines()[0]}")
+        return Verdict("refused", f"in backward: {first_line(e)}")
     except Exception as e:  # noqa: BLE001
         return Verdict("crash", "in backward: " + _exc_text(e))
     for name, p in serial.named_parameters(remove_duplicate=False):
@@ -212,7 +212,7 @@ def _train(
             diffs[f"clip_norm:{step}"] = abs(norms[0] - norms[1]) / max(norms[0], 1e-30)
         state = state_of(par)
     except AutoTPError as e:
-        return Verdict("refused", f"in the training loop: {str(e).splitlines()[0]}")
+        return Verdict("refused", f"in the training loop: {first_line(e)}")
     except Exception as e:  # noqa: BLE001
         return Verdict("crash", "in the training loop: " + _exc_text(e))
     for name, t in serial.state_dict().items():
@@ -256,7 +256,7 @@ def check_case(
                 sequence_parallel=sequence_parallel,
             )  # fmt: skip
         except AutoTPError as e:
-            return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
+            return Verdict("refused", first_line(e))
         except Exception as e:  # noqa: BLE001 - every other exception is the verdict
             return Verdict("crash", _exc_text(e))
         called = case.inputs(seed, case.call_sizes) if case.call_sizes else inputs
@@ -278,7 +278,7 @@ def _gloo_rank(
                 sequence_parallel=sequence_parallel,
             )  # fmt: skip
         except AutoTPError as e:
-            return Verdict("refused", str(e).splitlines()[0] if str(e) else "")
+            return Verdict("refused", first_line(e))
         except Exception as e:  # noqa: BLE001
             return Verdict("crash", _exc_text(e))
         called = case.inputs(seed, case.call_sizes) if case.call_sizes else inputs
