@@ -426,3 +426,45 @@ def test_a_worker_that_dies_without_a_message_is_named_by_its_rank(
         run_workers("autotp.run.train", [], [], 4, say=lambda line: None)
     assert "--max-restarts" in str(info.value)
     assert "rank:   3, " in str(info.value) and "exit codes [9]" in str(info.value)
+
+
+PHI3_FACTORY = """
+import transformers
+
+
+def tiny():
+    transformers.logging.set_verbosity_error()
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, use_cache=False,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0))
+"""
+
+
+def test_a_fused_projection_in_unequal_parts_is_read_back_whole(tmp_path: Path) -> None:
+    """Phi-3's fused Q|K|V is split in parts of unequal widths (more query heads than
+    key/value heads): a checkpoint records those parts, so the serial state read back
+    from it (export, eval) and a resume at another tp equal the trained model."""
+    (tmp_path / "phi3.py").write_text(PHI3_FACTORY)
+    run, cfg = _run(tmp_path, model=f"{tmp_path}/phi3.py:tiny", steps=1, dtype="float64")
+    out = run_on_gloo(_train, 2, cfg)[0]
+    assert "in parts" in str(autotp.plan(_phi3(tmp_path), 2).splits[QKV])
+    state = read_serial_state(run)
+    assert max((state[k] - out["state"][k]).abs().max().item() for k in out["state"]) == 0.0
+    again = run_on_gloo(_train, 1, dataclasses.replace(cfg, tp=1, steps=1))[0]
+    assert again["resumed"] == run / "step_00000001"
+    assert max((again["state"][k] - out["state"][k]).abs().max().item()
+               for k in out["state"]) == 0.0  # fmt: skip
+
+
+QKV = "model.layers.0.self_attn.qkv_proj.weight"
+
+
+def _phi3(tmp_path: Path) -> torch.nn.Module:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("phi3_factory", tmp_path / "phi3.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny()

@@ -70,16 +70,20 @@ def _key(name: str, spec: Shard | None, r: int, tp: int) -> str:
     return name if spec is None else f"{name}@tp{r}of{tp}"
 
 
-def _spec_json(spec: Shard) -> list[int | None]:
-    return [spec.dim, spec.parts, spec.padded, spec.replicas]
+def _spec_json(spec: Shard) -> list[Any]:
+    """[dim, parts, padded, replicas, sections]: how a tensor was cut, as JSON."""
+    return [spec.dim, spec.parts, spec.padded, spec.replicas, list(spec.sections)]
 
 
-def _spec_of(raw: list[int | None] | None) -> Shard | None:
+def _spec_of(raw: list[Any] | None) -> Shard | None:
     if raw is None:
         return None
-    # written by _spec_json: dim, parts and replicas are ints, padded an int or None
-    replicas = raw[3] if len(raw) > 3 else 1  # written before shared slices: 1
-    return Shard(cast(int, raw[0]), cast(int, raw[1]), raw[2], replicas=cast(int, replicas))
+    # written by _spec_json: dim, parts and replicas are ints, padded an int or None,
+    # sections a list of ints; a checkpoint written before shared slices has no replicas
+    # (1), one written before unequal parts were recorded no sections (read as equal)
+    replicas = raw[3] if len(raw) > 3 else 1
+    sections = tuple(int(x) for x in raw[4]) if len(raw) > 4 else ()
+    return Shard(int(raw[0]), int(raw[1]), raw[2], replicas=int(replicas), sections=sections)
 
 
 _STEP = re.compile(r"step_(\d{8})")
