@@ -152,13 +152,16 @@ def gather(
     """The serial tensor from every rank's shard (inverse of `cut`, padding removed)."""
     if spec is None:
         return shards[0]
-    shards = shards[:: spec.replicas]  # one rank of each slice
-    tp = len(shards)
-    local = [length // tp for _, length in spec.pieces(shards[0].shape[spec.dim] * tp)]
-    per_rank = [torch.split(s, local, dim=spec.dim) for s in shards]
-    parts = [torch.cat([p[b] for p in per_rank], dim=spec.dim) for b in range(len(local))]
-    full = torch.cat(parts, dim=spec.dim)
-    return full if serial_size is None else full.narrow(spec.dim, 0, serial_size)
+    tp, dim = len(shards), spec.dim
+    size = spec.serial_size(shards[0].shape[dim], tp)
+    placed: dict[int, torch.Tensor] = {}  # serial start -> the first rank's run there
+    for rank, s in enumerate(shards):
+        at = 0
+        for lo, hi in spec.ranges(size, rank, tp):
+            placed.setdefault(lo, s.narrow(dim, at, hi - lo))
+            at += hi - lo
+    full = torch.cat([placed[lo] for lo in sorted(placed)], dim=dim)
+    return full if serial_size is None else full.narrow(dim, 0, serial_size)
 
 
 def _fresh_module(mod: nn.Module, new_tensor: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:

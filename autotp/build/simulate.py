@@ -33,7 +33,7 @@ from ..runtime.collectives import (
 )
 from ..sharding import Shard
 from ..sharding.placement import cut
-from .materialise import check_mode, rank_info
+from .materialise import check_mode, gather, rank_info
 
 # every kind but the parameters' f, whose call carries its groups (its own step below)
 _SIMULATED = {k.module: k.simulated for k in KINDS if k is not F_PARAMS}
@@ -212,9 +212,7 @@ def _combine(outs: list[Any], splits: list[tuple[Shard, int | None] | None]) -> 
             merged.append(leaf)
         elif i < len(splits) and (split := splits[i]) is not None:  # kept split: show it whole
             shard, size = split
-            parts = [f[0][i] for f in flat][:: shard.replicas]  # one rank of each slice
-            whole = torch.cat(parts, dim=shard.dim)
-            merged.append(whole if size is None else whole.narrow(shard.dim, 0, size))
+            merged.append(gather([f[0][i] for f in flat], shard, size))
         else:
             # torch leaves Function.apply unannotated
             merged.append(_Replicated.apply(*[f[0][i] for f in flat]))  # type: ignore[no-untyped-call]

@@ -121,8 +121,13 @@ class Unsplit(NamedTuple):
 
 def _fits(split: Mapping[str, Split], tp: int) -> bool:
     """Can each slice of `split` be shared by its ranks at `tp` (at least two slices)?"""
-    shared = [s.replicas for s in split.values() if isinstance(s, Column)]
-    return all(tp % g == 0 and g < tp for g in shared)
+    columns = [s for s in split.values() if isinstance(s, Column)]
+    shared = [s.replicas for s in columns]
+    # a part may be whole on every rank (g == tp) where another part of it is split
+    parts = [s.part_replicas for s in columns if s.part_replicas]
+    return all(tp % g == 0 and g < tp for g in shared) and all(
+        all(tp % g == 0 and g <= tp for g in p) and min(p) < tp for p in parts
+    )
 
 
 def _param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

@@ -40,9 +40,19 @@ class Column:
 
     parts: int = 1
     replicas: int = 1
+    # per part of a fused projection read as parts of unequal widths (Phi-3's Q|K|V): how
+    # many ranks hold each slice of it (the key and value parts with fewer heads than
+    # ranks: each rank holds the heads its query heads read); () : `replicas` for all
+    part_replicas: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.part_replicas and len(self.part_replicas) != self.parts:
+            raise ValueError(f"part_replicas {self.part_replicas} names not {self.parts} parts")
 
     def __str__(self) -> str:
         s = "column" if self.parts == 1 else f"column ({self.parts} parts)"
+        if self.part_replicas:
+            return f"{s}, held by {'|'.join(map(str, self.part_replicas))} ranks"
         return s if self.replicas == 1 else f"{s}, {self.replicas} ranks each"
 
 

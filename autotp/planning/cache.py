@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["directory", "program_key", "load", "store", "grew"]
 
-FORMAT = 6  # of the files: a new one misses every older file (6: Shard.parts)
+FORMAT = 7  # of the files: a new one misses every older file (7: Shard.part_replicas)
 
 
 def directory() -> Path | None:

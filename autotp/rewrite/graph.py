@@ -40,7 +40,7 @@ from ..match import ops
 from ..match.call import canonical
 from ..match.patterns import EmbeddingInfo, LinearInfo, Match
 from ..match.rule import Row
-from ..runtime.collectives import rank_slice
+from ..runtime.collectives import Held, rank_slice
 from ..runtime.vocab import vocab_ce_reduce, vocab_ce_terms, vocab_embedding, vocab_row_max
 from ..sharding import (
     ArgEdit,
@@ -219,7 +219,8 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
     for old in gm.graph.nodes:
         if old.op.startswith("call") and ops.op_name(old, gm) == "dropout":
             _stream_dropout(graph, gm, old, env[old], prop.placements[old])
-    shared = {name: s.replicas for name, s in prop.params.items() if s.replicas > 1}
+    shared = {name: _held(s, tp) for name, s in prop.params.items()
+              if s.replicas > 1 or s.part_replicas}  # fmt: skip
     if prop.scatters or shared:
         one_f_for_parameters(graph, gm, shared, sequence=bool(prop.scatters))
     for old, (src_sizes, dst_sizes) in prop.guards.items():  # sizes the proof read: per call
@@ -233,6 +234,12 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
 
     graph.lint()
     return graph
+
+
+def _held(s: Shard, tp: int) -> Held:
+    """How the ranks hold a parameter split as `s`, whose gradients they sum (see
+    CopyManyToTP): ranks per slice, or per run of parts held by different numbers."""
+    return (s.dim, s.held(0, tp)) if s.part_replicas else s.replicas
 
 
 def _reduce(

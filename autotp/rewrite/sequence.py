@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.fx.node import Argument
 
 from ..match import ops
+from ..runtime.collectives import Held
 from ..sharding import Propagation, Shard
 from .sites import (
     F_MODULE,
@@ -110,14 +111,15 @@ def functional_norm(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> fx.No
 
 
 def one_f_for_parameters(
-    graph: fx.Graph, gm: fx.GraphModule, shared: Mapping[str, int], sequence: bool
+    graph: fx.Graph, gm: fx.GraphModule, shared: Mapping[str, Held], sequence: bool
 ) -> None:  # fmt: skip
     """The f of every parameter read by split compute (with `sequence`; else of the
     `shared` ones only), as one call at the top of the graph per dtype: its backward
     all-reduces their gradients as one buffer, once, at the end of backward (Megatron-LM's
     all-reduce of the sequence-parallel parameters' gradients), not once per parameter.
     `shared`: parameters split in slices that several ranks hold (name -> ranks per
-    slice), whose gradients are summed among those ranks in the same buffer."""
+    slice, or per run of its parts), whose gradients are summed among those ranks in the
+    same buffer."""
     params = dict(gm.named_parameters(remove_duplicate=False))
     first: dict[str, fx.Node] = {}
     for n in [n for n in graph.nodes if n.op == "get_attr" and str(n.target) in shared]:

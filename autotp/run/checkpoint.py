@@ -71,19 +71,23 @@ def _key(name: str, spec: Shard | None, r: int, tp: int) -> str:
 
 
 def _spec_json(spec: Shard) -> list[Any]:
-    """[dim, parts, padded, replicas, sections]: how a tensor was cut, as JSON."""
-    return [spec.dim, spec.parts, spec.padded, spec.replicas, list(spec.sections)]
+    """[dim, parts, padded, replicas, sections, part_replicas]: how a tensor was cut."""
+    return [spec.dim, spec.parts, spec.padded, spec.replicas, list(spec.sections),
+            list(spec.part_replicas)]  # fmt: skip
 
 
 def _spec_of(raw: list[Any] | None) -> Shard | None:
     if raw is None:
         return None
     # written by _spec_json: dim, parts and replicas are ints, padded an int or None,
-    # sections a list of ints; a checkpoint written before shared slices has no replicas
-    # (1), one written before unequal parts were recorded no sections (read as equal)
+    # sections and part_replicas lists of ints; a checkpoint written before shared slices
+    # has no replicas (1), one written before unequal parts were recorded no sections
+    # (read as equal parts)
     replicas = raw[3] if len(raw) > 3 else 1
     sections = tuple(int(x) for x in raw[4]) if len(raw) > 4 else ()
-    return Shard(int(raw[0]), int(raw[1]), raw[2], replicas=int(replicas), sections=sections)
+    held = tuple(int(x) for x in raw[5]) if len(raw) > 5 else ()
+    return Shard(int(raw[0]), int(raw[1]), raw[2], replicas=int(replicas), sections=sections,
+                 part_replicas=held)  # fmt: skip
 
 
 _STEP = re.compile(r"step_(\d{8})")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn as nn
@@ -56,7 +56,7 @@ __all__ = [
     "GatherFromTP", "ScatterToSP", "GatherFromSP", "ReduceScatterToSP", "CopyManyToTP",
     "CollectiveLog", "count_collectives", "simulated_f", "simulated_g", "simulated_max",
     "simulated_gather", "simulated_scatter_to_sp", "simulated_gather_from_sp",
-    "simulated_reduce_scatter_to_sp", "simulated_copy_many",
+    "simulated_reduce_scatter_to_sp", "simulated_copy_many", "Held",
 ]  # fmt: skip
 
 
@@ -238,7 +238,7 @@ class _ReduceScatterSP(torch.autograd.Function):
 class _FMany(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, comm: Comm, groups: tuple[int, ...], *xs: torch.Tensor
+        ctx: Any, comm: Comm, groups: tuple[Held, ...], *xs: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         ctx.comm, ctx.groups = comm, groups or (1,) * len(xs)
         ctx.set_materialize_grads(False)  # a parameter used under no_grad gets none
@@ -257,32 +257,66 @@ class _FMany(torch.autograd.Function):
         return (None, None, *_with_nones(mine, grads))
 
 
-def _slotted(got: list[tuple[torch.Tensor, int]], rank: int, tp: int) -> torch.Tensor:
-    """One flat buffer of the gradients `got` ((gradient, replicas) pairs): a gradient of
-    a tensor held by `replicas` neighbouring ranks (one of tp / replicas slices) in its
-    slice's place, zeros in the others', so that the sum over all ranks is each slice's
-    sum over its own ranks."""
+# how the ranks hold a tensor whose gradient CopyManyToTP sums: `k`, the neighbouring ranks
+# holding each of its slices (1: every rank, the whole summed), or (dim, runs): along `dim`,
+# runs of (length, ranks holding each slice), a run held by one rank being its own (not
+# summed): a fused Q|K|V's query part split over all ranks, its key/value parts shared
+Held: TypeAlias = int | tuple[int, tuple[tuple[int, int], ...]]
+
+
+def _runs(g: torch.Tensor, k: Held) -> list[tuple[torch.Tensor, int]]:
+    """The parts of gradient `g` to sum, with the ranks holding each slice of them."""
+    if isinstance(k, int):
+        return [(g, k)]
+    dim, runs = k
+    out, at = [], 0
+    for length, ranks in runs:
+        if ranks > 1:
+            out.append((g.narrow(dim, at, length), ranks))
+        at += length
+    return out
+
+
+def _slotted(got: list[tuple[torch.Tensor, Held]], rank: int, tp: int) -> torch.Tensor:
+    """One flat buffer of the gradients `got` ((gradient, held) pairs): a gradient of
+    a tensor held by `k` neighbouring ranks (one of tp / k slices) in its slice's place,
+    zeros in the others', so that the sum over all ranks is each slice's sum over its own
+    ranks (run by run, where the tensor's runs are held by different numbers of ranks)."""
     parts = []
-    for g, k in got:
-        if k == 1:
-            parts.append(g.reshape(-1))
-            continue
-        part = g.new_zeros(tp // k, g.numel())
-        part[rank // k] = g.reshape(-1)
-        parts.append(part.reshape(-1))
+    for g, held in got:
+        for run, k in _runs(g, held):
+            if k == 1:
+                parts.append(run.reshape(-1))
+                continue
+            part = run.new_zeros(tp // k, run.numel())
+            part[rank // k] = run.reshape(-1)
+            parts.append(part.reshape(-1))
     return _flatten(tuple(parts))
 
 
 def _unslotted(
-    flat: torch.Tensor, got: list[tuple[torch.Tensor, int]], rank: int, tp: int
+    flat: torch.Tensor, got: list[tuple[torch.Tensor, Held]], rank: int, tp: int
 ) -> list[torch.Tensor]:
-    """Each gradient of `got` from the summed buffer `_slotted` made: its slice's part."""
-    sizes = [g.numel() * (tp // k if k > 1 else 1) for g, k in got]
-    out = []
+    """Each gradient of `got` from the summed buffer `_slotted` made: its slice's part
+    (and, of a tensor in runs, its own runs as they were)."""
+    runs = [(run, k) for g, held in got for run, k in _runs(g, held)]
+    sizes = [run.numel() * (tp // k if k > 1 else 1) for run, k in runs]
     # torch leaves Tensor.split unannotated
-    parts: tuple[torch.Tensor, ...] = flat.split(sizes)  # type: ignore[no-untyped-call]
-    for part, (g, k) in zip(parts, got, strict=True):
-        out.append((part if k == 1 else part.view(tp // k, -1)[rank // k]).view_as(g))
+    pieces: tuple[torch.Tensor, ...] = flat.split(sizes)  # type: ignore[no-untyped-call]
+    summed = iter(
+        (part if k == 1 else part.view(tp // k, -1)[rank // k]).view_as(run)
+        for part, (run, k) in zip(pieces, runs, strict=True)
+    )
+    out = []
+    for g, held in got:
+        if isinstance(held, int):
+            out.append(next(summed))
+            continue
+        dim, at, joined = held[0], 0, []
+        for length, k in held[1]:
+            joined.append(next(summed) if k > 1 else g.narrow(dim, at, length))
+            at += length
+        out.append(torch.cat(joined, dim))
     return out
 
 
@@ -459,7 +493,7 @@ class CopyManyToTP(nn.Module):
         super().__init__()
         self.comm = comm
 
-    def forward(self, *xs: torch.Tensor, groups: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+    def forward(self, *xs: torch.Tensor, groups: tuple[Held, ...] = ()) -> tuple[torch.Tensor, ...]:
         return tuple(xs) if self.comm.size == 1 else _apply_many(_FMany, self.comm, groups, *xs)
 
     def extra_repr(self) -> str:
@@ -579,7 +613,7 @@ class _SimReduceScatterSP(torch.autograd.Function):
 class _SimFMany(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, n: int, groups: tuple[int, ...], *xs: torch.Tensor
+        ctx: Any, n: int, groups: tuple[Held, ...], *xs: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         ctx.n, ctx.groups = n, groups or (1,) * n  # xs: rank 0's n tensors, then rank 1's, ...
         ctx.set_materialize_grads(False)  # a parameter used under no_grad gets none
@@ -636,7 +670,7 @@ def simulated_reduce_scatter_to_sp(xs: list[torch.Tensor], dim: int) -> list[tor
 
 
 def simulated_copy_many(
-    xs: list[tuple[torch.Tensor, ...]], groups: tuple[int, ...] = ()
+    xs: list[tuple[torch.Tensor, ...]], groups: tuple[Held, ...] = ()
 ) -> list[tuple[torch.Tensor, ...]]:
     """CopyManyToTP over all ranks, `xs[r]` rank r's tensors: each keeps its values;
     backward sums the ranks' gradients (those of a tensor held by `groups[i]` ranks per

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn as nn
@@ -44,11 +44,18 @@ __all__ = ["SplitGrad", "count_norms"]
 _NORMS: set[Callable[..., Any]] = {torch.linalg.vector_norm, torch.norm, torch.Tensor.norm}
 
 
+# what each entry of a gradient counts in the serial total (its p-th power times this): one
+# share for the whole tensor (1 / the ranks holding each slice; 0: a simulated replica),
+# or (dim, runs of (length, share)) along dim, for a tensor whose runs are held by
+# different numbers of ranks (a fused Q|K|V whose key/value heads several ranks hold)
+Share: TypeAlias = float | tuple[int, tuple[tuple[int, float], ...]]
+
+
 class SplitGrad(torch.Tensor):
     """A gradient whose norm is its share of the serial norm (see the module)."""
 
-    _autotp_comm: Comm | None  # split over this group; None: a simulated replica (zero)
-    _autotp_replicas: int  # ranks of the group holding each slice (each counts 1/replicas)
+    _autotp_comm: Comm | None  # split over this group; None: not summed (simulate)
+    _autotp_share: Share  # what each entry's p-th power counts of the serial total
 
     @classmethod
     def __torch_function__(
@@ -106,31 +113,55 @@ def _shares(grads: list[SplitGrad], norms: list[torch.Tensor], ord_: float) -> l
     by_comm: dict[int, list[int]] = {}
     for i, g in enumerate(grads):
         if g._autotp_comm is None:
-            out[i] = torch.zeros_like(norms[i])
+            out[i] = _own(g, norms[i], ord_)
         else:
             by_comm.setdefault(id(g._autotp_comm), []).append(i)
     for idx in by_comm.values():
         comm = grads[idx[0]]._autotp_comm
         assert comm is not None
-        local = torch.stack([norms[i].double() for i in idx])
-        share = torch.tensor([1.0 / grads[i]._autotp_replicas for i in idx], dtype=torch.double)
         if math.isinf(ord_):  # the largest entry of the group, or the smallest
             sign = 1.0 if ord_ > 0 else -1.0
+            local = torch.stack([norms[i].double() for i in idx])
             total = comm.all_reduce(sign * local, "step", "max") * sign
-        elif ord_ == 0:  # the count of nonzero entries
-            total = comm.all_reduce(local * share, "step")
         else:
-            total = comm.all_reduce(local.pow(ord_) * share, "step").pow(1.0 / ord_)
+            local = torch.stack([_powered(grads[i], norms[i], ord_) for i in idx])
+            total = comm.all_reduce(local, "step")
+            total = total if ord_ == 0 else total.pow(1.0 / ord_)  # ord 0: a count
         for j, i in enumerate(idx):
             out[i] = total[j].to(norms[i].dtype)
     return out
 
 
-def _as_split(grad: torch.Tensor, comm: Comm | None, replicas: int) -> torch.Tensor:
+def _powered(g: SplitGrad, norm: torch.Tensor, ord_: float) -> torch.Tensor:
+    """The sum of `g`'s entries' p-th powers (their count for ord 0) times their shares."""
+    share = g._autotp_share
+    if isinstance(share, float):
+        return (norm.double() if ord_ == 0 else norm.double().pow(ord_)) * share
+    dim, runs = share
+    total, at = torch.zeros((), dtype=torch.double, device=norm.device), 0
+    with DisableTorchFunctionSubclass():
+        for length, part in runs:
+            run = torch.linalg.vector_norm(g.narrow(dim, at, length), ord_).double()
+            total = total + (run if ord_ == 0 else run.pow(ord_)) * part
+            at += length
+    return total
+
+
+def _own(g: SplitGrad, norm: torch.Tensor, ord_: float) -> torch.Tensor:
+    """The norm of what `g` counts on its own (not summed over ranks: simulate)."""
+    if isinstance(g._autotp_share, float):  # a replica another rank counts
+        return torch.zeros_like(norm) if g._autotp_share == 0 else norm
+    if math.isinf(ord_):  # the runs it does not count are equal to others' that count
+        return norm
+    total = _powered(g, norm, ord_)
+    return (total if ord_ == 0 else total.pow(1.0 / ord_)).to(norm.dtype)
+
+
+def _as_split(grad: torch.Tensor, comm: Comm | None, share: Share) -> torch.Tensor:
     if isinstance(grad, SplitGrad) or grad.is_sparse:
         return grad
     out = grad.as_subclass(SplitGrad)
-    out._autotp_comm, out._autotp_replicas = comm, replicas
+    out._autotp_comm, out._autotp_share = comm, share
     return out
 
 
@@ -150,25 +181,21 @@ def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) ->
     for name, p in gm.named_parameters():
         if _HOOKED.get(id(p)) is p:
             continue
-        replicas = getattr(splits.get(name), "replicas", 1)
-        if isinstance(comm, ProcessGroupComm) and comm.size > 1 and name in splits:
-            group: Comm | None = comm
-        elif isinstance(comm, SimulatedComm) and rank > 0 and name not in splits:
-            group = None
-        elif isinstance(comm, SimulatedComm) and name in splits and rank % replicas:
-            group = None  # a slice rank - rank % replicas counts
-        else:
+        spec = splits.get(name)
+        counted = _counted(spec, comm, rank, name in splits)
+        if counted is None:
             continue
+        group, share = counted
         if p.requires_grad:
-            _hook(p, group, replicas)
+            _hook(p, group, share)
         else:
-            frozen.append((p, group, replicas))
+            frozen.append((p, group, share))
     if frozen:  # checked before each call (simulate runs its ranks' graphs itself)
 
         def unfrozen(*_: Any) -> None:
-            for p, group, replicas in frozen:
+            for p, group, share in frozen:
                 if p.requires_grad and _HOOKED.get(id(p)) is not p:
-                    _hook(p, group, replicas)
+                    _hook(p, group, share)
             frozen[:] = [f for f in frozen if not f[0].requires_grad]
 
         # torch types a module's attributes as tensors and modules only
@@ -176,10 +203,31 @@ def count_norms(gm: nn.Module, comm: Comm, rank: int, splits: dict[str, Any]) ->
         gm.register_forward_pre_hook(unfrozen)
 
 
-def _hook(p: torch.Tensor, group: Comm | None, replicas: int) -> None:
+def _counted(spec: Any, comm: Comm, rank: int, split: bool) -> tuple[Comm | None, Share] | None:
+    """(the group its norm is summed over, its share) of a parameter split as `spec`
+    (`split`: in the plan's splits), or None where its own norm is its share."""
+    tp = comm.size
+    held: tuple[tuple[int, int], ...] = spec.held(0, tp) if split else ((0, 1),)
+    if isinstance(comm, ProcessGroupComm) and tp > 1 and split:
+        if not spec.part_replicas:
+            return comm, 1.0 / spec.replicas
+        return comm, (spec.dim, tuple((n, 1.0 / g) for n, g in held))
+    if not isinstance(comm, SimulatedComm):
+        return None
+    if not split:  # a replica: rank 0's copy counts it once
+        return (None, 0.0) if rank > 0 else None
+    counts = tuple((n, 1.0 if rank % g == 0 else 0.0) for n, g in held)  # a slice's first
+    if all(c == 1.0 for _, c in counts):
+        return None
+    if not spec.part_replicas:
+        return None, 0.0
+    return None, (spec.dim, counts)
+
+
+def _hook(p: torch.Tensor, group: Comm | None, share: Share) -> None:
     def hook(param: torch.Tensor) -> None:
         if param.grad is not None:
-            param.grad = _as_split(param.grad, group, replicas)
+            param.grad = _as_split(param.grad, group, share)
 
     p.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]  # torch: unannotated
     _HOOKED[id(p)] = p

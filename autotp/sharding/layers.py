@@ -4,6 +4,7 @@ logits, and the model's outputs."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import cast
 
 import torch
@@ -53,8 +54,15 @@ def _linear(c: Ctx, call: Call) -> Placement:
                 n, f"a column-split linear needs a replicated input; {li.input.name} is {px}",
                 "this rule's split conflicts with the one producing the input",
             )  # fmt: skip
-        g = kind.replicas
-        sections = _sections(c, n, feature, li.out_features, kind.parts) if g == 1 else ()
+        g, held = kind.replicas, kind.part_replicas
+        sections = (_sections(c, n, feature, li.out_features, kind.parts, held)
+                    if g == 1 else ())  # fmt: skip
+        if held and not sections:
+            raise c.refuse(
+                n, f"{li.weight}'s parts are to be held by {'|'.join(map(str, held))} ranks, "
+                "but it is not read as parts of unequal widths",
+                "report the model: this split is for a fused Q|K|V read by slices",
+            )  # fmt: skip
         parts = 1 if sections else kind.parts
         if li.out_features % (parts * c.tp // g):  # (each of unequal parts: _sections)
             raise c.refuse(
@@ -65,11 +73,12 @@ def _linear(c: Ctx, call: Call) -> Placement:
                 + (f" / {g} ranks per slice" if g > 1 else ""),
                 "choose tp dividing the layer's width (and its number of heads)",
             )
-        _shard_weight(c, n, li, Shard(out_axis, parts, replicas=g, sections=sections))
+        out = Shard(feature, parts, replicas=g, sections=sections, part_replicas=held)
+        _shard_weight(c, n, li, replace(out, dim=out_axis))
         if li.bias:
-            c.shard_param(n, li.bias, Shard(0, parts, replicas=g, sections=sections))
+            c.shard_param(n, li.bias, replace(out, dim=0))
         c.needs_f(li.input, n)
-        return Shard(feature, parts, replicas=g, sections=sections)
+        return out
     assert isinstance(kind, Row)
     wanted = Shard(ndim(li.input) + li.feature_dim, 1)
     if px != wanted:
@@ -87,11 +96,14 @@ def _linear(c: Ctx, call: Call) -> Placement:
     return Partial((li.bias,) if li.bias else ())  # the bias is added once, after the sum
 
 
-def _sections(c: Ctx, n: fx.Node, dim: int, size: int, parts: int) -> tuple[int, ...]:
+def _sections(
+    c: Ctx, n: fx.Node, dim: int, size: int, parts: int, held: tuple[int, ...] = ()
+) -> tuple[int, ...]:  # fmt: skip
     """The serial sizes of a fused output's parts when everything reading it slices it
     along `dim` into `parts` contiguous parts (Phi-3's `qkv[..., :q]`, `[..., q:q + kv]`,
-    `[..., q + kv:]`), each divisible by tp; () when it is read otherwise (split, chunk,
-    view: equal parts) or there is a single part."""
+    `[..., q + kv:]`), each divisible by its number of slices (tp, or tp / the ranks
+    holding each slice of it: `held`, per part); () when it is read otherwise (split,
+    chunk, view: equal parts) or there is a single part."""
     if parts == 1:
         return ()
     spans = []
@@ -103,7 +115,8 @@ def _sections(c: Ctx, n: fx.Node, dim: int, size: int, parts: int) -> tuple[int,
     spans = sorted(set(spans))
     tiled = [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == size
     sizes = tuple(b - a for a, b in spans)
-    if not tiled or len(sizes) != parts or any(x % c.tp for x in sizes):
+    ways = [c.tp // g for g in held] if held else [c.tp] * len(sizes)
+    if not tiled or len(sizes) != parts or any(x % w for x, w in zip(sizes, ways, strict=True)):
         if tiled and len(sizes) == parts:
             raise c.refuse(
                 n, f"a fused projection read as parts {sizes}, not all divisible by "

@@ -72,7 +72,7 @@ def _shape_of(c: Ctx, x: fx.Node) -> tuple[Placement, ...]:
 def _section(c: Ctx, call: Call, px: Shard) -> Placement:
     """A slice that is exactly one part of a fused output split in unequal parts: this
     rank's slice of that part, with the slice bounds made local (each part before it
-    holds 1/tp of its size on every rank)."""
+    holds its slice on every rank: 1/tp of it, or of tp / the ranks holding each)."""
     n, size = call.node, val(call.input).shape[px.dim]
     span = slice_span(c, call, px.dim, size)
     pieces = px.pieces(size)
@@ -92,11 +92,18 @@ def _section(c: Ctx, call: Call, px: Shard) -> Placement:
         at = (*call.path("index"), k) if isinstance(idx, tuple) else call.path("index")
         bounds = {"start": items[k].start, "end": items[k].stop}
         where = {"start": (*at, "start"), "end": (*at, "stop")}
+    # each serial bound of a part -> where that part starts (ends) in a rank's slice
+    local: dict[int, int] = {}
+    mine = 0
+    for (start, length), (lo, hi) in zip(pieces, px.ranges(size, 0, c.tp), strict=True):
+        local[start] = mine
+        mine += hi - lo
+        local[start + length] = mine
     for key, b in bounds.items():
         at_key = where[key]
         if isinstance(b, int) and 0 < b < size and at_key is not None:
-            c.edits.append(ArgEdit(n, at_key, b, b // c.tp))
-    return Shard(px.dim)
+            c.edits.append(ArgEdit(n, at_key, b, local[b]))
+    return Shard(px.dim, replicas=px.replicas_of(pieces.index((span[0], span[1] - span[0]))))
 
 
 def _getitem(c: Ctx, call: Call) -> Placement:

@@ -50,6 +50,14 @@ class Shard:
     # unequal parts (their serial sizes, in order; parts stays 1): rank r holds the r-th
     # 1/tp of each, concatenated (a fused Q|K|V with fewer key/value heads than queries)
     sections: tuple[int, ...] = ()
+    # with sections: how many neighbouring ranks hold each slice of each part (a fused
+    # Q|K|V with fewer key/value heads than ranks: the query part split over all ranks,
+    # each key/value head held by the ranks whose query heads read it); () : `replicas`
+    part_replicas: tuple[int, ...] = ()
+
+    def replicas_of(self, part: int) -> int:
+        """How many neighbouring ranks hold each slice of part `part`."""
+        return self.part_replicas[part] if self.part_replicas else self.replicas
 
     def slices(self, tp: int) -> int:
         """Into how many slices the dimension is cut over `tp` ranks."""
@@ -57,10 +65,13 @@ class Shard:
 
     def ranges(self, size: int, rank: int, tp: int) -> list[tuple[int, int]]:
         """[start, stop) of rank `rank`'s slice of each part of a serial dimension of
-        `size` (padded first, where `padded`): its slice of tp / replicas."""
-        at, of = rank // self.replicas, self.slices(tp)
-        return [(start + at * (length // of), start + (at + 1) * (length // of))
-                for start, length in self.pieces(size)]  # fmt: skip
+        `size` (padded first, where `padded`): its slice of tp / replicas (of that part)."""
+        out = []
+        for i, (start, length) in enumerate(self.pieces(size)):
+            g = self.replicas_of(i)
+            at, step = rank // g, length // (tp // g)
+            out.append((start + at * step, start + (at + 1) * step))
+        return out
 
     def pieces(self, size: int) -> list[tuple[int, int]]:
         """(start, length) of each part of a serial dimension of `size`."""
@@ -69,9 +80,29 @@ class Shard:
         starts = [sum(self.sections[:i]) for i in range(len(self.sections))]
         return list(zip(starts, self.sections, strict=True))
 
+    def local_size(self, size: int, tp: int) -> int:
+        """A rank's length of a serial (padded) dimension of `size`."""
+        return sum(hi - lo for lo, hi in self.ranges(size, 0, tp))
+
+    def held(self, local: int, tp: int) -> tuple[tuple[int, int], ...]:
+        """(length, ranks holding it) of each run of a rank's `local` slice along the
+        dimension: one run, or one per part where the parts are held by different
+        numbers of ranks (whose gradients are summed among them, and counted once)."""
+        if not self.part_replicas:
+            return ((local, self.replicas),)
+        held = zip(self.sections, self.part_replicas, strict=True)
+        return tuple((size // (tp // g), g) for size, g in held)
+
+    def serial_size(self, local: int, tp: int) -> int:
+        """The serial (padded) size of a dimension a rank holds `local` of."""
+        return sum(self.sections) if self.sections else local * self.slices(tp)
+
     def __str__(self) -> str:
         if self.sections:
-            return f"S({self.dim} in parts {'|'.join(map(str, self.sections))})"
+            held = ""
+            if self.part_replicas:
+                held = f", held by {'|'.join(map(str, self.part_replicas))} ranks"
+            return f"S({self.dim} in parts {'|'.join(map(str, self.sections))}{held})"
         s = f"S({self.dim})" if self.parts == 1 else f"S({self.dim}x{self.parts})"
         if self.replicas > 1:
             s = f"{s[:-1]}, {self.replicas} ranks each)"

@@ -129,8 +129,7 @@ def params(plan: ShownPlan) -> list[ParamRow]:
             rule = _rule_of_param(plan, name)
         local = list(p.shape)
         if spec is not None:
-            size = spec.padded or local[spec.dim]
-            local[spec.dim] = size // spec.slices(plan.tp)
+            local[spec.dim] = spec.local_size(spec.padded or local[spec.dim], plan.tp)
         rows.append(ParamRow(name, _kind_of(spec, split), rule, tuple(p.shape), tuple(local),
                              p.dtype, None if tied == name else tied))  # fmt: skip
     return rows
