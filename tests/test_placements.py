@@ -451,3 +451,44 @@ def test_fused_qkv_sliced_into_unequal_parts_or_unbound(how: str) -> None:
         assert str(plan.splits["qkv.weight"]) == "S(0 in parts 16|8|8)"
         edits = sorted((e.old, e.new) for e in plan.propagation.edits if e.node.op != "get_attr")
         assert (16, 4) in edits and (24, 6) in edits  # slice bounds C and 1.5 C, at tp=4
+
+
+class QKNorm(nn.Module):
+    """Attention whose queries and keys are RMS-normalised over all their heads' features
+    (OLMo 2's q_norm/k_norm), in the model's own dtype: a mean over the split features."""
+
+    def __init__(self, kv: int = 8) -> None:
+        super().__init__()
+        self.kv = kv
+        self.q, self.o = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.k, self.v = nn.Linear(C, C // 8 * kv, bias=False), nn.Linear(C, C // 8 * kv)
+        self.q_w = nn.Parameter(torch.rand(C) + 0.5)
+        self.k_w = nn.Parameter(torch.rand(C // 8 * kv) + 0.5)
+
+    @staticmethod
+    def _norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs = C // 8
+        q = self._norm(self.q(x), self.q_w).view(B, T, 8, hs).transpose(1, 2)
+        k = self._norm(self.k(x), self.k_w).view(B, T, self.kv, hs).transpose(1, 2)
+        v = self.v(x).view(B, T, self.kv, hs).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv < 8)
+        return x + self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("kv", [8, 2])
+def test_a_norm_over_all_heads_sums_its_slices_means(kv: int) -> None:
+    """A mean over the split features is each rank's mean of its slice / tp, summed by one
+    all-reduce (keys held by several ranks count once each); the attention is split, not
+    left replicated, and equals serial in float64 at tp 2 and 4, gradients included."""
+    model = QKNorm(kv).double()
+    for tp in (2, 4):
+        plan = autotp.plan(model, tp, (_x(),))
+        assert not plan.replicated and [m.rule.name for m in plan.matches] == [
+            "attention_separate_qkv"]  # fmt: skip
+        assert plan.collectives()["g"] == 1 + 2  # the output projection's, and a norm's each
+        for frontend in ("fx", "export"):
+            _equal(model, _x(), tp, frontend)

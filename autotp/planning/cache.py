@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["directory", "program_key", "load", "store", "grew"]
 
-FORMAT = 7  # of the files: a new one misses every older file (7: Shard.part_replicas)
+FORMAT = 8  # of the files: a new one misses every older file (8: Propagation.means)
 
 
 def directory() -> Path | None:

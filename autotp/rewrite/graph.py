@@ -175,6 +175,22 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         view = env.get(li.weight_view) if li.weight_view is not None else None
         _erase_unused(graph, view)  # `x @ W.T`: the transpose of W
 
+    # a mean over a split dimension: each rank's mean / tp, its summand of the serial mean
+    for old in prop.means:
+        mean = env[old]
+        with graph.inserting_after(mean):
+            share = graph.call_function(operator.truediv, (mean, tp))
+        for user in [u for u in mean.users if u is not share]:
+            user.replace_input_with(mean, share)
+        copy_meta(mean, share)
+        tag(
+            share,
+            rule="propagation",
+            placement="P",
+            why=f"a mean over a split dimension: this rank's share of it (/ tp={tp})",
+        )
+        env[old] = share
+
     # 3. P -> R: one g per partial value read whole, then its pending terms; R -> S: cuts.
     summed: dict[fx.Node, fx.Node] = {}  # partial value -> its sum (or sequence split)
     for value, readers in prop.reduces.items():

@@ -111,12 +111,28 @@ def _mean(c: Ctx, call: Call) -> Placement:
     if dims is None or isinstance(dims, int) or len(dims) == 0:
         dims = [dims] if isinstance(dims, int) else list(range(ndim(x)))  # () and [] mean all
     if px.dim in dims:
-        raise c.refuse(
-            call.node, f"reduction over the split dimension {px.dim}", "no rule for this"
-        )
+        return _mean_of_slices(c, call, px)
     if call["keepdim"]:
         return px
     return replace(px, dim=px.dim - sum(d < px.dim for d in set(dims)))
+
+
+def _mean_of_slices(c: Ctx, call: Call, px: Shard) -> Placement:
+    """A mean over the split dimension (an RMSNorm over split features: OLMo 2's q/k
+    norm): each rank's mean of its slice, divided by tp, is its summand of the serial
+    mean, where every rank holds an equal share of the dimension (slices held by several
+    ranks count once each: sum_r m_r / tp = sum_s m_s / (tp / replicas)), so the value
+    is partial: one all-reduce where it is read whole."""
+    if px.padded is not None or px.sections or c.region[call.input] != c.region[call.node]:
+        raise c.refuse(
+            call.node, f"reduction over the split dimension {px.dim} of a value split as "
+            f"{px}", "no rule for a mean over padded or unequal parts",
+        )  # fmt: skip
+    if not isinstance(val(call.node), torch.Tensor) or not val(call.node).is_floating_point():
+        raise c.refuse(call.node, f"reduction over the split dimension {px.dim}",
+                       "no rule for this")  # fmt: skip
+    c.means[call.node] = None
+    return Partial()
 
 
 def _assert(c: Ctx, call: Call) -> Placement:

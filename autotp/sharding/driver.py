@@ -125,6 +125,7 @@ def propagate(
         c.options.gather_outputs, c.reduces, c.deferred, c.cuts,
         c.options.local_outputs + tuple(c.handed),
         scatters, c.sequence_gathers, c.functional_norms, c.guards, tuple(c.handed),
+        c.means,
     )  # fmt: skip
 
 

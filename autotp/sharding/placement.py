@@ -265,6 +265,9 @@ class Propagation:
     # sequence parallelism between layers: output leaf positions (negative, from the end;
     # among local_outputs) returned split along the sequence, for the next layer
     handed_over: tuple[int, ...] = ()
+    # means over a split dimension (an RMSNorm over split features): each rank's mean of
+    # its slice, divided by tp, is its summand of the serial mean (a partial value)
+    means: dict[fx.Node, None] = field(default_factory=dict)  # (ordered: one plan everywhere)
 
 
 def is_split(p: Placement) -> bool:
