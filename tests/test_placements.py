@@ -492,3 +492,27 @@ def test_a_norm_over_all_heads_sums_its_slices_means(kv: int) -> None:
         assert plan.collectives()["g"] == 1 + 2  # the output projection's, and a norm's each
         for frontend in ("fx", "export"):
             _equal(model, _x(), tp, frontend)
+
+
+class CenteredMLP(nn.Module):
+    """An MLP whose hidden activations are centred on their mean over everything: the
+    mean's sum is read back by the split activations, so its gradient is each rank's
+    part of a sum (found by the fuzzer: `h - h.mean(dim=())`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc(x))
+        return x + self.proj(h - h.mean(dim=()))
+
+
+def test_a_mean_over_everything_read_by_the_split_activations_gets_its_gradient_summed() -> None:
+    model = CenteredMLP().double()
+    for tp in (2, 4):
+        plan = autotp.plan(model, tp, (_x(),))
+        assert not plan.replicated
+        assert plan.collectives()["g"] == 2  # the mean's sum, the output projection's
+        for frontend in ("fx", "export"):
+            _equal(model, _x(), tp, frontend)

@@ -47,10 +47,14 @@ def _pointwise(c: Ctx, call: Call) -> Placement:
     for a in call.leaves():
         if not isinstance(a, fx.Node) or not isinstance(val(a), torch.Tensor):
             continue
-        if c.p(a) != R or isinstance(c.pl[a], Partial):
+        if c.p(a) != R:
             continue
         i = split.dim - (nd - ndim(a))
         shape = tuple(val(a).shape)
+        if isinstance(c.pl[a], Partial):  # its sum, read by split compute
+            if i < 0 or shape[i] == 1:  # broadcast (a mean over everything): its gradient
+                c.needs_f(a, n)  # is each rank's part of the sum of the split one's
+            continue
         if i >= 0 and shape[i] != 1:
             param = a.op == "get_attr" and str(a.target) in param_names(c.gm)
             if param and not sequence:
