@@ -516,3 +516,24 @@ def test_a_mean_over_everything_read_by_the_split_activations_gets_its_gradient_
         assert plan.collectives()["g"] == 2  # the mean's sum, the output projection's
         for frontend in ("fx", "export"):
             _equal(model, _x(), tp, frontend)
+
+
+class SummedMLP(nn.Module):
+    """A sum over the split hidden features added to the output (the fuzzer's
+    `aux = h.sum(-1, keepdim=True)`): each rank's sum of its slice is its summand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc(x))
+        return x + self.proj(h) + h.sum(-1, keepdim=True)
+
+
+def test_a_sum_over_the_split_features_is_the_sum_of_the_slices_sums() -> None:
+    model = SummedMLP().double()
+    for tp in (2, 4):
+        assert not autotp.plan(model, tp, (_x(),)).replicated
+        for frontend in ("fx", "export"):
+            _equal(model, _x(), tp, frontend)

@@ -175,11 +175,14 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
         view = env.get(li.weight_view) if li.weight_view is not None else None
         _erase_unused(graph, view)  # `x @ W.T`: the transpose of W
 
-    # a mean over a split dimension: each rank's mean / tp, its summand of the serial mean
-    for old in prop.means:
+    # a mean (sum) over a split dimension: each rank's / tp (/ the ranks holding each
+    # slice), its summand of the serial one
+    for old, divisor in prop.means.items():
+        if divisor == 1:
+            continue
         mean = env[old]
         with graph.inserting_after(mean):
-            share = graph.call_function(operator.truediv, (mean, tp))
+            share = graph.call_function(operator.truediv, (mean, divisor))
         for user in [u for u in mean.users if u is not share]:
             user.replace_input_with(mean, share)
         copy_meta(mean, share)
@@ -187,7 +190,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
             share,
             rule="propagation",
             placement="P",
-            why=f"a mean over a split dimension: this rank's share of it (/ tp={tp})",
+            why=f"a mean or sum over a split dimension: this rank's share of it (/ {divisor})",
         )
         env[old] = share
 

@@ -122,11 +122,12 @@ def _mean(c: Ctx, call: Call) -> Placement:
 
 
 def _mean_of_slices(c: Ctx, call: Call, px: Shard) -> Placement:
-    """A mean over the split dimension (an RMSNorm over split features: OLMo 2's q/k
-    norm): each rank's mean of its slice, divided by tp, is its summand of the serial
+    """A mean or sum over the split dimension (an RMSNorm over split features: OLMo 2's
+    q/k norm): each rank's mean of its slice, divided by tp, is its summand of the serial
     mean, where every rank holds an equal share of the dimension (slices held by several
-    ranks count once each: sum_r m_r / tp = sum_s m_s / (tp / replicas)), so the value
-    is partial: one all-reduce where it is read whole."""
+    ranks count once each: sum_r m_r / tp = sum_s m_s / (tp / replicas)); each rank's
+    sum of its slice, divided by the ranks holding it, is its summand of the serial sum.
+    So the value is partial: one all-reduce where it is read whole."""
     if px.padded is not None or px.sections or c.region[call.input] != c.region[call.node]:
         raise c.refuse(
             call.node, f"reduction over the split dimension {px.dim} of a value split as "
@@ -135,7 +136,7 @@ def _mean_of_slices(c: Ctx, call: Call, px: Shard) -> Placement:
     if not isinstance(val(call.node), torch.Tensor) or not val(call.node).is_floating_point():
         raise c.refuse(call.node, f"reduction over the split dimension {px.dim}",
                        "no rule for this")  # fmt: skip
-    c.means[call.node] = None
+    c.means[call.node] = c.tp if call.op == "mean" else px.replicas
     return Partial()
 
 

@@ -53,7 +53,7 @@ class Ctx:
         self.reduces: dict[fx.Node, list[fx.Node]] = {}  # partial value -> readers of its sum
         self.cuts: list[Cut] = []
         self.deferred: dict[fx.Node, fx.Node] = {}  # `p + r` kept partial -> p
-        self.means: dict[fx.Node, None] = {}  # means over a split dimension (Propagation.means)
+        self.means: dict[fx.Node, int] = {}  # means, sums over a split dim (Propagation.means)
         self.current: fx.Node | None = None  # the node whose entry is running
         self.region: dict[fx.Node, int] = {}  # grad-mode region (fx's set_grad boundaries)
         # sequence parallelism (Korthikanti et al. 2022): partial values are summed into a

@@ -265,9 +265,10 @@ class Propagation:
     # sequence parallelism between layers: output leaf positions (negative, from the end;
     # among local_outputs) returned split along the sequence, for the next layer
     handed_over: tuple[int, ...] = ()
-    # means over a split dimension (an RMSNorm over split features): each rank's mean of
-    # its slice, divided by tp, is its summand of the serial mean (a partial value)
-    means: dict[fx.Node, None] = field(default_factory=dict)  # (ordered: one plan everywhere)
+    # means and sums over a split dimension (an RMSNorm over split features) -> the
+    # divisor that makes each rank's mean (sum) of its slice its summand of the serial
+    # one (a partial value): tp for a mean, the ranks holding each slice for a sum
+    means: dict[fx.Node, int] = field(default_factory=dict)  # (ordered: one plan everywhere)
 
 
 def is_split(p: Placement) -> bool:
