@@ -315,23 +315,22 @@ def _run_once(model: nn.Module, inputs: dict[str, Any], paths: list[str]) -> Non
         with torch.no_grad():
             model(**inputs)
         return
-    try:
-        with _first_layer_only(model, paths), eager_masks():
+    with eager_masks():
+        try:
+            with _first_layer_only(model, paths):
+                torch.export.export(_Ran(model), (), inputs, strict=False)
+            return
+        except Exception:  # noqa: BLE001 - every layer runs its own forward below
+            pass
+        try:
             torch.export.export(_Ran(model), (), inputs, strict=False)
-        return
-    except Exception:  # noqa: BLE001 - every layer runs its own forward below
-        pass
-    try:
-        with eager_masks():
-            torch.export.export(_Ran(model), (), inputs, strict=False)
-    except Exception as e:  # noqa: BLE001 - becomes an actionable error
-        raise AutoTPError(
-            f"running {type(model).__name__} on the meta device failed: {type(e).__name__}: "
-            f"{first_line(e)}",
-            hint="build the model with "
-            "real tensors (its weights are then replaced by weights=), or pass "
-            "example_inputs= it takes",
-        ) from e
+        except Exception as e:  # noqa: BLE001 - becomes an actionable error
+            raise AutoTPError(
+                f"running {type(model).__name__} on the meta device failed: "
+                f"{type(e).__name__}: {first_line(e)}",
+                hint="build the model with real tensors (its weights are then replaced by "
+                "weights=), or pass example_inputs= it takes",
+            ) from e
 
 
 class _Ran(nn.Module):

@@ -258,7 +258,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, matches: list[Match], tp: int
 def _held(s: Shard, tp: int) -> Held:
     """How the ranks hold a parameter split as `s`, whose gradients they sum (see
     CopyManyToTP): ranks per slice, or per run of parts held by different numbers."""
-    return (s.dim, s.held(0, tp)) if s.part_replicas else s.replicas
+    return (s.dim, s.held(tp)) if s.part_replicas else s.replicas
 
 
 def _reduce(

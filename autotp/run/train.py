@@ -40,7 +40,6 @@ from torch.distributed.tensor import DTensor
 
 from ..build.weights import Weights, fill_buffers
 from ..common.errors import AutoTPError, TrainingStopped, UsageError
-from ..sharding import Shard
 from . import data as data_mod
 from .checkpoint import tied_names
 from .config import (
@@ -138,8 +137,8 @@ class Trainer:
         self.module.train()
         self._data_parallel()  # FSDP replaces the parameters (by DTensors of the same names)
         self.params = list(dict.fromkeys(self.module.parameters()))  # tied once
-        self.split_params = {  # id -> how it is split (the ranks holding each slice)
-            id(p): self.plan.splits[n]
+        self.split_params = {  # id -> the ranks holding each of its slices
+            id(p): self.plan.splits[n].replicas
             for n, p in self.module.named_parameters(remove_duplicate=False)
             if n in self.plan.splits
         }  # fmt: skip
@@ -324,11 +323,11 @@ class Trainer:
         for p in self.params:
             if p.grad is None:
                 continue
-            spec = self.split_params.get(id(p))
-            if spec is None:
-                sums[1] += _local(p.grad).detach().double().square().sum()
+            sq = _local(p.grad).detach().double().square().sum()
+            if id(p) in self.split_params:  # a slice several ranks hold counts once
+                sums[0] += sq / self.split_params[id(p)]
             else:
-                sums[0] += _counted_squares(_local(p.grad).detach().double(), spec, self.cfg.tp)
+                sums[1] += sq
         if self.cfg.dp > 1:
             dist.all_reduce(sums, group=self.mesh.dp_group)
         split, repl = sums[0], sums[1]
@@ -423,16 +422,6 @@ class Trainer:
                 )
             )
         return result
-
-
-def _counted_squares(g: torch.Tensor, spec: Shard, tp: int) -> torch.Tensor:
-    """The sum of squares a rank's slice `g` adds to the serial total: a slice several
-    ranks hold counts once (1 / its ranks on each), run by run along the split dimension."""
-    total, at = g.new_zeros(()), 0
-    for length, ranks in spec.held(g.shape[spec.dim], tp):
-        total = total + g.narrow(spec.dim, at, length).square().sum() / ranks
-        at += length
-    return total
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -207,21 +207,19 @@ def _counted(spec: Any, comm: Comm, rank: int, split: bool) -> tuple[Comm | None
     """(the group its norm is summed over, its share) of a parameter split as `spec`
     (`split`: in the plan's splits), or None where its own norm is its share."""
     tp = comm.size
-    held: tuple[tuple[int, int], ...] = spec.held(0, tp) if split else ((0, 1),)
     if isinstance(comm, ProcessGroupComm) and tp > 1 and split:
         if not spec.part_replicas:
             return comm, 1.0 / spec.replicas
-        return comm, (spec.dim, tuple((n, 1.0 / g) for n, g in held))
+        return comm, (spec.dim, tuple((n, 1.0 / g) for n, g in spec.held(tp)))
     if not isinstance(comm, SimulatedComm):
         return None
     if not split:  # a replica: rank 0's copy counts it once
         return (None, 0.0) if rank > 0 else None
-    counts = tuple((n, 1.0 if rank % g == 0 else 0.0) for n, g in held)  # a slice's first
-    if all(c == 1.0 for _, c in counts):
-        return None
+    # a slice counts on the first rank holding it
     if not spec.part_replicas:
-        return None, 0.0
-    return None, (spec.dim, counts)
+        return None if rank % spec.replicas == 0 else (None, 0.0)
+    counts = tuple((n, 1.0 if rank % g == 0 else 0.0) for n, g in spec.held(tp))
+    return None if all(c == 1.0 for _, c in counts) else (None, (spec.dim, counts))
 
 
 def _hook(p: torch.Tensor, group: Comm | None, share: Share) -> None:

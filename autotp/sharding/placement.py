@@ -84,12 +84,10 @@ class Shard:
         """A rank's length of a serial (padded) dimension of `size`."""
         return sum(hi - lo for lo, hi in self.ranges(size, 0, tp))
 
-    def held(self, local: int, tp: int) -> tuple[tuple[int, int], ...]:
-        """(length, ranks holding it) of each run of a rank's `local` slice along the
-        dimension: one run, or one per part where the parts are held by different
-        numbers of ranks (whose gradients are summed among them, and counted once)."""
-        if not self.part_replicas:
-            return ((local, self.replicas),)
+    def held(self, tp: int) -> tuple[tuple[int, int], ...]:
+        """(length, ranks holding it) of each part of a rank's slice along the dimension,
+        where its parts are held by different numbers of ranks (part_replicas): their
+        gradients are summed among those ranks, and counted once in a norm."""
         held = zip(self.sections, self.part_replicas, strict=True)
         return tuple((size // (tp // g), g) for size, g in held)
 
